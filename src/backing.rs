@@ -1,0 +1,242 @@
+//! Opening sources and targets: regular files and block devices, O_DIRECT where possible.
+
+use crate::error::{Error, Result};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+/// How to use O_DIRECT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum DirectMode {
+    /// O_DIRECT, or buffered I/O with a warning where the filesystem refuses it (tmpfs).
+    Auto,
+    /// O_DIRECT or an error.
+    Always,
+    /// Buffered I/O through the page cache (flushes still make data durable).
+    Never,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    File,
+    BlockDevice,
+}
+
+/// An open source or target.
+#[derive(Debug)]
+pub struct Backing {
+    pub file: File,
+    pub path: PathBuf,
+    pub kind: Kind,
+    pub size: u64,
+    pub logical_block: u32,
+    pub physical_block: u32,
+    pub direct: bool,
+    /// Identity for the bitmap header (absolute path as given, inode for files).
+    pub identity: (String, u64),
+}
+
+nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+nix::ioctl_read_bad!(blksszget, 0x1268, libc::c_int);
+nix::ioctl_read_bad!(blkpbszget, 0x127b, libc::c_uint);
+
+impl Backing {
+    /// Opens `path` as a `role` ("source" or "target").
+    pub fn open(path: &Path, role: &'static str, writable: bool, direct: DirectMode) -> Result<Self> {
+        let fail = |what: &str, fix: &str, e: std::io::Error| Error::Open {
+            role,
+            path: path.to_path_buf(),
+            what: what.into(),
+            fix: fix.into(),
+            source: e,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| {
+            fail("cannot open", &format!("check the --{role} path: it must be an existing file or block device"), e)
+        })?;
+        let kind = if meta.file_type().is_block_device() {
+            Kind::BlockDevice
+        } else if meta.is_file() {
+            Kind::File
+        } else {
+            return Err(fail(
+                "cannot use",
+                &format!("the {role} must be a regular file or a block device"),
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            ));
+        };
+        let open = |odirect: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true).write(writable);
+            if odirect {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(path)
+        };
+        let (file, direct_on) = match direct {
+            DirectMode::Never => (open(false), false),
+            DirectMode::Always => (open(true), true),
+            DirectMode::Auto => match open(true) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    log::warn!(
+                        "{role} {}: the filesystem refuses O_DIRECT (tmpfs does); using buffered \
+                         I/O (flushes still make data durable). Pass --direct never to silence this.",
+                        path.display()
+                    );
+                    (open(false), false)
+                }
+                r => (r, true),
+            },
+        };
+        let file = file.map_err(|e| match e.raw_os_error() {
+            Some(libc::EINVAL) if direct_on => fail(
+                "cannot open with O_DIRECT",
+                "its filesystem refuses direct I/O (tmpfs does): pass --direct auto or --direct never",
+                e,
+            ),
+            Some(libc::EBUSY) => fail("cannot open", "it is in use (mounted, or held by another device)", e),
+            Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => fail(
+                "cannot open",
+                if writable { "the target must be writable by this user" } else { "check the permissions" },
+                e,
+            ),
+            _ => fail("cannot open", "check the path", e),
+        })?;
+        let fd = file.as_raw_fd();
+        let (size, logical_block, physical_block) = match kind {
+            Kind::File => (meta.len(), 512, 4096),
+            Kind::BlockDevice => {
+                let mut size = 0u64;
+                let mut lbs: libc::c_int = 0;
+                let mut pbs: libc::c_uint = 0;
+                // SAFETY: fd is an open block device and each pointer is a valid, exclusively
+                // borrowed integer of the type the ioctl writes.
+                let r = unsafe { blkgetsize64(fd, &mut size) }
+                    .and_then(|_| unsafe { blksszget(fd, &mut lbs) })
+                    .and_then(|_| unsafe { blkpbszget(fd, &mut pbs) });
+                r.map_err(|e| fail("cannot read the geometry of", "is it really a block device?", e.into()))?;
+                (size, lbs.max(512) as u32, pbs.max(lbs as u32).max(512))
+            }
+        };
+        if size == 0 {
+            return Err(fail(
+                "is empty",
+                &format!("the {role} has size 0; give a file or device with data"),
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            ));
+        }
+        let identity = crate::bitmap::identity_of(path, &meta);
+        Ok(Backing {
+            file,
+            path: path.to_path_buf(),
+            kind,
+            size,
+            logical_block,
+            physical_block,
+            direct: direct_on,
+            identity,
+        })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Does `lseek(SEEK_DATA/SEEK_HOLE)` tell holes apart here? Block devices report all data.
+    pub fn knows_holes(&self) -> bool {
+        self.kind == Kind::File
+    }
+
+    /// The next data segment at or after `pos`, below `end`: `Some((data_start, data_end))`, or
+    /// `None` if `[pos, end)` is all hole. Metadata only: no data is read.
+    pub fn next_data(&self, pos: u64, end: u64) -> std::io::Result<Option<(u64, u64)>> {
+        if !self.knows_holes() {
+            return Ok(Some((pos, end)));
+        }
+        // SAFETY: lseek on an fd we own; it moves only the file offset, which no other code
+        // relies on (all data I/O uses explicit offsets).
+        let data = unsafe { libc::lseek(self.fd(), pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(None),
+                // No SEEK_DATA support: treat everything as data.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some((pos, end))),
+                _ => Err(e),
+            };
+        }
+        let data = data as u64;
+        if data >= end {
+            return Ok(None);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(self.fd(), data as i64, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+        Ok(Some((data, hole)))
+    }
+}
+
+/// An aligned heap buffer for O_DIRECT I/O.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only hands out &[u8].
+unsafe impl Sync for AlignedBuf {}
+
+pub const BUF_ALIGN: usize = 4096;
+
+impl AlignedBuf {
+    pub fn new(len: usize) -> Self {
+        let len = len.max(BUF_ALIGN);
+        // The layout is valid: BUF_ALIGN is a power of two and len is far below isize::MAX for
+        // any buffer this program makes.
+        let layout = std::alloc::Layout::from_size_align(len, BUF_ALIGN)
+            .expect("buffer layout: power-of-two alignment and small size");
+        // SAFETY: layout has non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, len }
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is a live allocation of len initialised (zeroed) bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new() with exactly this layout.
+        unsafe {
+            std::alloc::dealloc(
+                self.ptr.as_ptr(),
+                std::alloc::Layout::from_size_align_unchecked(self.len, BUF_ALIGN),
+            )
+        }
+    }
+}

@@ -1,0 +1,586 @@
+//! The persistent dirty bitmap: a small header and one bit per region, memory-mapped.
+//!
+//! Layout (little-endian), all offsets in bytes:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `UBLKMIRB` |
+//! | 8 | 4 | format version (1) |
+//! | 12 | 4 | header size (4096): the bits start there |
+//! | 16 | 16 | UUID (random, made at creation) |
+//! | 32 | 8 | granularity in bytes (power of two, 4 KiB..64 MiB) |
+//! | 40 | 8 | device size in bytes |
+//! | 48 | 8 | number of regions |
+//! | 56 | 4 | state: 0 clean (closed in order), 1 active (open, or its daemon died) |
+//! | 60 | 4 | flags (none defined) |
+//! | 64 | 8 | creation time, seconds since the epoch |
+//! | 72 | 8 | source fingerprint (inode of a regular file, 0 for a block device) |
+//! | 80 | 8 | target fingerprint |
+//! | 88 | 2 | source path length |
+//! | 90 | 2 | target path length |
+//! | 96 | 1024 | source path (absolute, as given) |
+//! | 1120 | 1024 | target path |
+//! | 2144 | 4 | CRC-32 of bytes 0..2144 |
+//!
+//! The header fits in the first 4 KiB block and its checked part in the first 2.2 KiB; it is
+//! rewritten only on state changes. The bits are not checksummed: they change on every first
+//! write to a region, and a torn bit is harmless (a set bit costs one region's copy, a clear bit
+//! is only ever written after the target holds the region).
+//!
+//! Durability goes through the file descriptor (fdatasync), never msync: the engine issues the
+//! fdatasync on io_uring, so the I/O path never blocks on it.
+
+use crate::core::PersistentBits;
+use crate::error::{BitmapProblem, Error, Result};
+use memmap2::{Mmap, MmapMut};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const MAGIC: &[u8; 8] = b"UBLKMIRB";
+pub const VERSION: u32 = 1;
+pub const HEADER_SIZE: u64 = 4096;
+const CHECKED_LEN: usize = 2144;
+const PATH_MAX: usize = 1024;
+pub const MIN_GRANULARITY: u64 = 4096;
+pub const MAX_GRANULARITY: u64 = 64 << 20;
+pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
+
+/// Header state field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BitmapState {
+    /// Closed in order by its last user.
+    Clean,
+    /// In use, or its user died without closing it (the bits are still trustworthy: they were
+    /// made durable before every write they cover).
+    Active,
+}
+
+/// Who a bitmap belongs to: the paths and fingerprints of its source and target.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PairIdentity {
+    pub source: String,
+    pub source_fingerprint: u64,
+    pub target: String,
+    pub target_fingerprint: u64,
+}
+
+/// The decoded header.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Header {
+    pub version: u32,
+    pub uuid: String,
+    pub granularity: u64,
+    pub device_size: u64,
+    pub nregions: u64,
+    pub state: BitmapState,
+    pub created: u64,
+    pub pair: PairIdentity,
+}
+
+pub fn check_granularity(g: u64) -> Result<()> {
+    if !g.is_power_of_two() || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&g) {
+        return Err(Error::config(format!(
+            "granularity {g} is not valid: it must be a power of two from 4 KiB to 64 MiB \
+             (for example 64K, the default)"
+        )));
+    }
+    Ok(())
+}
+
+pub fn regions_for(device_size: u64, granularity: u64) -> u64 {
+    device_size.div_ceil(granularity)
+}
+
+fn file_len_for(nregions: u64) -> u64 {
+    let bytes = nregions.div_ceil(8);
+    HEADER_SIZE + bytes.div_ceil(4096) * 4096
+}
+
+fn bad(path: &Path, problem: BitmapProblem, what: String, fix: &str) -> Error {
+    Error::Bitmap { path: path.to_path_buf(), problem, what, fix: fix.to_string() }
+}
+
+const FIX_REBUILD: &str = "this bitmap cannot be trusted, so ublk-mirror will not guess which \
+regions are in sync: if you are sure this is the right file, pass --full to rebuild it and copy \
+the whole device; otherwise give the path of this pair's bitmap";
+
+fn encode_header(h: &Header) -> [u8; HEADER_SIZE as usize] {
+    let mut b = [0u8; HEADER_SIZE as usize];
+    b[0..8].copy_from_slice(MAGIC);
+    b[8..12].copy_from_slice(&h.version.to_le_bytes());
+    b[12..16].copy_from_slice(&(HEADER_SIZE as u32).to_le_bytes());
+    let uuid = uuid::Uuid::parse_str(&h.uuid).unwrap_or_default();
+    b[16..32].copy_from_slice(uuid.as_bytes());
+    b[32..40].copy_from_slice(&h.granularity.to_le_bytes());
+    b[40..48].copy_from_slice(&h.device_size.to_le_bytes());
+    b[48..56].copy_from_slice(&h.nregions.to_le_bytes());
+    let st: u32 = match h.state {
+        BitmapState::Clean => 0,
+        BitmapState::Active => 1,
+    };
+    b[56..60].copy_from_slice(&st.to_le_bytes());
+    b[64..72].copy_from_slice(&h.created.to_le_bytes());
+    b[72..80].copy_from_slice(&h.pair.source_fingerprint.to_le_bytes());
+    b[80..88].copy_from_slice(&h.pair.target_fingerprint.to_le_bytes());
+    let s = h.pair.source.as_bytes();
+    let t = h.pair.target.as_bytes();
+    b[88..90].copy_from_slice(&(s.len() as u16).to_le_bytes());
+    b[90..92].copy_from_slice(&(t.len() as u16).to_le_bytes());
+    b[96..96 + s.len()].copy_from_slice(s);
+    b[1120..1120 + t.len()].copy_from_slice(t);
+    let crc = crc32fast::hash(&b[..CHECKED_LEN]);
+    b[CHECKED_LEN..CHECKED_LEN + 4].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[o..o + 4]);
+    u32::from_le_bytes(a)
+}
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(a)
+}
+fn u16_at(b: &[u8], o: usize) -> usize {
+    u16::from_le_bytes([b[o], b[o + 1]]) as usize
+}
+
+/// Decodes and checks a header; `file_len` is the file's actual length.
+fn decode_header(path: &Path, b: &[u8], file_len: u64) -> Result<Header> {
+    if (b.len() as u64) < HEADER_SIZE || file_len < HEADER_SIZE {
+        return Err(bad(
+            path,
+            BitmapProblem::Truncated { len: file_len, need: HEADER_SIZE },
+            format!("the file is {file_len} bytes, shorter than a bitmap header ({HEADER_SIZE})"),
+            FIX_REBUILD,
+        ));
+    }
+    if &b[0..8] != MAGIC {
+        return Err(bad(
+            path,
+            BitmapProblem::BadMagic,
+            "this is not a ublk-mirror bitmap (wrong magic number)".into(),
+            "check the --bitmap path; ublk-mirror never overwrites a file it did not make unless \
+             you pass --full",
+        ));
+    }
+    let version = u32_at(b, 8);
+    if version != VERSION {
+        return Err(bad(
+            path,
+            BitmapProblem::UnsupportedVersion(version),
+            format!("format version {version}, this ublk-mirror reads version {VERSION}"),
+            "use the ublk-mirror version that made it, or pass --full to rebuild it",
+        ));
+    }
+    let crc = u32_at(b, CHECKED_LEN);
+    if crc != crc32fast::hash(&b[..CHECKED_LEN]) {
+        return Err(bad(
+            path,
+            BitmapProblem::Checksum,
+            "the header checksum does not match: the header is damaged".into(),
+            FIX_REBUILD,
+        ));
+    }
+    let granularity = u64_at(b, 32);
+    let device_size = u64_at(b, 40);
+    let nregions = u64_at(b, 48);
+    let (slen, tlen) = (u16_at(b, 88), u16_at(b, 90));
+    if check_granularity(granularity).is_err()
+        || nregions != regions_for(device_size, granularity)
+        || slen > PATH_MAX
+        || tlen > PATH_MAX
+        || u32_at(b, 12) as u64 != HEADER_SIZE
+    {
+        return Err(bad(
+            path,
+            BitmapProblem::Corrupt("inconsistent header fields".into()),
+            "the header's fields contradict each other".into(),
+            FIX_REBUILD,
+        ));
+    }
+    let need = file_len_for(nregions);
+    if file_len < need {
+        return Err(bad(
+            path,
+            BitmapProblem::Truncated { len: file_len, need },
+            format!("the file is truncated: {file_len} bytes, its header needs {need}"),
+            FIX_REBUILD,
+        ));
+    }
+    let state = match u32_at(b, 56) {
+        0 => BitmapState::Clean,
+        1 => BitmapState::Active,
+        s => {
+            return Err(bad(
+                path,
+                BitmapProblem::Corrupt(format!("state {s}")),
+                format!("unknown state {s} in the header"),
+                FIX_REBUILD,
+            ))
+        }
+    };
+    let text = |o: usize, l: usize| String::from_utf8_lossy(&b[o..o + l]).into_owned();
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&b[16..32]);
+    Ok(Header {
+        version,
+        uuid: uuid::Uuid::from_bytes(uuid).to_string(),
+        granularity,
+        device_size,
+        nregions,
+        state,
+        created: u64_at(b, 64),
+        pair: PairIdentity {
+            source: text(96, slen),
+            source_fingerprint: u64_at(b, 72),
+            target: text(1120, tlen),
+            target_fingerprint: u64_at(b, 80),
+        },
+    })
+}
+
+/// A bitmap open for use by one mirror: locked against other users, mapped shared.
+pub struct Bitmap {
+    path: PathBuf,
+    file: Arc<File>,
+    map: MmapMut,
+    header: Header,
+}
+
+/// What `Bitmap::open` must find in the header.
+pub struct Expect<'a> {
+    pub pair: &'a PairIdentity,
+    pub device_size: u64,
+    /// `None`: take the bitmap's own granularity.
+    pub granularity: Option<u64>,
+}
+
+impl Bitmap {
+    /// Creates a new bitmap with every bit clear, atomically: it is written under a temporary
+    /// name and renamed into place, so a failure leaves nothing behind and an existing file is
+    /// replaced only by a complete bitmap.
+    pub fn create(path: &Path, pair: PairIdentity, device_size: u64, granularity: u64) -> Result<Self> {
+        check_granularity(granularity)?;
+        for p in [&pair.source, &pair.target] {
+            if p.len() > PATH_MAX {
+                return Err(Error::config(format!("path too long for the bitmap header: {p}")));
+            }
+        }
+        let nregions = regions_for(device_size, granularity);
+        let header = Header {
+            version: VERSION,
+            uuid: uuid::Uuid::new_v4().to_string(),
+            granularity,
+            device_size,
+            nregions,
+            state: BitmapState::Clean,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            pair,
+        };
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path.file_name().ok_or_else(|| {
+            Error::config(format!("bitmap path {} names no file", path.display()))
+        })?;
+        let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+        let open_err = |e: std::io::Error| Error::Open {
+            role: "bitmap",
+            path: path.to_path_buf(),
+            what: "cannot create".into(),
+            fix: "check that the directory exists and is writable".into(),
+            source: e,
+        };
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            f.write_all(&encode_header(&header))?;
+            f.set_len(file_len_for(nregions))?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            File::open(&dir)?.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(open_err(e));
+        }
+        Self::open_unchecked(path)
+    }
+
+    /// Opens an existing bitmap and checks it against what the caller expects. Nothing in the
+    /// file is modified unless every check passes.
+    pub fn open(path: &Path, expect: &Expect<'_>) -> Result<Self> {
+        let bm = Self::open_unchecked(path)?;
+        let h = &bm.header;
+        let mismatch = |role: &'static str, recorded: &str, given: &str| {
+            bad(
+                path,
+                BitmapProblem::WrongPair {
+                    role,
+                    recorded: recorded.to_string(),
+                    given: given.to_string(),
+                },
+                format!(
+                    "it belongs to another pair: its {role} is {recorded}, you gave {given} \
+                     (using it would skip regions that differ)"
+                ),
+                "give the bitmap made for this pair, or a new bitmap path (a full sync), or \
+                 pass --full to rebuild this one for the new pair",
+            )
+        };
+        if h.pair.source != expect.pair.source {
+            return Err(mismatch("source", &h.pair.source, &expect.pair.source));
+        }
+        if h.pair.target != expect.pair.target {
+            return Err(mismatch("target", &h.pair.target, &expect.pair.target));
+        }
+        if h.pair.source_fingerprint != expect.pair.source_fingerprint {
+            return Err(mismatch(
+                "source",
+                &format!("{} (inode {})", h.pair.source, h.pair.source_fingerprint),
+                &format!("{} (inode {})", expect.pair.source, expect.pair.source_fingerprint),
+            ));
+        }
+        if h.pair.target_fingerprint != expect.pair.target_fingerprint {
+            return Err(mismatch(
+                "target",
+                &format!("{} (inode {})", h.pair.target, h.pair.target_fingerprint),
+                &format!("{} (inode {})", expect.pair.target, expect.pair.target_fingerprint),
+            ));
+        }
+        if h.device_size != expect.device_size {
+            return Err(bad(
+                path,
+                BitmapProblem::SizeMismatch { recorded: h.device_size, device: expect.device_size },
+                format!(
+                    "it was made for a {} byte device, the source is now {} bytes",
+                    h.device_size, expect.device_size
+                ),
+                "the source changed size: pass --full to rebuild the bitmap and copy everything",
+            ));
+        }
+        if let Some(g) = expect.granularity {
+            if g != h.granularity {
+                return Err(bad(
+                    path,
+                    BitmapProblem::GranularityMismatch { recorded: h.granularity, requested: g },
+                    format!("its granularity is {} bytes, you asked for {g}", h.granularity),
+                    "omit --granularity to use the bitmap's own, or pass --full to rebuild it \
+                     with the new granularity",
+                ));
+            }
+        }
+        Ok(bm)
+    }
+
+    fn open_unchecked(path: &Path) -> Result<Self> {
+        let unreadable = |e: std::io::Error, fix: &str| Error::Open {
+            role: "bitmap",
+            path: path.to_path_buf(),
+            what: "cannot open".into(),
+            fix: fix.into(),
+            source: e,
+        };
+        let meta = std::fs::metadata(path)
+            .map_err(|e| unreadable(e, "check the --bitmap path (it is created only by a full sync)"))?;
+        if !meta.is_file() {
+            return Err(bad(
+                path,
+                BitmapProblem::Unreadable,
+                "not a regular file".into(),
+                "give the path of a bitmap file (ublk-mirror creates it on first use)",
+            ));
+        }
+        // Root opens a mode-0444 file for writing without complaint; a file made read-only was
+        // made so on purpose, so honour the bits rather than the privilege.
+        if meta.permissions().mode() & 0o222 == 0 {
+            return Err(bad(
+                path,
+                BitmapProblem::ReadOnly,
+                format!("the file is read-only (mode {:o})", meta.permissions().mode() & 0o777),
+                "the mirror must update its bitmap: make it writable (chmod u+w) or use another path",
+            ));
+        }
+        if meta.permissions().mode() & 0o444 == 0 {
+            return Err(bad(
+                path,
+                BitmapProblem::Unreadable,
+                "the file is not readable (mode 0)".into(),
+                "make it readable and writable by its owner (chmod 600)",
+            ));
+        }
+        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EROFS) || e.raw_os_error() == Some(libc::EACCES) {
+                bad(path, BitmapProblem::ReadOnly, format!("cannot open for writing: {e}"),
+                    "the mirror must update its bitmap: put it on a writable filesystem")
+            } else {
+                unreadable(e, "check the path and its permissions")
+            }
+        })?;
+        // One user at a time: two mirrors clearing each other's bits would lose intent.
+        if !try_lock_exclusive(&file) {
+            return Err(bad(
+                path,
+                BitmapProblem::InUse,
+                "another ublk-mirror process is using it".into(),
+                "stop that mirror first (ublk-mirror list shows the running devices)",
+            ));
+        }
+        let len = file.metadata().map_err(|e| unreadable(e, "check the file"))?.len();
+        if len < HEADER_SIZE {
+            return Err(bad(
+                path,
+                BitmapProblem::Truncated { len, need: HEADER_SIZE },
+                format!("the file is {len} bytes, shorter than a bitmap header ({HEADER_SIZE})"),
+                FIX_REBUILD,
+            ));
+        }
+        // SAFETY: the file is a regular file we hold an exclusive flock on, so no cooperating
+        // process maps it concurrently; its length was checked above and is not changed while
+        // mapped (we never truncate an open bitmap). All access goes through bounds-checked
+        // slices of the map.
+        let map = unsafe { MmapMut::map_mut(&file) }
+            .map_err(|e| unreadable(e, "the bitmap must be on a filesystem that supports mmap"))?;
+        let header = decode_header(path, &map[..], len)?;
+        Ok(Bitmap { path: path.to_path_buf(), file: Arc::new(file), map, header })
+    }
+
+    /// Opens a bitmap read-only for inspection (`bitmap show`), even while a mirror uses it.
+    pub fn inspect(path: &Path) -> Result<(Header, Vec<(u64, u64)>)> {
+        let file = File::open(path).map_err(|e| Error::Open {
+            role: "bitmap",
+            path: path.to_path_buf(),
+            what: "cannot open".into(),
+            fix: "check the path and its permissions".into(),
+            source: e,
+        })?;
+        let len = file.metadata().map_err(|e| Error::io("stat bitmap", e))?.len();
+        if len < HEADER_SIZE {
+            return Err(bad(
+                path,
+                BitmapProblem::Truncated { len, need: HEADER_SIZE },
+                format!("the file is {len} bytes, shorter than a bitmap header ({HEADER_SIZE})"),
+                FIX_REBUILD,
+            ));
+        }
+        // SAFETY: read-only shared mapping of a regular file whose length was checked; a live
+        // mirror may flip bits underneath, which only makes the snapshot slightly stale (bytes
+        // are read whole, no invariant depends on them here).
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("mmap bitmap", e))?;
+        let header = decode_header(path, &map[..], len)?;
+        let bits = &map[HEADER_SIZE as usize..];
+        let mut runs = Vec::new();
+        let mut run: Option<(u64, u64)> = None;
+        for r in 0..header.nregions {
+            let set = bits[(r / 8) as usize] & (1 << (r % 8)) != 0;
+            match (&mut run, set) {
+                (Some((_, n)), true) => *n += 1,
+                (Some(_), false) => runs.push(run.take().unwrap_or_default()),
+                (None, true) => run = Some((r, 1)),
+                (None, false) => {}
+            }
+        }
+        runs.extend(run);
+        Ok((header, runs))
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn nregions(&self) -> u64 {
+        self.header.nregions
+    }
+    pub fn granularity(&self) -> u64 {
+        self.header.granularity
+    }
+    /// A shared handle on the file, for fdatasync issued through io_uring.
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
+    }
+    pub fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Rewrites the header with a new state and makes it durable. Used at open and close only,
+    /// never on the I/O path, so a blocking fdatasync is fine here.
+    pub fn set_state(&mut self, state: BitmapState) -> Result<()> {
+        self.header.state = state;
+        let h = encode_header(&self.header);
+        self.map[..HEADER_SIZE as usize].copy_from_slice(&h);
+        self.sync()
+    }
+
+    /// Blocking fdatasync (start-up, shutdown, offline tools).
+    pub fn sync(&self) -> Result<()> {
+        nix::unistd::fdatasync(self.file.as_raw_fd())
+            .map_err(|e| Error::io(format!("fdatasync bitmap {}", self.path.display()), e.into()))
+    }
+
+    /// Sets every bit (full sync).
+    pub fn set_all(&mut self) {
+        for r in 0..self.header.nregions {
+            self.set(r);
+        }
+    }
+
+    /// Clears every bit (the user declared the pair identical).
+    pub fn clear_all(&mut self) {
+        self.map[HEADER_SIZE as usize..].fill(0);
+    }
+
+    pub fn count_set(&self) -> u64 {
+        (0..self.header.nregions).filter(|&r| self.get(r)).count() as u64
+    }
+
+    fn byte(&self, r: u64) -> usize {
+        HEADER_SIZE as usize + (r / 8) as usize
+    }
+}
+
+impl PersistentBits for Bitmap {
+    fn get(&self, r: u64) -> bool {
+        self.map[self.byte(r)] & (1 << (r % 8)) != 0
+    }
+    fn set(&mut self, r: u64) {
+        let i = self.byte(r);
+        self.map[i] |= 1 << (r % 8);
+    }
+    fn clear(&mut self, r: u64) {
+        let i = self.byte(r);
+        self.map[i] &= !(1 << (r % 8));
+    }
+}
+
+/// The identity of a backing file for the bitmap header: its absolute path as given (not
+/// resolved: `/dev/disk/by-id/...` stays stable where `/dev/sdb` does not) and, for a regular
+/// file, its inode number, so that a different file at the same path is noticed.
+pub fn identity_of(path: &Path, meta: &std::fs::Metadata) -> (String, u64) {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
+    };
+    let fp = if meta.file_type().is_file() { meta.ino() } else { 0 };
+    (abs.to_string_lossy().into_owned(), fp)
+}
+
+/// Takes an exclusive, non-blocking flock on `file` (held until the file is closed). False if
+/// another open file description holds a lock.
+pub(crate) fn try_lock_exclusive(file: &File) -> bool {
+    // SAFETY: flock on a valid open fd; no memory is passed.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}

@@ -1,0 +1,782 @@
+//! The mirror's decisions, with no I/O in them.
+//!
+//! Everything that decides *what a write waits for*, *what to copy next*, *when to flush the
+//! target* and *which persistent bits to clear* lives here, as plain state transitions. The
+//! production engine drives them with io_uring; a simulator (or a property test) drives them with
+//! simulated media and injected crashes. Neither has a copy of this logic.
+//!
+//! The rules come from `crash-consistency.md` (md's write-intent bitmap, dm-log and DRBD's
+//! activity log follow the same ones), not from the 2012 seed's ordering:
+//!
+//! 1. **Write intent.** A write, discard or write-zeroes to region `r` is issued to the source only
+//!    once `bit(r)` is durable on the bitmap's medium. [`MirrorState::begin_write`] sets the bit in
+//!    the bitmap's cache and says which bitmap flush the caller must wait for; writers that find
+//!    the bit already durable do not wait. A bitmap flush covers every bit set before it *started*
+//!    (see [`MirrorState::bitmap_flush_started`]), so concurrent first writers share one flush.
+//! 2. **No erasing in-flight intent.** A persistent bit is cleared only after a target flush, and
+//!    only for regions whose last copy completed before that flush started and that have seen no
+//!    write begin or complete and no new copy start since then.
+//!
+//! Invariant (checked by the simulator and the property tests): for every region,
+//! `bit(r)` on the bitmap's medium, or the target's medium holds `r` at least as new as the
+//! source's medium.
+
+use bitvec::prelude::*;
+use std::collections::HashMap;
+
+/// Storage for the persistent bits as the process sees them (the bitmap file's page cache, or a
+/// simulated cache). Durability is not this trait's business: the engine flushes the medium.
+pub trait PersistentBits {
+    fn get(&self, r: u64) -> bool;
+    fn set(&mut self, r: u64);
+    fn clear(&mut self, r: u64);
+}
+
+/// Persistent bits held in memory: for simulators and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemBits(pub BitVec<u64, Lsb0>);
+
+impl MemBits {
+    pub fn new(n: u64) -> Self {
+        MemBits(bitvec![u64, Lsb0; 0; n as usize])
+    }
+}
+
+impl PersistentBits for MemBits {
+    fn get(&self, r: u64) -> bool {
+        self.0[r as usize]
+    }
+    fn set(&mut self, r: u64) {
+        self.0.set(r as usize, true)
+    }
+    fn clear(&mut self, r: u64) {
+        self.0.set(r as usize, false)
+    }
+}
+
+/// A run of regions `[start, start + count)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub start: u64,
+    pub count: u64,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.start + self.count
+    }
+    pub fn regions(&self) -> std::ops::Range<u64> {
+        self.start..self.end()
+    }
+}
+
+/// What a writer must do before issuing its I/O to the source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Intent {
+    /// Every touched bit is already durable: issue now.
+    Ready,
+    /// Wait until a bitmap flush that started at sequence `>= seq` has completed.
+    Wait { seq: u64 },
+}
+
+/// Why a target flush is being made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushKind {
+    /// Nothing was dirty and nothing was being copied when it started: once it completes, the
+    /// target's medium is a crash image of the source as of that start.
+    Consistent,
+    /// Progress made durable in the middle of a sync, so that an interruption does not recopy
+    /// finished regions. The target is not a consistent image at this point.
+    Checkpoint,
+}
+
+/// Result of a completed target flush.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlushOutcome {
+    /// The flush marked a consistent point.
+    pub consistent: bool,
+    /// Persistent bits cleared (in the bitmap's cache).
+    pub cleared: u64,
+    /// Regions made dirty again because the flush failed.
+    pub redirtied: u64,
+}
+
+#[derive(Debug)]
+struct TargetFlush {
+    kind: FlushKind,
+    /// Regions whose copy completed before the flush started and that nothing has touched since.
+    regions: BitVec<u64, Lsb0>,
+}
+
+/// Counters the state keeps; the engine adds times and rates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoreCounters {
+    pub consistent_points: u64,
+    pub checkpoints: u64,
+    pub copy_errors: u64,
+    pub target_flush_errors: u64,
+    pub bitmap_flushes: u64,
+}
+
+/// The shared state of one mirror: one instance per device, behind the engine's lock.
+pub struct MirrorState<P: PersistentBits> {
+    nregions: u64,
+    pbits: P,
+    /// Regions whose persistent bit is known to be set on the medium.
+    durable: BitVec<u64, Lsb0>,
+    /// Regions written since their last copy started (the mirror's to-do list).
+    volatile: BitVec<u64, Lsb0>,
+    dirty: u64,
+    copying: BitVec<u64, Lsb0>,
+    copying_count: u64,
+    /// Regions whose copy completed and that nothing touched since; cleared into a target flush.
+    copied: BitVec<u64, Lsb0>,
+    flush: Option<TargetFlush>,
+    /// Writes in flight per region (begin_write .. end_write). Small: bounded by queue depth.
+    inflight: HashMap<u64, u32>,
+    /// Regions whose bit was set in the cache but is not yet known durable, with the sequence
+    /// number of that set. `pbit && !durable` holds exactly for the keys of this map.
+    pending: HashMap<u64, u64>,
+    set_seq: u64,
+    durable_seq: u64,
+    cursor: u64,
+    /// A write completed or a copy finished since the last consistent flush started.
+    changed: bool,
+    counters: CoreCounters,
+}
+
+impl<P: PersistentBits> MirrorState<P> {
+    /// Builds the state from the persistent bits as found on the medium.
+    ///
+    /// The caller guarantees that `pbits` is what the medium holds (it flushes the bitmap once
+    /// before calling this), so every set bit is durable and every set bit is work to do: after a
+    /// crash, those are exactly the regions that may differ.
+    pub fn new(nregions: u64, pbits: P) -> Self {
+        let mut durable = bitvec![u64, Lsb0; 0; nregions as usize];
+        for r in 0..nregions {
+            if pbits.get(r) {
+                durable.set(r as usize, true);
+            }
+        }
+        let dirty = durable.count_ones() as u64;
+        MirrorState {
+            nregions,
+            volatile: durable.clone(),
+            durable,
+            pbits,
+            dirty,
+            copying: bitvec![u64, Lsb0; 0; nregions as usize],
+            copying_count: 0,
+            copied: bitvec![u64, Lsb0; 0; nregions as usize],
+            flush: None,
+            inflight: HashMap::new(),
+            pending: HashMap::new(),
+            set_seq: 0,
+            durable_seq: 0,
+            cursor: 0,
+            changed: true,
+            counters: CoreCounters::default(),
+        }
+    }
+
+    pub fn nregions(&self) -> u64 {
+        self.nregions
+    }
+    pub fn pbits(&self) -> &P {
+        &self.pbits
+    }
+    pub fn pbits_mut(&mut self) -> &mut P {
+        &mut self.pbits
+    }
+    /// Regions waiting to be copied.
+    pub fn dirty(&self) -> u64 {
+        self.dirty
+    }
+    /// Regions being copied now.
+    pub fn copying(&self) -> u64 {
+        self.copying_count
+    }
+    pub fn writes_in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+    pub fn counters(&self) -> CoreCounters {
+        self.counters
+    }
+    pub fn is_volatile_dirty(&self, r: u64) -> bool {
+        self.volatile[r as usize]
+    }
+    pub fn has_write_in_flight(&self, r: u64) -> bool {
+        self.inflight.contains_key(&r)
+    }
+    pub fn target_flush_in_progress(&self) -> bool {
+        self.flush.is_some()
+    }
+    /// Nothing dirty, nothing copying, no target flush pending and the last consistent point is
+    /// still current.
+    pub fn is_synced(&self) -> bool {
+        self.dirty == 0 && self.copying_count == 0 && !self.changed && self.flush.is_none()
+    }
+
+    fn mark_volatile(&mut self, r: u64) {
+        if !self.volatile[r as usize] {
+            self.volatile.set(r as usize, true);
+            self.dirty += 1;
+        }
+    }
+
+    /// Something happened to `r` after its last copy: neither the next nor the in-progress
+    /// target flush may clear its bit on the strength of that copy.
+    fn disturb(&mut self, r: u64) {
+        self.copied.set(r as usize, false);
+        if let Some(f) = self.flush.as_mut() {
+            f.regions.set(r as usize, false);
+        }
+    }
+
+    /// A write (or discard, or write-zeroes) to regions `ext` is about to be issued.
+    ///
+    /// Counts it in flight and sets the persistent bits in the cache. The caller may issue the
+    /// I/O only once [`Intent::Ready`] holds, i.e. after waiting for the bitmap flush named by
+    /// [`Intent::Wait`]. Must be paired with [`Self::end_write`], whatever happens.
+    pub fn begin_write(&mut self, ext: Extent) -> Intent {
+        let mut need = 0u64;
+        for r in ext.regions() {
+            *self.inflight.entry(r).or_insert(0) += 1;
+            self.disturb(r);
+            if self.durable[r as usize] {
+                continue;
+            }
+            if let Some(&seq) = self.pending.get(&r) {
+                need = need.max(seq);
+            } else {
+                // Clear in the cache (a set bit that is not durable is always in `pending`).
+                self.pbits.set(r);
+                self.set_seq += 1;
+                self.pending.insert(r, self.set_seq);
+                need = need.max(self.set_seq);
+            }
+        }
+        if need > self.durable_seq {
+            Intent::Wait { seq: need }
+        } else {
+            Intent::Ready
+        }
+    }
+
+    /// Has a bitmap flush covering sequence `seq` completed?
+    pub fn intent_durable(&self, seq: u64) -> bool {
+        seq <= self.durable_seq
+    }
+
+    /// A bitmap flush (fdatasync of the bitmap file) is about to be issued. Returns the sequence
+    /// it covers: every bit set in the cache up to now. Call this before issuing the flush, under
+    /// the same lock as [`Self::begin_write`], so that no bit set later can claim to be covered.
+    pub fn bitmap_flush_started(&mut self) -> u64 {
+        self.set_seq
+    }
+
+    /// The bitmap flush that started at `seq` completed. On success, every bit set up to `seq`
+    /// and still set is durable. A failed flush changes nothing: waiters must fail or retry.
+    pub fn bitmap_flush_done(&mut self, seq: u64, ok: bool) {
+        if !ok {
+            return;
+        }
+        self.counters.bitmap_flushes += 1;
+        if seq > self.durable_seq {
+            self.durable_seq = seq;
+        }
+        let (pbits, durable) = (&self.pbits, &mut self.durable);
+        self.pending.retain(|&r, &mut s| {
+            if s > seq {
+                return true;
+            }
+            // A pending bit cannot have been cleared: clearing requires no write in flight, and
+            // the writer that set it stays in flight until end_write.
+            if pbits.get(r) {
+                durable.set(r as usize, true);
+            }
+            false
+        });
+    }
+
+    /// The write begun by [`Self::begin_write`] on `ext` completed (successfully or not, issued or
+    /// not). Returns true if the mirror had nothing to do before and should be woken.
+    pub fn end_write(&mut self, ext: Extent) -> bool {
+        let was_idle = self.dirty == 0;
+        for r in ext.regions() {
+            match self.inflight.get_mut(&r) {
+                Some(n) if *n > 1 => *n -= 1,
+                Some(_) => {
+                    self.inflight.remove(&r);
+                }
+                None => debug_assert!(false, "end_write without begin_write on region {r}"),
+            }
+            self.disturb(r);
+            self.mark_volatile(r);
+        }
+        self.changed = true;
+        was_idle && self.dirty > 0
+    }
+
+    /// Picks the next run of dirty regions to copy (at most `max` regions), starting after the
+    /// previous pick so that a hot region cannot starve the rest. Clears their volatile bits
+    /// *before* the copy: a write landing during the copy sets them again and they are recopied.
+    /// A region already being copied is skipped, so two copies of one region are never in flight
+    /// (their target writes could complete in the wrong order).
+    pub fn next_copy(&mut self, max: u64) -> Option<Extent> {
+        if self.dirty == 0 || max == 0 {
+            return None;
+        }
+        // While a consistent flush is in flight, the target must not receive newer data: the
+        // image it makes durable is the one as of the flush's start.
+        if matches!(self.flush, Some(TargetFlush { kind: FlushKind::Consistent, .. })) {
+            return None;
+        }
+        let start = self
+            .find_copyable(self.cursor, self.nregions)
+            .or_else(|| self.find_copyable(0, self.cursor))?;
+        let mut end = start + 1;
+        while end < self.nregions
+            && end - start < max
+            && self.volatile[end as usize]
+            && !self.copying[end as usize]
+        {
+            end += 1;
+        }
+        for r in start..end {
+            self.volatile.set(r as usize, false);
+            self.copying.set(r as usize, true);
+            self.disturb(r);
+        }
+        self.dirty -= end - start;
+        self.copying_count += end - start;
+        self.cursor = if end >= self.nregions { 0 } else { end };
+        Some(Extent { start, count: end - start })
+    }
+
+    fn find_copyable(&self, from: u64, to: u64) -> Option<u64> {
+        self.volatile[from as usize..to as usize]
+            .iter_ones()
+            .map(|i| from + i as u64)
+            .find(|&r| !self.copying[r as usize])
+    }
+
+    /// The copy of `ext` finished. On failure its regions are dirty again.
+    pub fn copy_done(&mut self, ext: Extent, ok: bool) {
+        for r in ext.regions() {
+            debug_assert!(self.copying[r as usize], "copy_done on region {r} not being copied");
+            self.copying.set(r as usize, false);
+            if !ok {
+                self.mark_volatile(r);
+            } else if !self.volatile[r as usize] && !self.inflight.contains_key(&r) {
+                self.copied.set(r as usize, true);
+            }
+        }
+        self.copying_count -= ext.count;
+        if !ok {
+            self.counters.copy_errors += 1;
+        }
+        self.changed = true;
+    }
+
+    /// Is a consistent point due? True when nothing is dirty or being copied, no target flush is
+    /// pending, and something changed since the last consistent point (or there has been none).
+    pub fn consistent_point_due(&self) -> bool {
+        self.flush.is_none() && self.dirty == 0 && self.copying_count == 0 && self.changed
+    }
+
+    /// Are there finished copies whose bits a checkpoint flush could clear?
+    pub fn checkpoint_possible(&self) -> bool {
+        self.flush.is_none() && self.copied.any()
+    }
+
+    /// A target flush is about to be issued. Returns its kind: consistent if nothing is dirty or
+    /// being copied at this instant, otherwise a checkpoint.
+    pub fn target_flush_started(&mut self) -> FlushKind {
+        debug_assert!(self.flush.is_none(), "two target flushes in flight");
+        let kind = if self.dirty == 0 && self.copying_count == 0 {
+            self.changed = false;
+            FlushKind::Consistent
+        } else {
+            FlushKind::Checkpoint
+        };
+        let regions = std::mem::replace(
+            &mut self.copied,
+            bitvec![u64, Lsb0; 0; self.nregions as usize],
+        );
+        self.flush = Some(TargetFlush { kind, regions });
+        kind
+    }
+
+    /// The target flush completed. On success, clears the persistent bits it covers (rule 2: a
+    /// region still in its set has no write in flight and no write or copy since its copy). On
+    /// failure, the copies it covered may not be on the target's medium: dirty them again.
+    pub fn target_flush_done(&mut self, ok: bool) -> FlushOutcome {
+        let Some(flush) = self.flush.take() else {
+            debug_assert!(false, "target_flush_done without a flush");
+            return FlushOutcome::default();
+        };
+        let mut out = FlushOutcome::default();
+        if ok {
+            for i in flush.regions.iter_ones() {
+                let r = i as u64;
+                debug_assert!(!self.volatile[i] && !self.inflight.contains_key(&r));
+                if self.pbits.get(r) {
+                    self.pbits.clear(r);
+                    self.durable.set(i, false);
+                    self.pending.remove(&r);
+                    out.cleared += 1;
+                }
+            }
+            match flush.kind {
+                FlushKind::Consistent => {
+                    out.consistent = true;
+                    self.counters.consistent_points += 1;
+                }
+                FlushKind::Checkpoint => self.counters.checkpoints += 1,
+            }
+        } else {
+            self.counters.target_flush_errors += 1;
+            for i in flush.regions.iter_ones() {
+                if !self.volatile[i] {
+                    out.redirtied += 1;
+                }
+                self.mark_volatile(i as u64);
+            }
+            self.changed = true;
+        }
+        out
+    }
+
+    /// Marks every region dirty, in the cache and in the work list (a full sync). The caller
+    /// flushes the bitmap afterwards and reports it with [`Self::bitmap_flush_done`] before
+    /// copying anything, so an interrupted full sync resumes from the bitmap.
+    pub fn mark_all(&mut self) {
+        for r in 0..self.nregions {
+            if !self.pbits.get(r) {
+                self.pbits.set(r);
+                self.set_seq += 1;
+                self.pending.insert(r, self.set_seq);
+            }
+            self.disturb(r);
+            self.mark_volatile(r);
+        }
+        self.changed = true;
+    }
+
+    /// Number of persistent bits set in the cache.
+    pub fn persistent_count(&self) -> u64 {
+        (0..self.nregions).filter(|&r| self.pbits.get(r)).count() as u64
+    }
+
+    /// Self-check of the internal invariants (tests and debug builds).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let dirty = self.volatile.count_ones() as u64;
+        if dirty != self.dirty {
+            return Err(format!("dirty count {} != volatile bits {}", self.dirty, dirty));
+        }
+        if self.copying.count_ones() as u64 != self.copying_count {
+            return Err("copying count drifted".into());
+        }
+        for r in 0..self.nregions {
+            let i = r as usize;
+            let p = self.pbits.get(r);
+            if self.volatile[i] && !p {
+                return Err(format!("region {r}: volatile-dirty but persistent bit clear"));
+            }
+            if self.copying[i] && !p {
+                return Err(format!("region {r}: being copied but persistent bit clear"));
+            }
+            if self.inflight.contains_key(&r) && !p {
+                return Err(format!("region {r}: write in flight but persistent bit clear"));
+            }
+            if self.durable[i] && !p {
+                return Err(format!("region {r}: durable but persistent bit clear"));
+            }
+            if (p && !self.durable[i]) != self.pending.contains_key(&r) {
+                return Err(format!("region {r}: pending map out of step"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Group commit of bitmap flushes for one submitter (one ublk queue, or one test thread).
+///
+/// Writers that need intent join the batch of the flush in flight if it started after their
+/// bits were set, otherwise the next batch; at most one flush per submitter is in flight, so
+/// any number of concurrent first writes share at most two flushes. `W` is whatever identifies
+/// a waiting write to its submitter (a tag).
+#[derive(Debug)]
+pub struct GroupCommit<W> {
+    in_flight: Option<u64>,
+    waiting: Vec<(u64, W)>,
+}
+
+impl<W> Default for GroupCommit<W> {
+    fn default() -> Self {
+        GroupCommit { in_flight: None, waiting: Vec::new() }
+    }
+}
+
+/// What the submitter must do after a group-commit step.
+#[derive(Debug, PartialEq, Eq)]
+pub struct GroupStep<W> {
+    /// Writers whose intent is durable: issue them.
+    pub ready: Vec<W>,
+    /// Writers whose bitmap flush failed: fail them (their I/O was never issued).
+    pub failed: Vec<W>,
+    /// Start a bitmap flush now (call `bitmap_flush_started`, then [`GroupCommit::started`]).
+    pub start_flush: bool,
+}
+
+impl<W> GroupCommit<W> {
+    /// A writer needs intent sequence `seq`. Returns true if the submitter must start a flush.
+    pub fn wait(&mut self, seq: u64, w: W) -> bool {
+        self.waiting.push((seq, w));
+        self.in_flight.is_none()
+    }
+
+    /// The submitter issued a flush covering `seq` (from `bitmap_flush_started`).
+    pub fn started(&mut self, seq: u64) {
+        debug_assert!(self.in_flight.is_none());
+        self.in_flight = Some(seq);
+    }
+
+    pub fn flush_in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// The flush in flight completed; `durable_seq` is the state's durable sequence after
+    /// reporting it with `bitmap_flush_done`.
+    pub fn completed(&mut self, ok: bool, durable_seq_ok: impl Fn(u64) -> bool) -> GroupStep<W> {
+        let covered = self.in_flight.take().unwrap_or(0);
+        let mut step = GroupStep { ready: Vec::new(), failed: Vec::new(), start_flush: false };
+        for (seq, w) in std::mem::take(&mut self.waiting) {
+            if durable_seq_ok(seq) {
+                step.ready.push(w);
+            } else if !ok && seq <= covered {
+                step.failed.push(w);
+            } else {
+                self.waiting.push((seq, w));
+            }
+        }
+        step.start_flush = !self.waiting.is_empty();
+        step
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(n: u64) -> MirrorState<MemBits> {
+        MirrorState::new(n, MemBits::new(n))
+    }
+    fn ext(start: u64, count: u64) -> Extent {
+        Extent { start, count }
+    }
+
+    #[test]
+    fn first_write_waits_for_intent_and_later_ones_do_not() {
+        let mut s = state(8);
+        let Intent::Wait { seq } = s.begin_write(ext(2, 1)) else { panic!("first write must wait") };
+        // A second write to the same region before the flush waits for the same sequence.
+        assert_eq!(s.begin_write(ext(2, 1)), Intent::Wait { seq });
+        let f = s.bitmap_flush_started();
+        assert!(f >= seq);
+        s.bitmap_flush_done(f, true);
+        assert!(s.intent_durable(seq));
+        s.end_write(ext(2, 1));
+        s.end_write(ext(2, 1));
+        assert_eq!(s.begin_write(ext(2, 1)), Intent::Ready);
+        s.end_write(ext(2, 1));
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn flush_started_before_a_bit_was_set_does_not_cover_it() {
+        let mut s = state(8);
+        let Intent::Wait { seq: a } = s.begin_write(ext(0, 1)) else { panic!() };
+        let f1 = s.bitmap_flush_started();
+        let Intent::Wait { seq: b } = s.begin_write(ext(1, 1)) else { panic!() };
+        s.bitmap_flush_done(f1, true);
+        assert!(s.intent_durable(a));
+        assert!(!s.intent_durable(b), "bit set after the flush started is not covered by it");
+        let f2 = s.bitmap_flush_started();
+        s.bitmap_flush_done(f2, true);
+        assert!(s.intent_durable(b));
+    }
+
+    #[test]
+    fn write_during_copy_is_copied_again_and_bit_survives() {
+        let mut s = state(4);
+        let Intent::Wait { seq } = s.begin_write(ext(1, 1)) else { panic!() };
+        s.bitmap_flush_done(seq, true);
+        s.end_write(ext(1, 1));
+        let c = s.next_copy(16).unwrap();
+        assert_eq!(c, ext(1, 1));
+        // A write lands during the copy.
+        assert_eq!(s.begin_write(ext(1, 1)), Intent::Ready);
+        s.end_write(ext(1, 1));
+        assert!(s.next_copy(16).is_none(), "no second copy of a region while one is in flight");
+        s.copy_done(c, true);
+        assert!(!s.consistent_point_due());
+        let c2 = s.next_copy(16).unwrap();
+        assert_eq!(c2, ext(1, 1));
+        s.copy_done(c2, true);
+        assert!(s.consistent_point_due());
+        assert_eq!(s.target_flush_started(), FlushKind::Consistent);
+        let out = s.target_flush_done(true);
+        assert!(out.consistent);
+        assert_eq!(out.cleared, 1);
+        assert!(!s.pbits().get(1));
+        assert!(s.is_synced());
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn in_flight_write_keeps_its_bit_through_a_target_flush() {
+        let mut s = state(4);
+        s.mark_all();
+        let f = s.bitmap_flush_started();
+        s.bitmap_flush_done(f, true);
+        let c = s.next_copy(16).unwrap();
+        assert_eq!(c, ext(0, 4));
+        s.copy_done(c, true);
+        // Write begins on region 2 (bit durable: no wait) and is still in flight at the flush.
+        assert_eq!(s.begin_write(ext(2, 1)), Intent::Ready);
+        assert_eq!(s.target_flush_started(), FlushKind::Consistent);
+        let out = s.target_flush_done(true);
+        assert_eq!(out.cleared, 3);
+        assert!(s.pbits().get(2), "bit of a region with a write in flight must stay");
+        s.end_write(ext(2, 1));
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn write_completing_during_target_flush_keeps_its_bit() {
+        let mut s = state(2);
+        s.mark_all();
+        let f = s.bitmap_flush_started();
+        s.bitmap_flush_done(f, true);
+        let c = s.next_copy(16).unwrap();
+        s.copy_done(c, true);
+        assert_eq!(s.target_flush_started(), FlushKind::Consistent);
+        assert_eq!(s.begin_write(ext(0, 1)), Intent::Ready);
+        s.end_write(ext(0, 1));
+        let out = s.target_flush_done(true);
+        assert_eq!(out.cleared, 1);
+        assert!(s.pbits().get(0));
+        assert!(!s.pbits().get(1));
+    }
+
+    #[test]
+    fn copy_and_flush_errors_redirty() {
+        let mut s = state(4);
+        s.mark_all();
+        let c = s.next_copy(2).unwrap();
+        s.copy_done(c, false);
+        assert_eq!(s.dirty(), 4);
+        while let Some(c) = s.next_copy(4) {
+            s.copy_done(c, true);
+        }
+        s.target_flush_started();
+        let out = s.target_flush_done(false);
+        assert_eq!(out.redirtied, 4);
+        assert_eq!(s.dirty(), 4);
+        assert_eq!(s.persistent_count(), 4);
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn checkpoint_clears_finished_regions_while_copying_goes_on() {
+        let mut s = state(8);
+        s.mark_all();
+        let a = s.next_copy(4).unwrap();
+        s.copy_done(a, true);
+        let b = s.next_copy(4).unwrap();
+        assert!(s.checkpoint_possible());
+        assert_eq!(s.target_flush_started(), FlushKind::Checkpoint);
+        // Copies may go on during a checkpoint flush.
+        s.copy_done(b, true);
+        let out = s.target_flush_done(true);
+        assert_eq!(out.cleared, 4);
+        assert!(!out.consistent);
+        assert_eq!(s.persistent_count(), 4);
+        assert!(s.consistent_point_due());
+    }
+
+    #[test]
+    fn no_copy_starts_during_a_consistent_flush() {
+        let mut s = state(2);
+        assert_eq!(s.target_flush_started(), FlushKind::Consistent);
+        assert_eq!(s.begin_write(ext(0, 1)), Intent::Wait { seq: 1 });
+        s.bitmap_flush_done(1, true);
+        s.end_write(ext(0, 1));
+        assert_eq!(s.next_copy(4), None);
+        s.target_flush_done(true);
+        assert_eq!(s.next_copy(4), Some(ext(0, 1)));
+    }
+
+    #[test]
+    fn coalesces_and_round_robins() {
+        let mut s = state(16);
+        for r in [3, 4, 5, 9, 10] {
+            s.begin_write(ext(r, 1));
+            s.bitmap_flush_done(s.bitmap_flush_started(), true);
+            s.end_write(ext(r, 1));
+        }
+        assert_eq!(s.next_copy(2), Some(ext(3, 2)));
+        assert_eq!(s.next_copy(8), Some(ext(5, 1)));
+        assert_eq!(s.next_copy(8), Some(ext(9, 2)));
+        assert_eq!(s.next_copy(8), None);
+    }
+
+    #[test]
+    fn group_commit_shares_flushes() {
+        let mut g: GroupCommit<u32> = GroupCommit::default();
+        let mut s = state(8);
+        let mut starts = 0;
+        let mut tags = Vec::new();
+        for (i, r) in [0u64, 1, 2].iter().enumerate() {
+            let Intent::Wait { seq } = s.begin_write(ext(*r, 1)) else { panic!() };
+            if g.wait(seq, i as u32) {
+                starts += 1;
+                g.started(s.bitmap_flush_started());
+            }
+            tags.push(i as u32);
+        }
+        assert_eq!(starts, 1, "only the first writer starts a flush");
+        // The flush started after the first write only: it covers write 0.
+        s.bitmap_flush_done(1, true);
+        let st = g.completed(true, |q| s.intent_durable(q));
+        assert_eq!(st.ready, vec![0]);
+        assert!(st.start_flush);
+        g.started(s.bitmap_flush_started());
+        s.bitmap_flush_done(3, true);
+        let st = g.completed(true, |q| s.intent_durable(q));
+        assert_eq!(st.ready, vec![1, 2]);
+        assert!(!st.start_flush);
+    }
+
+    #[test]
+    fn group_commit_failure_fails_covered_waiters_only() {
+        let mut g: GroupCommit<u32> = GroupCommit::default();
+        let mut s = state(8);
+        let Intent::Wait { seq: a } = s.begin_write(ext(0, 1)) else { panic!() };
+        assert!(g.wait(a, 0));
+        g.started(s.bitmap_flush_started());
+        let Intent::Wait { seq: b } = s.begin_write(ext(1, 1)) else { panic!() };
+        assert!(!g.wait(b, 1));
+        s.bitmap_flush_done(a, false);
+        let st = g.completed(false, |q| s.intent_durable(q));
+        assert_eq!(st.failed, vec![0]);
+        assert!(st.ready.is_empty());
+        assert!(st.start_flush);
+    }
+}

@@ -1,0 +1,428 @@
+//! The engine: one mirror's shared state (decisions in [`crate::core`], the bitmap, the source)
+//! and the entry points the front ends (ublk queues, tests, offline tools) call around their I/O.
+//!
+//! Threads: each front-end queue has its own io_uring and calls [`Engine::begin_write`] /
+//! [`Engine::end_write`] around its source writes; the mirror loop ([`crate::mirror`]) runs on
+//! its own thread and ring. All of them share one lock over [`MirrorState`]; nothing under the
+//! lock blocks on I/O (bitmap bits are set in the mapped page cache, the flush is issued later
+//! on a ring).
+
+use crate::backing::{Backing, DirectMode};
+use crate::bitmap::{Bitmap, BitmapState, Expect, PairIdentity, DEFAULT_GRANULARITY};
+use crate::core::{CoreCounters, Extent, Intent, MirrorState, PersistentBits};
+use crate::error::{Error, Result};
+use crate::target::{open_target, FileTarget, Target};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How the pair starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Copy everything: every bit set and durable before the first copy, so an interrupted
+    /// initial sync resumes where it stopped.
+    Full,
+    /// The user declares source and target identical: start with every bit clear.
+    None,
+    /// Use the bitmap as found: copy only what it says is dirty.
+    Resume,
+}
+
+/// What to open.
+#[derive(Clone, Debug)]
+pub struct PairOptions {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub bitmap: PathBuf,
+    /// `None`: full for a new bitmap, resume for an existing one.
+    pub mode: Option<SyncMode>,
+    /// `None`: the existing bitmap's, or the default for a new one.
+    pub granularity: Option<u64>,
+    pub direct: DirectMode,
+    /// Open the source for writing (the device does; offline sync and verify do not).
+    pub source_writable: bool,
+}
+
+/// Progress figures kept beside the decision state, under the same lock.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    pub started: Instant,
+    pub bytes_copied: u64,
+    pub bytes_zeroed: u64,
+    pub last_consistent: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub initial_dirty_regions: u64,
+}
+
+pub struct Inner {
+    pub state: MirrorState<Bitmap>,
+    pub progress: Progress,
+}
+
+/// A snapshot for status displays and tests.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Status {
+    pub state: &'static str,
+    pub device_size: u64,
+    pub granularity: u64,
+    pub dirty_bytes: u64,
+    pub copying_bytes: u64,
+    pub persistent_dirty_regions: u64,
+    pub bytes_copied: u64,
+    pub bytes_zeroed: u64,
+    pub consistent_points: u64,
+    pub checkpoints: u64,
+    pub last_consistent_age_secs: Option<f64>,
+    pub copy_errors: u64,
+    pub target_flush_errors: u64,
+    pub bitmap_flushes: u64,
+    pub writes_in_flight: usize,
+    pub last_error: Option<String>,
+    pub elapsed_secs: f64,
+}
+
+pub struct Engine {
+    inner: Mutex<Inner>,
+    source: Backing,
+    size: u64,
+    shift: u32,
+    bitmap_fd: std::sync::Arc<std::fs::File>,
+    bitmap_path: PathBuf,
+    wake: nix::sys::eventfd::EventFd,
+    stop: AtomicBool,
+}
+
+/// What opening a pair found and did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OpenReport {
+    pub mode: SyncMode,
+    pub created_bitmap: bool,
+    pub dirty_regions: u64,
+    pub source_direct: bool,
+    pub target_direct: bool,
+}
+
+impl Engine {
+    /// Opens source, target and bitmap, checks that they belong together, and prepares the
+    /// state for `mode`. On error nothing has been modified (a new bitmap is created only after
+    /// every other check passed, atomically).
+    pub fn open(opts: &PairOptions) -> Result<(Engine, FileTarget, OpenReport)> {
+        let source = Backing::open(&opts.source, "source", opts.source_writable, opts.direct)?;
+        let target = open_target(&opts.target, opts.direct)?;
+        let tb = target.backing();
+        if same_file(&source, tb) {
+            return Err(Error::config(format!(
+                "source and target are the same file ({}): give a different target",
+                opts.target.display()
+            )));
+        }
+        if source.size % 512 != 0 {
+            return Err(Error::config(format!(
+                "source {} is {} bytes, not a multiple of 512: a block device's size must be \
+                 (resize it, e.g. truncate -s {} {})",
+                opts.source.display(),
+                source.size,
+                source.size.div_ceil(512) * 512,
+                opts.source.display()
+            )));
+        }
+        if tb.size < source.size {
+            return Err(Error::config(format!(
+                "target {} is smaller than the source: {} < {} bytes; give a target of at least \
+                 {} bytes (for a file: truncate -s {} {})",
+                opts.target.display(),
+                tb.size,
+                source.size,
+                source.size,
+                source.size,
+                opts.target.display()
+            )));
+        }
+        let pair = PairIdentity {
+            source: source.identity.0.clone(),
+            source_fingerprint: source.identity.1,
+            target: tb.identity.0.clone(),
+            target_fingerprint: tb.identity.1,
+        };
+        let exists = opts.bitmap.exists();
+        let mode = opts.mode.unwrap_or(if exists { SyncMode::Resume } else { SyncMode::Full });
+        let (mut bitmap, created) = match (mode, exists) {
+            (SyncMode::Resume, false) => {
+                return Err(Error::config(format!(
+                    "bitmap {} does not exist, so there is nothing to resume: omit --sync resume \
+                     (a new bitmap means a full sync) or give the existing bitmap's path",
+                    opts.bitmap.display()
+                )))
+            }
+            (SyncMode::Resume, true) => {
+                let expect = Expect { pair: &pair, device_size: source.size, granularity: opts.granularity };
+                (Bitmap::open(&opts.bitmap, &expect)?, false)
+            }
+            // Full and none are explicit: they rebuild the bitmap whatever it held. An existing
+            // valid bitmap of this pair keeps its granularity unless one was asked for.
+            (SyncMode::Full | SyncMode::None, _) => {
+                let g = match opts.granularity {
+                    Some(g) => g,
+                    None => crate::bitmap::Bitmap::inspect(&opts.bitmap)
+                        .ok()
+                        .filter(|(h, _)| h.pair == pair && h.device_size == source.size)
+                        .map(|(h, _)| h.granularity)
+                        .unwrap_or(DEFAULT_GRANULARITY),
+                };
+                if exists {
+                    // Refuse to replace a bitmap another live mirror holds.
+                    if let Ok(f) = std::fs::File::open(&opts.bitmap) {
+                        if !crate::bitmap::try_lock_exclusive(&f) {
+                            return Err(Error::Bitmap {
+                                path: opts.bitmap.clone(),
+                                problem: crate::error::BitmapProblem::InUse,
+                                what: "another ublk-mirror process is using it".into(),
+                                fix: "stop that mirror first".into(),
+                            });
+                        }
+                    }
+                }
+                (Bitmap::create(&opts.bitmap, pair.clone(), source.size, g)?, true)
+            }
+        };
+        let g = bitmap.granularity();
+        if mode == SyncMode::None {
+            bitmap.clear_all();
+        }
+        bitmap.set_state(BitmapState::Active)?;
+        let mut state = MirrorState::new(bitmap.nregions(), bitmap);
+        if mode == SyncMode::Full {
+            state.mark_all();
+            let seq = state.bitmap_flush_started();
+            state.pbits().sync()?;
+            state.bitmap_flush_done(seq, true);
+        }
+        let dirty = state.dirty();
+        let report = OpenReport {
+            mode,
+            created_bitmap: created,
+            dirty_regions: dirty,
+            source_direct: source.direct,
+            target_direct: tb.direct,
+        };
+        let bitmap_fd = state.pbits().file();
+        let wake = nix::sys::eventfd::EventFd::from_value_and_flags(
+            0,
+            nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+        )
+        .map_err(|e| Error::io("eventfd", e.into()))?;
+        let engine = Engine {
+            size: source.size,
+            shift: g.trailing_zeros(),
+            source,
+            bitmap_path: opts.bitmap.clone(),
+            bitmap_fd,
+            inner: Mutex::new(Inner {
+                state,
+                progress: Progress {
+                    started: Instant::now(),
+                    bytes_copied: 0,
+                    bytes_zeroed: 0,
+                    last_consistent: None,
+                    last_error: None,
+                    initial_dirty_regions: dirty,
+                },
+            }),
+            wake,
+            stop: AtomicBool::new(false),
+        };
+        Ok((engine, target, report))
+    }
+
+    /// The lock over the shared state. A poisoned lock means a thread panicked while changing
+    /// the state; continuing could clear a bit that must stay, so the process stops instead.
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(_) => {
+                log::error!("mirror state lock poisoned by a panic; aborting to keep the bitmap safe");
+                std::process::abort()
+            }
+        }
+    }
+
+    pub fn source(&self) -> &Backing {
+        &self.source
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn granularity(&self) -> u64 {
+        1 << self.shift
+    }
+    pub fn bitmap_fd(&self) -> std::os::unix::io::RawFd {
+        use std::os::unix::io::AsRawFd;
+        self.bitmap_fd.as_raw_fd()
+    }
+    pub fn bitmap_path(&self) -> &Path {
+        &self.bitmap_path
+    }
+
+    /// The regions covering bytes `[off, off+len)` (`len > 0`).
+    pub fn extent(&self, off: u64, len: u64) -> Extent {
+        let start = off >> self.shift;
+        let end = (off + len.max(1) - 1) >> self.shift;
+        Extent { start, count: end - start + 1 }
+    }
+
+    /// Byte range of a region extent, clipped to the device.
+    pub fn byte_range(&self, ext: Extent) -> (u64, u64) {
+        let a = ext.start << self.shift;
+        let b = (ext.end() << self.shift).min(self.size);
+        (a, b)
+    }
+
+    pub fn begin_write(&self, ext: Extent) -> Intent {
+        self.lock().state.begin_write(ext)
+    }
+    pub fn intent_durable(&self, seq: u64) -> bool {
+        self.lock().state.intent_durable(seq)
+    }
+    /// Call just before issuing an fdatasync of the bitmap; pass the result to
+    /// [`Self::bitmap_flush_done`].
+    pub fn bitmap_flush_start(&self) -> u64 {
+        self.lock().state.bitmap_flush_started()
+    }
+    pub fn bitmap_flush_done(&self, seq: u64, ok: bool) {
+        self.lock().state.bitmap_flush_done(seq, ok)
+    }
+    pub fn end_write(&self, ext: Extent) {
+        if self.lock().state.end_write(ext) {
+            self.wake();
+        }
+    }
+
+    /// Wakes the mirror loop (new dirty regions, or a stop request).
+    pub fn wake(&self) {
+        // The counter cannot overflow in practice (it is reset by every read); a failed write
+        // only means a wake-up is already pending.
+        let _ = self.wake.write(1);
+    }
+    pub fn wake_fd(&self) -> std::os::unix::io::RawFd {
+        use std::os::fd::{AsFd, AsRawFd};
+        self.wake.as_fd().as_raw_fd()
+    }
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    pub fn counters(&self) -> CoreCounters {
+        self.lock().state.counters()
+    }
+
+    pub fn status(&self) -> Status {
+        let g = self.lock();
+        let gran = self.granularity();
+        let c = g.state.counters();
+        let state = if g.state.is_synced() { "synced" } else { "syncing" };
+        Status {
+            state,
+            device_size: self.size,
+            granularity: gran,
+            dirty_bytes: (g.state.dirty() * gran).min(self.size),
+            copying_bytes: (g.state.copying() * gran).min(self.size),
+            persistent_dirty_regions: g.state.persistent_count(),
+            bytes_copied: g.progress.bytes_copied,
+            bytes_zeroed: g.progress.bytes_zeroed,
+            consistent_points: c.consistent_points,
+            checkpoints: c.checkpoints,
+            last_consistent_age_secs: g
+                .progress
+                .last_consistent
+                .and_then(|t| t.elapsed().ok())
+                .map(|d| d.as_secs_f64()),
+            copy_errors: c.copy_errors,
+            target_flush_errors: c.target_flush_errors,
+            bitmap_flushes: c.bitmap_flushes,
+            writes_in_flight: g.state.writes_in_flight(),
+            last_error: g.progress.last_error.clone(),
+            elapsed_secs: g.progress.started.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// Orderly close: the bitmap is made durable (with the bits cleared so far) and marked
+    /// clean. Call only when no write is in flight and the mirror loop has stopped.
+    pub fn close(&self) -> Result<()> {
+        let mut g = self.lock();
+        g.state.pbits_mut().set_state(BitmapState::Clean)
+    }
+
+    /// Blocking fdatasync of the bitmap, reported to the state (offline tools, shutdown).
+    pub fn sync_bitmap(&self) -> Result<()> {
+        let seq = self.bitmap_flush_start();
+        let r = nix::unistd::fdatasync(self.bitmap_fd())
+            .map_err(|e| Error::io(format!("fdatasync bitmap {}", self.bitmap_path.display()), e.into()));
+        self.bitmap_flush_done(seq, r.is_ok());
+        r
+    }
+
+    /// Is region `r`'s persistent bit set (in the cache)?
+    pub fn bit(&self, r: u64) -> bool {
+        self.lock().state.pbits().get(r)
+    }
+}
+
+fn same_file(a: &Backing, b: &Backing) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.file.metadata(), b.file.metadata()) {
+        (Ok(x), Ok(y)) => {
+            (x.dev() == y.dev() && x.ino() == y.ino()) || (x.rdev() != 0 && x.rdev() == y.rdev())
+        }
+        _ => false,
+    }
+}
+
+/// Tunables of the copy loop.
+#[derive(Clone, Debug)]
+pub struct CopyConfig {
+    /// Copies in flight (QEMU: 16).
+    pub max_copies: usize,
+    /// Bytes per copy buffer (QEMU: 1 MiB). Memory used is `max_copies * buf_size`.
+    pub buf_size: usize,
+    /// Make progress durable (target flush, then clear bits) after this many bytes copied...
+    pub checkpoint_bytes: u64,
+    /// ...or after this long, whichever comes first.
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for CopyConfig {
+    fn default() -> Self {
+        CopyConfig {
+            max_copies: 16,
+            buf_size: 1 << 20,
+            checkpoint_bytes: 1 << 30,
+            checkpoint_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl CopyConfig {
+    pub fn validate(&self, granularity: u64) -> Result<()> {
+        if self.max_copies == 0 || self.max_copies > 1024 {
+            return Err(Error::config("copies in flight must be between 1 and 1024"));
+        }
+        if self.buf_size < 4096 || !self.buf_size.is_power_of_two() || self.buf_size > (256 << 20) {
+            return Err(Error::config(
+                "copy buffer size must be a power of two from 4 KiB to 256 MiB",
+            ));
+        }
+        let _ = granularity;
+        Ok(())
+    }
+}
+
+/// Opens the target only (verify uses it without a bitmap).
+pub fn open_target_only(path: &Path, direct: DirectMode) -> Result<Box<dyn Target>> {
+    Ok(Box::new(open_target(path, direct)?))
+}

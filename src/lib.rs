@@ -1,0 +1,24 @@
+//! ublk-mirror: a block device in user space that keeps a live, crash-safe mirror of a disk.
+//!
+//! Layers, bottom up:
+//! - [`core`]: the decisions (write intent, what to copy, when to flush, what to clear), no I/O;
+//! - [`bitmap`]: the persistent dirty bitmap file;
+//! - [`backing`], [`target`], [`uring`]: sources and targets through io_uring;
+//! - [`engine`]: shared state of one mirror and the write-path entry points;
+//! - [`mirror`]: the copy loop; [`queue`]: a front-end queue serving block requests;
+//! - [`sync`]: the offline `sync` and `verify` commands.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod backing;
+pub mod bitmap;
+pub mod core;
+pub mod engine;
+pub mod error;
+pub mod mirror;
+pub mod queue;
+pub mod sync;
+pub mod target;
+pub mod uring;
+pub mod units;
+
+pub use error::{Error, Result};

@@ -1,0 +1,295 @@
+use clap::{Args, Parser, Subcommand};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use ublk_mirror::backing::DirectMode;
+use ublk_mirror::bitmap::Bitmap;
+use ublk_mirror::engine::{CopyConfig, PairOptions, Status, SyncMode};
+use ublk_mirror::mirror::Hooks;
+use ublk_mirror::sync::{self, VerifyOptions};
+use ublk_mirror::units::{human, parse_size};
+
+/// A Linux block device in user space that keeps a live, crash-safe mirror of a disk.
+#[derive(Parser)]
+#[command(name = "ublk-mirror", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Bring TARGET in step with SOURCE offline, copying what the bitmap marks dirty
+    /// (everything, for a new bitmap).
+    Sync(SyncArgs),
+    /// Compare SOURCE and TARGET region by region; with --bitmap, also check that every
+    /// differing region is marked dirty.
+    Verify(VerifyArgs),
+    /// Inspect a bitmap file.
+    #[command(subcommand)]
+    Bitmap(BitmapCmd),
+}
+
+#[derive(Args)]
+struct SyncArgs {
+    /// Source file or block device (read only).
+    #[arg(long, short = 's')]
+    source: PathBuf,
+    /// Target file or block device, at least as large as the source.
+    #[arg(long, short = 't')]
+    target: PathBuf,
+    /// Dirty bitmap file; created (with a full sync) if absent.
+    #[arg(long, short = 'b')]
+    bitmap: PathBuf,
+    /// Copy everything, rebuilding the bitmap (whatever it held).
+    #[arg(long, conflicts_with = "assume_synced")]
+    full: bool,
+    /// Declare source and target identical: clear the bitmap, copy nothing.
+    #[arg(long)]
+    assume_synced: bool,
+    /// Region size for a new bitmap: a power of two from 4K to 64M [default: 64K].
+    #[arg(long, short = 'g', value_parser = parse_size)]
+    granularity: Option<u64>,
+    #[command(flatten)]
+    copy: CopyArgs,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CopyArgs {
+    /// O_DIRECT use: auto falls back to buffered I/O where the filesystem refuses it (tmpfs).
+    #[arg(long, value_enum, default_value = "auto")]
+    direct: DirectMode,
+    /// Copies in flight.
+    #[arg(long, default_value_t = 16)]
+    copies: usize,
+    /// Size of each copy buffer (memory used: copies x buffer).
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    buffer: u64,
+    /// Make progress durable (target flush, bitmap update) after this much data...
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    checkpoint_bytes: u64,
+    /// ...or this many seconds, so an interrupted sync resumes near where it stopped.
+    #[arg(long, default_value_t = 10)]
+    checkpoint_secs: u64,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[arg(long, short = 's')]
+    source: PathBuf,
+    #[arg(long, short = 't')]
+    target: PathBuf,
+    /// The pair's bitmap: differing regions whose bit is clear are reported as a bug.
+    #[arg(long, short = 'b')]
+    bitmap: Option<PathBuf>,
+    /// Region size for the report without a bitmap [default: 64K].
+    #[arg(long, short = 'g', value_parser = parse_size)]
+    granularity: Option<u64>,
+    #[arg(long, value_enum, default_value = "auto")]
+    direct: DirectMode,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum BitmapCmd {
+    /// Header fields, dirty regions and bytes.
+    Show {
+        bitmap: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Exit statuses (documented in the man page).
+const EXIT_ERROR: u8 = 1;
+const EXIT_DIFFER: u8 = 3;
+const EXIT_DIFFER_CLEAN: u8 = 4;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp(None)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Sync(a) => cmd_sync(a),
+        Cmd::Verify(a) => cmd_verify(a),
+        Cmd::Bitmap(BitmapCmd::Show { bitmap, json }) => cmd_bitmap_show(bitmap, json),
+    };
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("ublk-mirror: error: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+type CliResult = Result<u8, Box<dyn std::error::Error>>;
+
+fn progress_line(s: &Status, total: u64) -> (u64, String) {
+    let left = s.dirty_bytes + s.copying_bytes;
+    let done = total.saturating_sub(left);
+    let rate = s.bytes_copied as f64 / s.elapsed_secs.max(1e-3);
+    let eta = if rate > 0.0 { format!("{:.0}s", left as f64 / rate) } else { "?".into() };
+    (done, format!("{} / {}, {}/s, ETA {eta}", human(done), human(total), human(rate as u64)))
+}
+
+fn cmd_sync(a: SyncArgs) -> CliResult {
+    let mode = if a.full {
+        Some(SyncMode::Full)
+    } else if a.assume_synced {
+        Some(SyncMode::None)
+    } else {
+        None
+    };
+    let pair = PairOptions {
+        source: a.source,
+        target: a.target,
+        bitmap: a.bitmap,
+        mode,
+        granularity: a.granularity,
+        direct: a.copy.direct,
+        source_writable: false,
+    };
+    let copy = CopyConfig {
+        max_copies: a.copy.copies,
+        buf_size: a.copy.buffer as usize,
+        checkpoint_bytes: a.copy.checkpoint_bytes,
+        checkpoint_interval: Duration::from_secs(a.copy.checkpoint_secs.max(1)),
+    };
+    let tty = std::io::stderr().is_terminal() && !a.json;
+    let bar = indicatif::ProgressBar::hidden();
+    let mut total = None;
+    let mut show = |s: &Status| {
+        // The first report fixes the total: what was dirty when copying began.
+        let t = *total.get_or_insert(s.dirty_bytes + s.copying_bytes + s.bytes_copied + s.bytes_zeroed);
+        let (done, line) = progress_line(s, t);
+        if tty {
+            if bar.is_hidden() {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("{bar:40} {percent:>3}% {msg}")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+            }
+            bar.set_length(t.max(1));
+            bar.set_position(done);
+            bar.set_message(line);
+        } else if !a.json {
+            eprintln!("sync: {line}");
+        }
+    };
+    let every = if tty { Duration::from_millis(200) } else { Duration::from_secs(2) };
+    let r = sync::sync(&pair, &copy, Hooks::default(), Some((&mut show, every)));
+    bar.finish_and_clear();
+    let r = r?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "synced {} ({:?} sync{}): copied {}, skipped {} of holes, {:.1} s, {:.0} MiB/s",
+            human(r.device_size),
+            r.open.mode,
+            if r.open.created_bitmap { ", new bitmap" } else { "" },
+            human(r.bytes_copied),
+            human(r.bytes_zeroed),
+            r.seconds,
+            r.mib_per_sec
+        );
+    }
+    Ok(0)
+}
+
+fn runs_text(runs: &[(u64, u64)], g: u64, limit: usize) -> String {
+    let mut s = String::new();
+    for (i, &(start, n)) in runs.iter().enumerate() {
+        if i == limit {
+            s += &format!("  ... and {} more runs\n", runs.len() - limit);
+            break;
+        }
+        s += &format!(
+            "  regions {start}..{} (bytes {}..{}, {})\n",
+            start + n - 1,
+            start * g,
+            (start + n) * g,
+            human(n * g)
+        );
+    }
+    s
+}
+
+fn cmd_verify(a: VerifyArgs) -> CliResult {
+    let r = sync::verify(&VerifyOptions {
+        source: a.source,
+        target: a.target,
+        bitmap: a.bitmap.clone(),
+        granularity: a.granularity,
+        direct: a.direct,
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else if r.identical() {
+        println!("identical: {} compared", human(r.bytes_compared));
+    } else {
+        println!(
+            "DIFFERENT: {} regions of {} differ ({}):",
+            r.differing_regions(),
+            human(r.granularity),
+            human(r.differing_regions() * r.granularity)
+        );
+        print!("{}", runs_text(&r.differing, r.granularity, 50));
+        if a.bitmap.is_some() {
+            if r.differing_clean.is_empty() {
+                println!("every differing region is marked dirty in the bitmap: a sync will fix them");
+            } else {
+                println!(
+                    "BUG: {} differing regions are marked clean in the bitmap, so no sync would \
+                     copy them. This is a bug in ublk-mirror (or the target was written behind \
+                     its back); please report it. Run `ublk-mirror sync --full` to repair:",
+                    r.differing_clean_regions()
+                );
+                print!("{}", runs_text(&r.differing_clean, r.granularity, 50));
+            }
+        }
+    }
+    Ok(if r.identical() {
+        0
+    } else if r.differing_clean.is_empty() {
+        EXIT_DIFFER
+    } else {
+        EXIT_DIFFER_CLEAN
+    })
+}
+
+fn cmd_bitmap_show(path: PathBuf, json: bool) -> CliResult {
+    let (h, runs) = Bitmap::inspect(&path)?;
+    let dirty: u64 = runs.iter().map(|r| r.1).sum();
+    let dirty_bytes = (dirty * h.granularity).min(h.device_size);
+    if json {
+        let v = serde_json::json!({
+            "header": h,
+            "dirty_regions": dirty,
+            "dirty_bytes": dirty_bytes,
+            "dirty_runs": runs.iter().map(|(s, n)| serde_json::json!({"start": s, "count": n})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!("bitmap       {}", path.display());
+    println!("uuid         {}", h.uuid);
+    println!("version      {}", h.version);
+    println!("state        {:?}", h.state);
+    println!("source       {}", h.pair.source);
+    println!("target       {}", h.pair.target);
+    println!("device size  {} ({})", h.device_size, human(h.device_size));
+    println!("granularity  {}", human(h.granularity));
+    println!("regions      {}", h.nregions);
+    println!("dirty        {dirty} regions, {}", human(dirty_bytes));
+    print!("{}", runs_text(&runs, h.granularity, 20));
+    Ok(0)
+}

@@ -1,0 +1,544 @@
+//! The mirror loop: copies dirty regions from the source to the target on its own io_uring,
+//! makes progress durable with target flushes, and marks consistent points.
+//!
+//! Each copy job owns one buffer and has exactly one operation in flight at a time (a source
+//! read, a target write, or a target zero for a source hole). Jobs run concurrently up to
+//! `max_copies`. The decisions (what to copy, when to flush, what to clear) are the engine's
+//! [`crate::core::MirrorState`]; this file only performs them.
+
+use crate::backing::AlignedBuf;
+use crate::core::{Extent, FlushKind};
+use crate::engine::{CopyConfig, Engine};
+use crate::error::{Error, Result};
+use crate::target::{Target, TargetDone, TargetOp};
+use crate::uring::{self, push, Owner, Ring};
+use io_uring::{opcode, types};
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// When the loop returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunUntil {
+    /// At the first consistent point with nothing left to do (offline sync). A copy error ends
+    /// the run with that error; the regions stay dirty for the next run.
+    Synced,
+    /// When [`Engine::request_stop`] is called (a live device). Errors are retried with backoff.
+    Stopped,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RunReport {
+    pub bytes_copied: u64,
+    pub bytes_zeroed: u64,
+    pub elapsed: Duration,
+    pub interrupted: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Read,
+    Write,
+    Zero,
+}
+
+struct Job {
+    ext: Extent,
+    /// Next byte to copy; the job is done when it reaches `end`.
+    pos: u64,
+    end: u64,
+    phase: Phase,
+    /// Current chunk `[pos, pos + chunk)` and how much of it the current phase has done.
+    chunk: u64,
+    done: u64,
+    buf: usize,
+}
+
+const SRC_FIXED: u32 = 0;
+const TGT_FIXED: u32 = 1;
+
+/// Test hooks: deterministic interference with a running loop.
+#[derive(Default)]
+pub struct Hooks {
+    /// Called after a copy's source read completed, before its target write is issued.
+    pub after_read: Option<Box<dyn FnMut(Extent)>>,
+    /// Simulate an interruption (a crash of the daemon): return as soon as this many bytes were
+    /// copied, without waiting for in-flight copies or making anything durable.
+    pub stop_after_bytes: Option<u64>,
+}
+
+type ProgressFn<'a> = dyn FnMut(&Engine) + 'a;
+
+pub struct Mirror<'t> {
+    // Field order matters: the ring is dropped first, which cancels and waits for every
+    // operation in flight before the buffers they point into are freed.
+    ring: Ring,
+    engine: Arc<Engine>,
+    target: &'t mut dyn Target,
+    cfg: CopyConfig,
+    bufs: Vec<AlignedBuf>,
+    free_bufs: Vec<usize>,
+    jobs: Vec<Option<Job>>,
+    running: usize,
+    target_flush: Option<FlushKind>,
+    bitmap_flush: Option<u64>,
+    bitmap_clears_pending: bool,
+    wake_buf: Box<u64>,
+    wake_posted: bool,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+    fatal: Option<Error>,
+    hooks: Hooks,
+    done: Vec<TargetDone>,
+    /// Offline run: the first error ends it instead of being retried.
+    offline: bool,
+}
+
+impl<'t> Mirror<'t> {
+    pub fn new(engine: Arc<Engine>, target: &'t mut crate::target::FileTarget, cfg: CopyConfig) -> Result<Self> {
+        cfg.validate(engine.granularity())?;
+        let entries = (cfg.max_copies * 2 + 8).next_power_of_two() as u32;
+        let ring = uring::new_ring(entries).map_err(|e| Error::io("io_uring setup for the mirror", e))?;
+        ring.submitter()
+            .register_files(&[engine.source().fd(), target.backing().fd()])
+            .map_err(|e| Error::io("registering source and target on the mirror ring", e))?;
+        target.use_fixed(TGT_FIXED);
+        Ok(Self::with_ring(ring, engine, target, cfg))
+    }
+
+    /// A loop over any target (network targets manage their own descriptors).
+    pub fn with_ring(ring: Ring, engine: Arc<Engine>, target: &'t mut dyn Target, cfg: CopyConfig) -> Self {
+        let bufs: Vec<AlignedBuf> = (0..cfg.max_copies).map(|_| AlignedBuf::new(cfg.buf_size)).collect();
+        Mirror {
+            ring,
+            free_bufs: (0..bufs.len()).rev().collect(),
+            bufs,
+            jobs: (0..cfg.max_copies).map(|_| None).collect(),
+            running: 0,
+            engine,
+            target,
+            cfg,
+            target_flush: None,
+            bitmap_flush: None,
+            bitmap_clears_pending: false,
+            wake_buf: Box::new(0),
+            wake_posted: false,
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+            backoff: Duration::ZERO,
+            retry_at: None,
+            fatal: None,
+            hooks: Hooks::default(),
+            done: Vec::new(),
+            offline: false,
+        }
+    }
+
+    pub fn set_hooks(&mut self, hooks: Hooks) {
+        self.hooks = hooks;
+    }
+
+    fn regions_per_copy(&self) -> u64 {
+        (self.cfg.buf_size as u64 / self.engine.granularity()).max(1)
+    }
+
+    /// Runs the loop. `progress` is called about every `every` while copying.
+    pub fn run(
+        &mut self,
+        until: RunUntil,
+        progress: Option<(&mut ProgressFn<'_>, Duration)>,
+    ) -> Result<RunReport> {
+        let t0 = Instant::now();
+        self.offline = until == RunUntil::Synced;
+        let (b0, z0) = {
+            let g = self.engine.lock();
+            (g.progress.bytes_copied, g.progress.bytes_zeroed)
+        };
+        let mut progress = progress;
+        let mut last_progress = Instant::now();
+        let mut cqes = Vec::new();
+        let mut interrupted = false;
+        loop {
+            if let Some(limit) = self.hooks.stop_after_bytes {
+                if self.engine.lock().progress.bytes_copied - b0 >= limit {
+                    interrupted = true;
+                    break;
+                }
+            }
+            let stopping = until == RunUntil::Stopped && self.engine.stop_requested();
+            if self.fatal.is_none() && !stopping {
+                self.start_copies()?;
+            }
+            self.maybe_flush(stopping)?;
+            if self.finished(until, stopping) {
+                break;
+            }
+            if until == RunUntil::Stopped && !self.wake_posted {
+                self.post_wake()?;
+            }
+            // Wait for a completion, or for the backoff / checkpoint timer.
+            let timeout = self.retry_at.map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = match (timeout, progress.is_some()) {
+                (Some(t), _) => Some(t.min(Duration::from_millis(500))),
+                (None, true) => Some(Duration::from_millis(500)),
+                (None, false) if self.running > 0 => Some(self.cfg.checkpoint_interval),
+                _ => None,
+            };
+            self.wait(timeout)?;
+            cqes.clear();
+            uring::reap(&mut self.ring, &mut cqes);
+            for &(ud, res) in &cqes {
+                self.dispatch(ud, res)?;
+            }
+            if let Some((f, every)) = progress.as_mut() {
+                if last_progress.elapsed() >= *every {
+                    f(&self.engine);
+                    last_progress = Instant::now();
+                }
+            }
+        }
+        if let Some((f, _)) = progress.as_mut() {
+            f(&self.engine);
+        }
+        let g = self.engine.lock();
+        let report = RunReport {
+            bytes_copied: g.progress.bytes_copied - b0,
+            bytes_zeroed: g.progress.bytes_zeroed - z0,
+            elapsed: t0.elapsed(),
+            interrupted,
+        };
+        drop(g);
+        if let Some(e) = self.fatal.take() {
+            return Err(e);
+        }
+        Ok(report)
+    }
+
+    fn finished(&self, until: RunUntil, stopping: bool) -> bool {
+        let idle = self.running == 0 && self.target_flush.is_none() && self.bitmap_flush.is_none();
+        if !idle {
+            return false;
+        }
+        if self.fatal.is_some() || stopping {
+            return !self.bitmap_clears_pending;
+        }
+        until == RunUntil::Synced && !self.bitmap_clears_pending && self.engine.lock().state.is_synced()
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>) -> Result<()> {
+        let r = match timeout {
+            None => uring::submit_and_wait(&mut self.ring, 1),
+            Some(t) => {
+                let ts = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
+                let args = types::SubmitArgs::new().timespec(&ts);
+                match self.ring.submitter().submit_with_args(1, &args) {
+                    Ok(_) => Ok(()),
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        r.map_err(|e| Error::io("waiting on the mirror ring", e))
+    }
+
+    fn post_wake(&mut self) -> Result<()> {
+        let fd = self.engine.wake_fd();
+        let buf = (&mut *self.wake_buf) as *mut u64 as *mut u8;
+        let e = opcode::Read::new(types::Fd(fd), buf, 8).build();
+        push(&mut self.ring, e, Owner::Wake, 0).map_err(|e| Error::io("mirror wake-up", e))?;
+        self.wake_posted = true;
+        Ok(())
+    }
+
+    fn start_copies(&mut self) -> Result<()> {
+        if let Some(t) = self.retry_at {
+            if Instant::now() < t {
+                return Ok(());
+            }
+            self.retry_at = None;
+        }
+        let max = self.regions_per_copy();
+        while let Some(buf) = self.free_bufs.pop() {
+            let ext = self.engine.lock().state.next_copy(max);
+            let Some(ext) = ext else {
+                self.free_bufs.push(buf);
+                break;
+            };
+            let (a, b) = self.engine.byte_range(ext);
+            let slot = self.jobs.iter().position(|j| j.is_none()).unwrap_or(self.jobs.len());
+            if slot == self.jobs.len() {
+                self.jobs.push(None);
+            }
+            self.jobs[slot] = Some(Job { ext, pos: a, end: b, phase: Phase::Read, chunk: 0, done: 0, buf });
+            self.running += 1;
+            self.advance(slot)?;
+        }
+        Ok(())
+    }
+
+    /// Issues the next operation of job `slot`, or finishes it.
+    fn advance(&mut self, slot: usize) -> Result<()> {
+        let Some(job) = self.jobs[slot].as_mut() else { return Ok(()) };
+        if job.pos >= job.end {
+            return self.finish(slot, true);
+        }
+        let seg = match self.engine.source().next_data(job.pos, job.end) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("source: finding data at {}: {e}", job.pos);
+                return self.finish(slot, false);
+            }
+        };
+        let (pos, end) = (job.pos, job.end);
+        let r = match seg {
+            None => self.issue_zero(slot, end - pos),
+            Some((ds, _)) if ds > pos => self.issue_zero(slot, ds - pos),
+            Some((_, de)) => {
+                let chunk = (de - pos).min(self.cfg.buf_size as u64);
+                let job = self.jobs[slot].as_mut().expect("job checked above");
+                job.phase = Phase::Read;
+                job.chunk = chunk;
+                job.done = 0;
+                self.issue_read(slot)
+            }
+        };
+        r.map_err(|e| Error::io("submitting a copy", e))
+    }
+
+    fn issue_zero(&mut self, slot: usize, len: u64) -> io::Result<()> {
+        let job = self.jobs[slot].as_mut().expect("caller holds a live job");
+        job.phase = Phase::Zero;
+        job.chunk = len;
+        job.done = 0;
+        let off = job.pos;
+        self.target.submit(&mut self.ring, TargetOp::Zero { off, len }, slot as u64)
+    }
+
+    fn issue_read(&mut self, slot: usize) -> io::Result<()> {
+        let job = self.jobs[slot].as_ref().expect("caller holds a live job");
+        let off = job.pos + job.done;
+        let len = (job.chunk - job.done) as u32;
+        // SAFETY: `job.done < job.chunk <= buf_size`, so the pointer stays inside the job's
+        // buffer, which the job owns until it finishes.
+        let ptr = unsafe { self.bufs[job.buf].as_mut_ptr().add(job.done as usize) };
+        let e = opcode::Read::new(types::Fixed(SRC_FIXED), ptr, len).offset(off).build();
+        push(&mut self.ring, e, Owner::Source, slot as u64)
+    }
+
+    fn issue_write(&mut self, slot: usize) -> io::Result<()> {
+        let job = self.jobs[slot].as_ref().expect("caller holds a live job");
+        let off = job.pos + job.done;
+        let len = (job.chunk - job.done) as u32;
+        // SAFETY: as in issue_read.
+        let buf = unsafe { self.bufs[job.buf].as_ptr().add(job.done as usize) };
+        self.target.submit(&mut self.ring, TargetOp::Write { off, buf, len }, slot as u64)
+    }
+
+    fn finish(&mut self, slot: usize, ok: bool) -> Result<()> {
+        let Some(job) = self.jobs[slot].take() else { return Ok(()) };
+        self.free_bufs.push(job.buf);
+        self.running -= 1;
+        self.engine.lock().state.copy_done(job.ext, ok);
+        if ok {
+            self.backoff = Duration::ZERO;
+        }
+        Ok(())
+    }
+
+    fn copy_failed(&mut self, slot: usize, what: &str, err: io::Error) -> Result<()> {
+        let msg = match self.jobs[slot].as_ref() {
+            Some(j) => format!("{what} at byte {}: {err}", j.pos + j.done),
+            None => format!("{what}: {err}"),
+        };
+        log::warn!("copy failed, region stays dirty: {msg}");
+        self.engine.lock().progress.last_error = Some(msg.clone());
+        self.finish(slot, false)?;
+        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        self.retry_at = Some(Instant::now() + self.backoff);
+        if self.offline && self.fatal.is_none() {
+            self.fatal = Some(Error::io("copy failed", io::Error::other(msg)));
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, ud: u64, res: i32) -> Result<()> {
+        let (owner, sub) = uring::decode(ud);
+        match owner {
+            Some(Owner::Source) => self.on_source(sub as usize, res),
+            Some(Owner::Target) => {
+                let mut done = std::mem::take(&mut self.done);
+                self.target.complete(&mut self.ring, sub, res, &mut done);
+                for (token, r) in done.drain(..) {
+                    self.on_target(token, r)?;
+                }
+                self.done = done;
+                Ok(())
+            }
+            Some(Owner::Bitmap) => {
+                let seq = self.bitmap_flush.take().unwrap_or(0);
+                let ok = res >= 0;
+                self.engine.bitmap_flush_done(seq, ok);
+                if !ok {
+                    let e = io::Error::from_raw_os_error(-res);
+                    log::warn!("bitmap fdatasync failed: {e}");
+                    self.engine.lock().progress.last_error = Some(format!("bitmap flush: {e}"));
+                    if self.offline {
+                        self.fatal.get_or_insert(Error::io("bitmap fdatasync failed", e));
+                    } else {
+                        self.bitmap_clears_pending = true;
+                    }
+                }
+                Ok(())
+            }
+            Some(Owner::Wake) => {
+                self.wake_posted = false;
+                Ok(())
+            }
+            _ => {
+                log::error!("mirror ring: completion with unknown owner {ud:#x}");
+                Ok(())
+            }
+        }
+    }
+
+    fn on_source(&mut self, slot: usize, res: i32) -> Result<()> {
+        let Some(job) = self.jobs[slot].as_mut() else { return Ok(()) };
+        if res <= 0 {
+            let e = if res == 0 {
+                io::Error::new(io::ErrorKind::UnexpectedEof, "source read returned no data")
+            } else {
+                io::Error::from_raw_os_error(-res)
+            };
+            return self.copy_failed(slot, "source read", e);
+        }
+        job.done += res as u64;
+        if job.done < job.chunk {
+            return self.issue_read(slot).map_err(|e| Error::io("submitting a copy", e));
+        }
+        job.phase = Phase::Write;
+        job.done = 0;
+        let ext = job.ext;
+        if let Some(h) = self.hooks.after_read.as_mut() {
+            h(ext);
+        }
+        self.issue_write(slot).map_err(|e| Error::io("submitting a copy", e))
+    }
+
+    fn on_target(&mut self, token: u64, r: io::Result<u32>) -> Result<()> {
+        if token == FLUSH_TOKEN {
+            return self.on_target_flush(r);
+        }
+        let slot = token as usize;
+        let Some(job) = self.jobs[slot].as_mut() else { return Ok(()) };
+        match (job.phase, r) {
+            (Phase::Zero, Ok(_)) => {
+                let n = job.chunk;
+                job.pos += n;
+                self.engine.lock().progress.bytes_zeroed += n;
+                self.advance(slot)
+            }
+            (Phase::Write, Ok(n)) if n > 0 => {
+                job.done += n as u64;
+                if job.done < job.chunk {
+                    return self.issue_write(slot).map_err(|e| Error::io("submitting a copy", e));
+                }
+                let n = job.chunk;
+                job.pos += n;
+                self.since_checkpoint += n;
+                self.engine.lock().progress.bytes_copied += n;
+                self.advance(slot)
+            }
+            (Phase::Write, Ok(_)) => {
+                self.copy_failed(slot, "target write", io::Error::new(io::ErrorKind::WriteZero, "wrote nothing"))
+            }
+            (Phase::Zero, Err(e)) => self.copy_failed(slot, "target zeroing", e),
+            (_, Err(e)) => self.copy_failed(slot, "target write", e),
+            (Phase::Read, Ok(_)) => Ok(()),
+        }
+    }
+
+    fn maybe_flush(&mut self, stopping: bool) -> Result<()> {
+        if self.target_flush.is_some() {
+            return Ok(());
+        }
+        let due = {
+            let g = self.engine.lock();
+            if g.state.consistent_point_due() {
+                true
+            } else if !self.target.flush_publishes() && g.state.checkpoint_possible() {
+                let time = self.last_checkpoint.elapsed() >= self.cfg.checkpoint_interval;
+                let bytes = self.since_checkpoint >= self.cfg.checkpoint_bytes;
+                // Stopping or failing: keep what was copied so far.
+                let draining = (stopping || self.fatal.is_some()) && self.running == 0;
+                time || bytes || draining
+            } else {
+                false
+            }
+        };
+        if !due {
+            if self.bitmap_clears_pending && self.bitmap_flush.is_none() && self.target_flush.is_none() {
+                self.flush_bitmap()?;
+            }
+            return Ok(());
+        }
+        let kind = self.engine.lock().state.target_flush_started();
+        self.target_flush = Some(kind);
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        self.target
+            .submit(&mut self.ring, TargetOp::Flush, FLUSH_TOKEN)
+            .map_err(|e| Error::io("submitting a target flush", e))
+    }
+
+    fn on_target_flush(&mut self, r: io::Result<u32>) -> Result<()> {
+        let ok = r.is_ok();
+        let out = {
+            let mut g = self.engine.lock();
+            let out = g.state.target_flush_done(ok);
+            if out.consistent {
+                g.progress.last_consistent = Some(SystemTime::now());
+            }
+            if let Err(e) = &r {
+                g.progress.last_error = Some(format!("target flush: {e}"));
+            }
+            out
+        };
+        self.target_flush = None;
+        if let Err(e) = r {
+            log::warn!("target flush failed ({e}); {} regions are dirty again", out.redirtied);
+            self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+            self.retry_at = Some(Instant::now() + self.backoff);
+            if self.offline && self.fatal.is_none() {
+                self.fatal = Some(Error::io("target flush failed", e));
+            }
+            return Ok(());
+        }
+        if out.consistent {
+            log::debug!("consistent point ({} bits cleared)", out.cleared);
+        }
+        if out.cleared > 0 {
+            // Clearing may be lazy (a stale set bit only costs a recopy after a crash), but
+            // pushing the clears out now keeps the resync after a crash small.
+            self.bitmap_clears_pending = true;
+            if self.bitmap_flush.is_none() {
+                self.flush_bitmap()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_bitmap(&mut self) -> Result<()> {
+        let seq = self.engine.bitmap_flush_start();
+        let e = opcode::Fsync::new(types::Fd(self.engine.bitmap_fd()))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
+        push(&mut self.ring, e, Owner::Bitmap, 0).map_err(|e| Error::io("submitting a bitmap flush", e))?;
+        self.bitmap_flush = Some(seq);
+        self.bitmap_clears_pending = false;
+        Ok(())
+    }
+}
+
+const FLUSH_TOKEN: u64 = (1 << 40) - 1;

@@ -1,0 +1,275 @@
+//! A front-end queue: serves block requests (read, write, flush, discard, write-zeroes) from the
+//! source on its own io_uring, following the engine's write-intent protocol. One per submitting
+//! thread, like one ublk queue; several requests may be in flight on each.
+//!
+//! Per request: `begin_write` -> (wait for the bitmap flush that covers its bits, shared with
+//! every other request of this queue waiting for the same: group commit) -> source I/O ->
+//! `end_write`. Reads and flushes do not touch the bitmap: under write intent every bit a write
+//! needs was durable before the write was issued, so FLUSH is just an fdatasync of the source.
+
+use crate::backing::AlignedBuf;
+use crate::core::{Extent, GroupCommit, Intent};
+use crate::engine::Engine;
+use crate::uring::{self, push, Owner, Ring};
+use io_uring::{opcode, types};
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A block request.
+pub enum Op {
+    Read { off: u64, len: u32 },
+    /// `fua`: the data is durable on the source when the request completes.
+    Write { off: u64, data: AlignedBuf, len: u32, fua: bool },
+    Flush,
+    Discard { off: u64, len: u64 },
+    /// `unmap`: may deallocate (a hole); otherwise the range stays allocated.
+    WriteZeroes { off: u64, len: u64, unmap: bool },
+}
+
+/// A finished request. Reads return their data; writes return their buffer for reuse.
+pub struct Completion {
+    pub tag: u64,
+    pub result: io::Result<u32>,
+    pub buf: Option<AlignedBuf>,
+}
+
+struct Req {
+    tag: u64,
+    op: Op,
+    ext: Option<Extent>,
+    buf: Option<AlignedBuf>,
+    done: u32,
+}
+
+const SRC: u32 = 0;
+
+pub struct EngineQueue {
+    // The ring is dropped first: it waits out in-flight operations before buffers are freed.
+    ring: Ring,
+    engine: Arc<Engine>,
+    reqs: Vec<Option<Req>>,
+    gc: GroupCommit<usize>,
+    flush_seq: u64,
+    out: Vec<Completion>,
+    cqes: Vec<(u64, i32)>,
+}
+
+impl EngineQueue {
+    pub fn new(engine: Arc<Engine>, depth: u32) -> io::Result<Self> {
+        let ring = uring::new_ring((depth * 2 + 4).next_power_of_two())?;
+        ring.submitter().register_files(&[engine.source().fd()])?;
+        Ok(EngineQueue {
+            ring,
+            engine,
+            reqs: Vec::new(),
+            gc: GroupCommit::default(),
+            flush_seq: 0,
+            out: Vec::new(),
+            cqes: Vec::new(),
+        })
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.reqs.iter().filter(|r| r.is_some()).count()
+    }
+
+    /// Queues a request; its completion comes from [`Self::wait`].
+    pub fn submit(&mut self, tag: u64, op: Op) -> io::Result<()> {
+        let size = self.engine.size();
+        let range = match &op {
+            Op::Read { off, len } | Op::Write { off, len, .. } => Some((*off, *len as u64)),
+            Op::Discard { off, len } | Op::WriteZeroes { off, len, .. } => Some((*off, *len)),
+            Op::Flush => None,
+        };
+        if let Some((off, len)) = range {
+            if len == 0 || off.checked_add(len).is_none_or(|e| e > size) {
+                self.out.push(Completion { tag, result: Err(io::Error::from_raw_os_error(libc::EINVAL)), buf: None });
+                return Ok(());
+            }
+        }
+        let writes = matches!(op, Op::Write { .. } | Op::Discard { .. } | Op::WriteZeroes { .. });
+        let ext = if writes { range.map(|(o, l)| self.engine.extent(o, l)) } else { None };
+        let slot = match self.reqs.iter().position(|r| r.is_none()) {
+            Some(i) => i,
+            None => {
+                self.reqs.push(None);
+                self.reqs.len() - 1
+            }
+        };
+        self.reqs[slot] = Some(Req { tag, op, ext, buf: None, done: 0 });
+        let Some(ext) = ext else { return self.issue(slot) };
+        match self.engine.begin_write(ext) {
+            Intent::Ready => self.issue(slot),
+            Intent::Wait { seq } => {
+                if self.gc.wait(seq, slot) {
+                    self.start_bitmap_flush()?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn start_bitmap_flush(&mut self) -> io::Result<()> {
+        let seq = self.engine.bitmap_flush_start();
+        self.gc.started(seq);
+        self.flush_seq = seq;
+        let e = opcode::Fsync::new(types::Fd(self.engine.bitmap_fd()))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
+        push(&mut self.ring, e, Owner::Bitmap, 0)
+    }
+
+    fn issue(&mut self, slot: usize) -> io::Result<()> {
+        let Some(req) = self.reqs[slot].as_mut() else { return Ok(()) };
+        let f = types::Fixed(SRC);
+        let done = req.done;
+        let e = match &mut req.op {
+            Op::Read { off, len } => {
+                let buf = req.buf.get_or_insert_with(|| AlignedBuf::new(*len as usize));
+                // SAFETY: done < len <= buf.len(); the buffer lives in the request until its
+                // completion is handed out.
+                let p = unsafe { buf.as_mut_ptr().add(done as usize) };
+                opcode::Read::new(f, p, *len - done).offset(*off + done as u64).build()
+            }
+            Op::Write { off, data, len, fua } => {
+                // SAFETY: as for reads; `data` is owned by the request.
+                let p = unsafe { data.as_ptr().add(done as usize) };
+                let flags = if *fua { libc::RWF_DSYNC } else { 0 };
+                opcode::Write::new(f, p, *len - done).offset(*off + done as u64).rw_flags(flags).build()
+            }
+            Op::Flush => opcode::Fsync::new(f).flags(types::FsyncFlags::DATASYNC).build(),
+            Op::Discard { off, len } => opcode::Fallocate::new(f, *len)
+                .offset(*off)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+            Op::WriteZeroes { off, len, unmap } => {
+                let mode = if *unmap {
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                };
+                opcode::Fallocate::new(f, *len).offset(*off).mode(mode).build()
+            }
+        };
+        push(&mut self.ring, e, Owner::Front, slot as u64)
+    }
+
+    /// Waits until at least `min` completions are available (or `timeout` passes) and returns
+    /// all available ones.
+    pub fn wait(&mut self, min: usize, timeout: Duration) -> io::Result<Vec<Completion>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.out.len() >= min {
+                return Ok(std::mem::take(&mut self.out));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{} requests still in flight after {timeout:?}", self.in_flight()),
+                ));
+            }
+            let ts = types::Timespec::new().sec(left.as_secs()).nsec(left.subsec_nanos());
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+                Err(e) => return Err(e),
+            }
+            self.cqes.clear();
+            uring::reap(&mut self.ring, &mut self.cqes);
+            let cqes = std::mem::take(&mut self.cqes);
+            for &(ud, res) in &cqes {
+                self.dispatch(ud, res)?;
+            }
+            self.cqes = cqes;
+        }
+    }
+
+    /// Runs one request to completion.
+    pub fn execute(&mut self, op: Op) -> io::Result<(u32, Option<AlignedBuf>)> {
+        const TAG: u64 = u64::MAX;
+        self.submit(TAG, op)?;
+        let mut others = Vec::new();
+        let got = loop {
+            let mut got = None;
+            for c in self.wait(1, Duration::from_secs(60))? {
+                if c.tag == TAG {
+                    got = Some(c);
+                } else {
+                    others.push(c);
+                }
+            }
+            if let Some(c) = got {
+                break c;
+            }
+        };
+        self.out.extend(others);
+        got.result.map(|n| (n, got.buf))
+    }
+
+    fn dispatch(&mut self, ud: u64, res: i32) -> io::Result<()> {
+        match uring::decode(ud) {
+            (Some(Owner::Bitmap), _) => {
+                let ok = res >= 0;
+                self.engine.bitmap_flush_done(self.flush_seq, ok);
+                if !ok {
+                    log::error!(
+                        "bitmap fdatasync failed: {}; failing the writes that needed it",
+                        io::Error::from_raw_os_error(-res)
+                    );
+                }
+                let engine = self.engine.clone();
+                let step = self.gc.completed(ok, |s| engine.intent_durable(s));
+                for slot in step.ready {
+                    self.issue(slot)?;
+                }
+                for slot in step.failed {
+                    // Never issued to the source: the write intent could not be made durable.
+                    self.complete(slot, Err(io::Error::from_raw_os_error(libc::EIO)));
+                }
+                if step.start_flush {
+                    self.start_bitmap_flush()?;
+                }
+                Ok(())
+            }
+            (Some(Owner::Front), slot) => {
+                let slot = slot as usize;
+                let Some(req) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) else { return Ok(()) };
+                if res < 0 {
+                    self.complete(slot, Err(io::Error::from_raw_os_error(-res)));
+                    return Ok(());
+                }
+                let want = match &req.op {
+                    Op::Read { len, .. } | Op::Write { len, .. } => *len,
+                    _ => 0,
+                };
+                req.done += res as u32;
+                if want > 0 && req.done < want {
+                    if res == 0 {
+                        self.complete(slot, Err(io::Error::from_raw_os_error(libc::EIO)));
+                        return Ok(());
+                    }
+                    return self.issue(slot);
+                }
+                let n = req.done;
+                self.complete(slot, Ok(n));
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn complete(&mut self, slot: usize, result: io::Result<u32>) {
+        let Some(req) = self.reqs[slot].take() else { return };
+        if let Some(ext) = req.ext {
+            self.engine.end_write(ext);
+        }
+        let buf = match req.op {
+            Op::Write { data, .. } => Some(data),
+            _ => req.buf,
+        };
+        self.out.push(Completion { tag: req.tag, result, buf });
+    }
+}

@@ -1,0 +1,248 @@
+//! Offline commands: `sync` (bring a target in step with a source using a bitmap) and `verify`
+//! (compare them, and check the bitmap's claims).
+
+use crate::backing::{AlignedBuf, Backing, DirectMode};
+use crate::bitmap::{Bitmap, PairIdentity, DEFAULT_GRANULARITY};
+use crate::engine::{CopyConfig, Engine, OpenReport, PairOptions, Status};
+use crate::error::{Error, Result};
+use crate::mirror::{Hooks, Mirror, RunUntil};
+use crate::uring::{self, push, Owner};
+use io_uring::{opcode, types};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SyncReport {
+    pub open: OpenReport,
+    pub device_size: u64,
+    pub granularity: u64,
+    /// Bytes the bitmap said were dirty at the start.
+    pub dirty_bytes_at_start: u64,
+    pub bytes_copied: u64,
+    pub bytes_zeroed: u64,
+    pub seconds: f64,
+    pub mib_per_sec: f64,
+    pub interrupted: bool,
+}
+
+/// Brings the target in step with the source. On success the bitmap is clean and durable.
+pub fn sync(
+    pair: &PairOptions,
+    copy: &CopyConfig,
+    hooks: Hooks,
+    progress: Option<(&mut dyn FnMut(&Status), Duration)>,
+) -> Result<SyncReport> {
+    let (engine, mut target, open) = Engine::open(pair)?;
+    let engine = Arc::new(engine);
+    let gran = engine.granularity();
+    let dirty_bytes_at_start = (open.dirty_regions * gran).min(engine.size());
+    let mut mirror = Mirror::new(engine.clone(), &mut target, copy.clone())?;
+    mirror.set_hooks(hooks);
+    let report = match progress {
+        Some((f, every)) => {
+            let mut cb = |e: &Engine| f(&e.status());
+            mirror.run(RunUntil::Synced, Some((&mut cb, every)))?
+        }
+        None => mirror.run(RunUntil::Synced, None)?,
+    };
+    drop(mirror);
+    if !report.interrupted {
+        engine.sync_bitmap()?;
+        engine.close()?;
+    }
+    let secs = report.elapsed.as_secs_f64().max(1e-9);
+    Ok(SyncReport {
+        open,
+        device_size: engine.size(),
+        granularity: gran,
+        dirty_bytes_at_start,
+        bytes_copied: report.bytes_copied,
+        bytes_zeroed: report.bytes_zeroed,
+        seconds: secs,
+        mib_per_sec: report.bytes_copied as f64 / secs / (1 << 20) as f64,
+        interrupted: report.interrupted,
+    })
+}
+
+#[derive(Clone, Debug)]
+pub struct VerifyOptions {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub bitmap: Option<PathBuf>,
+    /// Region size for the report when there is no bitmap.
+    pub granularity: Option<u64>,
+    pub direct: DirectMode,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct VerifyReport {
+    pub device_size: u64,
+    pub granularity: u64,
+    pub bytes_compared: u64,
+    /// Runs of differing regions: (first region, count).
+    pub differing: Vec<(u64, u64)>,
+    /// Runs of differing regions whose bitmap bit is clear: the bitmap claimed these were in
+    /// sync. Always empty without a bitmap.
+    pub differing_clean: Vec<(u64, u64)>,
+    pub bitmap_dirty_regions: u64,
+}
+
+impl VerifyReport {
+    pub fn identical(&self) -> bool {
+        self.differing.is_empty()
+    }
+    pub fn differing_regions(&self) -> u64 {
+        self.differing.iter().map(|r| r.1).sum()
+    }
+    pub fn differing_clean_regions(&self) -> u64 {
+        self.differing_clean.iter().map(|r| r.1).sum()
+    }
+}
+
+fn push_run(runs: &mut Vec<(u64, u64)>, r: u64) {
+    match runs.last_mut() {
+        Some((s, n)) if *s + *n == r => *n += 1,
+        _ => runs.push((r, 1)),
+    }
+}
+
+/// Compares source and target region by region, reading both through io_uring.
+pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
+    let source = Backing::open(&opts.source, "source", false, opts.direct)?;
+    let target = Backing::open(&opts.target, "target", false, opts.direct)?;
+    let size = source.size;
+    if target.size < size {
+        return Err(Error::config(format!(
+            "target {} is smaller than the source ({} < {size} bytes): they cannot be identical",
+            opts.target.display(),
+            target.size
+        )));
+    }
+    let (granularity, bits) = match &opts.bitmap {
+        Some(p) => {
+            let (h, runs) = Bitmap::inspect(p)?;
+            let pair = PairIdentity {
+                source: source.identity.0.clone(),
+                source_fingerprint: source.identity.1,
+                target: target.identity.0.clone(),
+                target_fingerprint: target.identity.1,
+            };
+            if h.pair != pair || h.device_size != size {
+                return Err(Error::Bitmap {
+                    path: p.clone(),
+                    problem: crate::error::BitmapProblem::WrongPair {
+                        role: "pair",
+                        recorded: format!("{} -> {}", h.pair.source, h.pair.target),
+                        given: format!("{} -> {}", pair.source, pair.target),
+                    },
+                    what: format!(
+                        "it belongs to {} -> {} ({} bytes), not to this pair",
+                        h.pair.source, h.pair.target, h.device_size
+                    ),
+                    fix: "give this pair's bitmap, or verify without --bitmap".into(),
+                });
+            }
+            let mut set = vec![false; h.nregions as usize];
+            for (s, n) in runs {
+                for r in s..s + n {
+                    set[r as usize] = true;
+                }
+            }
+            (h.granularity, Some(set))
+        }
+        None => {
+            let g = opts.granularity.unwrap_or(DEFAULT_GRANULARITY);
+            crate::bitmap::check_granularity(g)?;
+            (g, None)
+        }
+    };
+    let chunk = granularity.max(1 << 20) as usize;
+    const DEPTH: usize = 4;
+    let mut ring = uring::new_ring(16).map_err(|e| Error::io("io_uring setup", e))?;
+    let mut bufs: Vec<(AlignedBuf, AlignedBuf)> =
+        (0..DEPTH).map(|_| (AlignedBuf::new(chunk), AlignedBuf::new(chunk))).collect();
+    // Per slot: offset, length, and how many of the two reads are still pending.
+    let mut slots: Vec<Option<(u64, usize, u8)>> = vec![None; DEPTH];
+    let mut next = 0u64;
+    let mut report = VerifyReport {
+        device_size: size,
+        granularity,
+        bitmap_dirty_regions: bits.as_ref().map(|b| b.iter().filter(|x| **x).count() as u64).unwrap_or(0),
+        ..Default::default()
+    };
+    let mut ready: Vec<(u64, usize, usize)> = Vec::new();
+    let mut cqes = Vec::new();
+    loop {
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if slot.is_some() || next >= size {
+                continue;
+            }
+            let len = ((size - next) as usize).min(chunk);
+            let (a, b) = &mut bufs[i];
+            let ra = opcode::Read::new(types::Fd(source.fd()), a.as_mut_ptr(), len as u32).offset(next).build();
+            let rb = opcode::Read::new(types::Fd(target.fd()), b.as_mut_ptr(), len as u32).offset(next).build();
+            push(&mut ring, ra, Owner::Source, i as u64).map_err(|e| Error::io("submit read", e))?;
+            push(&mut ring, rb, Owner::Target, i as u64).map_err(|e| Error::io("submit read", e))?;
+            *slot = Some((next, len, 2));
+            next += len as u64;
+        }
+        if slots.iter().all(|s| s.is_none()) {
+            break;
+        }
+        uring::submit_and_wait(&mut ring, 1).map_err(|e| Error::io("verify reads", e))?;
+        cqes.clear();
+        uring::reap(&mut ring, &mut cqes);
+        for &(ud, res) in &cqes {
+            let (owner, i) = uring::decode(ud);
+            let i = i as usize;
+            let Some((off, len, pending)) = slots[i].as_mut() else { continue };
+            let who = if owner == Some(Owner::Source) { &opts.source } else { &opts.target };
+            if res < 0 || (res as usize) < *len {
+                let e = if res < 0 {
+                    std::io::Error::from_raw_os_error(-res)
+                } else {
+                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short read")
+                };
+                return Err(Error::io(format!("reading {} at byte {off}", who.display()), e));
+            }
+            *pending -= 1;
+            if *pending == 0 {
+                ready.push((*off, *len, i));
+            }
+        }
+        ready.sort_unstable();
+        for (off, len, i) in ready.drain(..) {
+            let (a, b) = &bufs[i];
+            let mut pos = 0usize;
+            while pos < len {
+                let end = (pos + granularity as usize).min(len);
+                if a[pos..end] != b[pos..end] {
+                    let r = (off + pos as u64) / granularity;
+                    push_run(&mut report.differing, r);
+                    if let Some(bits) = &bits {
+                        if !bits[r as usize] {
+                            push_run(&mut report.differing_clean, r);
+                        }
+                    }
+                }
+                pos = end;
+            }
+            report.bytes_compared += len as u64;
+            slots[i] = None;
+        }
+    }
+    // Runs were pushed in completion order; merge them into order.
+    for runs in [&mut report.differing, &mut report.differing_clean] {
+        runs.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for &(s, n) in runs.iter() {
+            match merged.last_mut() {
+                Some((ms, mn)) if *ms + *mn == s => *mn += n,
+                _ => merged.push((s, n)),
+            }
+        }
+        *runs = merged;
+    }
+    Ok(report)
+}

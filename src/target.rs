@@ -1,0 +1,232 @@
+//! The mirror's view of a target: operations submitted on the mirror's io_uring and completed
+//! later, identified by a token. A file or block device needs one SQE per operation; a network
+//! target (NBD) implements the same trait with its own request/reply state machine on the same
+//! ring, and the mirror logic does not change.
+
+use crate::backing::{Backing, Kind};
+use crate::uring::{push, Owner, Ring};
+use io_uring::{opcode, types};
+use std::io;
+
+/// One operation on the target. Buffers are owned by the mirror and stay valid and untouched
+/// until the operation's completion is delivered.
+#[derive(Clone, Copy, Debug)]
+pub enum TargetOp {
+    Write { off: u64, buf: *const u8, len: u32 },
+    /// Make `[off, off+len)` read as zeroes, deallocating if possible (a source hole).
+    Zero { off: u64, len: u64 },
+    /// Make every completed write durable.
+    Flush,
+    Read { off: u64, buf: *mut u8, len: u32 },
+}
+
+/// A completion: the token given at submission and the result (bytes for reads and writes).
+pub type TargetDone = (u64, io::Result<u32>);
+
+pub trait Target {
+    fn size(&self) -> u64;
+    fn describe(&self) -> String;
+    /// Alignment that offsets and lengths of reads and writes must respect.
+    fn block_size(&self) -> u32;
+    /// Submit `op`. Its completion is later returned by [`Target::complete`] with `token`.
+    fn submit(&mut self, ring: &mut Ring, op: TargetOp, token: u64) -> io::Result<()>;
+    /// Handle one CQE addressed to the target ([`Owner::Target`]); push finished operations.
+    fn complete(&mut self, ring: &mut Ring, sub: u64, res: i32, done: &mut Vec<TargetDone>);
+    /// True if someone else observes the target's flushes as consistent images (a replication
+    /// server snapshotting on flush): then the mirror flushes only at consistent points and
+    /// makes no checkpoint flushes in between.
+    fn flush_publishes(&self) -> bool {
+        false
+    }
+}
+
+/// A regular file or block device, through io_uring.
+pub struct FileTarget {
+    backing: Backing,
+    fixed: Option<u32>,
+    /// For zeroing where fallocate is refused: a shared zero buffer and the pending zero writes.
+    zero: crate::backing::AlignedBuf,
+    zero_jobs: Vec<Option<ZeroJob>>,
+    /// Fallocate punch-hole is refused here; zero by writing.
+    no_punch: bool,
+}
+
+struct ZeroJob {
+    token: u64,
+    pos: u64,
+    end: u64,
+}
+
+const ZERO_CHUNK: usize = 1 << 20;
+
+impl FileTarget {
+    pub fn new(backing: Backing) -> Self {
+        FileTarget {
+            backing,
+            fixed: None,
+            zero: crate::backing::AlignedBuf::new(ZERO_CHUNK),
+            zero_jobs: Vec::new(),
+            no_punch: false,
+        }
+    }
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+    /// Use fixed-file slot `slot` (registered on the ring by the caller) instead of the raw fd.
+    pub fn use_fixed(&mut self, slot: u32) {
+        self.fixed = Some(slot);
+    }
+
+    fn fd_entry<F: FnOnce(types::Fixed) -> io_uring::squeue::Entry, G: FnOnce(types::Fd) -> io_uring::squeue::Entry>(
+        &self,
+        fixed: F,
+        raw: G,
+    ) -> io_uring::squeue::Entry {
+        match self.fixed {
+            Some(s) => fixed(types::Fixed(s)),
+            None => raw(types::Fd(self.backing.fd())),
+        }
+    }
+
+    fn submit_zero_write(&mut self, ring: &mut Ring, idx: usize) -> io::Result<()> {
+        let Some(job) = self.zero_jobs[idx].as_ref() else { return Ok(()) };
+        let len = (job.end - job.pos).min(ZERO_CHUNK as u64) as u32;
+        let off = job.pos;
+        let ptr = self.zero.as_ptr();
+        let e = self.fd_entry(
+            |f| opcode::Write::new(f, ptr, len).offset(off).build(),
+            |f| opcode::Write::new(f, ptr, len).offset(off).build(),
+        );
+        push(ring, e, Owner::Target, (1 << 40) | idx as u64)
+    }
+}
+
+const SUB_PUNCH: u64 = 2 << 40;
+
+impl Target for FileTarget {
+    fn size(&self) -> u64 {
+        self.backing.size
+    }
+    fn describe(&self) -> String {
+        self.backing.path.display().to_string()
+    }
+    fn block_size(&self) -> u32 {
+        self.backing.logical_block
+    }
+
+    fn submit(&mut self, ring: &mut Ring, op: TargetOp, token: u64) -> io::Result<()> {
+        // Tokens are small (job slots); the top bits of `sub` say what kind of entry this is.
+        debug_assert!(token < (1 << 40));
+        let e = match op {
+            TargetOp::Write { off, buf, len } => self.fd_entry(
+                |f| opcode::Write::new(f, buf, len).offset(off).build(),
+                |f| opcode::Write::new(f, buf, len).offset(off).build(),
+            ),
+            TargetOp::Read { off, buf, len } => self.fd_entry(
+                |f| opcode::Read::new(f, buf, len).offset(off).build(),
+                |f| opcode::Read::new(f, buf, len).offset(off).build(),
+            ),
+            TargetOp::Flush => self.fd_entry(
+                |f| opcode::Fsync::new(f).flags(types::FsyncFlags::DATASYNC).build(),
+                |f| opcode::Fsync::new(f).flags(types::FsyncFlags::DATASYNC).build(),
+            ),
+            TargetOp::Zero { off, len } => {
+                if self.no_punch {
+                    return self.start_zero_writes(ring, token, off, len);
+                }
+                // On a file: deallocate (the target stays sparse). On a block device the
+                // kernel turns punch-hole into a zero-out that may unmap.
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                let e = self.fd_entry(
+                    |f| opcode::Fallocate::new(f, len).offset(off).mode(mode).build(),
+                    |f| opcode::Fallocate::new(f, len).offset(off).mode(mode).build(),
+                );
+                let idx = self.slot_for(ZeroJob { token, pos: off, end: off + len });
+                return push(ring, e, Owner::Target, SUB_PUNCH | idx as u64);
+            }
+        };
+        push(ring, e, Owner::Target, token)
+    }
+
+    fn complete(&mut self, ring: &mut Ring, sub: u64, res: i32, done: &mut Vec<TargetDone>) {
+        let kind = sub >> 40;
+        let idx = (sub & ((1 << 40) - 1)) as usize;
+        match kind {
+            0 => done.push((sub, result(res))),
+            // A punch-hole: refused (no fallocate support here) -> fall back to writing zeroes.
+            2 => {
+                if res == -libc::EOPNOTSUPP || res == -libc::EINVAL {
+                    if !self.no_punch {
+                        log::info!("target {}: punching holes is not supported; writing zeroes instead", self.describe());
+                    }
+                    self.no_punch = true;
+                    if let Err(e) = self.submit_zero_write(ring, idx) {
+                        self.finish_zero(idx, Err(e), done);
+                    }
+                } else {
+                    self.finish_zero(idx, result(res).map(|_| 0), done);
+                }
+            }
+            1 => {
+                let r = result(res);
+                let advance = match (&r, self.zero_jobs.get_mut(idx).and_then(|j| j.as_mut())) {
+                    (Ok(n), Some(job)) if *n > 0 => {
+                        job.pos += *n as u64;
+                        job.pos < job.end
+                    }
+                    _ => false,
+                };
+                if advance {
+                    if let Err(e) = self.submit_zero_write(ring, idx) {
+                        self.finish_zero(idx, Err(e), done);
+                    }
+                } else {
+                    let r = match r {
+                        Ok(0) => Err(io::Error::new(io::ErrorKind::WriteZero, "target write returned 0")),
+                        r => r.map(|_| 0),
+                    };
+                    self.finish_zero(idx, r, done);
+                }
+            }
+            _ => debug_assert!(false, "unknown target completion kind {kind}"),
+        }
+    }
+}
+
+impl FileTarget {
+    fn slot_for(&mut self, job: ZeroJob) -> usize {
+        if let Some(i) = self.zero_jobs.iter().position(|j| j.is_none()) {
+            self.zero_jobs[i] = Some(job);
+            i
+        } else {
+            self.zero_jobs.push(Some(job));
+            self.zero_jobs.len() - 1
+        }
+    }
+    fn start_zero_writes(&mut self, ring: &mut Ring, token: u64, off: u64, len: u64) -> io::Result<()> {
+        let idx = self.slot_for(ZeroJob { token, pos: off, end: off + len });
+        self.submit_zero_write(ring, idx)
+    }
+    fn finish_zero(&mut self, idx: usize, r: io::Result<u32>, done: &mut Vec<TargetDone>) {
+        if let Some(job) = self.zero_jobs.get_mut(idx).and_then(|j| j.take()) {
+            done.push((job.token, r));
+        }
+    }
+}
+
+fn result(res: i32) -> io::Result<u32> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(res as u32)
+    }
+}
+
+/// Opens a target path: a file or block device. (Network targets join here.)
+pub fn open_target(path: &std::path::Path, direct: crate::backing::DirectMode) -> crate::Result<FileTarget> {
+    let b = Backing::open(path, "target", true, direct)?;
+    if b.kind == Kind::BlockDevice {
+        log::debug!("target {} is a block device ({} bytes)", path.display(), b.size);
+    }
+    Ok(FileTarget::new(b))
+}

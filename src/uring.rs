@@ -1,0 +1,78 @@
+//! Small helpers over io_uring shared by the mirror loop, the engine's queues and the tools.
+
+use io_uring::{squeue, IoUring};
+use std::io;
+
+pub type Ring = IoUring<squeue::Entry, io_uring::cqueue::Entry>;
+
+/// Who a completion belongs to: the top 4 bits of `user_data`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Owner {
+    Source = 1,
+    Target = 2,
+    Bitmap = 3,
+    Wake = 4,
+    Front = 5,
+}
+
+const SHIFT: u32 = 60;
+const SUB_MASK: u64 = (1 << SHIFT) - 1;
+
+pub fn encode(owner: Owner, sub: u64) -> u64 {
+    debug_assert!(sub <= SUB_MASK);
+    ((owner as u64) << SHIFT) | sub
+}
+
+pub fn decode(user_data: u64) -> (Option<Owner>, u64) {
+    let owner = match user_data >> SHIFT {
+        1 => Some(Owner::Source),
+        2 => Some(Owner::Target),
+        3 => Some(Owner::Bitmap),
+        4 => Some(Owner::Wake),
+        5 => Some(Owner::Front),
+        _ => None,
+    };
+    (owner, user_data & SUB_MASK)
+}
+
+/// Queues `entry`, submitting first if the submission queue is full.
+pub fn push(ring: &mut Ring, entry: squeue::Entry, owner: Owner, sub: u64) -> io::Result<()> {
+    let entry = entry.user_data(encode(owner, sub));
+    loop {
+        // SAFETY: every buffer and fd an entry refers to is owned by the caller's job state and
+        // kept alive and unmoved until that entry's completion is reaped (the invariant of every
+        // submitter in this crate: a slot is freed only in its completion handler).
+        let pushed = unsafe { ring.submission().push(&entry) };
+        if pushed.is_ok() {
+            return Ok(());
+        }
+        ring.submit()?;
+    }
+}
+
+/// Submits and waits for at least `want` completions, retrying on EINTR.
+pub fn submit_and_wait(ring: &mut Ring, want: usize) -> io::Result<()> {
+    loop {
+        match ring.submit_and_wait(want) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                // Completion queue overflow pressure: the caller reaps and retries.
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Takes all available completions as (user_data, result) pairs.
+pub fn reap(ring: &mut Ring, out: &mut Vec<(u64, i32)>) {
+    for cqe in ring.completion() {
+        out.push((cqe.user_data(), cqe.result()));
+    }
+}
+
+pub fn new_ring(entries: u32) -> io::Result<Ring> {
+    IoUring::builder().build(entries)
+}

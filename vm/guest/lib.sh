@@ -1,0 +1,102 @@
+# shellcheck shell=sh
+# Helpers for guest scripts (busybox ash). vm/run.sh puts this file at /vm/lib.sh in every run:
+#
+#   . /vm/lib.sh
+#
+# Every wait in a guest test must be bounded: a stuck ublk server or a DEL_DEV waiting for one
+# hangs forever otherwise, and the only way out is the host-side timeout, which costs minutes.
+
+# Guest uptime in seconds (two decimals), from /proc/uptime.
+vm_uptime() { read -r _u _ < /proc/uptime; echo "$_u"; }
+# Guest uptime in milliseconds, for measuring durations inside a test.
+now_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
+
+# step MSG: log a test step with the guest uptime, so slow steps stand out in the console log.
+step() { echo "=== [$(vm_uptime)s] $*"; }
+log() { echo "    [$(vm_uptime)s] $*"; }
+
+# fail MSG: print MSG and the end of the kernel log (the reason is often there), then exit 1.
+fail() {
+    echo "FAIL: $*" >&2
+    echo "--- last kernel messages:" >&2
+    dmesg 2>/dev/null | tail -n 15 >&2
+    exit 1
+}
+
+# wait_for TIMEOUT_S DESCRIPTION COMMAND...: run COMMAND every 0.1 s until it succeeds;
+# after TIMEOUT_S seconds fail with DESCRIPTION. Time is taken from the uptime clock, not from a
+# count of tries, because under TCG one try of COMMAND can take long.
+#   wait_for 10 "/dev/ublkb0 to appear" test -b /dev/ublkb0
+# Use it in a subshell, ( wait_for ... ) || ..., to handle the timeout instead of failing.
+wait_for() {
+    _wf_t=$1 _wf_what=$2
+    shift 2
+    _wf_start=$(now_ms)
+    while ! "$@" >/dev/null 2>&1; do
+        if [ $(( $(now_ms) - _wf_start )) -ge $(( _wf_t * 1000 )) ]; then
+            fail "timed out after ${_wf_t}s waiting for $_wf_what"
+        fi
+        usleep 100000
+    done
+    log "waited $(( $(now_ms) - _wf_start )) ms for $_wf_what"
+}
+
+# run_timeout S CMD...: run CMD, killed (TERM, KILL 5 s later) after S seconds. Returns CMD's
+# status; on timeout prints a TIMEOUT line and returns 124. busybox timeout execs CMD in place,
+# so a killed CMD shows up as 143/137: that is what is translated here.
+run_timeout() {
+    _rt_t=$1
+    shift
+    timeout -k 5 "$_rt_t" "$@"
+    _rt_rc=$?
+    if [ "$_rt_rc" = 143 ] || [ "$_rt_rc" = 137 ]; then
+        echo "TIMEOUT: '$*' did not finish within ${_rt_t}s" >&2
+        return 124
+    fi
+    return "$_rt_rc"
+}
+
+# kill_leftover_daemons PATTERN: kill every process whose command line matches PATTERN (an
+# extended regex), TERM first, KILL after 3 s. A half-started ublk server still holding
+# /dev/ublkcN makes DEL_DEV hang forever, so tests call this before deleting devices and at exit.
+kill_leftover_daemons() {
+    _kd_pids=$(_kd_match "$1")
+    [ -n "$_kd_pids" ] || return 0
+    log "killing leftover processes matching '$1': $_kd_pids"
+    # shellcheck disable=SC2086 # a list of pids
+    kill -TERM $_kd_pids 2>/dev/null
+    _kd_i=0
+    while [ $_kd_i -lt 30 ]; do
+        [ -n "$(_kd_match "$1")" ] || return 0
+        usleep 100000
+        _kd_i=$((_kd_i + 1))
+    done
+    _kd_pids=$(_kd_match "$1")
+    [ -n "$_kd_pids" ] || return 0
+    log "still alive after TERM, sending KILL: $_kd_pids"
+    # shellcheck disable=SC2086
+    kill -KILL $_kd_pids 2>/dev/null
+    usleep 200000
+    return 0
+}
+# Pids whose /proc/PID/cmdline matches, except init and copies of this script (the script and
+# the subshells it forks, such as the one running this function, share its command line).
+# Processes started during the scan (tr, grep) are not in the list /proc was globbed into.
+_kd_match() {
+    _kd_self=$(tr '\0' ' ' < /proc/$$/cmdline 2>/dev/null)
+    for _kd_d in /proc/[0-9]*; do
+        _kd_p=${_kd_d#/proc/}
+        [ "$_kd_p" = 1 ] && continue
+        _kd_c=$(tr '\0' ' ' < "$_kd_d/cmdline" 2>/dev/null) || continue
+        # kernel threads have an empty command line
+        [ -n "$_kd_c" ] && [ "$_kd_c" != "$_kd_self" ] || continue
+        echo "$_kd_c" | grep -qE -- "$1" && printf '%s ' "$_kd_p"
+    done
+    return 0
+}
+
+# disk_dev NAME: the /dev/vdX of the disk attached with run.sh -d NAME=...
+disk_dev() {
+    [ -e "/dev/disk/by-serial/$1" ] || fail "no disk with serial '$1' (attached with run.sh -d $1=...?)"
+    readlink -f "/dev/disk/by-serial/$1"
+}
