@@ -74,21 +74,13 @@ impl Backing {
             }
             o.open(path)
         };
-        let (file, direct_on) = match direct {
-            DirectMode::Never => (open(false), false),
-            DirectMode::Always => (open(true), true),
-            DirectMode::Auto => match open(true) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    log::warn!(
-                        "{role} {}: the filesystem refuses O_DIRECT (tmpfs does); using buffered \
-                         I/O (flushes still make data durable). Pass --direct never to silence this.",
-                        path.display()
-                    );
-                    (open(false), false)
-                }
-                r => (r, true),
-            },
-        };
+        let (file, direct_on) = open_direct(direct, open, || {
+            log::warn!(
+                "{role} {}: the filesystem refuses O_DIRECT; using buffered I/O (flushes still \
+                 make data durable). Pass --direct never to silence this.",
+                path.display()
+            )
+        });
         let file = file.map_err(|e| match e.raw_os_error() {
             Some(libc::EINVAL) if direct_on => fail(
                 "cannot open with O_DIRECT",
@@ -174,6 +166,54 @@ impl Backing {
         let hole = unsafe { libc::lseek(self.fd(), data as i64, libc::SEEK_HOLE) };
         let hole = if hole < 0 { end } else { (hole as u64).min(end) };
         Ok(Some((data, hole)))
+    }
+}
+
+/// Applies `mode` with `open(odirect)`: returns the file and whether O_DIRECT is on. In `Auto`,
+/// a filesystem that refuses O_DIRECT (EINVAL at open) gets buffered I/O and `warn` is called.
+fn open_direct(
+    mode: DirectMode,
+    open: impl Fn(bool) -> std::io::Result<File>,
+    warn: impl FnOnce(),
+) -> (std::io::Result<File>, bool) {
+    match mode {
+        DirectMode::Never => (open(false), false),
+        DirectMode::Always => (open(true), true),
+        DirectMode::Auto => match open(true) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                warn();
+                (open(false), false)
+            }
+            r => (r, true),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusing(odirect: bool) -> std::io::Result<File> {
+        if odirect {
+            Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+        } else {
+            File::open("/dev/null")
+        }
+    }
+
+    #[test]
+    fn auto_falls_back_where_o_direct_is_refused() {
+        let mut warned = false;
+        let (f, direct) = open_direct(DirectMode::Auto, refusing, || warned = true);
+        assert!(f.is_ok() && !direct && warned);
+        let (f, direct) = open_direct(DirectMode::Always, refusing, || panic!("no warning"));
+        assert_eq!(f.unwrap_err().raw_os_error(), Some(libc::EINVAL));
+        assert!(direct, "the error is reported as an O_DIRECT refusal");
+        let (f, direct) = open_direct(DirectMode::Never, refusing, || panic!("no warning"));
+        assert!(f.is_ok() && !direct);
+        // Other errors are not mistaken for a refusal.
+        let (f, _) = open_direct(DirectMode::Auto, |_| Err(std::io::Error::from_raw_os_error(libc::ENOENT)), || panic!());
+        assert_eq!(f.unwrap_err().raw_os_error(), Some(libc::ENOENT));
     }
 }
 

@@ -580,7 +580,16 @@ pub fn identity_of(path: &Path, meta: &std::fs::Metadata) -> (String, u64) {
 
 /// Takes an exclusive, non-blocking flock on `file` (held until the file is closed). False if
 /// another open file description holds a lock.
+///
+/// A process that just died may hold the lock for a moment more (the kernel tears down its
+/// io_uring asynchronously, with file references in it), so this retries for up to a second.
 pub(crate) fn try_lock_exclusive(file: &File) -> bool {
-    // SAFETY: flock on a valid open fd; no memory is passed.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    for _ in 0..20 {
+        // SAFETY: flock on a valid open fd; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
 }

@@ -728,7 +728,8 @@ mod tests {
         let mut s = state(16);
         for r in [3, 4, 5, 9, 10] {
             s.begin_write(ext(r, 1));
-            s.bitmap_flush_done(s.bitmap_flush_started(), true);
+            let f = s.bitmap_flush_started();
+            s.bitmap_flush_done(f, true);
             s.end_write(ext(r, 1));
         }
         assert_eq!(s.next_copy(2), Some(ext(3, 2)));

@@ -94,6 +94,8 @@ pub struct Mirror<'t> {
     done: Vec<TargetDone>,
     /// Offline run: the first error ends it instead of being retried.
     offline: bool,
+    /// Dropping: operations in flight complete, jobs end there (their regions stay dirty).
+    draining: bool,
 }
 
 impl<'t> Mirror<'t> {
@@ -133,6 +135,7 @@ impl<'t> Mirror<'t> {
             hooks: Hooks::default(),
             done: Vec::new(),
             offline: false,
+            draining: false,
         }
     }
 
@@ -404,6 +407,9 @@ impl<'t> Mirror<'t> {
     }
 
     fn on_source(&mut self, slot: usize, res: i32) -> Result<()> {
+        if self.draining {
+            return self.finish(slot, false);
+        }
         let Some(job) = self.jobs[slot].as_mut() else { return Ok(()) };
         if res <= 0 {
             let e = if res == 0 {
@@ -431,6 +437,9 @@ impl<'t> Mirror<'t> {
             return self.on_target_flush(r);
         }
         let slot = token as usize;
+        if self.draining {
+            return self.finish(slot, false);
+        }
         let Some(job) = self.jobs[slot].as_mut() else { return Ok(()) };
         match (job.phase, r) {
             (Phase::Zero, Ok(_)) => {
@@ -542,3 +551,31 @@ impl<'t> Mirror<'t> {
 }
 
 const FLUSH_TOKEN: u64 = (1 << 40) - 1;
+
+impl Drop for Mirror<'_> {
+    /// Waits for the operations in flight, so that nothing the kernel still holds (buffers,
+    /// file references keeping the bitmap's lock) outlives the loop. Jobs cut short leave their
+    /// regions dirty, as a crash would.
+    fn drop(&mut self) {
+        self.draining = true;
+        if self.wake_posted {
+            self.engine.wake();
+        }
+        let t0 = Instant::now();
+        let mut cqes = Vec::new();
+        while self.running > 0 || self.target_flush.is_some() || self.bitmap_flush.is_some() || self.wake_posted {
+            if t0.elapsed() > Duration::from_secs(30) {
+                log::error!("mirror: operations still in flight after 30 s at shutdown");
+                break;
+            }
+            if self.wait(Some(Duration::from_millis(100))).is_err() {
+                break;
+            }
+            cqes.clear();
+            uring::reap(&mut self.ring, &mut cqes);
+            for &(ud, res) in &cqes {
+                let _ = self.dispatch(ud, res);
+            }
+        }
+    }
+}

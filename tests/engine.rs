@@ -1,0 +1,273 @@
+//! The engine on real files through io_uring: live writes while the mirror runs, the
+//! write-during-copy case, interrupted and resumed syncs, sparse files.
+
+mod common;
+use common::*;
+use rand::{Rng, SeedableRng};
+use std::sync::Arc;
+use std::time::Duration;
+use ublk_mirror::backing::{AlignedBuf, DirectMode};
+use ublk_mirror::bitmap::Bitmap;
+use ublk_mirror::engine::{CopyConfig, Engine, SyncMode};
+use ublk_mirror::mirror::{Hooks, Mirror, RunUntil};
+use ublk_mirror::queue::{EngineQueue, Op};
+use ublk_mirror::sync::{self, VerifyOptions};
+
+const MIB: u64 = 1 << 20;
+
+fn verify_opts(f: &Files) -> VerifyOptions {
+    VerifyOptions {
+        source: f.source.clone(),
+        target: f.target.clone(),
+        bitmap: Some(f.bitmap.clone()),
+        granularity: None,
+        direct: DirectMode::Auto,
+    }
+}
+
+/// Several writer threads, each a queue with many requests in flight, issue random writes,
+/// FUA writes, discards, write-zeroes and flushes while the mirror copies; reads are checked
+/// against what the queue itself last wrote. After the writers stop, the mirror converges and
+/// source, target and `verify` agree.
+#[test]
+fn random_concurrent_io_while_mirroring_converges() {
+    const SIZE: u64 = 32 * MIB;
+    let f = files(SIZE);
+    fill_random(&f.source, 0, (8 * MIB) as usize, 1);
+    let (engine, mut target, open) = Engine::open(&f.pair(None, Some(16 << 10))).expect("open");
+    assert_eq!(open.mode, SyncMode::Full);
+    let engine = Arc::new(engine);
+    let cfg = CopyConfig { max_copies: 8, buf_size: 256 << 10, ..Default::default() };
+    let mirror_engine = engine.clone();
+    let mirror = std::thread::spawn(move || {
+        let mut m = Mirror::new(mirror_engine, &mut target, cfg).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("mirror run")
+    });
+
+    const WRITERS: u64 = 3;
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(100 + w);
+                let mut q = EngineQueue::new(engine, 16).expect("queue");
+                // Each writer owns an interleaved stripe of 1 MiB slices, so the data a read
+                // sees is determined by this writer alone.
+                let slices: Vec<u64> = (0..SIZE / MIB).filter(|s| s % WRITERS == w).collect();
+                // Expected content of each 4 KiB block this writer touched.
+                let mut model: std::collections::BTreeMap<u64, Vec<u8>> = Default::default();
+                let mut ops = 0u64;
+                let mut flushes = 0u64;
+                for round in 0..60 {
+                    // A burst of concurrent requests to distinct 4 KiB blocks of this stripe.
+                    let mut used = std::collections::HashSet::new();
+                    for tag in 0..12u64 {
+                        let slice = slices[rng.gen_range(0..slices.len())];
+                        let blk = slice * MIB / 4096 + rng.gen_range(0..(MIB / 4096) - 4);
+                        if !used.insert(blk) || !used.insert(blk + 1) {
+                            continue;
+                        }
+                        let off = blk * 4096;
+                        let kind = rng.gen_range(0..10);
+                        let op = match kind {
+                            0 => Op::Discard { off, len: 8192 },
+                            1 => Op::WriteZeroes { off, len: 8192, unmap: rng.gen() },
+                            _ => {
+                                let mut data = AlignedBuf::new(8192);
+                                rng.fill(&mut data[..]);
+                                Op::Write { off, data, len: 8192, fua: kind == 2 }
+                            }
+                        };
+                        let expect = match &op {
+                            Op::Write { data, .. } => data.to_vec(),
+                            _ => vec![0u8; 8192],
+                        };
+                        model.insert(blk, expect[..4096].to_vec());
+                        model.insert(blk + 1, expect[4096..].to_vec());
+                        q.submit(tag, op).expect("submit");
+                        ops += 1;
+                    }
+                    let n = q.in_flight();
+                    for c in q.wait(n, Duration::from_secs(30)).expect("completions") {
+                        c.result.expect("request failed");
+                    }
+                    if round % 10 == 9 {
+                        q.execute(Op::Flush).expect("flush");
+                        flushes += 1;
+                    }
+                    // Read back a few blocks written so far.
+                    for _ in 0..4 {
+                        let k = rng.gen_range(0..model.len());
+                        let (blk, want) = model.iter().nth(k).expect("model entry");
+                        let (n, buf) = q.execute(Op::Read { off: blk * 4096, len: 4096 }).expect("read");
+                        assert_eq!(n, 4096);
+                        let got = buf.expect("read buffer");
+                        assert!(got[..4096] == want[..], "read-back of block {blk} differs");
+                    }
+                }
+                (ops, flushes)
+            })
+        })
+        .collect();
+    let mut total_ops = 0;
+    for w in writers {
+        let (ops, flushes) = w.join().expect("writer panicked");
+        assert!(flushes > 0);
+        total_ops += ops;
+    }
+    assert!(total_ops > 1000, "only {total_ops} requests were issued");
+    wait_for("the mirror to reach a consistent point", Duration::from_secs(60), || {
+        engine.status().state == "synced"
+    });
+    let st = engine.status();
+    assert!(st.consistent_points >= 1);
+    assert_eq!(st.dirty_bytes, 0);
+    assert!(st.bitmap_flushes > 0, "first writes must have flushed the bitmap");
+    engine.request_stop();
+    mirror.join().expect("mirror thread");
+    engine.close().expect("close");
+    drop(engine);
+
+    let (s, t) = (read_all(&f.source), read_all(&f.target));
+    assert_eq!(first_difference(&s, &t), None, "target differs from source");
+    let v = sync::verify(&verify_opts(&f)).expect("verify");
+    assert!(v.identical() && v.differing_clean.is_empty());
+    let (h, runs) = Bitmap::inspect(&f.bitmap).expect("bitmap");
+    assert!(runs.is_empty(), "every bit is clear after convergence, found {runs:?}");
+    assert_eq!(h.state, ublk_mirror::bitmap::BitmapState::Clean);
+}
+
+/// A write that lands between the copy's source read and its target write must be copied
+/// again: the volatile bit was cleared before the copy, the write sets it again.
+#[test]
+fn region_written_during_its_own_copy_is_copied_again() {
+    const G: u64 = 64 << 10;
+    let f = files(16 * G);
+    fill_random(&f.source, 0, (16 * G) as usize, 7);
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::Full), Some(G))).expect("open");
+    let engine = Arc::new(engine);
+    let cfg = CopyConfig { max_copies: 1, buf_size: G as usize, ..Default::default() };
+    let mut m = Mirror::new(engine.clone(), &mut target, cfg).expect("mirror");
+    let hook_engine = engine.clone();
+    let mut queue = None;
+    let mut new_data = AlignedBuf::new(G as usize);
+    rand::rngs::StdRng::seed_from_u64(99).fill(&mut new_data[..]);
+    let expected = new_data.to_vec();
+    let mut pending = Some(new_data);
+    m.set_hooks(Hooks {
+        after_read: Some(Box::new(move |ext| {
+            if ext.start == 5 {
+                if let Some(data) = pending.take() {
+                    let q = queue.get_or_insert_with(|| EngineQueue::new(hook_engine.clone(), 4).expect("queue"));
+                    q.execute(Op::Write { off: 5 * G, data, len: G as u32, fua: false }).expect("write");
+                }
+            }
+        })),
+        stop_after_bytes: None,
+    });
+    let r = m.run(RunUntil::Synced, None).expect("run");
+    drop(m);
+    // 16 regions, plus region 5 once more.
+    assert_eq!(r.bytes_copied, 17 * G, "region 5 must be copied twice");
+    let t = read_all(&f.target);
+    assert!(t[(5 * G) as usize..(6 * G) as usize] == expected[..], "target lacks the new data");
+    assert_eq!(first_difference(&read_all(&f.source), &t), None);
+}
+
+/// A full sync interrupted halfway (the process dies: nothing closed or flushed at the end)
+/// resumes from the bitmap and does not copy again what was checkpointed.
+#[test]
+fn interrupted_full_sync_resumes_without_recopying() {
+    const SIZE: u64 = 64 * MIB;
+    let f = files(SIZE);
+    fill_random(&f.source, 0, SIZE as usize, 3);
+    let cfg = CopyConfig {
+        max_copies: 4,
+        buf_size: MIB as usize,
+        checkpoint_bytes: 4 * MIB,
+        checkpoint_interval: Duration::from_secs(3600),
+    };
+    let hooks = Hooks { after_read: None, stop_after_bytes: Some(32 * MIB) };
+    let first = sync::sync(&f.pair(None, None), &cfg, hooks, None).expect("first sync");
+    assert!(first.interrupted);
+    assert!(first.bytes_copied >= 32 * MIB && first.bytes_copied < 40 * MIB, "{}", first.bytes_copied);
+    let (_, runs) = Bitmap::inspect(&f.bitmap).expect("bitmap");
+    let dirty: u64 = runs.iter().map(|r| r.1).sum::<u64>() * (64 << 10);
+    // Everything up to the last completed checkpoint is clear: at most one checkpoint window
+    // plus the copies in flight were lost.
+    assert!(dirty <= SIZE - first.bytes_copied + 4 * MIB + 4 * MIB, "dirty after interruption: {dirty}");
+    assert!(dirty >= SIZE - first.bytes_copied, "bits of uncopied regions must be set");
+
+    let second = sync::sync(&f.pair(None, None), &cfg, Hooks::default(), None).expect("resume");
+    assert_eq!(second.open.mode, SyncMode::Resume);
+    assert_eq!(second.bytes_copied, dirty, "the resume copies exactly the dirty regions");
+    assert!(first.bytes_copied + second.bytes_copied <= SIZE + 8 * MIB);
+    assert_eq!(first_difference(&read_all(&f.source), &read_all(&f.target)), None);
+    let v = sync::verify(&verify_opts(&f)).expect("verify");
+    assert!(v.identical());
+}
+
+/// Holes of a sparse source are not read and become holes of the target.
+#[test]
+fn sparse_source_gives_sparse_target() {
+    use std::os::unix::fs::MetadataExt;
+    const SIZE: u64 = 64 * MIB;
+    let f = files(SIZE);
+    // Pre-fill the target with garbage, which the holes must erase.
+    fill_random(&f.target, 0, SIZE as usize, 5);
+    fill_random(&f.source, 3 * MIB, (2 * MIB) as usize, 6);
+    fill_random(&f.source, 40 * MIB + 4096, 8192, 8);
+    let r = sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("sync");
+    assert!(r.bytes_copied <= 3 * MIB, "copied {} bytes for 2 MiB of data", r.bytes_copied);
+    assert_eq!(r.bytes_copied + r.bytes_zeroed, SIZE);
+    assert_eq!(first_difference(&read_all(&f.source), &read_all(&f.target)), None);
+    let allocated = std::fs::metadata(&f.target).expect("stat").blocks() * 512;
+    assert!(allocated <= 4 * MIB, "target allocates {allocated} bytes: it did not stay sparse");
+}
+
+/// Resync after a few regions changed copies those regions only.
+#[test]
+fn resync_copies_only_dirty_regions() {
+    const SIZE: u64 = 32 * MIB;
+    const G: u64 = 64 << 10;
+    let f = files(SIZE);
+    fill_random(&f.source, 0, SIZE as usize, 11);
+    sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("full");
+    let (engine, _target, open) = Engine::open(&f.pair(None, None)).expect("reopen");
+    assert_eq!(open.dirty_regions, 0);
+    let engine = Arc::new(engine);
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    for r in [3u64, 4, 100, 400] {
+        let mut data = AlignedBuf::new(4096);
+        data.fill(r as u8);
+        q.execute(Op::Write { off: r * G + 8192, data, len: 4096, fua: false }).expect("write");
+    }
+    drop(q);
+    engine.close().expect("close");
+    drop(engine);
+    drop(_target);
+    let v = sync::verify(&verify_opts(&f)).expect("verify");
+    assert_eq!(v.differing, vec![(3, 2), (100, 1), (400, 1)]);
+    assert!(v.differing_clean.is_empty(), "written regions are marked dirty");
+    let r = sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("resync");
+    assert_eq!(r.bytes_copied, 4 * G);
+    assert!(sync::verify(&verify_opts(&f)).expect("verify").identical());
+}
+
+/// A source on tmpfs (which older kernels refuse O_DIRECT on; `auto` then falls back, see the
+/// unit test in backing.rs) mirrors to a disk file.
+#[test]
+fn source_on_tmpfs_syncs() {
+    let shm = std::path::Path::new("/dev/shm");
+    assert!(shm.is_dir(), "/dev/shm (tmpfs) is missing on this machine: this test needs it");
+    let dir = tempfile::tempdir_in(shm).expect("tmpfs dir");
+    let mut f = files(4 * MIB);
+    let src = dir.path().join("source.img");
+    std::fs::File::create(&src).and_then(|x| x.set_len(4 * MIB)).expect("create");
+    fill_random(&src, 0, MIB as usize, 2);
+    f.source = src;
+    let r = sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("auto");
+    assert!(r.open.target_direct);
+    assert_eq!(r.bytes_copied, MIB);
+    assert_eq!(first_difference(&read_all(&f.source), &read_all(&f.target)), None);
+}
