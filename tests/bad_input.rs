@@ -1,0 +1,215 @@
+//! Bad input is refused with an error that names the problem and the fix, and nothing is
+//! modified: every bitmap case from the engine issue, a short target, and a resume without a
+//! bitmap.
+
+mod common;
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+use ublk_mirror::bitmap::Bitmap;
+use ublk_mirror::engine::{CopyConfig, Engine, PairOptions, SyncMode};
+use ublk_mirror::error::BitmapProblem;
+use ublk_mirror::mirror::Hooks;
+use ublk_mirror::sync;
+
+const MIB: u64 = 1 << 20;
+
+/// A synced pair with some data and a clean bitmap.
+fn synced_pair() -> Files {
+    let f = files(8 * MIB);
+    fill_random(&f.source, 0, MIB as usize, 21);
+    sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("initial sync");
+    f
+}
+
+fn snapshot(f: &Files) -> (Vec<u8>, Vec<u8>, Option<Vec<u8>>) {
+    (read_all(&f.source), read_all(&f.target), std::fs::read(&f.bitmap).ok())
+}
+
+/// Opens the pair, expects a bitmap error of the given kind whose text names the file and a
+/// fix, and checks that source, target and bitmap are untouched.
+fn refused(f: &Files, pair: &PairOptions, want: impl Fn(&BitmapProblem) -> bool) -> String {
+    let before = snapshot(f);
+    let err = match Engine::open(pair) {
+        Ok(_) => panic!("opening must fail"),
+        Err(e) => e,
+    };
+    let msg = err.to_string();
+    let problem = err.bitmap_problem().unwrap_or_else(|| panic!("not a bitmap error: {msg}"));
+    assert!(want(problem), "wrong problem {problem:?}: {msg}");
+    assert!(msg.contains(&pair.bitmap.display().to_string()), "error does not name the file: {msg}");
+    assert!(msg.contains("fix:"), "error gives no fix: {msg}");
+    assert!(snapshot(f) == before, "a refused open modified something");
+    msg
+}
+
+fn corrupt(path: &std::path::Path, off: usize, bytes: &[u8]) {
+    let mut b = std::fs::read(path).expect("read bitmap");
+    b[off..off + bytes.len()].copy_from_slice(bytes);
+    std::fs::write(path, b).expect("write bitmap");
+}
+
+#[test]
+fn wrong_magic() {
+    let f = synced_pair();
+    corrupt(&f.bitmap, 0, b"NOTMINE!");
+    let m = refused(&f, &f.pair(None, None), |p| *p == BitmapProblem::BadMagic);
+    assert!(m.contains("not a ublk-mirror bitmap"));
+}
+
+#[test]
+fn truncated_file() {
+    let f = synced_pair();
+    let len = std::fs::metadata(&f.bitmap).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&f.bitmap).unwrap().set_len(len - 4096).unwrap();
+    refused(&f, &f.pair(None, None), |p| matches!(p, BitmapProblem::Truncated { .. }));
+}
+
+#[test]
+fn shorter_than_a_header() {
+    let f = synced_pair();
+    std::fs::write(&f.bitmap, b"UBLKMIRB").unwrap();
+    refused(&f, &f.pair(None, None), |p| matches!(p, BitmapProblem::Truncated { need: 4096, .. }));
+}
+
+#[test]
+fn checksum_mismatch() {
+    let f = synced_pair();
+    // Flip a byte of the recorded device size without fixing the checksum.
+    let mut b = std::fs::read(&f.bitmap).unwrap();
+    b[41] ^= 0x10;
+    std::fs::write(&f.bitmap, b).unwrap();
+    let m = refused(&f, &f.pair(None, None), |p| *p == BitmapProblem::Checksum);
+    assert!(m.contains("--full"), "the fix names the explicit full resync: {m}");
+}
+
+#[test]
+fn another_pairs_bitmap() {
+    let f = synced_pair();
+    let g = files(8 * MIB);
+    let mut other = g.pair(None, None);
+    other.bitmap = f.bitmap.clone();
+    let before_g = (read_all(&g.source), read_all(&g.target));
+    let m = refused(&f, &other, |p| matches!(p, BitmapProblem::WrongPair { role: "source", .. }));
+    assert!(m.contains("another pair"));
+    assert!((read_all(&g.source), read_all(&g.target)) == before_g);
+}
+
+#[test]
+fn same_path_but_a_different_file() {
+    let f = synced_pair();
+    // Replace the target by a new file at the same path: a different inode.
+    let data = read_all(&f.target);
+    std::fs::remove_file(&f.target).unwrap();
+    std::fs::write(&f.target, &data).unwrap();
+    refused(&f, &f.pair(None, None), |p| matches!(p, BitmapProblem::WrongPair { role: "target", .. }));
+}
+
+#[test]
+fn source_changed_size() {
+    let f = synced_pair();
+    std::fs::OpenOptions::new().write(true).open(&f.source).unwrap().set_len(16 * MIB).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&f.target).unwrap().set_len(16 * MIB).unwrap();
+    refused(&f, &f.pair(None, None), |p| matches!(p, BitmapProblem::SizeMismatch { .. }));
+}
+
+#[test]
+fn granularity_mismatch() {
+    let f = synced_pair();
+    refused(&f, &f.pair(Some(SyncMode::Resume), Some(128 << 10)), |p| {
+        matches!(p, BitmapProblem::GranularityMismatch { recorded: 65536, requested: 131072 })
+    });
+}
+
+#[test]
+fn read_only_bitmap() {
+    let f = synced_pair();
+    std::fs::set_permissions(&f.bitmap, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let m = refused(&f, &f.pair(None, None), |p| *p == BitmapProblem::ReadOnly);
+    assert!(m.contains("chmod"));
+}
+
+#[test]
+fn unreadable_bitmap() {
+    let f = synced_pair();
+    std::fs::set_permissions(&f.bitmap, std::fs::Permissions::from_mode(0o200)).unwrap();
+    refused(&f, &f.pair(None, None), |p| *p == BitmapProblem::Unreadable);
+}
+
+#[test]
+fn bitmap_is_a_directory() {
+    let f = synced_pair();
+    let mut p = f.pair(None, None);
+    p.bitmap = f.dir.path().to_path_buf();
+    let before = snapshot(&f);
+    let e = Engine::open(&p).err().expect("must fail");
+    assert_eq!(e.bitmap_problem(), Some(&BitmapProblem::Unreadable), "{e}");
+    assert!(snapshot(&f) == before);
+}
+
+#[test]
+fn bitmap_in_use_by_another_mirror() {
+    let f = synced_pair();
+    let (held, _t, _) = Engine::open(&f.pair(None, None)).expect("first user");
+    let m = refused(&f, &f.pair(None, None), |p| *p == BitmapProblem::InUse);
+    assert!(m.contains("another ublk-mirror"));
+    // Nor may an explicit --full replace it under the live user.
+    let e = Engine::open(&f.pair(Some(SyncMode::Full), None)).err().expect("must fail");
+    assert_eq!(e.bitmap_problem(), Some(&BitmapProblem::InUse));
+    drop(held);
+}
+
+#[test]
+fn explicit_full_rebuilds_a_damaged_bitmap() {
+    let f = synced_pair();
+    corrupt(&f.bitmap, 0, b"NOTMINE!");
+    let r = sync::sync(&f.pair(Some(SyncMode::Full), None), &CopyConfig::default(), Hooks::default(), None)
+        .expect("--full rebuilds");
+    assert!(r.open.created_bitmap);
+    assert_eq!(r.bytes_copied + r.bytes_zeroed, 8 * MIB);
+    let (h, runs) = Bitmap::inspect(&f.bitmap).expect("valid again");
+    assert!(runs.is_empty() && h.device_size == 8 * MIB);
+}
+
+#[test]
+fn short_target_is_refused_and_nothing_is_created() {
+    let f = files(8 * MIB);
+    std::fs::OpenOptions::new().write(true).open(&f.target).unwrap().set_len(4 * MIB).unwrap();
+    let before = snapshot(&f);
+    let e = Engine::open(&f.pair(None, None)).err().expect("must fail");
+    let m = e.to_string();
+    assert!(m.contains("smaller than the source") && m.contains("truncate -s"), "{m}");
+    assert!(!f.bitmap.exists(), "no bitmap may be left behind");
+    assert!(snapshot(&f) == before);
+}
+
+#[test]
+fn missing_source_and_resume_without_bitmap() {
+    let f = files(MIB);
+    let mut p = f.pair(None, None);
+    p.source = f.dir.path().join("nope.img");
+    let m = Engine::open(&p).err().expect("must fail").to_string();
+    assert!(m.contains("nope.img") && m.contains("fix:"), "{m}");
+    let m = Engine::open(&f.pair(Some(SyncMode::Resume), None)).err().expect("must fail").to_string();
+    assert!(m.contains("does not exist") && m.contains("--sync resume"), "{m}");
+    assert!(!f.bitmap.exists());
+}
+
+#[test]
+fn same_file_as_source_and_target() {
+    let f = files(MIB);
+    let mut p = f.pair(None, None);
+    p.target = f.source.clone();
+    let m = Engine::open(&p).err().expect("must fail").to_string();
+    assert!(m.contains("same file"), "{m}");
+    assert!(!f.bitmap.exists());
+}
+
+#[test]
+fn bad_granularity() {
+    let f = files(MIB);
+    for g in [1000u64, 2048, 128 << 20] {
+        let m = Engine::open(&f.pair(None, Some(g))).err().expect("must fail").to_string();
+        assert!(m.contains("power of two from 4 KiB to 64 MiB"), "{m}");
+    }
+    assert!(!f.bitmap.exists());
+}
