@@ -189,34 +189,6 @@ fn open_direct(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn refusing(odirect: bool) -> std::io::Result<File> {
-        if odirect {
-            Err(std::io::Error::from_raw_os_error(libc::EINVAL))
-        } else {
-            File::open("/dev/null")
-        }
-    }
-
-    #[test]
-    fn auto_falls_back_where_o_direct_is_refused() {
-        let mut warned = false;
-        let (f, direct) = open_direct(DirectMode::Auto, refusing, || warned = true);
-        assert!(f.is_ok() && !direct && warned);
-        let (f, direct) = open_direct(DirectMode::Always, refusing, || panic!("no warning"));
-        assert_eq!(f.unwrap_err().raw_os_error(), Some(libc::EINVAL));
-        assert!(direct, "the error is reported as an O_DIRECT refusal");
-        let (f, direct) = open_direct(DirectMode::Never, refusing, || panic!("no warning"));
-        assert!(f.is_ok() && !direct);
-        // Other errors are not mistaken for a refusal.
-        let (f, _) = open_direct(DirectMode::Auto, |_| Err(std::io::Error::from_raw_os_error(libc::ENOENT)), || panic!());
-        assert_eq!(f.unwrap_err().raw_os_error(), Some(libc::ENOENT));
-    }
-}
-
 /// An aligned heap buffer for O_DIRECT I/O.
 pub struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
@@ -278,5 +250,33 @@ impl Drop for AlignedBuf {
                 std::alloc::Layout::from_size_align_unchecked(self.len, BUF_ALIGN),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusing(odirect: bool) -> std::io::Result<File> {
+        if odirect {
+            Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+        } else {
+            File::open("/dev/null")
+        }
+    }
+
+    #[test]
+    fn auto_falls_back_where_o_direct_is_refused() {
+        let mut warned = false;
+        let (f, direct) = open_direct(DirectMode::Auto, refusing, || warned = true);
+        assert!(f.is_ok() && !direct && warned);
+        let (f, direct) = open_direct(DirectMode::Always, refusing, || panic!("no warning"));
+        assert_eq!(f.unwrap_err().raw_os_error(), Some(libc::EINVAL));
+        assert!(direct, "the error is reported as an O_DIRECT refusal");
+        let (f, direct) = open_direct(DirectMode::Never, refusing, || panic!("no warning"));
+        assert!(f.is_ok() && !direct);
+        // Other errors are not mistaken for a refusal.
+        let (f, _) = open_direct(DirectMode::Auto, |_| Err(std::io::Error::from_raw_os_error(libc::ENOENT)), || panic!());
+        assert_eq!(f.unwrap_err().raw_os_error(), Some(libc::ENOENT));
     }
 }

@@ -8,6 +8,8 @@
 //! - [`mirror`]: the copy loop; [`queue`]: a front-end queue serving block requests;
 //! - [`sync`]: the offline `sync` and `verify` commands.
 #![deny(clippy::undocumented_unsafe_blocks)]
+// Errors carry paths and fixes for the user; they occur on cold paths (opening, setup).
+#![allow(clippy::result_large_err)]
 
 pub mod backing;
 pub mod bitmap;

@@ -26,13 +26,11 @@ pub struct SyncReport {
     pub interrupted: bool,
 }
 
+/// A progress callback and how often to call it.
+pub type ProgressReport<'a> = Option<(&'a mut dyn FnMut(&Status), Duration)>;
+
 /// Brings the target in step with the source. On success the bitmap is clean and durable.
-pub fn sync(
-    pair: &PairOptions,
-    copy: &CopyConfig,
-    hooks: Hooks,
-    progress: Option<(&mut dyn FnMut(&Status), Duration)>,
-) -> Result<SyncReport> {
+pub fn sync(pair: &PairOptions, copy: &CopyConfig, hooks: Hooks, progress: ProgressReport<'_>) -> Result<SyncReport> {
     let (engine, mut target, open) = Engine::open(pair)?;
     let engine = Arc::new(engine);
     let gran = engine.granularity();

@@ -11,6 +11,8 @@
 //!    flushes against an in-memory disk; reads must match it, and after the mirror converges
 //!    source and target equal it.
 
+#![allow(clippy::needless_range_loop)] // regions index several parallel model arrays
+
 mod common;
 use proptest::prelude::*;
 use ublk_mirror::core::{Extent, FlushKind, GroupCommit, Intent, MemBits, MirrorState, PersistentBits};
