@@ -187,6 +187,9 @@ impl<'t> Mirror<'t> {
                 (Some(t), _) => Some(t.min(Duration::from_millis(500))),
                 (None, true) => Some(Duration::from_millis(500)),
                 (None, false) if self.running > 0 => Some(self.cfg.checkpoint_interval),
+                // Offline: never sleep without a bound, even if nothing is in flight.
+                _ if until == RunUntil::Synced => Some(Duration::from_secs(1)),
+                // Live: the wake-up read on the eventfd is always posted.
                 _ => None,
             };
             self.wait(timeout)?;
