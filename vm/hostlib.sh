@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034 # the variables are used by the scripts that source this file
 # Helpers shared by vm/setup.sh and vm/run.sh (host side). Sourced, not executed.
 
 # The cache lives outside the work tree on purpose: CI and fresh clones in other folders on the

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2054 # the commas inside qemu arguments are qemu's option syntax
 # Boot the ublk test VM (Debian 6.12 kernel with ublk_drv, qemu TCG) and run one guest script.
 #
 #   vm/run.sh [options] SCRIPT [FILES...]
@@ -26,7 +27,8 @@
 # Environment:
 #   UBLK_MIRROR_VM_CACHE          cache directory (default ~/.cache/ublk-mirror-vm)
 #   UBLK_MIRROR_VM_TCG_THREAD     multi (default) or single: single never showed the rare boot
-#                                 oops of multi-threaded TCG but boots about 1 s slower
+#                                 oops of multi-threaded TCG (it was ~1 s slower per boot in
+#                                 the vmlab trial; about even on this harness)
 #   UBLK_MIRROR_VM_BOOT_TIMEOUT   seconds for the guest to reach the payload (default 120)
 #   UBLK_MIRROR_VM_NO_AUTO_SETUP  1: do not run vm/setup.sh when the images are missing
 #   KVER                          kernel version, as for vm/setup.sh
@@ -37,10 +39,11 @@ set -euo pipefail
 umask 022
 
 VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=vm/hostlib.sh
+# shellcheck source-path=SCRIPTDIR source=hostlib.sh
 . "$VM_DIR/hostlib.sh"
 
-usage() { sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+# The help text is the comment block at the top of this file (after the shellcheck line).
+usage() { awk 'NR > 2 && /^#/ { sub(/^# ?/, ""); print; next } NR > 2 { exit }' "$0"; exit "${1:-2}"; }
 
 BINS=() DISKS=() OUTDIR='' TIMEOUT=600 MEM=2G CPUS=2 RETRIES=2 KARGS='' SHELL_ONLY=0
 while getopts b:d:o:t:m:c:r:a:Sh opt; do
@@ -86,7 +89,7 @@ if [ ! -f "$BUILD/ok" ]; then
     START_MS=$(vm_now_ms)   # setup time does not count against the test's timeout
     DEADLINE_MS=$(( START_MS + TIMEOUT * 1000 ))
 fi
-touch "$BUILD/ok"   # most recently used: setup.sh prunes by age
+touch "$BUILD"   # most recently used: setup.sh prunes the oldest builds by mtime
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ublk-mirror-vm.XXXXXX")
 QEMU_PIDFILE=$WORK/qemu.pid
@@ -125,7 +128,6 @@ done
 cat "$BUILD/initrd.img" "$WORK/payload.cpio" > "$WORK/initrd.img"
 
 # --- qemu command line ---------------------------------------------------------------------
-# shellcheck disable=SC2054 # commas belong to qemu's option syntax
 QEMU=(qemu-system-x86_64 -accel "tcg,thread=$TCG_THREAD" -cpu max -m "$MEM" -smp "$CPUS"
       -kernel "$BUILD/vmlinuz" -initrd "$WORK/initrd.img"
       -nographic -no-reboot -nic none -pidfile "$QEMU_PIDFILE")
@@ -172,23 +174,23 @@ remaining_s() { echo $(( (DEADLINE_MS - $(vm_now_ms)) / 1000 )); }
 kill_qemu() { [ -s "$QEMU_PIDFILE" ] && kill "$(cat "$QEMU_PIDFILE")" 2>/dev/null; true; }
 
 # --- interactive shell ---------------------------------------------------------------------
+attempt=0 boot_hung=0
 if [ "$SHELL_ONLY" = 1 ]; then
     [ -n "$OUTDIR" ] && truncate -s 512M "$WORK/out.img"
     vm_log "console log: $LOG (Ctrl-A X quits qemu)"
+    T0=$(vm_now_ms)
     set +e
     # --foreground: qemu must stay in the terminal's foreground process group to read it.
     timeout --foreground "$TIMEOUT" "${QEMU[@]}" \
         -append "console=ttyS0 quiet panic=-1 ublkvm.shell=1 ublkvm.disks=$NDISKS $KARGS" 2>&1 | tee "$LOG"
-    rc=${PIPESTATUS[0]}
+    qrc=${PIPESTATUS[0]}
     set -e
-    if [ -n "$OUTDIR" ]; then mkdir -p "$OUTDIR"; tar -xf "$WORK/out.img" -C "$OUTDIR" 2>/dev/null || true; fi
-    exit "$rc"
+    WALL_MS=$(( $(vm_now_ms) - T0 ))
 fi
 
 # --- run, retrying boots that die before the payload starts --------------------------------
 started() { grep -aqE 'UBLK-MIRROR-VM-(RUN|SHELL)' "$1"; }
-attempt=0
-while :; do
+while [ "$SHELL_ONLY" = 0 ]; do
     rem=$(remaining_s)
     [ "$rem" -ge 10 ] || { vm_log "FAIL: no time left for a boot (timeout -t $TIMEOUT)"; exit 124; }
     # The guest kills its payload a little before qemu is killed, so that /init still reports
@@ -261,7 +263,8 @@ if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
     exit 124
 fi
 if ! started "$LOG"; then
-    vm_log "FAIL: the VM never reached the payload ($((attempt + 1)) boots); $summary; log $LOG"
+    if [ "$boot_hung" = 1 ]; then why="the last boot hung for ${BOOT_TIMEOUT}s"; else why="the last boot ended early"; fi
+    vm_log "FAIL: the VM never reached the payload ($((attempt + 1)) boots; $why); $summary; log $LOG"
 else
     why=$(grep -aoE 'Kernel panic[^\r]*|BUG:[^\r]*|Oops[^\r]*' "$LOG" | head -n 1 || true)
     vm_log "FAIL: the VM ended without reporting the script's status${why:+ ($why)}; $summary; log $LOG"

@@ -3,7 +3,7 @@
 #
 #   vm/setup.sh [--force]
 #
-# Idempotent: every step checks its result first, so a second run takes about a second.
+# Idempotent: every step checks its result first, so a second run takes a fraction of a second.
 # --force rebuilds the images (kernel download and unpack are still reused).
 #
 # Env: UBLK_MIRROR_VM_CACHE (default ~/.cache/ublk-mirror-vm), KVER=6.12.N to choose the kernel.
@@ -14,14 +14,14 @@ set -euo pipefail
 umask 022
 
 VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=vm/hostlib.sh
+# shellcheck source-path=SCRIPTDIR source=hostlib.sh
 . "$VM_DIR/hostlib.sh"
 
 FORCE=0
 case "${1:-}" in
     --force) FORCE=1 ;;
     "") ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) vm_die "unknown argument: $1 (usage: vm/setup.sh [--force])" ;;
 esac
 
@@ -157,6 +157,8 @@ download_kernel() {
     local pkg tmp
     pkg=$(kpkg "$1")
     tmp=$(mktemp -d "$VM_CACHE/debs/.dl.XXXXXX")
+    # apt drops privileges to _apt for downloads when it can write the directory; avoids a warning.
+    chown _apt "$tmp" 2>/dev/null || true
     # apt-get download writes to the current directory; it verifies the hash from the signed index.
     if (cd "$tmp" && apt_retry download -q "$pkg"); then
         mv "$tmp"/*.deb "$VM_CACHE/debs/"
@@ -170,6 +172,15 @@ mkdir -p "$VM_CACHE/debs"
 WANT=${KVER:-$VM_DEFAULT_KVER}
 [[ "$WANT" =~ ^6\.12\.[0-9]+$ ]] || vm_die "KVER must look like 6.12.N (got '$WANT')"
 KV=$WANT
+# A fallback chosen earlier (pinned kernel gone) is remembered, so later runs stay offline.
+FALLBACK_FILE=$VM_CACHE/kver-fallback
+if [ -z "${KVER:-}" ] && [ -z "$(cached_deb "$KV")" ] && [ -f "$FALLBACK_FILE" ]; then
+    read -r fb_from fb_to < "$FALLBACK_FILE" || true
+    if [ "${fb_from:-}" = "$KV" ] && [ -n "$(cached_deb "${fb_to:-none}")" ]; then
+        vm_log "WARNING: pinned kernel $KV is not available; using $fb_to as chosen before (update VM_DEFAULT_KVER in vm/hostlib.sh)"
+        KV=$fb_to
+    fi
+fi
 if [ -n "$(cached_deb "$KV")" ]; then
     skipped "download $(kpkg "$KV")" "cached"
 else
@@ -191,6 +202,7 @@ else
         vm_log "WARNING: falling back to the newest one apt knows: $(kpkg "$alt")"
         vm_log "WARNING: update VM_DEFAULT_KVER in vm/hostlib.sh to $alt"
         KV=$alt
+        echo "$WANT $alt" > "$FALLBACK_FILE"
         if [ -z "$(cached_deb "$KV")" ]; then
             download_kernel "$KV" || vm_die "download of $(kpkg "$KV") failed"
         fi

@@ -79,20 +79,24 @@ kill_leftover_daemons() {
     usleep 200000
     return 0
 }
-# Pids whose /proc/PID/cmdline matches, except init and copies of this script (the script and
-# the subshells it forks, such as the one running this function, share its command line).
-# Processes started during the scan (tr, grep) are not in the list /proc was globbed into.
+# Pids whose command line matches, except init and copies of this script (the script and the
+# subshells it forks, such as the one running this pipeline, share its command line). One ps and
+# one awk: forking a process per /proc entry takes seconds under TCG. The pattern goes through
+# the environment so that awk's own command line does not match it.
 _kd_match() {
-    _kd_self=$(tr '\0' ' ' < /proc/$$/cmdline 2>/dev/null)
-    for _kd_d in /proc/[0-9]*; do
-        _kd_p=${_kd_d#/proc/}
-        [ "$_kd_p" = 1 ] && continue
-        _kd_c=$(tr '\0' ' ' < "$_kd_d/cmdline" 2>/dev/null) || continue
-        # kernel threads have an empty command line
-        [ -n "$_kd_c" ] && [ "$_kd_c" != "$_kd_self" ] || continue
-        echo "$_kd_c" | grep -qE -- "$1" && printf '%s ' "$_kd_p"
-    done
-    return 0
+    ps -o pid,args | KD_PAT=$1 KD_SELF=$$ awk '
+        NR > 1 {
+            pid = $1
+            line = $0
+            sub(/^ *[0-9]+ +/, "", line)
+            args[pid] = line
+        }
+        END {
+            self = args[ENVIRON["KD_SELF"]]
+            for (pid in args)
+                if (pid != 1 && args[pid] != self && args[pid] ~ ENVIRON["KD_PAT"])
+                    printf "%s ", pid
+        }'
 }
 
 # disk_dev NAME: the /dev/vdX of the disk attached with run.sh -d NAME=...

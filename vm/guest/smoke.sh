@@ -1,6 +1,7 @@
 #!/bin/sh
 # Smoke test of the VM itself (not of ublk-mirror): the kernel pieces and tools that the device
 # tests rely on are there and work. Run: vm/run.sh vm/guest/smoke.sh  [-d data=64M to check disks]
+# shellcheck source=/dev/null # vm/guest/lib.sh, placed there by vm/run.sh
 . /vm/lib.sh
 
 step "kernel $(uname -r), $(nproc) vCPUs, $(free -m | awk '/^Mem:/ { print $2 }') MiB"
