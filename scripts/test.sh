@@ -25,7 +25,7 @@ else
         # A scenario states the VM options it needs (extra disks...) on a '# vm-args:' line.
         read -r -a args <<< "$(sed -n 's/^# vm-args: //p' "$t")"
         echo "-- $t ${args[*]}"
-        vm/run.sh -t 600 -b target/release/ublk-mirror "${args[@]}" "$t"
+        vm/run.sh -t 600 -r 3 -b target/release/ublk-mirror "${args[@]}" "$t"
     done
 fi
 echo "== all tests passed in $(( $(date +%s) - t0 )) s"
