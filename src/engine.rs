@@ -129,15 +129,19 @@ impl Engine {
             )));
         }
         if tb.size < source.size {
+            let hint = match tb.kind {
+                crate::backing::Kind::File => {
+                    format!("grow it with: truncate -s {} {}", source.size, opts.target.display())
+                }
+                crate::backing::Kind::BlockDevice => "use a larger device or volume".to_string(),
+            };
             return Err(Error::config(format!(
-                "target {} is smaller than the source: {} < {} bytes; give a target of at least \
-                 {} bytes (for a file: truncate -s {} {})",
+                "target {} is smaller than the source: {} < {} bytes; it needs at least {} \
+                 bytes ({hint})",
                 opts.target.display(),
                 tb.size,
                 source.size,
                 source.size,
-                source.size,
-                opts.target.display()
             )));
         }
         let pair = PairIdentity {

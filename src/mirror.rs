@@ -303,10 +303,11 @@ impl<'t> Mirror<'t> {
             Some((ds, _)) if ds > pos => self.issue_zero(slot, ds - pos),
             Some((_, de)) => {
                 let chunk = (de - pos).min(self.cfg.buf_size as u64);
-                let job = self.jobs[slot].as_mut().expect("job checked above");
-                job.phase = Phase::Read;
-                job.chunk = chunk;
-                job.done = 0;
+                if let Some(job) = self.jobs[slot].as_mut() {
+                    job.phase = Phase::Read;
+                    job.chunk = chunk;
+                    job.done = 0;
+                }
                 self.issue_read(slot)
             }
         };
@@ -314,7 +315,7 @@ impl<'t> Mirror<'t> {
     }
 
     fn issue_zero(&mut self, slot: usize, len: u64) -> io::Result<()> {
-        let job = self.jobs[slot].as_mut().expect("caller holds a live job");
+        let Some(job) = self.jobs[slot].as_mut() else { return Ok(()) };
         job.phase = Phase::Zero;
         job.chunk = len;
         job.done = 0;
@@ -323,7 +324,7 @@ impl<'t> Mirror<'t> {
     }
 
     fn issue_read(&mut self, slot: usize) -> io::Result<()> {
-        let job = self.jobs[slot].as_ref().expect("caller holds a live job");
+        let Some(job) = self.jobs[slot].as_ref() else { return Ok(()) };
         let off = job.pos + job.done;
         let len = (job.chunk - job.done) as u32;
         // SAFETY: `job.done < job.chunk <= buf_size`, so the pointer stays inside the job's
@@ -334,7 +335,7 @@ impl<'t> Mirror<'t> {
     }
 
     fn issue_write(&mut self, slot: usize) -> io::Result<()> {
-        let job = self.jobs[slot].as_ref().expect("caller holds a live job");
+        let Some(job) = self.jobs[slot].as_ref() else { return Ok(()) };
         let off = job.pos + job.done;
         let len = (job.chunk - job.done) as u32;
         // SAFETY: as in issue_read.
