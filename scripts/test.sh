@@ -13,7 +13,12 @@ scripts/deps.sh
 echo "== clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test"
-cargo test --locked 2>&1 | tee /tmp/ublk-mirror-cargo-test.log
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --locked 2>&1 | tee "$log"
+passed=$(sed -n 's/^test result: [a-z]*\. \([0-9]*\) passed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
+failed=0
+vm_passed=0
 if [ "${UBLK_MIRROR_SKIP_VM:-0}" = 1 ]; then
     [ "${CI:-}" = true ] && { echo "UBLK_MIRROR_SKIP_VM is not allowed in CI" >&2; exit 1; }
     echo "== VM layer skipped (UBLK_MIRROR_SKIP_VM=1)"
@@ -26,6 +31,8 @@ else
         read -r -a args <<< "$(sed -n 's/^# vm-args: //p' "$t")"
         echo "-- $t ${args[*]}"
         vm/run.sh -t 600 -r 3 -b target/release/ublk-mirror "${args[@]}" "$t"
+        vm_passed=$((vm_passed + 1))
     done
 fi
-echo "== all tests passed in $(( $(date +%s) - t0 )) s"
+echo "== all tests passed in $(( $(date +%s) - t0 )) s ($passed cargo tests, $vm_passed VM scenarios)"
+echo "$((passed + vm_passed)) passed, $failed failed"
