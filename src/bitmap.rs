@@ -152,16 +152,21 @@ fn u16_at(b: &[u8], o: usize) -> usize {
     u16::from_le_bytes([b[o], b[o + 1]]) as usize
 }
 
-/// Decodes and checks a header; `file_len` is the file's actual length.
-fn decode_header(path: &Path, b: &[u8], file_len: u64) -> Result<Header> {
-    if (b.len() as u64) < HEADER_SIZE || file_len < HEADER_SIZE {
+fn check_header_len(path: &Path, len: u64) -> Result<()> {
+    if len < HEADER_SIZE {
         return Err(bad(
             path,
-            BitmapProblem::Truncated { len: file_len, need: HEADER_SIZE },
-            format!("the file is {file_len} bytes, shorter than a bitmap header ({HEADER_SIZE})"),
+            BitmapProblem::Truncated { len, need: HEADER_SIZE },
+            format!("the file is {len} bytes, shorter than a bitmap header ({HEADER_SIZE})"),
             FIX_REBUILD,
         ));
     }
+    Ok(())
+}
+
+/// Decodes and checks a header; `file_len` is the file's actual length.
+fn decode_header(path: &Path, b: &[u8], file_len: u64) -> Result<Header> {
+    check_header_len(path, file_len.min(b.len() as u64))?;
     if &b[0..8] != MAGIC {
         return Err(bad(
             path,
@@ -438,14 +443,8 @@ impl Bitmap {
             ));
         }
         let len = file.metadata().map_err(|e| unreadable(e, "check the file"))?.len();
-        if len < HEADER_SIZE {
-            return Err(bad(
-                path,
-                BitmapProblem::Truncated { len, need: HEADER_SIZE },
-                format!("the file is {len} bytes, shorter than a bitmap header ({HEADER_SIZE})"),
-                FIX_REBUILD,
-            ));
-        }
+        // Checked before mapping: an empty file cannot be mapped, and would get a vaguer error.
+        check_header_len(path, len)?;
         // SAFETY: the file is a regular file we hold an exclusive flock on, so no cooperating
         // process maps it concurrently; its length was checked above and is not changed while
         // mapped (we never truncate an open bitmap). All access goes through bounds-checked
@@ -466,14 +465,8 @@ impl Bitmap {
             source: e,
         })?;
         let len = file.metadata().map_err(|e| Error::io("stat bitmap", e))?.len();
-        if len < HEADER_SIZE {
-            return Err(bad(
-                path,
-                BitmapProblem::Truncated { len, need: HEADER_SIZE },
-                format!("the file is {len} bytes, shorter than a bitmap header ({HEADER_SIZE})"),
-                FIX_REBUILD,
-            ));
-        }
+        // Checked before mapping: an empty file cannot be mapped, and would get a vaguer error.
+        check_header_len(path, len)?;
         // SAFETY: read-only shared mapping of a regular file whose length was checked; a live
         // mirror may flip bits underneath, which only makes the snapshot slightly stale (bytes
         // are read whole, no invariant depends on them here).
