@@ -63,7 +63,8 @@ pub struct Hooks {
     /// Called after a copy's source read completed, before its target write is issued.
     pub after_read: Option<Box<dyn FnMut(Extent)>>,
     /// Simulate an interruption (a crash of the daemon): return as soon as this many bytes were
-    /// copied, without waiting for in-flight copies or making anything durable.
+    /// copied and at least one checkpoint completed, without waiting for in-flight copies or
+    /// making anything more durable.
     pub stop_after_bytes: Option<u64>,
 }
 
@@ -112,11 +113,12 @@ impl<'t> Mirror<'t> {
 
     /// A loop over any target (network targets manage their own descriptors).
     pub fn with_ring(ring: Ring, engine: Arc<Engine>, target: &'t mut dyn Target, cfg: CopyConfig) -> Self {
-        let bufs: Vec<AlignedBuf> = (0..cfg.max_copies).map(|_| AlignedBuf::new(cfg.buf_size)).collect();
+        // Buffers are made on first need: a resync of a few regions, or an idle live mirror,
+        // does not pay for (or hold) max_copies x buf_size of memory.
         Mirror {
             ring,
-            free_bufs: (0..bufs.len()).rev().collect(),
-            bufs,
+            free_bufs: Vec::new(),
+            bufs: Vec::new(),
             jobs: (0..cfg.max_copies).map(|_| None).collect(),
             running: 0,
             engine,
@@ -165,7 +167,9 @@ impl<'t> Mirror<'t> {
         let mut interrupted = false;
         loop {
             if let Some(limit) = self.hooks.stop_after_bytes {
-                if self.engine.lock().progress.bytes_copied - b0 >= limit {
+                let g = self.engine.lock();
+                if g.progress.bytes_copied - b0 >= limit && g.state.counters().checkpoints > 0 {
+                    drop(g);
                     interrupted = true;
                     break;
                 }
@@ -266,7 +270,15 @@ impl<'t> Mirror<'t> {
             self.retry_at = None;
         }
         let max = self.regions_per_copy();
-        while let Some(buf) = self.free_bufs.pop() {
+        loop {
+            let buf = match self.free_bufs.pop() {
+                Some(b) => b,
+                None if self.bufs.len() < self.cfg.max_copies => {
+                    self.bufs.push(AlignedBuf::new(self.cfg.buf_size));
+                    self.bufs.len() - 1
+                }
+                None => break,
+            };
             let ext = self.engine.lock().state.next_copy(max);
             let Some(ext) = ext else {
                 self.free_bufs.push(buf);
