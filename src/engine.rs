@@ -9,9 +9,9 @@
 
 use crate::backing::{Backing, DirectMode};
 use crate::bitmap::{Bitmap, BitmapState, Expect, PairIdentity, DEFAULT_GRANULARITY};
-use crate::core::{CoreCounters, Extent, Intent, MirrorState, PersistentBits};
+use crate::core::{CoreCounters, Extent, Intent, MirrorState};
 use crate::error::{Error, Result};
-use crate::target::{open_target, FileTarget, Target};
+use crate::target::{open_target, FileTarget};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -370,11 +370,6 @@ impl Engine {
         self.bitmap_flush_done(seq, r.is_ok());
         r
     }
-
-    /// Is region `r`'s persistent bit set (in the cache)?
-    pub fn bit(&self, r: u64) -> bool {
-        self.lock().state.pbits().get(r)
-    }
 }
 
 fn same_file(a: &Backing, b: &Backing) -> bool {
@@ -412,7 +407,7 @@ impl Default for CopyConfig {
 }
 
 impl CopyConfig {
-    pub fn validate(&self, granularity: u64) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         if self.max_copies == 0 || self.max_copies > 1024 {
             return Err(Error::config("copies in flight must be between 1 and 1024"));
         }
@@ -421,12 +416,6 @@ impl CopyConfig {
                 "copy buffer size must be a power of two from 4 KiB to 256 MiB",
             ));
         }
-        let _ = granularity;
         Ok(())
     }
-}
-
-/// Opens the target only (verify uses it without a bitmap).
-pub fn open_target_only(path: &Path, direct: DirectMode) -> Result<Box<dyn Target>> {
-    Ok(Box::new(open_target(path, direct)?))
 }

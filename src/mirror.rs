@@ -101,7 +101,7 @@ pub struct Mirror<'t> {
 
 impl<'t> Mirror<'t> {
     pub fn new(engine: Arc<Engine>, target: &'t mut crate::target::FileTarget, cfg: CopyConfig) -> Result<Self> {
-        cfg.validate(engine.granularity())?;
+        cfg.validate()?;
         let entries = (cfg.max_copies * 2 + 8).next_power_of_two() as u32;
         let ring = uring::new_ring(entries).map_err(|e| Error::io("io_uring setup for the mirror", e))?;
         ring.submitter()
