@@ -11,9 +11,11 @@
 // Errors carry paths and fixes for the user; they occur on cold paths (opening, setup).
 #![allow(clippy::result_large_err)]
 
+pub mod admin;
 pub mod backing;
 pub mod bitmap;
 pub mod core;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod mirror;

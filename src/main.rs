@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use ublk_mirror::backing::DirectMode;
+use ublk_mirror::admin::{self, AddOptions};
 use ublk_mirror::bitmap::Bitmap;
 use ublk_mirror::engine::{CopyConfig, PairOptions, Status, SyncMode};
 use ublk_mirror::mirror::Hooks;
@@ -29,6 +30,71 @@ enum Cmd {
     /// Inspect a bitmap file.
     #[command(subcommand)]
     Bitmap(BitmapCmd),
+    /// Create /dev/ublkbN over SOURCE, mirrored to TARGET; prints the device as JSON once live.
+    Add(AddArgs),
+    /// Stop and delete a device (the bitmap keeps what is still dirty).
+    Del {
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+        /// First wait (at most --timeout seconds) for a consistent point.
+        #[arg(long)]
+        wait_synced: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// List the ublk-mirror devices.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a new daemon for a device whose daemon died (the device waits for it, QUIESCED).
+    Recover {
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// State of a device's mirror: syncing or synced, dirty bytes, copy progress, consistent points.
+    Status {
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct AddArgs {
+    /// Source file or block device: the device's data lives here.
+    #[arg(long, short = 's')]
+    source: PathBuf,
+    /// Target file or block device, at least as large as the source.
+    #[arg(long, short = 't')]
+    target: PathBuf,
+    /// Dirty bitmap file (created if absent).
+    #[arg(long, short = 'b')]
+    bitmap: PathBuf,
+    /// Initial sync: full (default for a new bitmap), none (declare the pair identical), resume
+    /// (default for an existing bitmap: copy only what it marks dirty).
+    #[arg(long, value_enum)]
+    sync: Option<SyncMode>,
+    /// Region size for a new bitmap [default: 64K].
+    #[arg(long, short = 'g', value_parser = parse_size)]
+    granularity: Option<u64>,
+    /// Device id (N of /dev/ublkbN); default: the first free one.
+    #[arg(short = 'n', long = "number", default_value_t = -1, allow_negative_numbers = true)]
+    id: i32,
+    /// Queues.
+    #[arg(short = 'q', long = "queues", default_value_t = 1)]
+    queues: u16,
+    /// Queue depth.
+    #[arg(short = 'd', long = "depth", default_value_t = 128)]
+    depth: u16,
+    /// Serve in this process instead of a daemon.
+    #[arg(long)]
+    foreground: bool,
+    #[command(flatten)]
+    copy: CopyArgs,
 }
 
 #[derive(Args)]
@@ -119,6 +185,13 @@ fn main() -> ExitCode {
         Cmd::Sync(a) => cmd_sync(a),
         Cmd::Verify(a) => cmd_verify(a),
         Cmd::Bitmap(BitmapCmd::Show { bitmap, json }) => cmd_bitmap_show(bitmap, json),
+        Cmd::Add(a) => cmd_add(a),
+        Cmd::Del { id, wait_synced, timeout } => {
+            admin::delete(id, wait_synced.then(|| Duration::from_secs(timeout))).map(|_| 0).map_err(Into::into)
+        }
+        Cmd::List { json } => cmd_list(json),
+        Cmd::Recover { id, foreground } => cmd_recover(id, foreground),
+        Cmd::Status { id, json } => cmd_status(id, json),
     };
     match r {
         Ok(code) => ExitCode::from(code),
@@ -139,6 +212,109 @@ fn progress_line(s: &Status, total: u64) -> (u64, String) {
     (done, format!("{} / {}, {}/s, ETA {eta}", human(done), human(total), human(rate as u64)))
 }
 
+fn copy_config(a: &CopyArgs) -> CopyConfig {
+    CopyConfig {
+        max_copies: a.copies,
+        buf_size: a.buffer as usize,
+        checkpoint_bytes: a.checkpoint_bytes,
+        checkpoint_interval: Duration::from_secs(a.checkpoint_secs.max(1)),
+    }
+}
+
+fn cmd_add(a: AddArgs) -> CliResult {
+    let opts = AddOptions {
+        pair: PairOptions {
+            source: a.source,
+            target: a.target,
+            bitmap: a.bitmap,
+            mode: a.sync,
+            granularity: a.granularity,
+            direct: a.copy.direct,
+            source_writable: true,
+        },
+        copy: copy_config(&a.copy),
+        id: a.id,
+        queues: a.queues,
+        depth: a.depth,
+        foreground: a.foreground,
+    };
+    if let Some(v) = admin::start(&opts, None)? {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(0)
+}
+
+fn cmd_recover(id: u32, foreground: bool) -> CliResult {
+    let opts = AddOptions {
+        pair: PairOptions {
+            source: PathBuf::new(),
+            target: PathBuf::new(),
+            bitmap: PathBuf::new(),
+            mode: None,
+            granularity: None,
+            direct: DirectMode::Auto,
+            source_writable: true,
+        },
+        copy: CopyConfig::default(),
+        id: id as i32,
+        queues: 1,
+        depth: 128,
+        foreground,
+    };
+    if let Some(v) = admin::start(&opts, Some(id))? {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(0)
+}
+
+fn cmd_list(json: bool) -> CliResult {
+    admin::check_environment()?;
+    let devs = admin::list();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&devs)?);
+    } else {
+        for d in &devs {
+            println!(
+                "{}  {}  {}  {} -> {}  bitmap {}",
+                d["dev_id"], d["bdev"].as_str().unwrap_or("?"), d["state"].as_str().unwrap_or("?"),
+                d["source"].as_str().unwrap_or("?"), d["target"].as_str().unwrap_or("?"),
+                d["bitmap"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn cmd_status(id: u32, json: bool) -> CliResult {
+    let Some(v) = admin::read_status(id) else {
+        return Err(format!(
+            "no status for device {id}: its daemon is not running (if `ublk-mirror list` shows it \
+             QUIESCED, run `ublk-mirror recover -n {id}`)"
+        )
+        .into());
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    let s = &v["status"];
+    let u = |k: &str| s[k].as_u64().unwrap_or(0);
+    println!("device       {} ({})", v["bdev"].as_str().unwrap_or("?"), v["pid"]);
+    println!("mirror       {} -> {}", v["source"].as_str().unwrap_or("?"), v["target"].as_str().unwrap_or("?"));
+    println!("state        {}", s["state"].as_str().unwrap_or("?"));
+    println!("dirty        {}", human(u("dirty_bytes") + u("copying_bytes")));
+    println!("copied       {} (+{} of holes)", human(u("bytes_copied")), human(u("bytes_zeroed")));
+    println!(
+        "consistent   {} points, last {}",
+        u("consistent_points"),
+        s["last_consistent_age_secs"].as_f64().map(|a| format!("{a:.1}s ago")).unwrap_or_else(|| "never".into())
+    );
+    if u("copy_errors") > 0 {
+        println!("errors       {} copy errors; last: {}", u("copy_errors"), s["last_error"]);
+    }
+    Ok(0)
+}
+
 fn cmd_sync(a: SyncArgs) -> CliResult {
     let mode = if a.full {
         Some(SyncMode::Full)
@@ -156,12 +332,7 @@ fn cmd_sync(a: SyncArgs) -> CliResult {
         direct: a.copy.direct,
         source_writable: false,
     };
-    let copy = CopyConfig {
-        max_copies: a.copy.copies,
-        buf_size: a.copy.buffer as usize,
-        checkpoint_bytes: a.copy.checkpoint_bytes,
-        checkpoint_interval: Duration::from_secs(a.copy.checkpoint_secs.max(1)),
-    };
+    let copy = copy_config(&a.copy);
     let tty = std::io::stderr().is_terminal() && !a.json;
     let bar = indicatif::ProgressBar::hidden();
     let mut total = None;

@@ -1,0 +1,450 @@
+//! The device's control plane: `add`, `recover`, `del`, `list`, `status`, in the style of
+//! rublk / ublksrv.
+//!
+//! `add` forks a daemon before any ublk object or thread exists (START_DEV must come from the
+//! process that serves the queues). The daemon reports over a pipe: `ID n` once the device
+//! exists, `LIVE n` once it serves I/O, `FAIL text` otherwise; EOF means it died. The parent
+//! prints the device's JSON only after `LIVE`, and on any failure deletes the half-made device,
+//! so nothing is left behind. Every wait is bounded.
+
+use crate::device;
+use crate::engine::{CopyConfig, Engine, PairOptions, SyncMode};
+use crate::error::{Error, Result};
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::io::UblkDev;
+use libublk::{sys, UblkFlags};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const TARGET_NAME: &str = "ublk-mirror";
+pub const RUN_DIR: &str = "/run/ublk-mirror";
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What `add` was asked for.
+#[derive(Clone, Debug)]
+pub struct AddOptions {
+    pub pair: PairOptions,
+    pub copy: CopyConfig,
+    pub id: i32,
+    pub queues: u16,
+    pub depth: u16,
+    pub foreground: bool,
+}
+
+fn status_path(id: u32) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("{id}.json"))
+}
+
+/// Refuses early, with what to do, when the device cannot be made at all.
+pub fn check_environment() -> Result<()> {
+    if !Path::new("/dev/ublk-control").exists() {
+        return Err(Error::config(
+            "the ublk driver is not loaded (/dev/ublk-control is missing): run `modprobe ublk_drv` \
+             as root (Linux 6.0 or newer with CONFIG_BLK_DEV_UBLK). On a machine without it, try \
+             the device in the VM: see vm/README.md",
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::config("creating or changing ublk devices needs root: run with sudo"));
+    }
+    Ok(())
+}
+
+fn uerr(what: &'static str) -> impl Fn(libublk::UblkError) -> Error {
+    move |e| Error::config(format!("{what}: {e:?}"))
+}
+
+/// The daemon's report channel: a pipe to the waiting parent, or stderr in the foreground.
+struct Report(Option<File>);
+
+impl Report {
+    fn send(&mut self, line: &str) {
+        match self.0.as_mut() {
+            // A parent that went away cannot be told anything more.
+            Some(f) => drop(f.write_all(format!("{line}\n").as_bytes())),
+            None => eprintln!("ublk-mirror: {line}"),
+        }
+    }
+    fn try_clone(&self) -> Report {
+        Report(self.0.as_ref().and_then(|f| f.try_clone().ok()))
+    }
+}
+
+/// Opens the device to recover and reads the pair it was serving from its saved configuration.
+fn prepare_recover(id: u32, direct: crate::backing::DirectMode) -> Result<(UblkCtrl, PairOptions)> {
+    let old = UblkCtrl::new_simple(id as i32)
+        .map_err(|_| Error::config(format!("no ublk device {id} (see `ublk-mirror list`)")))?;
+    let info = old.dev_info();
+    if info.flags & sys::UBLK_F_USER_RECOVERY as u64 == 0 {
+        return Err(Error::config(format!("device {id} was not created with user recovery")));
+    }
+    if info.state != sys::UBLK_S_DEV_QUIESCED as u16 {
+        return Err(Error::config(format!(
+            "device {id} is {}, not waiting for a new daemon (QUIESCED): nothing to recover",
+            state_name(info.state)
+        )));
+    }
+    let data = old
+        .get_target_data_from_json()
+        .ok_or_else(|| Error::config(format!("device {id}: its saved configuration is missing")))?;
+    let path = |k: &str| data[k].as_str().map(PathBuf::from);
+    let (Some(source), Some(target), Some(bitmap)) = (path("source"), path("target"), path("bitmap")) else {
+        return Err(Error::config(format!("device {id} is not a ublk-mirror device")));
+    };
+    let pair = PairOptions {
+        source,
+        target,
+        bitmap,
+        mode: Some(SyncMode::Resume),
+        granularity: None,
+        direct,
+        source_writable: true,
+    };
+    let r = old.start_user_recover().map_err(uerr("start recovery"))?;
+    if r < 0 {
+        return Err(Error::config(format!(
+            "device {id}: the kernel refused recovery ({}); is the old daemon still alive?",
+            std::io::Error::from_raw_os_error(-r)
+        )));
+    }
+    let ctrl = UblkCtrlBuilder::default()
+        .name(TARGET_NAME)
+        .id(id as i32)
+        .nr_queues(info.nr_hw_queues)
+        .depth(info.queue_depth)
+        .io_buf_bytes(info.max_io_buf_bytes)
+        .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+        .build()
+        .map_err(uerr("recover"))?;
+    Ok((ctrl, pair))
+}
+
+/// Runs in the daemon: opens the pair, adds (or recovers) the device and serves it until it is
+/// stopped. Returns when the device is gone.
+fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result<()> {
+    let (ctrl, pair) = match recover {
+        Some(id) => prepare_recover(id, opts.pair.direct)?,
+        None => {
+            // Open and check the pair first: a refused bitmap or a short target must not leave
+            // a device behind. The engine is opened again below (after ADD) for real.
+            drop(Engine::open(&opts.pair)?);
+            let mut pair = opts.pair.clone();
+            // The first open made or validated the bitmap (and set it up for the chosen mode):
+            // the second only resumes from it.
+            pair.mode = Some(SyncMode::Resume);
+            pair.granularity = None;
+            let ctrl = UblkCtrlBuilder::default()
+                .name(TARGET_NAME)
+                .id(opts.id)
+                .nr_queues(opts.queues)
+                .depth(opts.depth)
+                .io_buf_bytes(512 << 10)
+                .ctrl_flags((sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64)
+                .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+                .build()
+                .map_err(|e| {
+                    let hint = if opts.id >= 0 {
+                        format!(" with id {} (is that id in use? see `ublk-mirror list`)", opts.id)
+                    } else {
+                        String::new()
+                    };
+                    Error::config(format!("cannot add the device{hint}: {e:?}"))
+                })?;
+            (ctrl, pair)
+        }
+    };
+    let info = ctrl.dev_info();
+    let id = info.dev_id;
+    report.send(&format!("ID {id}"));
+    // The kernel drops flags it does not know without an error: check what it granted.
+    let want = sys::UBLK_F_USER_RECOVERY as u64;
+    if info.flags & want != want {
+        return Err(Error::config(format!("the kernel did not grant user recovery (flags {:#x})", info.flags)));
+    }
+    let (engine, target, open) = Engine::open(&pair)?;
+    log::info!("device {id}: {:?}, {} dirty regions", open.mode, open.dirty_regions);
+    let engine = Arc::new(engine);
+    let mirror = device::spawn_mirror(engine.clone(), target, opts.copy.clone());
+    let stop_status = Arc::new(AtomicBool::new(false));
+    let status_thread = spawn_status_writer(id, engine.clone(), pair.clone(), stop_status.clone());
+
+    let src_fd = engine.source().fd();
+    let bm_fd = engine.bitmap_fd();
+    let data = serde_json::json!({
+        "source": pair.source, "target": pair.target, "bitmap": pair.bitmap,
+    });
+    let tgt_engine = engine.clone();
+    let tgt_init = move |dev: &mut UblkDev| -> std::result::Result<(), libublk::UblkError> {
+        let max_io = dev.dev_info.max_io_buf_bytes;
+        let t = &mut dev.tgt;
+        // Fixed files: 0 is /dev/ublkcN (libublk's), 1 the source, 2 the bitmap.
+        t.fds[t.nr_fds as usize] = src_fd;
+        t.fds[t.nr_fds as usize + 1] = bm_fd;
+        t.nr_fds += 2;
+        t.dev_size = tgt_engine.size();
+        // Room for a bitmap flush beside each tag's own operation.
+        t.cq_depth = t.cq_depth.saturating_mul(2);
+        t.sq_depth = t.sq_depth.saturating_mul(2);
+        t.params = device::params(&tgt_engine, max_io);
+        dev.set_target_json(data);
+        Ok(())
+    };
+    let q_engine = engine.clone();
+    let q_fn = move |qid: u16, dev: &UblkDev| device::queue_main(qid, dev, q_engine.clone());
+    let mut live = report.try_clone();
+    let on_live = move |c: &UblkCtrl| live.send(&format!("LIVE {}", c.dev_info().dev_id));
+    let served = ctrl.run_target(tgt_init, q_fn, on_live);
+    engine.request_stop();
+    let mirrored = mirror.join();
+    stop_status.store(true, Ordering::SeqCst);
+    let _ = status_thread.join();
+    if let Err(e) = served {
+        // Queue threads may still hold /dev/ublkcN: a DEL from here could wait on ourselves.
+        // Whoever waits for this process (the parent, or `del`) deletes the device.
+        ctrl.disown();
+        return Err(Error::config(format!("serving the device failed: {e:?}")));
+    }
+    match mirrored {
+        Ok(Ok(())) => engine.close()?,
+        Ok(Err(e)) => log::error!("mirror loop: {e}"),
+        Err(_) => log::error!("mirror thread panicked"),
+    }
+    let _ = std::fs::remove_file(status_path(id));
+    Ok(())
+}
+
+fn spawn_status_writer(
+    id: u32,
+    engine: Arc<Engine>,
+    pair: PairOptions,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let _ = std::fs::create_dir_all(RUN_DIR);
+        let path = status_path(id);
+        let tmp = path.with_extension("tmp");
+        while !stop.load(Ordering::SeqCst) {
+            let v = serde_json::json!({
+                "dev_id": id,
+                "bdev": format!("/dev/ublkb{id}"),
+                "pid": std::process::id(),
+                "source": pair.source, "target": pair.target, "bitmap": pair.bitmap,
+                "status": engine.status(),
+            });
+            if std::fs::write(&tmp, v.to_string()).and_then(|_| std::fs::rename(&tmp, &path)).is_err() {
+                log::warn!("cannot write {}", path.display());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    })
+}
+
+pub fn state_name(state: u16) -> &'static str {
+    match state as u32 {
+        sys::UBLK_S_DEV_DEAD => "DEAD",
+        sys::UBLK_S_DEV_LIVE => "LIVE",
+        sys::UBLK_S_DEV_QUIESCED => "QUIESCED",
+        _ => "UNKNOWN",
+    }
+}
+
+/// The parent's side of the handshake: the device id once LIVE.
+fn wait_live(child: libc::pid_t, mut pipe: File, recover: bool) -> Result<u32> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut id: Option<u32> = None;
+    let mut text = String::new();
+    let outcome: std::result::Result<u32, String> = loop {
+        if let Some(pos) = text.find('\n') {
+            let line: String = text.drain(..=pos).collect();
+            let line = line.trim().to_string();
+            match line.split_once(' ') {
+                Some(("ID", n)) => id = n.parse().ok(),
+                Some(("LIVE", n)) => break n.parse().map_err(|_| line.clone()),
+                Some(("FAIL", msg)) => break Err(msg.to_string()),
+                _ => break Err(format!("unexpected report from the daemon: {line}")),
+            }
+            continue;
+        }
+        let left = deadline.saturating_duration_since(Instant::now()).as_millis() as i32;
+        let mut pfd = libc::pollfd { fd: pipe.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        if left == 0 || unsafe { libc::poll(&mut pfd, 1, left) } == 0 {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child, libc::SIGKILL) };
+            break Err(format!("the device did not come up within {}s", START_TIMEOUT.as_secs()));
+        }
+        let mut b = [0u8; 512];
+        match pipe.read(&mut b) {
+            Ok(0) | Err(_) => break Err("the daemon exited before the device was live (see its log)".into()),
+            Ok(n) => text.push_str(&String::from_utf8_lossy(&b[..n])),
+        }
+    };
+    match outcome {
+        Ok(id) => Ok(id),
+        Err(msg) => {
+            let mut st = 0;
+            // SAFETY: reaping our own child; once it is gone /dev/ublkcN is closed and DEL
+            // cannot wait on it.
+            unsafe { libc::waitpid(child, &mut st, 0) };
+            // A failed add leaves nothing behind; a failed recover leaves the device QUIESCED
+            // so that it can be retried.
+            if let (false, Some(id)) = (recover, id) {
+                if let Ok(c) = UblkCtrl::new_simple(id as i32) {
+                    let _ = c.kill_dev();
+                    let _ = c.del_dev();
+                }
+            }
+            Err(Error::config(msg))
+        }
+    }
+}
+
+/// `add` and `recover`: serve in the foreground, or fork a daemon and return its JSON once live.
+pub fn start(opts: &AddOptions, recover: Option<u32>) -> Result<Option<serde_json::Value>> {
+    check_environment()?;
+    if opts.foreground {
+        serve(opts, recover, &mut Report(None))?;
+        return Ok(None);
+    }
+    std::fs::create_dir_all(RUN_DIR).map_err(|e| Error::io(format!("creating {RUN_DIR}"), e))?;
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(Error::io("pipe", std::io::Error::last_os_error()));
+    }
+    // Fork before any ublk object or thread exists: START_DEV must come from the process that
+    // serves the queues, and fork copies only the calling thread.
+    // SAFETY: the process is single-threaded here.
+    match unsafe { libc::fork() } {
+        -1 => Err(Error::io("fork", std::io::Error::last_os_error())),
+        0 => {
+            // SAFETY: fds[1] is the pipe's write end, owned from here on by this File.
+            let w = unsafe { File::from_raw_fd(fds[1]) };
+            let log = format!("{RUN_DIR}/daemon-{}.log\0", std::process::id());
+            // SAFETY: descriptor juggling in the new child: detach from the terminal and the
+            // caller's pipes; stdout and stderr go to the daemon's log. `log` is NUL-terminated.
+            unsafe {
+                libc::close(fds[0]);
+                libc::setsid();
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                libc::dup2(null, 0);
+                let lfd = libc::open(log.as_ptr().cast(), libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o600);
+                let out = if lfd >= 0 { lfd } else { null };
+                libc::dup2(out, 1);
+                libc::dup2(out, 2);
+            }
+            let mut report = Report(Some(w));
+            let code = match serve(opts, recover, &mut report) {
+                Ok(()) => 0,
+                Err(e) => {
+                    log::error!("{e}");
+                    report.send(&format!("FAIL {}", e.to_string().replace('\n', " ")));
+                    1
+                }
+            };
+            std::process::exit(code)
+        }
+        child => {
+            // SAFETY: closing our copy of the write end, so that EOF means the daemon died.
+            unsafe { libc::close(fds[1]) };
+            // SAFETY: fds[0] is the read end, owned from here on by this File.
+            let id = wait_live(child, unsafe { File::from_raw_fd(fds[0]) }, recover.is_some())?;
+            let c = UblkCtrl::new_simple(id as i32).map_err(uerr("open device"))?;
+            let mut v = device_json(&c);
+            v["log"] = serde_json::json!(format!("{RUN_DIR}/daemon-{child}.log"));
+            Ok(Some(v))
+        }
+    }
+}
+
+pub fn device_json(c: &UblkCtrl) -> serde_json::Value {
+    let i = c.dev_info();
+    let data = c.get_target_data_from_json().unwrap_or_default();
+    serde_json::json!({
+        "dev_id": i.dev_id,
+        "bdev": c.get_bdev_path(),
+        "state": state_name(i.state),
+        "source": data["source"], "target": data["target"], "bitmap": data["bitmap"],
+        "queues": i.nr_hw_queues, "depth": i.queue_depth, "pid": i.ublksrv_pid,
+    })
+}
+
+/// The live status the daemon publishes, if it is running.
+pub fn read_status(id: u32) -> Option<serde_json::Value> {
+    let s = std::fs::read_to_string(status_path(id)).ok()?;
+    serde_json::from_str(&s).ok()
+}
+
+/// Asked of sysfs, not of libublk (which complains on stderr about a missing device).
+fn device_exists(id: u32) -> bool {
+    Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+/// `del`: optionally wait for a consistent point, stop the device, wait for its daemon (bounded;
+/// killed after the bound), delete it.
+pub fn delete(id: u32, wait_synced: Option<Duration>) -> Result<()> {
+    check_environment()?;
+    if !device_exists(id) {
+        return Err(Error::config(format!("no ublk device {id} (see `ublk-mirror list`)")));
+    }
+    let c = UblkCtrl::new_simple(id as i32).map_err(uerr("open device"))?;
+    if let Some(limit) = wait_synced {
+        let t0 = Instant::now();
+        while !read_status(id).is_some_and(|v| v["status"]["state"] == "synced") {
+            if t0.elapsed() > limit {
+                return Err(Error::config(format!(
+                    "device {id} did not reach a consistent point within {}s; it is left running",
+                    limit.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let pid = c.dev_info().ublksrv_pid;
+    let _ = c.kill_dev();
+    let t0 = Instant::now();
+    while pid_alive(pid) && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if pid_alive(pid) {
+        log::warn!("daemon {pid} did not exit within 30 s of the stop; killing it");
+        // SAFETY: signalling a process by pid.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if let Err(e) = c.del_dev() {
+        // ENOENT: the daemon deleted its own device on the way out.
+        if device_exists(id) {
+            return Err(Error::config(format!("deleting device {id}: {e:?}")));
+        }
+    }
+    let _ = std::fs::remove_file(status_path(id));
+    Ok(())
+}
+
+/// All ublk-mirror devices.
+pub fn list() -> Vec<serde_json::Value> {
+    let out = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let o = out.clone();
+    UblkCtrl::for_each_dev_id(move |id| {
+        if let Ok(c) = UblkCtrl::new_simple(id as i32) {
+            let v = device_json(&c);
+            if !v["bitmap"].is_null() {
+                o.borrow_mut().push(v);
+            }
+        }
+    });
+    let v = out.borrow().clone();
+    v
+}
