@@ -134,6 +134,14 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
             // Open and check the pair first: a refused bitmap or a short target must not leave
             // a device behind. The engine is opened again below (after ADD) for real.
             drop(Engine::open(&opts.pair)?);
+            // libublk's builder, failing to add an id that exists, deletes that device when it
+            // drops: check first (a race with another `add` of the same id remains).
+            if opts.id >= 0 && device_exists(opts.id as u32) {
+                return Err(Error::config(format!(
+                    "device id {} is in use (see `ublk-mirror list`): choose another -n or omit it",
+                    opts.id
+                )));
+            }
             let mut pair = opts.pair.clone();
             // The first open made or validated the bitmap (and set it up for the chosen mode):
             // the second only resumes from it.
