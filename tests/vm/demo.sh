@@ -1,0 +1,22 @@
+#!/bin/sh
+# A guided tour, not a test of its own (scripts/try-in-vm.sh runs it): create a mirrored device,
+# put a file system on it, watch the mirror converge, look at status, delete it, verify.
+# shellcheck source=/dev/null
+. /vm/lib.sh
+S=/tmp/disk.img T=/tmp/mirror.img B=/tmp/disk.bitmap DEV=/dev/ublkb0
+truncate -s 512M $S $T
+step "ublk-mirror add --source $S --target $T --bitmap $B"
+run_timeout 60 ublk-mirror add --source $S --target $T --bitmap $B || fail "add"
+step "mkfs.ext4 and some files on $DEV"
+run_timeout 120 mkfs.ext4 -q $DEV || fail mkfs
+mkdir -p /mnt/d && mount $DEV /mnt/d || fail mount
+dd if=/dev/urandom of=/mnt/d/data bs=1M count=64 2>/dev/null; sync
+step "ublk-mirror status -n 0"
+ublk-mirror status -n 0
+wait_for 60 "a consistent point" sh -c "ublk-mirror status -n 0 --json | grep -q '\"state\": \"synced\"'"
+ublk-mirror status -n 0
+umount /mnt/d
+step "ublk-mirror del -n 0 --wait-synced; ublk-mirror verify"
+run_timeout 90 ublk-mirror del -n 0 --wait-synced || fail del
+run_timeout 60 ublk-mirror verify --source $S --target $T --bitmap $B || fail verify
+ublk-mirror bitmap show $B
