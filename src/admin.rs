@@ -386,7 +386,10 @@ pub fn device_json(c: &UblkCtrl) -> serde_json::Value {
 /// The live status the daemon publishes, if it is running.
 pub fn read_status(id: u32) -> Option<serde_json::Value> {
     let s = std::fs::read_to_string(status_path(id)).ok()?;
-    serde_json::from_str(&s).ok()
+    let v: serde_json::Value = serde_json::from_str(&s).ok()?;
+    // A daemon that was killed leaves its last status behind: it is not a live one.
+    let pid = v["pid"].as_i64().unwrap_or(0) as i32;
+    pid_alive(pid).then_some(v)
 }
 
 /// Asked of sysfs, not of libublk (which complains on stderr about a missing device).

@@ -28,6 +28,8 @@ PID=$(ublk-mirror list --json | sed -n 's/.*"pid": \([0-9]*\).*/\1/p')
 kill -9 "$PID" || fail "kill daemon $PID"
 log "killed daemon $PID"
 wait_for 20 "the device to wait for a new daemon" sh -c "ublk-mirror list --json | grep -q QUIESCED"
+if ublk-mirror status -n 0 > /tmp/st 2>&1; then fail "status claims a live daemon: $(cat /tmp/st)"; fi
+grep -q "recover -n 0" /tmp/st || fail "status does not say to recover: $(cat /tmp/st)"
 run_timeout 90 ublk-mirror recover -n 0 > /tmp/rec.json 2>/tmp/rec.err || fail "recover: $(cat /tmp/rec.err)"
 grep -q '"state": "LIVE"' /tmp/rec.json || fail "not LIVE after recover: $(cat /tmp/rec.json)"
 t=0

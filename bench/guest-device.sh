@@ -1,0 +1,54 @@
+#!/bin/sh
+# Guest side of bench/device.sh: fio on four block devices over the same kind of backing files
+# (tmpfs), interleaved in rounds so that drift of the emulated machine hits all alike:
+#   mirror  ublk-mirror while mirroring (source + target + bitmap, --sync none)
+#   ublk    rublk's plain ublk loop target over one file (the same ublk + io_uring path, no mirror)
+#   loop    the kernel loop driver (direct I/O)
+#   raid1   dm-raid1 (dm-mirror, core log) over two kernel loop devices: the in-kernel mirror
+# Prints: RESULT <device> <job> <round> <iops> <KiB/s>
+# shellcheck source=/dev/null
+. /vm/lib.sh
+SIZE=${BENCH_SIZE:-256M} RT=${BENCH_RUNTIME:-6} ROUNDS=${BENCH_ROUNDS:-3}
+modprobe loop; modprobe dm-mirror
+# Six backing files: more than the 1 GiB /tmp holds.
+mkdir -p /bench && mount -t tmpfs -o size=1800m tmpfs /bench && cd /bench || fail "tmpfs for the files"
+for f in m_src m_tgt u_src l_src r_a r_b; do truncate -s $SIZE $f; done
+run_timeout 60 ublk-mirror add -n 0 --sync none -s /bench/m_src -t /bench/m_tgt -b /bench/m_bm > /dev/null || fail "ublk-mirror add"
+run_timeout 60 rublk add loop -n 1 -f /bench/u_src > /dev/null || fail "rublk add"
+wait_for 10 "ublk devices" sh -c "test -b /dev/ublkb0 && test -b /dev/ublkb1"
+L=$(losetup -f) && losetup "$L" /bench/l_src || fail "losetup"
+RA=$(losetup -f) && losetup "$RA" /bench/r_a && RB=$(losetup -f) && losetup "$RB" /bench/r_b || fail "losetup raid legs"
+SECT=$(( $(blockdev --getsize64 "$RA") / 512 ))
+dmsetup create bench-raid1 --table "0 $SECT mirror core 2 1024 nosync 2 $RA 0 $RB 0" || fail "dm-mirror"
+wait_for 10 "dm device" test -b /dev/mapper/bench-raid1
+DEVS="mirror:/dev/ublkb0 ublk:/dev/ublkb1 loop:$L raid1:/dev/mapper/bench-raid1"
+log "devices: $DEVS"
+for job in randread randwrite seqwrite; do
+    for d in $DEVS; do
+        # Lay data down first so reads hit written blocks (and the mirror has copied it).
+        run_timeout 120 fio --name=fill --filename=${d#*:} --rw=write --bs=1M --iodepth=8 --ioengine=io_uring --direct=1 --size=$SIZE --output=/tmp/fill.out \
+            || fail "fill of $d: $(cat /tmp/fill.out)"
+    done
+    [ "$job" = randread ] || break
+done
+wait_for 120 "the mirror to converge after the fill" sh -c "ublk-mirror status -n 0 --json | grep -q '\"state\": \"synced\"'"
+r=1
+while [ $r -le "$ROUNDS" ]; do
+    for job in randread randwrite seqwrite; do
+        case $job in
+            randread) a="--rw=randread --bs=4k --iodepth=32";;
+            randwrite) a="--rw=randwrite --bs=4k --iodepth=32";;
+            seqwrite) a="--rw=write --bs=1M --iodepth=8";;
+        esac
+        for d in $DEVS; do
+            # shellcheck disable=SC2086
+            out=$(run_timeout 120 fio --name=b --filename=${d#*:} $a --ioengine=io_uring --direct=1 --size=$SIZE \
+                --time_based --runtime=$RT --ramp_time=1 --output-format=terse --terse-version=3) || fail "fio $job on $d"
+            echo "$out" | awk -F';' -v n="${d%%:*}" -v j=$job -v r=$r '{ printf "RESULT %s %s %d %d %d\n", n, j, r, $8 + $49, $7 + $48 }'
+        done
+    done
+    r=$((r + 1))
+done
+ublk-mirror status -n 0
+run_timeout 120 ublk-mirror del -n 0 --wait-synced --timeout 100 || fail "del"
+run_timeout 60 ublk-mirror verify -s /bench/m_src -t /bench/m_tgt -b /bench/m_bm || fail "the mirror is not identical after the benchmark"
