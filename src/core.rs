@@ -97,6 +97,8 @@ pub struct FlushOutcome {
     pub consistent: bool,
     /// Persistent bits cleared (in the bitmap's cache).
     pub cleared: u64,
+    /// Bits made eligible for lazy clearing instead.
+    pub deferred: u64,
     /// Regions made dirty again because the flush failed.
     pub redirtied: u64,
 }
@@ -132,6 +134,13 @@ pub struct MirrorState<P: PersistentBits> {
     /// Regions whose copy completed and that nothing touched since; cleared into a target flush.
     copied: BitVec<u64, Lsb0>,
     flush: Option<TargetFlush>,
+    /// Lazy clearing (rule 3): regions whose bit may be cleared, aged by [`Self::clear_tick`].
+    /// A bit becomes clear between one and two ticks after its region became eligible, unless a
+    /// write or copy touches the region first. Without it, a region written every few seconds
+    /// would pay a bitmap flush on every write, as the mirror keeps catching up with it.
+    lazy: bool,
+    eligible_young: BitVec<u64, Lsb0>,
+    eligible_old: BitVec<u64, Lsb0>,
     /// Writes in flight per region (begin_write .. end_write). Small: bounded by queue depth.
     inflight: HashMap<u64, u32>,
     /// Regions whose bit was set in the cache but is not yet known durable, with the sequence
@@ -169,6 +178,9 @@ impl<P: PersistentBits> MirrorState<P> {
             copying_count: 0,
             copied: bitvec![u64, Lsb0; 0; nregions as usize],
             flush: None,
+            lazy: false,
+            eligible_young: bitvec![u64, Lsb0; 0; nregions as usize],
+            eligible_old: bitvec![u64, Lsb0; 0; nregions as usize],
             inflight: HashMap::new(),
             pending: HashMap::new(),
             set_seq: 0,
@@ -228,6 +240,8 @@ impl<P: PersistentBits> MirrorState<P> {
     /// target flush may clear its bit on the strength of that copy.
     fn disturb(&mut self, r: u64) {
         self.copied.set(r as usize, false);
+        self.eligible_young.set(r as usize, false);
+        self.eligible_old.set(r as usize, false);
         if let Some(f) = self.flush.as_mut() {
             f.regions.set(r as usize, false);
         }
@@ -421,10 +435,14 @@ impl<P: PersistentBits> MirrorState<P> {
             for i in flush.regions.iter_ones() {
                 let r = i as u64;
                 debug_assert!(!self.volatile[i] && !self.inflight.contains_key(&r));
-                if self.pbits.get(r) {
-                    self.pbits.clear(r);
-                    self.durable.set(i, false);
-                    self.pending.remove(&r);
+                if !self.pbits.get(r) {
+                    continue;
+                }
+                if self.lazy {
+                    self.eligible_young.set(i, true);
+                    out.deferred += 1;
+                } else {
+                    self.clear_bit(r);
                     out.cleared += 1;
                 }
             }
@@ -446,6 +464,48 @@ impl<P: PersistentBits> MirrorState<P> {
             self.changed = true;
         }
         out
+    }
+
+    fn clear_bit(&mut self, r: u64) {
+        self.pbits.clear(r);
+        self.durable.set(r as usize, false);
+        self.pending.remove(&r);
+    }
+
+    /// Turns lazy clearing on or off (off: bits are cleared when the target flush completes).
+    pub fn set_lazy_clearing(&mut self, lazy: bool) {
+        self.lazy = lazy;
+        if !lazy {
+            self.clear_eligible();
+        }
+    }
+
+    /// One tick of lazy clearing: clears the bits that were already eligible at the previous
+    /// tick and are still untouched. Returns the number of bits cleared.
+    pub fn clear_tick(&mut self) -> u64 {
+        let old = std::mem::replace(&mut self.eligible_old, bitvec![u64, Lsb0; 0; self.nregions as usize]);
+        let mut n = 0;
+        for i in old.iter_ones() {
+            // Eligible regions are untouched since their copy was flushed to the target:
+            // disturb() removes any region a write or a copy touches.
+            debug_assert!(!self.volatile[i] && !self.inflight.contains_key(&(i as u64)));
+            if self.pbits.get(i as u64) {
+                self.clear_bit(i as u64);
+                n += 1;
+            }
+        }
+        std::mem::swap(&mut self.eligible_old, &mut self.eligible_young);
+        n
+    }
+
+    /// Clears every eligible bit now (an orderly stop: nothing will write any more).
+    pub fn clear_eligible(&mut self) -> u64 {
+        self.clear_tick() + self.clear_tick()
+    }
+
+    /// Are there eligible bits waiting for a tick?
+    pub fn clearing_pending(&self) -> bool {
+        self.eligible_young.any() || self.eligible_old.any()
     }
 
     /// Marks every region dirty, in the cache and in the work list (a full sync). The caller
@@ -736,6 +796,28 @@ mod tests {
         assert_eq!(s.next_copy(8), Some(ext(5, 1)));
         assert_eq!(s.next_copy(8), Some(ext(9, 2)));
         assert_eq!(s.next_copy(8), None);
+    }
+
+    #[test]
+    fn lazy_clearing_waits_two_ticks_and_a_write_cancels_it() {
+        let mut s = state(4);
+        s.set_lazy_clearing(true);
+        s.mark_all();
+        let f = s.bitmap_flush_started();
+        s.bitmap_flush_done(f, true);
+        let c = s.next_copy(4).unwrap();
+        s.copy_done(c, true);
+        s.target_flush_started();
+        let out = s.target_flush_done(true);
+        assert_eq!((out.cleared, out.deferred), (0, 4));
+        assert_eq!(s.persistent_count(), 4);
+        assert_eq!(s.clear_tick(), 0, "young eligible bits survive one tick");
+        // A write to region 1 while eligible: its bit must stay, and it needs no new flush.
+        assert_eq!(s.begin_write(ext(1, 1)), Intent::Ready);
+        s.end_write(ext(1, 1));
+        assert_eq!(s.clear_tick(), 3);
+        assert!(s.pbits().get(1));
+        s.check_invariants().unwrap();
     }
 
     #[test]

@@ -393,6 +393,11 @@ pub struct CopyConfig {
     pub checkpoint_bytes: u64,
     /// ...or after this long, whichever comes first.
     pub checkpoint_interval: Duration,
+    /// Live mirrors clear a region's bit only once it has stayed untouched this long after its
+    /// copy reached the target (between 1x and 2x this), so that a region written again soon
+    /// does not pay another bitmap flush (md's bitmap daemon does the same). Offline syncs clear
+    /// at once.
+    pub clear_delay: Duration,
 }
 
 impl Default for CopyConfig {
@@ -402,6 +407,7 @@ impl Default for CopyConfig {
             buf_size: 1 << 20,
             checkpoint_bytes: 1 << 30,
             checkpoint_interval: Duration::from_secs(10),
+            clear_delay: Duration::from_secs(5),
         }
     }
 }

@@ -218,6 +218,7 @@ fn copy_config(a: &CopyArgs) -> CopyConfig {
         buf_size: a.buffer as usize,
         checkpoint_bytes: a.checkpoint_bytes,
         checkpoint_interval: Duration::from_secs(a.checkpoint_secs.max(1)),
+        ..CopyConfig::default()
     }
 }
 

@@ -163,6 +163,10 @@ impl<'t> Mirror<'t> {
         };
         let mut progress = progress;
         let mut last_progress = Instant::now();
+        // Lazy clearing for a live mirror (see CopyConfig::clear_delay).
+        let tick = (until == RunUntil::Stopped && !self.cfg.clear_delay.is_zero()).then(|| self.cfg.clear_delay / 2);
+        self.engine.lock().state.set_lazy_clearing(tick.is_some());
+        let mut next_tick = tick.map(|t| Instant::now() + t);
         let mut cqes = Vec::new();
         let mut interrupted = false;
         loop {
@@ -178,6 +182,19 @@ impl<'t> Mirror<'t> {
             if self.fatal.is_none() && !stopping {
                 self.start_copies()?;
             }
+            if let (Some(t), Some(at)) = (tick, next_tick) {
+                if Instant::now() >= at {
+                    if self.engine.lock().state.clear_tick() > 0 {
+                        self.bitmap_clears_pending = true;
+                    }
+                    next_tick = Some(Instant::now() + t);
+                }
+            }
+            // Stopping in order: the target holds every eligible region, and nothing writes
+            // any more, so their bits can go now (a restart then copies nothing needlessly).
+            if stopping && self.running == 0 && self.target_flush.is_none() && self.engine.lock().state.clear_eligible() > 0 {
+                self.bitmap_clears_pending = true;
+            }
             self.maybe_flush(stopping)?;
             if self.finished(until, stopping) {
                 break;
@@ -187,6 +204,12 @@ impl<'t> Mirror<'t> {
             }
             // Wait for a completion, or for the backoff / checkpoint timer.
             let timeout = self.retry_at.map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = match (timeout, next_tick) {
+                (None, Some(at)) if self.engine.lock().state.clearing_pending() => {
+                    Some(at.saturating_duration_since(Instant::now()))
+                }
+                (t, _) => t,
+            };
             let timeout = match (timeout, progress.is_some()) {
                 (Some(t), _) => Some(t.min(Duration::from_millis(500))),
                 (None, true) => Some(Duration::from_millis(500)),

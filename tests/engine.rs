@@ -186,6 +186,7 @@ fn interrupted_full_sync_resumes_without_recopying() {
         buf_size: MIB as usize,
         checkpoint_bytes: 4 * MIB,
         checkpoint_interval: Duration::from_secs(3600),
+        ..Default::default()
     };
     let hooks = Hooks { after_read: None, stop_after_bytes: Some(32 * MIB) };
     let first = sync::sync(&f.pair(None, None), &cfg, hooks, None).expect("first sync");
