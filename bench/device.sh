@@ -18,20 +18,6 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD) host: $(nproc) cores, $(uname -r)"
 vm/run.sh -t 1500 -r 3 -m 3G -b target/release/ublk-mirror -b "$CACHE/rublk-$RUBLK_VERSION/bin/rublk" \
-    -a "BENCH_SIZE=${BENCH_SIZE:-256M} BENCH_RUNTIME=${BENCH_RUNTIME:-6} BENCH_ROUNDS=${BENCH_ROUNDS:-3}" \
+    -a "BENCH_SIZE=${BENCH_SIZE:-256M} BENCH_RUNTIME=${BENCH_RUNTIME:-6} BENCH_ROUNDS=${BENCH_ROUNDS:-3} BENCH_MIRROR_ARGS=${BENCH_MIRROR_ARGS:-}" \
     bench/guest-device.sh | tee "$log" | grep -a '^RESULT\|FAIL\|PASS'
-grep -a '^RESULT' "$log" | python3 -c '
-import sys, statistics as st, collections
-v = collections.defaultdict(list)
-for line in sys.stdin:
-    _, dev, job, rnd, iops, kib = line.split()
-    v[(dev, job)].append((int(iops), int(kib)))
-devs = ["mirror", "ublk", "loop", "raid1"]
-print(f"{\"job\":10} " + " ".join(f"{d:>16}" for d in devs) + "   mirror/ublk")
-for job in ["randread", "randwrite", "seqwrite"]:
-    key = 1 if job == "seqwrite" else 0
-    unit = "KiB/s" if key else "IOPS"
-    med = {d: st.median(x[key] for x in v[(d, job)]) for d in devs if v[(d, job)]}
-    print(f"{job:10} " + " ".join(f"{med.get(d, 0):>10.0f} {unit:>5}" for d in devs) +
-          f"   {med[\"mirror\"] / med[\"ublk\"]:.2f}")
-'
+grep -a '^RESULT' "$log" | python3 bench/device-table.py

@@ -13,7 +13,8 @@ modprobe loop; modprobe dm-mirror
 # Six backing files: more than the 1 GiB /tmp holds.
 mkdir -p /bench && mount -t tmpfs -o size=1800m tmpfs /bench && cd /bench || fail "tmpfs for the files"
 for f in m_src m_tgt u_src l_src r_a r_b; do truncate -s $SIZE $f; done
-run_timeout 60 ublk-mirror add -n 0 --sync none -s /bench/m_src -t /bench/m_tgt -b /bench/m_bm > /dev/null || fail "ublk-mirror add"
+# shellcheck disable=SC2086
+run_timeout 60 ublk-mirror add -n 0 --sync none ${BENCH_MIRROR_ARGS:-} -s /bench/m_src -t /bench/m_tgt -b /bench/m_bm > /dev/null || fail "ublk-mirror add"
 run_timeout 60 rublk add loop -n 1 -f /bench/u_src > /dev/null || fail "rublk add"
 wait_for 10 "ublk devices" sh -c "test -b /dev/ublkb0 && test -b /dev/ublkb1"
 L=$(losetup -f) && losetup "$L" /bench/l_src || fail "losetup"
