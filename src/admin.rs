@@ -244,6 +244,7 @@ fn spawn_status_writer(
                 "pid": std::process::id(),
                 "source": pair.source, "target": pair.target, "bitmap": pair.bitmap,
                 "status": engine.status(),
+                "updated_ms": unix_ms(),
             });
             if std::fs::write(&tmp, v.to_string()).and_then(|_| std::fs::rename(&tmp, &path)).is_err() {
                 log::warn!("cannot write {}", path.display());
@@ -397,30 +398,57 @@ fn device_exists(id: u32) -> bool {
     Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn pid_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     pid > 0 && unsafe { libc::kill(pid, 0) } == 0
 }
 
+/// Waits (at most `limit`) for a status written after this call started that says synced: an
+/// older "synced" may predate the last writes.
+pub fn wait_synced(id: u32, limit: Duration) -> Result<()> {
+    let t0 = Instant::now();
+    let since = unix_ms();
+    let fresh_synced =
+        |v: &serde_json::Value| v["status"]["state"] == "synced" && v["updated_ms"].as_u64().is_some_and(|t| t > since);
+    loop {
+        match read_status(id) {
+            Some(v) if fresh_synced(&v) => return Ok(()),
+            None if !device_exists(id) => return Err(Error::config(format!("no ublk device {id}"))),
+            None if t0.elapsed() > Duration::from_secs(2) => {
+                return Err(Error::config(format!(
+                    "device {id} has no running daemon (if `ublk-mirror list` shows it QUIESCED, run \
+                     `ublk-mirror recover -n {id}`)"
+                )))
+            }
+            _ => {}
+        }
+        if t0.elapsed() > limit {
+            return Err(Error::config(format!(
+                "device {id} did not reach a consistent point within {}s",
+                limit.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// `del`: optionally wait for a consistent point, stop the device, wait for its daemon (bounded;
 /// killed after the bound), delete it.
-pub fn delete(id: u32, wait_synced: Option<Duration>) -> Result<()> {
+pub fn delete(id: u32, wait: Option<Duration>) -> Result<()> {
     check_environment()?;
     if !device_exists(id) {
         return Err(Error::config(format!("no ublk device {id} (see `ublk-mirror list`)")));
     }
     let c = UblkCtrl::new_simple(id as i32).map_err(uerr("open device"))?;
-    if let Some(limit) = wait_synced {
-        let t0 = Instant::now();
-        while !read_status(id).is_some_and(|v| v["status"]["state"] == "synced") {
-            if t0.elapsed() > limit {
-                return Err(Error::config(format!(
-                    "device {id} did not reach a consistent point within {}s; it is left running",
-                    limit.as_secs()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    if let Some(limit) = wait {
+        wait_synced(id, limit)?;
     }
     let pid = c.dev_info().ublksrv_pid;
     let _ = c.kill_dev();

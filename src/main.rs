@@ -60,6 +60,11 @@ enum Cmd {
         id: u32,
         #[arg(long)]
         json: bool,
+        /// Wait (at most --timeout seconds) for a consistent point; exit 0 once synced.
+        #[arg(long)]
+        wait_synced: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
     },
 }
 
@@ -191,7 +196,15 @@ fn main() -> ExitCode {
         }
         Cmd::List { json } => cmd_list(json),
         Cmd::Recover { id, foreground } => cmd_recover(id, foreground),
-        Cmd::Status { id, json } => cmd_status(id, json),
+        Cmd::Status { id, json, wait_synced, timeout } => {
+            if wait_synced {
+                if let Err(e) = admin::wait_synced(id, Duration::from_secs(timeout)) {
+                    eprintln!("ublk-mirror: error: {e}");
+                    return ExitCode::from(EXIT_ERROR);
+                }
+            }
+            cmd_status(id, json)
+        }
     };
     match r {
         Ok(code) => ExitCode::from(code),

@@ -13,7 +13,7 @@ mkdir -p /mnt/d && mount $DEV /mnt/d || fail mount
 dd if=/dev/urandom of=/mnt/d/data bs=1M count=64 2>/dev/null; sync
 step "ublk-mirror status -n 0"
 ublk-mirror status -n 0
-wait_for 60 "a consistent point" sh -c "ublk-mirror status -n 0 --json | grep -q '\"state\": \"synced\"'"
+run_timeout 60 ublk-mirror status -n 0 --wait-synced --timeout 60 > /dev/null || fail "a consistent point"
 ublk-mirror status -n 0
 umount /mnt/d
 step "ublk-mirror del -n 0 --wait-synced; ublk-mirror verify"

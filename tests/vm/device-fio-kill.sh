@@ -16,7 +16,7 @@ step "fio randwrite QD32 with crc32c verify, while mirroring"
 run_timeout 300 $FIO --name=w --rw=randwrite --verify=crc32c --do_verify=1 --output=/tmp/fio1.out \
     || fail "fio: $(cat /tmp/fio1.out)"
 grep -q "err= 0" /tmp/fio1.out || fail "fio reported errors: $(cat /tmp/fio1.out)"
-wait_for 120 "a consistent point" sh -c "ublk-mirror status -n 0 --json | grep -q '\"state\": \"synced\"'"
+run_timeout 120 ublk-mirror status -n 0 --wait-synced --timeout 120 > /dev/null || fail "a consistent point"
 run_timeout 60 ublk-mirror verify -s $S -t $T -b $B || fail "verify after fio"
 
 step "SIGKILL of the daemon during a fio verify run, then recover"
@@ -38,7 +38,7 @@ while kill -0 $FIO_PID 2>/dev/null; do
 done
 wait $FIO_PID || fail "fio failed after recovery: $(cat /tmp/fio2.out)"
 grep -q "err= 0" /tmp/fio2.out || fail "fio saw errors: $(cat /tmp/fio2.out)"
-wait_for 120 "convergence after recovery" sh -c "ublk-mirror status -n 0 --json | grep -q '\"state\": \"synced\"'"
+run_timeout 120 ublk-mirror status -n 0 --wait-synced --timeout 120 > /dev/null || fail "convergence after recovery"
 run_timeout 90 ublk-mirror del -n 0 --wait-synced --timeout 60 || fail "del"
 cmp $S $T || fail "source and target differ"
 run_timeout 60 ublk-mirror verify -s $S -t $T -b $B || fail "verify"

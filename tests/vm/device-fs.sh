@@ -25,7 +25,7 @@ umount /mnt/dev || fail "umount"
 run_timeout 120 e2fsck -fn $DEV > /tmp/fsck.out 2>&1 || fail "e2fsck on the device: $(cat /tmp/fsck.out)"
 
 step "the synced target is a clean file system with the same files"
-wait_for 60 "a consistent point" sh -c "ublk-mirror status -n 0 --json | grep -q '\"state\": \"synced\"'"
+run_timeout 60 ublk-mirror status -n 0 --wait-synced --timeout 60 > /dev/null || fail "a consistent point"
 run_timeout 120 e2fsck -fn $T > /tmp/fsck2.out 2>&1 || fail "e2fsck on the target: $(cat /tmp/fsck2.out)"
 mount -o ro,loop $T /mnt/tgt || fail "mount target"
 (cd /mnt/tgt && md5sum -c /tmp/sums > /dev/null) || fail "target files differ"
