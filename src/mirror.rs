@@ -82,6 +82,9 @@ pub struct Mirror<'t> {
     jobs: Vec<Option<Job>>,
     running: usize,
     target_flush: Option<FlushKind>,
+    /// Parts of the pair flush still outstanding (target and source), and the first error.
+    flush_parts: u8,
+    flush_error: Option<io::Error>,
     bitmap_flush: Option<u64>,
     bitmap_clears_pending: bool,
     wake_buf: Box<u64>,
@@ -125,6 +128,8 @@ impl<'t> Mirror<'t> {
             target,
             cfg,
             target_flush: None,
+            flush_parts: 0,
+            flush_error: None,
             bitmap_flush: None,
             bitmap_clears_pending: false,
             wake_buf: Box::new(0),
@@ -446,6 +451,10 @@ impl<'t> Mirror<'t> {
     }
 
     fn on_source(&mut self, slot: usize, res: i32) -> Result<()> {
+        if slot == SRC_FLUSH_SLOT {
+            let r = if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(0) };
+            return self.on_flush_part(r, "source");
+        }
         if self.draining {
             return self.finish(slot, false);
         }
@@ -473,7 +482,7 @@ impl<'t> Mirror<'t> {
 
     fn on_target(&mut self, token: u64, r: io::Result<u32>) -> Result<()> {
         if token == FLUSH_TOKEN {
-            return self.on_target_flush(r);
+            return self.on_flush_part(r, "target");
         }
         let slot = token as usize;
         if self.draining {
@@ -535,9 +544,34 @@ impl<'t> Mirror<'t> {
         self.target_flush = Some(kind);
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
+        // The source is flushed too: a region's bit may only go once both sides hold what
+        // was copied on their media. Otherwise a power loss could keep the copy on the target
+        // but lose the (never flushed) write on the source, and with the bit clear the pair
+        // would stay different for good. The copies read the source before this flush starts,
+        // so this fdatasync covers what they read.
+        self.flush_parts = 2;
+        self.flush_error = None;
         self.target
             .submit(&mut self.ring, TargetOp::Flush, FLUSH_TOKEN)
-            .map_err(|e| Error::io("submitting a target flush", e))
+            .map_err(|e| Error::io("submitting a target flush", e))?;
+        let e = opcode::Fsync::new(types::Fixed(SRC_FIXED)).flags(types::FsyncFlags::DATASYNC).build();
+        push(&mut self.ring, e, Owner::Source, SRC_FLUSH_SLOT as u64).map_err(|e| Error::io("submitting a source flush", e))
+    }
+
+    /// One part of the pair flush completed; the flush is done when both are.
+    fn on_flush_part(&mut self, r: io::Result<u32>, what: &str) -> Result<()> {
+        if let Err(e) = r {
+            log::warn!("{what} flush failed: {e}");
+            self.flush_error.get_or_insert(e);
+        }
+        self.flush_parts = self.flush_parts.saturating_sub(1);
+        if self.flush_parts > 0 {
+            return Ok(());
+        }
+        match self.flush_error.take() {
+            None => self.on_target_flush(Ok(0)),
+            Some(e) => self.on_target_flush(Err(e)),
+        }
     }
 
     fn on_target_flush(&mut self, r: io::Result<u32>) -> Result<()> {
@@ -590,6 +624,8 @@ impl<'t> Mirror<'t> {
 }
 
 const FLUSH_TOKEN: u64 = (1 << 40) - 1;
+/// Sub-identifier of the source half of a pair flush (job slots are far below it).
+const SRC_FLUSH_SLOT: usize = (1 << 40) - 1;
 
 impl Drop for Mirror<'_> {
     /// Waits for the operations in flight, so that nothing the kernel still holds (buffers,
