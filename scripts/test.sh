@@ -36,6 +36,12 @@ else
         vm/run.sh -t 600 -r 3 -b target/release/ublk-mirror "${args[@]}" "$t"
         vm_passed=$((vm_passed + 1))
     done
+    # Scenarios that drive the VM from the host (a machine crash, two boots over the same disks).
+    for t in tests/vm-host/*.sh; do
+        echo "-- $t"
+        "$t" target/release/ublk-mirror
+        vm_passed=$((vm_passed + 1))
+    done
 fi
 echo "== all tests passed in $(( $(date +%s) - t0 )) s ($passed cargo tests, $vm_passed VM scenarios)"
 echo "$((passed + vm_passed)) passed, $failed failed"
