@@ -2,9 +2,11 @@
 # Installs what building and testing ublk-mirror needs on a Debian 12 machine (idempotent):
 #   libclang-dev  libublk's -sys crate generates its bindings with bindgen at build time;
 #   qemu-utils    qemu-img, a baseline of the sync benchmark;
+#   spin          the Promela model check (models/);
+#   procps, e2fsprogs  pgrep and mkfs.ext4 for the host-driven VM scenarios;
 # The VM harness (vm/setup.sh) installs its own packages (qemu, busybox, kernel image...).
 set -euo pipefail
-PKGS=(libclang-dev qemu-utils)
+PKGS=(libclang-dev qemu-utils spin procps e2fsprogs)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

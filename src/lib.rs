@@ -14,10 +14,12 @@
 pub mod admin;
 pub mod backing;
 pub mod bitmap;
+pub mod cli;
 pub mod core;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod manpage;
 pub mod mirror;
 pub mod queue;
 pub mod sync;

@@ -1,180 +1,16 @@
-use clap::{Args, Parser, Subcommand};
+use clap::Parser;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use ublk_mirror::backing::DirectMode;
 use ublk_mirror::admin::{self, AddOptions};
+use ublk_mirror::cli::{AddArgs, BitmapCmd, Cli, Cmd, CopyArgs, SyncArgs, VerifyArgs};
 use ublk_mirror::bitmap::Bitmap;
 use ublk_mirror::engine::{CopyConfig, PairOptions, Status, SyncMode};
 use ublk_mirror::mirror::Hooks;
 use ublk_mirror::sync::{self, VerifyOptions};
-use ublk_mirror::units::{human, parse_size};
-
-/// A Linux block device in user space that keeps a live, crash-safe mirror of a disk.
-#[derive(Parser)]
-#[command(name = "ublk-mirror", version, about, long_about = None)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Bring TARGET in step with SOURCE offline, copying what the bitmap marks dirty
-    /// (everything, for a new bitmap).
-    Sync(SyncArgs),
-    /// Compare SOURCE and TARGET region by region; with --bitmap, also check that every
-    /// differing region is marked dirty.
-    Verify(VerifyArgs),
-    /// Inspect a bitmap file.
-    #[command(subcommand)]
-    Bitmap(BitmapCmd),
-    /// Create /dev/ublkbN over SOURCE, mirrored to TARGET; prints the device as JSON once live.
-    Add(AddArgs),
-    /// Stop and delete a device (the bitmap keeps what is still dirty).
-    Del {
-        #[arg(short = 'n', long = "number")]
-        id: u32,
-        /// First wait (at most --timeout seconds) for a consistent point.
-        #[arg(long)]
-        wait_synced: bool,
-        #[arg(long, default_value_t = 600)]
-        timeout: u64,
-    },
-    /// List the ublk-mirror devices.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Start a new daemon for a device whose daemon died (the device waits for it, QUIESCED).
-    Recover {
-        #[arg(short = 'n', long = "number")]
-        id: u32,
-        #[arg(long)]
-        foreground: bool,
-    },
-    /// State of a device's mirror: syncing or synced, dirty bytes, copy progress, consistent points.
-    Status {
-        #[arg(short = 'n', long = "number")]
-        id: u32,
-        #[arg(long)]
-        json: bool,
-        /// Wait (at most --timeout seconds) for a consistent point; exit 0 once synced.
-        #[arg(long)]
-        wait_synced: bool,
-        #[arg(long, default_value_t = 600)]
-        timeout: u64,
-    },
-}
-
-#[derive(Args)]
-struct AddArgs {
-    /// Source file or block device: the device's data lives here.
-    #[arg(long, short = 's')]
-    source: PathBuf,
-    /// Target file or block device, at least as large as the source.
-    #[arg(long, short = 't')]
-    target: PathBuf,
-    /// Dirty bitmap file (created if absent).
-    #[arg(long, short = 'b')]
-    bitmap: PathBuf,
-    /// Initial sync: full (default for a new bitmap), none (declare the pair identical), resume
-    /// (default for an existing bitmap: copy only what it marks dirty).
-    #[arg(long, value_enum)]
-    sync: Option<SyncMode>,
-    /// Region size for a new bitmap [default: 64K].
-    #[arg(long, short = 'g', value_parser = parse_size)]
-    granularity: Option<u64>,
-    /// Device id (N of /dev/ublkbN); default: the first free one.
-    #[arg(short = 'n', long = "number", default_value_t = -1, allow_negative_numbers = true)]
-    id: i32,
-    /// Queues.
-    #[arg(short = 'q', long = "queues", default_value_t = 1)]
-    queues: u16,
-    /// Queue depth.
-    #[arg(short = 'd', long = "depth", default_value_t = 128)]
-    depth: u16,
-    /// Serve in this process instead of a daemon.
-    #[arg(long)]
-    foreground: bool,
-    #[command(flatten)]
-    copy: CopyArgs,
-}
-
-#[derive(Args)]
-struct SyncArgs {
-    /// Source file or block device (read only).
-    #[arg(long, short = 's')]
-    source: PathBuf,
-    /// Target file or block device, at least as large as the source.
-    #[arg(long, short = 't')]
-    target: PathBuf,
-    /// Dirty bitmap file; created (with a full sync) if absent.
-    #[arg(long, short = 'b')]
-    bitmap: PathBuf,
-    /// Copy everything, rebuilding the bitmap (whatever it held).
-    #[arg(long, conflicts_with = "assume_synced")]
-    full: bool,
-    /// Declare source and target identical: clear the bitmap, copy nothing.
-    #[arg(long)]
-    assume_synced: bool,
-    /// Region size for a new bitmap: a power of two from 4K to 64M [default: 64K].
-    #[arg(long, short = 'g', value_parser = parse_size)]
-    granularity: Option<u64>,
-    #[command(flatten)]
-    copy: CopyArgs,
-    /// Print the summary as JSON.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args)]
-struct CopyArgs {
-    /// O_DIRECT use: auto falls back to buffered I/O where the filesystem refuses it (tmpfs).
-    #[arg(long, value_enum, default_value = "auto")]
-    direct: DirectMode,
-    /// Copies in flight.
-    #[arg(long, default_value_t = 16)]
-    copies: usize,
-    /// Size of each copy buffer (memory used: copies x buffer).
-    #[arg(long, default_value = "1M", value_parser = parse_size)]
-    buffer: u64,
-    /// Make progress durable (target flush, bitmap update) after this much data...
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
-    checkpoint_bytes: u64,
-    /// ...or this many seconds, so an interrupted sync resumes near where it stopped.
-    #[arg(long, default_value_t = 10)]
-    checkpoint_secs: u64,
-}
-
-#[derive(Args)]
-struct VerifyArgs {
-    #[arg(long, short = 's')]
-    source: PathBuf,
-    #[arg(long, short = 't')]
-    target: PathBuf,
-    /// The pair's bitmap: differing regions whose bit is clear are reported as a bug.
-    #[arg(long, short = 'b')]
-    bitmap: Option<PathBuf>,
-    /// Region size for the report without a bitmap [default: 64K].
-    #[arg(long, short = 'g', value_parser = parse_size)]
-    granularity: Option<u64>,
-    #[arg(long, value_enum, default_value = "auto")]
-    direct: DirectMode,
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Subcommand)]
-enum BitmapCmd {
-    /// Header fields, dirty regions and bytes.
-    Show {
-        bitmap: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
-}
+use ublk_mirror::units::human;
 
 /// Exit statuses (documented in the man page).
 const EXIT_ERROR: u8 = 1;
@@ -191,6 +27,15 @@ fn main() -> ExitCode {
         Cmd::Verify(a) => cmd_verify(a),
         Cmd::Bitmap(BitmapCmd::Show { bitmap, json }) => cmd_bitmap_show(bitmap, json),
         Cmd::Add(a) => cmd_add(a),
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "ublk-mirror", &mut std::io::stdout());
+            Ok(0)
+        }
+        Cmd::Man => {
+            print!("{}", ublk_mirror::manpage::render());
+            Ok(0)
+        }
         Cmd::Del { id, wait_synced, timeout } => {
             admin::delete(id, wait_synced.then(|| Duration::from_secs(timeout))).map(|_| 0).map_err(Into::into)
         }

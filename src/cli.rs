@@ -1,0 +1,202 @@
+//! The command line: clap definitions, shared by the binary, the man page and the completions.
+
+use crate::backing::DirectMode;
+use crate::engine::SyncMode;
+use crate::units::parse_size;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// A Linux block device in user space that keeps a live, crash-safe mirror of a disk.
+#[derive(Parser)]
+#[command(
+    name = "ublk-mirror",
+    version,
+    about,
+    long_about = "ublk-mirror exposes a block device /dev/ublkbN (a ublk device, served from user \
+space) over a SOURCE file or block device and keeps a live, crash-safe mirror of it on a TARGET. \
+Every write first marks its region in a persistent dirty bitmap, made durable before the write \
+reaches the source; a mirror loop copies dirty regions to the target through io_uring. After a \
+crash of the machine or of the daemon, only the regions marked in the bitmap are copied again. \
+Offline commands (sync, verify, bitmap show) work without the ublk driver."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to standard output.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to standard output.
+    #[command(hide = true)]
+    Man,
+    /// Bring TARGET in step with SOURCE offline, copying what the bitmap marks dirty
+    /// (everything, for a new bitmap).
+    Sync(SyncArgs),
+    /// Compare SOURCE and TARGET region by region; with --bitmap, also check that every
+    /// differing region is marked dirty.
+    Verify(VerifyArgs),
+    /// Inspect a bitmap file.
+    #[command(subcommand)]
+    Bitmap(BitmapCmd),
+    /// Create /dev/ublkbN over SOURCE, mirrored to TARGET; prints the device as JSON once live.
+    Add(AddArgs),
+    /// Stop and delete a device (the bitmap keeps what is still dirty).
+    Del {
+        /// Device id (N of /dev/ublkbN).
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+        /// First wait (at most --timeout seconds) for a consistent point.
+        #[arg(long)]
+        wait_synced: bool,
+        /// Seconds to wait for --wait-synced.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// List the ublk-mirror devices.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a new daemon for a device whose daemon died (the device waits for it, QUIESCED).
+    Recover {
+        /// Device id.
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+        /// Serve in this process instead of a daemon.
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// State of a device's mirror: syncing or synced, dirty bytes, copy progress, consistent points.
+    Status {
+        /// Device id.
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Wait (at most --timeout seconds) for a consistent point; exit 0 once synced.
+        #[arg(long)]
+        wait_synced: bool,
+        /// Seconds to wait for --wait-synced.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+}
+
+#[derive(Args)]
+pub struct AddArgs {
+    /// Source file or block device: the device's data lives here.
+    #[arg(long, short = 's')]
+    pub source: PathBuf,
+    /// Target file or block device, at least as large as the source.
+    #[arg(long, short = 't')]
+    pub target: PathBuf,
+    /// Dirty bitmap file (created if absent).
+    #[arg(long, short = 'b')]
+    pub bitmap: PathBuf,
+    /// Initial sync: full (default for a new bitmap), none (declare the pair identical), resume
+    /// (default for an existing bitmap: copy only what it marks dirty).
+    #[arg(long, value_enum)]
+    pub sync: Option<SyncMode>,
+    /// Region size for a new bitmap [default: 64K].
+    #[arg(long, short = 'g', value_parser = parse_size)]
+    pub granularity: Option<u64>,
+    /// Device id (N of /dev/ublkbN); default: the first free one.
+    #[arg(short = 'n', long = "number", default_value_t = -1, allow_negative_numbers = true)]
+    pub id: i32,
+    /// Queues.
+    #[arg(short = 'q', long = "queues", default_value_t = 1)]
+    pub queues: u16,
+    /// Queue depth.
+    #[arg(short = 'd', long = "depth", default_value_t = 128)]
+    pub depth: u16,
+    /// Serve in this process instead of a daemon.
+    #[arg(long)]
+    pub foreground: bool,
+    #[command(flatten)]
+    pub copy: CopyArgs,
+}
+
+#[derive(Args)]
+pub struct SyncArgs {
+    /// Source file or block device (read only).
+    #[arg(long, short = 's')]
+    pub source: PathBuf,
+    /// Target file or block device, at least as large as the source.
+    #[arg(long, short = 't')]
+    pub target: PathBuf,
+    /// Dirty bitmap file; created (with a full sync) if absent.
+    #[arg(long, short = 'b')]
+    pub bitmap: PathBuf,
+    /// Copy everything, rebuilding the bitmap (whatever it held).
+    #[arg(long, conflicts_with = "assume_synced")]
+    pub full: bool,
+    /// Declare source and target identical: clear the bitmap, copy nothing.
+    #[arg(long)]
+    pub assume_synced: bool,
+    /// Region size for a new bitmap: a power of two from 4K to 64M [default: 64K].
+    #[arg(long, short = 'g', value_parser = parse_size)]
+    pub granularity: Option<u64>,
+    #[command(flatten)]
+    pub copy: CopyArgs,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct CopyArgs {
+    /// O_DIRECT use: auto falls back to buffered I/O where the filesystem refuses it (tmpfs).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub direct: DirectMode,
+    /// Copies in flight.
+    #[arg(long, default_value_t = 16)]
+    pub copies: usize,
+    /// Size of each copy buffer (memory used: copies x buffer).
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    pub buffer: u64,
+    /// Make progress durable (target flush, bitmap update) after this much data...
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub checkpoint_bytes: u64,
+    /// ...or this many seconds, so an interrupted sync resumes near where it stopped.
+    #[arg(long, default_value_t = 10)]
+    pub checkpoint_secs: u64,
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Source file or block device.
+    #[arg(long, short = 's')]
+    pub source: PathBuf,
+    /// Target file or block device.
+    #[arg(long, short = 't')]
+    pub target: PathBuf,
+    /// The pair's bitmap: differing regions whose bit is clear are reported as a bug.
+    #[arg(long, short = 'b')]
+    pub bitmap: Option<PathBuf>,
+    /// Region size for the report without a bitmap [default: 64K].
+    #[arg(long, short = 'g', value_parser = parse_size)]
+    pub granularity: Option<u64>,
+    /// O_DIRECT use, as for sync.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub direct: DirectMode,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum BitmapCmd {
+    /// Header fields, dirty regions and bytes.
+    Show {
+        /// The bitmap file.
+        bitmap: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+

@@ -1,0 +1,39 @@
+//! The man page and the completions come from the clap definitions: the checked-in page must
+//! be what they generate now (regenerate with `cargo run -- man > man/ublk-mirror.8`).
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ublk-mirror")).args(args).output().expect("run");
+    assert!(out.status.success(), "ublk-mirror {args:?} failed");
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+#[test]
+fn checked_in_man_page_is_current() {
+    let generated = ublk_mirror::manpage::render();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/man/ublk-mirror.8");
+    let checked_in = std::fs::read_to_string(path).expect("man/ublk-mirror.8");
+    assert!(
+        generated == checked_in,
+        "man/ublk-mirror.8 differs from the page the CLI generates: run `cargo run -- man > man/ublk-mirror.8`"
+    );
+    for s in ["NAME", "SYNOPSIS", "DESCRIPTION", "COMMANDS", "OPTIONS", "FILES", "EXIT STATUS", "EXAMPLES", "SEE ALSO"] {
+        assert!(generated.contains(&format!(".SH {s}")) || generated.contains(&format!(".SH \"{s}\"")), "no {s} section");
+    }
+    for c in ["add", "del", "recover", "sync", "bitmap show", "status", "list", "verify"] {
+        // roff escapes the dash.
+        assert!(generated.contains(&format!("ublk\\-mirror {c}")), "{c} is not documented");
+    }
+    assert_eq!(run(&["man"]), generated);
+}
+
+#[test]
+fn completions_cover_the_commands() {
+    for shell in ["bash", "zsh", "fish"] {
+        let c = run(&["completions", shell]);
+        for word in ["add", "recover", "verify", "wait-synced", "granularity"] {
+            assert!(c.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+}
