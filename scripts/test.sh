@@ -19,6 +19,8 @@ cargo test --locked 2>&1 | tee "$log"
 passed=$(sed -n 's/^test result: [a-z]*\. \([0-9]*\) passed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
 failed=0
 vm_passed=0
+echo "== model check (spin): the implemented protocol passes, the negative controls must fail"
+models/check.sh
 echo "== deterministic simulation with crashes (release build)"
 SIM_RUNS=${SIM_RUNS:-300000} cargo test --locked --release --test sim -- --nocapture 2>&1 | tee -a "$log" | grep -a '^sim:\|test result\|FAILED\|panicked\|seed'
 if [ "${UBLK_MIRROR_SKIP_VM:-0}" = 1 ]; then

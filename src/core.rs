@@ -108,6 +108,9 @@ struct TargetFlush {
     kind: FlushKind,
     /// Regions whose copy completed before the flush started and that nothing has touched since.
     regions: BitVec<u64, Lsb0>,
+    /// Regions a copy may have written to the target since the last successful flush started,
+    /// as of this flush's start.
+    written: BitVec<u64, Lsb0>,
 }
 
 /// Counters the state keeps; the engine adds times and rates.
@@ -139,6 +142,13 @@ pub struct MirrorState<P: PersistentBits> {
     /// write or copy touches the region first. Without it, a region written every few seconds
     /// would pay a bitmap flush on every write, as the mirror keeps catching up with it.
     lazy: bool,
+    /// Regions a copy may have written to the target since the start of the last successful
+    /// target flush (or of the current one). A failed fdatasync may have dropped any of those
+    /// pages for good (Linux reports a writeback error once, then forgets the pages), so a
+    /// failure dirties them all again, not only the failed flush's own set.
+    written: BitVec<u64, Lsb0>,
+    /// Copies in flight when a target flush failed: their result cannot be trusted.
+    poisoned: BitVec<u64, Lsb0>,
     eligible_young: BitVec<u64, Lsb0>,
     eligible_old: BitVec<u64, Lsb0>,
     /// Writes in flight per region (begin_write .. end_write). Small: bounded by queue depth.
@@ -179,6 +189,8 @@ impl<P: PersistentBits> MirrorState<P> {
             copied: bitvec![u64, Lsb0; 0; nregions as usize],
             flush: None,
             lazy: false,
+            written: bitvec![u64, Lsb0; 0; nregions as usize],
+            poisoned: bitvec![u64, Lsb0; 0; nregions as usize],
             eligible_young: bitvec![u64, Lsb0; 0; nregions as usize],
             eligible_old: bitvec![u64, Lsb0; 0; nregions as usize],
             inflight: HashMap::new(),
@@ -360,6 +372,7 @@ impl<P: PersistentBits> MirrorState<P> {
         for r in start..end {
             self.volatile.set(r as usize, false);
             self.copying.set(r as usize, true);
+            self.written.set(r as usize, true);
             self.disturb(r);
         }
         self.dirty -= end - start;
@@ -377,9 +390,14 @@ impl<P: PersistentBits> MirrorState<P> {
 
     /// The copy of `ext` finished. On failure its regions are dirty again.
     pub fn copy_done(&mut self, ext: Extent, ok: bool) {
+        let mut failed = !ok;
         for r in ext.regions() {
             debug_assert!(self.copying[r as usize], "copy_done on region {r} not being copied");
             self.copying.set(r as usize, false);
+            // In flight across a failed target flush: what it wrote may be lost already.
+            let ok = ok && !self.poisoned[r as usize];
+            self.poisoned.set(r as usize, false);
+            failed |= !ok;
             if !ok {
                 self.mark_volatile(r);
             } else if !self.volatile[r as usize] && !self.inflight.contains_key(&r) {
@@ -387,7 +405,7 @@ impl<P: PersistentBits> MirrorState<P> {
             }
         }
         self.copying_count -= ext.count;
-        if !ok {
+        if failed {
             self.counters.copy_errors += 1;
         }
         self.changed = true;
@@ -418,7 +436,10 @@ impl<P: PersistentBits> MirrorState<P> {
             &mut self.copied,
             bitvec![u64, Lsb0; 0; self.nregions as usize],
         );
-        self.flush = Some(TargetFlush { kind, regions });
+        // Copies still in flight may write after this flush started: they stay in `written`
+        // for the next one.
+        let written = std::mem::replace(&mut self.written, self.copying.clone());
+        self.flush = Some(TargetFlush { kind, regions, written });
         kind
     }
 
@@ -455,12 +476,22 @@ impl<P: PersistentBits> MirrorState<P> {
             }
         } else {
             self.counters.target_flush_errors += 1;
-            for i in flush.regions.iter_ones() {
+            // Anything written to the target since the last successful flush started may be
+            // gone: the failed flush's set, everything copied before it, and the copies that
+            // ran or still run during it.
+            let mut lost = flush.regions;
+            lost |= &flush.written;
+            lost |= &self.written;
+            for i in lost.iter_ones() {
                 if !self.volatile[i] {
                     out.redirtied += 1;
                 }
+                self.disturb(i as u64);
                 self.mark_volatile(i as u64);
             }
+            self.poisoned |= &self.copying;
+            // They stay in `written` until a flush that starts after their recopy succeeds.
+            self.written |= &flush.written;
             self.changed = true;
         }
         out
@@ -817,6 +848,35 @@ mod tests {
         s.end_write(ext(1, 1));
         assert_eq!(s.clear_tick(), 3);
         assert!(s.pbits().get(1));
+        s.check_invariants().unwrap();
+    }
+
+    /// The sequence spin found (models/README.md): a copy that completed after a flush started
+    /// must be recopied if that flush fails, because the failed writeback may have dropped its
+    /// pages and the next fdatasync will not report it again.
+    #[test]
+    fn failed_target_flush_redirties_everything_written_since_the_last_good_one() {
+        let mut s = state(2);
+        s.set_lazy_clearing(true);
+        s.mark_all();
+        let f = s.bitmap_flush_started();
+        s.bitmap_flush_done(f, true);
+        let c1 = s.next_copy(1).unwrap();
+        let c0 = s.next_copy(1).unwrap();
+        assert_eq!((c1, c0), (ext(0, 1), ext(1, 1)));
+        s.copy_done(c1, true);
+        assert_eq!(s.target_flush_started(), FlushKind::Checkpoint);
+        // The second copy completes while the flush runs, then the flush fails.
+        s.copy_done(c0, true);
+        let out = s.target_flush_done(false);
+        assert_eq!(out.redirtied, 2, "both regions were written since the last good flush");
+        assert_eq!(s.dirty(), 2);
+        // A copy in flight across a failed flush counts as failed.
+        let a = s.next_copy(1).unwrap();
+        s.target_flush_started();
+        s.target_flush_done(false);
+        s.copy_done(a, true);
+        assert!(s.is_volatile_dirty(a.start));
         s.check_invariants().unwrap();
     }
 

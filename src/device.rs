@@ -134,7 +134,11 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, c
         sys::UBLK_IO_OP_FLUSH => {
             // Under write intent every bit a completed write needed is already durable, so a
             // FLUSH is only a durability flush of the source.
-            return submit(opcode::Fsync::new(SOURCE).flags(types::FsyncFlags::DATASYNC).build()).await;
+            let r = submit(opcode::Fsync::new(SOURCE).flags(types::FsyncFlags::DATASYNC).build()).await;
+            if r < 0 {
+                engine.set_source_flush_failed();
+            }
+            return if engine.source_flush_failed() { -libc::EIO } else { r };
         }
         sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {}
         _ => return -libc::EOPNOTSUPP,

@@ -92,6 +92,10 @@ pub struct Engine {
     bitmap_path: PathBuf,
     wake: nix::sys::eventfd::EventFd,
     stop: AtomicBool,
+    /// The mirror's fdatasync of the source failed. Linux reports a writeback error to one
+    /// fdatasync only: the mirror's call may have taken the error an application's FLUSH should
+    /// see, so from then on every FLUSH of the device fails.
+    source_flush_failed: AtomicBool,
 }
 
 /// What opening a pair found and did.
@@ -236,6 +240,7 @@ impl Engine {
             }),
             wake,
             stop: AtomicBool::new(false),
+            source_flush_failed: AtomicBool::new(false),
         };
         Ok((engine, target, report))
     }
@@ -316,6 +321,12 @@ impl Engine {
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.wake();
+    }
+    pub fn set_source_flush_failed(&self) {
+        self.source_flush_failed.store(true, Ordering::SeqCst);
+    }
+    pub fn source_flush_failed(&self) -> bool {
+        self.source_flush_failed.load(Ordering::SeqCst)
     }
     pub fn stop_requested(&self) -> bool {
         self.stop.load(Ordering::SeqCst)

@@ -562,6 +562,10 @@ impl<'t> Mirror<'t> {
     fn on_flush_part(&mut self, r: io::Result<u32>, what: &str) -> Result<()> {
         if let Err(e) = r {
             log::warn!("{what} flush failed: {e}");
+            if what == "source" {
+                log::error!("the source lost data it had acknowledged: every FLUSH of the device fails from now on");
+                self.engine.set_source_flush_failed();
+            }
             self.flush_error.get_or_insert(e);
         }
         self.flush_parts = self.flush_parts.saturating_sub(1);

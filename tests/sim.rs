@@ -223,6 +223,14 @@ impl Sim {
                         self.tgt.medium[r] = self.tgt.medium[r].max(snap[r]);
                         self.src.medium[r] = self.src.medium[r].max(src_snap[r]);
                     }
+                } else {
+                    // Linux drops pages whose writeback failed and reports the error once: any
+                    // target page not yet on the medium may be gone for good.
+                    for r in 0..N as usize {
+                        if self.rng.gen() {
+                            self.tgt.cache[r] = self.tgt.medium[r];
+                        }
+                    }
                 }
                 let out = self.s.target_flush_done(ok);
                 self.target_flush_pending = false;
