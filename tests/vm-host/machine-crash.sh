@@ -22,6 +22,10 @@ mkdir -p /meta && mount "$(disk_dev meta)" /meta || fail "mount meta"
 run_timeout 60 ublk-mirror add -s "$(disk_dev src)" -t "$(disk_dev tgt)" -b /meta/bm > /dev/null || fail add
 wait_for 10 dev test -b /dev/ublkb0
 run_timeout 60 ublk-mirror status -n 0 --wait-synced --timeout 60 > /dev/null || fail "initial sync"
+# A live mirror clears bits lazily (2.5-5 s after the copy) and then flushes the bitmap: wait for
+# that, so that the crash below tests the workload's dirty regions, not the initial sync's.
+wait_for 30 "the initial sync's bits to be cleared" sh -c "ublk-mirror bitmap show /meta/bm --json | grep -q '\"dirty_regions\": 0,'"
+sleep 1
 sync
 echo WORKLOAD-RUNNING
 # Writes until the machine dies: random 4k writes, and FLUSHes now and then (fsync=64).
@@ -65,7 +69,8 @@ for _ in $(seq 1 600); do
 done
 grep -aq WORKLOAD-RUNNING "$log1" || { tail -30 "$log1"; echo "FAIL: the workload never started"; exit 1; }
 sleep $((2 + RANDOM % 4))
-qpid=$(pgrep -f "qemu-system-x86_64.*$dir/src.img" | head -1 || true)
+# Anchored: the `timeout` wrapper around qemu has the same words in its command line.
+qpid=$(pgrep -f "^qemu-system-x86_64 .*$dir/src.img" | head -1 || true)
 [ -n "$qpid" ] || { echo "FAIL: no qemu to kill"; exit 1; }
 kill -9 "$qpid"
 echo "killed qemu $qpid in the middle of the workload"
