@@ -28,12 +28,36 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// What `add` was asked for.
 #[derive(Clone, Debug)]
 pub struct AddOptions {
+    /// Stable name (`/dev/disk/by-ublk-mirror/NAME`, `up`/`down`); `None`: from the source.
+    pub name: Option<String>,
     pub pair: PairOptions,
     pub copy: CopyConfig,
     pub id: i32,
     pub queues: u16,
     pub depth: u16,
     pub foreground: bool,
+}
+
+/// A device name from a source path: its file name, with anything but `[A-Za-z0-9._-]` as `_`.
+pub fn default_name(source: &Path) -> String {
+    let base = source.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let n: String = base.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    if n.is_empty() { "mirror".into() } else { n }
+}
+
+/// Checks a user-given name: it becomes a path component under /dev/disk/by-ublk-mirror.
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::config(format!(
+            "device name {name:?} is not valid: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'"
+        )))
+    }
 }
 
 fn status_path(id: u32) -> PathBuf {
@@ -77,7 +101,7 @@ impl Report {
 }
 
 /// Opens the device to recover and reads the pair it was serving from its saved configuration.
-fn prepare_recover(id: u32, direct: crate::backing::DirectMode) -> Result<(UblkCtrl, PairOptions)> {
+fn prepare_recover(id: u32, direct: crate::backing::DirectMode) -> Result<(UblkCtrl, PairOptions, String)> {
     let old = UblkCtrl::new_simple(id as i32)
         .map_err(|_| Error::config(format!("no ublk device {id} (see `ublk-mirror list`)")))?;
     let info = old.dev_info();
@@ -97,6 +121,7 @@ fn prepare_recover(id: u32, direct: crate::backing::DirectMode) -> Result<(UblkC
     let (Some(source), Some(target), Some(bitmap)) = (path("source"), path("target"), path("bitmap")) else {
         return Err(Error::config(format!("device {id} is not a ublk-mirror device")));
     };
+    let name = data["name"].as_str().map(String::from).unwrap_or_else(|| default_name(&source));
     let pair = PairOptions {
         source,
         target,
@@ -122,15 +147,23 @@ fn prepare_recover(id: u32, direct: crate::backing::DirectMode) -> Result<(UblkC
         .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
         .build()
         .map_err(uerr("recover"))?;
-    Ok((ctrl, pair))
+    Ok((ctrl, pair, name))
 }
 
 /// Runs in the daemon: opens the pair, adds (or recovers) the device and serves it until it is
 /// stopped. Returns when the device is gone.
 fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result<()> {
-    let (ctrl, pair) = match recover {
+    let (ctrl, pair, name) = match recover {
         Some(id) => prepare_recover(id, opts.pair.direct)?,
         None => {
+            let name = opts.name.clone().unwrap_or_else(|| default_name(&opts.pair.source));
+            check_name(&name)?;
+            if let Some(d) = find_by_name(&name) {
+                return Err(Error::config(format!(
+                    "a device named {name} exists already ({}): choose another --name",
+                    d["bdev"].as_str().unwrap_or("?")
+                )));
+            }
             // Open and check the pair first: a refused bitmap or a short target must not leave
             // a device behind. The engine is opened again below (after ADD) for real.
             drop(Engine::open(&opts.pair)?);
@@ -164,7 +197,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
                     };
                     Error::config(format!("cannot add the device{hint}: {e:?}"))
                 })?;
-            (ctrl, pair)
+            (ctrl, pair, name)
         }
     };
     let info = ctrl.dev_info();
@@ -185,7 +218,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
     let src_fd = engine.source().fd();
     let bm_fd = engine.bitmap_fd();
     let data = serde_json::json!({
-        "source": pair.source, "target": pair.target, "bitmap": pair.bitmap,
+        "name": name, "source": pair.source, "target": pair.target, "bitmap": pair.bitmap,
     });
     let tgt_engine = engine.clone();
     let tgt_init = move |dev: &mut UblkDev| -> std::result::Result<(), libublk::UblkError> {
@@ -378,6 +411,7 @@ pub fn device_json(c: &UblkCtrl) -> serde_json::Value {
     serde_json::json!({
         "dev_id": i.dev_id,
         "bdev": c.get_bdev_path(),
+        "name": data["name"],
         "state": state_name(i.state),
         "source": data["source"], "target": data["target"], "bitmap": data["bitmap"],
         "queues": i.nr_hw_queues, "depth": i.queue_depth, "pid": i.ublksrv_pid,
@@ -486,4 +520,48 @@ pub fn list() -> Vec<serde_json::Value> {
     });
     let v = out.borrow().clone();
     v
+}
+
+/// The ublk-mirror device with this name, if any.
+pub fn find_by_name(name: &str) -> Option<serde_json::Value> {
+    list().into_iter().find(|d| d["name"] == name)
+}
+
+/// `up`: make the named device serve: recover it if its daemon died, do nothing if it is live,
+/// add it otherwise (what a service manager's start does).
+pub fn up(opts: &AddOptions) -> Result<Option<serde_json::Value>> {
+    check_environment()?;
+    let name = opts.name.clone().unwrap_or_else(|| default_name(&opts.pair.source));
+    match find_by_name(&name) {
+        Some(d) if d["state"] == "QUIESCED" => {
+            let id = d["dev_id"].as_u64().unwrap_or(u64::MAX) as u32;
+            start(opts, Some(id))
+        }
+        Some(d) if d["state"] == "LIVE" => Ok(Some(d)),
+        Some(d) => Err(Error::config(format!(
+            "device {name} is {}: delete it (ublk-mirror down --name {name}) and start again",
+            d["state"].as_str().unwrap_or("?")
+        ))),
+        None => start(opts, None),
+    }
+}
+
+/// `down`: delete the named device (optionally after a consistent point).
+pub fn down(name: &str, wait: Option<Duration>) -> Result<()> {
+    check_environment()?;
+    match find_by_name(name) {
+        Some(d) => delete(d["dev_id"].as_u64().unwrap_or(u64::MAX) as u32, wait),
+        None => Ok(()),
+    }
+}
+
+/// For udev: the name of the ublk-mirror device behind kernel name `ublkbN`, from libublk's
+/// saved configuration (no ublk command is sent).
+pub fn udev_name(kernel: &str) -> Option<String> {
+    let id: u32 = kernel.strip_prefix("ublkb")?.parse().ok()?;
+    let text = std::fs::read_to_string(format!("/run/ublksrvd/{id:04}.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let name = v["target_data"]["name"].as_str()?;
+    check_name(name).ok()?;
+    Some(name.to_string())
 }

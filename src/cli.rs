@@ -42,6 +42,24 @@ pub enum Cmd {
     Bitmap(BitmapCmd),
     /// Create /dev/ublkbN over SOURCE, mirrored to TARGET; prints the device as JSON once live.
     Add(AddArgs),
+    /// Make the device named by --name serve: recover it if its daemon died, nothing if it is
+    /// live, add it otherwise (for service managers: see the systemd unit).
+    Up(AddArgs),
+    /// Delete the device with this name, if it exists.
+    Down {
+        /// The device's name.
+        #[arg(long)]
+        name: String,
+        /// First wait (at most --timeout seconds) for a consistent point.
+        #[arg(long)]
+        wait_synced: bool,
+        /// Seconds to wait for --wait-synced.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// For udev: print the name of the device with kernel name KERNEL (ublkbN).
+    #[command(hide = true)]
+    UdevName { kernel: String },
     /// Stop and delete a device (the bitmap keeps what is still dirty).
     Del {
         /// Device id (N of /dev/ublkbN).
@@ -104,6 +122,10 @@ pub struct AddArgs {
     /// Region size for a new bitmap [default: 64K].
     #[arg(long, short = 'g', value_parser = parse_size)]
     pub granularity: Option<u64>,
+    /// Stable name: /dev/disk/by-ublk-mirror/NAME (with the udev rules), and what `up` and
+    /// `down` take [default: the source's file name].
+    #[arg(long)]
+    pub name: Option<String>,
     /// Device id (N of /dev/ublkbN); default: the first free one.
     #[arg(short = 'n', long = "number", default_value_t = -1, allow_negative_numbers = true)]
     pub id: i32,

@@ -26,7 +26,18 @@ fn main() -> ExitCode {
         Cmd::Sync(a) => cmd_sync(a),
         Cmd::Verify(a) => cmd_verify(a),
         Cmd::Bitmap(BitmapCmd::Show { bitmap, json }) => cmd_bitmap_show(bitmap, json),
-        Cmd::Add(a) => cmd_add(a),
+        Cmd::Add(a) => cmd_add(a, false),
+        Cmd::Up(a) => cmd_add(a, true),
+        Cmd::Down { name, wait_synced, timeout } => {
+            admin::down(&name, wait_synced.then(|| Duration::from_secs(timeout))).map(|_| 0).map_err(Into::into)
+        }
+        Cmd::UdevName { kernel } => match admin::udev_name(&kernel) {
+            Some(n) => {
+                println!("{n}");
+                Ok(0)
+            }
+            None => Ok(EXIT_ERROR),
+        },
         Cmd::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "ublk-mirror", &mut std::io::stdout());
@@ -80,8 +91,9 @@ fn copy_config(a: &CopyArgs) -> CopyConfig {
     }
 }
 
-fn cmd_add(a: AddArgs) -> CliResult {
-    let opts = AddOptions {
+fn add_options(a: AddArgs) -> AddOptions {
+    AddOptions {
+        name: a.name,
         pair: PairOptions {
             source: a.source,
             target: a.target,
@@ -96,8 +108,13 @@ fn cmd_add(a: AddArgs) -> CliResult {
         queues: a.queues,
         depth: a.depth,
         foreground: a.foreground,
-    };
-    if let Some(v) = admin::start(&opts, None)? {
+    }
+}
+
+fn cmd_add(a: AddArgs, up: bool) -> CliResult {
+    let opts = add_options(a);
+    let v = if up { admin::up(&opts)? } else { admin::start(&opts, None)? };
+    if let Some(v) = v {
         println!("{}", serde_json::to_string_pretty(&v)?);
     }
     Ok(0)
@@ -105,6 +122,7 @@ fn cmd_add(a: AddArgs) -> CliResult {
 
 fn cmd_recover(id: u32, foreground: bool) -> CliResult {
     let opts = AddOptions {
+        name: None,
         pair: PairOptions {
             source: PathBuf::new(),
             target: PathBuf::new(),

@@ -1,0 +1,70 @@
+//! The system files: the systemd unit passes `systemd-analyze verify`, the config example
+//! parses the way the unit reads it, and the udev rules use only the command the binary has.
+
+use std::process::Command;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+#[test]
+fn systemd_unit_verifies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unit = std::fs::read_to_string(format!("{ROOT}/systemd/ublk-mirror@.service")).expect("unit");
+    // Point the unit at this build and its config at the example, so that verify can check the
+    // executables and the environment file exist.
+    let bin = env!("CARGO_BIN_EXE_ublk-mirror");
+    let conf_dir = dir.path().join("etc");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    std::fs::copy(format!("{ROOT}/systemd/ublk-mirror.conf.example"), conf_dir.join("example.conf")).unwrap();
+    let unit = unit
+        .replace("/usr/local/bin/ublk-mirror", bin)
+        .replace("/etc/ublk-mirror/", &format!("{}/", conf_dir.display()));
+    let path = dir.path().join("ublk-mirror@.service");
+    std::fs::write(&path, unit).unwrap();
+    let inst = dir.path().join("ublk-mirror@example.service");
+    std::os::unix::fs::symlink(&path, &inst).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&inst)
+        .output()
+        .expect("systemd-analyze must be installed (package systemd): scripts/deps.sh installs it");
+    let err = String::from_utf8_lossy(&out.stderr);
+    // verify also reports problems of unrelated system units on some machines: only lines that
+    // name our unit count.
+    let ours: Vec<&str> = err.lines().filter(|l| l.contains("ublk-mirror@")).collect();
+    assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify: {err}");
+}
+
+#[test]
+fn config_example_has_every_variable_the_unit_uses() {
+    let unit = std::fs::read_to_string(format!("{ROOT}/systemd/ublk-mirror@.service")).unwrap();
+    let conf = std::fs::read_to_string(format!("{ROOT}/systemd/ublk-mirror.conf.example")).unwrap();
+    let defined: Vec<&str> = conf
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains('='))
+        .map(|l| l.split('=').next().unwrap_or(""))
+        .collect();
+    for var in ["SOURCE", "TARGET", "BITMAP", "OPTIONS", "STOP_TIMEOUT"] {
+        assert!(unit.contains(var), "the unit does not use {var}");
+        assert!(defined.contains(&var), "the example does not define {var}");
+    }
+}
+
+#[test]
+fn udev_rules_call_an_existing_command() {
+    let rules = std::fs::read_to_string(format!("{ROOT}/udev/60-ublk-mirror.rules")).unwrap();
+    assert!(rules.contains("ublk-mirror udev-name %k"));
+    // The helper exists and fails quietly for something that is not a ublk-mirror device.
+    let out = Command::new(env!("CARGO_BIN_EXE_ublk-mirror")).args(["udev-name", "sda"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    // Every non-comment line continues or is a complete rule with a match and an action.
+    let mut joined = String::new();
+    for l in rules.lines().filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty()) {
+        joined.push_str(l.trim_end_matches('\\'));
+        if !l.ends_with('\\') {
+            assert!(joined.contains("==") && (joined.contains("+=") || joined.contains("=\"")), "odd rule: {joined}");
+            joined.clear();
+        }
+    }
+    assert!(joined.is_empty(), "a rule ends with a continuation");
+}
