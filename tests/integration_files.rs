@@ -68,3 +68,27 @@ fn udev_rules_call_an_existing_command() {
     }
     assert!(joined.is_empty(), "a rule ends with a continuation");
 }
+
+#[test]
+fn install_script_puts_every_file_in_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(format!("{ROOT}/scripts/install.sh"))
+        .args(["--destdir", dir.path().to_str().unwrap(), "--bin", env!("CARGO_BIN_EXE_ublk-mirror")])
+        .output()
+        .expect("run install.sh");
+    assert!(out.status.success(), "install.sh: {}", String::from_utf8_lossy(&out.stderr));
+    for f in [
+        "usr/local/bin/ublk-mirror",
+        "usr/local/share/man/man8/ublk-mirror.8",
+        "etc/systemd/system/ublk-mirror@.service",
+        "etc/udev/rules.d/60-ublk-mirror.rules",
+        "etc/ublk-mirror/example.conf.sample",
+        "usr/local/share/bash-completion/completions/ublk-mirror",
+        "usr/local/share/zsh/site-functions/_ublk-mirror",
+        "usr/local/share/fish/vendor_completions.d/ublk-mirror.fish",
+    ] {
+        let p = dir.path().join(f);
+        let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        assert!(len > 0, "{f} is missing or empty after install");
+    }
+}
