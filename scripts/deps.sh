@@ -5,9 +5,10 @@
 #   spin          the Promela model check (models/);
 #   procps, e2fsprogs  pgrep and mkfs.ext4 for the host-driven VM scenarios;
 #   systemd       systemd-analyze, to verify the unit file;
+#   udev          udevadm, run in the VM against a real ublk device to check the rules;
 # The VM harness (vm/setup.sh) installs its own packages (qemu, busybox, kernel image...).
 set -euo pipefail
-PKGS=(libclang-dev qemu-utils spin procps e2fsprogs systemd)
+PKGS=(libclang-dev qemu-utils spin procps e2fsprogs systemd udev)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -33,9 +33,11 @@ else
     for t in tests/vm/*.sh; do
         [ "$(basename "$t")" = demo.sh ] && continue  # the tour of scripts/try-in-vm.sh
         # A scenario states the VM options it needs (extra disks...) on a '# vm-args:' line.
+        # ... and files it needs in /payload on a '# vm-files:' line (paths from the repository).
         read -r -a args <<< "$(sed -n 's/^# vm-args: //p' "$t")"
+        read -r -a files <<< "$(sed -n 's/^# vm-files: //p' "$t")"
         echo "-- $t ${args[*]}"
-        vm/run.sh -t 600 -r 3 -b target/release/ublk-mirror "${args[@]}" "$t"
+        vm/run.sh -t 600 -r 3 -b target/release/ublk-mirror "${args[@]}" "$t" "${files[@]}"
         vm_passed=$((vm_passed + 1))
     done
     # Scenarios that drive the VM from the host (a machine crash, two boots over the same disks).

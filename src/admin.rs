@@ -565,3 +565,33 @@ pub fn udev_name(kernel: &str) -> Option<String> {
     check_name(name).ok()?;
     Some(name.to_string())
 }
+
+/// For udev: the names of the configured mirrors (`DIR/NAME.conf`) whose `SOURCE=` is this block
+/// device, given its kernel name and its current symlinks (relative to /dev, as udev's `$links`).
+pub fn udev_source(config_dir: &Path, kernel: &str, links: &[String]) -> Vec<String> {
+    let mut paths: Vec<String> = vec![format!("/dev/{kernel}")];
+    paths.extend(links.iter().map(|l| format!("/dev/{l}")));
+    let Ok(dir) = std::fs::read_dir(config_dir) else { return Vec::new() };
+    let mut names = Vec::new();
+    for e in dir.flatten() {
+        let p = e.path();
+        if p.extension().and_then(|x| x.to_str()) != Some("conf") {
+            continue;
+        }
+        let Some(name) = p.file_stem().and_then(|x| x.to_str()).map(String::from) else { continue };
+        if check_name(&name).is_err() {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&p) else { continue };
+        let source = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("SOURCE="))
+            .map(|v| v.trim().trim_matches('"').to_string())
+            .last();
+        if source.is_some_and(|s| paths.contains(&s)) {
+            names.push(name);
+        }
+    }
+    names.sort();
+    names
+}

@@ -60,6 +60,15 @@ pub enum Cmd {
     /// For udev: print the name of the device with kernel name KERNEL (ublkbN).
     #[command(hide = true)]
     UdevName { kernel: String },
+    /// For udev: print the configured mirror whose SOURCE is the block device KERNEL (or one of
+    /// its LINKS, relative to /dev); exit 1 if none.
+    #[command(hide = true)]
+    UdevSource {
+        kernel: String,
+        links: Vec<String>,
+        #[arg(long, default_value = "/etc/ublk-mirror")]
+        config_dir: PathBuf,
+    },
     /// Stop and delete a device (the bitmap keeps what is still dirty).
     Del {
         /// Device id (N of /dev/ublkbN).

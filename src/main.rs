@@ -31,6 +31,17 @@ fn main() -> ExitCode {
         Cmd::Down { name, wait_synced, timeout } => {
             admin::down(&name, wait_synced.then(|| Duration::from_secs(timeout))).map(|_| 0).map_err(Into::into)
         }
+        Cmd::UdevSource { kernel, links, config_dir } => {
+            // udev passes $links as one space-separated word list.
+            let links: Vec<String> = links.iter().flat_map(|l| l.split_whitespace().map(String::from)).collect();
+            match admin::udev_source(&config_dir, &kernel, &links).first() {
+                Some(n) => {
+                    println!("{n}");
+                    Ok(0)
+                }
+                None => Ok(EXIT_ERROR),
+            }
+        }
         Cmd::UdevName { kernel } => match admin::udev_name(&kernel) {
             Some(n) => {
                 println!("{n}");

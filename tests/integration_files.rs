@@ -92,3 +92,25 @@ fn install_script_puts_every_file_in_place() {
         assert!(len > 0, "{f} is missing or empty after install");
     }
 }
+
+#[test]
+fn udev_source_matches_configured_sources_by_kernel_name_or_link() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("db.conf"), "SOURCE=/dev/disk/by-id/ata-DISK-1\nTARGET=/x\n").unwrap();
+    std::fs::write(dir.path().join("raw.conf"), "SOURCE=\"/dev/sdc\"\n").unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "SOURCE=/dev/sdb\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ublk-mirror"))
+            .arg("udev-source")
+            .args(args)
+            .arg("--config-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    // udev passes $links as one word list.
+    assert_eq!(run(&["sdb", "disk/by-path/x disk/by-id/ata-DISK-1"]), (Some(0), "db".to_string()));
+    assert_eq!(run(&["sdc"]), (Some(0), "raw".to_string()));
+    assert_eq!(run(&["sdd", "disk/by-id/other"]), (Some(1), String::new()));
+}
