@@ -583,11 +583,12 @@ pub fn udev_source(config_dir: &Path, kernel: &str, links: &[String]) -> Vec<Str
             continue;
         }
         let Ok(text) = std::fs::read_to_string(&p) else { continue };
+        // The last assignment wins, as in a shell (and systemd's EnvironmentFile).
         let source = text
             .lines()
-            .filter_map(|l| l.trim().strip_prefix("SOURCE="))
-            .map(|v| v.trim().trim_matches('"').to_string())
-            .last();
+            .rev()
+            .find_map(|l| l.trim().strip_prefix("SOURCE="))
+            .map(|v| v.trim().trim_matches('"').to_string());
         if source.is_some_and(|s| paths.contains(&s)) {
             names.push(name);
         }
