@@ -30,8 +30,10 @@ step "busy device id"
 run_timeout 60 ublk-mirror add -n 3 -s /tmp/s -t /tmp/t -b /tmp/b4 > /dev/null || fail "first add"
 expect_fail "busy id" "id 3" ublk-mirror add -n 3 -s /tmp/s2 -t /tmp/t2 -b /tmp/b5
 [ "$(ls /sys/class/ublk-char)" = ublkc3 ] || fail "devices: $(ls /sys/class/ublk-char)"
+step "a name in use"
+expect_fail "name in use" "a device named s exists already" ublk-mirror add -s /tmp/s -t /tmp/t2 -b /tmp/b6
 step "the bitmap of a live device"
-expect_fail "bitmap in use" "another ublk-mirror process" ublk-mirror add -s /tmp/s -t /tmp/t -b /tmp/b4
+expect_fail "bitmap in use" "another ublk-mirror process" ublk-mirror add --name other -s /tmp/s -t /tmp/t -b /tmp/b4
 run_timeout 60 ublk-mirror del -n 3 || fail "del"
 no_leftovers "after del"
 step "del and recover of a device that does not exist"
