@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs ublk-mirror and its system files in the standard places:
 #   /usr/local/bin/ublk-mirror                      the program (cargo install --path .)
-#   /usr/local/share/man/man8/ublk-mirror.8         the man page
+#   /usr/local/share/man/man8/ublk-mirror.8         the man pages (and man5/ublk-mirror.conf.5)
 #   /etc/systemd/system/ublk-mirror@.service        the template unit
 #   /etc/udev/rules.d/60-ublk-mirror.rules          the udev rules
 #   /etc/ublk-mirror/example.conf.sample            the config format (copy to NAME.conf)
@@ -24,6 +24,7 @@ else
     install -D -m 0755 "$BIN" "$DESTDIR/usr/local/bin/ublk-mirror"
 fi
 install -D -m 0644 man/ublk-mirror.8 "$DESTDIR/usr/local/share/man/man8/ublk-mirror.8"
+install -D -m 0644 man/ublk-mirror.conf.5 "$DESTDIR/usr/local/share/man/man5/ublk-mirror.conf.5"
 install -D -m 0644 systemd/ublk-mirror@.service "$DESTDIR/etc/systemd/system/ublk-mirror@.service"
 install -D -m 0644 udev/60-ublk-mirror.rules "$DESTDIR/etc/udev/rules.d/60-ublk-mirror.rules"
 install -D -m 0644 systemd/ublk-mirror.conf.example "$DESTDIR/etc/ublk-mirror/example.conf.sample"

@@ -28,9 +28,15 @@ pub struct Cli {
 pub enum Cmd {
     /// Print shell completions (bash, zsh, fish, elvish, powershell) to standard output.
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff) to standard output.
+    /// Print the man page (roff) to standard output; --conf: the config file's page.
     #[command(hide = true)]
-    Man,
+    Man {
+        #[arg(long)]
+        conf: bool,
+        /// The example config file instead.
+        #[arg(long)]
+        conf_example: bool,
+    },
     /// Bring TARGET in step with SOURCE offline, copying what the bitmap marks dirty
     /// (everything, for a new bitmap).
     Sync(SyncArgs),

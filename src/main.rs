@@ -54,8 +54,15 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut cmd, "ublk-mirror", &mut std::io::stdout());
             Ok(0)
         }
-        Cmd::Man => {
-            print!("{}", ublk_mirror::manpage::render());
+        Cmd::Man { conf, conf_example } => {
+            let page = if conf_example {
+                ublk_mirror::manpage::render_conf_example()
+            } else if conf {
+                ublk_mirror::manpage::render_conf()
+            } else {
+                ublk_mirror::manpage::render()
+            };
+            print!("{page}");
             Ok(0)
         }
         Cmd::Del { id, wait_synced, timeout } => {

@@ -141,9 +141,58 @@ pub fn render() -> String {
 
     section(&mut roff, "SEE ALSO");
     roff.text([
+        bold("ublk-mirror.conf"), roman("(5), "),
         bold("mdadm"), roman("(8), "), bold("drbdadm"), roman("(8), "), bold("dmsetup"), roman("(8), "),
         bold("losetup"), roman("(8), "), bold("qemu-img"), roman("(1); the ublk documentation in the Linux kernel tree (Documentation/block/ublk.rst)."),
     ]);
     let _ = roff.to_writer(&mut out);
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The keys of `/etc/ublk-mirror/NAME.conf`: (key, meaning, example value). The example file in
+/// `systemd/` and the `ublk-mirror.conf(5)` page are both made from this list.
+pub const CONF_KEYS: &[(&str, &str, &str)] = &[
+    ("SOURCE", "The device's data: a block device (prefer a stable path under /dev/disk/by-id, by-uuid or by-partuuid: the udev rules match it when the disk appears) or a file.", "/dev/disk/by-id/ata-EXAMPLE-SERIAL"),
+    ("TARGET", "The mirror, at least as large as the source: a block device or a file.", "/srv/mirrors/example.img"),
+    ("BITMAP", "The persistent dirty bitmap, created with a full sync on the first start. Keep it on a local, journaled file system.", "/var/lib/ublk-mirror/example.bitmap"),
+    ("OPTIONS", "Further options of ublk-mirror add, for example queues, depth, granularity and copy tuning.", "-q 2 -d 128"),
+    ("STOP_TIMEOUT", "Seconds that stopping the unit waits for a consistent point before removing the device anyway.", "120"),
+];
+
+/// `systemd/ublk-mirror.conf.example`.
+pub fn render_conf_example() -> String {
+    let mut s = String::from(
+        "# /etc/ublk-mirror/NAME.conf: one mirrored device, started by ublk-mirror@NAME.service.\n\
+         # KEY=VALUE lines as in a shell (systemd EnvironmentFile), no spaces around '='.\n\
+         # Generated from src/manpage.rs (CONF_KEYS); see ublk-mirror.conf(5).\n",
+    );
+    for (k, what, example) in CONF_KEYS {
+        s.push_str(&format!("\n# {what}\n{k}={example}\n"));
+    }
+    s
+}
+
+/// `man/ublk-mirror.conf.5`.
+pub fn render_conf() -> String {
+    let mut roff = Roff::default();
+    roff.control("TH", ["UBLK-MIRROR.CONF", "5", "2026-11", "ublk-mirror", "File Formats"]);
+    section(&mut roff, "NAME");
+    roff.text([roman("ublk-mirror.conf - configuration of one mirrored device started by systemd")]);
+    section(&mut roff, "SYNOPSIS");
+    roff.text([bold("/etc/ublk-mirror/"), italic("NAME"), bold(".conf")]);
+    section(&mut roff, "DESCRIPTION");
+    para(&mut roff, "Each file configures the device NAME, which the unit ublk-mirror@NAME.service starts with ublk-mirror up --name NAME (adding it, or recovering it if its daemon died) and stops with ublk-mirror down --name NAME --wait-synced. The file is read as a systemd EnvironmentFile: KEY=VALUE lines, comments start with #, values may be quoted, the last assignment of a key wins.");
+    section(&mut roff, "KEYS");
+    for (k, what, example) in CONF_KEYS {
+        tagged(&mut roff, vec![bold(k.to_string())], &format!("{what} Example: {example}"));
+    }
+    section(&mut roff, "EXAMPLES");
+    roff.control("nf", []);
+    for (k, _, example) in CONF_KEYS {
+        roff.text([roman(format!("{k}={example}"))]);
+    }
+    roff.control("fi", []);
+    section(&mut roff, "SEE ALSO");
+    roff.text([bold("ublk-mirror"), roman("(8), "), bold("systemd.exec"), roman("(5), "), bold("udev"), roman("(7)")]);
+    roff.to_roff()
 }

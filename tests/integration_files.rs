@@ -80,6 +80,7 @@ fn install_script_puts_every_file_in_place() {
     for f in [
         "usr/local/bin/ublk-mirror",
         "usr/local/share/man/man8/ublk-mirror.8",
+        "usr/local/share/man/man5/ublk-mirror.conf.5",
         "etc/systemd/system/ublk-mirror@.service",
         "etc/udev/rules.d/60-ublk-mirror.rules",
         "etc/ublk-mirror/example.conf.sample",

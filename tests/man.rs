@@ -37,3 +37,18 @@ fn completions_cover_the_commands() {
         }
     }
 }
+
+#[test]
+fn config_page_and_example_are_current() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let page = std::fs::read_to_string(format!("{root}/man/ublk-mirror.conf.5")).expect("man/ublk-mirror.conf.5");
+    assert!(page == ublk_mirror::manpage::render_conf(), "man/ublk-mirror.conf.5 is stale: run `cargo run -- man --conf > man/ublk-mirror.conf.5`");
+    let ex = std::fs::read_to_string(format!("{root}/systemd/ublk-mirror.conf.example")).expect("example");
+    assert!(
+        ex == ublk_mirror::manpage::render_conf_example(),
+        "systemd/ublk-mirror.conf.example is stale: run `cargo run -- man --conf-example > systemd/ublk-mirror.conf.example`"
+    );
+    for (k, _, _) in ublk_mirror::manpage::CONF_KEYS {
+        assert!(page.contains(k), "{k} is not documented");
+    }
+}
