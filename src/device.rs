@@ -253,13 +253,13 @@ pub fn params(engine: &Engine, max_io_buf_bytes: u32) -> sys::ublk_params {
 /// Runs the mirror loop on its own thread until the engine is asked to stop.
 pub fn spawn_mirror(
     engine: Arc<Engine>,
-    mut target: crate::target::FileTarget,
+    mut target: crate::target::BoxTarget,
     cfg: CopyConfig,
 ) -> std::thread::JoinHandle<crate::Result<()>> {
     std::thread::Builder::new()
         .name("mirror".into())
         .spawn(move || {
-            let mut m = Mirror::new(engine, &mut target, cfg)?;
+            let mut m = Mirror::new(engine, target.as_mut(), cfg)?;
             m.run(RunUntil::Stopped, None).map(|_| ())
         })
         .unwrap_or_else(|e| {

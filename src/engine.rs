@@ -11,7 +11,7 @@ use crate::backing::{Backing, DirectMode};
 use crate::bitmap::{Bitmap, BitmapState, Expect, PairIdentity, DEFAULT_GRANULARITY};
 use crate::core::{CoreCounters, Extent, Intent, MirrorState};
 use crate::error::{Error, Result};
-use crate::target::{open_target, FileTarget};
+use crate::target::{is_uri, open_file_target, open_target, BoxTarget};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -112,16 +112,29 @@ impl Engine {
     /// Opens source, target and bitmap, checks that they belong together, and prepares the
     /// state for `mode`. On error nothing has been modified (a new bitmap is created only after
     /// every other check passed, atomically).
-    pub fn open(opts: &PairOptions) -> Result<(Engine, FileTarget, OpenReport)> {
+    pub fn open(opts: &PairOptions) -> Result<(Engine, BoxTarget, OpenReport)> {
         let source = Backing::open(&opts.source, "source", opts.source_writable, opts.direct)?;
-        let target = open_target(&opts.target, opts.direct)?;
-        let tb = target.backing();
-        if same_file(&source, tb) {
-            return Err(Error::config(format!(
-                "source and target are the same file ({}): give a different target",
-                opts.target.display()
-            )));
-        }
+        // Files and block devices are checked against the source here; a network target
+        // checks what it can at connect time.
+        let (target, target_hint): (BoxTarget, String) = if is_uri(&opts.target) {
+            (open_target(&opts.target, opts.direct)?, "use a larger export".to_string())
+        } else {
+            let t = open_file_target(&opts.target, opts.direct)?;
+            let tb = t.backing();
+            if same_file(&source, tb) {
+                return Err(Error::config(format!(
+                    "source and target are the same file ({}): give a different target",
+                    opts.target.display()
+                )));
+            }
+            let hint = match tb.kind {
+                crate::backing::Kind::File => {
+                    format!("grow it with: truncate -s {} {}", source.size, opts.target.display())
+                }
+                crate::backing::Kind::BlockDevice => "use a larger device or volume".to_string(),
+            };
+            (Box::new(t), hint)
+        };
         if source.size % 512 != 0 {
             return Err(Error::config(format!(
                 "source {} is {} bytes, not a multiple of 512: a block device's size must be \
@@ -132,27 +145,22 @@ impl Engine {
                 opts.source.display()
             )));
         }
-        if tb.size < source.size {
-            let hint = match tb.kind {
-                crate::backing::Kind::File => {
-                    format!("grow it with: truncate -s {} {}", source.size, opts.target.display())
-                }
-                crate::backing::Kind::BlockDevice => "use a larger device or volume".to_string(),
-            };
+        if target.size() < source.size {
             return Err(Error::config(format!(
                 "target {} is smaller than the source: {} < {} bytes; it needs at least {} \
-                 bytes ({hint})",
+                 bytes ({target_hint})",
                 opts.target.display(),
-                tb.size,
+                target.size(),
                 source.size,
                 source.size,
             )));
         }
+        let target_identity = target.identity();
         let pair = PairIdentity {
             source: source.identity.0.clone(),
             source_fingerprint: source.identity.1,
-            target: tb.identity.0.clone(),
-            target_fingerprint: tb.identity.1,
+            target: target_identity.0,
+            target_fingerprint: target_identity.1,
         };
         let exists = opts.bitmap.exists();
         let mode = opts.mode.unwrap_or(if exists { SyncMode::Resume } else { SyncMode::Full });
@@ -213,7 +221,7 @@ impl Engine {
             created_bitmap: created,
             dirty_regions: dirty,
             source_direct: source.direct,
-            target_direct: tb.direct,
+            target_direct: target.direct(),
         };
         let bitmap_fd = state.pbits().file();
         let wake = nix::sys::eventfd::EventFd::from_value_and_flags(

@@ -103,14 +103,18 @@ pub struct Mirror<'t> {
 }
 
 impl<'t> Mirror<'t> {
-    pub fn new(engine: Arc<Engine>, target: &'t mut crate::target::FileTarget, cfg: CopyConfig) -> Result<Self> {
+    pub fn new(engine: Arc<Engine>, target: &'t mut dyn Target, cfg: CopyConfig) -> Result<Self> {
         cfg.validate()?;
         let entries = (cfg.max_copies * 2 + 8).next_power_of_two() as u32;
         let ring = uring::new_ring(entries).map_err(|e| Error::io("io_uring setup for the mirror", e))?;
+        // Slot TGT_FIXED is registered even for targets without a descriptor (as -1, a sparse
+        // slot) so that the source's slot number does not depend on the target.
         ring.submitter()
-            .register_files(&[engine.source().fd(), target.backing().fd()])
+            .register_files(&[engine.source().fd(), target.fixed_fd().unwrap_or(-1)])
             .map_err(|e| Error::io("registering source and target on the mirror ring", e))?;
-        target.use_fixed(TGT_FIXED);
+        if target.fixed_fd().is_some() {
+            target.use_fixed(TGT_FIXED);
+        }
         Ok(Self::with_ring(ring, engine, target, cfg))
     }
 

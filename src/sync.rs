@@ -35,7 +35,7 @@ pub fn sync(pair: &PairOptions, copy: &CopyConfig, hooks: Hooks, progress: Progr
     let engine = Arc::new(engine);
     let gran = engine.granularity();
     let dirty_bytes_at_start = (open.dirty_regions * gran).min(engine.size());
-    let mut mirror = Mirror::new(engine.clone(), &mut target, copy.clone())?;
+    let mut mirror = Mirror::new(engine.clone(), target.as_mut(), copy.clone())?;
     mirror.set_hooks(hooks);
     let report = match progress {
         Some((f, every)) => {

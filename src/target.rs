@@ -38,6 +38,25 @@ pub trait Target {
     fn flush_publishes(&self) -> bool {
         false
     }
+    /// What the bitmap records as the target's identity: a name and a fingerprint, so that a
+    /// bitmap is never reused with another target.
+    fn identity(&self) -> (String, u64);
+    /// Whether writes bypass the page cache (reported to the user).
+    fn direct(&self) -> bool {
+        false
+    }
+    /// A descriptor the mirror may register as a fixed file on its ring (then it calls
+    /// [`Target::use_fixed`] with the slot).
+    fn fixed_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        None
+    }
+    fn use_fixed(&mut self, _slot: u32) {}
+    /// Called by the mirror before it retries after target errors, with nothing of the
+    /// target's in flight: a network target reconnects here. An error means "still down";
+    /// the mirror backs off and calls again later. Must not block for more than about a second.
+    fn reset(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A regular file or block device, through io_uring.
@@ -71,10 +90,6 @@ impl FileTarget {
     }
     pub fn backing(&self) -> &Backing {
         &self.backing
-    }
-    /// Use fixed-file slot `slot` (registered on the ring by the caller) instead of the raw fd.
-    pub fn use_fixed(&mut self, slot: u32) {
-        self.fixed = Some(slot);
     }
 
     fn fd_entry<F: FnOnce(types::Fixed) -> io_uring::squeue::Entry, G: FnOnce(types::Fd) -> io_uring::squeue::Entry>(
@@ -112,6 +127,19 @@ impl Target for FileTarget {
     }
     fn block_size(&self) -> u32 {
         self.backing.logical_block
+    }
+    fn identity(&self) -> (String, u64) {
+        self.backing.identity.clone()
+    }
+    fn direct(&self) -> bool {
+        self.backing.direct
+    }
+    fn fixed_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        Some(self.backing.fd())
+    }
+    /// Use fixed-file slot `slot` (registered on the ring by the caller) instead of the raw fd.
+    fn use_fixed(&mut self, slot: u32) {
+        self.fixed = Some(slot);
     }
 
     fn submit(&mut self, ring: &mut Ring, op: TargetOp, token: u64) -> io::Result<()> {
@@ -222,8 +250,28 @@ fn result(res: i32) -> io::Result<u32> {
     }
 }
 
-/// Opens a target path: a file or block device. (Network targets join here.)
-pub fn open_target(path: &std::path::Path, direct: crate::backing::DirectMode) -> crate::Result<FileTarget> {
+/// A target the mirror thread owns.
+pub type BoxTarget = Box<dyn Target + Send>;
+
+/// True if `spec` names a network target (a URI) rather than a path.
+pub fn is_uri(spec: &std::path::Path) -> bool {
+    let s = spec.to_string_lossy();
+    s.starts_with("nbd://") || s.starts_with("nbd+unix://")
+}
+
+/// Opens a target: a file or block device path, or a network target URI.
+pub fn open_target(spec: &std::path::Path, direct: crate::backing::DirectMode) -> crate::Result<BoxTarget> {
+    if is_uri(spec) {
+        return Err(crate::Error::config(format!(
+            "target {}: NBD targets are not supported by this build yet; give a file or block device",
+            spec.display()
+        )));
+    }
+    Ok(Box::new(open_file_target(spec, direct)?))
+}
+
+/// Opens a target path: a file or block device.
+pub fn open_file_target(path: &std::path::Path, direct: crate::backing::DirectMode) -> crate::Result<FileTarget> {
     let b = Backing::open(path, "target", true, direct)?;
     if b.kind == Kind::BlockDevice {
         log::debug!("target {} is a block device ({} bytes)", path.display(), b.size);

@@ -40,7 +40,7 @@ fn random_concurrent_io_while_mirroring_converges() {
     let cfg = CopyConfig { max_copies: 8, buf_size: 256 << 10, ..Default::default() };
     let mirror_engine = engine.clone();
     let mirror = std::thread::spawn(move || {
-        let mut m = Mirror::new(mirror_engine, &mut target, cfg).expect("mirror");
+        let mut m = Mirror::new(mirror_engine, target.as_mut(), cfg).expect("mirror");
         m.run(RunUntil::Stopped, None).expect("mirror run")
     });
 
@@ -147,7 +147,7 @@ fn region_written_during_its_own_copy_is_copied_again() {
     let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::Full), Some(G))).expect("open");
     let engine = Arc::new(engine);
     let cfg = CopyConfig { max_copies: 1, buf_size: G as usize, ..Default::default() };
-    let mut m = Mirror::new(engine.clone(), &mut target, cfg).expect("mirror");
+    let mut m = Mirror::new(engine.clone(), target.as_mut(), cfg).expect("mirror");
     let hook_engine = engine.clone();
     let mut queue = None;
     let mut new_data = AlignedBuf::new(G as usize);

@@ -316,7 +316,7 @@ mod engine_vs_memory {
             let me = engine.clone();
             let mirror = std::thread::spawn(move || {
                 let cfg = CopyConfig { max_copies: 2, buf_size: 16384, ..Default::default() };
-                Mirror::new(me, &mut target, cfg).expect("mirror").run(RunUntil::Stopped, None).expect("run")
+                Mirror::new(me, target.as_mut(), cfg).expect("mirror").run(RunUntil::Stopped, None).expect("run")
             });
             let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
             let mut model = vec![0u8; (BLOCKS * BLK) as usize];
