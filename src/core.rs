@@ -103,6 +103,30 @@ pub struct FlushOutcome {
     pub redirtied: u64,
 }
 
+/// What an active (write-blocking) write does besides writing the source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActivePlan {
+    /// Write the same data to the target at the same time; pass `id` to
+    /// [`MirrorState::end_active_write`]. If both writes succeed, the region can stay clean.
+    Target { id: u64 },
+    /// Do not write the target: the region is dirty or being copied, another write overlaps
+    /// this one, or a consistent flush is running. The write is an ordinary one (the region
+    /// becomes dirty and the mirror copies it); end it with [`MirrorState::end_write`].
+    SourceOnly,
+}
+
+#[derive(Debug)]
+struct ActiveWrite {
+    ext: Extent,
+    /// Byte range, to detect overlapping writes (the source and the target could apply two
+    /// overlapping writes in different orders).
+    off: u64,
+    end: u64,
+    /// Something made the target's copy of this write untrustworthy: an overlapping write, a
+    /// copy of its region started meanwhile, a failed target flush. It ends as an ordinary write.
+    tainted: bool,
+}
+
 #[derive(Debug)]
 struct TargetFlush {
     kind: FlushKind,
@@ -153,6 +177,9 @@ pub struct MirrorState<P: PersistentBits> {
     eligible_old: BitVec<u64, Lsb0>,
     /// Writes in flight per region (begin_write .. end_write). Small: bounded by queue depth.
     inflight: HashMap<u64, u32>,
+    /// Active (write-blocking) writes in flight that also go to the target, by id.
+    active: HashMap<u64, ActiveWrite>,
+    next_active: u64,
     /// Regions whose bit was set in the cache but is not yet known durable, with the sequence
     /// number of that set. `pbit && !durable` holds exactly for the keys of this map.
     pending: HashMap<u64, u64>,
@@ -194,6 +221,8 @@ impl<P: PersistentBits> MirrorState<P> {
             eligible_young: bitvec![u64, Lsb0; 0; nregions as usize],
             eligible_old: bitvec![u64, Lsb0; 0; nregions as usize],
             inflight: HashMap::new(),
+            active: HashMap::new(),
+            next_active: 0,
             pending: HashMap::new(),
             set_seq: 0,
             durable_seq: 0,
@@ -238,7 +267,14 @@ impl<P: PersistentBits> MirrorState<P> {
     /// Nothing dirty, nothing copying, no target flush pending and the last consistent point is
     /// still current.
     pub fn is_synced(&self) -> bool {
-        self.dirty == 0 && self.copying_count == 0 && !self.changed && self.flush.is_none()
+        self.dirty == 0 && self.copying_count == 0 && !self.changed && self.flush.is_none() && !self.stale_target_writes()
+    }
+
+    /// A tainted active write is in flight: its target write may still land over newer data
+    /// (an overlapping write that completed since, or a copy), so the target cannot be called
+    /// consistent until it ends (and its region is copied again).
+    fn stale_target_writes(&self) -> bool {
+        self.active.values().any(|w| w.tainted)
     }
 
     fn mark_volatile(&mut self, r: u64) {
@@ -344,6 +380,87 @@ impl<P: PersistentBits> MirrorState<P> {
         was_idle && self.dirty > 0
     }
 
+    /// An active (write-blocking) write of bytes `[off, off+len)` covering regions `ext` is about
+    /// to be issued. Does everything [`Self::begin_write`] does (the write intent is needed all
+    /// the same: a crash between the source write and the target write leaves them different),
+    /// and decides whether the write also goes to the target.
+    ///
+    /// It does only if every region is clean and not being copied, no other active write
+    /// overlaps its bytes and no consistent flush is running (the image a consistent flush
+    /// makes durable must not receive writes that started after it).
+    pub fn begin_active_write(&mut self, ext: Extent, off: u64, len: u64) -> (Intent, ActivePlan) {
+        let clean = ext.regions().all(|r| {
+            !self.volatile[r as usize] && !self.copying[r as usize] && !self.poisoned[r as usize]
+        });
+        let consistent_flush = matches!(self.flush, Some(TargetFlush { kind: FlushKind::Consistent, .. }));
+        let end = off + len;
+        let mut overlap = false;
+        for w in self.active.values_mut() {
+            if w.off < end && off < w.end {
+                // Both end as ordinary writes: their order on the source and on the target may
+                // differ.
+                w.tainted = true;
+                overlap = true;
+            }
+        }
+        let intent = self.begin_write(ext);
+        if !clean || consistent_flush || overlap {
+            return (intent, ActivePlan::SourceOnly);
+        }
+        let id = self.next_active;
+        self.next_active += 1;
+        for r in ext.regions() {
+            // A target flush that starts from now on may be followed by this target write.
+            self.written.set(r as usize, true);
+        }
+        self.active.insert(id, ActiveWrite { ext, off, end, tainted: false });
+        (intent, ActivePlan::Target { id })
+    }
+
+    /// The active write `id` completed on the source (`source_ok`) and on the target
+    /// (`target_ok`). Returns true if the mirror should be woken.
+    ///
+    /// If both succeeded and nothing tainted it, its regions need no copy: the target got the
+    /// same bytes as the source, and the regions become eligible for clearing at the next pair
+    /// flush, exactly like regions whose copy just finished. Otherwise it ends as an ordinary
+    /// write (dirty, copied later): a failed target write never fails the application.
+    pub fn end_active_write(&mut self, id: u64, source_ok: bool, target_ok: bool) -> bool {
+        let Some(w) = self.active.remove(&id) else {
+            debug_assert!(false, "end_active_write of unknown write {id}");
+            return false;
+        };
+        let ext = w.ext;
+        let mirrored = source_ok
+            && target_ok
+            && !w.tainted
+            && ext.regions().all(|r| !self.volatile[r as usize] && !self.copying[r as usize]);
+        if !mirrored {
+            return self.end_write(ext);
+        }
+        for r in ext.regions() {
+            match self.inflight.get_mut(&r) {
+                Some(n) if *n > 1 => *n -= 1,
+                Some(_) => {
+                    self.inflight.remove(&r);
+                }
+                None => debug_assert!(false, "end_active_write without begin on region {r}"),
+            }
+            self.disturb(r);
+            // Eligible for clearing once a pair flush that starts after now completes, unless
+            // another write is still in flight there (its own end decides).
+            if !self.inflight.contains_key(&r) {
+                self.copied.set(r as usize, true);
+            }
+        }
+        self.changed = true;
+        false
+    }
+
+    /// Active writes in flight (for status).
+    pub fn active_writes(&self) -> usize {
+        self.active.len()
+    }
+
     /// Picks the next run of dirty regions to copy (at most `max` regions), starting after the
     /// previous pick so that a hot region cannot starve the rest. Clears their volatile bits
     /// *before* the copy: a write landing during the copy sets them again and they are recopied.
@@ -374,6 +491,13 @@ impl<P: PersistentBits> MirrorState<P> {
             self.copying.set(r as usize, true);
             self.written.set(r as usize, true);
             self.disturb(r);
+        }
+        // The copy may read the source before an active write lands there and write the target
+        // after that write's target write: the active write cannot vouch for the target.
+        for w in self.active.values_mut() {
+            if w.ext.start < end && start < w.ext.end() {
+                w.tainted = true;
+            }
         }
         self.dirty -= end - start;
         self.copying_count += end - start;
@@ -414,7 +538,7 @@ impl<P: PersistentBits> MirrorState<P> {
     /// Is a consistent point due? True when nothing is dirty or being copied, no target flush is
     /// pending, and something changed since the last consistent point (or there has been none).
     pub fn consistent_point_due(&self) -> bool {
-        self.flush.is_none() && self.dirty == 0 && self.copying_count == 0 && self.changed
+        self.flush.is_none() && self.dirty == 0 && self.copying_count == 0 && self.changed && !self.stale_target_writes()
     }
 
     /// Are there finished copies whose bits a checkpoint flush could clear?
@@ -426,7 +550,7 @@ impl<P: PersistentBits> MirrorState<P> {
     /// being copied at this instant, otherwise a checkpoint.
     pub fn target_flush_started(&mut self) -> FlushKind {
         debug_assert!(self.flush.is_none(), "two target flushes in flight");
-        let kind = if self.dirty == 0 && self.copying_count == 0 {
+        let kind = if self.dirty == 0 && self.copying_count == 0 && !self.stale_target_writes() {
             self.changed = false;
             FlushKind::Consistent
         } else {
@@ -438,7 +562,13 @@ impl<P: PersistentBits> MirrorState<P> {
         );
         // Copies still in flight may write after this flush started: they stay in `written`
         // for the next one.
-        let written = std::mem::replace(&mut self.written, self.copying.clone());
+        let mut still = self.copying.clone();
+        for w in self.active.values() {
+            for r in w.ext.regions() {
+                still.set(r as usize, true);
+            }
+        }
+        let written = std::mem::replace(&mut self.written, still);
         self.flush = Some(TargetFlush { kind, regions, written });
         kind
     }
@@ -490,6 +620,9 @@ impl<P: PersistentBits> MirrorState<P> {
                 self.mark_volatile(i as u64);
             }
             self.poisoned |= &self.copying;
+            for w in self.active.values_mut() {
+                w.tainted = true;
+            }
             // They stay in `written` until a flush that starts after their recopy succeeds.
             self.written |= &flush.written;
             self.changed = true;
@@ -877,6 +1010,107 @@ mod tests {
         s.target_flush_done(false);
         s.copy_done(a, true);
         assert!(s.is_volatile_dirty(a.start));
+        s.check_invariants().unwrap();
+    }
+
+    fn durable(s: &mut MirrorState<MemBits>) {
+        let f = s.bitmap_flush_started();
+        s.bitmap_flush_done(f, true);
+    }
+
+    #[test]
+    fn active_write_on_a_clean_region_leaves_it_clean_and_its_bit_cleared_after_a_flush() {
+        let mut s = state(8);
+        let (intent, plan) = s.begin_active_write(ext(3, 1), 3 * 4096, 4096);
+        assert!(matches!(intent, Intent::Wait { .. }), "intent is needed all the same");
+        let ActivePlan::Target { id } = plan else { panic!("clean region: write the target too") };
+        durable(&mut s);
+        s.end_active_write(id, true, true);
+        assert_eq!(s.dirty(), 0, "mirrored: nothing to copy");
+        assert!(s.pbits().get(3), "bit stays until a pair flush covers the target write");
+        assert!(s.consistent_point_due());
+        assert_eq!(s.target_flush_started(), FlushKind::Consistent);
+        let out = s.target_flush_done(true);
+        assert!(out.consistent && out.cleared == 1 && !s.pbits().get(3));
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn active_write_falls_back_to_an_ordinary_one() {
+        // Dirty region: source only.
+        let mut s = state(8);
+        s.begin_write(ext(1, 1));
+        durable(&mut s);
+        s.end_write(ext(1, 1));
+        let (_, plan) = s.begin_active_write(ext(1, 1), 4096, 512);
+        assert_eq!(plan, ActivePlan::SourceOnly);
+        s.end_write(ext(1, 1));
+        // Target write failed: the region is dirty, the application saw no error.
+        let (_, plan) = s.begin_active_write(ext(5, 1), 5 * 4096, 512);
+        let ActivePlan::Target { id } = plan else { panic!() };
+        durable(&mut s);
+        s.end_active_write(id, true, false);
+        assert!(s.is_volatile_dirty(5));
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn overlapping_active_writes_are_both_copied_again() {
+        let mut s = state(8);
+        let (_, a) = s.begin_active_write(ext(2, 1), 8192, 4096);
+        let (_, b) = s.begin_active_write(ext(2, 1), 8192 + 1024, 512);
+        let ActivePlan::Target { id } = a else { panic!() };
+        assert_eq!(b, ActivePlan::SourceOnly, "overlaps a write in flight");
+        durable(&mut s);
+        s.end_write(ext(2, 1));
+        s.end_active_write(id, true, true);
+        assert!(s.is_volatile_dirty(2), "order of the two on source and target may differ");
+        // Non-overlapping writes to one region both stay mirrored.
+        let mut s = state(8);
+        let (_, a) = s.begin_active_write(ext(2, 1), 8192, 512);
+        let (_, b) = s.begin_active_write(ext(2, 1), 8192 + 512, 512);
+        let (ActivePlan::Target { id: x }, ActivePlan::Target { id: y }) = (a, b) else { panic!() };
+        durable(&mut s);
+        s.end_active_write(y, true, true);
+        s.end_active_write(x, true, true);
+        assert_eq!(s.dirty(), 0);
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_copy_during_an_active_write_taints_it_and_blocks_consistent_points() {
+        let mut s = state(8);
+        let (_, a) = s.begin_active_write(ext(4, 1), 4 * 4096, 512);
+        let ActivePlan::Target { id } = a else { panic!() };
+        durable(&mut s);
+        // An ordinary write completes there and its copy runs while the active one is in flight.
+        s.begin_write(ext(4, 1));
+        s.end_write(ext(4, 1));
+        let c = s.next_copy(1).unwrap();
+        s.copy_done(c, true);
+        // The active write's target half may land after the copy: no consistent point yet.
+        assert!(!s.consistent_point_due() && !s.is_synced());
+        assert_eq!(s.target_flush_started(), FlushKind::Checkpoint);
+        s.target_flush_done(true);
+        s.end_active_write(id, true, true);
+        assert!(s.is_volatile_dirty(4), "copied again after the stale target write");
+        assert!(s.pbits().get(4));
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn no_active_target_write_starts_during_a_consistent_flush() {
+        let mut s = state(8);
+        s.begin_write(ext(0, 1));
+        durable(&mut s);
+        s.end_write(ext(0, 1));
+        let c = s.next_copy(1).unwrap();
+        s.copy_done(c, true);
+        assert_eq!(s.target_flush_started(), FlushKind::Consistent);
+        let (_, plan) = s.begin_active_write(ext(6, 1), 6 * 4096, 512);
+        assert_eq!(plan, ActivePlan::SourceOnly);
+        s.target_flush_done(true);
+        s.end_write(ext(6, 1));
         s.check_invariants().unwrap();
     }
 

@@ -15,7 +15,7 @@
 
 mod common;
 use proptest::prelude::*;
-use ublk_mirror::core::{Extent, FlushKind, GroupCommit, Intent, MemBits, MirrorState, PersistentBits};
+use ublk_mirror::core::{ActivePlan, Extent, FlushKind, GroupCommit, Intent, MemBits, MirrorState, PersistentBits};
 
 const N: u64 = 6;
 
@@ -39,18 +39,35 @@ struct Model {
     clear_epoch: Vec<u64>,
 }
 
+/// The target half of an active (write-blocking) write.
+#[derive(Clone, Debug)]
+enum TgtHalf {
+    /// An ordinary write, or an active one told to write the source only.
+    No,
+    /// Not yet issued (waiting for intent).
+    Planned { id: u64 },
+    /// Issued with these versions, not yet completed.
+    Pending { id: u64, vers: Vec<u64> },
+    Done { id: u64, ok: bool },
+}
+
 struct Sim {
     s: MirrorState<MemBits>,
     gc: GroupCommit<usize>,
     m: Model,
     writes: Vec<Option<(Extent, bool)>>, // (extent, issued)
+    tgt_half: Vec<TgtHalf>,
+    /// Versions each issued write gave its regions (what its completion acknowledges).
+    vers: Vec<Vec<u64>>,
+    /// Most writes are active (write-blocking mode).
+    active_mode: bool,
     bitmap_flush: Option<(u64, Vec<(bool, u64)>)>,
     copies: Vec<Copy>,
     target_flush: Option<(FlushKind, Vec<u64>, Vec<u64>)>,
 }
 
 impl Sim {
-    fn new(lazy: bool) -> Self {
+    fn new(lazy: bool, active_mode: bool) -> Self {
         let mut s = MirrorState::new(N, MemBits::new(N));
         s.set_lazy_clearing(lazy);
         Sim {
@@ -66,6 +83,9 @@ impl Sim {
                 ..Default::default()
             },
             writes: Vec::new(),
+            tgt_half: Vec::new(),
+            vers: Vec::new(),
+            active_mode,
             bitmap_flush: None,
             copies: Vec::new(),
             target_flush: None,
@@ -75,17 +95,72 @@ impl Sim {
     fn issue(&mut self, w: usize) {
         let (ext, issued) = self.writes[w].expect("live write");
         assert!(!issued);
+        let mut vers = Vec::new();
         for r in ext.regions() {
             assert!(self.m.bit_durable[r as usize], "write intent violated: region {r} issued before its bit was durable");
             self.m.ver += 1;
             self.m.src[r as usize] = self.m.ver;
+            vers.push(self.m.ver);
         }
         self.writes[w] = Some((ext, true));
+        self.vers[w] = vers.clone();
+        if let TgtHalf::Planned { id } = self.tgt_half[w] {
+            self.tgt_half[w] = TgtHalf::Pending { id, vers };
+        }
+    }
+
+    fn begin(&mut self, ext: Extent, active: bool) {
+        let w = self.writes.len();
+        self.writes.push(Some((ext, false)));
+        self.vers.push(Vec::new());
+        let intent = if active {
+            // Byte ranges are whole regions here: writes to one region overlap.
+            let (intent, plan) = self.s.begin_active_write(ext, ext.start * 100, ext.count * 100);
+            self.tgt_half.push(match plan {
+                ActivePlan::Target { id } => TgtHalf::Planned { id },
+                ActivePlan::SourceOnly => TgtHalf::No,
+            });
+            intent
+        } else {
+            self.tgt_half.push(TgtHalf::No);
+            self.s.begin_write(ext)
+        };
+        match intent {
+            Intent::Ready => self.issue(w),
+            Intent::Wait { seq } => {
+                if self.gc.wait(seq, w) {
+                    self.start_bitmap_flush();
+                }
+            }
+        }
+    }
+
+    /// Ends write `w` (its intent failed, or its I/O completed).
+    fn end(&mut self, w: usize, source_ok: bool) {
+        let (ext, _) = self.writes[w].take().expect("live");
+        match std::mem::replace(&mut self.tgt_half[w], TgtHalf::No) {
+            TgtHalf::No => {
+                self.s.end_write(ext);
+            }
+            TgtHalf::Planned { id } => {
+                self.s.end_active_write(id, source_ok, false);
+            }
+            TgtHalf::Done { id, ok } => {
+                self.s.end_active_write(id, source_ok, ok);
+            }
+            TgtHalf::Pending { .. } => unreachable!("ended with its target write in flight"),
+        }
     }
 
     fn step(&mut self, op: u8, a: u8, b: u8) {
         let before: Vec<bool> = (0..N).map(|r| self.s.pbits().get(r)).collect();
         self.apply(op, a, b);
+        if std::env::var_os("MODEL_TRACE").is_some() {
+            eprintln!(
+                "op {:2} a {a:3} b {b:3}: src {:?} acked {:?} tcache {:?} tmed {:?} dirty {} writes {:?} halves {:?}",
+                op % 12, self.m.src, self.m.acked, self.m.tgt_cache, self.m.tgt_medium, self.s.dirty(), self.writes, self.tgt_half
+            );
+        }
         // A bit cleared in the cache may reach the medium at any moment: from now on the
         // medium cannot be relied on to hold it.
         for r in 0..N {
@@ -98,33 +173,43 @@ impl Sim {
     }
 
     fn apply(&mut self, op: u8, a: u8, b: u8) {
-        match op % 10 {
-            0 | 1 => {
+        match op % 12 {
+            0 | 1 | 10 => {
                 let start = a as u64 % N;
                 let count = (1 + b as u64 % 2).min(N - start);
-                let ext = Extent { start, count };
-                let w = self.writes.len();
-                self.writes.push(Some((ext, false)));
-                match self.s.begin_write(ext) {
-                    Intent::Ready => self.issue(w),
-                    Intent::Wait { seq } => {
-                        if self.gc.wait(seq, w) {
-                            self.start_bitmap_flush();
+                self.begin(Extent { start, count }, op % 12 == 10 || (self.active_mode && b % 2 == 0));
+            }
+            11 => {
+                // The target half of an issued active write completes (possibly failing). It
+                // may land before or after copies and flushes of its region.
+                let pending: Vec<usize> =
+                    (0..self.writes.len()).filter(|&i| matches!(self.tgt_half[i], TgtHalf::Pending { .. })).collect();
+                if let Some(&w) = pending.get(a as usize % pending.len().max(1)) {
+                    let TgtHalf::Pending { id, vers } = self.tgt_half[w].clone() else { unreachable!() };
+                    let ok = b % 8 != 0;
+                    if ok {
+                        let (ext, _) = self.writes[w].expect("live");
+                        for (r, v) in ext.regions().zip(vers) {
+                            self.m.tgt_cache[r as usize] = v;
                         }
                     }
+                    self.tgt_half[w] = TgtHalf::Done { id, ok };
                 }
             }
             2 => {
-                // Complete an issued write.
+                // Complete an issued write (an active one once its target half is done).
                 let issued: Vec<usize> = (0..self.writes.len())
-                    .filter(|&i| matches!(self.writes[i], Some((_, true))))
+                    .filter(|&i| {
+                        matches!(self.writes[i], Some((_, true))) && !matches!(self.tgt_half[i], TgtHalf::Pending { .. })
+                    })
                     .collect();
                 if let Some(&w) = issued.get(a as usize % issued.len().max(1)) {
-                    let (ext, _) = self.writes[w].take().expect("live");
-                    for r in ext.regions() {
-                        self.m.acked[r as usize] = self.m.src[r as usize];
+                    let (ext, _) = self.writes[w].expect("live");
+                    for (r, &v) in ext.regions().zip(&self.vers[w]) {
+                        let a = &mut self.m.acked[r as usize];
+                        *a = (*a).max(v);
                     }
-                    self.s.end_write(ext);
+                    self.end(w, true);
                 }
             }
             3 => {
@@ -145,8 +230,7 @@ impl Sim {
                         self.issue(w);
                     }
                     for w in step.failed {
-                        let (ext, _) = self.writes[w].take().expect("live");
-                        self.s.end_write(ext);
+                        self.end(w, false);
                     }
                     if step.start_flush {
                         self.start_bitmap_flush();
@@ -243,7 +327,7 @@ impl Sim {
             if idle {
                 break;
             }
-            for op in [3u8, 2, 4, 5, 6, 7, 8] {
+            for op in [3u8, 11, 2, 4, 5, 6, 7, 8] {
                 self.step(op, 0, 1);
             }
         }
@@ -260,11 +344,15 @@ impl Sim {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(2000), .. ProptestConfig::default() })]
 
     #[test]
-    fn core_keeps_the_invariants(lazy in any::<bool>(), ops in prop::collection::vec((any::<u8>(), any::<u8>(), any::<u8>()), 1..300)) {
-        let mut sim = Sim::new(lazy);
+    fn core_keeps_the_invariants(
+        lazy in any::<bool>(),
+        active in any::<bool>(),
+        ops in prop::collection::vec((any::<u8>(), any::<u8>(), any::<u8>()), 1..300),
+    ) {
+        let mut sim = Sim::new(lazy, active);
         for (op, a, b) in ops {
             sim.step(op, a, b);
         }
@@ -354,4 +442,9 @@ mod engine_vs_memory {
             prop_assert!(read_all(&f.target) == model, "target differs from the model");
         }
     }
+}
+
+/// `PROPTEST_CASES` overrides the default number of cases (for longer runs by hand).
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
