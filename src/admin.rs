@@ -36,6 +36,10 @@ pub struct AddOptions {
     pub queues: u16,
     pub depth: u16,
     pub foreground: bool,
+    /// Live settings at start (speed, mode, max-lag, retries).
+    pub settings: crate::engine::Settings,
+    /// Where the event log goes (default `/run/ublk-mirror/ID.events`).
+    pub event_log: Option<PathBuf>,
 }
 
 /// A device name from a source path: its file name, with anything but `[A-Za-z0-9._-]` as `_`.
@@ -60,9 +64,6 @@ pub fn check_name(name: &str) -> Result<()> {
     }
 }
 
-fn status_path(id: u32) -> PathBuf {
-    Path::new(RUN_DIR).join(format!("{id}.json"))
-}
 
 /// Refuses early, with what to do, when the device cannot be made at all.
 pub fn check_environment() -> Result<()> {
@@ -101,7 +102,10 @@ impl Report {
 }
 
 /// Opens the device to recover and reads the pair it was serving from its saved configuration.
-fn prepare_recover(id: u32, direct: crate::backing::DirectMode) -> Result<(UblkCtrl, PairOptions, String)> {
+fn prepare_recover(
+    id: u32,
+    direct: crate::backing::DirectMode,
+) -> Result<(UblkCtrl, PairOptions, String, Option<crate::engine::Settings>)> {
     let old = UblkCtrl::new_simple(id as i32)
         .map_err(|_| Error::config(format!("no ublk device {id} (see `ublk-mirror list`)")))?;
     let info = old.dev_info();
@@ -122,6 +126,7 @@ fn prepare_recover(id: u32, direct: crate::backing::DirectMode) -> Result<(UblkC
         return Err(Error::config(format!("device {id} is not a ublk-mirror device")));
     };
     let name = data["name"].as_str().map(String::from).unwrap_or_else(|| default_name(&source));
+    let settings = serde_json::from_value(data["settings"].clone()).ok();
     let pair = PairOptions {
         source,
         target,
@@ -147,13 +152,13 @@ fn prepare_recover(id: u32, direct: crate::backing::DirectMode) -> Result<(UblkC
         .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
         .build()
         .map_err(uerr("recover"))?;
-    Ok((ctrl, pair, name))
+    Ok((ctrl, pair, name, settings))
 }
 
 /// Runs in the daemon: opens the pair, adds (or recovers) the device and serves it until it is
 /// stopped. Returns when the device is gone.
 fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result<()> {
-    let (ctrl, pair, name) = match recover {
+    let (ctrl, pair, name, saved) = match recover {
         Some(id) => prepare_recover(id, opts.pair.direct)?,
         None => {
             let name = opts.name.clone().unwrap_or_else(|| default_name(&opts.pair.source));
@@ -197,9 +202,11 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
                     };
                     Error::config(format!("cannot add the device{hint}: {e:?}"))
                 })?;
-            (ctrl, pair, name)
+            (ctrl, pair, name, None)
         }
     };
+    // A recovered daemon serves with the settings the device was added with.
+    let settings = saved.unwrap_or_else(|| opts.settings.clone());
     let info = ctrl.dev_info();
     let id = info.dev_id;
     report.send(&format!("ID {id}"));
@@ -211,14 +218,39 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
     let (engine, target, open) = Engine::open(&pair)?;
     log::info!("device {id}: {:?}, {} dirty regions", open.mode, open.dirty_regions);
     let engine = Arc::new(engine);
+    engine.apply_settings(&settings);
+    let events_path = Path::new(RUN_DIR).join(format!("{id}.events"));
+    if let Err(e) = engine.events().open(opts.event_log.as_deref().unwrap_or(&events_path)) {
+        log::warn!("event log: {e}");
+    }
+    engine.events().emit(
+        if recover.is_some() { "recovered-daemon" } else { "started" },
+        serde_json::json!({ "dev_id": id, "mode": open.mode, "dirty_regions": open.dirty_regions }),
+    );
+    // The target as a fixed file on the queue rings, for write-blocking writes.
+    let tgt_fd = target.fixed_fd();
     let mirror = device::spawn_mirror(engine.clone(), target, opts.copy.clone());
-    let stop_status = Arc::new(AtomicBool::new(false));
-    let status_thread = spawn_status_writer(id, engine.clone(), pair.clone(), stop_status.clone());
+    let stop_control = Arc::new(AtomicBool::new(false));
+    let info = serde_json::json!({
+        "dev_id": id, "bdev": format!("/dev/ublkb{id}"), "name": name,
+        "source": pair.source, "target": pair.target, "bitmap": pair.bitmap,
+        "event_log": opts.event_log.clone().unwrap_or(events_path.clone()),
+    });
+    let control = crate::control::spawn_server(id, engine.clone(), info, stop_control.clone());
+    let control = match control {
+        Ok(c) => c,
+        Err(e) => {
+            engine.request_stop();
+            let _ = mirror.join();
+            return Err(e);
+        }
+    };
 
     let src_fd = engine.source().fd();
     let bm_fd = engine.bitmap_fd();
     let data = serde_json::json!({
         "name": name, "source": pair.source, "target": pair.target, "bitmap": pair.bitmap,
+        "settings": settings,
     });
     let tgt_engine = engine.clone();
     let tgt_init = move |dev: &mut UblkDev| -> std::result::Result<(), libublk::UblkError> {
@@ -228,6 +260,10 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         t.fds[t.nr_fds as usize] = src_fd;
         t.fds[t.nr_fds as usize + 1] = bm_fd;
         t.nr_fds += 2;
+        if let Some(fd) = tgt_fd {
+            t.fds[t.nr_fds as usize] = fd;
+            t.nr_fds += 1;
+        }
         t.dev_size = tgt_engine.size();
         // Room for a bitmap flush beside each tag's own operation.
         t.cq_depth = t.cq_depth.saturating_mul(2);
@@ -237,14 +273,14 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         Ok(())
     };
     let q_engine = engine.clone();
-    let q_fn = move |qid: u16, dev: &UblkDev| device::queue_main(qid, dev, q_engine.clone());
+    let q_fn = move |qid: u16, dev: &UblkDev| device::queue_main(qid, dev, q_engine.clone(), tgt_fd.is_some());
     let mut live = report.try_clone();
     let on_live = move |c: &UblkCtrl| live.send(&format!("LIVE {}", c.dev_info().dev_id));
     let served = ctrl.run_target(tgt_init, q_fn, on_live);
     engine.request_stop();
     let mirrored = mirror.join();
-    stop_status.store(true, Ordering::SeqCst);
-    let _ = status_thread.join();
+    stop_control.store(true, Ordering::SeqCst);
+    let _ = control.join();
     if let Err(e) = served {
         // Queue threads may still hold /dev/ublkcN: a DEL from here could wait on ourselves.
         // Whoever waits for this process (the parent, or `del`) deletes the device.
@@ -256,35 +292,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         Ok(Err(e)) => log::error!("mirror loop: {e}"),
         Err(_) => log::error!("mirror thread panicked"),
     }
-    let _ = std::fs::remove_file(status_path(id));
     Ok(())
-}
-
-fn spawn_status_writer(
-    id: u32,
-    engine: Arc<Engine>,
-    pair: PairOptions,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let _ = std::fs::create_dir_all(RUN_DIR);
-        let path = status_path(id);
-        let tmp = path.with_extension("tmp");
-        while !stop.load(Ordering::SeqCst) {
-            let v = serde_json::json!({
-                "dev_id": id,
-                "bdev": format!("/dev/ublkb{id}"),
-                "pid": std::process::id(),
-                "source": pair.source, "target": pair.target, "bitmap": pair.bitmap,
-                "status": engine.status(),
-                "updated_ms": unix_ms(),
-            });
-            if std::fs::write(&tmp, v.to_string()).and_then(|_| std::fs::rename(&tmp, &path)).is_err() {
-                log::warn!("cannot write {}", path.display());
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    })
 }
 
 pub fn state_name(state: u16) -> &'static str {
@@ -418,13 +426,9 @@ pub fn device_json(c: &UblkCtrl) -> serde_json::Value {
     })
 }
 
-/// The live status the daemon publishes, if it is running.
-pub fn read_status(id: u32) -> Option<serde_json::Value> {
-    let s = std::fs::read_to_string(status_path(id)).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&s).ok()?;
-    // A daemon that was killed leaves its last status behind: it is not a live one.
-    let pid = v["pid"].as_i64().unwrap_or(0) as i32;
-    pid_alive(pid).then_some(v)
+/// The live status, asked of the daemon over its control socket.
+pub fn read_status(id: u32) -> Result<serde_json::Value> {
+    crate::control::request(id, &serde_json::json!({ "cmd": "status" }))
 }
 
 /// Asked of sysfs, not of libublk (which complains on stderr about a missing device).
@@ -432,35 +436,28 @@ fn device_exists(id: u32) -> bool {
     Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists()
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 fn pid_alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     pid > 0 && unsafe { libc::kill(pid, 0) } == 0
 }
 
-/// Waits (at most `limit`) for a status written after this call started that says synced: an
-/// older "synced" may predate the last writes.
+/// Waits (at most `limit`) until the daemon says synced. The status is the daemon's live
+/// state, so a "synced" seen after this call started accounts for every write completed before.
 pub fn wait_synced(id: u32, limit: Duration) -> Result<()> {
     let t0 = Instant::now();
-    let since = unix_ms();
-    let fresh_synced =
-        |v: &serde_json::Value| v["status"]["state"] == "synced" && v["updated_ms"].as_u64().is_some_and(|t| t > since);
     loop {
         match read_status(id) {
-            Some(v) if fresh_synced(&v) => return Ok(()),
-            None if !device_exists(id) => return Err(Error::config(format!("no ublk device {id}"))),
-            None if t0.elapsed() > Duration::from_secs(2) => {
+            Ok(v) if v["status"]["state"] == "synced" => return Ok(()),
+            Ok(v) if v["status"]["state"] == "stopped" => {
                 return Err(Error::config(format!(
-                    "device {id} has no running daemon (if `ublk-mirror list` shows it QUIESCED, run \
-                     `ublk-mirror recover -n {id}`)"
+                    "device {id}: mirroring has stopped ({}); it will not get synced",
+                    v["status"]["last_error"].as_str().unwrap_or("?")
                 )))
             }
+            Err(_) if !device_exists(id) => return Err(Error::config(format!("no ublk device {id}"))),
+            // A daemon being recovered is not listening yet: give it a moment.
+            Err(e) if t0.elapsed() > Duration::from_secs(2) => return Err(e),
             _ => {}
         }
         if t0.elapsed() > limit {
@@ -502,7 +499,6 @@ pub fn delete(id: u32, wait: Option<Duration>) -> Result<()> {
             return Err(Error::config(format!("deleting device {id}: {e:?}")));
         }
     }
-    let _ = std::fs::remove_file(status_path(id));
     Ok(())
 }
 

@@ -1,8 +1,8 @@
 //! The command line: clap definitions, shared by the binary, the man page and the completions.
 
 use crate::backing::DirectMode;
-use crate::engine::SyncMode;
-use crate::units::parse_size;
+use crate::engine::{CopyMode, SyncMode};
+use crate::units::{parse_duration, parse_size};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -116,6 +116,41 @@ pub enum Cmd {
         /// Seconds to wait for --wait-synced.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// Keep showing the status (a progress bar on a terminal, a line a second otherwise)
+        /// until interrupted, or until synced with --wait-synced.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Change a running mirror's settings: copy speed, copy mode, max lag, retries.
+    Set {
+        /// Device id.
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+        /// Copy bandwidth limit in bytes per second (K/M/G suffixes; 0 = unlimited).
+        #[arg(long, value_parser = parse_size)]
+        speed: Option<u64>,
+        /// background, or write-blocking (writes complete once on source and target).
+        #[arg(long, value_enum)]
+        mode: Option<CopyMode>,
+        /// Switch to write-blocking while the target has been behind for longer than this
+        /// (e.g. 30s, 5m; 0 = never).
+        #[arg(long, value_parser = parse_duration)]
+        max_lag: Option<std::time::Duration>,
+        /// Stop mirroring after this many failed retries in a row (0 = retry for ever).
+        #[arg(long)]
+        max_retries: Option<u32>,
+    },
+    /// Stop copying (the device keeps serving I/O; writes are tracked in the bitmap).
+    Pause {
+        /// Device id.
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+    },
+    /// Resume copying after `pause`.
+    Resume {
+        /// Device id.
+        #[arg(short = 'n', long = "number")]
+        id: u32,
     },
 }
 
@@ -155,6 +190,23 @@ pub struct AddArgs {
     pub foreground: bool,
     #[command(flatten)]
     pub copy: CopyArgs,
+    /// Copy bandwidth limit in bytes per second (K/M/G suffixes; 0 = unlimited); `set` changes it.
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    pub speed: u64,
+    /// background: writes complete on the source and the mirror copies behind them;
+    /// write-blocking: writes complete once on source and target (file and block device targets).
+    #[arg(long, value_enum, default_value = "background")]
+    pub mode: CopyMode,
+    /// Switch to write-blocking while the target has been behind for longer than this (e.g.
+    /// 30s, 5m), back to background once synced.
+    #[arg(long, value_parser = parse_duration)]
+    pub max_lag: Option<std::time::Duration>,
+    /// Stop mirroring after this many failed retries in a row (0 = retry for ever, with backoff).
+    #[arg(long, default_value_t = 0)]
+    pub max_retries: u32,
+    /// Event log (JSON lines) [default: /run/ublk-mirror/ID.events].
+    #[arg(long)]
+    pub event_log: Option<PathBuf>,
 }
 
 #[derive(Args)]

@@ -8,7 +8,7 @@
 //! same queue that arrive meanwhile share it (group commit).
 
 use crate::engine::{CopyConfig, Engine};
-use crate::core::Intent;
+use crate::core::{ActivePlan, Intent};
 use crate::mirror::{Mirror, RunUntil};
 use io_uring::{opcode, squeue, types};
 use libublk::helpers::IoBuf;
@@ -22,6 +22,8 @@ use std::task::{Poll, Waker};
 
 const SOURCE: types::Fixed = types::Fixed(1);
 const BITMAP: types::Fixed = types::Fixed(2);
+/// The target, for write-blocking mode; registered only for targets with a descriptor.
+const TARGET: types::Fixed = types::Fixed(3);
 
 /// Raw `op_flags` bits (tested in place, not shifted).
 pub const IO_F_FUA: u32 = 1 << 13;
@@ -100,6 +102,10 @@ impl QueueCommit {
 }
 
 async fn read_write(write: bool, fua: bool, off: u64, len: u64, buf: &IoBuf<u8>) -> i32 {
+    rw_on(SOURCE, write, fua, off, len, buf).await
+}
+
+async fn rw_on(file: types::Fixed, write: bool, fua: bool, off: u64, len: u64, buf: &IoBuf<u8>) -> i32 {
     if len > buf.len() as u64 {
         return -libc::EINVAL;
     }
@@ -110,9 +116,9 @@ async fn read_write(write: bool, fua: bool, off: u64, len: u64, buf: &IoBuf<u8>)
         let n = (len - done) as u32;
         let sqe = if write {
             let flags = if fua { libc::RWF_DSYNC } else { 0 };
-            opcode::Write::new(SOURCE, p, n).offset(off + done).rw_flags(flags).build()
+            opcode::Write::new(file, p, n).offset(off + done).rw_flags(flags).build()
         } else {
-            opcode::Read::new(SOURCE, p, n).offset(off + done).build()
+            opcode::Read::new(file, p, n).offset(off + done).build()
         };
         match submit(sqe).await {
             r if r < 0 => return r,
@@ -123,7 +129,7 @@ async fn read_write(write: bool, fua: bool, off: u64, len: u64, buf: &IoBuf<u8>)
     len as i32
 }
 
-async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, commit: &QueueCommit) -> i32 {
+async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, commit: &QueueCommit, has_target: bool) -> i32 {
     let iod = q.get_iod(tag);
     let op = iod.op_flags & 0xff;
     let flags = iod.op_flags;
@@ -147,13 +153,36 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, c
         return -libc::EINVAL;
     }
     let ext = engine.extent(off, len);
-    let mut res = match engine.begin_write(ext) {
+    // Write-blocking mode mirrors writes (not discards or write-zeroes: those stay dirty and
+    // the copy turns them into holes or zeroes on the target).
+    let (intent, plan) = if op == sys::UBLK_IO_OP_WRITE && has_target {
+        engine.begin_write_maybe_active(ext, off, len)
+    } else {
+        (engine.begin_write(ext), ActivePlan::SourceOnly)
+    };
+    let mut res = match intent {
         Intent::Ready => 0,
         Intent::Wait { seq } => commit.ensure(engine, seq).await,
     };
+    let mut target_ok = false;
     if res == 0 {
         let keep = libc::FALLOC_FL_KEEP_SIZE;
         res = match op {
+            sys::UBLK_IO_OP_WRITE if plan != ActivePlan::SourceOnly => {
+                // Both at once from the same buffer; the write completes when both have. The
+                // target needs no FUA: its durability comes with the mirror's pair flush.
+                let fua = flags & IO_F_FUA != 0;
+                let (s, t) = smol::future::zip(
+                    rw_on(SOURCE, true, fua, off, len, buf),
+                    rw_on(TARGET, true, false, off, len, buf),
+                )
+                .await;
+                target_ok = t >= 0;
+                if t < 0 {
+                    log::debug!("write-blocking: target write at {off} failed ({}); region stays dirty", std::io::Error::from_raw_os_error(-t));
+                }
+                s
+            }
             sys::UBLK_IO_OP_WRITE => read_write(true, flags & IO_F_FUA != 0, off, len, buf).await,
             sys::UBLK_IO_OP_DISCARD => {
                 let mode = keep | libc::FALLOC_FL_PUNCH_HOLE;
@@ -170,24 +199,24 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, c
         };
     }
     // Whatever happened (even a write that failed halfway), the region may have changed.
-    engine.end_write(ext);
+    engine.end_write_planned(ext, plan, res >= 0, target_ok);
     if res < 0 {
         log::warn!("source error at byte {off} (+{len}): {}", std::io::Error::from_raw_os_error(-res));
     }
     res
 }
 
-async fn io_task(q: &UblkQueue<'_>, tag: u16, engine: &Engine, commit: &QueueCommit) -> Result<(), UblkError> {
+async fn io_task(q: &UblkQueue<'_>, tag: u16, engine: &Engine, commit: &QueueCommit, has_target: bool) -> Result<(), UblkError> {
     let buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), -1, Some(&buf)).await?;
     loop {
-        let res = handle(q, tag, &buf, engine, commit).await;
+        let res = handle(q, tag, &buf, engine, commit, has_target).await;
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
     }
 }
 
 /// Body of one queue thread.
-pub fn queue_main(qid: u16, dev: &UblkDev, engine: Arc<Engine>) {
+pub fn queue_main(qid: u16, dev: &UblkDev, engine: Arc<Engine>, has_target: bool) {
     let q = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
@@ -205,7 +234,7 @@ pub fn queue_main(qid: u16, dev: &UblkDev, engine: Arc<Engine>) {
         .map(|tag| {
             let (q, engine, commit) = (q.clone(), engine.clone(), commit.clone());
             exe.spawn(async move {
-                match io_task(&q, tag, &engine, &commit).await {
+                match io_task(&q, tag, &engine, &commit, has_target).await {
                     Ok(()) | Err(UblkError::QueueIsDown) => {}
                     Err(e) => log::error!("queue {qid} tag {tag}: {e:?}"),
                 }

@@ -9,11 +9,11 @@
 
 use crate::backing::{Backing, DirectMode};
 use crate::bitmap::{Bitmap, BitmapState, Expect, PairIdentity, DEFAULT_GRANULARITY};
-use crate::core::{CoreCounters, Extent, Intent, MirrorState};
+use crate::core::{ActivePlan, CoreCounters, Extent, Intent, MirrorState};
 use crate::error::{Error, Result};
 use crate::target::{is_uri, open_file_target, open_target, BoxTarget};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -54,6 +54,106 @@ pub struct Progress {
     pub last_consistent: Option<SystemTime>,
     pub last_error: Option<String>,
     pub initial_dirty_regions: u64,
+    /// Since when the target has been behind (the first write after the state was synced, or
+    /// the consistent point that writes overtook). `None` while synced.
+    pub unsynced_since: Option<Instant>,
+    /// Bytes copied or zeroed since the current sync episode began (see [`Status::progress`]).
+    pub episode_bytes: u64,
+    /// The progress figure last reported in this episode: it never goes backwards.
+    pub episode_progress: f64,
+    /// Rate estimate: copied+zeroed bytes at the last sample, its time, and the rate then.
+    rate_sample: (Instant, u64),
+    rate: f64,
+    /// Target failures in a row (copies or flushes), and since when the pair is degraded.
+    pub target_failures: u32,
+    pub degraded_since: Option<SystemTime>,
+    /// Mirroring gave up after too many failed retries (`--max-retries`): the reason.
+    pub gave_up: Option<String>,
+    /// Write-blocking mode was switched on by `--max-lag` (and goes off at the next synced).
+    pub lag_forced: bool,
+}
+
+impl Progress {
+    fn new(initial_dirty_regions: u64) -> Self {
+        let now = Instant::now();
+        Progress {
+            started: now,
+            bytes_copied: 0,
+            bytes_zeroed: 0,
+            last_consistent: None,
+            last_error: None,
+            initial_dirty_regions,
+            unsynced_since: (initial_dirty_regions > 0).then_some(now),
+            episode_bytes: 0,
+            episode_progress: 0.0,
+            rate_sample: (now, 0),
+            rate: 0.0,
+            target_failures: 0,
+            degraded_since: None,
+            gave_up: None,
+            lag_forced: false,
+        }
+    }
+
+    /// Bytes were copied (or zeroed) to the target.
+    pub fn add_copied(&mut self, n: u64, zeroed: bool) {
+        if zeroed {
+            self.bytes_zeroed += n;
+        } else {
+            self.bytes_copied += n;
+        }
+        self.episode_bytes += n;
+        self.sample_rate(false);
+    }
+
+    /// Refreshes the rate estimate at most every second (or on demand): the rate over the
+    /// last sample interval, smoothed with the previous one.
+    fn sample_rate(&mut self, force: bool) {
+        let (t, b) = self.rate_sample;
+        let dt = t.elapsed().as_secs_f64();
+        if dt >= 1.0 || (force && dt >= 0.25) {
+            let total = self.bytes_copied + self.bytes_zeroed;
+            let now_rate = (total - b) as f64 / dt;
+            self.rate = if self.rate == 0.0 { now_rate } else { 0.5 * self.rate + 0.5 * now_rate };
+            self.rate_sample = (Instant::now(), total);
+        }
+    }
+}
+
+/// How writes to the device reach the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyMode {
+    /// Writes complete once on the source; the mirror copies dirty regions behind them.
+    Background,
+    /// Writes complete once on the source and the target (QEMU's write-blocking active mirror):
+    /// regions written stay clean, the dirty set only drains.
+    WriteBlocking,
+}
+
+/// Settings that can change while the mirror runs (`set`, `pause`, `resume`).
+#[derive(Debug, Default)]
+pub struct Controls {
+    /// Copy bandwidth limit in bytes/s; 0 = unlimited.
+    speed: AtomicU64,
+    paused: AtomicBool,
+    write_blocking: AtomicBool,
+    /// `--max-lag` in milliseconds; 0 = off.
+    max_lag_ms: AtomicU64,
+    /// Give up mirroring after this many failed retries in a row; 0 = retry for ever.
+    max_retries: AtomicU32,
+    /// Write-blocking is in force now (set by the mode or by max-lag, off while degraded).
+    active_now: AtomicBool,
+}
+
+/// Live settings as a whole (for `add` and the status).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Settings {
+    pub speed: u64,
+    pub paused: bool,
+    pub mode: Option<CopyMode>,
+    pub max_lag_ms: u64,
+    pub max_retries: u32,
 }
 
 pub struct Inner {
@@ -81,6 +181,24 @@ pub struct Status {
     pub writes_in_flight: usize,
     pub last_error: Option<String>,
     pub elapsed_secs: f64,
+    /// Bytes copied or zeroed in this sync episode (since the pair was last synced).
+    pub episode_bytes: u64,
+    /// `episode_bytes / (episode_bytes + bytes still to copy)`, reported as a running maximum
+    /// within the episode so that it never goes backwards (new writes lengthen the remaining
+    /// work, and the ETA shows it); 1 when synced. A new episode starts at 0.
+    pub progress: f64,
+    /// Copy rate in bytes/s over the last seconds.
+    pub rate: f64,
+    /// Seconds to synced at the current rate, if it is copying.
+    pub eta_secs: Option<f64>,
+    /// How long the target has been behind the source (0 when synced).
+    pub lag_secs: f64,
+    pub mode: &'static str,
+    pub speed: u64,
+    pub max_lag_secs: Option<f64>,
+    pub active_writes: usize,
+    pub target_failures: u32,
+    pub degraded_secs: Option<f64>,
 }
 
 pub struct Engine {
@@ -96,6 +214,8 @@ pub struct Engine {
     /// fdatasync only: the mirror's call may have taken the error an application's FLUSH should
     /// see, so from then on every FLUSH of the device fails.
     source_flush_failed: AtomicBool,
+    controls: Controls,
+    events: crate::events::EventLog,
 }
 
 /// What opening a pair found and did.
@@ -237,18 +357,13 @@ impl Engine {
             bitmap_fd,
             inner: Mutex::new(Inner {
                 state,
-                progress: Progress {
-                    started: Instant::now(),
-                    bytes_copied: 0,
-                    bytes_zeroed: 0,
-                    last_consistent: None,
-                    last_error: None,
-                    initial_dirty_regions: dirty,
-                },
+                progress: Progress::new(dirty),
             }),
             wake,
             stop: AtomicBool::new(false),
             source_flush_failed: AtomicBool::new(false),
+            controls: Controls::default(),
+            events: crate::events::EventLog::default(),
         };
         Ok((engine, target, report))
     }
@@ -311,9 +426,93 @@ impl Engine {
         self.lock().state.bitmap_flush_done(seq, ok)
     }
     pub fn end_write(&self, ext: Extent) {
-        if self.lock().state.end_write(ext) {
+        let mut g = self.lock();
+        let wake = g.state.end_write(ext);
+        g.progress.unsynced_since.get_or_insert_with(Instant::now);
+        drop(g);
+        if wake {
             self.wake();
         }
+    }
+
+    /// Starts a write in write-blocking style if that mode is in force (see
+    /// [`MirrorState::begin_active_write`]); otherwise an ordinary write.
+    pub fn begin_write_maybe_active(&self, ext: Extent, off: u64, len: u64) -> (Intent, ActivePlan) {
+        if self.write_blocking_now() {
+            self.lock().state.begin_active_write(ext, off, len)
+        } else {
+            (self.begin_write(ext), ActivePlan::SourceOnly)
+        }
+    }
+
+    /// Ends a write begun with [`Self::begin_write_maybe_active`].
+    pub fn end_write_planned(&self, ext: Extent, plan: ActivePlan, source_ok: bool, target_ok: bool) {
+        let ActivePlan::Target { id } = plan else { return self.end_write(ext) };
+        let mut g = self.lock();
+        let wake = g.state.end_active_write(id, source_ok, target_ok);
+        g.progress.unsynced_since.get_or_insert_with(Instant::now);
+        drop(g);
+        if wake {
+            self.wake();
+        }
+    }
+
+    pub fn controls(&self) -> &Controls {
+        &self.controls
+    }
+    pub fn events(&self) -> &crate::events::EventLog {
+        &self.events
+    }
+    /// Applies `s` (at start, or from `set`); records what changed in the event log.
+    pub fn apply_settings(&self, s: &Settings) {
+        let c = &self.controls;
+        c.speed.store(s.speed, Ordering::SeqCst);
+        c.paused.store(s.paused, Ordering::SeqCst);
+        if let Some(m) = s.mode {
+            c.write_blocking.store(m == CopyMode::WriteBlocking, Ordering::SeqCst);
+        }
+        c.max_lag_ms.store(s.max_lag_ms, Ordering::SeqCst);
+        c.max_retries.store(s.max_retries, Ordering::SeqCst);
+        self.update_active();
+        self.wake();
+    }
+    pub fn settings(&self) -> Settings {
+        let c = &self.controls;
+        Settings {
+            speed: c.speed.load(Ordering::SeqCst),
+            paused: c.paused.load(Ordering::SeqCst),
+            mode: Some(if c.write_blocking.load(Ordering::SeqCst) { CopyMode::WriteBlocking } else { CopyMode::Background }),
+            max_lag_ms: c.max_lag_ms.load(Ordering::SeqCst),
+            max_retries: c.max_retries.load(Ordering::SeqCst),
+        }
+    }
+    pub fn speed(&self) -> u64 {
+        self.controls.speed.load(Ordering::SeqCst)
+    }
+    pub fn paused(&self) -> bool {
+        self.controls.paused.load(Ordering::SeqCst)
+    }
+    pub fn max_lag(&self) -> Option<Duration> {
+        match self.controls.max_lag_ms.load(Ordering::SeqCst) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+    pub fn max_retries(&self) -> u32 {
+        self.controls.max_retries.load(Ordering::SeqCst)
+    }
+    /// Are writes to be mirrored synchronously right now?
+    pub fn write_blocking_now(&self) -> bool {
+        self.controls.active_now.load(Ordering::SeqCst)
+    }
+    /// Recomputes whether write-blocking is in force: asked for (by the mode or by max-lag),
+    /// and the target healthy (a failing target must not slow every write down) and mirroring
+    /// not given up.
+    pub fn update_active(&self) {
+        let g = self.lock();
+        let wanted = self.controls.write_blocking.load(Ordering::SeqCst) || g.progress.lag_forced;
+        let healthy = g.progress.degraded_since.is_none() && g.progress.gave_up.is_none();
+        self.controls.active_now.store(wanted && healthy, Ordering::SeqCst);
     }
 
     /// Wakes the mirror loop (new dirty regions, or a stop request).
@@ -345,11 +544,53 @@ impl Engine {
     }
 
     pub fn status(&self) -> Status {
-        let g = self.lock();
+        let mut g = self.lock();
         let gran = self.granularity();
         let c = g.state.counters();
-        let state = if g.state.is_synced() { "synced" } else { "syncing" };
+        let synced = g.state.is_synced();
+        let state = if g.progress.gave_up.is_some() {
+            "stopped"
+        } else if g.progress.degraded_since.is_some() {
+            "degraded"
+        } else if synced {
+            "synced"
+        } else if self.paused() {
+            "paused"
+        } else {
+            "syncing"
+        };
+        g.progress.sample_rate(true);
+        let remaining = ((g.state.dirty() + g.state.copying()) * gran).min(self.size);
+        let progress = if synced {
+            1.0
+        } else {
+            let done = g.progress.episode_bytes as f64;
+            let p = if done + remaining as f64 > 0.0 { done / (done + remaining as f64) } else { 0.0 };
+            // Not 1 until synced: the last flush is part of the work.
+            let p = p.max(g.progress.episode_progress).min(0.999);
+            g.progress.episode_progress = p;
+            p
+        };
+        let rate = g.progress.rate;
+        let mode = if !self.controls.write_blocking.load(Ordering::SeqCst) && g.progress.lag_forced {
+            "write-blocking (max-lag)"
+        } else if self.controls.write_blocking.load(Ordering::SeqCst) {
+            "write-blocking"
+        } else {
+            "background"
+        };
         Status {
+            episode_bytes: g.progress.episode_bytes,
+            progress,
+            rate,
+            eta_secs: (!synced && rate > 1.0 && !self.paused()).then(|| remaining as f64 / rate),
+            lag_secs: if synced { 0.0 } else { g.progress.unsynced_since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0) },
+            mode,
+            speed: self.speed(),
+            max_lag_secs: self.max_lag().map(|d| d.as_secs_f64()),
+            active_writes: g.state.active_writes(),
+            target_failures: g.progress.target_failures,
+            degraded_secs: g.progress.degraded_since.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64()),
             state,
             device_size: self.size,
             granularity: gran,

@@ -7,7 +7,7 @@ use ublk_mirror::backing::DirectMode;
 use ublk_mirror::admin::{self, AddOptions};
 use ublk_mirror::cli::{AddArgs, BitmapCmd, Cli, Cmd, CopyArgs, SyncArgs, VerifyArgs};
 use ublk_mirror::bitmap::Bitmap;
-use ublk_mirror::engine::{CopyConfig, PairOptions, Status, SyncMode};
+use ublk_mirror::engine::{CopyConfig, PairOptions, Settings, Status, SyncMode};
 use ublk_mirror::mirror::Hooks;
 use ublk_mirror::sync::{self, VerifyOptions};
 use ublk_mirror::units::human;
@@ -70,7 +70,11 @@ fn main() -> ExitCode {
         }
         Cmd::List { json } => cmd_list(json),
         Cmd::Recover { id, foreground } => cmd_recover(id, foreground),
-        Cmd::Status { id, json, wait_synced, timeout } => {
+        Cmd::Status { id, json, wait_synced, timeout, watch: true } => cmd_watch(id, json, wait_synced, timeout),
+        Cmd::Set { id, speed, mode, max_lag, max_retries } => cmd_set(id, speed, mode, max_lag, max_retries),
+        Cmd::Pause { id } => cmd_simple(id, "pause"),
+        Cmd::Resume { id } => cmd_simple(id, "resume"),
+        Cmd::Status { id, json, wait_synced, timeout, watch: false } => {
             if wait_synced {
                 if let Err(e) = admin::wait_synced(id, Duration::from_secs(timeout)) {
                     eprintln!("ublk-mirror: error: {e}");
@@ -126,6 +130,14 @@ fn add_options(a: AddArgs) -> AddOptions {
         queues: a.queues,
         depth: a.depth,
         foreground: a.foreground,
+        settings: Settings {
+            speed: a.speed,
+            paused: false,
+            mode: Some(a.mode),
+            max_lag_ms: a.max_lag.map(|d| d.as_millis() as u64).unwrap_or(0),
+            max_retries: a.max_retries,
+        },
+        event_log: a.event_log,
     }
 }
 
@@ -155,6 +167,9 @@ fn cmd_recover(id: u32, foreground: bool) -> CliResult {
         queues: 1,
         depth: 128,
         foreground,
+        // The device's saved settings are used.
+        settings: Settings::default(),
+        event_log: None,
     };
     if let Some(v) = admin::start(&opts, Some(id))? {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -181,32 +196,129 @@ fn cmd_list(json: bool) -> CliResult {
 }
 
 fn cmd_status(id: u32, json: bool) -> CliResult {
-    let Some(v) = admin::read_status(id) else {
-        return Err(format!(
-            "no status for device {id}: its daemon is not running (if `ublk-mirror list` shows it \
-             QUIESCED, run `ublk-mirror recover -n {id}`)"
-        )
-        .into());
-    };
+    let v = admin::read_status(id)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
     let s = &v["status"];
     let u = |k: &str| s[k].as_u64().unwrap_or(0);
-    println!("device       {} ({})", v["bdev"].as_str().unwrap_or("?"), v["pid"]);
+    let f = |k: &str| s[k].as_f64();
+    println!("device       {} ({}, pid {})", v["bdev"].as_str().unwrap_or("?"), v["name"].as_str().unwrap_or("?"), v["pid"]);
     println!("mirror       {} -> {}", v["source"].as_str().unwrap_or("?"), v["target"].as_str().unwrap_or("?"));
     println!("state        {}", s["state"].as_str().unwrap_or("?"));
+    println!("mode         {}", s["mode"].as_str().unwrap_or("?"));
     println!("dirty        {}", human(u("dirty_bytes") + u("copying_bytes")));
-    println!("copied       {} (+{} of holes)", human(u("bytes_copied")), human(u("bytes_zeroed")));
+    println!(
+        "progress     {:.1}% ({} this sync), {}/s, ETA {}",
+        f("progress").unwrap_or(0.0) * 100.0,
+        human(u("episode_bytes")),
+        human(f("rate").unwrap_or(0.0) as u64),
+        f("eta_secs").map(|e| format!("{e:.0}s")).unwrap_or_else(|| "-".into())
+    );
+    println!("lag          {:.1}s", f("lag_secs").unwrap_or(0.0));
+    println!("copied       {} (+{} of holes) since start", human(u("bytes_copied")), human(u("bytes_zeroed")));
     println!(
         "consistent   {} points, last {}",
         u("consistent_points"),
-        s["last_consistent_age_secs"].as_f64().map(|a| format!("{a:.1}s ago")).unwrap_or_else(|| "never".into())
+        f("last_consistent_age_secs").map(|a| format!("{a:.1}s ago")).unwrap_or_else(|| "never".into())
     );
-    if u("copy_errors") > 0 {
-        println!("errors       {} copy errors; last: {}", u("copy_errors"), s["last_error"]);
+    let speed = u("speed");
+    println!("speed limit  {}", if speed == 0 { "none".to_string() } else { format!("{}/s", human(speed)) });
+    if u("copy_errors") + u("target_flush_errors") > 0 || !s["last_error"].is_null() {
+        println!(
+            "errors       {} copy, {} flush; last: {}",
+            u("copy_errors"),
+            u("target_flush_errors"),
+            s["last_error"].as_str().unwrap_or("-")
+        );
     }
+    println!("events       {}", v["event_log"].as_str().unwrap_or("?"));
+    Ok(0)
+}
+
+/// `status --watch`: redraws until interrupted (or synced, with --wait-synced). Every request
+/// is bounded by the client's timeouts; a daemon that goes away ends the watch with its error.
+fn cmd_watch(id: u32, json: bool, until_synced: bool, timeout: u64) -> CliResult {
+    let tty = std::io::stderr().is_terminal() && !json;
+    let bar = indicatif::ProgressBar::hidden();
+    if tty {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {percent:>3}% {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_length(1000);
+    }
+    let t0 = std::time::Instant::now();
+    loop {
+        let v = match admin::read_status(id) {
+            Ok(v) => v,
+            Err(e) => {
+                bar.abandon();
+                return Err(e.into());
+            }
+        };
+        let s = &v["status"];
+        let state = s["state"].as_str().unwrap_or("?");
+        let dirty = s["dirty_bytes"].as_u64().unwrap_or(0) + s["copying_bytes"].as_u64().unwrap_or(0);
+        let line = format!(
+            "{state}, {} dirty, {}/s, ETA {}, lag {:.0}s",
+            human(dirty),
+            human(s["rate"].as_f64().unwrap_or(0.0) as u64),
+            s["eta_secs"].as_f64().map(|e| format!("{e:.0}s")).unwrap_or_else(|| "-".into()),
+            s["lag_secs"].as_f64().unwrap_or(0.0)
+        );
+        if json {
+            println!("{}", serde_json::to_string(&v)?);
+        } else if tty {
+            bar.set_position((s["progress"].as_f64().unwrap_or(0.0) * 1000.0) as u64);
+            bar.set_message(line);
+        } else {
+            println!("{:.1}% {line}", s["progress"].as_f64().unwrap_or(0.0) * 100.0);
+        }
+        if until_synced && state == "synced" {
+            bar.finish();
+            return Ok(0);
+        }
+        if until_synced && t0.elapsed() > Duration::from_secs(timeout) {
+            bar.abandon();
+            return Err(format!("device {id} did not reach a consistent point within {timeout}s").into());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn cmd_set(
+    id: u32,
+    speed: Option<u64>,
+    mode: Option<ublk_mirror::engine::CopyMode>,
+    max_lag: Option<Duration>,
+    max_retries: Option<u32>,
+) -> CliResult {
+    let mut req = serde_json::json!({ "cmd": "set" });
+    if let Some(s) = speed {
+        req["speed"] = s.into();
+    }
+    if let Some(m) = mode {
+        req["mode"] = serde_json::to_value(m)?;
+    }
+    if let Some(l) = max_lag {
+        req["max_lag_secs"] = l.as_secs_f64().into();
+    }
+    if let Some(r) = max_retries {
+        req["max_retries"] = r.into();
+    }
+    if req.as_object().map(|o| o.len()).unwrap_or(0) == 1 {
+        return Err("nothing to set: give --speed, --mode, --max-lag or --max-retries".into());
+    }
+    let v = ublk_mirror::control::request(id, &req)?;
+    println!("{}", serde_json::to_string_pretty(&v["settings"])?);
+    Ok(0)
+}
+
+fn cmd_simple(id: u32, cmd: &str) -> CliResult {
+    ublk_mirror::control::request(id, &serde_json::json!({ "cmd": cmd }))?;
     Ok(0)
 }
 

@@ -98,6 +98,15 @@ pub struct Mirror<'t> {
     done: Vec<TargetDone>,
     /// Offline run: the first error ends it instead of being retried.
     offline: bool,
+    /// The target failed since its last reset: reset it (reconnect) before the next retry.
+    needs_reset: bool,
+    /// Copy bandwidth budget (token bucket, bytes; may go negative) and its last refill.
+    tokens: f64,
+    tokens_at: Instant,
+    /// Copies wait for the budget until then.
+    throttled_until: Option<Instant>,
+    /// The state was synced at the last look (for the event log).
+    was_synced: bool,
     /// Dropping: operations in flight complete, jobs end there (their regions stay dirty).
     draining: bool,
 }
@@ -146,6 +155,11 @@ impl<'t> Mirror<'t> {
             hooks: Hooks::default(),
             done: Vec::new(),
             offline: false,
+            needs_reset: false,
+            tokens: 0.0,
+            tokens_at: Instant::now(),
+            throttled_until: None,
+            was_synced: false,
             draining: false,
         }
     }
@@ -188,6 +202,9 @@ impl<'t> Mirror<'t> {
                 }
             }
             let stopping = until == RunUntil::Stopped && self.engine.stop_requested();
+            if until == RunUntil::Stopped {
+                self.check_lag();
+            }
             if self.fatal.is_none() && !stopping {
                 self.start_copies()?;
             }
@@ -211,8 +228,19 @@ impl<'t> Mirror<'t> {
             if until == RunUntil::Stopped && !self.wake_posted {
                 self.post_wake()?;
             }
-            // Wait for a completion, or for the backoff / checkpoint timer.
-            let timeout = self.retry_at.map(|t| t.saturating_duration_since(Instant::now()));
+            // Wait for a completion, or for the backoff / throttle / checkpoint / lag timer.
+            let timer = match (self.retry_at, self.throttled_until) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timer = match timer {
+                // Max-lag is checked at least every second while the target is behind.
+                None if self.engine.max_lag().is_some() && until == RunUntil::Stopped => {
+                    Some(Instant::now() + Duration::from_secs(1))
+                }
+                t => t,
+            };
+            let timeout = timer.map(|t| t.saturating_duration_since(Instant::now()));
             let timeout = match (timeout, next_tick) {
                 (None, Some(at)) if self.engine.lock().state.clearing_pending() => {
                     Some(at.saturating_duration_since(Instant::now()))
@@ -301,8 +329,42 @@ impl<'t> Mirror<'t> {
             }
             self.retry_at = None;
         }
+        if self.engine.paused() || self.engine.lock().progress.gave_up.is_some() {
+            return Ok(());
+        }
+        if self.needs_reset {
+            // A target is reset with nothing of its in flight.
+            if self.running > 0 || self.target_flush.is_some() {
+                return Ok(());
+            }
+            if let Err(e) = self.target.reset() {
+                self.target_failed(&format!("target {}: {e}", self.target.describe()));
+                return Ok(());
+            }
+            self.needs_reset = false;
+        }
         let max = self.regions_per_copy();
+        let speed = self.engine.speed();
+        if speed == 0 {
+            self.throttled_until = None;
+        } else {
+            // Token bucket: refilled at `speed`, holding at most a quarter second's worth (or
+            // one buffer, so that any copy can start); a copy may overdraw it, and the next
+            // waits until it is positive again. Over any long interval the rate is `speed`.
+            let now = Instant::now();
+            let cap = (speed as f64 / 4.0).max(self.cfg.buf_size as f64);
+            self.tokens = (self.tokens + now.duration_since(self.tokens_at).as_secs_f64() * speed as f64).min(cap);
+            self.tokens_at = now;
+        }
         loop {
+            if speed > 0 {
+                if self.tokens <= 0.0 {
+                    let wait = Duration::from_secs_f64(-self.tokens / speed as f64);
+                    self.throttled_until = Some(Instant::now() + wait.max(Duration::from_millis(1)));
+                    break;
+                }
+                self.throttled_until = None;
+            }
             let buf = match self.free_bufs.pop() {
                 Some(b) => b,
                 None if self.bufs.len() < self.cfg.max_copies => {
@@ -317,6 +379,9 @@ impl<'t> Mirror<'t> {
                 break;
             };
             let (a, b) = self.engine.byte_range(ext);
+            if speed > 0 {
+                self.tokens -= (b - a) as f64;
+            }
             let slot = self.jobs.iter().position(|j| j.is_none()).unwrap_or(self.jobs.len());
             if slot == self.jobs.len() {
                 self.jobs.push(None);
@@ -404,14 +469,88 @@ impl<'t> Mirror<'t> {
             None => format!("{what}: {err}"),
         };
         log::warn!("copy failed, region stays dirty: {msg}");
-        self.engine.lock().progress.last_error = Some(msg.clone());
         self.finish(slot, false)?;
+        if self.offline && self.fatal.is_none() {
+            self.fatal = Some(Error::io("copy failed", io::Error::other(msg.clone())));
+        }
+        self.target_failed(&msg);
+        Ok(())
+    }
+
+    /// A copy or a flush failed: back off, reset the target before the next attempt, report
+    /// `degraded` (the first time) and give up after `max_retries` failures in a row. The
+    /// regions stay dirty either way; the device's I/O is not affected.
+    fn target_failed(&mut self, msg: &str) {
         self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
         self.retry_at = Some(Instant::now() + self.backoff);
-        if self.offline && self.fatal.is_none() {
-            self.fatal = Some(Error::io("copy failed", io::Error::other(msg)));
+        self.needs_reset = true;
+        let max = self.engine.max_retries();
+        let (first, give_up, failures) = {
+            let mut g = self.engine.lock();
+            g.progress.last_error = Some(msg.to_string());
+            g.progress.target_failures = g.progress.target_failures.saturating_add(1);
+            let first = g.progress.degraded_since.is_none();
+            if first {
+                g.progress.degraded_since = Some(SystemTime::now());
+            }
+            let give_up = max > 0 && g.progress.target_failures > max && g.progress.gave_up.is_none();
+            if give_up {
+                g.progress.gave_up = Some(format!("{} failures in a row; last: {msg}", g.progress.target_failures));
+            }
+            (first, give_up, g.progress.target_failures)
+        };
+        if self.offline {
+            return;
         }
-        Ok(())
+        if first {
+            self.engine.events().emit("degraded", serde_json::json!({ "error": msg }));
+        }
+        if give_up {
+            log::error!("mirroring stopped after {failures} failed attempts: {msg}");
+            self.engine.events().emit("stopped", serde_json::json!({ "error": msg, "failures": failures }));
+        }
+        self.engine.update_active();
+    }
+
+    /// A pair flush succeeded: the target works again.
+    fn target_ok(&mut self) {
+        self.backoff = Duration::ZERO;
+        let recovered = {
+            let mut g = self.engine.lock();
+            g.progress.target_failures = 0;
+            g.progress.degraded_since.take().is_some()
+        };
+        if recovered && !self.offline {
+            self.engine.events().emit("recovered", serde_json::json!({}));
+            self.engine.update_active();
+        }
+    }
+
+    /// Max-lag: switch write-blocking on when the target has been behind for too long, and off
+    /// again once synced. Also records synced/unsynced transitions.
+    fn check_lag(&mut self) {
+        let (synced, lag, forced) = {
+            let g = self.engine.lock();
+            let synced = g.state.is_synced();
+            let lag = if synced { None } else { g.progress.unsynced_since.map(|t| t.elapsed()) };
+            (synced, lag, g.progress.lag_forced)
+        };
+        if synced != self.was_synced {
+            self.was_synced = synced;
+            if synced {
+                self.engine.events().emit("synced", serde_json::json!({}));
+            }
+        }
+        let limit = self.engine.max_lag();
+        let turn_on = !forced && limit.is_some_and(|l| lag.is_some_and(|x| x > l));
+        let turn_off = forced && (synced || limit.is_none());
+        if turn_on || turn_off {
+            self.engine.lock().progress.lag_forced = turn_on;
+            let secs = lag.map(|d| d.as_secs_f64()).unwrap_or(0.0);
+            let what = if turn_on { "write-blocking-on" } else { "write-blocking-off" };
+            self.engine.events().emit(what, serde_json::json!({ "reason": "max-lag", "lag_secs": secs }));
+            self.engine.update_active();
+        }
     }
 
     fn dispatch(&mut self, ud: u64, res: i32) -> Result<()> {
@@ -497,7 +636,7 @@ impl<'t> Mirror<'t> {
             (Phase::Zero, Ok(_)) => {
                 let n = job.chunk;
                 job.pos += n;
-                self.engine.lock().progress.bytes_zeroed += n;
+                self.engine.lock().progress.add_copied(n, true);
                 self.advance(slot)
             }
             (Phase::Write, Ok(n)) if n > 0 => {
@@ -508,7 +647,7 @@ impl<'t> Mirror<'t> {
                 let n = job.chunk;
                 job.pos += n;
                 self.since_checkpoint += n;
-                self.engine.lock().progress.bytes_copied += n;
+                self.engine.lock().progress.add_copied(n, false);
                 self.advance(slot)
             }
             (Phase::Write, Ok(_)) => {
@@ -590,20 +729,25 @@ impl<'t> Mirror<'t> {
             if out.consistent {
                 g.progress.last_consistent = Some(SystemTime::now());
             }
-            if let Err(e) = &r {
-                g.progress.last_error = Some(format!("target flush: {e}"));
-            }
             out
         };
         self.target_flush = None;
         if let Err(e) = r {
             log::warn!("target flush failed ({e}); {} regions are dirty again", out.redirtied);
-            self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
-            self.retry_at = Some(Instant::now() + self.backoff);
+            let msg = format!("target flush: {e}");
             if self.offline && self.fatal.is_none() {
                 self.fatal = Some(Error::io("target flush failed", e));
             }
+            self.target_failed(&msg);
             return Ok(());
+        }
+        self.target_ok();
+        if out.consistent {
+            let mut g = self.engine.lock();
+            // A new sync episode: progress restarts from the work found from now on.
+            g.progress.episode_bytes = 0;
+            g.progress.episode_progress = 0.0;
+            g.progress.unsynced_since = if g.state.is_synced() { None } else { Some(Instant::now()) };
         }
         if out.consistent {
             log::debug!("consistent point ({} bits cleared)", out.cleared);

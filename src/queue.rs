@@ -8,7 +8,7 @@
 //! needs was durable before the write was issued, so FLUSH is just an fdatasync of the source.
 
 use crate::backing::AlignedBuf;
-use crate::core::{Extent, GroupCommit, Intent};
+use crate::core::{ActivePlan, Extent, GroupCommit, Intent};
 use crate::engine::Engine;
 use crate::uring::{self, push, Owner, Ring};
 use io_uring::{opcode, types};
@@ -40,9 +40,17 @@ struct Req {
     ext: Option<Extent>,
     buf: Option<AlignedBuf>,
     done: u32,
+    /// Write-blocking: the write also goes to the target.
+    plan: ActivePlan,
+    /// The target write is in flight; its result once done.
+    tgt_pending: bool,
+    tgt_ok: bool,
+    /// The source side finished first: its result waits for the target's.
+    src_result: Option<io::Result<u32>>,
 }
 
 const SRC: u32 = 0;
+const TGT: u32 = 1;
 
 pub struct EngineQueue {
     // The ring is dropped first: it waits out in-flight operations before buffers are freed.
@@ -53,12 +61,18 @@ pub struct EngineQueue {
     flush_seq: u64,
     out: Vec<Completion>,
     cqes: Vec<(u64, i32)>,
+    has_target: bool,
 }
 
 impl EngineQueue {
     pub fn new(engine: Arc<Engine>, depth: u32) -> io::Result<Self> {
-        let ring = uring::new_ring((depth * 2 + 4).next_power_of_two())?;
-        ring.submitter().register_files(&[engine.source().fd()])?;
+        Self::with_target(engine, depth, None)
+    }
+
+    /// A queue that can mirror writes synchronously (write-blocking mode) to the target `fd`.
+    pub fn with_target(engine: Arc<Engine>, depth: u32, target: Option<std::os::unix::io::RawFd>) -> io::Result<Self> {
+        let ring = uring::new_ring((depth * 4 + 4).next_power_of_two())?;
+        ring.submitter().register_files(&[engine.source().fd(), target.unwrap_or(-1)])?;
         Ok(EngineQueue {
             ring,
             engine,
@@ -67,6 +81,7 @@ impl EngineQueue {
             flush_seq: 0,
             out: Vec::new(),
             cqes: Vec::new(),
+            has_target: target.is_some(),
         })
     }
 
@@ -97,9 +112,27 @@ impl EngineQueue {
                 self.reqs.len() - 1
             }
         };
-        self.reqs[slot] = Some(Req { tag, op, ext, buf: None, done: 0 });
+        let is_write = matches!(op, Op::Write { .. });
+        self.reqs[slot] = Some(Req {
+            tag,
+            op,
+            ext,
+            buf: None,
+            done: 0,
+            plan: ActivePlan::SourceOnly,
+            tgt_pending: false,
+            tgt_ok: false,
+            src_result: None,
+        });
         let Some(ext) = ext else { return self.issue(slot) };
-        match self.engine.begin_write(ext) {
+        let (intent, plan) = match range {
+            Some((off, len)) if is_write && self.has_target => self.engine.begin_write_maybe_active(ext, off, len),
+            _ => (self.engine.begin_write(ext), ActivePlan::SourceOnly),
+        };
+        if let Some(r) = self.reqs[slot].as_mut() {
+            r.plan = plan;
+        }
+        match intent {
             Intent::Ready => self.issue(slot),
             Intent::Wait { seq } => {
                 if self.gc.wait(seq, slot) {
@@ -124,6 +157,15 @@ impl EngineQueue {
         let Some(req) = self.reqs[slot].as_mut() else { return Ok(()) };
         let f = types::Fixed(SRC);
         let done = req.done;
+        if let (Op::Write { off, data, len, .. }, ActivePlan::Target { .. }, 0, false) =
+            (&req.op, req.plan, done, req.tgt_pending)
+        {
+            // The same buffer to the target, at the same time as to the source.
+            let e = opcode::Write::new(types::Fixed(TGT), data.as_ptr(), *len).offset(*off).build();
+            req.tgt_pending = true;
+            push(&mut self.ring, e, Owner::Target, slot as u64)?;
+        }
+        let Some(req) = self.reqs[slot].as_mut() else { return Ok(()) };
         let e = match &mut req.op {
             Op::Read { off, len } => {
                 let buf = req.buf.get_or_insert_with(|| AlignedBuf::new(*len as usize));
@@ -257,14 +299,35 @@ impl EngineQueue {
                 self.complete(slot, Ok(n));
                 Ok(())
             }
+            (Some(Owner::Target), slot) => {
+                let slot = slot as usize;
+                let Some(req) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) else { return Ok(()) };
+                req.tgt_pending = false;
+                let want = match &req.op {
+                    Op::Write { len, .. } => *len as i32,
+                    _ => 0,
+                };
+                // A short target write counts as failed: the region is copied instead.
+                req.tgt_ok = res == want;
+                if let Some(r) = req.src_result.take() {
+                    self.complete(slot, r);
+                }
+                Ok(())
+            }
             _ => Ok(()),
         }
     }
 
     fn complete(&mut self, slot: usize, result: io::Result<u32>) {
+        if let Some(req) = self.reqs[slot].as_mut() {
+            if req.tgt_pending {
+                req.src_result = Some(result);
+                return;
+            }
+        }
         let Some(req) = self.reqs[slot].take() else { return };
         if let Some(ext) = req.ext {
-            self.engine.end_write(ext);
+            self.engine.end_write_planned(ext, req.plan, result.is_ok(), req.tgt_ok);
         }
         let buf = match req.op {
             Op::Write { data, .. } => Some(data),

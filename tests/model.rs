@@ -366,7 +366,7 @@ mod engine_vs_memory {
     use std::sync::Arc;
     use std::time::Duration;
     use ublk_mirror::backing::AlignedBuf;
-    use ublk_mirror::engine::{CopyConfig, Engine, SyncMode};
+    use ublk_mirror::engine::{CopyConfig, CopyMode, Engine, Settings, SyncMode};
     use ublk_mirror::mirror::{Mirror, RunUntil};
     use ublk_mirror::queue::{EngineQueue, Op};
 
@@ -397,16 +397,21 @@ mod engine_vs_memory {
         #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
 
         #[test]
-        fn engine_matches_an_in_memory_disk(reqs in prop::collection::vec(req(), 1..60)) {
+        fn engine_matches_an_in_memory_disk(blocking in any::<bool>(), reqs in prop::collection::vec(req(), 1..60)) {
             let f = files(BLOCKS * BLK);
             let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::Full), Some(8192))).expect("open");
             let engine = Arc::new(engine);
+            // Write-blocking: writes also go to the target from the queue's ring.
+            let tfd = target.fixed_fd().filter(|_| blocking);
+            if blocking {
+                engine.apply_settings(&Settings { mode: Some(CopyMode::WriteBlocking), ..Default::default() });
+            }
             let me = engine.clone();
             let mirror = std::thread::spawn(move || {
                 let cfg = CopyConfig { max_copies: 2, buf_size: 16384, ..Default::default() };
                 Mirror::new(me, target.as_mut(), cfg).expect("mirror").run(RunUntil::Stopped, None).expect("run")
             });
-            let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+            let mut q = EngineQueue::with_target(engine.clone(), 8, tfd).expect("queue");
             let mut model = vec![0u8; (BLOCKS * BLK) as usize];
             for r in &reqs {
                 let op = match r.clone() {

@@ -1,0 +1,287 @@
+//! Live operations on real files: write-blocking mode, the speed limit, pause/resume, a failing
+//! target (degraded, recovered, gave up), max-lag, and the control protocol's request handling.
+
+mod common;
+use common::*;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use ublk_mirror::backing::AlignedBuf;
+use ublk_mirror::engine::{CopyConfig, CopyMode, Engine, Settings, SyncMode};
+use ublk_mirror::mirror::{Mirror, RunUntil};
+use ublk_mirror::queue::{EngineQueue, Op};
+use ublk_mirror::target::{BoxTarget, Target, TargetDone, TargetOp};
+use ublk_mirror::uring::Ring;
+
+const MIB: u64 = 1 << 20;
+
+fn write(q: &mut EngineQueue, off: u64, len: usize, seed: u8) {
+    let mut data = AlignedBuf::new(len);
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = seed.wrapping_add((i / 512) as u8) | 1;
+    }
+    q.execute(Op::Write { off, data, len: len as u32, fua: false }).expect("write");
+}
+
+fn blocking() -> Settings {
+    Settings { mode: Some(CopyMode::WriteBlocking), ..Default::default() }
+}
+
+/// Write-blocking without any mirror loop running: every write reaches the target by itself,
+/// nothing becomes dirty, and the two files are identical after each batch.
+#[test]
+fn write_blocking_mirrors_writes_without_copying() {
+    let f = files(8 * MIB);
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), Some(64 << 10))).expect("open");
+    let engine = Arc::new(engine);
+    engine.apply_settings(&blocking());
+    let mut q = EngineQueue::with_target(engine.clone(), 8, target.fixed_fd()).expect("queue");
+    for i in 0..64u64 {
+        // Scattered 4 KiB .. 64 KiB writes, some spanning two regions.
+        let off = (i * 7919 * 4096) % (8 * MIB - 128 * 1024);
+        write(&mut q, off, 4096 << (i % 5), i as u8);
+        assert_eq!(engine.status().dirty_bytes, 0, "write {i} left its region dirty");
+    }
+    assert_eq!(read_all(&f.source), read_all(&f.target), "target missed a write-blocking write");
+    // Background again: writes become dirty.
+    engine.apply_settings(&Settings { mode: Some(CopyMode::Background), ..Default::default() });
+    write(&mut q, 0, 4096, 7);
+    assert_eq!(engine.status().dirty_bytes, 64 << 10);
+    drop(q);
+    drop(target);
+}
+
+/// A target whose writes and flushes fail while `broken` is set.
+struct Flaky {
+    inner: BoxTarget,
+    broken: Arc<AtomicBool>,
+    resets: u32,
+}
+
+impl Target for Flaky {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn describe(&self) -> String {
+        "flaky".into()
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn identity(&self) -> (String, u64) {
+        self.inner.identity()
+    }
+    fn submit(&mut self, ring: &mut Ring, op: TargetOp, token: u64) -> io::Result<()> {
+        self.inner.submit(ring, op, token)
+    }
+    fn complete(&mut self, ring: &mut Ring, sub: u64, res: i32, done: &mut Vec<TargetDone>) {
+        let n = done.len();
+        self.inner.complete(ring, sub, res, done);
+        if self.broken.load(Ordering::SeqCst) {
+            for d in &mut done[n..] {
+                d.1 = Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+        }
+    }
+    fn reset(&mut self) -> io::Result<()> {
+        self.resets += 1;
+        if self.broken.load(Ordering::SeqCst) {
+            Err(io::Error::new(io::ErrorKind::ConnectionRefused, "still down"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn events(engine: &Engine) -> Vec<String> {
+    engine.events().recent().iter().filter_map(|e| e["event"].as_str().map(String::from)).collect()
+}
+
+/// A failing target: the application's writes all succeed, the mirror reports degraded and
+/// retries with backoff (resetting the target first), and converges by itself once the target
+/// works again.
+#[test]
+fn failing_target_degrades_then_recovers_without_failing_writes() {
+    let f = files(4 * MIB);
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), Some(64 << 10))).expect("open");
+    let engine = Arc::new(engine);
+    let broken = Arc::new(AtomicBool::new(true));
+    let mut flaky = Flaky { inner: target, broken: broken.clone(), resets: 0 };
+    let me = engine.clone();
+    let cfg = CopyConfig { clear_delay: Duration::from_millis(200), ..Default::default() };
+    let mirror = std::thread::spawn(move || {
+        let ring = ublk_mirror::uring::new_ring(64).expect("ring");
+        ring.submitter().register_files(&[me.source().fd()]).expect("register");
+        {
+            let mut m = Mirror::with_ring(ring, me, &mut flaky, cfg);
+            m.run(RunUntil::Stopped, None).expect("run");
+        }
+        flaky.resets
+    });
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    for i in 0..16u64 {
+        write(&mut q, i * 200 * 1024, 8192, i as u8);
+    }
+    wait_for("degraded", Duration::from_secs(10), || engine.status().state == "degraded");
+    let st = engine.status();
+    assert!(st.dirty_bytes > 0 && st.target_failures > 0, "{st:?}");
+    assert!(st.last_error.is_some());
+    // Writes keep succeeding while degraded.
+    write(&mut q, 3 * MIB, 4096, 99);
+    broken.store(false, Ordering::SeqCst);
+    wait_for("convergence after the target came back", Duration::from_secs(60), || engine.status().state == "synced");
+    let ev = events(&engine);
+    let pos = |e: &str| ev.iter().position(|x| x == e);
+    assert!(pos("degraded") < pos("recovered") && pos("recovered").is_some(), "events: {ev:?}");
+    engine.request_stop();
+    let resets = mirror.join().expect("mirror");
+    assert!(resets >= 1, "the target was never reset before a retry");
+    drop(q);
+    assert_eq!(read_all(&f.source), read_all(&f.target));
+}
+
+/// `--max-retries`: after that many failures in a row the mirror stops trying, says so, and
+/// the device's writes still succeed.
+#[test]
+fn mirroring_gives_up_after_max_retries() {
+    let f = files(2 * MIB);
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let engine = Arc::new(engine);
+    engine.apply_settings(&Settings { max_retries: 2, ..Default::default() });
+    let broken = Arc::new(AtomicBool::new(true));
+    let mut flaky = Flaky { inner: target, broken, resets: 0 };
+    let me = engine.clone();
+    let mirror = std::thread::spawn(move || {
+        let ring = ublk_mirror::uring::new_ring(64).expect("ring");
+        ring.submitter().register_files(&[me.source().fd()]).expect("register");
+        let mut m = Mirror::with_ring(ring, me, &mut flaky, CopyConfig::default());
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    write(&mut q, 0, 4096, 1);
+    wait_for("stopped", Duration::from_secs(20), || engine.status().state == "stopped");
+    let failures = engine.status().target_failures;
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(engine.status().target_failures, failures, "it kept retrying after giving up");
+    write(&mut q, 4096, 4096, 2);
+    assert!(events(&engine).contains(&"stopped".to_string()));
+    engine.request_stop();
+    mirror.join().expect("mirror");
+}
+
+/// Pause stops copying (writes are still tracked), resume continues to synced.
+#[test]
+fn pause_and_resume() {
+    let f = files(4 * MIB);
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let engine = Arc::new(engine);
+    engine.apply_settings(&Settings { paused: true, ..Default::default() });
+    let me = engine.clone();
+    let mirror = std::thread::spawn(move || {
+        let mut m = Mirror::new(me, target.as_mut(), CopyConfig::default()).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    write(&mut q, MIB, 64 << 10, 3);
+    std::thread::sleep(Duration::from_millis(700));
+    let st = engine.status();
+    assert_eq!((st.state, st.bytes_copied), ("paused", 0), "{st:?}");
+    assert_eq!(st.dirty_bytes, 64 << 10);
+    engine.apply_settings(&Settings::default());
+    wait_for("synced after resume", Duration::from_secs(20), || engine.status().state == "synced");
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    assert_eq!(read_all(&f.source), read_all(&f.target));
+}
+
+/// The copy never runs faster than the speed limit (a lower bound on the time, which a noisy
+/// machine cannot break; the upper side is checked in the VM scenario).
+#[test]
+fn speed_limit_bounds_the_copy_rate() {
+    let f = files(8 * MIB);
+    fill_random(&f.source, 0, (8 * MIB) as usize, 5);
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::Full), None)).expect("open");
+    let engine = Arc::new(engine);
+    let speed = 4 * MIB;
+    engine.apply_settings(&Settings { speed, ..Default::default() });
+    let t0 = Instant::now();
+    let mut m = Mirror::new(engine.clone(), target.as_mut(), CopyConfig::default()).expect("mirror");
+    let r = m.run(RunUntil::Synced, None).expect("run");
+    let secs = t0.elapsed().as_secs_f64();
+    let rate = r.bytes_copied as f64 / secs;
+    assert_eq!(r.bytes_copied, 8 * MIB);
+    // The bucket may start with up to one buffer (1 MiB) of credit.
+    let min_secs = (8 * MIB - MIB) as f64 / speed as f64;
+    assert!(secs >= min_secs * 0.95, "8 MiB at {speed} B/s took only {secs:.2}s ({rate:.0} B/s)");
+    drop(m);
+    assert_eq!(read_all(&f.source), read_all(&f.target));
+}
+
+/// Max-lag: a mirror paused (so the dirty set cannot drain) switches to write-blocking once
+/// the target has been behind for longer than the limit.
+#[test]
+fn max_lag_switches_to_write_blocking() {
+    let f = files(4 * MIB);
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let engine = Arc::new(engine);
+    engine.apply_settings(&Settings { paused: true, max_lag_ms: 500, ..Default::default() });
+    let tfd = target.fixed_fd();
+    let me = engine.clone();
+    let mirror = std::thread::spawn(move || {
+        let mut m = Mirror::new(me, target.as_mut(), CopyConfig::default()).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    let mut q = EngineQueue::with_target(engine.clone(), 8, tfd).expect("queue");
+    write(&mut q, 0, 4096, 1);
+    assert_eq!(engine.status().mode, "background");
+    wait_for("max-lag to switch modes", Duration::from_secs(10), || engine.status().mode == "write-blocking (max-lag)");
+    // New writes to clean regions no longer add to the dirty set.
+    let dirty = engine.status().dirty_bytes;
+    write(&mut q, 2 * MIB, 4096, 2);
+    assert_eq!(engine.status().dirty_bytes, dirty);
+    // Resume: synced, and back to background.
+    engine.apply_settings(&Settings { max_lag_ms: 500, ..Default::default() });
+    wait_for("back to background once synced", Duration::from_secs(20), || {
+        let s = engine.status();
+        s.state == "synced" && s.mode == "background"
+    });
+    let ev = events(&engine);
+    assert!(ev.contains(&"write-blocking-on".into()) && ev.contains(&"write-blocking-off".into()), "{ev:?}");
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    drop(q);
+    assert_eq!(read_all(&f.source), read_all(&f.target));
+}
+
+/// Requests the control socket passes on: malformed ones get an error reply naming the problem.
+#[test]
+fn control_requests() {
+    use serde_json::json;
+    use ublk_mirror::control::handle;
+    let f = files(MIB);
+    let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let info = json!({ "dev_id": 0 });
+    let err = |req: serde_json::Value| {
+        let r = handle(&req, &engine, &info);
+        assert_eq!(r["ok"], json!(false), "{req} was accepted: {r}");
+        r["error"].as_str().unwrap_or_default().to_string()
+    };
+    assert!(err(json!({})).contains("no \"cmd\""));
+    assert!(err(json!({ "cmd": "format-disk" })).contains("unknown command"));
+    assert!(err(json!({ "cmd": "set", "speed": -1 })).contains("speed"));
+    assert!(err(json!({ "cmd": "set", "mode": "fast" })).contains("write-blocking"));
+    assert!(err(json!({ "cmd": "set", "colour": "red" })).contains("unknown setting"));
+    assert!(err(json!([1, 2])).contains("cmd"));
+    let r = handle(&json!({ "cmd": "set", "speed": 1048576, "mode": "write-blocking" }), &engine, &info);
+    assert_eq!(r["ok"], json!(true), "{r}");
+    assert_eq!(r["settings"]["speed"], json!(1048576));
+    assert!(engine.write_blocking_now());
+    let r = handle(&json!({ "cmd": "pause" }), &engine, &info);
+    assert_eq!(r["settings"]["paused"], json!(true));
+    let r = handle(&json!({ "cmd": "status" }), &engine, &info);
+    assert_eq!(r["status"]["mode"], json!("write-blocking"));
+    assert_eq!(r["status"]["speed"], json!(1048576));
+    let ev = events(&engine);
+    assert_eq!(ev, vec!["settings", "paused"]);
+}
