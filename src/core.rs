@@ -452,8 +452,17 @@ impl<P: PersistentBits> MirrorState<P> {
                 self.copied.set(r as usize, true);
             }
         }
+        // Nothing to copy, but a consistent point (and clearing) is now due: the first such
+        // write after a consistent point wakes the mirror.
+        let was_unchanged = !self.changed;
         self.changed = true;
-        false
+        was_unchanged
+    }
+
+    /// A consistent flush is running: an active write that starts now may not write the target
+    /// (see [`Self::begin_active_write`]); a writer that can wait should begin after it.
+    pub fn consistent_flush_running(&self) -> bool {
+        matches!(self.flush, Some(TargetFlush { kind: FlushKind::Consistent, .. }))
     }
 
     /// Active writes in flight (for status).

@@ -101,6 +101,13 @@ impl QueueCommit {
     }
 }
 
+/// Sleeps on the queue's ring (the task yields; other tags keep being served).
+async fn ring_sleep(d: std::time::Duration) {
+    let ts = types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos());
+    // -ETIME is the normal completion of a timeout.
+    let _ = submit(opcode::Timeout::new(&ts).build()).await;
+}
+
 async fn read_write(write: bool, fua: bool, off: u64, len: u64, buf: &IoBuf<u8>) -> i32 {
     rw_on(SOURCE, write, fua, off, len, buf).await
 }
@@ -156,7 +163,16 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, c
     // Write-blocking mode mirrors writes (not discards or write-zeroes: those stay dirty and
     // the copy turns them into holes or zeroes on the target).
     let (intent, plan) = if op == sys::UBLK_IO_OP_WRITE && has_target {
-        engine.begin_write_maybe_active(ext, off, len)
+        // During a consistent flush a write-blocking write waits for it (briefly, and at most
+        // half a second before it goes ahead as an ordinary write).
+        let t0 = std::time::Instant::now();
+        loop {
+            let may_wait = t0.elapsed() < std::time::Duration::from_millis(500);
+            if let Some(b) = engine.begin_write_maybe_active(ext, off, len, may_wait) {
+                break b;
+            }
+            ring_sleep(std::time::Duration::from_micros(500)).await;
+        }
     } else {
         (engine.begin_write(ext), ActivePlan::SourceOnly)
     };

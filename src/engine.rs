@@ -437,11 +437,19 @@ impl Engine {
 
     /// Starts a write in write-blocking style if that mode is in force (see
     /// [`MirrorState::begin_active_write`]); otherwise an ordinary write.
-    pub fn begin_write_maybe_active(&self, ext: Extent, off: u64, len: u64) -> (Intent, ActivePlan) {
+    ///
+    /// `None` (only if `may_wait`): a consistent flush is running, during which a write could
+    /// only go to the source and leave its region dirty; the caller should try again shortly
+    /// (the flush takes milliseconds, and the mirror spaces them out in this mode).
+    pub fn begin_write_maybe_active(&self, ext: Extent, off: u64, len: u64, may_wait: bool) -> Option<(Intent, ActivePlan)> {
         if self.write_blocking_now() {
-            self.lock().state.begin_active_write(ext, off, len)
+            let mut g = self.lock();
+            if may_wait && g.state.consistent_flush_running() {
+                return None;
+            }
+            Some(g.state.begin_active_write(ext, off, len))
         } else {
-            (self.begin_write(ext), ActivePlan::SourceOnly)
+            Some((self.begin_write(ext), ActivePlan::SourceOnly))
         }
     }
 

@@ -105,8 +105,9 @@ pub struct Mirror<'t> {
     tokens_at: Instant,
     /// Copies wait for the budget until then.
     throttled_until: Option<Instant>,
-    /// The state was synced at the last look (for the event log).
-    was_synced: bool,
+    /// When the last consistent flush started, and when the next may (write-blocking mode).
+    last_consistent: Option<Instant>,
+    consistent_after: Option<Instant>,
     /// Dropping: operations in flight complete, jobs end there (their regions stay dirty).
     draining: bool,
 }
@@ -159,7 +160,8 @@ impl<'t> Mirror<'t> {
             tokens: 0.0,
             tokens_at: Instant::now(),
             throttled_until: None,
-            was_synced: false,
+            last_consistent: None,
+            consistent_after: None,
             draining: false,
         }
     }
@@ -229,10 +231,7 @@ impl<'t> Mirror<'t> {
                 self.post_wake()?;
             }
             // Wait for a completion, or for the backoff / throttle / checkpoint / lag timer.
-            let timer = match (self.retry_at, self.throttled_until) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let timer = [self.retry_at, self.throttled_until, self.consistent_after].into_iter().flatten().min();
             let timer = match timer {
                 // Max-lag is checked at least every second while the target is behind.
                 None if self.engine.max_lag().is_some() && until == RunUntil::Stopped => {
@@ -535,12 +534,6 @@ impl<'t> Mirror<'t> {
             let lag = if synced { None } else { g.progress.unsynced_since.map(|t| t.elapsed()) };
             (synced, lag, g.progress.lag_forced)
         };
-        if synced != self.was_synced {
-            self.was_synced = synced;
-            if synced {
-                self.engine.events().emit("synced", serde_json::json!({}));
-            }
-        }
         let limit = self.engine.max_lag();
         let turn_on = !forced && limit.is_some_and(|l| lag.is_some_and(|x| x > l));
         let turn_off = forced && (synced || limit.is_none());
@@ -663,10 +656,21 @@ impl<'t> Mirror<'t> {
         if self.target_flush.is_some() {
             return Ok(());
         }
+        self.consistent_after = None;
         let due = {
             let g = self.engine.lock();
             if g.state.consistent_point_due() {
-                true
+                // In write-blocking mode a write that arrives during a consistent flush waits
+                // for it: under a steady stream of writes, flushing as soon as nothing is dirty
+                // would hold writes up most of the time. Consistent points are spaced out
+                // instead (the target is current anyway; only its durability waits).
+                let gap = self.last_consistent.map(|t| t.elapsed()).unwrap_or(Duration::MAX);
+                if self.engine.write_blocking_now() && gap < CONSISTENT_GAP && !stopping {
+                    self.consistent_after = self.last_consistent.map(|t| t + CONSISTENT_GAP);
+                    false
+                } else {
+                    true
+                }
             } else if !self.target.flush_publishes() && g.state.checkpoint_possible() {
                 let time = self.last_checkpoint.elapsed() >= self.cfg.checkpoint_interval;
                 let bytes = self.since_checkpoint >= self.cfg.checkpoint_bytes;
@@ -685,6 +689,9 @@ impl<'t> Mirror<'t> {
         }
         let kind = self.engine.lock().state.target_flush_started();
         self.target_flush = Some(kind);
+        if kind == FlushKind::Consistent {
+            self.last_consistent = Some(Instant::now());
+        }
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         // The source is flushed too: a region's bit may only go once both sides hold what
@@ -744,10 +751,19 @@ impl<'t> Mirror<'t> {
         self.target_ok();
         if out.consistent {
             let mut g = self.engine.lock();
+            // The target caught up: worth an event if it had to copy to get here (in
+            // write-blocking mode consistent points come every half second, with nothing
+            // copied), or if this is the first.
+            let copied = g.progress.episode_bytes;
+            let first = g.state.counters().consistent_points == 1;
             // A new sync episode: progress restarts from the work found from now on.
             g.progress.episode_bytes = 0;
             g.progress.episode_progress = 0.0;
             g.progress.unsynced_since = if g.state.is_synced() { None } else { Some(Instant::now()) };
+            drop(g);
+            if (copied > 0 || first) && !self.offline {
+                self.engine.events().emit("synced", serde_json::json!({ "copied_bytes": copied }));
+            }
         }
         if out.consistent {
             log::debug!("consistent point ({} bits cleared)", out.cleared);
@@ -776,6 +792,8 @@ impl<'t> Mirror<'t> {
 }
 
 const FLUSH_TOKEN: u64 = (1 << 40) - 1;
+/// Least time between consistent flushes while write-blocking mode is in force.
+const CONSISTENT_GAP: Duration = Duration::from_millis(500);
 /// Sub-identifier of the source half of a pair flush (job slots are far below it).
 const SRC_FLUSH_SLOT: usize = (1 << 40) - 1;
 

@@ -47,6 +47,7 @@ struct Req {
     tgt_ok: bool,
     /// The source side finished first: its result waits for the target's.
     src_result: Option<io::Result<u32>>,
+    since: Instant,
 }
 
 const SRC: u32 = 0;
@@ -62,6 +63,8 @@ pub struct EngineQueue {
     out: Vec<Completion>,
     cqes: Vec<(u64, i32)>,
     has_target: bool,
+    /// Writes waiting for a consistent flush to end before they begin.
+    deferred: Vec<usize>,
 }
 
 impl EngineQueue {
@@ -82,6 +85,7 @@ impl EngineQueue {
             out: Vec::new(),
             cqes: Vec::new(),
             has_target: target.is_some(),
+            deferred: Vec::new(),
         })
     }
 
@@ -123,12 +127,42 @@ impl EngineQueue {
             tgt_pending: false,
             tgt_ok: false,
             src_result: None,
+            since: Instant::now(),
         });
         let Some(ext) = ext else { return self.issue(slot) };
         let (intent, plan) = match range {
-            Some((off, len)) if is_write && self.has_target => self.engine.begin_write_maybe_active(ext, off, len),
+            Some((off, len)) if is_write && self.has_target => {
+                match self.engine.begin_write_maybe_active(ext, off, len, true) {
+                    Some(b) => b,
+                    None => {
+                        // A consistent flush is running: retried from `wait`.
+                        self.deferred.push(slot);
+                        return Ok(());
+                    }
+                }
+            }
             _ => (self.engine.begin_write(ext), ActivePlan::SourceOnly),
         };
+        self.begin_issue(slot, intent, plan)
+    }
+
+    /// Retries the writes deferred by a consistent flush (after half a second they go ahead as
+    /// ordinary writes).
+    fn retry_deferred(&mut self) -> io::Result<()> {
+        for slot in std::mem::take(&mut self.deferred) {
+            let Some(req) = self.reqs[slot].as_ref() else { continue };
+            let (Some(ext), Op::Write { off, len, .. }) = (req.ext, &req.op) else { continue };
+            let (off, len) = (*off, *len as u64);
+            let may_wait = req.since.elapsed() < Duration::from_millis(500);
+            match self.engine.begin_write_maybe_active(ext, off, len, may_wait) {
+                Some((intent, plan)) => self.begin_issue(slot, intent, plan)?,
+                None => self.deferred.push(slot),
+            }
+        }
+        Ok(())
+    }
+
+    fn begin_issue(&mut self, slot: usize, intent: Intent, plan: ActivePlan) -> io::Result<()> {
         if let Some(r) = self.reqs[slot].as_mut() {
             r.plan = plan;
         }
@@ -212,6 +246,8 @@ impl EngineQueue {
                     format!("{} requests still in flight after {timeout:?}", self.in_flight()),
                 ));
             }
+            self.retry_deferred()?;
+            let left = if self.deferred.is_empty() { left } else { left.min(Duration::from_millis(1)) };
             let ts = types::Timespec::new().sec(left.as_secs()).nsec(left.subsec_nanos());
             let args = types::SubmitArgs::new().timespec(&ts);
             match self.ring.submitter().submit_with_args(1, &args) {

@@ -285,3 +285,34 @@ fn control_requests() {
     let ev = events(&engine);
     assert_eq!(ev, vec!["settings", "paused"]);
 }
+
+/// Write-blocking with a live mirror and nothing else to wake it: the writes' regions stay
+/// clean, and the mirror still notices that a consistent point (and clearing) is due.
+#[test]
+fn write_blocking_reaches_consistent_points() {
+    let f = files(4 * MIB);
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let engine = Arc::new(engine);
+    engine.apply_settings(&blocking());
+    let tfd = target.fixed_fd();
+    let me = engine.clone();
+    let cfg = CopyConfig { clear_delay: Duration::from_millis(200), ..Default::default() };
+    let mirror = std::thread::spawn(move || {
+        let mut m = Mirror::new(me, target.as_mut(), cfg).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    wait_for("the first consistent point", Duration::from_secs(10), || engine.status().state == "synced");
+    let points = engine.status().consistent_points;
+    let mut q = EngineQueue::with_target(engine.clone(), 8, tfd).expect("queue");
+    write(&mut q, MIB, 8192, 4);
+    wait_for("a consistent point after the write", Duration::from_secs(10), || {
+        let s = engine.status();
+        s.state == "synced" && s.consistent_points > points
+    });
+    wait_for("its bit cleared", Duration::from_secs(10), || engine.status().persistent_dirty_regions == 0);
+    assert_eq!(engine.status().bytes_copied, 0);
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    drop(q);
+    assert_eq!(read_all(&f.source), read_all(&f.target));
+}
