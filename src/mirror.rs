@@ -480,7 +480,7 @@ impl<'t> Mirror<'t> {
     /// `degraded` (the first time) and give up after `max_retries` failures in a row. The
     /// regions stay dirty either way; the device's I/O is not affected.
     fn target_failed(&mut self, msg: &str) {
-        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF);
         self.retry_at = Some(Instant::now() + self.backoff);
         self.needs_reset = true;
         let max = self.engine.max_retries();
@@ -792,6 +792,9 @@ impl<'t> Mirror<'t> {
 }
 
 const FLUSH_TOKEN: u64 = (1 << 40) - 1;
+/// Retries of a failing target back off exponentially up to this: a target that comes back is
+/// used again within seconds.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Least time between consistent flushes while write-blocking mode is in force.
 const CONSISTENT_GAP: Duration = Duration::from_millis(500);
 /// Sub-identifier of the source half of a pair flush (job slots are far below it).

@@ -6,10 +6,7 @@
 # shellcheck source=/dev/null
 . /vm/lib.sh
 S=/tmp/src.img T=/tmp/tgt.img B=/tmp/bm DEV=/dev/ublkb0
-# First value of a numeric JSON field in the pretty-printed status on stdin.
-jnum() { sed -n "s/.*\"$1\": \([0-9.e+-]*\).*/\1/p" | head -n 1; }
-jstr() { sed -n "s/.*\"$1\": \"\([^\"]*\)\".*/\1/p" | head -n 1; }
-status_json() { run_timeout 10 ublk-mirror status -n 0 --json > /tmp/st.json || fail "status: $(cat /tmp/st.json)"; }
+status_json() { mirror_status 0; }
 copied() { status_json; jnum bytes_copied < /tmp/st.json; }
 
 # Data everywhere, so that the copy is of data and not of holes.

@@ -104,3 +104,12 @@ disk_dev() {
     [ -e "/dev/disk/by-serial/$1" ] || fail "no disk with serial '$1' (attached with run.sh -d $1=...?)"
     readlink -f "/dev/disk/by-serial/$1"
 }
+
+# JSON fields from `ublk-mirror ... --json` output on stdin (pretty-printed: one field a line;
+# the first match wins). The guest has no jq.
+jnum() { sed -n "s/.*\"$1\": \([0-9.e+-]*\).*/\1/p" | head -n 1; }
+jstr() { sed -n "s/.*\"$1\": \"\([^\"]*\)\".*/\1/p" | head -n 1; }
+# mirror_status ID: the device's status as JSON in /tmp/st.json (fails the script if unreachable).
+mirror_status() {
+    run_timeout 10 ublk-mirror status -n "$1" --json > /tmp/st.json 2> /tmp/st.err || fail "status -n $1: $(cat /tmp/st.err)"
+}

@@ -1,0 +1,71 @@
+#!/bin/sh
+# vm-args: -m 2G -d tgt=128M -d fsdisk=192M
+# Target failures never reach the applications (issue 5): with fio verify running on the device,
+# the target's device starts failing every I/O (dm-error), then comes back; fio sees no error, the
+# mirror reports degraded (status and event log) and converges by itself. Then a full target
+# (ENOSPC on a file system that fills up): degraded, space freed, converged.
+# shellcheck source=/dev/null
+. /vm/lib.sh
+S=/tmp/src.img B=/tmp/bm DEV=/dev/ublkb0
+modprobe dm-mod || fail "modprobe dm-mod"
+wait_for 5 "/dev/mapper/control" test -c /dev/mapper/control
+TGT=$(disk_dev tgt)
+SECT=$(blockdev --getsz "$TGT")
+dmsetup create tgt --table "0 $SECT linear $TGT 0" || fail "dmsetup create"
+T=/dev/mapper/tgt
+dd if=/dev/urandom of=$S bs=1M count=128 status=none
+EV=/tmp/events.jsonl
+
+step "add over a dm target and sync"
+run_timeout 60 ublk-mirror add -s $S -t $T -b $B --event-log $EV > /tmp/add.json 2> /tmp/add.err || fail "add: $(cat /tmp/add.err)"
+wait_for 10 "$DEV" test -b $DEV
+run_timeout 120 ublk-mirror status -n 0 --wait-synced --timeout 120 > /dev/null || fail "initial sync"
+
+step "fio verify on the device while the target fails"
+fio --filename=$DEV --ioengine=io_uring --direct=1 --bs=4k --iodepth=32 --rw=randwrite --size=96M \
+    --name=tf --verify=crc32c --do_verify=1 --output=/tmp/fio.out &
+FIO=$!
+sleep 2
+dmsetup suspend tgt && dmsetup load tgt --table "0 $SECT error" && dmsetup resume tgt || fail "switch to dm-error"
+log "target now fails every I/O"
+wait_for 30 "degraded" sh -c 'ublk-mirror status -n 0 --json | grep -q "\"state\": \"degraded\""'
+mirror_status 0
+log "status: $(jstr state < /tmp/st.json), failures $(jnum target_failures < /tmp/st.json), last error: $(jstr last_error < /tmp/st.json)"
+[ "$(jnum dirty_bytes < /tmp/st.json)" -gt 0 ] || fail "nothing dirty while the target fails"
+sleep 5
+dmsetup suspend tgt && dmsetup load tgt --table "0 $SECT linear $TGT 0" && dmsetup resume tgt || fail "switch back"
+log "target back"
+t=0
+while kill -0 $FIO 2>/dev/null; do
+    sleep 1; t=$((t + 1)); [ $t -lt 300 ] || { kill $FIO; fail "fio did not finish"; }
+done
+wait $FIO || fail "fio failed: $(cat /tmp/fio.out)"
+grep -q "err= 0" /tmp/fio.out || fail "fio saw errors: $(cat /tmp/fio.out)"
+run_timeout 180 ublk-mirror status -n 0 --wait-synced --timeout 180 > /dev/null || fail "no convergence after the target came back"
+cat $EV
+grep -q '"event":"degraded"' $EV || fail "no degraded event"
+grep -q '"event":"recovered"' $EV || fail "no recovered event"
+run_timeout 90 ublk-mirror del -n 0 --wait-synced --timeout 60 || fail "del"
+cmp -n 134217728 $S $T || fail "source and target differ after recovery"
+
+step "a full target: ENOSPC on its file system, then space freed"
+FSD=$(disk_dev fsdisk)
+mkfs.ext4 -q -F "$FSD" || fail "mkfs"
+mkdir -p /mnt/t && mount "$FSD" /mnt/t || fail "mount"
+# 128 MiB sparse target on a 192 MiB file system with 100 MiB taken: the copy runs out of space.
+truncate -s 128M /mnt/t/target.img
+dd if=/dev/zero of=/mnt/t/filler bs=1M count=100 conv=fsync status=none
+rm -f $B
+run_timeout 60 ublk-mirror add -s $S -t /mnt/t/target.img -b $B --event-log $EV > /dev/null 2> /tmp/add.err || fail "add: $(cat /tmp/add.err)"
+wait_for 10 "$DEV" test -b $DEV
+wait_for 60 "degraded on ENOSPC" sh -c 'ublk-mirror status -n 0 --json | grep -q "\"state\": \"degraded\""'
+mirror_status 0
+jstr last_error < /tmp/st.json | grep -qi "space" || fail "the error does not say the target is full: $(jstr last_error < /tmp/st.json)"
+dd if=/dev/urandom of=$DEV bs=64k count=16 seek=100 oflag=direct status=none || fail "a write to the device failed while the target is full"
+rm /mnt/t/filler
+log "freed 100 MiB"
+run_timeout 180 ublk-mirror status -n 0 --wait-synced --timeout 180 > /dev/null || fail "no convergence after space was freed"
+run_timeout 90 ublk-mirror del -n 0 --wait-synced --timeout 60 || fail "del"
+cmp $S /mnt/t/target.img || fail "source and target differ"
+umount /mnt/t
+log ok
