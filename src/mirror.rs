@@ -760,9 +760,15 @@ impl<'t> Mirror<'t> {
             g.progress.episode_bytes = 0;
             g.progress.episode_progress = 0.0;
             g.progress.unsynced_since = if g.state.is_synced() { None } else { Some(Instant::now()) };
+            // Max-lag's write-blocking lasts until the target has caught up: this instant.
+            let forced = std::mem::replace(&mut g.progress.lag_forced, false);
             drop(g);
             if (copied > 0 || first) && !self.offline {
                 self.engine.events().emit("synced", serde_json::json!({ "copied_bytes": copied }));
+            }
+            if forced {
+                self.engine.events().emit("write-blocking-off", serde_json::json!({ "reason": "max-lag" }));
+                self.engine.update_active();
             }
         }
         if out.consistent {
