@@ -11,7 +11,7 @@
 //! | 32 | 8 | granularity in bytes (power of two, 4 KiB..64 MiB) |
 //! | 40 | 8 | device size in bytes |
 //! | 48 | 8 | number of regions |
-//! | 56 | 4 | state: 0 clean (closed in order), 1 active (open, or its daemon died) |
+//! | 56 | 4 | state: 0 clean (closed in order), 1 active (open, or its daemon died), 2 switched over (the device moved to the target: this pair must not be served again) |
 //! | 60 | 4 | flags (none defined) |
 //! | 64 | 8 | creation time, seconds since the epoch |
 //! | 72 | 8 | source fingerprint (inode of a regular file, 0 for a block device) |
@@ -58,6 +58,9 @@ pub enum BitmapState {
     /// In use, or its user died without closing it (the bits are still trustworthy: they were
     /// made durable before every write they cover).
     Active,
+    /// `switchover` moved the device onto the target: the source is stale from then on, and
+    /// this pair may never be served or synced again with this bitmap.
+    SwitchedOver,
 }
 
 /// Who a bitmap belongs to: the paths and fingerprints of its source and target.
@@ -122,6 +125,7 @@ fn encode_header(h: &Header) -> [u8; HEADER_SIZE as usize] {
     let st: u32 = match h.state {
         BitmapState::Clean => 0,
         BitmapState::Active => 1,
+        BitmapState::SwitchedOver => 2,
     };
     b[56..60].copy_from_slice(&st.to_le_bytes());
     b[64..72].copy_from_slice(&h.created.to_le_bytes());
@@ -223,6 +227,7 @@ fn decode_header(path: &Path, b: &[u8], file_len: u64) -> Result<Header> {
     let state = match u32_at(b, 56) {
         0 => BitmapState::Clean,
         1 => BitmapState::Active,
+        2 => BitmapState::SwitchedOver,
         s => {
             return Err(bad(
                 path,

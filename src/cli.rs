@@ -140,6 +140,18 @@ pub enum Cmd {
         #[arg(long)]
         max_retries: Option<u32>,
     },
+    /// Move the device onto its target for good (live storage migration): once synced, hold
+    /// writes for a moment, copy the last dirty regions, make them durable, and serve the
+    /// target from then on. The bitmap records it, so the old pair cannot be served again.
+    Switchover {
+        /// Device id.
+        #[arg(short = 'n', long = "number")]
+        id: u32,
+        /// Give up (and let writes resume on the source) if the target has not caught up
+        /// within this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Stop copying (the device keeps serving I/O; writes are tracked in the bitmap).
     Pause {
         /// Device id.

@@ -114,8 +114,12 @@ pub fn handle(req: &Value, engine: &Engine, info: &Value) -> Value {
             }
             Ok(json!({ "settings": engine.settings() }))
         }
-        "" => Err("no \"cmd\" in the request (status, set, pause, resume)".to_string()),
-        other => Err(format!("unknown command {other:?} (status, set, pause, resume)")),
+        "switchover" => {
+            let secs = req.get("timeout_secs").and_then(Value::as_u64).unwrap_or(60).clamp(1, 3600);
+            engine.switchover(Duration::from_secs(secs)).map(|_| json!({})).map_err(|e| e.to_string())
+        }
+        "" => Err("no \"cmd\" in the request (status, set, pause, resume, switchover)".to_string()),
+        other => Err(format!("unknown command {other:?} (status, set, pause, resume, switchover)")),
     };
     match r {
         Ok(mut v) => {
@@ -171,6 +175,11 @@ fn set(req: &Value, engine: &Engine) -> std::result::Result<Value, String> {
 
 /// Sends `req` to device `id`'s daemon and returns its reply (an error if `ok` is false).
 pub fn request(id: u32, req: &Value) -> Result<Value> {
+    request_within(id, req, Duration::from_secs(5))
+}
+
+/// [`request`] waiting at most `limit` for the reply.
+pub fn request_within(id: u32, req: &Value, limit: Duration) -> Result<Value> {
     let path = socket_path(id);
     let mut conn = UnixStream::connect(&path).map_err(|e| {
         let hint = match e.kind() {
@@ -183,7 +192,7 @@ pub fn request(id: u32, req: &Value) -> Result<Value> {
         };
         Error::config(format!("{hint} ({}: {e})", path.display()))
     })?;
-    let t = Some(Duration::from_secs(5));
+    let t = Some(limit);
     let _ = conn.set_read_timeout(t);
     let _ = conn.set_write_timeout(t);
     let io = |e: std::io::Error| Error::config(format!("talking to the daemon of device {id}: {e}"));

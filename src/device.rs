@@ -7,7 +7,7 @@
 //! is not yet durable first waits for a bitmap fdatasync issued on the same ring; writes of the
 //! same queue that arrive meanwhile share it (group commit).
 
-use crate::engine::{CopyConfig, Engine};
+use crate::engine::{CopyConfig, Engine, Gate};
 use crate::core::{ActivePlan, Intent};
 use crate::mirror::{Mirror, RunUntil};
 use io_uring::{opcode, squeue, types};
@@ -108,10 +108,6 @@ async fn ring_sleep(d: std::time::Duration) {
     let _ = submit(opcode::Timeout::new(&ts).build()).await;
 }
 
-async fn read_write(write: bool, fua: bool, off: u64, len: u64, buf: &IoBuf<u8>) -> i32 {
-    rw_on(SOURCE, write, fua, off, len, buf).await
-}
-
 async fn rw_on(file: types::Fixed, write: bool, fua: bool, off: u64, len: u64, buf: &IoBuf<u8>) -> i32 {
     if len > buf.len() as u64 {
         return -libc::EINVAL;
@@ -142,16 +138,19 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, c
     let flags = iod.op_flags;
     let off = iod.start_sector << 9;
     let len = (iod.nr_sectors as u64) << 9;
+    // After a switchover the target is the device's data; a read that started on the source
+    // just before the switch still returns the same data (writes were held until both agreed).
+    let data = if engine.serving_target() { TARGET } else { SOURCE };
     match op {
-        sys::UBLK_IO_OP_READ => return read_write(false, false, off, len, buf).await,
+        sys::UBLK_IO_OP_READ => return rw_on(data, false, false, off, len, buf).await,
         sys::UBLK_IO_OP_FLUSH => {
             // Under write intent every bit a completed write needed is already durable, so a
-            // FLUSH is only a durability flush of the source.
-            let r = submit(opcode::Fsync::new(SOURCE).flags(types::FsyncFlags::DATASYNC).build()).await;
-            if r < 0 {
+            // FLUSH is only a durability flush of the source (of the target once switched).
+            let r = submit(opcode::Fsync::new(data).flags(types::FsyncFlags::DATASYNC).build()).await;
+            if r < 0 && data.0 == SOURCE.0 {
                 engine.set_source_flush_failed();
             }
-            return if engine.source_flush_failed() { -libc::EIO } else { r };
+            return if engine.source_flush_failed() && data.0 == SOURCE.0 { -libc::EIO } else { r };
         }
         sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {}
         _ => return -libc::EOPNOTSUPP,
@@ -161,21 +160,24 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, c
     }
     let ext = engine.extent(off, len);
     // Write-blocking mode mirrors writes (not discards or write-zeroes: those stay dirty and
-    // the copy turns them into holes or zeroes on the target).
-    let (intent, plan) = if op == sys::UBLK_IO_OP_WRITE && has_target {
-        // During a consistent flush a write-blocking write waits for it (briefly, and at most
-        // half a second before it goes ahead as an ordinary write).
-        let t0 = std::time::Instant::now();
-        loop {
-            let may_wait = t0.elapsed() < std::time::Duration::from_millis(500);
-            if let Some(b) = engine.begin_write_maybe_active(ext, off, len, may_wait) {
-                break b;
+    // the copy turns them into holes or zeroes on the target). During a consistent flush such
+    // a write waits for it (at most half a second before it goes ahead as an ordinary write);
+    // during a switchover every write waits (the switchover bounds that).
+    let mirror_ok = op == sys::UBLK_IO_OP_WRITE && has_target;
+    let t0 = std::time::Instant::now();
+    let mut nap = std::time::Duration::from_micros(500);
+    let (intent, plan, file) = loop {
+        let may_wait = t0.elapsed() < std::time::Duration::from_millis(500);
+        match engine.begin_request(ext, off, len, mirror_ok, may_wait) {
+            Gate::Go(i, p) => break (i, p, SOURCE),
+            Gate::Target => break (Intent::Ready, ActivePlan::SourceOnly, TARGET),
+            Gate::Wait => {
+                ring_sleep(nap).await;
+                nap = (nap * 2).min(std::time::Duration::from_millis(10));
             }
-            ring_sleep(std::time::Duration::from_micros(500)).await;
         }
-    } else {
-        (engine.begin_write(ext), ActivePlan::SourceOnly)
     };
+    let mirrored = file.0 == SOURCE.0;
     let mut res = match intent {
         Intent::Ready => 0,
         Intent::Wait { seq } => commit.ensure(engine, seq).await,
@@ -199,10 +201,10 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, c
                 }
                 s
             }
-            sys::UBLK_IO_OP_WRITE => read_write(true, flags & IO_F_FUA != 0, off, len, buf).await,
+            sys::UBLK_IO_OP_WRITE => rw_on(file, true, flags & IO_F_FUA != 0, off, len, buf).await,
             sys::UBLK_IO_OP_DISCARD => {
                 let mode = keep | libc::FALLOC_FL_PUNCH_HOLE;
-                submit(opcode::Fallocate::new(SOURCE, len).offset(off).mode(mode).build()).await
+                submit(opcode::Fallocate::new(file, len).offset(off).mode(mode).build()).await
             }
             _ => {
                 let mode = if flags & IO_F_NOUNMAP != 0 {
@@ -210,12 +212,14 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, c
                 } else {
                     keep | libc::FALLOC_FL_PUNCH_HOLE
                 };
-                submit(opcode::Fallocate::new(SOURCE, len).offset(off).mode(mode).build()).await
+                submit(opcode::Fallocate::new(file, len).offset(off).mode(mode).build()).await
             }
         };
     }
     // Whatever happened (even a write that failed halfway), the region may have changed.
-    engine.end_write_planned(ext, plan, res >= 0, target_ok);
+    if mirrored {
+        engine.end_write_planned(ext, plan, res >= 0, target_ok);
+    }
     if res < 0 {
         log::warn!("source error at byte {off} (+{len}): {}", std::io::Error::from_raw_os_error(-res));
     }

@@ -120,6 +120,18 @@ impl Progress {
     }
 }
 
+/// What a front end does with a write-like request (see [`Engine::begin_request`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// Issue it (after the intent), to the source, and to the target too if the plan says so.
+    Go(Intent, ActivePlan),
+    /// Held (switchover in progress, or a consistent flush in write-blocking mode): try again
+    /// in a moment.
+    Wait,
+    /// The device serves the target now: issue it there, with no intent and no mirroring.
+    Target,
+}
+
 /// How writes to the device reach the target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -159,6 +171,9 @@ pub struct Settings {
 pub struct Inner {
     pub state: MirrorState<Bitmap>,
     pub progress: Progress,
+    /// Switchover in progress: new writes wait (checked under this lock together with
+    /// `begin_write`, so a write is either counted in flight or held).
+    pub write_barrier: bool,
 }
 
 /// A snapshot for status displays and tests.
@@ -216,6 +231,10 @@ pub struct Engine {
     source_flush_failed: AtomicBool,
     controls: Controls,
     events: crate::events::EventLog,
+    /// The device now serves the target directly (after `switchover`).
+    serving_target: AtomicBool,
+    /// The front end can reach the target itself (write-blocking, switchover).
+    front_has_target: AtomicBool,
 }
 
 /// What opening a pair found and did.
@@ -283,6 +302,24 @@ impl Engine {
             target_fingerprint: target_identity.1,
         };
         let exists = opts.bitmap.exists();
+        // After a switchover the data lives on the target: serving or syncing the old pair
+        // again would bring back the stale source.
+        if let Ok((h, _)) = Bitmap::inspect(&opts.bitmap) {
+            if h.state == BitmapState::SwitchedOver {
+                return Err(Error::Bitmap {
+                    path: opts.bitmap.clone(),
+                    problem: crate::error::BitmapProblem::SwitchedOver,
+                    what: format!(
+                        "the device of this pair was switched over to its target {}: the source {} \
+                         is stale",
+                        h.pair.target, h.pair.source
+                    ),
+                    fix: "use the old target as the source (with a new bitmap); delete this bitmap \
+                          only if you really mean to serve the old source again"
+                        .into(),
+                });
+            }
+        }
         let mode = opts.mode.unwrap_or(if exists { SyncMode::Resume } else { SyncMode::Full });
         let (mut bitmap, created) = match (mode, exists) {
             (SyncMode::Resume, false) => {
@@ -358,12 +395,15 @@ impl Engine {
             inner: Mutex::new(Inner {
                 state,
                 progress: Progress::new(dirty),
+                write_barrier: false,
             }),
             wake,
             stop: AtomicBool::new(false),
             source_flush_failed: AtomicBool::new(false),
             controls: Controls::default(),
             events: crate::events::EventLog::default(),
+            serving_target: AtomicBool::new(false),
+            front_has_target: AtomicBool::new(false),
         };
         Ok((engine, target, report))
     }
@@ -433,6 +473,98 @@ impl Engine {
         if wake {
             self.wake();
         }
+    }
+
+    /// The front end's entry point for a write, discard or write-zeroes of `[off, off+len)`:
+    /// what to do now. `mirror_ok`: the request may be mirrored synchronously (a write, with
+    /// the target reachable from the queue). `may_wait`: the caller can retry later.
+    pub fn begin_request(&self, ext: Extent, off: u64, len: u64, mirror_ok: bool, may_wait: bool) -> Gate {
+        if self.serving_target() {
+            return Gate::Target;
+        }
+        let mut g = self.lock();
+        if g.write_barrier {
+            return Gate::Wait;
+        }
+        if mirror_ok && self.write_blocking_now() {
+            if may_wait && g.state.consistent_flush_running() {
+                return Gate::Wait;
+            }
+            let (i, p) = g.state.begin_active_write(ext, off, len);
+            return Gate::Go(i, p);
+        }
+        Gate::Go(g.state.begin_write(ext), ActivePlan::SourceOnly)
+    }
+
+    /// The front end registered the target on its rings.
+    pub fn set_front_has_target(&self, yes: bool) {
+        self.front_has_target.store(yes, Ordering::SeqCst);
+    }
+
+    pub fn serving_target(&self) -> bool {
+        self.serving_target.load(Ordering::SeqCst)
+    }
+
+    /// Switchover (see [`crate::control`]): holds new writes, waits for the writes in flight
+    /// and for a consistent point with nothing dirty, records the switch in the bitmap, then
+    /// serves the target. Bounded by `limit`; on failure writes resume on the source.
+    pub fn switchover(&self, limit: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        if self.serving_target() {
+            return Err(Error::config("the device serves its target already"));
+        }
+        if !self.front_has_target.load(Ordering::SeqCst) {
+            return Err(Error::config(
+                "switchover needs a target the device can serve (a file or block device)",
+            ));
+        }
+        {
+            let mut g = self.lock();
+            if let Some(r) = &g.progress.gave_up {
+                return Err(Error::config(format!("mirroring has stopped ({r}): the target is not current")));
+            }
+            if g.progress.degraded_since.is_some() {
+                return Err(Error::config("the target is failing (degraded): switch over once it has recovered"));
+            }
+            if self.paused() {
+                return Err(Error::config("the mirror is paused: resume it first"));
+            }
+            g.write_barrier = true;
+        }
+        self.wake();
+        let release = |why: String| -> Result<()> {
+            self.lock().write_barrier = false;
+            Err(Error::config(why))
+        };
+        // No write in flight, nothing dirty, and the last consistent point current: the target
+        // holds every write acknowledged so far, on its medium.
+        loop {
+            let synced = {
+                let g = self.lock();
+                g.state.writes_in_flight() == 0 && g.state.active_writes() == 0 && g.state.is_synced()
+            };
+            if synced {
+                break;
+            }
+            if t0.elapsed() > limit {
+                return release(format!(
+                    "the target did not catch up within {}s (writes were held meanwhile and now resume): \
+                     try again when `status` says synced",
+                    limit.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Durable before the switch: a crash from here on must not bring the old pair back.
+        let r = self.lock().state.pbits_mut().set_state(BitmapState::SwitchedOver);
+        if let Err(e) = r {
+            return release(format!("recording the switchover in the bitmap: {e}"));
+        }
+        self.serving_target.store(true, Ordering::SeqCst);
+        self.lock().write_barrier = false;
+        self.request_stop();
+        self.events.emit("switched-over", serde_json::json!({ "held_ms": t0.elapsed().as_millis() as u64 }));
+        Ok(())
     }
 
     /// Starts a write in write-blocking style if that mode is in force (see
@@ -556,7 +688,9 @@ impl Engine {
         let gran = self.granularity();
         let c = g.state.counters();
         let synced = g.state.is_synced();
-        let state = if g.progress.gave_up.is_some() {
+        let state = if self.serving_target() {
+            "switched-over"
+        } else if g.progress.gave_up.is_some() {
             "stopped"
         } else if g.progress.degraded_since.is_some() {
             "degraded"
@@ -626,6 +760,9 @@ impl Engine {
     /// Orderly close: the bitmap is made durable (with the bits cleared so far) and marked
     /// clean. Call only when no write is in flight and the mirror loop has stopped.
     pub fn close(&self) -> Result<()> {
+        if self.serving_target() {
+            return Ok(());
+        }
         let mut g = self.lock();
         g.state.pbits_mut().set_state(BitmapState::Clean)
     }

@@ -17,6 +17,7 @@ pub enum BitmapProblem {
     SizeMismatch { recorded: u64, device: u64 },
     GranularityMismatch { recorded: u64, requested: u64 },
     Corrupt(String),
+    SwitchedOver,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@
 
 use crate::backing::AlignedBuf;
 use crate::core::{ActivePlan, Extent, GroupCommit, Intent};
-use crate::engine::Engine;
+use crate::engine::{Engine, Gate};
 use crate::uring::{self, push, Owner, Ring};
 use io_uring::{opcode, types};
 use std::io;
@@ -48,6 +48,8 @@ struct Req {
     /// The source side finished first: its result waits for the target's.
     src_result: Option<io::Result<u32>>,
     since: Instant,
+    /// Fixed-file slot the request's data goes to (the target once switched over).
+    file: u32,
 }
 
 const SRC: u32 = 0;
@@ -76,6 +78,7 @@ impl EngineQueue {
     pub fn with_target(engine: Arc<Engine>, depth: u32, target: Option<std::os::unix::io::RawFd>) -> io::Result<Self> {
         let ring = uring::new_ring((depth * 4 + 4).next_power_of_two())?;
         ring.submitter().register_files(&[engine.source().fd(), target.unwrap_or(-1)])?;
+        engine.set_front_has_target(target.is_some());
         Ok(EngineQueue {
             ring,
             engine,
@@ -128,20 +131,26 @@ impl EngineQueue {
             tgt_ok: false,
             src_result: None,
             since: Instant::now(),
+            file: if self.engine.serving_target() { TGT } else { SRC },
         });
         let Some(ext) = ext else { return self.issue(slot) };
         let (intent, plan) = match range {
-            Some((off, len)) if is_write && self.has_target => {
-                match self.engine.begin_write_maybe_active(ext, off, len, true) {
-                    Some(b) => b,
-                    None => {
-                        // A consistent flush is running: retried from `wait`.
-                        self.deferred.push(slot);
-                        return Ok(());
-                    }
+            Some((off, len)) => match self.engine.begin_request(ext, off, len, is_write && self.has_target, true) {
+                Gate::Go(i, p) => (i, p),
+                Gate::Wait => {
+                    // Retried from `wait`.
+                    self.deferred.push(slot);
+                    return Ok(());
                 }
-            }
-            _ => (self.engine.begin_write(ext), ActivePlan::SourceOnly),
+                Gate::Target => {
+                    if let Some(r) = self.reqs[slot].as_mut() {
+                        r.file = TGT;
+                        r.ext = None;
+                    }
+                    return self.issue(slot);
+                }
+            },
+            None => (self.engine.begin_write(ext), ActivePlan::SourceOnly),
         };
         self.begin_issue(slot, intent, plan)
     }
@@ -151,12 +160,25 @@ impl EngineQueue {
     fn retry_deferred(&mut self) -> io::Result<()> {
         for slot in std::mem::take(&mut self.deferred) {
             let Some(req) = self.reqs[slot].as_ref() else { continue };
-            let (Some(ext), Op::Write { off, len, .. }) = (req.ext, &req.op) else { continue };
-            let (off, len) = (*off, *len as u64);
+            let (ext, (off, len), is_write) = match (req.ext, &req.op) {
+                (Some(e), Op::Write { off, len, .. }) => (e, (*off, *len as u64), true),
+                (Some(e), Op::Discard { off, len } | Op::WriteZeroes { off, len, .. }) => (e, (*off, *len), false),
+                _ => {
+                    debug_assert!(false, "only writes are deferred");
+                    continue;
+                }
+            };
             let may_wait = req.since.elapsed() < Duration::from_millis(500);
-            match self.engine.begin_write_maybe_active(ext, off, len, may_wait) {
-                Some((intent, plan)) => self.begin_issue(slot, intent, plan)?,
-                None => self.deferred.push(slot),
+            match self.engine.begin_request(ext, off, len, is_write && self.has_target, may_wait) {
+                Gate::Go(intent, plan) => self.begin_issue(slot, intent, plan)?,
+                Gate::Wait => self.deferred.push(slot),
+                Gate::Target => {
+                    if let Some(r) = self.reqs[slot].as_mut() {
+                        r.file = TGT;
+                        r.ext = None;
+                    }
+                    self.issue(slot)?;
+                }
             }
         }
         Ok(())
@@ -189,7 +211,7 @@ impl EngineQueue {
 
     fn issue(&mut self, slot: usize) -> io::Result<()> {
         let Some(req) = self.reqs[slot].as_mut() else { return Ok(()) };
-        let f = types::Fixed(SRC);
+        let f = types::Fixed(req.file);
         let done = req.done;
         if let (Op::Write { off, data, len, .. }, ActivePlan::Target { .. }, 0, false) =
             (&req.op, req.plan, done, req.tgt_pending)

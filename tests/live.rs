@@ -316,3 +316,68 @@ fn write_blocking_reaches_consistent_points() {
     drop(q);
     assert_eq!(read_all(&f.source), read_all(&f.target));
 }
+
+/// Switchover under a write load: writes are held for a moment, the target catches up, and
+/// from then on the device's reads and writes go to the target (the old source no longer
+/// changes); the bitmap then refuses the old pair.
+#[test]
+fn switchover_moves_the_device_onto_the_target() {
+    let f = files(8 * MIB);
+    fill_random(&f.source, 0, (8 * MIB) as usize, 9);
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::Full), None)).expect("open");
+    let engine = Arc::new(engine);
+    let tfd = target.fixed_fd();
+    let me = engine.clone();
+    let mirror = std::thread::spawn(move || {
+        {
+            let mut m = Mirror::new(me, target.as_mut(), CopyConfig::default()).expect("mirror");
+            m.run(RunUntil::Stopped, None).expect("run");
+        }
+        // Returned so that its descriptor, which the writer's ring uses, stays open.
+        target
+    });
+    wait_for("initial sync", Duration::from_secs(30), || engine.status().state == "synced");
+    // A writer keeps writing during the switchover; each block's last content is remembered.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (we, ws) = (engine.clone(), stop.clone());
+    let writer = std::thread::spawn(move || {
+        let mut q = EngineQueue::with_target(we, 8, tfd).expect("queue");
+        let mut last = std::collections::BTreeMap::new();
+        let mut i = 0u64;
+        while !ws.load(Ordering::SeqCst) {
+            let blk = (i * 37) % 2048;
+            write(&mut q, blk * 4096, 4096, i as u8);
+            last.insert(blk, i as u8);
+            i += 1;
+        }
+        // Read everything back through the queue (from the target now).
+        let mut seen = Vec::new();
+        for (&blk, _) in last.iter().take(64) {
+            let (_, buf) = q.execute(Op::Read { off: blk * 4096, len: 4096 }).expect("read");
+            seen.push((blk, buf.expect("data")[0]));
+        }
+        (i, last, seen)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    engine.switchover(Duration::from_secs(30)).expect("switchover");
+    assert_eq!(engine.status().state, "switched-over");
+    let source_after_switch = read_all(&f.source);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let (writes, last, seen) = writer.join().expect("writer");
+    let _target = mirror.join().expect("mirror");
+    assert!(writes > 20, "only {writes} writes: the test proves nothing");
+    assert_eq!(read_all(&f.source), source_after_switch, "the old source changed after the switchover");
+    let tgt = read_all(&f.target);
+    for (blk, v) in last {
+        let want = v | 1;
+        assert_eq!(tgt[(blk * 4096) as usize], want, "block {blk}: the target lacks the last write");
+    }
+    for (blk, b) in seen {
+        assert_eq!(b, tgt[(blk * 4096) as usize], "block {blk}: a read after the switchover did not come from the target");
+    }
+    assert!(events(&engine).contains(&"switched-over".to_string()));
+    drop(engine);
+    let e = Engine::open(&f.pair(None, None)).err().expect("the old pair must be refused after a switchover");
+    assert!(e.to_string().contains("switched over"), "{e}");
+}
