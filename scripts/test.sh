@@ -28,7 +28,8 @@ if [ "${UBLK_MIRROR_SKIP_VM:-0}" = 1 ]; then
     echo "== VM layer skipped (UBLK_MIRROR_SKIP_VM=1)"
 else
     echo "== VM layer"
-    cargo build --locked --release
+    # The examples are guest tools of tests/vm/power-loss.sh (passed with -b on its vm-args line).
+    cargo build --locked --release --bins --examples
     vm/setup.sh
     for t in tests/vm/*.sh; do
         [ "$(basename "$t")" = demo.sh ] && continue  # the tour of scripts/try-in-vm.sh
