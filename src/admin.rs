@@ -230,6 +230,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
     // The target as a fixed file on the queue rings, for write-blocking writes.
     let tgt_fd = target.fixed_fd();
     engine.set_front_has_target(tgt_fd.is_some());
+    engine.set_target_fd(tgt_fd);
     let mirror = device::spawn_mirror(engine.clone(), target, opts.copy.clone());
     let stop_control = Arc::new(AtomicBool::new(false));
     let info = serde_json::json!({

@@ -269,12 +269,16 @@ pub struct CopyArgs {
 
 #[derive(Args)]
 pub struct VerifyArgs {
+    /// Verify a live device instead (online: dirty and busy regions are skipped; throttled like
+    /// the copy).
+    #[arg(short = 'n', long = "number", conflicts_with_all = ["source", "target", "bitmap"])]
+    pub id: Option<u32>,
     /// Source file or block device.
-    #[arg(long, short = 's')]
-    pub source: PathBuf,
+    #[arg(long, short = 's', required_unless_present = "id")]
+    pub source: Option<PathBuf>,
     /// Target file or block device.
-    #[arg(long, short = 't')]
-    pub target: PathBuf,
+    #[arg(long, short = 't', required_unless_present = "id")]
+    pub target: Option<PathBuf>,
     /// The pair's bitmap: differing regions whose bit is clear are reported as a bug.
     #[arg(long, short = 'b')]
     pub bitmap: Option<PathBuf>,

@@ -63,7 +63,7 @@ pub fn spawn_server(
         .map_err(|e| Error::io("control thread", e))
 }
 
-fn serve_one(mut conn: UnixStream, engine: &Engine, info: &Value) {
+fn serve_one(mut conn: UnixStream, engine: &Arc<Engine>, info: &Value) {
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
     let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
@@ -99,7 +99,7 @@ fn read_request(conn: &mut UnixStream) -> std::result::Result<Value, String> {
 }
 
 /// Answers one request (also used by tests, without a socket).
-pub fn handle(req: &Value, engine: &Engine, info: &Value) -> Value {
+pub fn handle(req: &Value, engine: &Arc<Engine>, info: &Value) -> Value {
     let cmd = req.get("cmd").and_then(Value::as_str).unwrap_or("");
     let r = match cmd {
         "status" => Ok(status_value(engine, info)),
@@ -114,12 +114,13 @@ pub fn handle(req: &Value, engine: &Engine, info: &Value) -> Value {
             }
             Ok(json!({ "settings": engine.settings() }))
         }
+        "verify" => engine.start_verify().map(|_| json!({})).map_err(|e| e.to_string()),
         "switchover" => {
             let secs = req.get("timeout_secs").and_then(Value::as_u64).unwrap_or(60).clamp(1, 3600);
             engine.switchover(Duration::from_secs(secs)).map(|_| json!({})).map_err(|e| e.to_string())
         }
-        "" => Err("no \"cmd\" in the request (status, set, pause, resume, switchover)".to_string()),
-        other => Err(format!("unknown command {other:?} (status, set, pause, resume, switchover)")),
+        "" => Err("no \"cmd\" in the request (status, set, pause, resume, switchover, verify)".to_string()),
+        other => Err(format!("unknown command {other:?} (status, set, pause, resume, switchover, verify)")),
     };
     match r {
         Ok(mut v) => {
@@ -136,6 +137,7 @@ pub fn status_value(engine: &Engine, info: &Value) -> Value {
     v["status"] = json!(engine.status());
     v["settings"] = json!(engine.settings());
     v["events"] = json!(engine.events().recent());
+    v["verify"] = json!(engine.verifier().report());
     v
 }
 

@@ -177,6 +177,9 @@ pub struct MirrorState<P: PersistentBits> {
     eligible_old: BitVec<u64, Lsb0>,
     /// Writes in flight per region (begin_write .. end_write). Small: bounded by queue depth.
     inflight: HashMap<u64, u32>,
+    /// Regions an online verify is reading; any write, copy or redirtying removes them (then
+    /// the comparison proves nothing and the region is skipped).
+    watched: BitVec<u64, Lsb0>,
     /// Active (write-blocking) writes in flight that also go to the target, by id.
     active: HashMap<u64, ActiveWrite>,
     next_active: u64,
@@ -223,6 +226,7 @@ impl<P: PersistentBits> MirrorState<P> {
             inflight: HashMap::new(),
             active: HashMap::new(),
             next_active: 0,
+            watched: bitvec![u64, Lsb0; 0; nregions as usize],
             pending: HashMap::new(),
             set_seq: 0,
             durable_seq: 0,
@@ -287,6 +291,7 @@ impl<P: PersistentBits> MirrorState<P> {
     /// Something happened to `r` after its last copy: neither the next nor the in-progress
     /// target flush may clear its bit on the strength of that copy.
     fn disturb(&mut self, r: u64) {
+        self.watched.set(r as usize, false);
         self.copied.set(r as usize, false);
         self.eligible_young.set(r as usize, false);
         self.eligible_old.set(r as usize, false);
@@ -463,6 +468,28 @@ impl<P: PersistentBits> MirrorState<P> {
     /// (see [`Self::begin_active_write`]); a writer that can wait should begin after it.
     pub fn consistent_flush_running(&self) -> bool {
         matches!(self.flush, Some(TargetFlush { kind: FlushKind::Consistent, .. }))
+    }
+
+    /// Online verify: may region `r` be compared now? True if it is clean (not dirty, not being
+    /// copied, no write in flight, no active write touching it); it is then watched until
+    /// [`Self::verify_end`].
+    pub fn verify_begin(&mut self, r: u64) -> bool {
+        let i = r as usize;
+        let busy = self.volatile[i]
+            || self.copying[i]
+            || self.poisoned[i]
+            || self.inflight.contains_key(&r)
+            || self.active.values().any(|w| w.ext.regions().contains(&r));
+        self.watched.set(i, !busy);
+        !busy
+    }
+
+    /// Online verify: was region `r` left alone since [`Self::verify_begin`]? Only then do
+    /// reads of source and target made in between describe one state of the pair.
+    pub fn verify_end(&mut self, r: u64) -> bool {
+        let still = self.watched[r as usize];
+        self.watched.set(r as usize, false);
+        still && !self.volatile[r as usize]
     }
 
     /// Active writes in flight (for status).
@@ -1120,6 +1147,25 @@ mod tests {
         assert_eq!(plan, ActivePlan::SourceOnly);
         s.target_flush_done(true);
         s.end_write(ext(6, 1));
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn online_verify_skips_regions_touched_while_read() {
+        let mut s = state(8);
+        assert!(s.verify_begin(2));
+        assert!(s.verify_end(2), "untouched: the comparison counts");
+        assert!(s.verify_begin(3));
+        s.begin_write(ext(3, 1));
+        assert!(!s.verify_end(3), "a write began during the reads");
+        assert!(!s.verify_begin(3), "a write in flight");
+        durable(&mut s);
+        s.end_write(ext(3, 1));
+        assert!(!s.verify_begin(3), "dirty");
+        let c = s.next_copy(1).unwrap();
+        assert!(!s.verify_begin(3), "being copied");
+        s.copy_done(c, true);
+        assert!(s.verify_begin(3), "clean again");
         s.check_invariants().unwrap();
     }
 

@@ -235,6 +235,9 @@ pub struct Engine {
     serving_target: AtomicBool,
     /// The front end can reach the target itself (write-blocking, switchover).
     front_has_target: AtomicBool,
+    /// The target's descriptor (file and block device targets), for online verify.
+    target_fd: std::sync::atomic::AtomicI32,
+    verifier: crate::online_verify::Verifier,
 }
 
 /// What opening a pair found and did.
@@ -404,6 +407,8 @@ impl Engine {
             events: crate::events::EventLog::default(),
             serving_target: AtomicBool::new(false),
             front_has_target: AtomicBool::new(false),
+            target_fd: std::sync::atomic::AtomicI32::new(-1),
+            verifier: Default::default(),
         };
         Ok((engine, target, report))
     }
@@ -494,6 +499,37 @@ impl Engine {
             return Gate::Go(i, p);
         }
         Gate::Go(g.state.begin_write(ext), ActivePlan::SourceOnly)
+    }
+
+    pub fn verifier(&self) -> &crate::online_verify::Verifier {
+        &self.verifier
+    }
+
+    /// Remembers the target's descriptor (valid while the mirror's target is open) so that an
+    /// online verify can duplicate it.
+    pub fn set_target_fd(&self, fd: Option<std::os::unix::io::RawFd>) {
+        self.target_fd.store(fd.unwrap_or(-1), Ordering::SeqCst);
+    }
+
+    /// Starts an online verify (see [`crate::online_verify`]).
+    pub fn start_verify(self: &std::sync::Arc<Self>) -> Result<()> {
+        use std::os::fd::BorrowedFd;
+        if self.serving_target() {
+            return Err(Error::config("the device was switched over: there is no pair to verify"));
+        }
+        let fd = self.target_fd.load(Ordering::SeqCst);
+        if fd < 0 {
+            return Err(Error::config(
+                "online verify reads the target directly: it needs a file or block device target \
+                 (use the offline `verify` for others)",
+            ));
+        }
+        // SAFETY: the descriptor belongs to the target the mirror keeps open for the life of
+        // the device; it is only borrowed for the duration of this dup.
+        let dup = unsafe { BorrowedFd::borrow_raw(fd) }
+            .try_clone_to_owned()
+            .map_err(|e| Error::io("duplicating the target's descriptor", e))?;
+        crate::online_verify::start(self.clone(), dup)
     }
 
     /// The front end registered the target on its rings.

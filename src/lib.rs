@@ -23,6 +23,7 @@ pub mod error;
 pub mod events;
 pub mod manpage;
 pub mod mirror;
+pub mod online_verify;
 pub mod queue;
 pub mod sync;
 pub mod target;

@@ -1,0 +1,194 @@
+//! Online verify: compares source and target region by region while the device is live.
+//!
+//! A region is compared only if it is clean when its reads start and nothing touches it until
+//! both reads have completed ([`crate::core::MirrorState::verify_begin`] / `verify_end`):
+//! then both reads describe one state of the pair, and a difference is a real one. Since clean
+//! regions are identical by the mirror's invariant, any mismatch found is a bug (or someone
+//! wrote the target behind the mirror's back). Regions dirty or busy are skipped and counted.
+//! The reads are throttled like the copy (the `speed` setting).
+
+use crate::backing::AlignedBuf;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::uring::{self, push, Owner};
+use io_uring::{opcode, types};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Mismatching regions listed at most (the count is exact).
+const MAX_LISTED: usize = 1000;
+/// Bytes read per side per step.
+const CHUNK: u64 = 1 << 20;
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct OnlineVerify {
+    /// running, done, failed
+    pub state: &'static str,
+    pub regions: u64,
+    pub compared: u64,
+    /// Dirty or busy when their turn came, or written while being read.
+    pub skipped: u64,
+    pub mismatches: u64,
+    /// First mismatching regions (region numbers).
+    pub mismatched: Vec<u64>,
+    pub granularity: u64,
+    pub bytes_compared: u64,
+    pub elapsed_secs: f64,
+    pub error: Option<String>,
+}
+
+/// The verify runs of one engine (one at a time).
+#[derive(Default)]
+pub struct Verifier {
+    report: Mutex<Option<OnlineVerify>>,
+}
+
+impl Verifier {
+    pub fn report(&self) -> Option<OnlineVerify> {
+        self.lock().clone()
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<OnlineVerify>> {
+        // A panic in the verify thread leaves a report that is at worst stale.
+        self.report.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Starts a verify of `engine`'s pair, reading the target through `target` (a duplicate of
+/// the target's descriptor, owned by the verify thread).
+pub fn start(engine: Arc<Engine>, target: OwnedFd) -> Result<()> {
+    {
+        let mut g = engine.verifier().lock();
+        if g.as_ref().is_some_and(|r| r.state == "running") {
+            return Err(Error::config("a verify is already running: see `status`"));
+        }
+        *g = Some(OnlineVerify {
+            state: "running",
+            regions: engine.size().div_ceil(engine.granularity()),
+            granularity: engine.granularity(),
+            ..Default::default()
+        });
+    }
+    let e = engine.clone();
+    std::thread::Builder::new()
+        .name("verify".into())
+        .spawn(move || {
+            let t0 = Instant::now();
+            let r = run(&e, &target, t0);
+            let mut g = e.verifier().lock();
+            if let Some(rep) = g.as_mut() {
+                rep.elapsed_secs = t0.elapsed().as_secs_f64();
+                match r {
+                    Ok(()) => rep.state = "done",
+                    Err(err) => {
+                        rep.state = "failed";
+                        rep.error = Some(err.to_string());
+                    }
+                }
+            }
+            let summary = g.clone();
+            drop(g);
+            if let Some(s) = summary {
+                e.events().emit(
+                    "verified",
+                    serde_json::json!({ "state": s.state, "compared": s.compared, "skipped": s.skipped,
+                                        "mismatches": s.mismatches, "error": s.error }),
+                );
+            }
+        })
+        .map_err(|e| Error::io("verify thread", e))?;
+    Ok(())
+}
+
+fn run(engine: &Engine, target: &OwnedFd, t0: Instant) -> Result<()> {
+    let gran = engine.granularity();
+    let size = engine.size();
+    let nregions = size.div_ceil(gran);
+    let mut ring = uring::new_ring(8).map_err(|e| Error::io("io_uring setup for verify", e))?;
+    let chunk = CHUNK.min(gran.max(4096)) as usize;
+    let (mut a, mut b) = (AlignedBuf::new(chunk), AlignedBuf::new(chunk));
+    let mut cqes = Vec::new();
+    let mut read_bytes = 0u64;
+    for r in 0..nregions {
+        if engine.stop_requested() {
+            return Err(Error::config("the mirror stopped during the verify"));
+        }
+        if !engine.lock().state.verify_begin(r) {
+            bump(engine, |v| v.skipped += 1);
+            continue;
+        }
+        let (start, end) = (r * gran, ((r + 1) * gran).min(size));
+        let mut same = true;
+        let mut off = start;
+        while off < end && same {
+            let len = ((end - off) as usize).min(chunk);
+            let ra = opcode::Read::new(types::Fd(engine.source().fd()), a.as_mut_ptr(), len as u32).offset(off).build();
+            let rb = opcode::Read::new(types::Fd(target.as_raw_fd()), b.as_mut_ptr(), len as u32).offset(off).build();
+            push(&mut ring, ra, Owner::Source, 0).map_err(|e| Error::io("verify read", e))?;
+            push(&mut ring, rb, Owner::Target, 0).map_err(|e| Error::io("verify read", e))?;
+            let mut got = 0;
+            while got < 2 {
+                uring::submit_and_wait(&mut ring, 1).map_err(|e| Error::io("verify reads", e))?;
+                cqes.clear();
+                uring::reap(&mut ring, &mut cqes);
+                for &(ud, res) in &cqes {
+                    got += 1;
+                    if res < 0 || (res as usize) < len {
+                        let who = if uring::decode(ud).0 == Some(Owner::Source) { "source" } else { "target" };
+                        let e = if res < 0 {
+                            std::io::Error::from_raw_os_error(-res)
+                        } else {
+                            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short read")
+                        };
+                        // The region is unwatched by the next verify_begin of another region.
+                        engine.lock().state.verify_end(r);
+                        return Err(Error::io(format!("verify: reading the {who} at byte {off}"), e));
+                    }
+                }
+            }
+            same = a[..len] == b[..len];
+            off += len as u64;
+            read_bytes += 2 * len as u64;
+        }
+        // Judge only if nothing touched the region while it was read.
+        let valid = engine.lock().state.verify_end(r);
+        bump(engine, |v| {
+            if !valid {
+                v.skipped += 1;
+                return;
+            }
+            v.compared += 1;
+            v.bytes_compared += end - start;
+            if !same {
+                v.mismatches += 1;
+                if v.mismatched.len() < MAX_LISTED {
+                    v.mismatched.push(r);
+                }
+            }
+        });
+        if valid && !same {
+            log::error!("online verify: region {r} (bytes {start}..{end}) differs although it is clean");
+        }
+        throttle(engine, read_bytes / 2, t0);
+    }
+    Ok(())
+}
+
+fn bump(engine: &Engine, f: impl FnOnce(&mut OnlineVerify)) {
+    if let Some(v) = engine.verifier().lock().as_mut() {
+        f(v);
+    }
+}
+
+/// Keeps the compared bytes at or below the copy speed limit, if there is one.
+fn throttle(engine: &Engine, bytes: u64, t0: Instant) {
+    let speed = engine.speed();
+    if speed == 0 {
+        return;
+    }
+    let due = Duration::from_secs_f64(bytes as f64 / speed as f64);
+    let spent = t0.elapsed();
+    if due > spent {
+        std::thread::sleep(due - spent);
+    }
+}
