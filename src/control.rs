@@ -33,10 +33,20 @@ pub fn spawn_server(
     info: Value,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let dir = PathBuf::from(crate::admin::RUN_DIR);
     let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir);
-    let path = socket_path(id);
+    spawn_server_at(socket_path(id), engine, info, stop)
+}
+
+/// [`spawn_server`] on a given socket path (tests use a private directory).
+pub fn spawn_server_at(
+    path: PathBuf,
+    engine: Arc<Engine>,
+    info: Value,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>> {
+    use std::os::unix::fs::PermissionsExt;
     // A socket left by a killed daemon of this device: this process now owns the id.
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).map_err(|e| Error::io(format!("control socket {}", path.display()), e))?;
@@ -182,8 +192,12 @@ pub fn request(id: u32, req: &Value) -> Result<Value> {
 
 /// [`request`] waiting at most `limit` for the reply.
 pub fn request_within(id: u32, req: &Value, limit: Duration) -> Result<Value> {
-    let path = socket_path(id);
-    let mut conn = UnixStream::connect(&path).map_err(|e| {
+    request_at(&socket_path(id), id, req, limit)
+}
+
+/// [`request_within`] on a given socket path.
+pub fn request_at(path: &std::path::Path, id: u32, req: &Value, limit: Duration) -> Result<Value> {
+    let mut conn = UnixStream::connect(path).map_err(|e| {
         let hint = match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => format!(
                 "no daemon is serving device {id} (see `ublk-mirror list`; if it shows the device \

@@ -421,3 +421,44 @@ fn online_verify_finds_a_corrupted_clean_region() {
     mirror.join().expect("mirror");
     drop(q);
 }
+
+/// The control socket itself: mode 0600; malformed, oversized and silent clients get an error
+/// or a timeout and the next client is served.
+#[test]
+fn control_socket_survives_bad_clients() {
+    use serde_json::json;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+    use ublk_mirror::control;
+    let f = files(MIB);
+    let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let engine = Arc::new(engine);
+    let dir = tempfile::tempdir_in("/var/tmp").expect("dir");
+    let path = dir.path().join("0.sock");
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = control::spawn_server_at(path.clone(), engine.clone(), json!({ "dev_id": 0 }), stop.clone()).expect("serve");
+    let mode = std::fs::metadata(&path).expect("socket").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let raw = |bytes: &[u8]| -> String {
+        let mut c = UnixStream::connect(&path).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let _ = c.write_all(bytes);
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        out
+    };
+    assert!(raw(b"this is not json\n").contains("not JSON"));
+    assert!(raw(&vec![b'x'; control::MAX_REQUEST + 10]).contains("larger than"));
+    // A client that connects and says nothing is dropped after the server's read timeout.
+    let silent = UnixStream::connect(&path).expect("connect");
+    let t0 = Instant::now();
+    let r = control::request_at(&path, 0, &json!({ "cmd": "status" }), Duration::from_secs(10)).expect("status after bad clients");
+    assert!(t0.elapsed() < Duration::from_secs(5), "a silent client held the socket for {:?}", t0.elapsed());
+    assert_eq!(r["ok"], json!(true));
+    assert!(r["status"]["state"].is_string());
+    drop(silent);
+    stop.store(true, Ordering::SeqCst);
+    server.join().expect("server");
+    assert!(!path.exists(), "socket left behind");
+}
