@@ -27,7 +27,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use ublk_mirror::core::{Extent, FlushKind, GroupCommit, Intent, MemBits, MirrorState, PersistentBits};
+use ublk_mirror::core::{ActivePlan, Extent, FlushKind, GroupCommit, Intent, MemBits, MirrorState, PersistentBits};
 
 const N: u64 = 8;
 const QUEUES: usize = 2;
@@ -54,6 +54,9 @@ struct Write {
     ext: Extent,
     vers: Vec<u64>,
     state: WState,
+    /// An active (write-blocking) write: its id, and once its target half landed, whether it
+    /// succeeded.
+    active: Option<(u64, Option<bool>)>,
 }
 
 struct Copy {
@@ -85,6 +88,8 @@ struct Sim {
     budget: u32,
     steps: u64,
     consistent_points: u64,
+    /// Write-blocking mode: most writes are active.
+    active_mode: bool,
 }
 
 impl Sim {
@@ -92,7 +97,8 @@ impl Sim {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut s = MirrorState::new(N, MemBits::new(N));
         s.set_lazy_clearing(rng.gen());
-        Sim {
+        let active_mode = rng.gen_ratio(1, 2);
+        let mut sim = Sim {
             budget: rng.gen_range(5..40),
             rng,
             s,
@@ -109,7 +115,10 @@ impl Sim {
             flushed_acked: vec![0; N as usize],
             steps: 0,
             consistent_points: 0,
-        }
+            active_mode: false,
+        };
+        sim.active_mode = active_mode;
+        sim
     }
 
     fn fail_p(&mut self) -> bool {
@@ -145,8 +154,19 @@ impl Sim {
         let vers = Vec::new();
         let q = self.rng.gen_range(0..QUEUES);
         let w = self.writes.len();
-        self.writes.push(Some(Write { ext, vers, state: WState::Waiting }));
-        match self.s.begin_write(ext) {
+        let active = self.active_mode && self.rng.gen_ratio(3, 4);
+        // Byte ranges are whole regions: two writes to one region overlap.
+        let (intent, plan) = if active {
+            self.s.begin_active_write(ext, start * 100, count * 100)
+        } else {
+            (self.s.begin_write(ext), ActivePlan::SourceOnly)
+        };
+        let active = match plan {
+            ActivePlan::Target { id } => Some((id, None)),
+            ActivePlan::SourceOnly => None,
+        };
+        self.writes.push(Some(Write { ext, vers, state: WState::Waiting, active }));
+        match intent {
             Intent::Ready => self.issue(w),
             Intent::Wait { seq } => {
                 if self.gc[q].wait(seq, w) {
@@ -156,9 +176,45 @@ impl Sim {
         }
     }
 
+    /// The target half of an issued active write lands (or fails), at any moment after issue
+    /// and in any order with copies: a late one may overwrite newer data in the target's cache.
+    fn land_target_half(&mut self) {
+        let pending: Vec<usize> = (0..self.writes.len())
+            .filter(|&i| matches!(&self.writes[i], Some(w) if w.state == WState::Issued && matches!(w.active, Some((_, None)))))
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let w = pending[self.rng.gen_range(0..pending.len())];
+        let ok = !self.fail_p();
+        let Some(wr) = self.writes[w].as_mut() else { return };
+        if ok {
+            for (i, r) in wr.ext.regions().enumerate() {
+                self.tgt.cache[r as usize] = wr.vers[i];
+            }
+        }
+        if let Some((_, done)) = wr.active.as_mut() {
+            *done = Some(ok);
+        }
+    }
+
+    fn end(&mut self, wr: Write, source_ok: bool) {
+        match wr.active {
+            Some((id, done)) => {
+                self.s.end_active_write(id, source_ok, done.unwrap_or(false));
+            }
+            None => {
+                self.s.end_write(wr.ext);
+            }
+        }
+    }
+
     fn complete_write(&mut self) {
-        let issued: Vec<usize> =
-            (0..self.writes.len()).filter(|&i| matches!(&self.writes[i], Some(w) if w.state == WState::Issued)).collect();
+        let issued: Vec<usize> = (0..self.writes.len())
+            .filter(|&i| {
+                matches!(&self.writes[i], Some(w) if w.state == WState::Issued && !matches!(w.active, Some((_, None))))
+            })
+            .collect();
         if issued.is_empty() {
             return;
         }
@@ -168,7 +224,7 @@ impl Sim {
             // Acknowledged: the application now relies on it (after a FLUSH, durably).
             self.acked[r as usize] = self.acked[r as usize].max(wr.vers[i]);
         }
-        self.s.end_write(wr.ext);
+        self.end(wr, true);
     }
 
     fn complete_event(&mut self) {
@@ -202,7 +258,7 @@ impl Sim {
                 for w in step.failed {
                     // Never issued: the write fails with EIO and changes nothing.
                     if let Some(wr) = self.writes[w].take() {
-                        self.s.end_write(wr.ext);
+                        self.end(wr, false);
                     }
                 }
                 if step.start_flush {
@@ -306,6 +362,7 @@ impl Sim {
         match self.rng.gen_range(0..10) {
             0 | 1 if self.budget > 0 => self.new_write(),
             2 => self.complete_write(),
+            7 if self.active_mode => self.land_target_half(),
             3 | 4 => self.complete_event(),
             5 => self.writeback(),
             6 if self.rng.gen_ratio(1, 3) => {
