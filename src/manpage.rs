@@ -155,7 +155,7 @@ pub const CONF_KEYS: &[(&str, &str, &str)] = &[
     ("SOURCE", "The device's data: a block device (prefer a stable path under /dev/disk/by-id, by-uuid or by-partuuid: the udev rules match it when the disk appears) or a file.", "/dev/disk/by-id/ata-EXAMPLE-SERIAL"),
     ("TARGET", "The mirror, at least as large as the source: a block device or a file.", "/srv/mirrors/example.img"),
     ("BITMAP", "The persistent dirty bitmap, created with a full sync on the first start. Keep it on a local, journaled file system.", "/var/lib/ublk-mirror/example.bitmap"),
-    ("OPTIONS", "Further options of ublk-mirror add, for example queues, depth, granularity and copy tuning.", "-q 2 -d 128"),
+    ("OPTIONS", "Further options of ublk-mirror add, for example queues, depth, granularity, copy speed, copy mode and max lag (see ublk-mirror(8)).", "-q 2 --speed 200M --max-lag 30s"),
     ("STOP_TIMEOUT", "Seconds that stopping the unit waits for a consistent point before removing the device anyway.", "120"),
 ];
 
