@@ -47,7 +47,11 @@ run_timeout 10 ublk-mirror set -n 0 --speed 0 > /dev/null || fail "set --speed 0
 sleep 2
 c=$(copied)
 [ "$c" -gt "$b" ] || fail "no progress after resume ($b -> $c)"
-run_timeout 300 ublk-mirror status -n 0 --wait-synced --timeout 300 > /dev/null || fail "synced after resume"
+# --watch without a terminal: a line a second until synced.
+run_timeout 300 ublk-mirror status -n 0 --watch --wait-synced --timeout 290 > /tmp/watch.out || fail "synced after resume: $(tail -3 /tmp/watch.out)"
+tail -n 3 /tmp/watch.out
+grep -q "% syncing" /tmp/watch.out || fail "--watch printed no progress line"
+tail -n 1 /tmp/watch.out | grep -q "100.0% synced" || fail "--watch did not end synced"
 
 step "write-blocking: fio randwrite keeps the dirty count at zero"
 run_timeout 10 ublk-mirror set -n 0 --mode write-blocking > /tmp/set.json || fail "set --mode"
