@@ -1,8 +1,8 @@
 //! The control socket: each device's daemon answers JSON requests on
 //! `/run/ublk-mirror/ID.sock` (mode 0600, root only; the peer's uid is checked too). One
-//! request per connection, one line each way. A malformed, oversized or slow request gets an
-//! error reply (or the connection is dropped after a timeout) on this thread: the device's I/O
-//! never waits for it.
+//! request per connection, one line each way, each connection on its own thread (at most
+//! MAX_CLIENTS). A malformed, oversized or slow request gets an error reply (or the connection
+//! is dropped after a timeout): the device's I/O never waits for it.
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"set", "speed":N, "mode":"background"|"write-blocking",
 //! "max_lag_secs":S, "max_retries":N}` (any subset), `{"cmd":"pause"}`, `{"cmd":"resume"}`.
@@ -21,6 +21,8 @@ use std::time::Duration;
 /// Largest request accepted.
 pub const MAX_REQUEST: usize = 64 << 10;
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Requests served at once.
+const MAX_CLIENTS: usize = 16;
 
 pub fn socket_path(id: u32) -> PathBuf {
     PathBuf::from(crate::admin::RUN_DIR).join(format!("{id}.sock"))
@@ -56,9 +58,28 @@ pub fn spawn_server_at(
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            // One thread per connection (a switchover waits for the target for up to its
+            // timeout; status requests meanwhile must still be answered), at most MAX_CLIENTS.
+            let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             while !stop.load(Ordering::SeqCst) {
                 match listener.accept() {
-                    Ok((conn, _)) => serve_one(conn, &engine, &info),
+                    Ok((mut conn, _)) => {
+                        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+                            clients.fetch_sub(1, Ordering::SeqCst);
+                            let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
+                            let _ = writeln!(conn, "{}", json!({ "ok": false, "error": "too many requests at once; try again" }));
+                            continue;
+                        }
+                        let (engine, info, count) = (engine.clone(), info.clone(), clients.clone());
+                        let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || {
+                            serve_one(conn, &engine, &info);
+                            count.fetch_sub(1, Ordering::SeqCst);
+                        });
+                        if let Err(e) = spawned {
+                            clients.fetch_sub(1, Ordering::SeqCst);
+                            log::warn!("control socket: no thread for a client: {e}");
+                        }
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(100));
                     }
