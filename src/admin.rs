@@ -126,7 +126,19 @@ fn prepare_recover(
         return Err(Error::config(format!("device {id} is not a ublk-mirror device")));
     };
     let name = data["name"].as_str().map(String::from).unwrap_or_else(|| default_name(&source));
-    let settings = serde_json::from_value(data["settings"].clone()).ok();
+    let mut settings: Option<crate::engine::Settings> = serde_json::from_value(data["settings"].clone()).ok();
+    if let (Some(s), Some(cmd)) = (settings.as_mut(), data["on_consistent"]["command"].as_str()) {
+        let ms = |k: &str| Duration::from_millis(data["on_consistent"][k].as_u64().unwrap_or(60_000));
+        s.hook = Some(crate::engine::Hook {
+            command: cmd.to_string(),
+            interval: ms("interval_ms"),
+            timeout: ms("timeout_ms"),
+            env: vec![
+                ("UBLK_MIRROR_SOURCE".into(), source.display().to_string()),
+                ("UBLK_MIRROR_TARGET".into(), target.display().to_string()),
+            ],
+        });
+    }
     let pair = PairOptions {
         source,
         target,
@@ -231,7 +243,21 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
     let tgt_fd = target.fixed_fd();
     engine.set_front_has_target(tgt_fd.is_some());
     engine.set_target_fd(tgt_fd);
-    let mirror = device::spawn_mirror(engine.clone(), target, opts.copy.clone());
+    let mut copy = opts.copy.clone();
+    if let Some(h) = settings.hook.clone() {
+        copy.on_consistent = Some(h);
+    }
+    if let Some(h) = copy.on_consistent.as_mut() {
+        h.env.push(("UBLK_MIRROR_DEVICE".into(), id.to_string()));
+    }
+    let hook_json = copy.on_consistent.as_ref().map(|h| {
+        serde_json::json!({
+            "command": h.command,
+            "interval_ms": h.interval.as_millis() as u64,
+            "timeout_ms": h.timeout.as_millis() as u64,
+        })
+    });
+    let mirror = device::spawn_mirror(engine.clone(), target, copy);
     let stop_control = Arc::new(AtomicBool::new(false));
     let info = serde_json::json!({
         "dev_id": id, "bdev": format!("/dev/ublkb{id}"), "name": name,
@@ -253,6 +279,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
     let data = serde_json::json!({
         "name": name, "source": pair.source, "target": pair.target, "bitmap": pair.bitmap,
         "settings": settings,
+        "on_consistent": hook_json,
     });
     let tgt_engine = engine.clone();
     let tgt_init = move |dev: &mut UblkDev| -> std::result::Result<(), libublk::UblkError> {

@@ -219,6 +219,18 @@ pub struct AddArgs {
     /// Event log (JSON lines) [default: /run/ublk-mirror/ID.events].
     #[arg(long)]
     pub event_log: Option<PathBuf>,
+    /// Run this shell command after a consistent point (at most once per
+    /// --on-consistent-interval), with the target left untouched until it exits: to snapshot
+    /// the replica. Environment: UBLK_MIRROR_CONSISTENT_SEQ, UBLK_MIRROR_CONSISTENT_TIME_MS,
+    /// UBLK_MIRROR_DEVICE, UBLK_MIRROR_SOURCE, UBLK_MIRROR_TARGET.
+    #[arg(long)]
+    pub on_consistent: Option<String>,
+    /// Least time between two --on-consistent runs.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub on_consistent_interval: std::time::Duration,
+    /// Kill an --on-consistent command still running after this long.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub on_consistent_timeout: std::time::Duration,
 }
 
 #[derive(Args)]

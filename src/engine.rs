@@ -166,6 +166,9 @@ pub struct Settings {
     pub mode: Option<CopyMode>,
     pub max_lag_ms: u64,
     pub max_retries: u32,
+    /// Only carried from the saved configuration to a recovered daemon (not a live setting).
+    #[serde(skip)]
+    pub hook: Option<Hook>,
 }
 
 pub struct Inner {
@@ -235,6 +238,8 @@ pub struct Engine {
     serving_target: AtomicBool,
     /// The front end can reach the target itself (write-blocking, switchover).
     front_has_target: AtomicBool,
+    /// An --on-consistent command is running: the target must not change.
+    hook_running: AtomicBool,
     /// The target's descriptor (file and block device targets), for online verify.
     target_fd: std::sync::atomic::AtomicI32,
     verifier: crate::online_verify::Verifier,
@@ -407,6 +412,7 @@ impl Engine {
             events: crate::events::EventLog::default(),
             serving_target: AtomicBool::new(false),
             front_has_target: AtomicBool::new(false),
+            hook_running: AtomicBool::new(false),
             target_fd: std::sync::atomic::AtomicI32::new(-1),
             verifier: Default::default(),
         };
@@ -530,6 +536,15 @@ impl Engine {
             .try_clone_to_owned()
             .map_err(|e| Error::io("duplicating the target's descriptor", e))?;
         crate::online_verify::start(self.clone(), dup)
+    }
+
+    /// While an --on-consistent command runs, nothing writes the target.
+    pub fn set_hook_running(&self, yes: bool) {
+        self.hook_running.store(yes, Ordering::SeqCst);
+        self.update_active();
+    }
+    pub fn hook_running(&self) -> bool {
+        self.hook_running.load(Ordering::SeqCst)
     }
 
     /// The front end registered the target on its rings.
@@ -660,6 +675,7 @@ impl Engine {
             mode: Some(if c.write_blocking.load(Ordering::SeqCst) { CopyMode::WriteBlocking } else { CopyMode::Background }),
             max_lag_ms: c.max_lag_ms.load(Ordering::SeqCst),
             max_retries: c.max_retries.load(Ordering::SeqCst),
+            hook: None,
         }
     }
     pub fn speed(&self) -> u64 {
@@ -687,7 +703,9 @@ impl Engine {
     pub fn update_active(&self) {
         let g = self.lock();
         let wanted = self.controls.write_blocking.load(Ordering::SeqCst) || g.progress.lag_forced;
-        let healthy = g.progress.degraded_since.is_none() && g.progress.gave_up.is_none();
+        let healthy = g.progress.degraded_since.is_none()
+            && g.progress.gave_up.is_none()
+            && !self.hook_running.load(Ordering::SeqCst);
         self.controls.active_now.store(wanted && healthy, Ordering::SeqCst);
     }
 
@@ -839,6 +857,20 @@ pub struct CopyConfig {
     /// does not pay another bitmap flush (md's bitmap daemon does the same). Offline syncs clear
     /// at once.
     pub clear_delay: Duration,
+    /// A command to run after consistent points (live mirrors).
+    pub on_consistent: Option<Hook>,
+}
+
+/// `--on-consistent CMD`: run through `sh -c` after a consistent point, at most once per
+/// `interval`, with the target untouched while it runs (no copies, no write-blocking writes),
+/// so that it can snapshot the replica. Killed after `timeout`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hook {
+    pub command: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Extra environment (device id, paths).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for CopyConfig {
@@ -849,6 +881,7 @@ impl Default for CopyConfig {
             checkpoint_bytes: 1 << 30,
             checkpoint_interval: Duration::from_secs(10),
             clear_delay: Duration::from_secs(5),
+            on_consistent: None,
         }
     }
 }

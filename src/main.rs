@@ -120,6 +120,16 @@ fn copy_config(a: &CopyArgs) -> CopyConfig {
 }
 
 fn add_options(a: AddArgs) -> AddOptions {
+    let mut copy = copy_config(&a.copy);
+    copy.on_consistent = a.on_consistent.map(|command| ublk_mirror::engine::Hook {
+        command,
+        interval: a.on_consistent_interval,
+        timeout: a.on_consistent_timeout,
+        env: vec![
+            ("UBLK_MIRROR_SOURCE".into(), a.source.display().to_string()),
+            ("UBLK_MIRROR_TARGET".into(), a.target.display().to_string()),
+        ],
+    });
     AddOptions {
         name: a.name,
         pair: PairOptions {
@@ -131,7 +141,7 @@ fn add_options(a: AddArgs) -> AddOptions {
             direct: a.copy.direct,
             source_writable: true,
         },
-        copy: copy_config(&a.copy),
+        copy,
         id: a.id,
         queues: a.queues,
         depth: a.depth,
@@ -142,6 +152,7 @@ fn add_options(a: AddArgs) -> AddOptions {
             mode: Some(a.mode),
             max_lag_ms: a.max_lag.map(|d| d.as_millis() as u64).unwrap_or(0),
             max_retries: a.max_retries,
+            hook: None,
         },
         event_log: a.event_log,
     }

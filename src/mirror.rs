@@ -105,6 +105,9 @@ pub struct Mirror<'t> {
     tokens_at: Instant,
     /// Copies wait for the budget until then.
     throttled_until: Option<Instant>,
+    /// The --on-consistent command running now, its start, and when the last one started.
+    hook: Option<(std::process::Child, Instant)>,
+    last_hook: Option<Instant>,
     /// When the last consistent flush started, and when the next may (write-blocking mode).
     last_consistent: Option<Instant>,
     consistent_after: Option<Instant>,
@@ -162,6 +165,8 @@ impl<'t> Mirror<'t> {
             throttled_until: None,
             last_consistent: None,
             consistent_after: None,
+            hook: None,
+            last_hook: None,
             draining: false,
         }
     }
@@ -206,6 +211,7 @@ impl<'t> Mirror<'t> {
             let stopping = until == RunUntil::Stopped && self.engine.stop_requested();
             if until == RunUntil::Stopped {
                 self.check_lag();
+                self.check_hook();
             }
             if self.fatal.is_none() && !stopping {
                 self.start_copies()?;
@@ -231,7 +237,8 @@ impl<'t> Mirror<'t> {
                 self.post_wake()?;
             }
             // Wait for a completion, or for the backoff / throttle / checkpoint / lag timer.
-            let timer = [self.retry_at, self.throttled_until, self.consistent_after].into_iter().flatten().min();
+            let hook_poll = self.hook.as_ref().map(|_| Instant::now() + Duration::from_millis(50));
+            let timer = [self.retry_at, self.throttled_until, self.consistent_after, hook_poll].into_iter().flatten().min();
             let timer = match timer {
                 // Max-lag is checked at least every second while the target is behind.
                 None if self.engine.max_lag().is_some() && until == RunUntil::Stopped => {
@@ -328,7 +335,7 @@ impl<'t> Mirror<'t> {
             }
             self.retry_at = None;
         }
-        if self.engine.paused() || self.engine.lock().progress.gave_up.is_some() {
+        if self.engine.paused() || self.engine.hook_running() || self.engine.lock().progress.gave_up.is_some() {
             return Ok(());
         }
         if self.needs_reset {
@@ -522,6 +529,69 @@ impl<'t> Mirror<'t> {
         if recovered && !self.offline {
             self.engine.events().emit("recovered", serde_json::json!({}));
             self.engine.update_active();
+        }
+    }
+
+    /// Starts the --on-consistent command if one is configured, none is running and its interval
+    /// has passed. From now until it exits the target is left alone.
+    fn maybe_run_hook(&mut self) {
+        let Some(h) = self.cfg.on_consistent.clone() else { return };
+        if self.hook.is_some() || self.last_hook.is_some_and(|t| t.elapsed() < h.interval) {
+            return;
+        }
+        // No copy is in flight after a consistent flush (none may start during one), but a
+        // write-blocking write that began before it may still be landing: then the next point.
+        let (seq, landing) = {
+            let g = self.engine.lock();
+            (g.state.counters().consistent_points, g.state.active_writes())
+        };
+        if landing > 0 {
+            return;
+        }
+        let now_ms = crate::events::unix_ms();
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.arg("-c").arg(&h.command).stdin(std::process::Stdio::null());
+        cmd.env("UBLK_MIRROR_CONSISTENT_SEQ", seq.to_string()).env("UBLK_MIRROR_CONSISTENT_TIME_MS", now_ms.to_string());
+        for (k, v) in &h.env {
+            cmd.env(k, v);
+        }
+        // Set before the spawn: a write-blocking write must not reach the target once the
+        // command may be looking at it.
+        self.engine.set_hook_running(true);
+        match cmd.spawn() {
+            Ok(child) => {
+                self.hook = Some((child, Instant::now()));
+                self.last_hook = Some(Instant::now());
+            }
+            Err(e) => {
+                self.engine.set_hook_running(false);
+                log::warn!("--on-consistent: cannot run {:?}: {e}", h.command);
+                self.engine.events().emit("on-consistent", serde_json::json!({ "seq": seq, "error": e.to_string() }));
+            }
+        }
+    }
+
+    /// Reaps the --on-consistent command (killing it after its timeout) and lets copies resume.
+    fn check_hook(&mut self) {
+        let Some((child, started)) = self.hook.as_mut() else { return };
+        let timeout = self.cfg.on_consistent.as_ref().map(|h| h.timeout).unwrap_or(Duration::from_secs(60));
+        let status = match child.try_wait() {
+            Ok(Some(st)) => Some(st.to_string()),
+            Ok(None) if started.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Some(format!("killed after {}s", timeout.as_secs()))
+            }
+            Ok(None) => None,
+            Err(e) => Some(format!("wait: {e}")),
+        };
+        if let Some(status) = status {
+            let secs = started.elapsed().as_secs_f64();
+            self.hook = None;
+            self.engine.set_hook_running(false);
+            let seq = self.engine.lock().state.counters().consistent_points;
+            self.engine.events().emit("on-consistent", serde_json::json!({ "seq": seq, "status": status, "secs": secs }));
+            self.engine.wake();
         }
     }
 
@@ -769,6 +839,9 @@ impl<'t> Mirror<'t> {
             if forced {
                 self.engine.events().emit("write-blocking-off", serde_json::json!({ "reason": "max-lag" }));
                 self.engine.update_active();
+            }
+            if !self.offline {
+                self.maybe_run_hook();
             }
         }
         if out.consistent {

@@ -462,3 +462,55 @@ fn control_socket_survives_bad_clients() {
     server.join().expect("server");
     assert!(!path.exists(), "socket left behind");
 }
+
+/// --on-consistent: the command runs after a consistent point with its sequence number, sees
+/// the target as of that point, and nothing is copied to the target while it runs.
+#[test]
+fn on_consistent_command_sees_a_still_target() {
+    let f = files(4 * MIB);
+    let dir = tempfile::tempdir_in("/var/tmp").expect("dir");
+    let snap = dir.path().join("snap");
+    let seq = dir.path().join("seq");
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let engine = Arc::new(engine);
+    let hook = ublk_mirror::engine::Hook {
+        command: format!(
+            "cp \"$UBLK_MIRROR_TARGET\" {s}.tmp && mv {s}.tmp {s} && echo $UBLK_MIRROR_CONSISTENT_SEQ >> {q} && sleep 1",
+            s = snap.display(),
+            q = seq.display()
+        ),
+        interval: Duration::ZERO,
+        timeout: Duration::from_secs(20),
+        env: vec![("UBLK_MIRROR_TARGET".into(), f.target.display().to_string())],
+    };
+    let cfg = CopyConfig { on_consistent: Some(hook), ..Default::default() };
+    let me = engine.clone();
+    let mirror = std::thread::spawn(move || {
+        let mut m = Mirror::new(me, target.as_mut(), cfg).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    wait_for("the first run of the command", Duration::from_secs(20), || snap.exists());
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    // Wait for the first run to end, then write A: the next consistent point's run copies it.
+    wait_for("the first run to end", Duration::from_secs(20), || !engine.hook_running());
+    std::fs::remove_file(&snap).expect("rm");
+    write(&mut q, MIB, 4096, 0x41);
+    wait_for("a run after A", Duration::from_secs(20), || snap.exists());
+    assert!(engine.hook_running());
+    // B while the command runs: it stays dirty until the command has ended.
+    write(&mut q, 2 * MIB, 4096, 0x42);
+    std::thread::sleep(Duration::from_millis(400));
+    let st = engine.status();
+    assert!(engine.hook_running() && st.dirty_bytes > 0, "copied while the command ran: {st:?}");
+    let image = read_all(&snap);
+    assert_eq!(image[MIB as usize], 0x41 | 1, "the snapshot lacks A");
+    assert_eq!(image[2 * MIB as usize], 0, "the snapshot has B, written after its consistent point");
+    wait_for("synced after the command", Duration::from_secs(20), || engine.status().state == "synced");
+    let seqs = std::fs::read_to_string(&seq).expect("seq file");
+    let nums: Vec<u64> = seqs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert!(nums.len() >= 2 && nums.windows(2).all(|w| w[0] < w[1]), "sequence numbers {nums:?}");
+    assert!(engine.events().recent().iter().any(|e| e["event"] == "on-consistent"));
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    drop(q);
+}
