@@ -599,12 +599,15 @@ impl NbdTarget {
         if res == -libc::EINTR || res == -libc::EAGAIN || res == -libc::ENOBUFS {
             return post_recv(conn, &mut self.reqs, ring).map_err(|e| format!("submitting a receive: {e}"));
         }
+        let mid_reply = matches!(conn.rx_state, RxState::Payload(_)) || conn.rx_end > conn.rx_start;
         if res < 0 {
-            return Err(format!("receiving from the server failed: {}", io::Error::from_raw_os_error(-res)));
+            let e = io::Error::from_raw_os_error(-res);
+            let mid = if mid_reply { " in the middle of a reply" } else { "" };
+            return Err(format!("receiving from the server failed{mid}: {e}"));
         }
         if res == 0 {
             let waiting = self.reqs.len();
-            return Err(if matches!(conn.rx_state, RxState::Payload(_)) || conn.rx_end > conn.rx_start {
+            return Err(if mid_reply {
                 "the server closed the connection in the middle of a reply (short read)".into()
             } else if waiting > 0 {
                 format!("the server closed the connection with {waiting} requests waiting for a reply")
