@@ -916,3 +916,26 @@ fn hostile_server_under_sync() {
         assert!(e.contains(&format!("NBD server {uri}")), "{fault:?}: {e}");
     }
 }
+
+/// verify through a server that breaks in the middle: an error naming the server, after the
+/// reads in flight were waited for; no panic, no hang.
+#[test]
+fn verify_through_a_hostile_server_fails_cleanly() {
+    let f = files(FAKE_SIZE);
+    fill_random(&f.source, 0, FAKE_SIZE as usize, 41);
+    for fault in [Fault::ShortRead, Fault::BadMagic] {
+        let uri = fake_server(fault, 6);
+        let t0 = Instant::now();
+        let e = sync::verify(&VerifyOptions {
+            source: f.source.clone(),
+            target: PathBuf::from(&uri),
+            bitmap: None,
+            granularity: None,
+            direct: DirectMode::Auto,
+        })
+        .expect_err("verify must fail")
+        .to_string();
+        assert!(e.contains(&format!("NBD server {uri}")) && e.contains("reading"), "{fault:?}: {e}");
+        assert!(t0.elapsed() < Duration::from_secs(10), "{fault:?} took {:?}", t0.elapsed());
+    }
+}

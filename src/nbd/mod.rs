@@ -468,7 +468,8 @@ impl NbdTarget {
         if let Some(e) = err {
             op.err.get_or_insert(e);
         }
-        op.parts -= 1;
+        // Each request is counted in its operation once and finished once (it is removed here).
+        op.parts = op.parts.saturating_sub(1);
         if op.parts == 0 {
             if let Some(op) = self.ops.remove(r.op) {
                 done.push((op.token, op.err.map_or(Ok(op.result), Err)));
@@ -523,8 +524,11 @@ impl NbdTarget {
         for &i in &victims {
             dead[i] = true;
         }
-        let doomed: Vec<usize> =
-            self.reqs.indices().filter(|&s| self.reqs.get(s).is_some_and(|r| dead[r.op])).collect();
+        let doomed: Vec<usize> = self
+            .reqs
+            .indices()
+            .filter(|&s| self.reqs.get(s).is_some_and(|r| dead.get(r.op).copied().unwrap_or(false)))
+            .collect();
         for s in doomed {
             self.reqs.remove(s);
         }
