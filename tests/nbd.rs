@@ -939,3 +939,43 @@ fn verify_through_a_hostile_server_fails_cleanly() {
         assert!(t0.elapsed() < Duration::from_secs(10), "{fault:?} took {:?}", t0.elapsed());
     }
 }
+
+/// An IPv6 address in brackets, end to end (nbdkit listening on ::1).
+#[test]
+fn ipv6_uri_connects() {
+    require("nbdkit", "nbdkit");
+    let port = TcpListener::bind("[::1]:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("this machine has no IPv6 loopback (::1), which this test needs");
+    let dir = tempfile::Builder::new().prefix("ublk-mirror-test").tempdir_in("/var/tmp").expect("tempdir");
+    let mut srv = Server {
+        program: "nbdkit",
+        args: ["-f", "-p", &port.to_string(), "-i", "::1", "memory", "8M"].iter().map(|s| s.to_string()).collect(),
+        child: None,
+        uri: format!("nbd://[::1]:{port}/exp"),
+        socket: None,
+        port: None,
+        log: dir.path().join("nbdkit.log"),
+    };
+    // Readiness through the client itself (the helper probes 127.0.0.1).
+    let child = Command::new("nbdkit").args(&srv.args).stdin(Stdio::null()).spawn().expect("nbdkit");
+    srv.child = Some(child);
+    let t0 = Instant::now();
+    let t = loop {
+        match NbdTarget::open(&srv.uri) {
+            Ok(t) => break t,
+            Err(e) => {
+                assert!(t0.elapsed() < Duration::from_secs(10), "nbdkit on ::1 did not come up: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    assert_eq!(t.describe(), srv.uri);
+    let mut d = Driver::new(t);
+    let data = vec![9u8; 64 << 10];
+    let mut back = vec![0u8; 64 << 10];
+    assert!(d.run(&[write(4096, &data), TargetOp::Flush], LIMIT).iter().all(|r| r.is_ok()));
+    assert!(d.run(&[read(4096, &mut back)], LIMIT)[0].is_ok());
+    assert!(back == data);
+}
