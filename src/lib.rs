@@ -4,6 +4,7 @@
 //! - [`core`]: the decisions (write intent, what to copy, when to flush, what to clear), no I/O;
 //! - [`bitmap`]: the persistent dirty bitmap file;
 //! - [`backing`], [`target`], [`uring`]: sources and targets through io_uring;
+//! - [`nbd`]: a target behind an NBD server, on the same io_uring;
 //! - [`engine`]: shared state of one mirror and the write-path entry points;
 //! - [`mirror`]: the copy loop; [`queue`]: a front-end queue serving block requests;
 //! - [`sync`]: the offline `sync` and `verify` commands.
@@ -23,6 +24,7 @@ pub mod error;
 pub mod events;
 pub mod manpage;
 pub mod mirror;
+pub mod nbd;
 pub mod online_verify;
 pub mod queue;
 pub mod sync;

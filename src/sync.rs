@@ -6,6 +6,7 @@ use crate::bitmap::{Bitmap, PairIdentity, DEFAULT_GRANULARITY};
 use crate::engine::{CopyConfig, Engine, OpenReport, PairOptions, Status};
 use crate::error::{Error, Result};
 use crate::mirror::{Hooks, Mirror, RunUntil};
+use crate::target::{is_uri, open_target, BoxTarget, TargetDone, TargetOp};
 use crate::uring::{self, push, Owner};
 use io_uring::{opcode, types};
 use std::path::PathBuf;
@@ -105,16 +106,31 @@ fn push_run(runs: &mut Vec<(u64, u64)>, r: u64) {
     }
 }
 
+/// The target as verify reads it: a file or block device by its descriptor, anything else
+/// (an NBD export) through its [`crate::target::Target`] implementation.
+enum VerifyTarget {
+    File(Backing),
+    Other(BoxTarget),
+}
+
 /// Compares source and target region by region, reading both through io_uring.
 pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     let source = Backing::open(&opts.source, "source", false, opts.direct)?;
-    let target = Backing::open(&opts.target, "target", false, opts.direct)?;
+    let mut target = if is_uri(&opts.target) {
+        VerifyTarget::Other(open_target(&opts.target, opts.direct)?)
+    } else {
+        VerifyTarget::File(Backing::open(&opts.target, "target", false, opts.direct)?)
+    };
+    let (target_size, target_identity) = match &target {
+        VerifyTarget::File(b) => (b.size, b.identity.clone()),
+        VerifyTarget::Other(t) => (t.size(), t.identity()),
+    };
     let size = source.size;
-    if target.size < size {
+    if target_size < size {
         return Err(Error::config(format!(
             "target {} is smaller than the source ({} < {size} bytes): they cannot be identical",
             opts.target.display(),
-            target.size
+            target_size
         )));
     }
     let (granularity, bits) = match &opts.bitmap {
@@ -123,8 +139,8 @@ pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
             let pair = PairIdentity {
                 source: source.identity.0.clone(),
                 source_fingerprint: source.identity.1,
-                target: target.identity.0.clone(),
-                target_fingerprint: target.identity.1,
+                target: target_identity.0.clone(),
+                target_fingerprint: target_identity.1,
             };
             if h.pair != pair || h.device_size != size {
                 return Err(Error::Bitmap {
@@ -157,11 +173,18 @@ pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     };
     let chunk = granularity.max(1 << 20) as usize;
     const DEPTH: usize = 4;
-    let mut ring = uring::new_ring(16).map_err(|e| Error::io("io_uring setup", e))?;
+    // The buffers are declared before the ring, so that the ring goes first (the target, whose
+    // SQEs may still be in flight at an early return, was declared before both).
     let mut bufs: Vec<(AlignedBuf, AlignedBuf)> =
         (0..DEPTH).map(|_| (AlignedBuf::new(chunk), AlignedBuf::new(chunk))).collect();
+    let mut ring = uring::new_ring(16).map_err(|e| Error::io("io_uring setup", e))?;
     // Per slot: offset, length, and how many of the two reads are still pending.
     let mut slots: Vec<Option<(u64, usize, u8)>> = vec![None; DEPTH];
+    // After a read error: no new reads; the ones in flight are waited for (they write into
+    // `bufs`), then the error is returned.
+    let mut failed: Option<Error> = None;
+    let mut tdone: Vec<TargetDone> = Vec::new();
+    let mut events: Vec<(bool, usize, std::io::Result<usize>)> = Vec::new();
     let mut next = 0u64;
     let mut report = VerifyReport {
         device_size: size,
@@ -173,15 +196,23 @@ pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     let mut cqes = Vec::new();
     loop {
         for (i, slot) in slots.iter_mut().enumerate() {
-            if slot.is_some() || next >= size {
+            if slot.is_some() || next >= size || failed.is_some() {
                 continue;
             }
             let len = ((size - next) as usize).min(chunk);
             let (a, b) = &mut bufs[i];
             let ra = opcode::Read::new(types::Fd(source.fd()), a.as_mut_ptr(), len as u32).offset(next).build();
-            let rb = opcode::Read::new(types::Fd(target.fd()), b.as_mut_ptr(), len as u32).offset(next).build();
             push(&mut ring, ra, Owner::Source, i as u64).map_err(|e| Error::io("submit read", e))?;
-            push(&mut ring, rb, Owner::Target, i as u64).map_err(|e| Error::io("submit read", e))?;
+            match &mut target {
+                VerifyTarget::File(t) => {
+                    let rb = opcode::Read::new(types::Fd(t.fd()), b.as_mut_ptr(), len as u32).offset(next).build();
+                    push(&mut ring, rb, Owner::Target, i as u64).map_err(|e| Error::io("submit read", e))?;
+                }
+                VerifyTarget::Other(t) => {
+                    let op = TargetOp::Read { off: next, buf: b.as_mut_ptr(), len: len as u32 };
+                    t.submit(&mut ring, op, i as u64).map_err(|e| Error::io("submit read", e))?;
+                }
+            }
             *slot = Some((next, len, 2));
             next += len as u64;
         }
@@ -191,22 +222,39 @@ pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
         uring::submit_and_wait(&mut ring, 1).map_err(|e| Error::io("verify reads", e))?;
         cqes.clear();
         uring::reap(&mut ring, &mut cqes);
+        // Completions as (from the source?, slot, bytes read); a target behind a protocol turns
+        // its own completions into finished reads.
         for &(ud, res) in &cqes {
-            let (owner, i) = uring::decode(ud);
-            let i = i as usize;
-            let Some((off, len, pending)) = slots[i].as_mut() else { continue };
-            let who = if owner == Some(Owner::Source) { &opts.source } else { &opts.target };
-            if res < 0 || (res as usize) < *len {
-                let e = if res < 0 {
-                    std::io::Error::from_raw_os_error(-res)
-                } else {
-                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short read")
-                };
-                return Err(Error::io(format!("reading {} at byte {off}", who.display()), e));
+            let (owner, sub) = uring::decode(ud);
+            match (&mut target, owner) {
+                (VerifyTarget::Other(t), Some(Owner::Target)) => {
+                    t.complete(&mut ring, sub, res, &mut tdone);
+                    events.extend(tdone.drain(..).map(|(tok, r)| (false, tok as usize, r.map(|n| n as usize))));
+                }
+                _ => {
+                    let r = if res < 0 { Err(std::io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) };
+                    events.push((owner == Some(Owner::Source), sub as usize, r));
+                }
+            }
+        }
+        for (from_source, i, r) in events.drain(..) {
+            let Some((off, len, pending)) = slots.get_mut(i).and_then(|s| s.as_mut()) else { continue };
+            let who = if from_source { &opts.source } else { &opts.target };
+            let err = match r {
+                Err(e) => Some(e),
+                Ok(n) if n < *len => Some(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short read")),
+                Ok(_) => None,
+            };
+            if let Some(e) = err {
+                failed.get_or_insert(Error::io(format!("reading {} at byte {off}", who.display()), e));
             }
             *pending -= 1;
             if *pending == 0 {
-                ready.push((*off, *len, i));
+                if failed.is_some() {
+                    slots[i] = None;
+                } else {
+                    ready.push((*off, *len, i));
+                }
             }
         }
         ready.sort_unstable();
@@ -229,6 +277,9 @@ pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
             report.bytes_compared += len as u64;
             slots[i] = None;
         }
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     // Runs were pushed in completion order; merge them into order.
     for runs in [&mut report.differing, &mut report.differing_clean] {

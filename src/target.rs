@@ -262,10 +262,10 @@ pub fn is_uri(spec: &std::path::Path) -> bool {
 /// Opens a target: a file or block device path, or a network target URI.
 pub fn open_target(spec: &std::path::Path, direct: crate::backing::DirectMode) -> crate::Result<BoxTarget> {
     if is_uri(spec) {
-        return Err(crate::Error::config(format!(
-            "target {}: NBD targets are not supported by this build yet; give a file or block device",
-            spec.display()
-        )));
+        let uri = spec.to_str().ok_or_else(|| {
+            crate::Error::config(format!("target {}: an NBD URI must be valid UTF-8", spec.display()))
+        })?;
+        return Ok(Box::new(crate::nbd::NbdTarget::open(uri)?));
     }
     Ok(Box::new(open_file_target(spec, direct)?))
 }

@@ -1,0 +1,981 @@
+//! The NBD target against real servers on loopback (qemu-nbd over TCP and a Unix socket, nbdkit
+//! with the file and memory plugins and with filters) and against a fake hostile server
+//! written here. Every wait is bounded. qemu-nbd and nbdkit must be installed
+//! (scripts/deps.sh): these tests fail, never skip, without them.
+
+mod common;
+use common::*;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use ublk_mirror::backing::{AlignedBuf, DirectMode};
+use ublk_mirror::engine::{CopyConfig, Engine, PairOptions, SyncMode};
+use ublk_mirror::mirror::Hooks;
+use ublk_mirror::nbd::NbdTarget;
+use ublk_mirror::queue::{EngineQueue, Op};
+use ublk_mirror::sync::{self, VerifyOptions};
+use ublk_mirror::target::{Target, TargetOp};
+use ublk_mirror::uring::{self, Owner, Ring};
+
+const MIB: u64 = 1 << 20;
+const G: u64 = 64 << 10;
+
+// ---------------------------------------------------------------------------------------------
+// Servers
+
+fn require(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is not installed: these tests need it (Debian package {package}); run scripts/deps.sh as root"
+    );
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released: another process could take it in
+/// between, which is unlikely on a test machine).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Transport {
+    Tcp,
+    Unix,
+}
+
+/// An NBD server process, killed when dropped.
+struct Server {
+    program: &'static str,
+    args: Vec<String>,
+    child: Option<Child>,
+    uri: String,
+    /// Where it listens: a socket path or a port.
+    socket: Option<PathBuf>,
+    port: Option<u16>,
+    log: PathBuf,
+}
+
+impl Server {
+    /// qemu-nbd serving `file` (raw) as export `export`. `extra`: more options (-r...).
+    fn qemu(dir: &Path, file: &Path, t: Transport, extra: &[&str]) -> Server {
+        require("qemu-nbd", "qemu-utils");
+        let mut args: Vec<String> =
+            ["-f", "raw", "-x", "exp", "--persistent", "--shared=8"].iter().map(|s| s.to_string()).collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (uri, socket, port) = listen(dir, t, &mut args, |a, s| {
+            a.push(format!("--socket={}", s.display()));
+        }, |a, p| {
+            a.extend(["-p".into(), p.to_string(), "-b".into(), "127.0.0.1".into()]);
+        });
+        args.push(file.display().to_string());
+        Server::start_new("qemu-nbd", args, uri, socket, port, dir)
+    }
+
+    /// nbdkit with `plugin_args` (plugin, its parameters, filters...).
+    fn nbdkit(dir: &Path, t: Transport, plugin_args: &[&str]) -> Server {
+        require("nbdkit", "nbdkit");
+        let mut args: Vec<String> = vec!["-f".into()];
+        let (uri, socket, port) = listen(dir, t, &mut args, |a, s| {
+            a.extend(["-U".into(), s.display().to_string()]);
+        }, |a, p| {
+            a.extend(["-p".into(), p.to_string(), "-i".into(), "127.0.0.1".into()]);
+        });
+        args.extend(plugin_args.iter().map(|s| s.to_string()));
+        Server::start_new("nbdkit", args, uri, socket, port, dir)
+    }
+
+    fn start_new(
+        program: &'static str,
+        args: Vec<String>,
+        uri: String,
+        socket: Option<PathBuf>,
+        port: Option<u16>,
+        dir: &Path,
+    ) -> Server {
+        let log = dir.join(format!("{program}.log"));
+        let mut s = Server { program, args, child: None, uri, socket, port, log };
+        s.start();
+        s
+    }
+
+    /// Starts the process and waits (at most 10 s) until it accepts connections.
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        if let Some(s) = &self.socket {
+            // A killed server leaves its socket behind.
+            let _ = std::fs::remove_file(s);
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("server log");
+        let child = Command::new(self.program)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.program));
+        self.child = Some(child);
+        let t0 = Instant::now();
+        loop {
+            let up = match (&self.socket, self.port) {
+                (Some(s), _) => std::os::unix::net::UnixStream::connect(s).is_ok(),
+                (None, Some(p)) => TcpStream::connect(("127.0.0.1", p)).is_ok(),
+                _ => unreachable!("a server listens somewhere"),
+            };
+            if up {
+                return;
+            }
+            if let Some(Some(st)) = self.child.as_mut().map(|c| c.try_wait().ok().flatten()) {
+                panic!("{} {:?} exited ({st}): {}", self.program, self.args, std::fs::read_to_string(&self.log).unwrap_or_default());
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "{} did not start listening within 10 s", self.program);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, and wait for it to be gone.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn listen(
+    dir: &Path,
+    t: Transport,
+    args: &mut Vec<String>,
+    unix: impl FnOnce(&mut Vec<String>, &Path),
+    tcp: impl FnOnce(&mut Vec<String>, u16),
+) -> (String, Option<PathBuf>, Option<u16>) {
+    match t {
+        Transport::Unix => {
+            let s = dir.join("nbd.sock");
+            unix(args, &s);
+            (format!("nbd+unix:///exp?socket={}", s.display()), Some(s), None)
+        }
+        Transport::Tcp => {
+            let p = free_port();
+            tcp(args, p);
+            (format!("nbd://127.0.0.1:{p}/exp"), None, Some(p))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn pair(f: &Files, uri: &str) -> PairOptions {
+    PairOptions {
+        source: f.source.clone(),
+        target: PathBuf::from(uri),
+        bitmap: f.bitmap.clone(),
+        mode: None,
+        granularity: None,
+        direct: DirectMode::Auto,
+        source_writable: true,
+    }
+}
+
+fn verify(f: &Files, uri: &str) -> sync::VerifyReport {
+    sync::verify(&VerifyOptions {
+        source: f.source.clone(),
+        target: PathBuf::from(uri),
+        bitmap: Some(f.bitmap.clone()),
+        granularity: None,
+        direct: DirectMode::Auto,
+    })
+    .expect("verify")
+}
+
+/// A source with data in scattered places and holes elsewhere; the target file full of
+/// garbage, which the holes must erase.
+fn sparse_pair(size: u64, seed: u64) -> Files {
+    let f = files(size);
+    fill_random(&f.target, 0, size as usize, seed + 100);
+    fill_random(&f.source, 0, MIB as usize, seed);
+    fill_random(&f.source, 3 * MIB + 4096, (2 * MIB) as usize, seed + 1);
+    fill_random(&f.source, size - 512 * 1024, 256 * 1024, seed + 2);
+    f
+}
+
+fn assert_same_files(a: &Path, b: &Path) {
+    assert_eq!(first_difference(&read_all(a), &read_all(b)), None, "{} and {} differ", a.display(), b.display());
+}
+
+/// Runs `sync` in a thread and fails the test if it takes longer than `limit`.
+#[allow(clippy::result_large_err)] // the crate's error type, as returned by sync
+fn sync_bounded(p: &PairOptions, cfg: &CopyConfig, hooks: Hooks, limit: Duration) -> ublk_mirror::Result<sync::SyncReport> {
+    // Hooks are not Send; they are built by the caller on this thread, so the sync runs here and
+    // a watchdog thread aborts the process on a hang (a panic there would not stop this thread).
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    std::thread::spawn(move || {
+        let t0 = Instant::now();
+        while !d.load(std::sync::atomic::Ordering::SeqCst) {
+            if t0.elapsed() > limit {
+                eprintln!("sync hung for more than {limit:?}");
+                std::process::abort();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let r = sync::sync(p, cfg, hooks, None);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    r
+}
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// Drives a target on its own ring: submit operations, collect their results.
+struct Driver {
+    // Dropped first: the ring goes before the target its SQEs refer to.
+    ring: Ring,
+    t: NbdTarget,
+}
+
+impl Driver {
+    fn new(t: NbdTarget) -> Driver {
+        Driver { ring: uring::new_ring(64).expect("ring"), t }
+    }
+
+    /// Submits `ops` (tokens 0..n) and waits for all their completions, at most `limit`.
+    fn run(&mut self, ops: &[TargetOp], limit: Duration) -> Vec<io::Result<u32>> {
+        let mut out: Vec<Option<io::Result<u32>>> = (0..ops.len()).map(|_| None).collect();
+        for (i, op) in ops.iter().enumerate() {
+            self.t.submit(&mut self.ring, *op, i as u64).expect("submit");
+        }
+        let t0 = Instant::now();
+        let mut cqes = Vec::new();
+        let mut done = Vec::new();
+        while out.iter().any(|o| o.is_none()) {
+            assert!(t0.elapsed() < limit, "operations still pending after {limit:?}: the target hangs");
+            let ts = io_uring::types::Timespec::new().nsec(50_000_000);
+            let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
+                Err(e) => panic!("ring: {e}"),
+            }
+            cqes.clear();
+            uring::reap(&mut self.ring, &mut cqes);
+            for &(ud, res) in &cqes {
+                let (owner, sub) = uring::decode(ud);
+                assert_eq!(owner, Some(Owner::Target), "only the target uses this ring");
+                self.t.complete(&mut self.ring, sub, res, &mut done);
+            }
+            for (tok, r) in done.drain(..) {
+                let slot = &mut out[tok as usize];
+                assert!(slot.is_none(), "token {tok} completed twice");
+                *slot = Some(r);
+            }
+        }
+        out.into_iter().map(|o| o.expect("all done")).collect()
+    }
+}
+
+fn write(off: u64, buf: &[u8]) -> TargetOp {
+    TargetOp::Write { off, buf: buf.as_ptr(), len: buf.len() as u32 }
+}
+fn read(off: u64, buf: &mut [u8]) -> TargetOp {
+    TargetOp::Read { off, buf: buf.as_mut_ptr(), len: buf.len() as u32 }
+}
+
+fn err_text(r: &io::Result<u32>) -> String {
+    match r {
+        Ok(n) => panic!("expected an error, got Ok({n})"),
+        Err(e) => e.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real servers
+
+fn sync_and_check(f: &Files, uri: &str, size: u64) -> sync::SyncReport {
+    let r = sync_bounded(&pair(f, uri), &CopyConfig::default(), Hooks::default(), LIMIT).expect("sync");
+    assert_eq!(r.bytes_copied + r.bytes_zeroed, size, "every byte is copied or zeroed");
+    let v = verify(f, uri);
+    assert!(v.identical(), "verify: {:?}", v.differing);
+    assert_eq!(v.bytes_compared, size);
+    r
+}
+
+#[test]
+fn sync_to_qemu_nbd_over_tcp_and_unix() {
+    const SIZE: u64 = 32 * MIB;
+    for t in [Transport::Tcp, Transport::Unix] {
+        let f = sparse_pair(SIZE, 1);
+        let mut srv = Server::qemu(f.dir.path(), &f.target, t, &[]);
+        let r = sync_and_check(&f, &srv.uri, SIZE);
+        // Holes are not copied: they are zeroed on the target (the garbage there is gone).
+        assert!(r.bytes_copied <= 4 * MIB, "{t:?}: copied {} bytes for 3.25 MiB of data", r.bytes_copied);
+        assert!(r.bytes_zeroed >= 28 * MIB, "{t:?}: zeroed {}", r.bytes_zeroed);
+        srv.kill(); // qemu-nbd flushed on our FLUSH; the file behind it is complete.
+        assert_same_files(&f.source, &f.target);
+        // A second sync, the server restarted at the same place, finds nothing to do.
+        srv.start();
+        let r = sync_bounded(&pair(&f, &srv.uri), &CopyConfig::default(), Hooks::default(), LIMIT).expect("resync");
+        assert_eq!((r.bytes_copied, r.bytes_zeroed), (0, 0));
+    }
+}
+
+#[test]
+fn sync_to_nbdkit_file_and_memory() {
+    const SIZE: u64 = 16 * MIB;
+    // The file plugin over a Unix socket: the file behind it must equal the source.
+    let f = sparse_pair(SIZE, 2);
+    let tgt = f.target.display().to_string();
+    let srv = Server::nbdkit(f.dir.path(), Transport::Unix, &["file", &tgt]);
+    sync_and_check(&f, &srv.uri, SIZE);
+    drop(srv);
+    assert_same_files(&f.source, &f.target);
+    // The memory plugin over TCP, larger than the source: verify reads it back.
+    let f = sparse_pair(SIZE, 3);
+    let srv = Server::nbdkit(f.dir.path(), Transport::Tcp, &["memory", "32M"]);
+    sync_and_check(&f, &srv.uri, SIZE);
+}
+
+/// A server without WRITE_ZEROES (nbdkit's nozero filter): holes are zeroed by writing zeroes.
+/// A server with block size constraints (nbdkit's blocksize-policy filter, which fails every
+/// request that breaks them): writes are split to the maximum payload.
+#[test]
+fn nbdkit_without_write_zeroes_and_with_block_size_constraints() {
+    const SIZE: u64 = 16 * MIB;
+    let f = sparse_pair(SIZE, 4);
+    let tgt = f.target.display().to_string();
+    let srv = Server::nbdkit(
+        f.dir.path(),
+        Transport::Unix,
+        &[
+            "--filter=nozero",
+            "--filter=blocksize-policy",
+            "file",
+            &tgt,
+            "blocksize-error-policy=error",
+            "blocksize-minimum=4096",
+            "blocksize-preferred=4096",
+            "blocksize-maximum=65536",
+        ],
+    );
+    let t = NbdTarget::open(&srv.uri).expect("open");
+    assert_eq!(t.export().min_block, 4096);
+    assert_eq!(t.export().max_payload, 65536);
+    assert_eq!(t.block_size(), 4096);
+    drop(t);
+    let r = sync_and_check(&f, &srv.uri, SIZE);
+    assert!(r.bytes_zeroed > 0);
+    drop(srv);
+    assert_same_files(&f.source, &f.target);
+    // The request log of nbdkit would show it; the blocksize-policy filter with the error policy
+    // already failed any request over 64 KiB or unaligned.
+}
+
+#[test]
+fn resync_after_changes_copies_only_dirty_regions() {
+    const SIZE: u64 = 32 * MIB;
+    let f = files(SIZE);
+    fill_random(&f.source, 0, SIZE as usize, 11);
+    let srv = Server::qemu(f.dir.path(), &f.target, Transport::Tcp, &[]);
+    let p = pair(&f, &srv.uri);
+    sync_bounded(&p, &CopyConfig::default(), Hooks::default(), LIMIT).expect("full sync");
+    // Writes through the engine, as the device makes them: they set the bits.
+    let (engine, target, open) = Engine::open(&p).expect("reopen");
+    assert_eq!(open.dirty_regions, 0);
+    let engine = Arc::new(engine);
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    for r in [3u64, 4, 100, 400] {
+        let mut data = AlignedBuf::new(4096);
+        data.fill(r as u8);
+        q.execute(Op::Write { off: r * G + 8192, data, len: 4096, fua: false }).expect("write");
+    }
+    drop(q);
+    engine.close().expect("close");
+    drop(engine);
+    drop(target);
+    let v = verify(&f, &srv.uri);
+    assert_eq!(v.differing, vec![(3, 2), (100, 1), (400, 1)]);
+    assert!(v.differing_clean.is_empty(), "written regions are marked dirty");
+    let r = sync_bounded(&p, &CopyConfig::default(), Hooks::default(), LIMIT).expect("resync");
+    assert_eq!(r.bytes_copied, 4 * G, "only the dirty regions are copied");
+    assert!(verify(&f, &srv.uri).identical());
+    drop(srv);
+    assert_same_files(&f.source, &f.target);
+}
+
+#[test]
+fn export_smaller_than_source_is_refused() {
+    let f = files(32 * MIB);
+    std::fs::File::options().write(true).open(&f.target).and_then(|t| t.set_len(16 * MIB)).expect("shrink");
+    let srv = Server::qemu(f.dir.path(), &f.target, Transport::Unix, &[]);
+    let e = sync_bounded(&pair(&f, &srv.uri), &CopyConfig::default(), Hooks::default(), LIMIT)
+        .expect_err("a smaller export must be refused")
+        .to_string();
+    assert!(e.contains("smaller than the source") && e.contains("nbd+unix:///exp?socket="), "{e}");
+    assert!(e.contains(&format!("{}", 16 * MIB)), "{e}");
+    assert!(!f.bitmap.exists(), "nothing is created");
+}
+
+#[test]
+fn read_only_export_is_refused() {
+    let f = files(8 * MIB);
+    let srv = Server::qemu(f.dir.path(), &f.target, Transport::Tcp, &["-r"]);
+    let e = sync_bounded(&pair(&f, &srv.uri), &CopyConfig::default(), Hooks::default(), LIMIT)
+        .expect_err("a read-only export must be refused")
+        .to_string();
+    assert!(e.contains("read-only") && e.contains(&srv.uri), "{e}");
+    assert!(!f.bitmap.exists(), "nothing is created");
+}
+
+#[test]
+fn unreachable_server_and_unknown_export_fail_clearly() {
+    let f = files(MIB);
+    let port = free_port();
+    let uri = format!("nbd://127.0.0.1:{port}/x");
+    let e = sync::sync(&pair(&f, &uri), &CopyConfig::default(), Hooks::default(), None).expect_err("no server");
+    let e = e.to_string();
+    assert!(e.contains("cannot connect") && e.contains(&format!("127.0.0.1:{port}")), "{e}");
+    let srv = Server::qemu(f.dir.path(), &f.target, Transport::Unix, &[]);
+    let other = srv.uri.replace("/exp?", "/nosuch?");
+    let e = sync::sync(&pair(&f, &other), &CopyConfig::default(), Hooks::default(), None).expect_err("no export");
+    assert!(e.to_string().contains("\"nosuch\""), "{e}");
+    let e = sync::sync(&pair(&f, "nbd://h:99999/x"), &CopyConfig::default(), Hooks::default(), None).expect_err("bad uri");
+    assert!(e.to_string().contains("bad port"), "{e}");
+    assert!(!f.bitmap.exists());
+}
+
+/// Kills the server from the mirror's thread after `after` copies were read.
+fn kill_hook(pid: u32, after: usize) -> Hooks {
+    let mut n = 0;
+    Hooks {
+        after_read: Some(Box::new(move |_| {
+            n += 1;
+            if n == after {
+                // SIGKILL: the server vanishes without a goodbye, as in a crash.
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        })),
+        stop_after_bytes: None,
+    }
+}
+
+/// The server dies in the middle of a resync: the sync fails with an error naming the server;
+/// once it is back, the next sync copies what was dirty (not everything) and the pair is
+/// identical.
+#[test]
+fn server_killed_during_resync_then_resume() {
+    const SIZE: u64 = 32 * MIB;
+    let f = files(SIZE);
+    fill_random(&f.source, 0, SIZE as usize, 21);
+    let mut srv = Server::qemu(f.dir.path(), &f.target, Transport::Unix, &[]);
+    let p = pair(&f, &srv.uri);
+    sync_bounded(&p, &CopyConfig::default(), Hooks::default(), LIMIT).expect("full sync");
+    // Dirty 128 scattered regions (8 MiB of the 32).
+    let (engine, target, _) = Engine::open(&p).expect("reopen");
+    let engine = Arc::new(engine);
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    for i in 0..128u64 {
+        let mut data = AlignedBuf::new(G as usize);
+        data.fill(i as u8 ^ 0x5a);
+        q.execute(Op::Write { off: i * 4 * G, data, len: G as u32, fua: false }).expect("write");
+    }
+    drop(q);
+    engine.close().expect("close");
+    drop((engine, target));
+    let cfg = CopyConfig { max_copies: 4, buf_size: G as usize, ..Default::default() };
+    let e = sync_bounded(&p, &cfg, kill_hook(srv.pid().expect("pid"), 10), LIMIT)
+        .expect_err("the server died: the sync must fail")
+        .to_string();
+    assert!(e.contains(&format!("NBD server {}", srv.uri)), "the error names the server: {e}");
+    srv.kill();
+    srv.start();
+    let r = sync_bounded(&p, &cfg, Hooks::default(), LIMIT).expect("resume");
+    assert_eq!(r.open.mode, SyncMode::Resume);
+    assert!(r.bytes_copied <= 128 * G && r.bytes_copied > 0, "copied {}", r.bytes_copied);
+    assert!(r.bytes_copied < SIZE);
+    assert!(verify(&f, &srv.uri).identical());
+    drop(srv);
+    assert_same_files(&f.source, &f.target);
+}
+
+/// The server dies in the middle of the initial full sync. An NBD target publishes its flushes
+/// (flush_publishes), so the mirror makes no checkpoint flushes and no bit was cleared: the
+/// next sync copies everything again, and completes.
+#[test]
+fn server_killed_during_full_sync_then_rerun() {
+    const SIZE: u64 = 32 * MIB;
+    let f = files(SIZE);
+    fill_random(&f.source, 0, SIZE as usize, 22);
+    let mut srv = Server::qemu(f.dir.path(), &f.target, Transport::Tcp, &[]);
+    let p = pair(&f, &srv.uri);
+    let cfg = CopyConfig { max_copies: 4, buf_size: 256 << 10, ..Default::default() };
+    let e = sync_bounded(&p, &cfg, kill_hook(srv.pid().expect("pid"), 20), LIMIT)
+        .expect_err("the server died: the sync must fail")
+        .to_string();
+    assert!(e.contains(&srv.uri), "the error names the server: {e}");
+    srv.kill();
+    srv.start();
+    let r = sync_bounded(&p, &cfg, Hooks::default(), LIMIT).expect("rerun");
+    assert_eq!(r.open.mode, SyncMode::Resume);
+    assert_eq!(r.bytes_copied, SIZE, "no checkpoint to an NBD target: everything is copied again");
+    assert!(verify(&f, &srv.uri).identical());
+}
+
+/// reset(): nothing to do on a working connection; Err (quickly) while the server is down;
+/// reconnects once it is back; refuses an export whose size changed.
+#[test]
+fn reset_reconnects_and_checks_the_export() {
+    let f = files(8 * MIB);
+    let mut srv = Server::qemu(f.dir.path(), &f.target, Transport::Unix, &[]);
+    let mut d = Driver::new(NbdTarget::open(&srv.uri).expect("open"));
+    let data = vec![7u8; 256 << 10];
+    let r = d.run(&[write(MIB, &data), TargetOp::Flush], LIMIT);
+    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
+    d.t.reset().expect("reset on a working connection");
+
+    srv.kill();
+    let r = d.run(&[write(0, &data)], LIMIT);
+    let e = err_text(&r[0]);
+    assert!(e.contains(&srv.uri), "{e}");
+    assert!(d.t.broken().is_some());
+    // While broken, operations fail at once.
+    let r = d.run(&[TargetOp::Flush], LIMIT);
+    assert!(err_text(&r[0]).contains("NBD server"));
+    let t0 = Instant::now();
+    let e = d.t.reset().expect_err("the server is down");
+    assert!(t0.elapsed() < Duration::from_millis(1500), "reset blocked {:?}", t0.elapsed());
+    assert!(e.to_string().contains(&srv.uri), "{e}");
+
+    srv.start();
+    d.t.reset().expect("reconnect");
+    assert!(d.t.broken().is_none());
+    let mut back = vec![0u8; 256 << 10];
+    let r = d.run(&[read(MIB, &mut back)], LIMIT);
+    assert_eq!(r[0].as_ref().ok(), Some(&(256 << 10)));
+    assert!(back.iter().all(|&b| b == 7), "the data written before the restart is there");
+
+    // Another export size behind the same URI: refused.
+    srv.kill();
+    let _ = d.run(&[TargetOp::Flush], LIMIT);
+    std::fs::File::options().write(true).open(&f.target).and_then(|t| t.set_len(4 * MIB)).expect("shrink");
+    srv.start();
+    let e = d.t.reset().expect_err("the export changed");
+    assert!(e.to_string().contains("size changed"), "{e}");
+}
+
+/// Operations split by the maximum payload, many in flight, reads into the caller's buffers,
+/// misaligned and out-of-range operations refused.
+#[test]
+fn target_operations_on_qemu_nbd() {
+    let f = files(64 * MIB);
+    fill_random(&f.target, 56 * MIB, (8 * MIB) as usize, 9); // for the zeroing to erase
+    let srv = Server::qemu(f.dir.path(), &f.target, Transport::Tcp, &[]);
+    let mut d = Driver::new(NbdTarget::open(&srv.uri).expect("open"));
+    assert_eq!(d.t.size(), 64 * MIB);
+    assert!(d.t.flush_publishes());
+    let (name, fp) = d.t.identity();
+    assert_eq!(name, srv.uri);
+    assert_eq!(fp, 64 * MIB);
+    // 40 MiB in one write (more than the 32 MiB maximum payload), 16 writes of 1 MiB at once.
+    let mut big = vec![0u8; 40 << 20];
+    for (i, b) in big.iter_mut().enumerate() {
+        *b = (i / 4096) as u8;
+    }
+    let small: Vec<Vec<u8>> = (0..16).map(|i| vec![i as u8 + 1; MIB as usize]).collect();
+    let mut ops = vec![write(0, &big)];
+    ops.extend(small.iter().enumerate().map(|(i, b)| write(40 * MIB + i as u64 * MIB, b)));
+    ops.push(TargetOp::Zero { off: 56 * MIB, len: 8 * MIB });
+    let r = d.run(&ops, LIMIT);
+    assert_eq!(r[0].as_ref().ok(), Some(&(40 << 20)));
+    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
+    assert!(d.run(&[TargetOp::Flush], LIMIT)[0].is_ok());
+    let mut back = vec![0xffu8; 56 << 20];
+    let r = d.run(&[read(0, &mut back[..40 << 20])], LIMIT);
+    assert!(r[0].is_ok());
+    let (head, tail) = back.split_at_mut(40 << 20);
+    let mut reads: Vec<TargetOp> = Vec::new();
+    for (i, chunk) in tail.chunks_mut(MIB as usize).enumerate() {
+        reads.push(read(40 * MIB + i as u64 * MIB, chunk));
+    }
+    let r = d.run(&reads, LIMIT);
+    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
+    assert!(head == &big[..], "40 MiB read back");
+    for (i, chunk) in tail.chunks(MIB as usize).enumerate() {
+        assert!(chunk.iter().all(|&b| b == i as u8 + 1), "1 MiB write {i} read back");
+    }
+    // Refused before anything is sent, with the reason.
+    let buf = vec![0u8; 4096];
+    let r = d.run(&[write(64 * MIB - 2048, &buf), TargetOp::Zero { off: 64 * MIB, len: 512 }], LIMIT);
+    assert!(err_text(&r[0]).contains("beyond the export's end"));
+    assert!(err_text(&r[1]).contains("beyond the export's end"));
+    assert!(d.t.broken().is_none(), "refused operations leave the connection alone");
+    drop(d);
+    drop(srv);
+    let t = read_all(&f.target);
+    assert!(t[56 << 20..].iter().all(|&b| b == 0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A fake, hostile server
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fault {
+    None,
+    /// Answers with a cookie that was never sent.
+    WrongCookie,
+    /// Answers the request twice.
+    DuplicateReply,
+    /// Sends half the data of a read, then closes.
+    ShortRead,
+    /// Sends half a reply header, then closes.
+    EofMidHeader,
+    BadMagic,
+    StructuredReply,
+    /// Reads requests, never answers.
+    Silent,
+    /// Errors the request (EIO) and goes on.
+    IoError,
+    // Handshake faults.
+    AbsurdSize,
+    BadGreeting,
+    OversizedOptionReply,
+}
+
+const FAKE_SIZE: u64 = 4 * MIB;
+
+/// Starts a fake server on 127.0.0.1 for one connection; it misbehaves as `fault` says at the
+/// request numbered `at` (0-based). Returns the URI.
+fn fake_server(fault: Fault, at: usize) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let Ok((s, _)) = l.accept() else { return };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        let _ = serve(s, fault, at);
+    });
+    format!("nbd://127.0.0.1:{port}/fake")
+}
+
+fn serve(mut s: TcpStream, fault: Fault, at: usize) -> io::Result<()> {
+    if fault == Fault::BadGreeting {
+        s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n")?;
+        return Ok(());
+    }
+    s.write_all(&0x4e42_444d_4147_4943u64.to_be_bytes())?;
+    s.write_all(&0x4948_4156_454f_5054u64.to_be_bytes())?;
+    s.write_all(&3u16.to_be_bytes())?;
+    let mut cflags = [0u8; 4];
+    s.read_exact(&mut cflags)?;
+    let mut oh = [0u8; 16];
+    s.read_exact(&mut oh)?;
+    let olen = u32::from_be_bytes([oh[12], oh[13], oh[14], oh[15]]) as usize;
+    let mut odata = vec![0u8; olen];
+    s.read_exact(&mut odata)?;
+    let opt_reply = |s: &mut TcpStream, t: u32, p: &[u8], len: u32| -> io::Result<()> {
+        s.write_all(&0x0003_e889_0455_65a9u64.to_be_bytes())?;
+        s.write_all(&7u32.to_be_bytes())?;
+        s.write_all(&t.to_be_bytes())?;
+        s.write_all(&len.to_be_bytes())?;
+        s.write_all(p)
+    };
+    if fault == Fault::OversizedOptionReply {
+        opt_reply(&mut s, 3, &[], 1 << 30)?;
+        return Ok(());
+    }
+    let size = if fault == Fault::AbsurdSize { u64::MAX - 511 } else { FAKE_SIZE };
+    let mut info = vec![0u8, 0];
+    info.extend_from_slice(&size.to_be_bytes());
+    info.extend_from_slice(&(1u16 | 4 | 64).to_be_bytes()); // HAS_FLAGS, SEND_FLUSH, WRITE_ZEROES
+    opt_reply(&mut s, 3, &info, info.len() as u32)?;
+    let mut bs = vec![0u8, 3];
+    for v in [512u32, 4096, 64 << 10] {
+        bs.extend_from_slice(&v.to_be_bytes());
+    }
+    opt_reply(&mut s, 3, &bs, bs.len() as u32)?;
+    opt_reply(&mut s, 1, &[], 0)?;
+
+    let mut mem = vec![0u8; FAKE_SIZE as usize];
+    let mut n = 0usize;
+    loop {
+        let mut h = [0u8; 28];
+        s.read_exact(&mut h)?;
+        let cmd = u16::from_be_bytes([h[6], h[7]]);
+        let cookie = &h[8..16];
+        let off = u64::from_be_bytes(h[16..24].try_into().expect("8 bytes")) as usize;
+        let len = u32::from_be_bytes(h[24..28].try_into().expect("4 bytes")) as usize;
+        let mut error = 0u32;
+        if (cmd <= 1 && len > 64 << 10) || off % 512 != 0 || len % 512 != 0 || off + len > mem.len() {
+            error = 22; // a constraint broken: EINVAL, which the tests look for
+        }
+        if cmd == 1 {
+            let mut data = vec![0u8; len];
+            s.read_exact(&mut data)?;
+            if error == 0 {
+                mem[off..off + len].copy_from_slice(&data);
+            }
+        }
+        if cmd == 2 {
+            return Ok(());
+        }
+        if cmd == 6 && error == 0 {
+            mem[off..off + len].fill(0);
+        }
+        let this = n;
+        n += 1;
+        let header = |magic: u32, err: u32, cookie: &[u8]| {
+            let mut r = magic.to_be_bytes().to_vec();
+            r.extend_from_slice(&err.to_be_bytes());
+            r.extend_from_slice(cookie);
+            r
+        };
+        let ok = header(0x6744_6698, error, cookie);
+        let data = if cmd == 0 && error == 0 { mem[off..off + len].to_vec() } else { Vec::new() };
+        if this != at || fault == Fault::None {
+            s.write_all(&ok)?;
+            s.write_all(&data)?;
+            continue;
+        }
+        match fault {
+            Fault::WrongCookie => s.write_all(&header(0x6744_6698, 0, &[0xde, 0xad, 0, 0, 0, 0, 0, 9]))?,
+            Fault::DuplicateReply => {
+                s.write_all(&ok)?;
+                s.write_all(&data)?;
+                s.write_all(&ok)?;
+                s.write_all(&data)?;
+            }
+            Fault::ShortRead => {
+                s.write_all(&ok)?;
+                s.write_all(&data[..data.len() / 2])?;
+                return close_gracefully(s);
+            }
+            Fault::EofMidHeader => {
+                s.write_all(&ok[..8])?;
+                return close_gracefully(s);
+            }
+            Fault::BadMagic => s.write_all(&header(0x1234_5678, 0, cookie))?,
+            Fault::StructuredReply => s.write_all(&header(0x668e_33ef, 0, cookie))?,
+            Fault::IoError => s.write_all(&header(0x6744_6698, 5, cookie))?,
+            Fault::Silent => {
+                // Keep the connection open, answer nothing, until the client goes.
+                let mut sink = [0u8; 4096];
+                while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+                return Ok(());
+            }
+            _ => unreachable!("handshake faults end earlier"),
+        }
+    }
+}
+
+/// EOF after what was written: closing with unread requests in the socket would reset the
+/// connection (RST), and the client could lose the last bytes sent.
+fn close_gracefully(s: TcpStream) -> io::Result<()> {
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut sink = [0u8; 4096];
+    while matches!((&s).read(&mut sink), Ok(n) if n > 0) {}
+    Ok(())
+}
+
+#[test]
+fn fake_server_works_when_honest() {
+    let uri = fake_server(Fault::None, 0);
+    let mut d = Driver::new(NbdTarget::open(&uri).expect("open"));
+    assert_eq!(d.t.size(), FAKE_SIZE);
+    let data: Vec<u8> = (0..MIB as usize).map(|i| (i % 251) as u8).collect();
+    // 1 MiB becomes 16 requests of the server's 64 KiB maximum, which it checks.
+    let r = d.run(&[write(MIB, &data), TargetOp::Zero { off: 0, len: MIB }, TargetOp::Flush], LIMIT);
+    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
+    let mut back = vec![0u8; MIB as usize];
+    let r = d.run(&[read(MIB, &mut back)], LIMIT);
+    assert!(r[0].is_ok(), "{r:?}");
+    assert!(back == data);
+    // Not a multiple of the minimum block size (512): refused before sending.
+    let r = d.run(&[write(100, &data[..512])], LIMIT);
+    assert!(err_text(&r[0]).contains("not aligned"));
+}
+
+#[test]
+fn hostile_handshakes_fail_open_clearly() {
+    for (fault, want) in [
+        (Fault::AbsurdSize, "absurd export size"),
+        (Fault::BadGreeting, "not an NBD server"),
+        (Fault::OversizedOptionReply, "oversized option reply"),
+    ] {
+        let uri = fake_server(fault, 0);
+        let t0 = Instant::now();
+        let e = match NbdTarget::open(&uri) {
+            Ok(_) => panic!("{fault:?}: the handshake must fail"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(want) && e.contains(&uri), "{fault:?}: {e}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{fault:?} took {:?}", t0.elapsed());
+    }
+    // Through sync: nothing created.
+    let f = files(MIB);
+    let uri = fake_server(Fault::AbsurdSize, 0);
+    let e = sync::sync(&pair(&f, &uri), &CopyConfig::default(), Hooks::default(), None).expect_err("absurd");
+    assert!(e.to_string().contains("absurd export size"), "{e}");
+    assert!(!f.bitmap.exists());
+}
+
+#[test]
+fn hostile_replies_fail_operations_clearly() {
+    for (fault, want) in [
+        (Fault::WrongCookie, "matches no request in flight"),
+        (Fault::DuplicateReply, "matches no request in flight"),
+        (Fault::ShortRead, "in the middle of a reply (short read)"),
+        (Fault::EofMidHeader, "in the middle of a reply"),
+        (Fault::BadMagic, "bad reply magic 0x12345678"),
+        (Fault::StructuredReply, "structured reply"),
+    ] {
+        let uri = fake_server(fault, 1);
+        let mut d = Driver::new(NbdTarget::open(&uri).expect("open"));
+        let data = vec![1u8; 64 << 10];
+        let mut a = vec![0u8; 64 << 10];
+        let mut b = vec![0u8; 64 << 10];
+        // Request 0 is a write; request 1, where the fault is, a read; 2 another read.
+        let r = d.run(&[write(0, &data)], LIMIT);
+        assert!(r[0].is_ok(), "{fault:?}: {r:?}");
+        let r = d.run(&[read(0, &mut a), read(64 << 10, &mut b)], LIMIT);
+        // Every operation in flight fails, with the server and the problem named. (After a
+        // duplicate reply, the first read may have completed before the problem showed.)
+        for (i, x) in r.iter().enumerate() {
+            if fault == Fault::DuplicateReply && i == 0 && x.is_ok() {
+                continue;
+            }
+            let e = err_text(x);
+            assert!(e.contains(&format!("NBD server {uri}")), "{fault:?}: {e}");
+            if !(fault == Fault::DuplicateReply) {
+                assert!(e.contains(want), "{fault:?} op {i}: want {want:?}, got {e}");
+            }
+        }
+        assert!(d.t.broken().is_some_and(|b| b.contains(want)), "{fault:?}: {:?}", d.t.broken());
+        // Later operations fail at once; reset() cannot reconnect (the fake serves once).
+        let r = d.run(&[TargetOp::Flush], Duration::from_secs(5));
+        assert!(err_text(&r[0]).contains(want));
+        assert!(d.t.reset().is_err());
+    }
+}
+
+#[test]
+fn server_error_fails_one_operation_only() {
+    let uri = fake_server(Fault::IoError, 1);
+    let mut d = Driver::new(NbdTarget::open(&uri).expect("open"));
+    let data = vec![1u8; 4096];
+    let r = d.run(&[write(0, &data)], LIMIT);
+    assert!(r[0].is_ok());
+    let r = d.run(&[write(8192, &data)], LIMIT);
+    let e = err_text(&r[0]);
+    assert!(e.contains("write of 4096 bytes at byte 8192 failed") && e.contains("NBD error 5"), "{e}");
+    assert!(d.t.broken().is_none());
+    let r = d.run(&[TargetOp::Flush], LIMIT);
+    assert!(r[0].is_ok(), "the connection still works: {r:?}");
+}
+
+#[test]
+fn silent_server_times_out() {
+    let uri = fake_server(Fault::Silent, 0);
+    let mut t = NbdTarget::open(&uri).expect("open");
+    t.set_request_timeout(Duration::from_secs(2));
+    let mut d = Driver::new(t);
+    let data = vec![1u8; 4096];
+    let t0 = Instant::now();
+    let r = d.run(&[write(0, &data), TargetOp::Flush], Duration::from_secs(20));
+    for x in &r {
+        let e = err_text(x);
+        assert!(e.contains("no reply from the server") && e.contains(&uri), "{e}");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(6), "took {:?}", t0.elapsed());
+}
+
+/// A hostile server under a running sync: the sync fails with the problem named, no panic, no
+/// hang.
+#[test]
+fn hostile_server_under_sync() {
+    let f = files(FAKE_SIZE);
+    fill_random(&f.source, 0, FAKE_SIZE as usize, 31);
+    for fault in [Fault::BadMagic, Fault::WrongCookie, Fault::EofMidHeader] {
+        let _ = std::fs::remove_file(&f.bitmap);
+        let uri = fake_server(fault, 5);
+        let e = sync_bounded(&pair(&f, &uri), &CopyConfig::default(), Hooks::default(), LIMIT)
+            .expect_err("the sync must fail")
+            .to_string();
+        assert!(e.contains(&format!("NBD server {uri}")), "{fault:?}: {e}");
+    }
+}
+
+/// verify through a server that breaks in the middle: an error naming the server, after the
+/// reads in flight were waited for; no panic, no hang.
+#[test]
+fn verify_through_a_hostile_server_fails_cleanly() {
+    let f = files(FAKE_SIZE);
+    fill_random(&f.source, 0, FAKE_SIZE as usize, 41);
+    for fault in [Fault::ShortRead, Fault::BadMagic] {
+        let uri = fake_server(fault, 6);
+        let t0 = Instant::now();
+        let e = sync::verify(&VerifyOptions {
+            source: f.source.clone(),
+            target: PathBuf::from(&uri),
+            bitmap: None,
+            granularity: None,
+            direct: DirectMode::Auto,
+        })
+        .expect_err("verify must fail")
+        .to_string();
+        assert!(e.contains(&format!("NBD server {uri}")) && e.contains("reading"), "{fault:?}: {e}");
+        assert!(t0.elapsed() < Duration::from_secs(10), "{fault:?} took {:?}", t0.elapsed());
+    }
+}
+
+/// An IPv6 address in brackets, end to end (nbdkit listening on ::1).
+#[test]
+fn ipv6_uri_connects() {
+    require("nbdkit", "nbdkit");
+    let port = TcpListener::bind("[::1]:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("this machine has no IPv6 loopback (::1), which this test needs");
+    let dir = tempfile::Builder::new().prefix("ublk-mirror-test").tempdir_in("/var/tmp").expect("tempdir");
+    let mut srv = Server {
+        program: "nbdkit",
+        args: ["-f", "-p", &port.to_string(), "-i", "::1", "memory", "8M"].iter().map(|s| s.to_string()).collect(),
+        child: None,
+        uri: format!("nbd://[::1]:{port}/exp"),
+        socket: None,
+        port: None,
+        log: dir.path().join("nbdkit.log"),
+    };
+    // Readiness through the client itself (the helper probes 127.0.0.1).
+    let child = Command::new("nbdkit").args(&srv.args).stdin(Stdio::null()).spawn().expect("nbdkit");
+    srv.child = Some(child);
+    let t0 = Instant::now();
+    let t = loop {
+        match NbdTarget::open(&srv.uri) {
+            Ok(t) => break t,
+            Err(e) => {
+                assert!(t0.elapsed() < Duration::from_secs(10), "nbdkit on ::1 did not come up: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    assert_eq!(t.describe(), srv.uri);
+    let mut d = Driver::new(t);
+    let data = vec![9u8; 64 << 10];
+    let mut back = vec![0u8; 64 << 10];
+    assert!(d.run(&[write(4096, &data), TargetOp::Flush], LIMIT).iter().all(|r| r.is_ok()));
+    assert!(d.run(&[read(4096, &mut back)], LIMIT)[0].is_ok());
+    assert!(back == data);
+}
