@@ -17,7 +17,7 @@ cargo build --locked --release
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD) host: $(nproc) cores, $(uname -r)"
-vm/run.sh -t 1500 -r 3 -m 3G -b target/release/ublk-mirror -b "$CACHE/rublk-$RUBLK_VERSION/bin/rublk" \
+vm/run.sh -t 2400 -r 3 -m 4G -b target/release/ublk-mirror -b "$CACHE/rublk-$RUBLK_VERSION/bin/rublk" \
     -a "BENCH_SIZE=${BENCH_SIZE:-256M} BENCH_RUNTIME=${BENCH_RUNTIME:-6} BENCH_ROUNDS=${BENCH_ROUNDS:-3} BENCH_MIRROR_ARGS=${BENCH_MIRROR_ARGS:-}" \
     bench/guest-device.sh | tee "$log" | grep -a '^RESULT\|FAIL\|PASS'
 grep -a '^RESULT' "$log" | python3 bench/device-table.py
