@@ -46,6 +46,8 @@ async fn submit(sqe: squeue::Entry) -> i32 {
 #[derive(Default)]
 struct QueueCommit {
     inner: RefCell<CommitState>,
+    /// After a switchover this queue's ring dropped its reference to the old source.
+    source_released: std::cell::Cell<bool>,
 }
 
 #[derive(Default)]
@@ -141,6 +143,15 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, c
     // After a switchover the target is the device's data; a read that started on the source
     // just before the switch still returns the same data (writes were held until both agreed).
     let data = if engine.serving_target() { TARGET } else { SOURCE };
+    if engine.serving_target() && !commit.source_released.get() {
+        // Release the old source: its fixed-file slot is emptied (operations still in flight
+        // on it keep their own reference until they complete).
+        commit.source_released.set(true);
+        let r = libublk::io::with_task_io_ring(|ring| ring.submitter().register_files_update(SOURCE.0, &[-1]));
+        if let Err(e) = r {
+            log::warn!("releasing the old source on queue {}: {e}", q.get_qid());
+        }
+    }
     match op {
         sys::UBLK_IO_OP_READ => return rw_on(data, false, false, off, len, buf).await,
         sys::UBLK_IO_OP_FLUSH => {

@@ -552,6 +552,24 @@ impl Engine {
         self.front_has_target.store(yes, Ordering::SeqCst);
     }
 
+    /// After a switchover: drops this process's descriptor of the old source by pointing its
+    /// number at /dev/null (the number stays valid for code that still holds it; nothing reads
+    /// the source any more). The queues drop their ring slots at their next request and the
+    /// mirror's ring goes with the mirror, so the old source is then no longer open here.
+    fn release_source(&self) {
+        match std::fs::File::open("/dev/null") {
+            Ok(null) => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: dup2 onto a descriptor this engine owns (the source's), replacing it
+                // atomically; no other code closes or reuses that number while the engine lives.
+                if unsafe { libc::dup2(null.as_raw_fd(), self.source.fd()) } < 0 {
+                    log::warn!("releasing the old source: {}", std::io::Error::last_os_error());
+                }
+            }
+            Err(e) => log::warn!("releasing the old source: /dev/null: {e}"),
+        }
+    }
+
     pub fn serving_target(&self) -> bool {
         self.serving_target.load(Ordering::SeqCst)
     }
@@ -614,6 +632,7 @@ impl Engine {
         self.serving_target.store(true, Ordering::SeqCst);
         self.lock().write_barrier = false;
         self.request_stop();
+        self.release_source();
         self.events.emit("switched-over", serde_json::json!({ "held_ms": t0.elapsed().as_millis() as u64 }));
         Ok(())
     }
