@@ -257,10 +257,11 @@ fn cmd_status(id: u32, json: bool) -> CliResult {
 /// `status --watch`: redraws until interrupted (or synced, with --wait-synced). Every request
 /// is bounded by the client's timeouts; a daemon that goes away ends the watch with its error.
 fn cmd_watch(id: u32, json: bool, until_synced: bool, timeout: u64) -> CliResult {
-    let tty = std::io::stderr().is_terminal() && !json;
+    // The bar goes where the lines would: on a terminal a bar, redirected plain lines.
+    let tty = std::io::stdout().is_terminal() && !json;
     let bar = indicatif::ProgressBar::hidden();
     if tty {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stdout());
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:40} {percent:>3}% {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),

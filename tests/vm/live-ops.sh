@@ -43,14 +43,20 @@ b=$(copied)
 status_json
 [ "$(jstr state < /tmp/st.json)" = paused ] || fail "state not paused: $(cat /tmp/st.json)"
 run_timeout 10 ublk-mirror resume -n 0 || fail "resume"
-run_timeout 10 ublk-mirror set -n 0 --speed 0 > /dev/null || fail "set --speed 0"
-sleep 2
+# --watch without a terminal: a line a second until synced (still at 4 MiB/s for a while).
+ublk-mirror status -n 0 --watch --wait-synced --timeout 290 > /tmp/watch.out 2>&1 &
+W=$!
+sleep 3
 c=$(copied)
 [ "$c" -gt "$b" ] || fail "no progress after resume ($b -> $c)"
-# --watch without a terminal: a line a second until synced.
-run_timeout 300 ublk-mirror status -n 0 --watch --wait-synced --timeout 290 > /tmp/watch.out || fail "synced after resume: $(tail -3 /tmp/watch.out)"
+run_timeout 10 ublk-mirror set -n 0 --speed 0 > /dev/null || fail "set --speed 0"
+t=0
+while kill -0 $W 2>/dev/null; do
+    sleep 1; t=$((t + 1)); [ $t -lt 300 ] || { kill $W; fail "status --watch --wait-synced still running"; }
+done
+wait $W || fail "status --watch: $(tail -3 /tmp/watch.out)"
 tail -n 3 /tmp/watch.out
-grep -q "% syncing" /tmp/watch.out || fail "--watch printed no progress line"
+grep -q "% syncing" /tmp/watch.out || fail "--watch printed no progress line: $(cat /tmp/watch.out)"
 tail -n 1 /tmp/watch.out | grep -q "100.0% synced" || fail "--watch did not end synced"
 
 step "write-blocking: fio randwrite keeps the dirty count at zero"
