@@ -32,12 +32,7 @@ if ublk-mirror status -n 0 > /tmp/st 2>&1; then fail "status claims a live daemo
 grep -q "recover -n 0" /tmp/st || fail "status does not say to recover: $(cat /tmp/st)"
 run_timeout 90 ublk-mirror recover -n 0 > /tmp/rec.json 2>/tmp/rec.err || fail "recover: $(cat /tmp/rec.err)"
 grep -q '"state": "LIVE"' /tmp/rec.json || fail "not LIVE after recover: $(cat /tmp/rec.json)"
-t=0
-while kill -0 $FIO_PID 2>/dev/null; do
-    sleep 1; t=$((t + 1)); [ $t -lt 300 ] || { kill $FIO_PID; fail "fio did not finish after recovery"; }
-done
-wait $FIO_PID || fail "fio failed after recovery: $(cat /tmp/fio2.out)"
-grep -q "err= 0" /tmp/fio2.out || fail "fio saw errors: $(cat /tmp/fio2.out)"
+wait_fio $FIO_PID /tmp/fio2.out
 run_timeout 120 ublk-mirror status -n 0 --wait-synced --timeout 120 > /dev/null || fail "convergence after recovery"
 run_timeout 90 ublk-mirror del -n 0 --wait-synced --timeout 60 || fail "del"
 cmp $S $T || fail "source and target differ"

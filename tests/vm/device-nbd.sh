@@ -33,12 +33,7 @@ log "while the server is down: $(jstr last_error < /tmp/st.json)"
 sleep 3
 start_server
 log "server back"
-t=0
-while kill -0 $FIO 2>/dev/null; do
-    sleep 1; t=$((t + 1)); [ $t -lt 300 ] || { kill $FIO; fail "fio did not finish"; }
-done
-wait $FIO || fail "fio failed: $(cat /tmp/fio.out)"
-grep -q "err= 0" /tmp/fio.out || fail "fio saw errors: $(cat /tmp/fio.out)"
+wait_fio $FIO /tmp/fio.out
 run_timeout 240 ublk-mirror status -n 0 --wait-synced --timeout 240 > /dev/null || fail "no convergence after the server came back"
 grep -q '"event":"degraded"' $EV && grep -q '"event":"recovered"' $EV || fail "events: $(cat $EV)"
 run_timeout 90 ublk-mirror del -n 0 --wait-synced --timeout 60 || fail "del"

@@ -32,12 +32,7 @@ mirror_status 0
 wait_for 20 "the old source to be released" sh -c '[ "$(dmsetup info -c --noheadings -o open src)" = 0 ]'
 dmsetup remove src || fail "remove the old source"
 log "old source removed"
-t=0
-while kill -0 $FIO 2>/dev/null; do
-    sleep 1; t=$((t + 1)); [ $t -lt 300 ] || { kill $FIO; fail "fio did not finish"; }
-done
-wait $FIO || fail "fio failed: $(cat /tmp/fio.out)"
-grep -q "err= 0" /tmp/fio.out || fail "fio saw errors: $(cat /tmp/fio.out)"
+wait_fio $FIO /tmp/fio.out
 dd if=$DEV of=/tmp/dev.img bs=1M iflag=direct status=none || fail "reading the device after the switch"
 cmp -n 134217728 /tmp/dev.img $T || fail "the device does not read what the target holds"
 grep -q '"event":"switched-over"' $EV || fail "no switched-over event: $(cat $EV)"

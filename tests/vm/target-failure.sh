@@ -35,12 +35,7 @@ log "status: $(jstr state < /tmp/st.json), failures $(jnum target_failures < /tm
 sleep 5
 dmsetup suspend tgt && dmsetup load tgt --table "0 $SECT linear $TGT 0" && dmsetup resume tgt || fail "switch back"
 log "target back"
-t=0
-while kill -0 $FIO 2>/dev/null; do
-    sleep 1; t=$((t + 1)); [ $t -lt 300 ] || { kill $FIO; fail "fio did not finish"; }
-done
-wait $FIO || fail "fio failed: $(cat /tmp/fio.out)"
-grep -q "err= 0" /tmp/fio.out || fail "fio saw errors: $(cat /tmp/fio.out)"
+wait_fio $FIO /tmp/fio.out
 run_timeout 180 ublk-mirror status -n 0 --wait-synced --timeout 180 > /dev/null || fail "no convergence after the target came back"
 cat $EV
 grep -q '"event":"degraded"' $EV || fail "no degraded event"

@@ -113,3 +113,14 @@ jstr() { sed -n "s/.*\"$1\": \"\([^\"]*\)\".*/\1/p" | head -n 1; }
 mirror_status() {
     run_timeout 10 ublk-mirror status -n "$1" --json > /tmp/st.json 2> /tmp/st.err || fail "status -n $1: $(cat /tmp/st.err)"
 }
+# wait_fio PID OUT [SECS]: waits (at most SECS, default 300) for the background fio PID and
+# fails the script unless it exited 0 and reported no error in OUT.
+wait_fio() {
+    _wf_t=0
+    while kill -0 "$1" 2>/dev/null; do
+        sleep 1; _wf_t=$((_wf_t + 1))
+        [ $_wf_t -lt "${3:-300}" ] || { kill "$1"; fail "fio did not finish within ${3:-300} s"; }
+    done
+    wait "$1" || fail "fio failed: $(cat "$2")"
+    grep -q "err= 0" "$2" || fail "fio saw errors: $(cat "$2")"
+}
