@@ -48,6 +48,11 @@ while [ $r -le "$ROUNDS" ]; do
             seqwrite) a="--rw=write --bs=1M --iodepth=8";;
         esac
         for d in $DEVS; do
+            # The background mirror copies what the previous jobs dirtied: let it finish first, or
+            # its copying would load the (emulated, CPU-bound) machine during the next device's run.
+            for n in 0 2; do
+                wait_for 300 "mirror $n synced" sh -c "ublk-mirror status -n $n --json | grep -q '\"state\": \"synced\"'"
+            done
             # shellcheck disable=SC2086
             out=$(run_timeout 120 fio --name=b --filename=${d#*:} $a --ioengine=io_uring --direct=1 --size=$SIZE \
                 --time_based --runtime=$RT --ramp_time=1 --output-format=terse --terse-version=3) || fail "fio $job on $d"
