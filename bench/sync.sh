@@ -298,7 +298,7 @@ echo
 # ---------------------------------------------------------------------------------------------
 label() {
   case $1 in
-    dense_um) echo "A ublk-mirror sync (default: 16 x 1M)" ;;
+    dense_um) echo "A ublk-mirror sync (default: 32 x 1M)" ;;
     dense_um_v*) echo "A ublk-mirror sync ${VAR[${1#dense_um_v}]}" ;;
     dense_dd) echo "A dd iflag/oflag=direct bs=1M" ;;
     dense_ddf) echo "A dd ... conv=notrunc,fsync (extra)" ;;

@@ -266,7 +266,7 @@ pub struct CopyArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub direct: DirectMode,
     /// Copies in flight.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     pub copies: usize,
     /// Size of each copy buffer (memory used: copies x buffer).
     #[arg(long, default_value = "1M", value_parser = parse_size)]

@@ -863,7 +863,7 @@ fn same_file(a: &Backing, b: &Backing) -> bool {
 /// Tunables of the copy loop.
 #[derive(Clone, Debug)]
 pub struct CopyConfig {
-    /// Copies in flight (QEMU: 16).
+    /// Copies in flight (QEMU: 16; 32 measured faster here: bench/results/sync-2026-11-27-*).
     pub max_copies: usize,
     /// Bytes per copy buffer (QEMU: 1 MiB). Memory used is `max_copies * buf_size`.
     pub buf_size: usize,
@@ -895,7 +895,7 @@ pub struct Hook {
 impl Default for CopyConfig {
     fn default() -> Self {
         CopyConfig {
-            max_copies: 16,
+            max_copies: 32,
             buf_size: 1 << 20,
             checkpoint_bytes: 1 << 30,
             checkpoint_interval: Duration::from_secs(10),
