@@ -522,6 +522,14 @@ impl Bitmap {
         self.sync()
     }
 
+    /// Rewrites the header with a new state without making it durable: for the informational
+    /// states (clean, active), which the next fdatasync of the bitmap carries along.
+    pub fn set_state_lazy(&mut self, state: BitmapState) {
+        self.header.state = state;
+        let h = encode_header(&self.header);
+        self.map[..HEADER_SIZE as usize].copy_from_slice(&h);
+    }
+
     /// Blocking fdatasync (start-up, shutdown, offline tools).
     pub fn sync(&self) -> Result<()> {
         nix::unistd::fdatasync(self.file.as_raw_fd())

@@ -372,7 +372,8 @@ impl Engine {
         if mode == SyncMode::None {
             bitmap.clear_all();
         }
-        bitmap.set_state(BitmapState::Active)?;
+        // Informational (the bits are what matters): durable with the next bitmap flush.
+        bitmap.set_state_lazy(BitmapState::Active);
         let mut state = MirrorState::new(bitmap.nregions(), bitmap);
         if mode == SyncMode::Full {
             state.mark_all();

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant, SystemTime};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunUntil {
     /// At the first consistent point with nothing left to do (offline sync). A copy error ends
-    /// the run with that error; the regions stay dirty for the next run.
+    /// the run with that error; the regions stay dirty for the next run. The bits cleared at
+    /// that last point are durable only once the caller closes the engine ([`Engine::close`]).
     Synced,
     /// When [`Engine::request_stop`] is called (a live device). Errors are retried with backoff.
     Stopped,
@@ -300,7 +301,8 @@ impl<'t> Mirror<'t> {
         if self.fatal.is_some() || stopping {
             return !self.bitmap_clears_pending;
         }
-        until == RunUntil::Synced && !self.bitmap_clears_pending && self.engine.lock().state.is_synced()
+        // Offline, clears still pending are left to the caller's Engine::close.
+        until == RunUntil::Synced && self.engine.lock().state.is_synced()
     }
 
     fn wait(&mut self, timeout: Option<Duration>) -> Result<()> {
@@ -849,9 +851,11 @@ impl<'t> Mirror<'t> {
         }
         if out.cleared > 0 {
             // Clearing may be lazy (a stale set bit only costs a recopy after a crash), but
-            // pushing the clears out now keeps the resync after a crash small.
+            // pushing the clears out now keeps the resync after a crash small. An offline run
+            // ends at this consistent point: its caller's close flushes them (one fdatasync
+            // for the clears and the clean state).
             self.bitmap_clears_pending = true;
-            if self.bitmap_flush.is_none() {
+            if self.bitmap_flush.is_none() && !(self.offline && out.consistent) {
                 self.flush_bitmap()?;
             }
         }
