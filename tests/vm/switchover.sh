@@ -1,8 +1,8 @@
 #!/bin/sh
 # vm-args: -m 2G -d src=128M -d tgt=128M
 # Switchover under fio verify (issue 5): the device moves onto its target with no error and no
-# stale data; afterwards the old source is released (its dm device is removed while fio still
-# runs, so any read or write still reaching it would fail fio). The old pair is refused afterwards.
+# stale data; afterwards the old source's device fails every I/O (dm-error) while fio still runs,
+# so any read or write still reaching it would fail fio. The old pair is refused afterwards.
 # shellcheck source=/dev/null
 . /vm/lib.sh
 B=/tmp/bm DEV=/dev/ublkb0 EV=/tmp/events.jsonl
@@ -27,11 +27,11 @@ run_timeout 90 ublk-mirror switchover -n 0 --timeout 60 2> /tmp/so.err || fail "
 log "switched over"
 mirror_status 0
 [ "$(jstr state < /tmp/st.json)" = switched-over ] || fail "state after switchover: $(cat /tmp/st.json)"
-# The old source is released: nothing holds it open any more, so its dm device can be removed
-# (dmsetup refuses while it is open). Then any I/O that still went there would fail.
-wait_for 20 "the old source to be released" sh -c '[ "$(dmsetup info -c --noheadings -o open src)" = 0 ]'
-dmsetup remove src || fail "remove the old source"
-log "old source removed"
+# The old source gets no I/O any more: its device now fails every I/O (dm-error), so a read or
+# write still reaching it would fail fio. (The daemon drops its descriptors of it at once; the
+# kernel lets go of the device once every ublk tag has been reused, or at del.)
+dmsetup suspend src && dmsetup load src --table "0 $SECT error" && dmsetup resume src || fail "replace the source"
+log "old source now fails every I/O"
 wait_fio $FIO /tmp/fio.out
 dd if=$DEV of=/tmp/dev.img bs=1M iflag=direct status=none || fail "reading the device after the switch"
 cmp -n 134217728 /tmp/dev.img $T || fail "the device does not read what the target holds"
@@ -39,7 +39,7 @@ grep -q '"event":"switched-over"' $EV || fail "no switched-over event: $(cat $EV
 run_timeout 60 ublk-mirror del -n 0 || fail "del"
 
 step "the old pair is refused"
-dmsetup create src --table "0 $SECT linear $SRC 0" || fail "recreate the source"
+dmsetup suspend src && dmsetup load src --table "0 $SECT linear $SRC 0" && dmsetup resume src || fail "restore the source"
 if run_timeout 60 ublk-mirror add -s $S -t $T -b $B > /tmp/add2.out 2> /tmp/add2.err; then
     fail "add of the old pair was accepted after a switchover"
 fi
