@@ -638,25 +638,7 @@ impl Engine {
         Ok(())
     }
 
-    /// Starts a write in write-blocking style if that mode is in force (see
-    /// [`MirrorState::begin_active_write`]); otherwise an ordinary write.
-    ///
-    /// `None` (only if `may_wait`): a consistent flush is running, during which a write could
-    /// only go to the source and leave its region dirty; the caller should try again shortly
-    /// (the flush takes milliseconds, and the mirror spaces them out in this mode).
-    pub fn begin_write_maybe_active(&self, ext: Extent, off: u64, len: u64, may_wait: bool) -> Option<(Intent, ActivePlan)> {
-        if self.write_blocking_now() {
-            let mut g = self.lock();
-            if may_wait && g.state.consistent_flush_running() {
-                return None;
-            }
-            Some(g.state.begin_active_write(ext, off, len))
-        } else {
-            Some((self.begin_write(ext), ActivePlan::SourceOnly))
-        }
-    }
-
-    /// Ends a write begun with [`Self::begin_write_maybe_active`].
+    /// Ends a write begun with [`Self::begin_request`].
     pub fn end_write_planned(&self, ext: Extent, plan: ActivePlan, source_ok: bool, target_ok: bool) {
         let ActivePlan::Target { id } = plan else { return self.end_write(ext) };
         let mut g = self.lock();
@@ -839,15 +821,6 @@ impl Engine {
         }
         let mut g = self.lock();
         g.state.pbits_mut().set_state(BitmapState::Clean)
-    }
-
-    /// Blocking fdatasync of the bitmap, reported to the state (offline tools, shutdown).
-    pub fn sync_bitmap(&self) -> Result<()> {
-        let seq = self.bitmap_flush_start();
-        let r = nix::unistd::fdatasync(self.bitmap_fd())
-            .map_err(|e| Error::io(format!("fdatasync bitmap {}", self.bitmap_path.display()), e.into()));
-        self.bitmap_flush_done(seq, r.is_ok());
-        r
     }
 }
 
