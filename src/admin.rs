@@ -105,7 +105,7 @@ impl Report {
 fn prepare_recover(
     id: u32,
     direct: crate::backing::DirectMode,
-) -> Result<(UblkCtrl, PairOptions, String, Option<crate::engine::Settings>)> {
+) -> Result<(UblkCtrl, PairOptions, String, Option<crate::engine::Settings>, bool)> {
     let old = UblkCtrl::new_simple(id as i32)
         .map_err(|_| Error::config(format!("no ublk device {id} (see `ublk-mirror list`)")))?;
     let info = old.dev_info();
@@ -126,6 +126,21 @@ fn prepare_recover(
         return Err(Error::config(format!("device {id} is not a ublk-mirror device")));
     };
     let name = data["name"].as_str().map(String::from).unwrap_or_else(|| default_name(&source));
+    // The bitmap has the last word on the pair: a switchover records itself there (and
+    // `--reverse` the swapped pair) before the device changes what it serves.
+    let mut switched = false;
+    let (source, target) = match crate::bitmap::Bitmap::inspect(&bitmap) {
+        Ok((h, _)) if h.state == crate::bitmap::BitmapState::SwitchedOver => {
+            log::info!("device {id} was switched over to {}: serving it alone", h.pair.target);
+            switched = true;
+            (source, target)
+        }
+        Ok((h, _)) if Path::new(&h.pair.source) == absolute(&target) && Path::new(&h.pair.target) == absolute(&source) => {
+            log::info!("device {id}: its pair was reversed by a switchover: source {}, target {}", h.pair.source, h.pair.target);
+            (target, source)
+        }
+        _ => (source, target),
+    };
     let mut settings: Option<crate::engine::Settings> = serde_json::from_value(data["settings"].clone()).ok();
     if let (Some(s), Some(cmd)) = (settings.as_mut(), data["on_consistent"]["command"].as_str()) {
         let ms = |k: &str| Duration::from_millis(data["on_consistent"][k].as_u64().unwrap_or(60_000));
@@ -164,13 +179,21 @@ fn prepare_recover(
         .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
         .build()
         .map_err(uerr("recover"))?;
-    Ok((ctrl, pair, name, settings))
+    Ok((ctrl, pair, name, settings, switched))
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+    }
 }
 
 /// Runs in the daemon: opens the pair, adds (or recovers) the device and serves it until it is
 /// stopped. Returns when the device is gone.
 fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result<()> {
-    let (ctrl, pair, name, saved) = match recover {
+    let (ctrl, pair, name, saved, switched) = match recover {
         Some(id) => prepare_recover(id, opts.pair.direct)?,
         None => {
             let name = opts.name.clone().unwrap_or_else(|| default_name(&opts.pair.source));
@@ -214,7 +237,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
                     };
                     Error::config(format!("cannot add the device{hint}: {e:?}"))
                 })?;
-            (ctrl, pair, name, None)
+            (ctrl, pair, name, None, false)
         }
     };
     // A recovered daemon serves with the settings the device was added with.
@@ -227,22 +250,26 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
     if info.flags & want != want {
         return Err(Error::config(format!("the kernel did not grant user recovery (flags {:#x})", info.flags)));
     }
-    let (engine, target, open) = Engine::open(&pair)?;
-    log::info!("device {id}: {:?}, {} dirty regions", open.mode, open.dirty_regions);
+    let (engine, target) = if switched {
+        (Engine::open_switched(&pair.bitmap, &pair.target, pair.direct)?, None)
+    } else {
+        let (engine, target, open) = Engine::open(&pair)?;
+        log::info!("device {id}: {:?}, {} dirty regions", open.mode, open.dirty_regions);
+        engine.attach_target(target.as_ref())?;
+        (engine, Some((target, open)))
+    };
     let engine = Arc::new(engine);
     engine.apply_settings(&settings);
     let events_path = Path::new(RUN_DIR).join(format!("{id}.events"));
     if let Err(e) = engine.events().open(opts.event_log.as_deref().unwrap_or(&events_path)) {
         log::warn!("event log: {e}");
     }
-    engine.events().emit(
-        if recover.is_some() { "recovered-daemon" } else { "started" },
-        serde_json::json!({ "dev_id": id, "mode": open.mode, "dirty_regions": open.dirty_regions }),
-    );
-    // The target as a fixed file on the queue rings, for write-blocking writes.
-    let tgt_fd = target.fixed_fd();
-    engine.set_front_has_target(tgt_fd.is_some());
-    engine.set_target_fd(tgt_fd);
+    let started = match &target {
+        Some((_, open)) => serde_json::json!({ "dev_id": id, "mode": open.mode, "dirty_regions": open.dirty_regions }),
+        None => serde_json::json!({ "dev_id": id, "switched_over": true }),
+    };
+    engine.events().emit(if recover.is_some() { "recovered-daemon" } else { "started" }, started);
+    let has_target = engine.front_has_target();
     let mut copy = opts.copy.clone();
     if let Some(h) = settings.hook.clone() {
         copy.on_consistent = Some(h);
@@ -257,7 +284,8 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
             "timeout_ms": h.timeout.as_millis() as u64,
         })
     });
-    let mirror = device::spawn_mirror(engine.clone(), target, copy);
+    // After a switchover there is nothing to mirror.
+    let mirror = target.map(|(t, _)| device::spawn_mirror(engine.clone(), t, copy));
     let stop_control = Arc::new(AtomicBool::new(false));
     let info = serde_json::json!({
         "dev_id": id, "bdev": format!("/dev/ublkb{id}"), "name": name,
@@ -269,12 +297,13 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         Ok(c) => c,
         Err(e) => {
             engine.request_stop();
-            let _ = mirror.join();
+            if let Some(m) = mirror {
+                let _ = m.join();
+            }
             return Err(e);
         }
     };
 
-    let src_fd = engine.source().fd();
     let bm_fd = engine.bitmap_fd();
     let data = serde_json::json!({
         "name": name, "source": pair.source, "target": pair.target, "bitmap": pair.bitmap,
@@ -285,14 +314,10 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
     let tgt_init = move |dev: &mut UblkDev| -> std::result::Result<(), libublk::UblkError> {
         let max_io = dev.dev_info.max_io_buf_bytes;
         let t = &mut dev.tgt;
-        // Fixed files: 0 is /dev/ublkcN (libublk's), 1 the source, 2 the bitmap.
-        t.fds[t.nr_fds as usize] = src_fd;
-        t.fds[t.nr_fds as usize + 1] = bm_fd;
-        t.nr_fds += 2;
-        if let Some(fd) = tgt_fd {
-            t.fds[t.nr_fds as usize] = fd;
-            t.nr_fds += 1;
-        }
+        // Fixed files: 0 is /dev/ublkcN (libublk's), 1 the bitmap (source and target are
+        // replaced under live I/O by a switchover: plain descriptors, see crate::front).
+        t.fds[t.nr_fds as usize] = bm_fd;
+        t.nr_fds += 1;
         t.dev_size = tgt_engine.size();
         // Room for a bitmap flush beside each tag's own operation.
         t.cq_depth = t.cq_depth.saturating_mul(2);
@@ -302,12 +327,12 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         Ok(())
     };
     let q_engine = engine.clone();
-    let q_fn = move |qid: u16, dev: &UblkDev| device::queue_main(qid, dev, q_engine.clone(), tgt_fd.is_some());
+    let q_fn = move |qid: u16, dev: &UblkDev| device::queue_main(qid, dev, q_engine.clone(), has_target);
     let mut live = report.try_clone();
     let on_live = move |c: &UblkCtrl| live.send(&format!("LIVE {}", c.dev_info().dev_id));
     let served = ctrl.run_target(tgt_init, q_fn, on_live);
     engine.request_stop();
-    let mirrored = mirror.join();
+    let mirrored = mirror.map(|m| m.join()).unwrap_or(Ok(Ok(())));
     stop_control.store(true, Ordering::SeqCst);
     let _ = control.join();
     if let Err(e) = served {

@@ -131,6 +131,21 @@ impl Backing {
         })
     }
 
+    /// Another descriptor of the same open file (same flags and, for a block device, the
+    /// same exclusive claim).
+    pub fn try_clone(&self) -> std::io::Result<Backing> {
+        Ok(Backing {
+            file: self.file.try_clone()?,
+            path: self.path.clone(),
+            kind: self.kind,
+            size: self.size,
+            logical_block: self.logical_block,
+            physical_block: self.physical_block,
+            direct: self.direct,
+            identity: self.identity.clone(),
+        })
+    }
+
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }

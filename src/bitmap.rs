@@ -394,6 +394,25 @@ impl Bitmap {
         Ok(bm)
     }
 
+    /// Opens the bitmap of a device that was switched over to its target (for `recover`),
+    /// checking that it was and that `target` (an identity) is that target.
+    pub fn open_switched(path: &Path, target: &(String, u64)) -> Result<Self> {
+        let bm = Self::open_unchecked(path)?;
+        let h = &bm.header;
+        if h.state != BitmapState::SwitchedOver {
+            return Err(Error::config(format!("bitmap {}: the device was not switched over", path.display())));
+        }
+        if h.pair.target != target.0 || h.pair.target_fingerprint != target.1 {
+            return Err(bad(
+                path,
+                BitmapProblem::WrongPair { role: "target", recorded: h.pair.target.clone(), given: target.0.clone() },
+                format!("the device was switched over to {}, not to {}", h.pair.target, target.0),
+                "recover with the device's own configuration, or add the switched-over target anew",
+            ));
+        }
+        Ok(bm)
+    }
+
     fn open_unchecked(path: &Path) -> Result<Self> {
         let unreadable = |e: std::io::Error, fix: &str| Error::Open {
             role: "bitmap",
@@ -520,6 +539,13 @@ impl Bitmap {
         let h = encode_header(&self.header);
         self.map[..HEADER_SIZE as usize].copy_from_slice(&h);
         self.sync()
+    }
+
+    /// Records a new pair (`switchover --reverse`: source and target swapped) and makes it
+    /// durable. The header is one 4 KiB block written in place, like a state change.
+    pub fn set_pair(&mut self, pair: PairIdentity) -> Result<()> {
+        self.header.pair = pair;
+        self.set_state(BitmapState::Active)
     }
 
     /// Rewrites the header with a new state without making it durable: for the informational

@@ -151,6 +151,10 @@ pub enum Cmd {
         /// within this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Keep mirroring the other way: the old source becomes the target (it must have the
+        /// target's size). Without it the old source is released.
+        #[arg(long)]
+        reverse: bool,
     },
     /// Stop copying (the device keeps serving I/O; writes are tracked in the bitmap).
     Pause {

@@ -148,7 +148,8 @@ pub fn handle(req: &Value, engine: &Arc<Engine>, info: &Value) -> Value {
         "verify" => engine.start_verify().map(|_| json!({})).map_err(|e| e.to_string()),
         "switchover" => {
             let secs = req.get("timeout_secs").and_then(Value::as_u64).unwrap_or(60).clamp(1, 3600);
-            engine.switchover(Duration::from_secs(secs)).map(|_| json!({})).map_err(|e| e.to_string())
+            let reverse = req.get("reverse").and_then(Value::as_bool).unwrap_or(false);
+            engine.switchover(Duration::from_secs(secs), reverse).map(|_| json!({})).map_err(|e| e.to_string())
         }
         "" => Err("no \"cmd\" in the request (status, set, pause, resume, switchover, verify)".to_string()),
         other => Err(format!("unknown command {other:?} (status, set, pause, resume, switchover, verify)")),
@@ -165,6 +166,10 @@ pub fn handle(req: &Value, engine: &Arc<Engine>, info: &Value) -> Value {
 pub fn status_value(engine: &Engine, info: &Value) -> Value {
     let mut v = info.clone();
     v["pid"] = json!(std::process::id());
+    // The pair as it is now (a reverse switchover swaps it).
+    let pair = engine.pair();
+    v["source"] = json!(pair.source);
+    v["target"] = json!(pair.target);
     v["status"] = json!(engine.status());
     v["settings"] = json!(engine.settings());
     v["events"] = json!(engine.events().recent());

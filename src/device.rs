@@ -2,12 +2,16 @@
 //! on every write and the mirror loop running alongside.
 //!
 //! Data plane (libublk 0.4.8, async style): one thread and one io_uring per queue, one task per
-//! tag. The source and the bitmap are registered as fixed files on each queue's ring (slot 0 is
-//! libublk's /dev/ublkcN), so forwarding a request costs one SQE. A write to a region whose bit
-//! is not yet durable first waits for a bitmap fdatasync issued on the same ring; writes of the
-//! same queue that arrive meanwhile share it (group commit).
+//! tag. Forwarding a request costs one SQE on the queue's ring. The bitmap is a fixed file there
+//! (slot 0 is libublk's /dev/ublkcN); source and target are plain descriptors taken from the
+//! engine per request (see [`crate::front`]), because a switchover replaces them under live I/O
+//! and must know when the old ones are no longer used (a fixed-file slot keeps its file open in
+//! the kernel until every request issued before its update has completed, and each idle ublk
+//! tag keeps one pending). A write to a region whose bit is not yet durable first waits for a
+//! bitmap fdatasync issued on the same ring; writes of the same queue that arrive meanwhile
+//! share it (group commit).
 
-use crate::engine::{CopyConfig, Engine, Gate};
+use crate::engine::{CopyConfig, Engine, Gate, MirrorNext};
 use crate::core::{ActivePlan, Intent};
 use crate::mirror::{Mirror, RunUntil};
 use io_uring::{opcode, squeue, types};
@@ -20,10 +24,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
-const SOURCE: types::Fixed = types::Fixed(1);
-const BITMAP: types::Fixed = types::Fixed(2);
-/// The target, for write-blocking mode; registered only for targets with a descriptor.
-const TARGET: types::Fixed = types::Fixed(3);
+const BITMAP: types::Fixed = types::Fixed(1);
 
 /// Raw `op_flags` bits (tested in place, not shifted).
 pub const IO_F_FUA: u32 = 1 << 13;
@@ -46,8 +47,6 @@ async fn submit(sqe: squeue::Entry) -> i32 {
 #[derive(Default)]
 struct QueueCommit {
     inner: RefCell<CommitState>,
-    /// After a switchover this queue's ring dropped its reference to the old source.
-    source_released: std::cell::Cell<bool>,
 }
 
 #[derive(Default)]
@@ -110,7 +109,7 @@ async fn ring_sleep(d: std::time::Duration) {
     let _ = submit(opcode::Timeout::new(&ts).build()).await;
 }
 
-async fn rw_on(file: types::Fixed, write: bool, fua: bool, off: u64, len: u64, buf: &IoBuf<u8>) -> i32 {
+async fn rw_on(file: types::Fd, write: bool, fua: bool, off: u64, len: u64, buf: &IoBuf<u8>) -> i32 {
     if len > buf.len() as u64 {
         return -libc::EINVAL;
     }
@@ -140,28 +139,28 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, c
     let flags = iod.op_flags;
     let off = iod.start_sector << 9;
     let len = (iod.nr_sectors as u64) << 9;
-    // After a switchover the target is the device's data; a read that started on the source
-    // just before the switch still returns the same data (writes were held until both agreed).
-    let data = if engine.serving_target() { TARGET } else { SOURCE };
-    if engine.serving_target() && !commit.source_released.get() {
-        // Release the old source: its fixed-file slot is emptied (operations still in flight
-        // on it keep their own reference until they complete).
-        commit.source_released.set(true);
-        let r = libublk::io::with_task_io_ring(|ring| ring.submitter().register_files_update(SOURCE.0, &[-1]));
-        if let Err(e) = r {
-            log::warn!("releasing the old source on queue {}: {e}", q.get_qid());
-        }
-    }
     match op {
-        sys::UBLK_IO_OP_READ => return rw_on(data, false, false, off, len, buf).await,
-        sys::UBLK_IO_OP_FLUSH => {
-            // Under write intent every bit a completed write needed is already durable, so a
-            // FLUSH is only a durability flush of the source (of the target once switched).
-            let r = submit(opcode::Fsync::new(data).flags(types::FsyncFlags::DATASYNC).build()).await;
-            if r < 0 && data.0 == SOURCE.0 {
-                engine.set_source_flush_failed();
-            }
-            return if engine.source_flush_failed() && data.0 == SOURCE.0 { -libc::EIO } else { r };
+        sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_FLUSH => {
+            // Descriptors first, then the question which one: a request that still sees the
+            // source here is waited for by the switchover before the source goes away. A read
+            // that started on the source just before the switch returns the same data (writes
+            // were held until both agreed).
+            let h = engine.front_enter();
+            let switched = engine.serving_target();
+            let file = types::Fd(if switched { h.fds.target } else { h.fds.source });
+            let r = if op == sys::UBLK_IO_OP_READ {
+                rw_on(file, false, false, off, len, buf).await
+            } else {
+                // Under write intent every bit a completed write needed is already durable, so
+                // a FLUSH is only a durability flush of the data (the target once switched).
+                let r = submit(opcode::Fsync::new(file).flags(types::FsyncFlags::DATASYNC).build()).await;
+                if r < 0 && !switched {
+                    engine.set_source_flush_failed();
+                }
+                if engine.source_flush_failed() && !switched { -libc::EIO } else { r }
+            };
+            engine.front_exit(h);
+            return r;
         }
         sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {}
         _ => return -libc::EOPNOTSUPP,
@@ -177,18 +176,23 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, c
     let mirror_ok = op == sys::UBLK_IO_OP_WRITE && has_target;
     let t0 = std::time::Instant::now();
     let mut nap = std::time::Duration::from_micros(500);
-    let (intent, plan, file) = loop {
+    let (intent, plan, mirrored) = loop {
         let may_wait = t0.elapsed() < std::time::Duration::from_millis(500);
         match engine.begin_request(ext, off, len, mirror_ok, may_wait) {
-            Gate::Go(i, p) => break (i, p, SOURCE),
-            Gate::Target => break (Intent::Ready, ActivePlan::SourceOnly, TARGET),
+            Gate::Go(i, p) => break (i, p, true),
+            Gate::Target => break (Intent::Ready, ActivePlan::SourceOnly, false),
             Gate::Wait => {
                 ring_sleep(nap).await;
                 nap = (nap * 2).min(std::time::Duration::from_millis(10));
             }
         }
     };
-    let mirrored = file.0 == SOURCE.0;
+    // Taken after the gate: a write waiting at a switchover's barrier must not hold the
+    // descriptors the switchover is about to replace. A write let go on the source is in
+    // flight for the engine, so no switchover can replace them before it ends.
+    let h = engine.front_enter();
+    let (source, target) = (types::Fd(h.fds.source), types::Fd(h.fds.target));
+    let file = if mirrored { source } else { target };
     let mut res = match intent {
         Intent::Ready => 0,
         Intent::Wait { seq } => commit.ensure(engine, seq).await,
@@ -202,8 +206,8 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, c
                 // target needs no FUA: its durability comes with the mirror's pair flush.
                 let fua = flags & IO_F_FUA != 0;
                 let (s, t) = smol::future::zip(
-                    rw_on(SOURCE, true, fua, off, len, buf),
-                    rw_on(TARGET, true, false, off, len, buf),
+                    rw_on(source, true, fua, off, len, buf),
+                    rw_on(target, true, false, off, len, buf),
                 )
                 .await;
                 target_ok = t >= 0;
@@ -227,6 +231,7 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, c
             }
         };
     }
+    engine.front_exit(h);
     // Whatever happened (even a write that failed halfway), the region may have changed.
     if mirrored {
         engine.end_write_planned(ext, plan, res >= 0, target_ok);
@@ -310,17 +315,38 @@ pub fn params(engine: &Engine, max_io_buf_bytes: u32) -> sys::ublk_params {
     }
 }
 
-/// Runs the mirror loop on its own thread until the engine is asked to stop.
+/// Runs the mirror loop on its own thread until the engine is asked to stop. A reverse
+/// switchover parks the loop and hands it its new target; the loop then starts again on the
+/// new pair (with a new ring, so nothing of the old pair stays registered).
 pub fn spawn_mirror(
     engine: Arc<Engine>,
     mut target: crate::target::BoxTarget,
-    cfg: CopyConfig,
+    mut cfg: CopyConfig,
 ) -> std::thread::JoinHandle<crate::Result<()>> {
     std::thread::Builder::new()
         .name("mirror".into())
-        .spawn(move || {
-            let mut m = Mirror::new(engine, target.as_mut(), cfg)?;
-            m.run(RunUntil::Stopped, None).map(|_| ())
+        .spawn(move || loop {
+            engine.set_mirror_running(true);
+            let r = Mirror::new(engine.clone(), target.as_mut(), cfg.clone()).and_then(|mut m| m.run(RunUntil::Stopped, None));
+            engine.set_mirror_running(false);
+            r?;
+            match engine.mirror_next() {
+                MirrorNext::Stop => return Ok(()),
+                MirrorNext::Same => {}
+                MirrorNext::Target(t) => {
+                    target = t;
+                    // The --on-consistent command's environment names the reversed pair.
+                    if let Some(h) = cfg.on_consistent.as_mut() {
+                        for (k, _) in h.env.iter_mut() {
+                            match k.as_str() {
+                                "UBLK_MIRROR_SOURCE" => *k = "UBLK_MIRROR_TARGET".into(),
+                                "UBLK_MIRROR_TARGET" => *k = "UBLK_MIRROR_SOURCE".into(),
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+            }
         })
         .unwrap_or_else(|e| {
             // Thread creation fails only when the process is out of resources; the daemon

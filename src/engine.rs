@@ -11,10 +11,11 @@ use crate::backing::{Backing, DirectMode};
 use crate::bitmap::{Bitmap, BitmapState, Expect, PairIdentity, DEFAULT_GRANULARITY};
 use crate::core::{ActivePlan, CoreCounters, Extent, Intent, MirrorState};
 use crate::error::{Error, Result};
+use crate::front::{Fds, Held};
 use crate::target::{is_uri, open_file_target, open_target, BoxTarget};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 /// How the pair starts.
@@ -221,7 +222,20 @@ pub struct Status {
 
 pub struct Engine {
     inner: Mutex<Inner>,
-    source: Backing,
+    /// The device's data (swapped with the target by `switchover --reverse`).
+    source: std::sync::RwLock<Arc<Backing>>,
+    /// The target's backing (a duplicate of the mirror's), when the front end can reach it:
+    /// write-blocking writes, online verify, switchover.
+    front_target: Mutex<Option<Arc<Backing>>>,
+    /// Descriptors the device's queues use (see [`crate::front`]).
+    front: crate::front::FrontFds,
+    /// Serializes switchovers.
+    switching: Mutex<()>,
+    /// The mirror thread is asked to park (its target is being replaced), and whether it runs.
+    mirror_restart: AtomicBool,
+    mirror_running: AtomicBool,
+    /// What a parked mirror thread does next.
+    mirror_next: Mutex<Option<MirrorNext>>,
     size: u64,
     shift: u32,
     bitmap_fd: std::sync::Arc<std::fs::File>,
@@ -236,13 +250,26 @@ pub struct Engine {
     events: crate::events::EventLog,
     /// The device now serves the target directly (after `switchover`).
     serving_target: AtomicBool,
-    /// The front end can reach the target itself (write-blocking, switchover).
-    front_has_target: AtomicBool,
     /// An --on-consistent command is running: the target must not change.
     hook_running: AtomicBool,
-    /// The target's descriptor (file and block device targets), for online verify.
-    target_fd: std::sync::atomic::AtomicI32,
     verifier: crate::online_verify::Verifier,
+}
+
+/// What the mirror thread does after its loop returned.
+pub enum MirrorNext {
+    Stop,
+    Same,
+    Target(BoxTarget),
+}
+
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded values are replaced whole, never left half-changed: a panic elsewhere while
+    // one was held leaves it usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_lock<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What opening a pair found and did.
@@ -368,7 +395,6 @@ impl Engine {
                 (Bitmap::create(&opts.bitmap, pair.clone(), source.size, g)?, true)
             }
         };
-        let g = bitmap.granularity();
         if mode == SyncMode::None {
             bitmap.clear_all();
         }
@@ -389,17 +415,29 @@ impl Engine {
             source_direct: source.direct,
             target_direct: target.direct(),
         };
+        let engine = Self::assemble(source, state, &opts.bitmap, dirty)?;
+        Ok((engine, target, report))
+    }
+
+    fn assemble(source: Backing, state: MirrorState<Bitmap>, bitmap: &Path, dirty: u64) -> Result<Engine> {
         let bitmap_fd = state.pbits().file();
+        let shift = state.pbits().granularity().trailing_zeros();
         let wake = nix::sys::eventfd::EventFd::from_value_and_flags(
             0,
             nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
         )
         .map_err(|e| Error::io("eventfd", e.into()))?;
-        let engine = Engine {
+        Ok(Engine {
             size: source.size,
-            shift: g.trailing_zeros(),
-            source,
-            bitmap_path: opts.bitmap.clone(),
+            shift,
+            front: crate::front::FrontFds::new(Fds { source: source.fd(), target: -1 }),
+            source: std::sync::RwLock::new(Arc::new(source)),
+            front_target: Mutex::new(None),
+            switching: Mutex::new(()),
+            mirror_restart: AtomicBool::new(false),
+            mirror_running: AtomicBool::new(false),
+            mirror_next: Mutex::new(None),
+            bitmap_path: bitmap.to_path_buf(),
             bitmap_fd,
             inner: Mutex::new(Inner {
                 state,
@@ -412,12 +450,35 @@ impl Engine {
             controls: Controls::default(),
             events: crate::events::EventLog::default(),
             serving_target: AtomicBool::new(false),
-            front_has_target: AtomicBool::new(false),
             hook_running: AtomicBool::new(false),
-            target_fd: std::sync::atomic::AtomicI32::new(-1),
             verifier: Default::default(),
-        };
-        Ok((engine, target, report))
+        })
+    }
+
+    /// Opens a device's data after its switchover, for `recover`: the bitmap says the device
+    /// moved to `target`, so the engine serves the target alone (no mirror; the old source is
+    /// not even opened: it may be gone).
+    pub fn open_switched(bitmap: &Path, target: &Path, direct: DirectMode) -> Result<Engine> {
+        let data = Backing::open(target, "target", true, direct)?;
+        let bm = Bitmap::open_switched(bitmap, &data.identity)?;
+        if data.size < bm.header().device_size {
+            return Err(Error::config(format!(
+                "target {} is {} bytes, smaller than the device ({} bytes)",
+                target.display(),
+                data.size,
+                bm.header().device_size
+            )));
+        }
+        let size = bm.header().device_size;
+        let state = MirrorState::new(bm.nregions(), bm);
+        let mut e = Self::assemble(data, state, bitmap, 0)?;
+        // The device keeps its size when the target is larger.
+        e.size = size;
+        let d = e.source();
+        e.front.publish(Fds { source: d.fd(), target: d.fd() }, Duration::from_secs(1));
+        *relock(&e.front_target) = Some(d);
+        e.serving_target.store(true, Ordering::SeqCst);
+        Ok(e)
     }
 
     /// The lock over the shared state. A poisoned lock means a thread panicked while changing
@@ -432,8 +493,14 @@ impl Engine {
         }
     }
 
-    pub fn source(&self) -> &Backing {
-        &self.source
+    /// The device's data. Hold the returned reference only for the operation at hand: a
+    /// reverse switchover replaces it (the replaced backing stays open meanwhile).
+    pub fn source(&self) -> Arc<Backing> {
+        match self.source.read() {
+            Ok(g) => g.clone(),
+            // Only a panic while swapping could poison it, and the swap cannot panic.
+            Err(p) => p.into_inner().clone(),
+        }
     }
     pub fn size(&self) -> u64 {
         self.size
@@ -491,10 +558,13 @@ impl Engine {
     /// what to do now. `mirror_ok`: the request may be mirrored synchronously (a write, with
     /// the target reachable from the queue). `may_wait`: the caller can retry later.
     pub fn begin_request(&self, ext: Extent, off: u64, len: u64, mirror_ok: bool, may_wait: bool) -> Gate {
+        let mut g = self.lock();
+        // Checked under the lock: a switchover sets serving_target before it lifts the barrier
+        // under this lock, so a write that finds the barrier gone also finds the switch (checked
+        // before taking the lock, it could go to the old source after the switch).
         if self.serving_target() {
             return Gate::Target;
         }
-        let mut g = self.lock();
         if g.write_barrier {
             return Gate::Wait;
         }
@@ -512,31 +582,47 @@ impl Engine {
         &self.verifier
     }
 
-    /// Remembers the target's descriptor (valid while the mirror's target is open) so that an
-    /// online verify can duplicate it.
-    pub fn set_target_fd(&self, fd: Option<std::os::unix::io::RawFd>) {
-        self.target_fd.store(fd.unwrap_or(-1), Ordering::SeqCst);
+    /// Lets the front end reach `target` itself when it is a file or block device: for
+    /// write-blocking writes, online verify and switchover. Call before the device serves.
+    pub fn attach_target(&self, target: &dyn crate::target::Target) -> Result<()> {
+        let Some(b) = target.backing() else { return Ok(()) };
+        let b = Arc::new(b.try_clone().map_err(|e| Error::io("duplicating the target's descriptor", e))?);
+        let src = self.source().fd();
+        // Nothing holds the initial set yet: this returns at once.
+        self.front.publish(Fds { source: src, target: b.fd() }, Duration::from_secs(5));
+        *relock(&self.front_target) = Some(b);
+        Ok(())
+    }
+
+    /// The front end can write the target itself (see [`Self::attach_target`]).
+    pub fn front_has_target(&self) -> bool {
+        relock(&self.front_target).is_some()
+    }
+
+    /// The descriptors for one front-end request, held until [`Self::front_exit`]. A read or
+    /// flush takes them first and then asks [`Self::serving_target`] which one to use; a write
+    /// takes them after [`Self::begin_request`] let it go.
+    pub fn front_enter(&self) -> Held {
+        self.front.enter()
+    }
+    pub fn front_exit(&self, h: Held) {
+        self.front.exit(h)
     }
 
     /// Starts an online verify (see [`crate::online_verify`]).
-    pub fn start_verify(self: &std::sync::Arc<Self>) -> Result<()> {
-        use std::os::fd::BorrowedFd;
+    pub fn start_verify(self: &Arc<Self>) -> Result<()> {
+        let _one = relock(&self.switching);
         if self.serving_target() {
             return Err(Error::config("the device was switched over: there is no pair to verify"));
         }
-        let fd = self.target_fd.load(Ordering::SeqCst);
-        if fd < 0 {
+        let Some(t) = relock(&self.front_target).clone() else {
             return Err(Error::config(
                 "online verify reads the target directly: it needs a file or block device target \
                  (use the offline `verify` for others)",
             ));
-        }
-        // SAFETY: the descriptor belongs to the target the mirror keeps open for the life of
-        // the device; it is only borrowed for the duration of this dup.
-        let dup = unsafe { BorrowedFd::borrow_raw(fd) }
-            .try_clone_to_owned()
-            .map_err(|e| Error::io("duplicating the target's descriptor", e))?;
-        crate::online_verify::start(self.clone(), dup)
+        };
+        let dup = t.file.try_clone().map_err(|e| Error::io("duplicating the target's descriptor", e))?;
+        crate::online_verify::start(self.clone(), std::os::fd::OwnedFd::from(dup))
     }
 
     /// While an --on-consistent command runs, nothing writes the target.
@@ -548,22 +634,16 @@ impl Engine {
         self.hook_running.load(Ordering::SeqCst)
     }
 
-    /// The front end registered the target on its rings.
-    pub fn set_front_has_target(&self, yes: bool) {
-        self.front_has_target.store(yes, Ordering::SeqCst);
-    }
-
-    /// After a switchover: drops this process's descriptor of the old source by pointing its
-    /// number at /dev/null (the number stays valid for code that still holds it; nothing reads
-    /// the source any more). The queues drop their ring slots at their next request and the
-    /// mirror's ring goes with the mirror, so the old source is then no longer open here.
-    fn release_source(&self) {
+    /// After a switchover, once no request can still use it: drops this process's descriptor
+    /// of the old source by pointing its number at /dev/null (the number stays valid for code
+    /// that still holds it, and is not reused for another file).
+    fn release_source(&self, old: &Backing) {
         match std::fs::File::open("/dev/null") {
             Ok(null) => {
                 use std::os::fd::AsRawFd;
-                // SAFETY: dup2 onto a descriptor this engine owns (the source's), replacing it
-                // atomically; no other code closes or reuses that number while the engine lives.
-                if unsafe { libc::dup2(null.as_raw_fd(), self.source.fd()) } < 0 {
+                // SAFETY: dup2 onto a descriptor the engine owns (the old source's), replacing
+                // it atomically; no other code closes or reuses that number while it lives.
+                if unsafe { libc::dup2(null.as_raw_fd(), old.fd()) } < 0 {
                     log::warn!("releasing the old source: {}", std::io::Error::last_os_error());
                 }
             }
@@ -577,16 +657,29 @@ impl Engine {
 
     /// Switchover (see [`crate::control`]): holds new writes, waits for the writes in flight
     /// and for a consistent point with nothing dirty, records the switch in the bitmap, then
-    /// serves the target. Bounded by `limit`; on failure writes resume on the source.
-    pub fn switchover(&self, limit: Duration) -> Result<()> {
+    /// serves the target. With `reverse` the old source becomes the mirror's target instead of
+    /// being released. Bounded by `limit`; on failure writes resume on the source.
+    pub fn switchover(&self, limit: Duration, reverse: bool) -> Result<()> {
+        let _one = relock(&self.switching);
         let t0 = Instant::now();
         if self.serving_target() {
             return Err(Error::config("the device serves its target already"));
         }
-        if !self.front_has_target.load(Ordering::SeqCst) {
+        let Some(new_data) = relock(&self.front_target).clone() else {
             return Err(Error::config(
                 "switchover needs a target the device can serve (a file or block device)",
             ));
+        };
+        if reverse && new_data.size != self.size {
+            return Err(Error::config(format!(
+                "--reverse needs a target of the source's size: the target is {} bytes, the device {} \
+                 (the old source would become the target of a device the target's size); switch over \
+                 without --reverse",
+                new_data.size, self.size
+            )));
+        }
+        if self.verifier.report().is_some_and(|r| r.state == "running") {
+            return Err(Error::config("an online verify is running: wait for it (see `status`) and retry"));
         }
         {
             let mut g = self.lock();
@@ -606,14 +699,15 @@ impl Engine {
             self.lock().write_barrier = false;
             Err(Error::config(why))
         };
-        // No write in flight, nothing dirty, and the last consistent point current: the target
-        // holds every write acknowledged so far, on its medium.
+        // No write in flight, nothing dirty, the last consistent point current, and no
+        // --on-consistent command looking at the target: the target holds every write
+        // acknowledged so far, on its medium.
         loop {
             let synced = {
                 let g = self.lock();
                 g.state.writes_in_flight() == 0 && g.state.active_writes() == 0 && g.state.is_synced()
             };
-            if synced {
+            if synced && !self.hook_running() {
                 break;
             }
             if t0.elapsed() > limit {
@@ -625,17 +719,133 @@ impl Engine {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+        if reverse {
+            return match self.reverse_pair(new_data, t0, limit) {
+                Ok(()) => Ok(()),
+                Err(why) => release(why),
+            };
+        }
         // Durable before the switch: a crash from here on must not bring the old pair back.
         let r = self.lock().state.pbits_mut().set_state(BitmapState::SwitchedOver);
         if let Err(e) = r {
             return release(format!("recording the switchover in the bitmap: {e}"));
         }
+        // From here every new request uses the target (reads and flushes ask serving_target
+        // after taking their descriptors; writes are gated on it).
         self.serving_target.store(true, Ordering::SeqCst);
         self.lock().write_barrier = false;
         self.request_stop();
-        self.release_source();
-        self.events.emit("switched-over", serde_json::json!({ "held_ms": t0.elapsed().as_millis() as u64 }));
+        let old = self.source();
+        let drained = self.front.publish(Fds { source: -1, target: new_data.fd() }, Duration::from_secs(10));
+        let mirror_gone = self.wait_mirror_parked(Duration::from_secs(10));
+        if drained && mirror_gone {
+            self.release_source(&old);
+        } else {
+            log::warn!("switchover: requests or the mirror still use the old source; it stays open until the daemon exits");
+        }
+        self.events.emit(
+            "switched-over",
+            serde_json::json!({ "held_ms": t0.elapsed().as_millis() as u64, "released": drained && mirror_gone }),
+        );
         Ok(())
+    }
+
+    /// The second half of `switchover --reverse`, with writes held and the pair synced: the
+    /// target becomes the device's data and the old source the mirror's target. On error
+    /// nothing has changed (the caller lets writes resume on the source).
+    fn reverse_pair(&self, new_source: Arc<Backing>, t0: Instant, limit: Duration) -> std::result::Result<(), String> {
+        let old_source = self.source();
+        let new_target = old_source
+            .try_clone()
+            .map_err(|e| format!("reopening the old source as the new target: {e}"))?;
+        // The mirror stops using the old pair (and its ring's reference to it) before anything
+        // changes; it is synced, so parking it loses nothing.
+        self.mirror_restart.store(true, Ordering::SeqCst);
+        self.wake();
+        let left = limit.saturating_sub(t0.elapsed()).max(Duration::from_secs(1));
+        if !self.wait_mirror_parked(left) {
+            self.mirror_restart.store(false, Ordering::SeqCst);
+            return Err("the mirror loop did not pause in time; writes resume on the source".into());
+        }
+        let resume_same = |why: String| {
+            *relock(&self.mirror_next) = Some(MirrorNext::Same);
+            self.mirror_restart.store(false, Ordering::SeqCst);
+            why
+        };
+        let h = self.lock().state.pbits().header().pair.clone();
+        let swapped = PairIdentity {
+            source: h.target,
+            source_fingerprint: h.target_fingerprint,
+            target: h.source,
+            target_fingerprint: h.source_fingerprint,
+        };
+        // The new pair is recorded before any write reaches the new source: a crash from here
+        // on recovers the new pair (nothing is dirty, and both hold the same data).
+        if let Err(e) = self.lock().state.pbits_mut().set_pair(swapped.clone()) {
+            return Err(resume_same(format!("recording the reversed pair in the bitmap: {e}")));
+        }
+        let fds = Fds { source: new_source.fd(), target: old_source.fd() };
+        *write_lock(&self.source) = new_source;
+        *relock(&self.front_target) = Some(old_source);
+        if !self.front.publish(fds, Duration::from_secs(10)) {
+            // Nothing was closed: a request still on the old set reads a file that holds the same data.
+            log::warn!("switchover --reverse: a request held the old descriptors for 10 s");
+        }
+        *relock(&self.mirror_next) = Some(MirrorNext::Target(Box::new(crate::target::FileTarget::new(new_target))));
+        self.mirror_restart.store(false, Ordering::SeqCst);
+        self.lock().write_barrier = false;
+        self.wake();
+        self.events.emit(
+            "switched-over",
+            serde_json::json!({
+                "held_ms": t0.elapsed().as_millis() as u64,
+                "reverse": true,
+                "source": swapped.source,
+                "target": swapped.target,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Waits until the mirror thread is not running its loop (parked or gone).
+    fn wait_mirror_parked(&self, limit: Duration) -> bool {
+        let t0 = Instant::now();
+        while self.mirror_running.load(Ordering::SeqCst) {
+            if t0.elapsed() > limit {
+                return false;
+            }
+            self.wake();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// The mirror loop should return (to be parked for a target change, or to stop).
+    pub fn mirror_should_return(&self) -> bool {
+        self.stop_requested() || self.mirror_restart.load(Ordering::SeqCst)
+    }
+
+    /// Called by the mirror thread around its loop.
+    pub fn set_mirror_running(&self, yes: bool) {
+        self.mirror_running.store(yes, Ordering::SeqCst);
+    }
+
+    /// Called by the mirror thread after its loop returned: stop, or go on (with the same or
+    /// a new target) once a switchover has decided.
+    pub fn mirror_next(&self) -> MirrorNext {
+        loop {
+            if self.stop_requested() {
+                return MirrorNext::Stop;
+            }
+            if let Some(n) = relock(&self.mirror_next).take() {
+                return n;
+            }
+            if !self.mirror_restart.load(Ordering::SeqCst) {
+                // The loop returned without being asked to park: nothing else to do.
+                return MirrorNext::Stop;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Ends a write begun with [`Self::begin_request`].
@@ -733,6 +943,11 @@ impl Engine {
     }
     pub fn stop_requested(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Source and target as the bitmap records them.
+    pub fn pair(&self) -> PairIdentity {
+        self.lock().state.pbits().header().pair.clone()
     }
 
     pub fn counters(&self) -> CoreCounters {

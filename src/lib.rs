@@ -22,6 +22,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod front;
 pub mod manpage;
 pub mod mirror;
 pub mod nbd;

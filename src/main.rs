@@ -73,8 +73,8 @@ fn main() -> ExitCode {
         Cmd::Status { id, json, wait_synced, timeout, watch: true } => cmd_watch(id, json, wait_synced, timeout),
         Cmd::Set { id, speed, mode, max_lag, max_retries } => cmd_set(id, speed, mode, max_lag, max_retries),
         Cmd::Pause { id } => cmd_simple(id, "pause"),
-        Cmd::Switchover { id, timeout } => {
-            let req = serde_json::json!({ "cmd": "switchover", "timeout_secs": timeout });
+        Cmd::Switchover { id, timeout, reverse } => {
+            let req = serde_json::json!({ "cmd": "switchover", "timeout_secs": timeout, "reverse": reverse });
             ublk_mirror::control::request_within(id, &req, Duration::from_secs(timeout + 10))
                 .map(|_| 0)
                 .map_err(Into::into)

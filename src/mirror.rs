@@ -209,7 +209,7 @@ impl<'t> Mirror<'t> {
                     break;
                 }
             }
-            let stopping = until == RunUntil::Stopped && self.engine.stop_requested();
+            let stopping = until == RunUntil::Stopped && self.engine.mirror_should_return();
             if until == RunUntil::Stopped {
                 self.check_lag();
                 self.check_hook();

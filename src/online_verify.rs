@@ -109,6 +109,9 @@ fn run(engine: &Engine, target: &OwnedFd, t0: Instant) -> Result<()> {
     let (mut a, mut b) = (AlignedBuf::new(chunk), AlignedBuf::new(chunk));
     let mut cqes = Vec::new();
     let mut read_bytes = 0u64;
+    // Held for the whole run: a reverse switchover is refused while a verify runs, and this
+    // keeps the compared pair fixed all the same.
+    let source = engine.source();
     for r in 0..nregions {
         if engine.stop_requested() {
             return Err(Error::config("the mirror stopped during the verify"));
@@ -122,7 +125,7 @@ fn run(engine: &Engine, target: &OwnedFd, t0: Instant) -> Result<()> {
         let mut off = start;
         while off < end && same {
             let len = ((end - off) as usize).min(chunk);
-            let ra = opcode::Read::new(types::Fd(engine.source().fd()), a.as_mut_ptr(), len as u32).offset(off).build();
+            let ra = opcode::Read::new(types::Fd(source.fd()), a.as_mut_ptr(), len as u32).offset(off).build();
             let rb = opcode::Read::new(types::Fd(target.as_raw_fd()), b.as_mut_ptr(), len as u32).offset(off).build();
             push(&mut ring, ra, Owner::Source, 0).map_err(|e| Error::io("verify read", e))?;
             push(&mut ring, rb, Owner::Target, 0).map_err(|e| Error::io("verify read", e))?;

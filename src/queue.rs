@@ -48,8 +48,10 @@ struct Req {
     /// The source side finished first: its result waits for the target's.
     src_result: Option<io::Result<u32>>,
     since: Instant,
-    /// Fixed-file slot the request's data goes to (the target once switched over).
+    /// Which descriptor the request's data goes to (the target once switched over).
     file: u32,
+    /// The engine's front-end descriptors, held from the first issue to the completion.
+    held: Option<crate::front::Held>,
 }
 
 const SRC: u32 = 0;
@@ -70,15 +72,11 @@ pub struct EngineQueue {
 }
 
 impl EngineQueue {
+    /// A queue on `engine`; it mirrors writes synchronously in write-blocking mode when the
+    /// engine has its target attached ([`Engine::attach_target`]).
     pub fn new(engine: Arc<Engine>, depth: u32) -> io::Result<Self> {
-        Self::with_target(engine, depth, None)
-    }
-
-    /// A queue that can mirror writes synchronously (write-blocking mode) to the target `fd`.
-    pub fn with_target(engine: Arc<Engine>, depth: u32, target: Option<std::os::unix::io::RawFd>) -> io::Result<Self> {
         let ring = uring::new_ring((depth * 4 + 4).next_power_of_two())?;
-        ring.submitter().register_files(&[engine.source().fd(), target.unwrap_or(-1)])?;
-        engine.set_front_has_target(target.is_some());
+        let has_target = engine.front_has_target();
         Ok(EngineQueue {
             ring,
             engine,
@@ -87,7 +85,7 @@ impl EngineQueue {
             flush_seq: 0,
             out: Vec::new(),
             cqes: Vec::new(),
-            has_target: target.is_some(),
+            has_target,
             deferred: Vec::new(),
         })
     }
@@ -131,7 +129,8 @@ impl EngineQueue {
             tgt_ok: false,
             src_result: None,
             since: Instant::now(),
-            file: if self.engine.serving_target() { TGT } else { SRC },
+            file: SRC,
+            held: None,
         });
         let Some(ext) = ext else { return self.issue(slot) };
         let (intent, plan) = match range {
@@ -210,14 +209,25 @@ impl EngineQueue {
     }
 
     fn issue(&mut self, slot: usize) -> io::Result<()> {
+        let engine = self.engine.clone();
         let Some(req) = self.reqs[slot].as_mut() else { return Ok(()) };
-        let f = types::Fixed(req.file);
+        // As on the device (see crate::device): descriptors first, then for a read or flush the
+        // question which one; a write was gated before it gets here.
+        let held = req.held.get_or_insert_with(|| {
+            let h = engine.front_enter();
+            if matches!(req.op, Op::Read { .. } | Op::Flush) && engine.serving_target() {
+                req.file = TGT;
+            }
+            h
+        });
+        let fds = held.fds;
+        let f = types::Fd(if req.file == TGT { fds.target } else { fds.source });
         let done = req.done;
         if let (Op::Write { off, data, len, .. }, ActivePlan::Target { .. }, 0, false) =
             (&req.op, req.plan, done, req.tgt_pending)
         {
             // The same buffer to the target, at the same time as to the source.
-            let e = opcode::Write::new(types::Fixed(TGT), data.as_ptr(), *len).offset(*off).build();
+            let e = opcode::Write::new(types::Fd(fds.target), data.as_ptr(), *len).offset(*off).build();
             req.tgt_pending = true;
             push(&mut self.ring, e, Owner::Target, slot as u64)?;
         }
@@ -383,7 +393,10 @@ impl EngineQueue {
                 return;
             }
         }
-        let Some(req) = self.reqs[slot].take() else { return };
+        let Some(mut req) = self.reqs[slot].take() else { return };
+        if let Some(h) = req.held.take() {
+            self.engine.front_exit(h);
+        }
         if let Some(ext) = req.ext {
             self.engine.end_write_planned(ext, req.plan, result.is_ok(), req.tgt_ok);
         }

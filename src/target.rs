@@ -51,6 +51,10 @@ pub trait Target {
         None
     }
     fn use_fixed(&mut self, _slot: u32) {}
+    /// The target's file or block device, if it is one (the front end may then write it too).
+    fn backing(&self) -> Option<&Backing> {
+        None
+    }
     /// Called by the mirror before it retries after target errors, with nothing of the
     /// target's in flight: a network target reconnects here. An error means "still down";
     /// the mirror backs off and calls again later. Must not block for more than about a second.
@@ -136,6 +140,9 @@ impl Target for FileTarget {
     }
     fn fixed_fd(&self) -> Option<std::os::unix::io::RawFd> {
         Some(self.backing.fd())
+    }
+    fn backing(&self) -> Option<&Backing> {
+        Some(&self.backing)
     }
     /// Use fixed-file slot `slot` (registered on the ring by the caller) instead of the raw fd.
     fn use_fixed(&mut self, slot: u32) {

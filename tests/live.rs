@@ -36,7 +36,8 @@ fn write_blocking_mirrors_writes_without_copying() {
     let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), Some(64 << 10))).expect("open");
     let engine = Arc::new(engine);
     engine.apply_settings(&blocking());
-    let mut q = EngineQueue::with_target(engine.clone(), 8, target.fixed_fd()).expect("queue");
+    engine.attach_target(target.as_ref()).expect("attach");
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
     for i in 0..64u64 {
         // Scattered 4 KiB .. 64 KiB writes, some spanning two regions.
         let off = (i * 7919 * 4096) % (8 * MIB - 128 * 1024);
@@ -226,13 +227,13 @@ fn max_lag_switches_to_write_blocking() {
     let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
     let engine = Arc::new(engine);
     engine.apply_settings(&Settings { paused: true, max_lag_ms: 500, ..Default::default() });
-    let tfd = target.fixed_fd();
+    engine.attach_target(target.as_ref()).expect("attach");
     let me = engine.clone();
     let mirror = std::thread::spawn(move || {
         let mut m = Mirror::new(me, target.as_mut(), CopyConfig::default()).expect("mirror");
         m.run(RunUntil::Stopped, None).expect("run");
     });
-    let mut q = EngineQueue::with_target(engine.clone(), 8, tfd).expect("queue");
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
     write(&mut q, 0, 4096, 1);
     assert_eq!(engine.status().mode, "background");
     wait_for("max-lag to switch modes", Duration::from_secs(10), || engine.status().mode == "write-blocking (max-lag)");
@@ -295,7 +296,7 @@ fn write_blocking_reaches_consistent_points() {
     let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
     let engine = Arc::new(engine);
     engine.apply_settings(&blocking());
-    let tfd = target.fixed_fd();
+    engine.attach_target(target.as_ref()).expect("attach");
     let me = engine.clone();
     let cfg = CopyConfig { clear_delay: Duration::from_millis(200), ..Default::default() };
     let mirror = std::thread::spawn(move || {
@@ -304,7 +305,7 @@ fn write_blocking_reaches_consistent_points() {
     });
     wait_for("the first consistent point", Duration::from_secs(10), || engine.status().state == "synced");
     let points = engine.status().consistent_points;
-    let mut q = EngineQueue::with_target(engine.clone(), 8, tfd).expect("queue");
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
     write(&mut q, MIB, 8192, 4);
     wait_for("a consistent point after the write", Duration::from_secs(10), || {
         let s = engine.status();
@@ -327,7 +328,7 @@ fn switchover_moves_the_device_onto_the_target() {
     fill_random(&f.source, 0, (8 * MIB) as usize, 9);
     let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::Full), None)).expect("open");
     let engine = Arc::new(engine);
-    let tfd = target.fixed_fd();
+    engine.attach_target(target.as_ref()).expect("attach");
     let me = engine.clone();
     let mirror = std::thread::spawn(move || {
         {
@@ -342,7 +343,7 @@ fn switchover_moves_the_device_onto_the_target() {
     let stop = Arc::new(AtomicBool::new(false));
     let (we, ws) = (engine.clone(), stop.clone());
     let writer = std::thread::spawn(move || {
-        let mut q = EngineQueue::with_target(we, 8, tfd).expect("queue");
+        let mut q = EngineQueue::new(we, 8).expect("queue");
         let mut last = std::collections::BTreeMap::new();
         let mut i = 0u64;
         while !ws.load(Ordering::SeqCst) {
@@ -360,7 +361,7 @@ fn switchover_moves_the_device_onto_the_target() {
         (i, last, seen)
     });
     std::thread::sleep(Duration::from_millis(300));
-    engine.switchover(Duration::from_secs(30)).expect("switchover");
+    engine.switchover(Duration::from_secs(30), false).expect("switchover");
     assert_eq!(engine.status().state, "switched-over");
     let source_after_switch = read_all(&f.source);
     std::thread::sleep(Duration::from_millis(300));
@@ -383,6 +384,76 @@ fn switchover_moves_the_device_onto_the_target() {
     assert!(e.to_string().contains("switched over"), "{e}");
 }
 
+/// `switchover --reverse` under a writer: the target becomes the device's data and the old
+/// source the mirror's target. Every write reaches both afterwards (through the restarted
+/// mirror, or directly in write-blocking mode); the bitmap records the reversed pair, so the
+/// old order is refused and the new one resumes with nothing to copy.
+fn reverse_switchover(settings: Settings) {
+    let f = files(8 * MIB);
+    fill_random(&f.source, 0, (8 * MIB) as usize, 13);
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::Full), None)).expect("open");
+    let engine = Arc::new(engine);
+    engine.apply_settings(&settings);
+    engine.attach_target(target.as_ref()).expect("attach");
+    let mirror = ublk_mirror::device::spawn_mirror(engine.clone(), target, CopyConfig::default());
+    wait_for("initial sync", Duration::from_secs(30), || engine.status().state == "synced");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (we, ws) = (engine.clone(), stop.clone());
+    let writer = std::thread::spawn(move || {
+        let mut q = EngineQueue::new(we, 8).expect("queue");
+        let mut last = std::collections::BTreeMap::new();
+        let mut i = 0u64;
+        while !ws.load(Ordering::SeqCst) {
+            let blk = (i * 37) % 2048;
+            write(&mut q, blk * 4096, 4096, i as u8);
+            last.insert(blk, i as u8);
+            i += 1;
+        }
+        (i, last)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let before = engine.status().bytes_copied;
+    engine.switchover(Duration::from_secs(30), true).expect("switchover --reverse");
+    let pair = engine.pair();
+    assert_eq!(pair.source, f.target.to_string_lossy(), "the target did not become the source");
+    assert_eq!(pair.target, f.source.to_string_lossy(), "the source did not become the target");
+    assert_ne!(engine.status().state, "switched-over");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let (writes, last) = writer.join().expect("writer");
+    assert!(writes > 20, "only {writes} writes: the test proves nothing");
+    wait_for("synced after the reverse", Duration::from_secs(30), || engine.status().state == "synced");
+    if settings.mode == Some(CopyMode::WriteBlocking) {
+        assert_eq!(engine.status().bytes_copied, before, "write-blocking writes were copied instead of mirrored");
+    }
+    engine.request_stop();
+    mirror.join().expect("mirror thread").expect("mirror loop");
+    engine.close().expect("close");
+    drop(engine);
+    let (src, tgt) = (read_all(&f.source), read_all(&f.target));
+    for (blk, v) in last {
+        let want = v | 1;
+        assert_eq!(tgt[(blk * 4096) as usize], want, "block {blk}: the new source lacks the last write");
+    }
+    assert!(src == tgt, "the old source (now the target) differs from the new source after syncing");
+    let e = Engine::open(&f.pair(None, None)).err().expect("the old order must be refused after --reverse");
+    assert!(e.to_string().contains("another pair"), "{e}");
+    let mut swapped = f.pair(None, None);
+    std::mem::swap(&mut swapped.source, &mut swapped.target);
+    let (_, _, rep) = Engine::open(&swapped).expect("the reversed pair opens");
+    assert_eq!(rep.dirty_regions, 0, "the reversed pair had dirty regions after an orderly stop");
+}
+
+#[test]
+fn reverse_switchover_background() {
+    reverse_switchover(Settings::default());
+}
+
+#[test]
+fn reverse_switchover_write_blocking() {
+    reverse_switchover(blocking());
+}
+
 /// Online verify: a clean region corrupted behind the mirror's back is found; regions written
 /// during the verify are skipped, not reported.
 #[test]
@@ -392,7 +463,7 @@ fn online_verify_finds_a_corrupted_clean_region() {
     fill_random(&f.source, 0, (8 * MIB) as usize, 11);
     let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::Full), Some(64 << 10))).expect("open");
     let engine = Arc::new(engine);
-    engine.set_target_fd(target.fixed_fd());
+    engine.attach_target(target.as_ref()).expect("attach");
     let me = engine.clone();
     let mirror = std::thread::spawn(move || {
         let mut m = Mirror::new(me, target.as_mut(), CopyConfig::default()).expect("mirror");

@@ -402,8 +402,8 @@ mod engine_vs_memory {
             let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::Full), Some(8192))).expect("open");
             let engine = Arc::new(engine);
             // Write-blocking: writes also go to the target from the queue's ring.
-            let tfd = target.fixed_fd().filter(|_| blocking);
             if blocking {
+                engine.attach_target(target.as_ref()).expect("attach");
                 engine.apply_settings(&Settings { mode: Some(CopyMode::WriteBlocking), ..Default::default() });
             }
             let me = engine.clone();
@@ -411,7 +411,7 @@ mod engine_vs_memory {
                 let cfg = CopyConfig { max_copies: 2, buf_size: 16384, ..Default::default() };
                 Mirror::new(me, target.as_mut(), cfg).expect("mirror").run(RunUntil::Stopped, None).expect("run")
             });
-            let mut q = EngineQueue::with_target(engine.clone(), 8, tfd).expect("queue");
+            let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
             let mut model = vec![0u8; (BLOCKS * BLK) as usize];
             for r in &reqs {
                 let op = match r.clone() {
