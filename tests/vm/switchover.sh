@@ -1,8 +1,9 @@
 #!/bin/sh
 # vm-args: -m 2G -d src=128M -d tgt=128M
 # Switchover under fio verify (issue 5): the device moves onto its target with no error and no
-# stale data; afterwards the old source's device fails every I/O (dm-error) while fio still runs,
-# so any read or write still reaching it would fail fio. The old pair is refused afterwards.
+# stale data; afterwards the old source's device is removed (dmsetup refuses while anything
+# holds it open) while fio still runs. Then the daemon is killed and `recover` serves the target
+# alone (the bitmap says switched over). The old pair is refused afterwards.
 # shellcheck source=/dev/null
 . /vm/lib.sh
 B=/tmp/bm DEV=/dev/ublkb0 EV=/tmp/events.jsonl
@@ -27,11 +28,19 @@ run_timeout 90 ublk-mirror switchover -n 0 --timeout 60 2> /tmp/so.err || fail "
 log "switched over"
 mirror_status 0
 [ "$(jstr state < /tmp/st.json)" = switched-over ] || fail "state after switchover: $(cat /tmp/st.json)"
-# The old source gets no I/O any more: its device now fails every I/O (dm-error), so a read or
-# write still reaching it would fail fio. (The daemon drops its descriptors of it at once; the
-# kernel lets go of the device once every ublk tag has been reused, or at del.)
-dmsetup suspend src && dmsetup load src --table "0 $SECT error" && dmsetup resume src || fail "replace the source"
-log "old source now fails every I/O"
+# Nothing holds the old source any more: its device can be removed while fio runs (the mirror's
+# ring goes with the mirror thread, so allow it a moment).
+wait_for 10 "the old source to be released" dmsetup remove src
+log "old source removed"
+step "SIGKILL of the daemon after the switchover; recover serves the target alone"
+PID=$(jnum pid < /tmp/st.json)
+[ -n "$PID" ] || fail "no daemon pid in $(cat /tmp/st.json)"
+kill -9 "$PID" || fail "kill $PID"
+wait_for 20 "the device to wait for a new daemon" sh -c "ublk-mirror list --json | grep -q QUIESCED"
+run_timeout 90 ublk-mirror recover -n 0 > /tmp/rec.json 2>/tmp/rec.err || fail "recover after the switchover: $(cat /tmp/rec.err)"
+grep -q '"state": "LIVE"' /tmp/rec.json || fail "not LIVE after recover: $(cat /tmp/rec.json)"
+mirror_status 0
+[ "$(jstr state < /tmp/st.json)" = switched-over ] || fail "state after recover: $(cat /tmp/st.json)"
 wait_fio $FIO /tmp/fio.out
 dd if=$DEV of=/tmp/dev.img bs=1M iflag=direct status=none || fail "reading the device after the switch"
 cmp -n 134217728 /tmp/dev.img $T || fail "the device does not read what the target holds"
@@ -39,7 +48,7 @@ grep -q '"event":"switched-over"' $EV || fail "no switched-over event: $(cat $EV
 run_timeout 60 ublk-mirror del -n 0 || fail "del"
 
 step "the old pair is refused"
-dmsetup suspend src && dmsetup load src --table "0 $SECT linear $SRC 0" && dmsetup resume src || fail "restore the source"
+dmsetup create src --table "0 $SECT linear $SRC 0" || fail "recreate the source"
 if run_timeout 60 ublk-mirror add -s $S -t $T -b $B > /tmp/add2.out 2> /tmp/add2.err; then
     fail "add of the old pair was accepted after a switchover"
 fi
