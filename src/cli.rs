@@ -129,6 +129,10 @@ pub enum Cmd {
         /// Copy bandwidth limit in bytes per second (K/M/G suffixes; 0 = unlimited).
         #[arg(long, value_parser = parse_size)]
         speed: Option<u64>,
+        /// Copy bandwidth limit while the device serves I/O (0 = none: the copy competes with
+        /// applications).
+        #[arg(long, value_parser = parse_size)]
+        busy_speed: Option<u64>,
         /// background, or write-blocking (writes complete once on source and target).
         #[arg(long, value_enum)]
         mode: Option<CopyMode>,
@@ -209,6 +213,12 @@ pub struct AddArgs {
     /// Copy bandwidth limit in bytes per second (K/M/G suffixes; 0 = unlimited); `set` changes it.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     pub speed: u64,
+    /// While the device serves I/O (a request within the last 250 ms) the background copy
+    /// yields: it runs at most this fast (K/M/G suffixes), like md's speed_limit_min or DRBD's
+    /// c-min-rate; at full --speed once the device is idle. 0 = never yield (the copy competes
+    /// with applications for CPU and disk). `set` changes it.
+    #[arg(long, value_parser = parse_size, default_value = "16M")]
+    pub busy_speed: u64,
     /// background: writes complete on the source and the mirror copies behind them;
     /// write-blocking: writes complete once on source and target (file and block device targets).
     #[arg(long, value_enum, default_value = "background")]

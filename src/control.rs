@@ -184,6 +184,9 @@ fn set(req: &Value, engine: &Engine) -> std::result::Result<Value, String> {
         match k.as_str() {
             "cmd" => {}
             "speed" => s.speed = v.as_u64().ok_or("speed: bytes per second, a whole number (0 = unlimited)")?,
+            "busy_speed" => {
+                s.busy_speed = v.as_u64().ok_or("busy_speed: bytes per second, a whole number (0 = no limit)")?
+            }
             "mode" => {
                 s.mode = Some(serde_json::from_value::<CopyMode>(v.clone()).map_err(|_| {
                     "mode: \"background\" or \"write-blocking\"".to_string()
@@ -199,7 +202,7 @@ fn set(req: &Value, engine: &Engine) -> std::result::Result<Value, String> {
                     .and_then(|n| u32::try_from(n).ok())
                     .ok_or("max_retries: a whole number (0 = retry for ever)")?
             }
-            other => return Err(format!("set: unknown setting {other:?} (speed, mode, max_lag_secs, max_retries)")),
+            other => return Err(format!("set: unknown setting {other:?} (speed, busy_speed, mode, max_lag_secs, max_retries)")),
         }
     }
     let before = engine.settings();

@@ -72,6 +72,8 @@ pub struct Progress {
     pub gave_up: Option<String>,
     /// Write-blocking mode was switched on by `--max-lag` (and goes off at the next synced).
     pub lag_forced: bool,
+    /// The copy runs at `--busy-speed` now because the device serves I/O.
+    pub yielding: bool,
 }
 
 impl Progress {
@@ -93,6 +95,7 @@ impl Progress {
             degraded_since: None,
             gave_up: None,
             lag_forced: false,
+            yielding: false,
         }
     }
 
@@ -149,6 +152,8 @@ pub enum CopyMode {
 pub struct Controls {
     /// Copy bandwidth limit in bytes/s; 0 = unlimited.
     speed: AtomicU64,
+    /// Copy bandwidth limit while the device serves I/O; 0 = none (the copy competes).
+    busy_speed: AtomicU64,
     paused: AtomicBool,
     write_blocking: AtomicBool,
     /// `--max-lag` in milliseconds; 0 = off.
@@ -163,6 +168,10 @@ pub struct Controls {
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Settings {
     pub speed: u64,
+    /// Copy rate limit while the device is busy (`--busy-speed`); 0 = none. Absent in the saved
+    /// configuration of older daemons: no limit.
+    #[serde(default)]
+    pub busy_speed: u64,
     pub paused: bool,
     pub mode: Option<CopyMode>,
     pub max_lag_ms: u64,
@@ -214,6 +223,9 @@ pub struct Status {
     pub lag_secs: f64,
     pub mode: &'static str,
     pub speed: u64,
+    pub busy_speed: u64,
+    /// The copy is held to `busy_speed` now (the device serves I/O).
+    pub yielding: bool,
     pub max_lag_secs: Option<f64>,
     pub active_writes: usize,
     pub target_failures: u32,
@@ -231,6 +243,7 @@ pub struct Engine {
     front: crate::front::FrontFds,
     /// Serializes switchovers.
     switching: Mutex<()>,
+    front_requests: AtomicU64,
     /// The mirror thread is asked to park (its target is being replaced), and whether it runs.
     mirror_restart: AtomicBool,
     mirror_running: AtomicBool,
@@ -434,6 +447,7 @@ impl Engine {
             source: std::sync::RwLock::new(Arc::new(source)),
             front_target: Mutex::new(None),
             switching: Mutex::new(()),
+            front_requests: AtomicU64::new(0),
             mirror_restart: AtomicBool::new(false),
             mirror_running: AtomicBool::new(false),
             mirror_next: Mutex::new(None),
@@ -603,6 +617,7 @@ impl Engine {
     /// flush takes them first and then asks [`Self::serving_target`] which one to use; a write
     /// takes them after [`Self::begin_request`] let it go.
     pub fn front_enter(&self) -> Held {
+        self.front_requests.fetch_add(1, Ordering::Relaxed);
         self.front.enter()
     }
     pub fn front_exit(&self, h: Held) {
@@ -870,6 +885,7 @@ impl Engine {
     pub fn apply_settings(&self, s: &Settings) {
         let c = &self.controls;
         c.speed.store(s.speed, Ordering::SeqCst);
+        c.busy_speed.store(s.busy_speed, Ordering::SeqCst);
         c.paused.store(s.paused, Ordering::SeqCst);
         if let Some(m) = s.mode {
             c.write_blocking.store(m == CopyMode::WriteBlocking, Ordering::SeqCst);
@@ -883,6 +899,7 @@ impl Engine {
         let c = &self.controls;
         Settings {
             speed: c.speed.load(Ordering::SeqCst),
+            busy_speed: c.busy_speed.load(Ordering::SeqCst),
             paused: c.paused.load(Ordering::SeqCst),
             mode: Some(if c.write_blocking.load(Ordering::SeqCst) { CopyMode::WriteBlocking } else { CopyMode::Background }),
             max_lag_ms: c.max_lag_ms.load(Ordering::SeqCst),
@@ -892,6 +909,14 @@ impl Engine {
     }
     pub fn speed(&self) -> u64 {
         self.controls.speed.load(Ordering::SeqCst)
+    }
+    pub fn busy_speed(&self) -> u64 {
+        self.controls.busy_speed.load(Ordering::SeqCst)
+    }
+    /// Requests the front end has begun (reads, writes, flushes...): the mirror watches it to
+    /// tell whether the device is busy.
+    pub fn front_requests(&self) -> u64 {
+        self.front_requests.load(Ordering::Relaxed)
     }
     pub fn paused(&self) -> bool {
         self.controls.paused.load(Ordering::SeqCst)
@@ -1000,6 +1025,8 @@ impl Engine {
             lag_secs: if synced { 0.0 } else { g.progress.unsynced_since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0) },
             mode,
             speed: self.speed(),
+            busy_speed: self.busy_speed(),
+            yielding: g.progress.yielding && !synced,
             max_lag_secs: self.max_lag().map(|d| d.as_secs_f64()),
             active_writes: g.state.active_writes(),
             target_failures: g.progress.target_failures,

@@ -71,7 +71,9 @@ fn main() -> ExitCode {
         Cmd::List { json } => cmd_list(json),
         Cmd::Recover { id, foreground } => cmd_recover(id, foreground),
         Cmd::Status { id, json, wait_synced, timeout, watch: true } => cmd_watch(id, json, wait_synced, timeout),
-        Cmd::Set { id, speed, mode, max_lag, max_retries } => cmd_set(id, speed, mode, max_lag, max_retries),
+        Cmd::Set { id, speed, busy_speed, mode, max_lag, max_retries } => {
+            cmd_set(id, speed, busy_speed, mode, max_lag, max_retries)
+        }
         Cmd::Pause { id } => cmd_simple(id, "pause"),
         Cmd::Switchover { id, timeout, reverse } => {
             let req = serde_json::json!({ "cmd": "switchover", "timeout_secs": timeout, "reverse": reverse });
@@ -148,6 +150,7 @@ fn add_options(a: AddArgs) -> AddOptions {
         foreground: a.foreground,
         settings: Settings {
             speed: a.speed,
+            busy_speed: a.busy_speed,
             paused: false,
             mode: Some(a.mode),
             max_lag_ms: a.max_lag.map(|d| d.as_millis() as u64).unwrap_or(0),
@@ -241,7 +244,13 @@ fn cmd_status(id: u32, json: bool) -> CliResult {
         f("last_consistent_age_secs").map(|a| format!("{a:.1}s ago")).unwrap_or_else(|| "never".into())
     );
     let speed = u("speed");
-    println!("speed limit  {}", if speed == 0 { "none".to_string() } else { format!("{}/s", human(speed)) });
+    let busy = u("busy_speed");
+    println!(
+        "speed limit  {}; while busy {}{}",
+        if speed == 0 { "none".to_string() } else { format!("{}/s", human(speed)) },
+        if busy == 0 { "no limit".to_string() } else { format!("{}/s", human(busy)) },
+        if s["yielding"].as_bool() == Some(true) { " (yielding to I/O now)" } else { "" }
+    );
     if u("copy_errors") + u("target_flush_errors") > 0 || !s["last_error"].is_null() {
         println!(
             "errors       {} copy, {} flush; last: {}",
@@ -310,6 +319,7 @@ fn cmd_watch(id: u32, json: bool, until_synced: bool, timeout: u64) -> CliResult
 fn cmd_set(
     id: u32,
     speed: Option<u64>,
+    busy_speed: Option<u64>,
     mode: Option<ublk_mirror::engine::CopyMode>,
     max_lag: Option<Duration>,
     max_retries: Option<u32>,
@@ -317,6 +327,9 @@ fn cmd_set(
     let mut req = serde_json::json!({ "cmd": "set" });
     if let Some(s) = speed {
         req["speed"] = s.into();
+    }
+    if let Some(s) = busy_speed {
+        req["busy_speed"] = s.into();
     }
     if let Some(m) = mode {
         req["mode"] = serde_json::to_value(m)?;
@@ -328,7 +341,7 @@ fn cmd_set(
         req["max_retries"] = r.into();
     }
     if req.as_object().map(|o| o.len()).unwrap_or(0) == 1 {
-        return Err("nothing to set: give --speed, --mode, --max-lag or --max-retries".into());
+        return Err("nothing to set: give --speed, --busy-speed, --mode, --max-lag or --max-retries".into());
     }
     let v = ublk_mirror::control::request(id, &req)?;
     println!("{}", serde_json::to_string_pretty(&v["settings"])?);

@@ -104,6 +104,9 @@ pub struct Mirror<'t> {
     /// Copy bandwidth budget (token bucket, bytes; may go negative) and its last refill.
     tokens: f64,
     tokens_at: Instant,
+    /// The front end's request count when last seen, and when it last changed.
+    front_seen: u64,
+    front_at: Instant,
     /// Copies wait for the budget until then.
     throttled_until: Option<Instant>,
     /// The --on-consistent command running now, its start, and when the last one started.
@@ -163,6 +166,8 @@ impl<'t> Mirror<'t> {
             needs_reset: false,
             tokens: 0.0,
             tokens_at: Instant::now(),
+            front_seen: 0,
+            front_at: Instant::now().checked_sub(BUSY_WINDOW).unwrap_or_else(Instant::now),
             throttled_until: None,
             last_consistent: None,
             consistent_after: None,
@@ -330,6 +335,31 @@ impl<'t> Mirror<'t> {
         Ok(())
     }
 
+    /// The copy rate limit now: `speed`, or `busy_speed` (when lower, or when `speed` is
+    /// unlimited) while the device has begun requests within the last [`BUSY_WINDOW`]: the
+    /// background copy yields to applications, like md's resync (speed_limit_min while the
+    /// array is busy) and DRBD's c-min-rate. Not while a switchover holds writes: it waits for
+    /// the copy to finish.
+    fn copy_speed(&mut self) -> u64 {
+        let speed = self.engine.speed();
+        let busy = self.engine.busy_speed();
+        let now = Instant::now();
+        let n = self.engine.front_requests();
+        if n != self.front_seen {
+            self.front_seen = n;
+            self.front_at = now;
+        }
+        let busy_now = busy > 0 && (speed == 0 || busy < speed) && now.duration_since(self.front_at) < BUSY_WINDOW;
+        let mut g = self.engine.lock();
+        let yielding = busy_now && !g.write_barrier;
+        g.progress.yielding = yielding;
+        if yielding {
+            busy
+        } else {
+            speed
+        }
+    }
+
     fn start_copies(&mut self) -> Result<()> {
         if let Some(t) = self.retry_at {
             if Instant::now() < t {
@@ -352,7 +382,7 @@ impl<'t> Mirror<'t> {
             self.needs_reset = false;
         }
         let max = self.regions_per_copy();
-        let speed = self.engine.speed();
+        let speed = self.copy_speed();
         if speed == 0 {
             self.throttled_until = None;
         } else {
@@ -878,6 +908,8 @@ const FLUSH_TOKEN: u64 = (1 << 40) - 1;
 /// Retries of a failing target back off exponentially up to this: a target that comes back is
 /// used again within seconds.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The device counts as busy for this long after a request began (see `copy_speed`).
+pub const BUSY_WINDOW: Duration = Duration::from_millis(250);
 /// Least time between consistent flushes while write-blocking mode is in force.
 const CONSISTENT_GAP: Duration = Duration::from_millis(500);
 /// Sub-identifier of the source half of a pair flush (job slots are far below it).

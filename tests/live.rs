@@ -219,6 +219,59 @@ fn speed_limit_bounds_the_copy_rate() {
     assert_eq!(read_all(&f.source), read_all(&f.target));
 }
 
+/// While the device serves requests the copy yields to `busy_speed`; once it is idle the copy
+/// runs at full speed again. A writer keeps 16 MiB dirty ahead of a mirror held to 1 MiB/s; the
+/// same writer against a mirror without the limit lets it copy far more.
+fn copied_while_busy(busy_speed: u64) -> (u64, f64, bool) {
+    let f = files(16 * MIB);
+    // Dense data: every copy moves whole regions (a hole would be skipped, not copied).
+    fill_random(&f.source, 0, (16 * MIB) as usize, 21);
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let engine = Arc::new(engine);
+    engine.apply_settings(&Settings { busy_speed, ..Default::default() });
+    let me = engine.clone();
+    let mirror = std::thread::spawn(move || {
+        let mut m = Mirror::new(me, target.as_mut(), CopyConfig::default()).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    // Dirty everything first, then keep the device busy with rewrites for two seconds.
+    for blk in 0..256u64 {
+        write(&mut q, blk * 64 * 1024, 4096, blk as u8);
+    }
+    let c0 = engine.status().bytes_copied;
+    let t0 = Instant::now();
+    let mut yielding = false;
+    let mut i = 0u64;
+    while t0.elapsed() < Duration::from_secs(2) {
+        write(&mut q, ((i * 97) % 256) * 64 * 1024, 4096, i as u8);
+        std::thread::sleep(Duration::from_millis(5));
+        yielding |= engine.status().yielding;
+        i += 1;
+    }
+    let copied = engine.status().bytes_copied - c0;
+    let busy_secs = t0.elapsed().as_secs_f64();
+    // Idle now: the copy catches up at full speed.
+    wait_for("synced once idle", Duration::from_secs(20), || engine.status().state == "synced");
+    assert!(!engine.status().yielding, "still yielding on an idle device");
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    assert_eq!(read_all(&f.source), read_all(&f.target));
+    (copied, busy_secs, yielding)
+}
+
+#[test]
+fn busy_device_holds_the_copy_to_busy_speed() {
+    let (copied, secs, yielding) = copied_while_busy(MIB);
+    assert!(yielding, "status never said the copy yields");
+    // At most the rate plus the bucket's start credit (one 1 MiB buffer) and one copy's overdraw.
+    let bound = (secs * MIB as f64) as u64 + 2 * MIB;
+    assert!(copied <= bound, "copied {copied} bytes in {secs:.1}s while busy, more than {bound}");
+    let (free, _, yielding) = copied_while_busy(0);
+    assert!(!yielding, "yielding with busy_speed 0");
+    assert!(free > 2 * bound, "without the limit the copy moved only {free} bytes (limited: {copied}): the test proves nothing");
+}
+
 /// Max-lag: a mirror paused (so the dirty set cannot drain) switches to write-blocking once
 /// the target has been behind for longer than the limit.
 #[test]
