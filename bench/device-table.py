@@ -10,8 +10,8 @@ vals = collections.defaultdict(list)
 for line in sys.stdin:
     _, dev, job, _rnd, iops, kib = line.split()
     vals[(dev, job)].append((int(iops), int(kib)))
-devs = [d for d in ["mirror", "mirror-wb", "ublk", "ublk-async", "loop", "raid1"] if any(k[0] == d for k in vals)]
-ratios = [("mirror", "ublk"), ("mirror-wb", "ublk"), ("mirror", "ublk-async"), ("mirror-wb", "ublk-async")]
+devs = [d for d in ["mirror", "mirror-compete", "mirror-wb", "ublk", "ublk-async", "loop", "raid1"] if any(k[0] == d for k in vals)]
+ratios = [("mirror", "ublk"), ("mirror-compete", "ublk"), ("mirror-wb", "ublk"), ("mirror", "ublk-async"), ("mirror-wb", "ublk-async")]
 ratios = [r for r in ratios if r[0] in devs and r[1] in devs]
 print("%-10s %s   %s" % ("job", " ".join("%16s" % d for d in devs), "  ".join("%s/%s" % r for r in ratios)))
 for job in ["randread", "randwrite", "seqwrite"]:

@@ -54,19 +54,9 @@ T_SMALL=120    # timeout (s) for small steps (drop caches, python, du, one dd of
 die() { echo "sync.sh: $*" >&2; exit 1; }
 log() { echo "  $*"; }
 
-[ "$(id -u)" = 0 ] || die "must run as root (it drops the page cache)"
-[ -x "$BIN" ] || die "no ublk-mirror binary at $BIN (run: cargo build --release)"
-for t in dd qemu-img python3 timeout du df; do
-  command -v "$t" >/dev/null || die "$t is not installed (qemu-img: apt-get install qemu-utils)"
-done
-mkdir -p "$BENCH_DIR"
-FSTYPE=$(df --output=fstype "$BENCH_DIR" | tail -1 | tr -d ' ')
-case "$FSTYPE" in
-  tmpfs|ramfs|devtmpfs|overlay|squashfs) die "BENCH_DIR=$BENCH_DIR is on $FSTYPE; use a real disk" ;;
-esac
-NEED_KIB=$(( (SIZE_MIB * 4 + 512) * 1024 ))
-AVAIL_KIB=$(df -k --output=avail "$BENCH_DIR" | tail -1 | tr -d ' ')
-[ "$AVAIL_KIB" -gt "$NEED_KIB" ] || die "need $((NEED_KIB / 1024)) MiB free in $BENCH_DIR, have $((AVAIL_KIB / 1024))"
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
+bench_preflight "dd qemu-img python3 timeout du df" "qemu-img: apt-get install qemu-utils" $((SIZE_MIB * 4 + 512))
 
 W=$(mktemp -d "$BENCH_DIR/run.XXXXXX")
 cleanup() {

@@ -213,11 +213,11 @@ pub struct AddArgs {
     /// Copy bandwidth limit in bytes per second (K/M/G suffixes; 0 = unlimited); `set` changes it.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     pub speed: u64,
-    /// While the device serves I/O (a request within the last 250 ms) the background copy
-    /// yields: it runs at most this fast (K/M/G suffixes), like md's speed_limit_min or DRBD's
-    /// c-min-rate; at full --speed once the device is idle. 0 = never yield (the copy competes
-    /// with applications for CPU and disk). `set` changes it.
-    #[arg(long, value_parser = parse_size, default_value = "16M")]
+    /// While applications use the device (at least 128 requests/s) the background copy yields:
+    /// it runs at most this fast (K/M/G suffixes), like md's speed_limit_min or DRBD's
+    /// c-min-rate; at full --speed otherwise. 0 = never yield (the copy competes with
+    /// applications for CPU and disk). `set` changes it.
+    #[arg(long, value_parser = parse_size, default_value = "4M")]
     pub busy_speed: u64,
     /// background: writes complete on the source and the mirror copies behind them;
     /// write-blocking: writes complete once on source and target (file and block device targets).

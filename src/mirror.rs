@@ -104,9 +104,11 @@ pub struct Mirror<'t> {
     /// Copy bandwidth budget (token bucket, bytes; may go negative) and its last refill.
     tokens: f64,
     tokens_at: Instant,
-    /// The front end's request count when last seen, and when it last changed.
+    /// Busy detection: the front end's request count at the start of the current window, when
+    /// that window began, and whether the last complete window was busy.
     front_seen: u64,
     front_at: Instant,
+    busy: bool,
     /// Copies wait for the budget until then.
     throttled_until: Option<Instant>,
     /// The --on-consistent command running now, its start, and when the last one started.
@@ -167,7 +169,8 @@ impl<'t> Mirror<'t> {
             tokens: 0.0,
             tokens_at: Instant::now(),
             front_seen: 0,
-            front_at: Instant::now().checked_sub(BUSY_WINDOW).unwrap_or_else(Instant::now),
+            front_at: Instant::now(),
+            busy: false,
             throttled_until: None,
             last_consistent: None,
             consistent_after: None,
@@ -336,20 +339,24 @@ impl<'t> Mirror<'t> {
     }
 
     /// The copy rate limit now: `speed`, or `busy_speed` (when lower, or when `speed` is
-    /// unlimited) while the device has begun requests within the last [`BUSY_WINDOW`]: the
-    /// background copy yields to applications, like md's resync (speed_limit_min while the
-    /// array is busy) and DRBD's c-min-rate. Not while a switchover holds writes: it waits for
-    /// the copy to finish.
+    /// unlimited) while the device is busy: the background copy yields to applications, like
+    /// md's resync (speed_limit_min while the array is busy) and DRBD's c-min-rate. Busy means
+    /// at least [`BUSY_REQUESTS`] requests began in the last complete [`BUSY_WINDOW`] (md too
+    /// ignores a trickle of I/O). Not while a switchover holds writes: it waits for the copy.
     fn copy_speed(&mut self) -> u64 {
         let speed = self.engine.speed();
         let busy = self.engine.busy_speed();
         let now = Instant::now();
-        let n = self.engine.front_requests();
-        if n != self.front_seen {
+        let since = now.duration_since(self.front_at);
+        if since >= BUSY_WINDOW {
+            let n = self.engine.front_requests();
+            // A window much longer than BUSY_WINDOW (the loop slept) is judged by its rate.
+            let scaled = (n - self.front_seen) as f64 * BUSY_WINDOW.as_secs_f64() / since.as_secs_f64();
+            self.busy = scaled >= BUSY_REQUESTS as f64;
             self.front_seen = n;
             self.front_at = now;
         }
-        let busy_now = busy > 0 && (speed == 0 || busy < speed) && now.duration_since(self.front_at) < BUSY_WINDOW;
+        let busy_now = busy > 0 && (speed == 0 || busy < speed) && self.busy;
         let mut g = self.engine.lock();
         let yielding = busy_now && !g.write_barrier;
         g.progress.yielding = yielding;
@@ -908,8 +915,10 @@ const FLUSH_TOKEN: u64 = (1 << 40) - 1;
 /// Retries of a failing target back off exponentially up to this: a target that comes back is
 /// used again within seconds.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// The device counts as busy for this long after a request began (see `copy_speed`).
+/// The window over which the device's request rate is judged (see `copy_speed`).
 pub const BUSY_WINDOW: Duration = Duration::from_millis(250);
+/// Requests per [`BUSY_WINDOW`] from which the device counts as busy (128 per second).
+pub const BUSY_REQUESTS: u64 = 32;
 /// Least time between consistent flushes while write-blocking mode is in force.
 const CONSISTENT_GAP: Duration = Duration::from_millis(500);
 /// Sub-identifier of the source half of a pair flush (job slots are far below it).

@@ -237,16 +237,7 @@ fn resync_copies_only_dirty_regions() {
     sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("full");
     let (engine, _target, open) = Engine::open(&f.pair(None, None)).expect("reopen");
     assert_eq!(open.dirty_regions, 0);
-    let engine = Arc::new(engine);
-    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
-    for r in [3u64, 4, 100, 400] {
-        let mut data = AlignedBuf::new(4096);
-        data.fill(r as u8);
-        q.execute(Op::Write { off: r * G + 8192, data, len: 4096, fua: false }).expect("write");
-    }
-    drop(q);
-    engine.close().expect("close");
-    drop(engine);
+    write_regions_and_close(engine, G, &[3, 4, 100, 400]);
     drop(_target);
     let v = sync::verify(&verify_opts(&f)).expect("verify");
     assert_eq!(v.differing, vec![(3, 2), (100, 1), (400, 1)]);

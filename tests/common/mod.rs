@@ -71,3 +71,19 @@ pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     }
     a.iter().zip(b).position(|(x, y)| x != y)
 }
+
+/// Writes 4 KiB at byte 8192 of each region of `regions` (of `granularity` bytes, filled with
+/// the region number) through a front-end queue, as the device does (setting the bits), then
+/// closes the engine in order.
+pub fn write_regions_and_close(engine: ublk_mirror::engine::Engine, granularity: u64, regions: &[u64]) {
+    use ublk_mirror::queue::{EngineQueue, Op};
+    let engine = std::sync::Arc::new(engine);
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    for &r in regions {
+        let mut data = ublk_mirror::backing::AlignedBuf::new(4096);
+        data.fill(r as u8);
+        q.execute(Op::Write { off: r * granularity + 8192, data, len: 4096, fua: false }).expect("write");
+    }
+    drop(q);
+    engine.close().expect("close");
+}

@@ -9,14 +9,10 @@
 B=/tmp/bm DEV=/dev/ublkb0 EV=/tmp/events.jsonl
 S=$(disk_dev src) T=$(disk_dev tgt)
 dd if=/dev/urandom of=$S bs=1M count=128 oflag=direct status=none || fail "fill the source"
-run_timeout 60 ublk-mirror add -s $S -t $T -b $B --event-log $EV > /dev/null 2> /tmp/add.err || fail "add: $(cat /tmp/add.err)"
-wait_for 10 "$DEV" test -b $DEV
-run_timeout 120 ublk-mirror status -n 0 --wait-synced --timeout 120 > /dev/null || fail "initial sync"
+add_synced $S $T $B --event-log $EV
 
 step "fio verify; switchover --reverse in the middle"
-fio --filename=$DEV --ioengine=io_uring --direct=1 --bs=4k --iodepth=32 --rw=randwrite --size=128M \
-    --name=rev --verify=crc32c --do_verify=1 --output=/tmp/fio.out &
-FIO=$!
+fio_verify_bg rev 128M
 sleep 4
 run_timeout 90 ublk-mirror switchover -n 0 --reverse --timeout 60 2> /tmp/so.err || fail "switchover --reverse: $(cat /tmp/so.err)"
 log "reversed"

@@ -17,14 +17,10 @@ dd if=/dev/urandom of=$S bs=1M count=128 status=none
 EV=/tmp/events.jsonl
 
 step "add over a dm target and sync"
-run_timeout 60 ublk-mirror add -s $S -t $T -b $B --event-log $EV > /tmp/add.json 2> /tmp/add.err || fail "add: $(cat /tmp/add.err)"
-wait_for 10 "$DEV" test -b $DEV
-run_timeout 120 ublk-mirror status -n 0 --wait-synced --timeout 120 > /dev/null || fail "initial sync"
+add_synced $S $T $B --event-log $EV
 
 step "fio verify on the device while the target fails"
-fio --filename=$DEV --ioengine=io_uring --direct=1 --bs=4k --iodepth=32 --rw=randwrite --size=96M \
-    --name=tf --verify=crc32c --do_verify=1 --output=/tmp/fio.out &
-FIO=$!
+fio_verify_bg tf 96M
 sleep 2
 dmsetup suspend tgt && dmsetup load tgt --table "0 $SECT error" && dmsetup resume tgt || fail "switch to dm-error"
 log "target now fails every I/O"

@@ -113,6 +113,21 @@ jstr() { sed -n "s/.*\"$1\": \"\([^\"]*\)\".*/\1/p" | head -n 1; }
 mirror_status() {
     run_timeout 10 ublk-mirror status -n "$1" --json > /tmp/st.json 2> /tmp/st.err || fail "status -n $1: $(cat /tmp/st.err)"
 }
+# add_synced S T B [ADD OPTIONS...]: `ublk-mirror add` of device 0 (output in /tmp/add.json),
+# waits for /dev/ublkb0 and for the initial sync; fails the script otherwise.
+add_synced() {
+    _as_s=$1 _as_t=$2 _as_b=$3; shift 3
+    run_timeout 60 ublk-mirror add -s "$_as_s" -t "$_as_t" -b "$_as_b" "$@" > /tmp/add.json 2> /tmp/add.err || fail "add: $(cat /tmp/add.err)"
+    wait_for 10 /dev/ublkb0 test -b /dev/ublkb0
+    run_timeout 120 ublk-mirror status -n 0 --wait-synced --timeout 120 > /dev/null || fail "initial sync"
+}
+# fio_verify_bg NAME SIZE: fio 4k randwrite QD32 with crc32c verify on /dev/ublkb0 in the
+# background; its pid in FIO, its output in /tmp/fio.out (see wait_fio).
+fio_verify_bg() {
+    fio --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --bs=4k --iodepth=32 --rw=randwrite --size="$2" \
+        --name="$1" --verify=crc32c --do_verify=1 --output=/tmp/fio.out &
+    FIO=$!
+}
 # wait_fio PID OUT [SECS]: waits (at most SECS, default 300) for the background fio PID and
 # fails the script unless it exited 0 and reported no error in OUT.
 wait_fio() {
