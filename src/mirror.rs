@@ -342,7 +342,8 @@ impl<'t> Mirror<'t> {
     /// unlimited) while the device is busy: the background copy yields to applications, like
     /// md's resync (speed_limit_min while the array is busy) and DRBD's c-min-rate. Busy means
     /// at least [`BUSY_REQUESTS`] requests began in the last complete [`BUSY_WINDOW`] (md too
-    /// ignores a trickle of I/O). Not while a switchover holds writes: it waits for the copy.
+    /// ignores a trickle of I/O). Not while a switchover holds writes (it waits for the copy),
+    /// nor while `--max-lag` forces write-blocking.
     fn copy_speed(&mut self) -> u64 {
         let speed = self.engine.speed();
         let busy = self.engine.busy_speed();
@@ -358,7 +359,9 @@ impl<'t> Mirror<'t> {
         }
         let busy_now = busy > 0 && (speed == 0 || busy < speed) && self.busy;
         let mut g = self.engine.lock();
-        let yielding = busy_now && !g.write_barrier;
+        // Nor once --max-lag has forced write-blocking: the operator asked for a bounded lag,
+        // and the backlog only drains through the copy.
+        let yielding = busy_now && !g.write_barrier && !g.progress.lag_forced;
         g.progress.yielding = yielding;
         if yielding {
             busy
