@@ -135,7 +135,7 @@ fn prepare_recover(
             switched = true;
             (source, target)
         }
-        Ok((h, _)) if Path::new(&h.pair.source) == absolute(&target) && Path::new(&h.pair.target) == absolute(&source) => {
+        Ok((h, _)) if Path::new(&h.pair.source) == crate::bitmap::absolute(&target) && Path::new(&h.pair.target) == crate::bitmap::absolute(&source) => {
             log::info!("device {id}: its pair was reversed by a switchover: source {}, target {}", h.pair.source, h.pair.target);
             (target, source)
         }
@@ -180,14 +180,6 @@ fn prepare_recover(
         .build()
         .map_err(uerr("recover"))?;
     Ok((ctrl, pair, name, settings, switched))
-}
-
-fn absolute(p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
-    }
 }
 
 /// Runs in the daemon: opens the pair, adds (or recovers) the device and serves it until it is

@@ -601,13 +601,18 @@ impl PersistentBits for Bitmap {
 /// resolved: `/dev/disk/by-id/...` stays stable where `/dev/sdb` does not) and, for a regular
 /// file, its inode number, so that a different file at the same path is noticed.
 pub fn identity_of(path: &Path, meta: &std::fs::Metadata) -> (String, u64) {
-    let abs = if path.is_absolute() {
+    let abs = absolute(path);
+    let fp = if meta.file_type().is_file() { meta.ino() } else { 0 };
+    (abs.to_string_lossy().into_owned(), fp)
+}
+
+/// `path` made absolute against the current directory, not resolved (as the header records it).
+pub fn absolute(path: &Path) -> PathBuf {
+    if path.is_absolute() {
         path.to_path_buf()
     } else {
         std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
-    };
-    let fp = if meta.file_type().is_file() { meta.ino() } else { 0 };
-    (abs.to_string_lossy().into_owned(), fp)
+    }
 }
 
 /// Takes an exclusive, non-blocking flock on `file` (held until the file is closed). False if

@@ -435,13 +435,16 @@ impl Engine {
     fn assemble(source: Backing, state: MirrorState<Bitmap>, bitmap: &Path, dirty: u64) -> Result<Engine> {
         let bitmap_fd = state.pbits().file();
         let shift = state.pbits().granularity().trailing_zeros();
+        // The bitmap's device size: the source's (checked at open), or after a switchover the
+        // device's, which a larger target keeps.
+        let size = state.pbits().header().device_size;
         let wake = nix::sys::eventfd::EventFd::from_value_and_flags(
             0,
             nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
         )
         .map_err(|e| Error::io("eventfd", e.into()))?;
         Ok(Engine {
-            size: source.size,
+            size,
             shift,
             front: crate::front::FrontFds::new(Fds { source: source.fd(), target: -1 }),
             source: std::sync::RwLock::new(Arc::new(source)),
@@ -483,14 +486,9 @@ impl Engine {
                 bm.header().device_size
             )));
         }
-        let size = bm.header().device_size;
         let state = MirrorState::new(bm.nregions(), bm);
-        let mut e = Self::assemble(data, state, bitmap, 0)?;
-        // The device keeps its size when the target is larger.
-        e.size = size;
-        let d = e.source();
-        e.front.publish(Fds { source: d.fd(), target: d.fd() }, Duration::from_secs(1));
-        *relock(&e.front_target) = Some(d);
+        let e = Self::assemble(data, state, bitmap, 0)?;
+        e.set_front_target(e.source(), Duration::from_secs(1));
         e.serving_target.store(true, Ordering::SeqCst);
         Ok(e)
     }
@@ -601,11 +599,17 @@ impl Engine {
     pub fn attach_target(&self, target: &dyn crate::target::Target) -> Result<()> {
         let Some(b) = target.backing() else { return Ok(()) };
         let b = Arc::new(b.try_clone().map_err(|e| Error::io("duplicating the target's descriptor", e))?);
-        let src = self.source().fd();
         // Nothing holds the initial set yet: this returns at once.
-        self.front.publish(Fds { source: src, target: b.fd() }, Duration::from_secs(5));
-        *relock(&self.front_target) = Some(b);
+        self.set_front_target(b, Duration::from_secs(5));
         Ok(())
+    }
+
+    /// Makes `target` the front end's target, beside the current source, and waits (at most
+    /// `limit`) for requests on the previous descriptors; false if some still hold them.
+    fn set_front_target(&self, target: Arc<Backing>, limit: Duration) -> bool {
+        let fds = Fds { source: self.source().fd(), target: target.fd() };
+        *relock(&self.front_target) = Some(target);
+        self.front.publish(fds, limit)
     }
 
     /// The front end can write the target itself (see [`Self::attach_target`]).
@@ -787,7 +791,7 @@ impl Engine {
             self.mirror_restart.store(false, Ordering::SeqCst);
             why
         };
-        let h = self.lock().state.pbits().header().pair.clone();
+        let h = self.pair();
         let swapped = PairIdentity {
             source: h.target,
             source_fingerprint: h.target_fingerprint,
@@ -799,10 +803,8 @@ impl Engine {
         if let Err(e) = self.lock().state.pbits_mut().set_pair(swapped.clone()) {
             return Err(resume_same(format!("recording the reversed pair in the bitmap: {e}")));
         }
-        let fds = Fds { source: new_source.fd(), target: old_source.fd() };
         *write_lock(&self.source) = new_source;
-        *relock(&self.front_target) = Some(old_source);
-        if !self.front.publish(fds, Duration::from_secs(10)) {
+        if !self.set_front_target(old_source, Duration::from_secs(10)) {
             // Nothing was closed: a request still on the old set reads a file that holds the same data.
             log::warn!("switchover --reverse: a request held the old descriptors for 10 s");
         }
