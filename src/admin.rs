@@ -176,11 +176,17 @@ fn prepare_recover(
         .nr_queues(info.nr_hw_queues)
         .depth(info.queue_depth)
         .io_buf_bytes(info.max_io_buf_bytes)
-        .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+        .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV | QUEUE_AFFINITY)
         .build()
         .map_err(uerr("recover"))?;
     Ok((ctrl, pair, name, settings, switched))
 }
+
+/// Each queue thread is pinned to one CPU of its queue's set (as rublk and ublksrv do by
+/// default). A floating queue thread shares CPUs with the io_uring workers that run its
+/// punted I/O and migrates between them; pinned, the submitting thread stays put and the
+/// workers take the other CPUs (bench/README.md has the measurement).
+const QUEUE_AFFINITY: UblkFlags = UblkFlags::UBLK_DEV_F_SINGLE_CPU_AFFINITY;
 
 /// Runs in the daemon: opens the pair, adds (or recovers) the device and serves it until it is
 /// stopped. Returns when the device is gone.
@@ -219,7 +225,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
                 .depth(opts.depth)
                 .io_buf_bytes(512 << 10)
                 .ctrl_flags((sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64)
-                .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+                .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV | QUEUE_AFFINITY)
                 .build()
                 .map_err(|e| {
                     let hint = if opts.id >= 0 {
