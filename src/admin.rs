@@ -267,7 +267,6 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         None => serde_json::json!({ "dev_id": id, "switched_over": true }),
     };
     engine.events().emit(if recover.is_some() { "recovered-daemon" } else { "started" }, started);
-    let has_target = engine.front_has_target();
     let mut copy = opts.copy.clone();
     if let Some(h) = settings.hook.clone() {
         copy.on_consistent = Some(h);
@@ -302,7 +301,6 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         }
     };
 
-    let bm_fd = engine.bitmap_fd();
     let data = serde_json::json!({
         "name": name, "source": pair.source, "target": pair.target, "bitmap": pair.bitmap,
         "settings": settings,
@@ -312,12 +310,9 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
     let tgt_init = move |dev: &mut UblkDev| -> std::result::Result<(), libublk::UblkError> {
         let max_io = dev.dev_info.max_io_buf_bytes;
         let t = &mut dev.tgt;
-        // Fixed files: 0 is /dev/ublkcN (libublk's), 1 the bitmap (source and target are
-        // replaced under live I/O by a switchover: plain descriptors, see crate::front).
-        t.fds[t.nr_fds as usize] = bm_fd;
-        t.nr_fds += 1;
         t.dev_size = tgt_engine.size();
-        // Room for a bitmap flush beside each tag's own operation.
+        // Room for two operations per tag (a write-blocking write goes to source and target)
+        // and the queue's bitmap flush and timer.
         t.cq_depth = t.cq_depth.saturating_mul(2);
         t.sq_depth = t.sq_depth.saturating_mul(2);
         t.params = device::params(&tgt_engine, max_io);
@@ -325,7 +320,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         Ok(())
     };
     let q_engine = engine.clone();
-    let q_fn = move |qid: u16, dev: &UblkDev| device::queue_main(qid, dev, q_engine.clone(), has_target);
+    let q_fn = move |qid: u16, dev: &UblkDev| device::queue_main(qid, dev, q_engine.clone());
     let mut live = report.try_clone();
     let on_live = move |c: &UblkCtrl| live.send(&format!("LIVE {}", c.dev_info().dev_id));
     let served = ctrl.run_target(tgt_init, q_fn, on_live);

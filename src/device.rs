@@ -1,245 +1,76 @@
 //! The ublk device: /dev/ublkbN served from the source, with the engine's write-intent protocol
 //! on every write and the mirror loop running alongside.
 //!
-//! Data plane (libublk 0.4.8, async style): one thread and one io_uring per queue, one task per
-//! tag. Forwarding a request costs one SQE on the queue's ring. The bitmap is a fixed file there
-//! (slot 0 is libublk's /dev/ublkcN); source and target are plain descriptors taken from the
-//! engine per request (see [`crate::front`]), because a switchover replaces them under live I/O
-//! and must know when the old ones are no longer used (a fixed-file slot keeps its file open in
-//! the kernel until every request issued before its update has completed, and each idle ublk
-//! tag keeps one pending). A write to a region whose bit is not yet durable first waits for a
-//! bitmap fdatasync issued on the same ring; writes of the same queue that arrive meanwhile
-//! share it (group commit).
+//! Data plane (libublk 0.4.8, callback style): one thread and one io_uring per queue. Each
+//! completion on the queue's ring (a new request from the driver, or one of our operations)
+//! goes to the queue's [`Requests`], the same protocol code the engine tests drive on a ring of
+//! their own (crate::queue); what it finishes is committed back to the driver at once.
+//! Forwarding a read costs one SQE; a write whose bit is already durable one SQE, otherwise it
+//! first waits for a bitmap fdatasync on the same ring, shared by the queue's writes that
+//! arrive meanwhile (group commit). Source and target are plain descriptors taken from the
+//! engine per request (see [`crate::front`]): a switchover replaces them under live I/O and must
+//! know when the old ones are no longer used (a fixed-file slot keeps its file open in the
+//! kernel until every request issued before its update has completed, and each idle ublk tag
+//! keeps one pending).
 
-use crate::engine::{CopyConfig, Engine, Gate, MirrorNext};
-use crate::core::{ActivePlan, Intent};
+use crate::engine::{CopyConfig, Engine, MirrorNext};
 use crate::mirror::{Mirror, RunUntil};
-use io_uring::{opcode, squeue, types};
+use crate::queue::{Request, Requests, Sink};
+use crate::uring::Owner;
 use libublk::helpers::IoBuf;
-use libublk::io::{BufDesc, UblkDev, UblkQueue};
-use libublk::uring_async::ublk_submit_sqe_async;
-use libublk::{sys, UblkError, UblkUringData};
+use libublk::io::{BufDesc, BufDescList, UblkDev, UblkIOCtx, UblkQueue};
+use libublk::{sys, UblkIORes};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
-
-const BITMAP: types::Fixed = types::Fixed(1);
 
 /// Raw `op_flags` bits (tested in place, not shifted).
 pub const IO_F_FUA: u32 = 1 << 13;
 pub const IO_F_NOUNMAP: u32 = 1 << 15;
 
-async fn submit(sqe: squeue::Entry) -> i32 {
-    match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
-        Ok(r) => r,
-        Err(e) => {
-            log::error!("queue ring: submission failed: {e:?}");
-            -libc::EIO
-        }
+/// The ublk queue's ring as the sink of its [`Requests`]. libublk routes a completion by its
+/// user_data: the low 16 bits are a tag, and the target-I/O bit sends it to our handler; the
+/// request's slot goes where libublk expects the tag (the handler does not read it as one) and
+/// the owner in the target-data bits.
+struct QueueSink<'a, 'b>(&'a UblkQueue<'b>);
+
+impl Sink for QueueSink<'_, '_> {
+    fn push(&mut self, entry: io_uring::squeue::Entry, owner: Owner, slot: u16) -> std::io::Result<()> {
+        let user_data = UblkIOCtx::build_user_data(slot, 0, owner as u32, true);
+        self.0
+            .ublk_submit_sqe_sync(entry.user_data(user_data))
+            .map_err(|e| std::io::Error::other(format!("queue ring: {e:?}")))
     }
 }
 
-/// Group commit of bitmap flushes within one queue: at most one fdatasync of the bitmap in
-/// flight; writers that need a later one wait for it to finish, then one of them starts the
-/// next. A flush covers every bit set before it started (see `MirrorState`), so any number of
-/// concurrent first writes share at most two flushes.
-#[derive(Default)]
-struct QueueCommit {
-    inner: RefCell<CommitState>,
+fn owner_of(user_data: u64) -> Option<Owner> {
+    Owner::from_code((user_data >> 24) & 0xffff)
 }
 
-#[derive(Default)]
-struct CommitState {
-    in_flight: bool,
-    generation: u64,
-    waiters: Vec<Waker>,
-}
-
-impl QueueCommit {
-    /// Resolves when the flush in flight now has completed.
-    async fn flush_done(&self) {
-        let gen = self.inner.borrow().generation;
-        std::future::poll_fn(|cx| {
-            let mut s = self.inner.borrow_mut();
-            if s.generation != gen || !s.in_flight {
-                Poll::Ready(())
-            } else {
-                s.waiters.push(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await
-    }
-
-    /// Makes the intent sequence `seq` durable: 0, or -EIO if the bitmap cannot be flushed (the
-    /// write is then failed without touching the source).
-    async fn ensure(&self, engine: &Engine, seq: u64) -> i32 {
-        loop {
-            if engine.intent_durable(seq) {
-                return 0;
-            }
-            if self.inner.borrow().in_flight {
-                self.flush_done().await;
-                continue;
-            }
-            self.inner.borrow_mut().in_flight = true;
-            let start = engine.bitmap_flush_start();
-            let r = submit(opcode::Fsync::new(BITMAP).flags(types::FsyncFlags::DATASYNC).build()).await;
-            engine.bitmap_flush_done(start, r >= 0);
-            let waiters = {
-                let mut s = self.inner.borrow_mut();
-                s.in_flight = false;
-                s.generation += 1;
-                std::mem::take(&mut s.waiters)
-            };
-            waiters.into_iter().for_each(Waker::wake);
-            if r < 0 {
-                log::error!("bitmap fdatasync failed ({}): failing a write", std::io::Error::from_raw_os_error(-r));
-                return -libc::EIO;
-            }
-        }
-    }
-}
-
-/// Sleeps on the queue's ring (the task yields; other tags keep being served).
-async fn ring_sleep(d: std::time::Duration) {
-    let ts = types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos());
-    // -ETIME is the normal completion of a timeout.
-    let _ = submit(opcode::Timeout::new(&ts).build()).await;
-}
-
-async fn rw_on(file: types::Fd, write: bool, fua: bool, off: u64, len: u64, buf: &IoBuf<u8>) -> i32 {
-    if len > buf.len() as u64 {
-        return -libc::EINVAL;
-    }
-    let mut done = 0u64;
-    while done < len {
-        // SAFETY: done < len <= buf.len(), and the buffer outlives the awaited operation.
-        let p = unsafe { buf.as_mut_ptr().add(done as usize) };
-        let n = (len - done) as u32;
-        let sqe = if write {
-            let flags = if fua { libc::RWF_DSYNC } else { 0 };
-            opcode::Write::new(file, p, n).offset(off + done).rw_flags(flags).build()
-        } else {
-            opcode::Read::new(file, p, n).offset(off + done).build()
-        };
-        match submit(sqe).await {
-            r if r < 0 => return r,
-            0 => return -libc::EIO,
-            r => done += r as u64,
-        }
-    }
-    len as i32
-}
-
-async fn handle(q: &UblkQueue<'_>, tag: u16, buf: &IoBuf<u8>, engine: &Engine, commit: &QueueCommit, has_target: bool) -> i32 {
-    let iod = q.get_iod(tag);
+/// The request the driver sent in `iod`, or the error to fail it with.
+fn request_of(iod: &sys::ublksrv_io_desc, buf_len: usize) -> Result<Request, i32> {
     let op = iod.op_flags & 0xff;
     let flags = iod.op_flags;
     let off = iod.start_sector << 9;
     let len = (iod.nr_sectors as u64) << 9;
-    match op {
-        sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_FLUSH => {
-            // Descriptors first, then the question which one: a request that still sees the
-            // source here is waited for by the switchover before the source goes away. A read
-            // that started on the source just before the switch returns the same data (writes
-            // were held until both agreed).
-            let h = engine.front_enter();
-            let switched = engine.serving_target();
-            let file = types::Fd(if switched { h.fds.target } else { h.fds.source });
-            let r = if op == sys::UBLK_IO_OP_READ {
-                rw_on(file, false, false, off, len, buf).await
-            } else {
-                // Under write intent every bit a completed write needed is already durable, so
-                // a FLUSH is only a durability flush of the data (the target once switched).
-                let r = submit(opcode::Fsync::new(file).flags(types::FsyncFlags::DATASYNC).build()).await;
-                if r < 0 && !switched {
-                    engine.set_source_flush_failed();
-                }
-                if engine.source_flush_failed() && !switched { -libc::EIO } else { r }
-            };
-            engine.front_exit(h);
-            return r;
-        }
-        sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {}
-        _ => return -libc::EOPNOTSUPP,
+    let transfer = || if len <= buf_len as u64 { Ok(len as u32) } else { Err(-libc::EINVAL) };
+    Ok(match op {
+        sys::UBLK_IO_OP_READ => Request::Read { off, len: transfer()? },
+        sys::UBLK_IO_OP_WRITE => Request::Write { off, len: transfer()?, fua: flags & IO_F_FUA != 0 },
+        // Under write intent every bit a completed write needed is durable already, so a
+        // FLUSH is only a durability flush of the data.
+        sys::UBLK_IO_OP_FLUSH => Request::Flush,
+        sys::UBLK_IO_OP_DISCARD => Request::Discard { off, len },
+        sys::UBLK_IO_OP_WRITE_ZEROES => Request::WriteZeroes { off, len, unmap: flags & IO_F_NOUNMAP == 0 },
+        _ => return Err(-libc::EOPNOTSUPP),
+    })
+}
+
+fn commit(q: &UblkQueue<'_>, bufs: &[IoBuf<u8>], tag: u16, res: i32) {
+    let Some(buf) = bufs.get(tag as usize) else { return };
+    if let Err(e) = q.complete_io_cmd_unified(tag, BufDesc::Slice(buf.as_slice()), Ok(UblkIORes::Result(res))) {
+        log::error!("queue {}: committing tag {tag}: {e:?}", q.get_qid());
     }
-    if len == 0 || off + len > engine.size() {
-        return -libc::EINVAL;
-    }
-    let ext = engine.extent(off, len);
-    // Write-blocking mode mirrors writes (not discards or write-zeroes: those stay dirty and
-    // the copy turns them into holes or zeroes on the target). During a consistent flush such
-    // a write waits for it (at most half a second before it goes ahead as an ordinary write);
-    // during a switchover every write waits (the switchover bounds that).
-    let mirror_ok = op == sys::UBLK_IO_OP_WRITE && has_target;
-    let t0 = std::time::Instant::now();
-    let mut nap = std::time::Duration::from_micros(500);
-    let (intent, plan, mirrored) = loop {
-        let may_wait = t0.elapsed() < std::time::Duration::from_millis(500);
-        match engine.begin_request(ext, off, len, mirror_ok, may_wait) {
-            Gate::Go(i, p) => break (i, p, true),
-            Gate::Target => break (Intent::Ready, ActivePlan::SourceOnly, false),
-            Gate::Wait => {
-                ring_sleep(nap).await;
-                nap = (nap * 2).min(std::time::Duration::from_millis(10));
-            }
-        }
-    };
-    // Taken after the gate: a write waiting at a switchover's barrier must not hold the
-    // descriptors the switchover is about to replace. A write let go on the source is in
-    // flight for the engine, so no switchover can replace them before it ends.
-    let h = engine.front_enter();
-    let (source, target) = (types::Fd(h.fds.source), types::Fd(h.fds.target));
-    let file = if mirrored { source } else { target };
-    let mut res = match intent {
-        Intent::Ready => 0,
-        Intent::Wait { seq } => commit.ensure(engine, seq).await,
-    };
-    let mut target_ok = false;
-    if res == 0 {
-        let keep = libc::FALLOC_FL_KEEP_SIZE;
-        res = match op {
-            sys::UBLK_IO_OP_WRITE if plan != ActivePlan::SourceOnly => {
-                // Both at once from the same buffer; the write completes when both have. The
-                // target needs no FUA: its durability comes with the mirror's pair flush.
-                let fua = flags & IO_F_FUA != 0;
-                let (s, t) = smol::future::zip(
-                    rw_on(source, true, fua, off, len, buf),
-                    rw_on(target, true, false, off, len, buf),
-                )
-                .await;
-                target_ok = t >= 0;
-                if t < 0 {
-                    log::debug!("write-blocking: target write at {off} failed ({}); region stays dirty", std::io::Error::from_raw_os_error(-t));
-                }
-                s
-            }
-            sys::UBLK_IO_OP_WRITE => rw_on(file, true, flags & IO_F_FUA != 0, off, len, buf).await,
-            sys::UBLK_IO_OP_DISCARD => {
-                let mode = keep | libc::FALLOC_FL_PUNCH_HOLE;
-                submit(opcode::Fallocate::new(file, len).offset(off).mode(mode).build()).await
-            }
-            _ => {
-                let mode = if flags & IO_F_NOUNMAP != 0 {
-                    keep | libc::FALLOC_FL_ZERO_RANGE
-                } else {
-                    keep | libc::FALLOC_FL_PUNCH_HOLE
-                };
-                submit(opcode::Fallocate::new(file, len).offset(off).mode(mode).build()).await
-            }
-        };
-    }
-    engine.front_exit(h);
-    // Whatever happened (even a write that failed halfway), the region may have changed.
-    if mirrored {
-        engine.end_write_planned(ext, plan, res >= 0, target_ok);
-    }
-    if res < 0 {
-        log::warn!("source error at byte {off} (+{len}): {}", std::io::Error::from_raw_os_error(-res));
-    }
-    res
 }
 
 /// Keeps a tag's buffer on small pages. The buffers come from the allocator, which may place
@@ -265,20 +96,12 @@ fn no_huge_pages(buf: &IoBuf<u8>) {
     }
 }
 
-async fn io_task(q: &UblkQueue<'_>, tag: u16, engine: &Engine, commit: &QueueCommit, has_target: bool) -> Result<(), UblkError> {
-    let buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
-    no_huge_pages(&buf);
-    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), -1, Some(&buf)).await?;
-    loop {
-        let res = handle(q, tag, &buf, engine, commit, has_target).await;
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
-    }
-}
-
 /// Body of one queue thread.
-pub fn queue_main(qid: u16, dev: &UblkDev, engine: Arc<Engine>, has_target: bool) {
+pub fn queue_main(qid: u16, dev: &UblkDev, engine: Arc<Engine>) {
+    let bufs = Rc::new(dev.alloc_queue_io_bufs());
+    bufs.iter().for_each(no_huge_pages);
     let q = match UblkQueue::new(qid, dev) {
-        Ok(q) => Rc::new(q),
+        Ok(q) => q,
         Err(e) => {
             log::error!("queue {qid}: setup failed: {e:?}");
             // Without this, START_DEV would wait forever for this queue's buffers (and DEL would
@@ -287,27 +110,50 @@ pub fn queue_main(qid: u16, dev: &UblkDev, engine: Arc<Engine>, has_target: bool
             return;
         }
     };
-    let commit = Rc::new(QueueCommit::default());
-    let exe = smol::LocalExecutor::new();
-    let tasks: Vec<_> = q
-        .tags()
-        .map(|tag| {
-            let (q, engine, commit) = (q.clone(), engine.clone(), commit.clone());
-            exe.spawn(async move {
-                match io_task(&q, tag, &engine, &commit, has_target).await {
-                    Ok(()) | Err(UblkError::QueueIsDown) => {}
-                    Err(e) => log::error!("queue {qid} tag {tag}: {e:?}"),
+    let reqs = RefCell::new(Requests::new(engine));
+    let handler = |q: &UblkQueue, tag: u16, io: &UblkIOCtx| {
+        // The handler is the only user of `reqs`, and it is not reentered (libublk calls it
+        // from its completion loop, one completion at a time).
+        let mut reqs = reqs.borrow_mut();
+        let mut sink = QueueSink(q);
+        let r = if io.is_tgt_io() {
+            match owner_of(io.user_data()) {
+                Some(owner) => reqs.complete(&mut sink, owner, tag, io.result()),
+                None => Ok(()),
+            }
+        } else {
+            let buf = &bufs[tag as usize];
+            match request_of(q.get_iod(tag), buf.len()) {
+                // SAFETY: the tag's buffer holds max_io_buf_bytes (request_of refused longer
+                // transfers); the driver does not reuse the tag, and nothing else here touches
+                // its buffer, until we commit the tag, which happens only once its completion
+                // came out of `reqs`.
+                Ok(req) => unsafe { reqs.submit_in_place(&mut sink, tag as u64, req, buf.as_mut_ptr()) },
+                Err(res) => {
+                    commit(q, &bufs, tag, res);
+                    Ok(())
                 }
-            })
-        })
-        .collect();
-    smol::block_on(exe.run(async {
-        let run_ops = || while exe.try_tick() {};
-        let done = || tasks.iter().all(|t| t.is_finished());
-        if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await {
-            log::error!("queue {qid}: event loop: {e:?}");
+            }
+        };
+        if let Err(e) = r {
+            // Only a broken queue ring fails a push: the device is going down.
+            log::error!("queue {qid}: {e}");
         }
-    }));
+        for c in reqs.completions() {
+            let res = match c.result {
+                Ok(n) => n as i32,
+                Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+            };
+            commit(q, &bufs, c.tag as u16, res);
+        }
+    };
+    match q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))) {
+        Ok(q) => q.wait_and_handle_io(handler),
+        Err(e) => {
+            log::error!("queue {qid}: fetching requests: {e:?}");
+            dev.notify_buffer_registration_complete(true);
+        }
+    }
 }
 
 /// Device parameters from the source: size, block sizes, discard.

@@ -1,22 +1,27 @@
 //! A front-end queue: serves block requests (read, write, flush, discard, write-zeroes) from the
-//! source on its own io_uring, following the engine's write-intent protocol. One per submitting
+//! source through io_uring, following the engine's write-intent protocol. One per submitting
 //! thread, like one ublk queue; several requests may be in flight on each.
 //!
-//! Per request: `begin_write` -> (wait for the bitmap flush that covers its bits, shared with
+//! Per request: `begin_request` -> (wait for the bitmap flush that covers its bits, shared with
 //! every other request of this queue waiting for the same: group commit) -> source I/O ->
 //! `end_write`. Reads and flushes do not touch the bitmap: under write intent every bit a write
 //! needs was durable before the write was issued, so FLUSH is just an fdatasync of the source.
+//!
+//! The protocol lives in [`Requests`], which does not own a ring: it pushes its operations
+//! through a [`Sink`] and is handed their completions. The device (crate::device) runs it on
+//! the ublk queue's ring; [`EngineQueue`] runs it on a ring of its own, for the tests and tools
+//! that drive the engine without a kernel device. Both run the same code.
 
 use crate::backing::AlignedBuf;
 use crate::core::{ActivePlan, Extent, GroupCommit, Intent};
 use crate::engine::{Engine, Gate};
 use crate::uring::{self, push, Owner, Ring};
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A block request.
+/// A block request, with its data (for the tests and tools that own their buffers).
 pub enum Op {
     Read { off: u64, len: u32 },
     /// `fua`: the data is durable on the source when the request completes.
@@ -27,18 +32,89 @@ pub enum Op {
     WriteZeroes { off: u64, len: u64, unmap: bool },
 }
 
-/// A finished request. Reads return their data; writes return their buffer for reuse.
+/// A block request without its data: the device's requests, whose data stays in the ublk
+/// tag's buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    Read { off: u64, len: u32 },
+    Write { off: u64, len: u32, fua: bool },
+    Flush,
+    Discard { off: u64, len: u64 },
+    WriteZeroes { off: u64, len: u64, unmap: bool },
+}
+
+impl Request {
+    fn range(&self) -> Option<(u64, u64)> {
+        match *self {
+            Request::Read { off, len } | Request::Write { off, len, .. } => Some((off, len as u64)),
+            Request::Discard { off, len } | Request::WriteZeroes { off, len, .. } => Some((off, len)),
+            Request::Flush => None,
+        }
+    }
+    fn modifies(&self) -> bool {
+        matches!(self, Request::Write { .. } | Request::Discard { .. } | Request::WriteZeroes { .. })
+    }
+    /// Bytes a read or write transfers (0 for the others).
+    fn transfer(&self) -> u32 {
+        match *self {
+            Request::Read { len, .. } | Request::Write { len, .. } => len,
+            _ => 0,
+        }
+    }
+}
+
+/// A finished request. Reads of an [`Op`] return their data; writes return their buffer for
+/// reuse; requests submitted in place return none.
 pub struct Completion {
     pub tag: u64,
     pub result: io::Result<u32>,
     pub buf: Option<AlignedBuf>,
 }
 
+/// Where a request's data lives.
+enum Data {
+    /// A read of an [`Op`]: allocated when first issued.
+    None,
+    Owned(AlignedBuf),
+    /// The caller's buffer (see [`Requests::submit_in_place`]).
+    InPlace(*mut u8),
+}
+
+impl Data {
+    fn ptr(&mut self, len: u32) -> *mut u8 {
+        match self {
+            Data::InPlace(p) => *p,
+            Data::Owned(b) => b.as_mut_ptr(),
+            Data::None => {
+                let mut b = AlignedBuf::new(len as usize);
+                let p = b.as_mut_ptr();
+                *self = Data::Owned(b);
+                p
+            }
+        }
+    }
+}
+
+/// Where [`Requests`] sends its operations. `owner` and `slot` come back with the completion
+/// (see [`Requests::complete`]).
+pub trait Sink {
+    fn push(&mut self, entry: squeue::Entry, owner: Owner, slot: u16) -> io::Result<()>;
+}
+
+/// A ring of one's own as the sink (user_data as in [`uring::encode`]).
+pub struct RingSink<'a>(pub &'a mut Ring);
+
+impl Sink for RingSink<'_> {
+    fn push(&mut self, entry: squeue::Entry, owner: Owner, slot: u16) -> io::Result<()> {
+        push(self.0, entry, owner, slot as u64)
+    }
+}
+
 struct Req {
     tag: u64,
-    op: Op,
+    req: Request,
+    data: Data,
     ext: Option<Extent>,
-    buf: Option<AlignedBuf>,
     done: u32,
     /// Write-blocking: the write also goes to the target.
     plan: ActivePlan,
@@ -47,7 +123,8 @@ struct Req {
     tgt_ok: bool,
     /// The source side finished first: its result waits for the target's.
     src_result: Option<io::Result<u32>>,
-    since: Instant,
+    /// When the request was first deferred (by a consistent flush or a switchover).
+    deferred_since: Option<Instant>,
     /// Which descriptor the request's data goes to (the target once switched over).
     file: u32,
     /// The engine's front-end descriptors, held from the first issue to the completion.
@@ -56,211 +133,382 @@ struct Req {
 
 const SRC: u32 = 0;
 const TGT: u32 = 1;
+/// How often deferred writes ask the engine again.
+const NAP: Duration = Duration::from_millis(1);
+/// How long a write waits for a consistent flush before it goes ahead as an ordinary write.
+const MAX_DEFER: Duration = Duration::from_millis(500);
 
-pub struct EngineQueue {
-    // The ring is dropped first: it waits out in-flight operations before buffers are freed.
-    ring: Ring,
+/// The requests of one queue and the write-intent protocol they follow.
+pub struct Requests {
     engine: Arc<Engine>,
     reqs: Vec<Option<Req>>,
+    free: Vec<u16>,
     gc: GroupCommit<usize>,
     flush_seq: u64,
     out: Vec<Completion>,
-    cqes: Vec<(u64, i32)>,
     has_target: bool,
-    /// Writes waiting for a consistent flush to end before they begin.
+    /// Writes waiting (a consistent flush, a switchover) before they begin.
     deferred: Vec<usize>,
+    /// The nap timer's timespec: boxed, so that it stays put until the kernel has read it.
+    nap: Box<types::Timespec>,
+    nap_pending: bool,
 }
 
-impl EngineQueue {
-    /// A queue on `engine`; it mirrors writes synchronously in write-blocking mode when the
+impl Requests {
+    /// Requests on `engine`; they mirror writes synchronously in write-blocking mode when the
     /// engine has its target attached ([`Engine::attach_target`]).
-    pub fn new(engine: Arc<Engine>, depth: u32) -> io::Result<Self> {
-        let ring = uring::new_ring((depth * 4 + 4).next_power_of_two())?;
+    pub fn new(engine: Arc<Engine>) -> Self {
         let has_target = engine.front_has_target();
-        Ok(EngineQueue {
-            ring,
+        Requests {
             engine,
             reqs: Vec::new(),
+            free: Vec::new(),
             gc: GroupCommit::default(),
             flush_seq: 0,
             out: Vec::new(),
-            cqes: Vec::new(),
             has_target,
             deferred: Vec::new(),
-        })
+            nap: Box::new(types::Timespec::new().nsec(NAP.as_nanos() as u32)),
+            nap_pending: false,
+        }
     }
 
     pub fn in_flight(&self) -> usize {
-        self.reqs.iter().filter(|r| r.is_some()).count()
+        self.reqs.len() - self.free.len()
     }
 
-    /// Queues a request; its completion comes from [`Self::wait`].
-    pub fn submit(&mut self, tag: u64, op: Op) -> io::Result<()> {
-        let size = self.engine.size();
-        let range = match &op {
-            Op::Read { off, len } | Op::Write { off, len, .. } => Some((*off, *len as u64)),
-            Op::Discard { off, len } | Op::WriteZeroes { off, len, .. } => Some((*off, *len)),
-            Op::Flush => None,
+    /// Queues a request with its own data; its completion comes from [`Self::completions`].
+    pub fn submit(&mut self, sink: &mut impl Sink, tag: u64, op: Op) -> io::Result<()> {
+        let (req, data) = match op {
+            Op::Read { off, len } => (Request::Read { off, len }, Data::None),
+            Op::Write { off, data, len, fua } => {
+                if (len as usize) > data.len() {
+                    self.out.push(Completion { tag, result: Err(io::Error::from_raw_os_error(libc::EINVAL)), buf: Some(data) });
+                    return Ok(());
+                }
+                (Request::Write { off, len, fua }, Data::Owned(data))
+            }
+            Op::Flush => (Request::Flush, Data::None),
+            Op::Discard { off, len } => (Request::Discard { off, len }, Data::None),
+            Op::WriteZeroes { off, len, unmap } => (Request::WriteZeroes { off, len, unmap }, Data::None),
         };
+        self.start(sink, tag, req, data)
+    }
+
+    /// Queues a request whose data is at `buf` (read into it, or written from it).
+    ///
+    /// # Safety
+    /// For a read or write, `buf` must point to at least the request's length in bytes, valid
+    /// for writes (reads) or reads (writes), and nothing else may use that memory until the
+    /// request's completion has come out of [`Self::completions`].
+    pub unsafe fn submit_in_place(&mut self, sink: &mut impl Sink, tag: u64, req: Request, buf: *mut u8) -> io::Result<()> {
+        self.start(sink, tag, req, Data::InPlace(buf))
+    }
+
+    fn start(&mut self, sink: &mut impl Sink, tag: u64, req: Request, data: Data) -> io::Result<()> {
+        let range = req.range();
         if let Some((off, len)) = range {
-            if len == 0 || off.checked_add(len).is_none_or(|e| e > size) {
-                self.out.push(Completion { tag, result: Err(io::Error::from_raw_os_error(libc::EINVAL)), buf: None });
+            if len == 0 || off.checked_add(len).is_none_or(|e| e > self.engine.size()) {
+                let buf = match data {
+                    Data::Owned(b) => Some(b),
+                    _ => None,
+                };
+                self.out.push(Completion { tag, result: Err(io::Error::from_raw_os_error(libc::EINVAL)), buf });
                 return Ok(());
             }
         }
-        let writes = matches!(op, Op::Write { .. } | Op::Discard { .. } | Op::WriteZeroes { .. });
-        let ext = if writes { range.map(|(o, l)| self.engine.extent(o, l)) } else { None };
-        let slot = match self.reqs.iter().position(|r| r.is_none()) {
-            Some(i) => i,
-            None => {
-                self.reqs.push(None);
-                self.reqs.len() - 1
-            }
-        };
-        let is_write = matches!(op, Op::Write { .. });
-        self.reqs[slot] = Some(Req {
+        let ext = if req.modifies() { range.map(|(o, l)| self.engine.extent(o, l)) } else { None };
+        let r = Req {
             tag,
-            op,
+            req,
+            data,
             ext,
-            buf: None,
             done: 0,
             plan: ActivePlan::SourceOnly,
             tgt_pending: false,
             tgt_ok: false,
             src_result: None,
-            since: Instant::now(),
+            deferred_since: None,
             file: SRC,
             held: None,
-        });
-        let Some(ext) = ext else { return self.issue(slot) };
-        let (intent, plan) = match range {
-            Some((off, len)) => match self.engine.begin_request(ext, off, len, is_write && self.has_target, true) {
-                Gate::Go(i, p) => (i, p),
-                Gate::Wait => {
-                    // Retried from `wait`.
-                    self.deferred.push(slot);
-                    return Ok(());
-                }
-                Gate::Target => {
-                    if let Some(r) = self.reqs[slot].as_mut() {
-                        r.file = TGT;
-                        r.ext = None;
-                    }
-                    return self.issue(slot);
-                }
-            },
-            None => (self.engine.begin_write(ext), ActivePlan::SourceOnly),
         };
-        self.begin_issue(slot, intent, plan)
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.reqs[i as usize] = Some(r);
+                i as usize
+            }
+            None => {
+                if self.reqs.len() > u16::MAX as usize {
+                    return Err(io::Error::other("more than 65536 requests in flight on one queue"));
+                }
+                self.reqs.push(Some(r));
+                self.reqs.len() - 1
+            }
+        };
+        if ext.is_none() {
+            return self.issue(sink, slot);
+        }
+        self.gate(sink, slot)
     }
 
-    /// Retries the writes deferred by a consistent flush (after half a second they go ahead as
-    /// ordinary writes).
-    fn retry_deferred(&mut self) -> io::Result<()> {
-        for slot in std::mem::take(&mut self.deferred) {
-            let Some(req) = self.reqs[slot].as_ref() else { continue };
-            let (ext, (off, len), is_write) = match (req.ext, &req.op) {
-                (Some(e), Op::Write { off, len, .. }) => (e, (*off, *len as u64), true),
-                (Some(e), Op::Discard { off, len } | Op::WriteZeroes { off, len, .. }) => (e, (*off, *len), false),
-                _ => {
-                    debug_assert!(false, "only writes are deferred");
-                    continue;
-                }
-            };
-            let may_wait = req.since.elapsed() < Duration::from_millis(500);
-            match self.engine.begin_request(ext, off, len, is_write && self.has_target, may_wait) {
-                Gate::Go(intent, plan) => self.begin_issue(slot, intent, plan)?,
-                Gate::Wait => self.deferred.push(slot),
-                Gate::Target => {
-                    if let Some(r) = self.reqs[slot].as_mut() {
-                        r.file = TGT;
-                        r.ext = None;
+    /// Asks the engine whether the write in `slot` may begin, and begins it if so.
+    fn gate(&mut self, sink: &mut impl Sink, slot: usize) -> io::Result<()> {
+        let Some(r) = self.reqs[slot].as_mut() else { return Ok(()) };
+        let (Some(ext), Some((off, len))) = (r.ext, r.req.range()) else { return Ok(()) };
+        let may_wait = r.deferred_since.is_none_or(|t| t.elapsed() < MAX_DEFER);
+        let mirror_ok = matches!(r.req, Request::Write { .. }) && self.has_target;
+        match self.engine.begin_request(ext, off, len, mirror_ok, may_wait) {
+            Gate::Go(intent, plan) => {
+                r.plan = plan;
+                match intent {
+                    Intent::Ready => self.issue(sink, slot),
+                    Intent::Wait { seq } => {
+                        if self.gc.wait(seq, slot) {
+                            self.start_bitmap_flush(sink)?;
+                        }
+                        Ok(())
                     }
-                    self.issue(slot)?;
                 }
             }
-        }
-        Ok(())
-    }
-
-    fn begin_issue(&mut self, slot: usize, intent: Intent, plan: ActivePlan) -> io::Result<()> {
-        if let Some(r) = self.reqs[slot].as_mut() {
-            r.plan = plan;
-        }
-        match intent {
-            Intent::Ready => self.issue(slot),
-            Intent::Wait { seq } => {
-                if self.gc.wait(seq, slot) {
-                    self.start_bitmap_flush()?;
-                }
-                Ok(())
+            Gate::Wait => {
+                r.deferred_since.get_or_insert_with(Instant::now);
+                self.deferred.push(slot);
+                self.arm_nap(sink)
+            }
+            Gate::Target => {
+                // Switched over: the write goes to the target alone, outside the protocol.
+                r.file = TGT;
+                r.ext = None;
+                self.issue(sink, slot)
             }
         }
     }
 
-    fn start_bitmap_flush(&mut self) -> io::Result<()> {
+    fn arm_nap(&mut self, sink: &mut impl Sink) -> io::Result<()> {
+        if self.nap_pending {
+            return Ok(());
+        }
+        self.nap_pending = true;
+        let e = opcode::Timeout::new(&*self.nap).flags(types::TimeoutFlags::ETIME_SUCCESS).build();
+        sink.push(e, Owner::Nap, 0)
+    }
+
+    fn start_bitmap_flush(&mut self, sink: &mut impl Sink) -> io::Result<()> {
         let seq = self.engine.bitmap_flush_start();
         self.gc.started(seq);
         self.flush_seq = seq;
         let e = opcode::Fsync::new(types::Fd(self.engine.bitmap_fd()))
             .flags(types::FsyncFlags::DATASYNC)
             .build();
-        push(&mut self.ring, e, Owner::Bitmap, 0)
+        sink.push(e, Owner::Bitmap, 0)
     }
 
-    fn issue(&mut self, slot: usize) -> io::Result<()> {
-        let engine = self.engine.clone();
-        let Some(req) = self.reqs[slot].as_mut() else { return Ok(()) };
-        // As on the device (see crate::device): descriptors first, then for a read or flush the
-        // question which one; a write was gated before it gets here.
-        let held = req.held.get_or_insert_with(|| {
+    fn issue(&mut self, sink: &mut impl Sink, slot: usize) -> io::Result<()> {
+        let engine = &self.engine;
+        let Some(r) = self.reqs[slot].as_mut() else { return Ok(()) };
+        // Descriptors first, then for a read or flush the question which one: a request that
+        // still sees the source here is waited for by a switchover before the source goes
+        // away (a read that began on the source just before the switch returns the same data:
+        // writes were held until both agreed). A write was gated before it gets here; one let
+        // go on the source is in flight for the engine, so no switchover replaces the
+        // descriptors before it ends.
+        let held = r.held.get_or_insert_with(|| {
             let h = engine.front_enter();
-            if matches!(req.op, Op::Read { .. } | Op::Flush) && engine.serving_target() {
-                req.file = TGT;
+            if matches!(r.req, Request::Read { .. } | Request::Flush) && engine.serving_target() {
+                r.file = TGT;
             }
             h
         });
         let fds = held.fds;
-        let f = types::Fd(if req.file == TGT { fds.target } else { fds.source });
-        let done = req.done;
-        if let (Op::Write { off, data, len, .. }, ActivePlan::Target { .. }, 0, false) =
-            (&req.op, req.plan, done, req.tgt_pending)
-        {
-            // The same buffer to the target, at the same time as to the source.
-            let e = opcode::Write::new(types::Fd(fds.target), data.as_ptr(), *len).offset(*off).build();
-            req.tgt_pending = true;
-            push(&mut self.ring, e, Owner::Target, slot as u64)?;
-        }
-        let Some(req) = self.reqs[slot].as_mut() else { return Ok(()) };
-        let e = match &mut req.op {
-            Op::Read { off, len } => {
-                let buf = req.buf.get_or_insert_with(|| AlignedBuf::new(*len as usize));
-                // SAFETY: done < len <= buf.len(); the buffer lives in the request until its
-                // completion is handed out.
-                let p = unsafe { buf.as_mut_ptr().add(done as usize) };
-                opcode::Read::new(f, p, *len - done).offset(*off + done as u64).build()
+        let f = types::Fd(if r.file == TGT { fds.target } else { fds.source });
+        let done = r.done;
+        let slot16 = slot as u16;
+        let e = match r.req {
+            Request::Read { off, len } => {
+                // SAFETY: done < len, and the buffer holds len bytes (owned by the request, or
+                // the caller's by the contract of submit_in_place) until the completion.
+                let p = unsafe { r.data.ptr(len).add(done as usize) };
+                opcode::Read::new(f, p, len - done).offset(off + done as u64).build()
             }
-            Op::Write { off, data, len, fua } => {
-                // SAFETY: as for reads; `data` is owned by the request.
-                let p = unsafe { data.as_ptr().add(done as usize) };
-                let flags = if *fua { libc::RWF_DSYNC } else { 0 };
-                opcode::Write::new(f, p, *len - done).offset(*off + done as u64).rw_flags(flags).build()
+            Request::Write { off, len, fua } => {
+                let base = r.data.ptr(len);
+                if let (ActivePlan::Target { .. }, 0, false) = (r.plan, done, r.tgt_pending) {
+                    // The same buffer to the target, at the same time as to the source. The
+                    // target needs no FUA: its durability comes with the mirror's pair flush.
+                    let e = opcode::Write::new(types::Fd(fds.target), base, len).offset(off).build();
+                    r.tgt_pending = true;
+                    sink.push(e, Owner::Target, slot16)?;
+                }
+                // SAFETY: as for reads.
+                let p = unsafe { base.add(done as usize) };
+                let flags = if fua { libc::RWF_DSYNC } else { 0 };
+                opcode::Write::new(f, p, len - done).offset(off + done as u64).rw_flags(flags).build()
             }
-            Op::Flush => opcode::Fsync::new(f).flags(types::FsyncFlags::DATASYNC).build(),
-            Op::Discard { off, len } => opcode::Fallocate::new(f, *len)
-                .offset(*off)
+            Request::Flush => opcode::Fsync::new(f).flags(types::FsyncFlags::DATASYNC).build(),
+            Request::Discard { off, len } => opcode::Fallocate::new(f, len)
+                .offset(off)
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
                 .build(),
-            Op::WriteZeroes { off, len, unmap } => {
-                let mode = if *unmap {
+            Request::WriteZeroes { off, len, unmap } => {
+                let mode = if unmap {
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
                 } else {
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
                 };
-                opcode::Fallocate::new(f, *len).offset(*off).mode(mode).build()
+                opcode::Fallocate::new(f, len).offset(off).mode(mode).build()
             }
         };
-        push(&mut self.ring, e, Owner::Front, slot as u64)
+        sink.push(e, Owner::Front, slot16)
+    }
+
+    /// Takes the finished requests.
+    pub fn completions(&mut self) -> std::vec::Drain<'_, Completion> {
+        self.out.drain(..)
+    }
+
+    /// Handles the completion of an operation this pushed (`owner`, `slot` as pushed).
+    pub fn complete(&mut self, sink: &mut impl Sink, owner: Owner, slot: u16, res: i32) -> io::Result<()> {
+        let slot = slot as usize;
+        match owner {
+            Owner::Bitmap => {
+                let ok = res >= 0;
+                self.engine.bitmap_flush_done(self.flush_seq, ok);
+                if !ok {
+                    log::error!(
+                        "bitmap fdatasync failed: {}; failing the writes that needed it",
+                        io::Error::from_raw_os_error(-res)
+                    );
+                }
+                let engine = self.engine.clone();
+                let step = self.gc.completed(ok, |s| engine.intent_durable(s));
+                for slot in step.ready {
+                    self.issue(sink, slot)?;
+                }
+                for slot in step.failed {
+                    // Never issued to the source: the write intent could not be made durable.
+                    self.finish(slot, Err(io::Error::from_raw_os_error(libc::EIO)));
+                }
+                if step.start_flush {
+                    self.start_bitmap_flush(sink)?;
+                }
+                Ok(())
+            }
+            Owner::Nap => {
+                self.nap_pending = false;
+                for slot in std::mem::take(&mut self.deferred) {
+                    self.gate(sink, slot)?;
+                }
+                Ok(())
+            }
+            Owner::Front => {
+                let Some(r) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) else { return Ok(()) };
+                if res < 0 {
+                    let result = self.flush_result(slot, res);
+                    self.finish(slot, result);
+                    return Ok(());
+                }
+                let want = r.req.transfer();
+                r.done += res as u32;
+                if want > 0 && r.done < want {
+                    if res == 0 {
+                        self.finish(slot, Err(io::Error::from_raw_os_error(libc::EIO)));
+                        return Ok(());
+                    }
+                    return self.issue(sink, slot);
+                }
+                let result = if r.req == Request::Flush { self.flush_result(slot, 0) } else { Ok(r.done) };
+                self.finish(slot, result);
+                Ok(())
+            }
+            Owner::Target => {
+                let Some(r) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) else { return Ok(()) };
+                r.tgt_pending = false;
+                // A short target write counts as failed: the region is copied instead.
+                r.tgt_ok = res >= 0 && res as u32 == r.req.transfer();
+                if !r.tgt_ok {
+                    log::debug!("write-blocking: target write failed ({res}); the region stays dirty");
+                }
+                if let Some(result) = r.src_result.take() {
+                    self.finish(slot, result);
+                }
+                Ok(())
+            }
+            Owner::Source | Owner::Wake => Ok(()),
+        }
+    }
+
+    /// The result of a request that ended with `res` (< 0: an error). A failed FLUSH of the
+    /// source fails every later one too: Linux reports a writeback error to one fdatasync
+    /// only, and the mirror's own fdatasync may be the one that took it (see the engine).
+    fn flush_result(&self, slot: usize, res: i32) -> io::Result<u32> {
+        let Some(r) = self.reqs[slot].as_ref() else { return Ok(0) };
+        if r.req == Request::Flush && r.file == SRC {
+            if res < 0 {
+                self.engine.set_source_flush_failed();
+            }
+            if self.engine.source_flush_failed() {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+        }
+        if res < 0 {
+            Err(io::Error::from_raw_os_error(-res))
+        } else {
+            Ok(0)
+        }
+    }
+
+    fn finish(&mut self, slot: usize, result: io::Result<u32>) {
+        if let Some(r) = self.reqs[slot].as_mut() {
+            if r.tgt_pending {
+                r.src_result = Some(result);
+                return;
+            }
+        }
+        let Some(r) = self.reqs[slot].take() else { return };
+        self.free.push(slot as u16);
+        if let Some(h) = r.held {
+            self.engine.front_exit(h);
+        }
+        if let Some(ext) = r.ext {
+            // Whatever happened (even a write that failed halfway), the region may have changed.
+            self.engine.end_write_planned(ext, r.plan, result.is_ok(), r.tgt_ok);
+        }
+        if let (Err(e), Some((off, len))) = (&result, r.req.range()) {
+            log::warn!("{} error at byte {off} (+{len}): {e}", if r.file == TGT { "target" } else { "source" });
+        }
+        let buf = match r.data {
+            Data::Owned(b) => Some(b),
+            _ => None,
+        };
+        self.out.push(Completion { tag: r.tag, result, buf });
+    }
+}
+
+/// [`Requests`] on a ring of its own: the engine's front end without a kernel device.
+pub struct EngineQueue {
+    // The ring is dropped first: it waits out in-flight operations before buffers are freed.
+    ring: Ring,
+    reqs: Requests,
+    cqes: Vec<(u64, i32)>,
+    ready: Vec<Completion>,
+}
+
+impl EngineQueue {
+    /// A queue on `engine` with room for `depth` requests in flight (more are queued too).
+    pub fn new(engine: Arc<Engine>, depth: u32) -> io::Result<Self> {
+        let ring = uring::new_ring((depth * 4 + 4).next_power_of_two())?;
+        Ok(EngineQueue { ring, reqs: Requests::new(engine), cqes: Vec::new(), ready: Vec::new() })
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.reqs.in_flight()
+    }
+
+    /// Queues a request; its completion comes from [`Self::wait`].
+    pub fn submit(&mut self, tag: u64, op: Op) -> io::Result<()> {
+        self.reqs.submit(&mut RingSink(&mut self.ring), tag, op)?;
+        self.ready.extend(self.reqs.completions());
+        Ok(())
     }
 
     /// Waits until at least `min` completions are available (or `timeout` passes) and returns
@@ -268,8 +516,8 @@ impl EngineQueue {
     pub fn wait(&mut self, min: usize, timeout: Duration) -> io::Result<Vec<Completion>> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.out.len() >= min {
-                return Ok(std::mem::take(&mut self.out));
+            if self.ready.len() >= min {
+                return Ok(std::mem::take(&mut self.ready));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -278,8 +526,6 @@ impl EngineQueue {
                     format!("{} requests still in flight after {timeout:?}", self.in_flight()),
                 ));
             }
-            self.retry_deferred()?;
-            let left = if self.deferred.is_empty() { left } else { left.min(Duration::from_millis(1)) };
             let ts = types::Timespec::new().sec(left.as_secs()).nsec(left.subsec_nanos());
             let args = types::SubmitArgs::new().timespec(&ts);
             match self.ring.submitter().submit_with_args(1, &args) {
@@ -289,11 +535,11 @@ impl EngineQueue {
             }
             self.cqes.clear();
             uring::reap(&mut self.ring, &mut self.cqes);
-            let cqes = std::mem::take(&mut self.cqes);
-            for &(ud, res) in &cqes {
-                self.dispatch(ud, res)?;
+            for &(ud, res) in &self.cqes {
+                let (Some(owner), slot) = uring::decode(ud) else { continue };
+                self.reqs.complete(&mut RingSink(&mut self.ring), owner, slot as u16, res)?;
             }
-            self.cqes = cqes;
+            self.ready.extend(self.reqs.completions());
         }
     }
 
@@ -315,95 +561,7 @@ impl EngineQueue {
                 break c;
             }
         };
-        self.out.extend(others);
+        self.ready.extend(others);
         got.result.map(|n| (n, got.buf))
-    }
-
-    fn dispatch(&mut self, ud: u64, res: i32) -> io::Result<()> {
-        match uring::decode(ud) {
-            (Some(Owner::Bitmap), _) => {
-                let ok = res >= 0;
-                self.engine.bitmap_flush_done(self.flush_seq, ok);
-                if !ok {
-                    log::error!(
-                        "bitmap fdatasync failed: {}; failing the writes that needed it",
-                        io::Error::from_raw_os_error(-res)
-                    );
-                }
-                let engine = self.engine.clone();
-                let step = self.gc.completed(ok, |s| engine.intent_durable(s));
-                for slot in step.ready {
-                    self.issue(slot)?;
-                }
-                for slot in step.failed {
-                    // Never issued to the source: the write intent could not be made durable.
-                    self.complete(slot, Err(io::Error::from_raw_os_error(libc::EIO)));
-                }
-                if step.start_flush {
-                    self.start_bitmap_flush()?;
-                }
-                Ok(())
-            }
-            (Some(Owner::Front), slot) => {
-                let slot = slot as usize;
-                let Some(req) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) else { return Ok(()) };
-                if res < 0 {
-                    self.complete(slot, Err(io::Error::from_raw_os_error(-res)));
-                    return Ok(());
-                }
-                let want = match &req.op {
-                    Op::Read { len, .. } | Op::Write { len, .. } => *len,
-                    _ => 0,
-                };
-                req.done += res as u32;
-                if want > 0 && req.done < want {
-                    if res == 0 {
-                        self.complete(slot, Err(io::Error::from_raw_os_error(libc::EIO)));
-                        return Ok(());
-                    }
-                    return self.issue(slot);
-                }
-                let n = req.done;
-                self.complete(slot, Ok(n));
-                Ok(())
-            }
-            (Some(Owner::Target), slot) => {
-                let slot = slot as usize;
-                let Some(req) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) else { return Ok(()) };
-                req.tgt_pending = false;
-                let want = match &req.op {
-                    Op::Write { len, .. } => *len as i32,
-                    _ => 0,
-                };
-                // A short target write counts as failed: the region is copied instead.
-                req.tgt_ok = res == want;
-                if let Some(r) = req.src_result.take() {
-                    self.complete(slot, r);
-                }
-                Ok(())
-            }
-            _ => Ok(()),
-        }
-    }
-
-    fn complete(&mut self, slot: usize, result: io::Result<u32>) {
-        if let Some(req) = self.reqs[slot].as_mut() {
-            if req.tgt_pending {
-                req.src_result = Some(result);
-                return;
-            }
-        }
-        let Some(mut req) = self.reqs[slot].take() else { return };
-        if let Some(h) = req.held.take() {
-            self.engine.front_exit(h);
-        }
-        if let Some(ext) = req.ext {
-            self.engine.end_write_planned(ext, req.plan, result.is_ok(), req.tgt_ok);
-        }
-        let buf = match req.op {
-            Op::Write { data, .. } => Some(data),
-            _ => req.buf,
-        };
-        self.out.push(Completion { tag: req.tag, result, buf });
     }
 }

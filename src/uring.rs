@@ -14,6 +14,8 @@ pub enum Owner {
     Bitmap = 3,
     Wake = 4,
     Front = 5,
+    /// A timer of the front end's queue (deferred writes ask again when it fires).
+    Nap = 6,
 }
 
 const SHIFT: u32 = 60;
@@ -24,16 +26,22 @@ pub fn encode(owner: Owner, sub: u64) -> u64 {
     ((owner as u64) << SHIFT) | sub
 }
 
+impl Owner {
+    pub fn from_code(code: u64) -> Option<Owner> {
+        Some(match code {
+            1 => Owner::Source,
+            2 => Owner::Target,
+            3 => Owner::Bitmap,
+            4 => Owner::Wake,
+            5 => Owner::Front,
+            6 => Owner::Nap,
+            _ => return None,
+        })
+    }
+}
+
 pub fn decode(user_data: u64) -> (Option<Owner>, u64) {
-    let owner = match user_data >> SHIFT {
-        1 => Some(Owner::Source),
-        2 => Some(Owner::Target),
-        3 => Some(Owner::Bitmap),
-        4 => Some(Owner::Wake),
-        5 => Some(Owner::Front),
-        _ => None,
-    };
-    (owner, user_data & SUB_MASK)
+    (Owner::from_code(user_data >> SHIFT), user_data & SUB_MASK)
 }
 
 /// Queues `entry`, submitting first if the submission queue is full.
