@@ -35,6 +35,7 @@ pub struct AddOptions {
     pub id: i32,
     pub queues: u16,
     pub depth: u16,
+    pub affinity: QueueAffinity,
     pub foreground: bool,
     /// Live settings at start (speed, mode, max-lag, retries).
     pub settings: crate::engine::Settings,
@@ -105,7 +106,7 @@ impl Report {
 fn prepare_recover(
     id: u32,
     direct: crate::backing::DirectMode,
-) -> Result<(UblkCtrl, PairOptions, String, Option<crate::engine::Settings>, bool)> {
+) -> Result<(UblkCtrl, PairOptions, String, Option<crate::engine::Settings>, bool, QueueAffinity)> {
     let old = UblkCtrl::new_simple(id as i32)
         .map_err(|_| Error::config(format!("no ublk device {id} (see `ublk-mirror list`)")))?;
     let info = old.dev_info();
@@ -170,28 +171,47 @@ fn prepare_recover(
             std::io::Error::from_raw_os_error(-r)
         )));
     }
+    // Saved by `add` (a device added before the setting existed gets the default).
+    let affinity = serde_json::from_value(data["affinity"].clone()).unwrap_or(QueueAffinity::Single);
     let ctrl = UblkCtrlBuilder::default()
         .name(TARGET_NAME)
         .id(id as i32)
         .nr_queues(info.nr_hw_queues)
         .depth(info.queue_depth)
         .io_buf_bytes(info.max_io_buf_bytes)
-        .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV | QUEUE_AFFINITY)
+        .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV | affinity.dev_flags())
         .build()
         .map_err(uerr("recover"))?;
-    Ok((ctrl, pair, name, settings, switched))
+    Ok((ctrl, pair, name, settings, switched, affinity))
 }
 
-/// Each queue thread is pinned to one CPU of its queue's set (as rublk and ublksrv do by
-/// default). A floating queue thread shares CPUs with the io_uring workers that run its
-/// punted I/O and migrates between them; pinned, the submitting thread stays put and the
-/// workers take the other CPUs (bench/README.md has the measurement).
-const QUEUE_AFFINITY: UblkFlags = UblkFlags::UBLK_DEV_F_SINGLE_CPU_AFFINITY;
+/// Where the queue threads run (`add --affinity`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueAffinity {
+    /// Each queue thread pinned to one CPU of its queue's set, as rublk and ublksrv do by
+    /// default. Its io_uring workers (which run I/O the file system cannot start without
+    /// blocking) inherit the pin, so they share that CPU with it: requests are handed over
+    /// without waking another CPU.
+    Single,
+    /// Queue threads and their workers float over the queue's CPUs: a write-blocking
+    /// mirror's two writes (source and target) can then use two CPUs at once.
+    All,
+}
+
+impl QueueAffinity {
+    fn dev_flags(self) -> UblkFlags {
+        match self {
+            QueueAffinity::Single => UblkFlags::UBLK_DEV_F_SINGLE_CPU_AFFINITY,
+            QueueAffinity::All => UblkFlags::empty(),
+        }
+    }
+}
 
 /// Runs in the daemon: opens the pair, adds (or recovers) the device and serves it until it is
 /// stopped. Returns when the device is gone.
 fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result<()> {
-    let (ctrl, pair, name, saved, switched) = match recover {
+    let (ctrl, pair, name, saved, switched, affinity) = match recover {
         Some(id) => prepare_recover(id, opts.pair.direct)?,
         None => {
             let name = opts.name.clone().unwrap_or_else(|| default_name(&opts.pair.source));
@@ -225,7 +245,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
                 .depth(opts.depth)
                 .io_buf_bytes(512 << 10)
                 .ctrl_flags((sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64)
-                .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV | QUEUE_AFFINITY)
+                .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV | opts.affinity.dev_flags())
                 .build()
                 .map_err(|e| {
                     let hint = if opts.id >= 0 {
@@ -235,7 +255,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
                     };
                     Error::config(format!("cannot add the device{hint}: {e:?}"))
                 })?;
-            (ctrl, pair, name, None, false)
+            (ctrl, pair, name, None, false, opts.affinity)
         }
     };
     // A recovered daemon serves with the settings the device was added with.
@@ -305,6 +325,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         "name": name, "source": pair.source, "target": pair.target, "bitmap": pair.bitmap,
         "settings": settings,
         "on_consistent": hook_json,
+        "affinity": affinity,
     });
     let tgt_engine = engine.clone();
     let tgt_init = move |dev: &mut UblkDev| -> std::result::Result<(), libublk::UblkError> {

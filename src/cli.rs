@@ -205,6 +205,11 @@ pub struct AddArgs {
     /// Queue depth.
     #[arg(short = 'd', long = "depth", default_value_t = 128)]
     pub depth: u16,
+    /// single: each queue thread runs on one CPU of its queue's set, with the io_uring
+    /// workers that do its file I/O (rublk's and ublksrv's default); all: they float over the
+    /// set, which lets a write-blocking mirror's two writes use two CPUs at once.
+    #[arg(long, value_enum, default_value = "single")]
+    pub affinity: crate::admin::QueueAffinity,
     /// Serve in this process instead of a daemon.
     #[arg(long)]
     pub foreground: bool,

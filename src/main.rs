@@ -147,6 +147,7 @@ fn add_options(a: AddArgs) -> AddOptions {
         id: a.id,
         queues: a.queues,
         depth: a.depth,
+        affinity: a.affinity,
         foreground: a.foreground,
         settings: Settings {
             speed: a.speed,
@@ -186,6 +187,8 @@ fn cmd_recover(id: u32, foreground: bool) -> CliResult {
         id: id as i32,
         queues: 1,
         depth: 128,
+        // Taken from the device's saved configuration.
+        affinity: admin::QueueAffinity::Single,
         foreground,
         // The device's saved settings are used.
         settings: Settings::default(),

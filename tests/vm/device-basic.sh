@@ -12,6 +12,13 @@ step "add"
 run_timeout 60 ublk-mirror add -s $S -t $T -b $B > /tmp/add.json 2> /tmp/add.err || fail "add: $(cat /tmp/add.err)"
 cat /tmp/add.json
 grep -q '"bdev": "/dev/ublkb0"' /tmp/add.json || fail "add did not print /dev/ublkb0"
+# --affinity single (the default): the queue thread runs on one CPU, the others float.
+PID=$(ublk-mirror list --json | jnum pid)
+ALL=$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/"$PID"/status)
+QC=$(queue_cpus "$PID")
+[ "$(echo "$QC" | wc -l)" = 1 ] && [ -n "$QC" ] || fail "expected one queue thread, found CPU lists '$QC'"
+case "$QC" in *-*|*,*) fail "the queue thread is not pinned to one CPU: $QC (process: $ALL)";; esac
+log "queue thread on CPU $QC (process: $ALL)"
 grep -q '"state": "LIVE"' /tmp/add.json || fail "device not LIVE when add returned"
 DEV=/dev/ublkb0
 wait_for 10 "$DEV to appear" test -b $DEV

@@ -3,7 +3,8 @@
 # Switchover under fio verify (issue 5): the device moves onto its target with no error and no
 # stale data; afterwards the old source's device is removed (dmsetup refuses while anything
 # holds it open) while fio still runs. Then the daemon is killed and `recover` serves the target
-# alone (the bitmap says switched over). The old pair is refused afterwards.
+# alone (the bitmap says switched over), with the add-time --affinity all (its queue thread not
+# pinned). The old pair is refused afterwards.
 # shellcheck source=/dev/null
 . /vm/lib.sh
 B=/tmp/bm DEV=/dev/ublkb0 EV=/tmp/events.jsonl
@@ -15,7 +16,17 @@ dmsetup create src --table "0 $SECT linear $SRC 0" || fail "dmsetup create"
 S=/dev/mapper/src
 dd if=/dev/urandom of=$S bs=1M count=128 oflag=direct status=none || fail "fill the source"
 
-add_synced $S $T $B --event-log $EV
+add_synced $S $T $B --event-log $EV --affinity all
+# floating WHEN: with --affinity all (one queue: its set is every CPU) the queue thread may run
+# wherever the daemon may.
+floating() {
+    _p=$(ublk-mirror list --json | jnum pid)
+    _all=$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/"$_p"/status)
+    _qc=$(queue_cpus "$_p")
+    [ -n "$_qc" ] && [ "$_qc" = "$_all" ] || fail "--affinity all: the queue thread is on '$_qc', the daemon on '$_all' ($1)"
+    log "queue thread on CPUs $_qc ($1)"
+}
+floating "after add"
 
 step "fio verify; switchover in the middle"
 fio_verify_bg so 128M
@@ -37,6 +48,7 @@ run_timeout 90 ublk-mirror recover -n 0 > /tmp/rec.json 2>/tmp/rec.err || fail "
 grep -q '"state": "LIVE"' /tmp/rec.json || fail "not LIVE after recover: $(cat /tmp/rec.json)"
 mirror_status 0
 [ "$(jstr state < /tmp/st.json)" = switched-over ] || fail "state after recover: $(cat /tmp/st.json)"
+floating "after recover"
 wait_fio $FIO /tmp/fio.out
 dd if=$DEV of=/tmp/dev.img bs=1M iflag=direct status=none || fail "reading the device after the switch"
 cmp -n 134217728 /tmp/dev.img $T || fail "the device does not read what the target holds"

@@ -121,6 +121,15 @@ add_synced() {
     wait_for 10 /dev/ublkb0 test -b /dev/ublkb0
     run_timeout 120 ublk-mirror status -n 0 --wait-synced --timeout 120 > /dev/null || fail "initial sync"
 }
+# queue_cpus PID: the CPU list (Cpus_allowed_list) of each queue thread of daemon PID, one a
+# line (queue threads: named like the process, other than its main thread).
+queue_cpus() {
+    for _qc in /proc/"$1"/task/*; do
+        [ "${_qc##*/}" = "$1" ] && continue
+        [ "$(cat "$_qc/comm")" = ublk-mirror ] || continue
+        sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' "$_qc/status"
+    done
+}
 # fio_verify_bg NAME SIZE: fio 4k randwrite QD32 with crc32c verify on /dev/ublkb0 in the
 # background; its pid in FIO, its output in /tmp/fio.out (see wait_fio).
 fio_verify_bg() {
