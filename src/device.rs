@@ -19,8 +19,7 @@ use crate::queue::{Request, Requests, Sink};
 use crate::uring::Owner;
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDesc, BufDescList, UblkDev, UblkIOCtx, UblkQueue};
-use libublk::{sys, UblkIORes};
-use std::cell::RefCell;
+use libublk::{sys, UblkError, UblkIORes, UblkUringData};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -44,7 +43,8 @@ impl Sink for QueueSink<'_, '_> {
 }
 
 fn owner_of(user_data: u64) -> Option<Owner> {
-    Owner::from_code((user_data >> 24) & 0xffff)
+    // build_user_data shifts the target data in 32 bits: 8 of them survive, bits 24..32.
+    Owner::from_code((user_data >> 24) & 0xff)
 }
 
 /// The request the driver sent in `iod`, or the error to fail it with.
@@ -96,63 +96,79 @@ fn no_huge_pages(buf: &IoBuf<u8>) {
     }
 }
 
+/// One completion on the queue's ring: a new request from the driver, or one of our operations.
+fn on_cqe(q: &UblkQueue<'_>, bufs: &[IoBuf<u8>], reqs: &mut Requests, user_data: u64, res: i32) {
+    let mut sink = QueueSink(q);
+    // Both kinds carry a 16-bit number in the low bits: the driver's tag, or our slot.
+    let n = (user_data & 0xffff) as u16;
+    if user_data & UblkUringData::Target as u64 != 0 {
+        if let Some(owner) = owner_of(user_data) {
+            reqs.complete(&mut sink, owner, n, res);
+        }
+    } else if res == sys::UBLK_IO_RES_OK as i32 {
+        let Some(buf) = bufs.get(n as usize) else { return };
+        match request_of(q.get_iod(n), buf.len()) {
+            // SAFETY: the tag's buffer holds max_io_buf_bytes (request_of refused longer
+            // transfers); the driver does not reuse the tag, and nothing else here touches its
+            // buffer, until we commit the tag, which happens only once its completion came out
+            // of `reqs`.
+            Ok(req) => unsafe { reqs.submit_in_place(&mut sink, n as u64, req, buf.as_mut_ptr()) },
+            Err(res) => commit(q, bufs, n, res),
+        }
+    }
+    // Any other result of a driver command (UBLK_IO_RES_ABORT: the queue is stopping) brings
+    // no request; libublk counts those commands itself.
+    for c in reqs.completions() {
+        let res = match c.result {
+            Ok(n) => n as i32,
+            Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+        };
+        commit(q, bufs, c.tag as u16, res);
+    }
+}
+
 /// Body of one queue thread.
 pub fn queue_main(qid: u16, dev: &UblkDev, engine: Arc<Engine>) {
     let bufs = Rc::new(dev.alloc_queue_io_bufs());
     bufs.iter().for_each(no_huge_pages);
-    let q = match UblkQueue::new(qid, dev) {
-        Ok(q) => q,
+    let setup = Requests::new(engine).map_err(|e| format!("{e}")).and_then(|reqs| {
+        let q = UblkQueue::new(qid, dev).map_err(|e| format!("{e:?}"))?;
+        let q = q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))).map_err(|e| format!("{e:?}"))?;
+        Ok((q, reqs))
+    });
+    let (q, mut reqs) = match setup {
+        Ok(x) => x,
         Err(e) => {
-            log::error!("queue {qid}: setup failed: {e:?}");
+            log::error!("queue {qid}: setup failed: {e}");
             // Without this, START_DEV would wait forever for this queue's buffers (and DEL would
             // then hang); reporting a failed registration makes the start fail instead.
             dev.notify_buffer_registration_complete(true);
             return;
         }
     };
-    let reqs = RefCell::new(Requests::new(engine));
-    let handler = |q: &UblkQueue, tag: u16, io: &UblkIOCtx| {
-        // The handler is the only user of `reqs`, and it is not reentered (libublk calls it
-        // from its completion loop, one completion at a time).
-        let mut reqs = reqs.borrow_mut();
-        let mut sink = QueueSink(q);
-        let r = if io.is_tgt_io() {
-            match owner_of(io.user_data()) {
-                Some(owner) => reqs.complete(&mut sink, owner, tag, io.result()),
-                None => Ok(()),
+    // libublk's wait_and_handle_io() would do, except that it ends the queue on any error of
+    // the ring wait, EINTR included (a signal handled on this thread, should the daemon ever
+    // install a handler; stop and continue do not interrupt the wait on 6.12, the VM scenario
+    // device-fio-kill checks that the device keeps serving). Only the queue going down (or a
+    // broken ring) ends this loop.
+    loop {
+        match q.flush_and_wake_io_tasks(|user_data, cqe, _| on_cqe(&q, &bufs, &mut reqs, user_data, cqe.result()), 1) {
+            Ok(_) => {}
+            Err(UblkError::IOError(e)) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(UblkError::QueueIsDown) => break,
+            Err(e) => {
+                log::error!("queue {qid}: {e:?}");
+                break;
             }
-        } else {
-            let buf = &bufs[tag as usize];
-            match request_of(q.get_iod(tag), buf.len()) {
-                // SAFETY: the tag's buffer holds max_io_buf_bytes (request_of refused longer
-                // transfers); the driver does not reuse the tag, and nothing else here touches
-                // its buffer, until we commit the tag, which happens only once its completion
-                // came out of `reqs`.
-                Ok(req) => unsafe { reqs.submit_in_place(&mut sink, tag as u64, req, buf.as_mut_ptr()) },
-                Err(res) => {
-                    commit(q, &bufs, tag, res);
-                    Ok(())
-                }
-            }
-        };
-        if let Err(e) = r {
-            // Only a broken queue ring fails a push: the device is going down.
-            log::error!("queue {qid}: {e}");
         }
-        for c in reqs.completions() {
-            let res = match c.result {
-                Ok(n) => n as i32,
-                Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
-            };
-            commit(q, &bufs, c.tag as u16, res);
-        }
-    };
-    match q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))) {
-        Ok(q) => q.wait_and_handle_io(handler),
-        Err(e) => {
-            log::error!("queue {qid}: fetching requests: {e:?}");
-            dev.notify_buffer_registration_complete(true);
-        }
+    }
+    for tag in q.tags() {
+        q.unregister_io_buf(tag);
+    }
+    if reqs.in_flight() > 0 {
+        // Only after a broken ring: the kernel may still use these buffers.
+        reqs.abandon_in_flight();
+        std::mem::forget(bufs);
     }
 }
 

@@ -125,6 +125,8 @@ struct Req {
     src_result: Option<io::Result<u32>>,
     /// When the request was first deferred (by a consistent flush or a switchover).
     deferred_since: Option<Instant>,
+    /// The engine let the write begin (it must be ended, whatever happens).
+    begun: bool,
     /// Which descriptor the request's data goes to (the target once switched over).
     file: u32,
     /// The engine's front-end descriptors, held from the first issue to the completion.
@@ -133,12 +135,28 @@ struct Req {
 
 const SRC: u32 = 0;
 const TGT: u32 = 1;
-/// How often deferred writes ask the engine again.
-const NAP: Duration = Duration::from_millis(1);
+/// Deferred writes ask the engine again after a nap: the first after NAP_MIN, then twice as
+/// long each time, up to NAP_MAX, while some stay deferred.
+const NAP_MIN: Duration = Duration::from_micros(500);
+const NAP_MAX: Duration = Duration::from_millis(10);
 /// How long a write waits for a consistent flush before it goes ahead as an ordinary write.
 const MAX_DEFER: Duration = Duration::from_millis(500);
 
+/// The nap timer: a timerfd whose expiry a read on the ring waits for. (A ring Timeout would
+/// complete with -ETIME, which libublk reports as a failed target I/O.)
+struct NapTimer {
+    fd: nix::sys::timerfd::TimerFd,
+    /// The read's destination: boxed, so that it stays put while the read is in flight.
+    buf: Box<[u8; 8]>,
+    pending: bool,
+    next: Duration,
+}
+
 /// The requests of one queue and the write-intent protocol they follow.
+///
+/// A failure to queue an operation (only a broken ring fails that) fails the request it belongs
+/// to with EIO, after ending what the engine began for it: nothing is left waiting for a
+/// completion that cannot come.
 pub struct Requests {
     engine: Arc<Engine>,
     reqs: Vec<Option<Req>>,
@@ -149,17 +167,21 @@ pub struct Requests {
     has_target: bool,
     /// Writes waiting (a consistent flush, a switchover) before they begin.
     deferred: Vec<usize>,
-    /// The nap timer's timespec: boxed, so that it stays put until the kernel has read it.
-    nap: Box<types::Timespec>,
-    nap_pending: bool,
+    nap: NapTimer,
+}
+
+fn eio() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
 }
 
 impl Requests {
     /// Requests on `engine`; they mirror writes synchronously in write-blocking mode when the
     /// engine has its target attached ([`Engine::attach_target`]).
-    pub fn new(engine: Arc<Engine>) -> Self {
+    pub fn new(engine: Arc<Engine>) -> io::Result<Self> {
+        use nix::sys::timerfd::{ClockId, TimerFd, TimerFlags};
+        let fd = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_CLOEXEC).map_err(io::Error::from)?;
         let has_target = engine.front_has_target();
-        Requests {
+        Ok(Requests {
             engine,
             reqs: Vec::new(),
             free: Vec::new(),
@@ -168,9 +190,8 @@ impl Requests {
             out: Vec::new(),
             has_target,
             deferred: Vec::new(),
-            nap: Box::new(types::Timespec::new().nsec(NAP.as_nanos() as u32)),
-            nap_pending: false,
-        }
+            nap: NapTimer { fd, buf: Box::new([0; 8]), pending: false, next: NAP_MIN },
+        })
     }
 
     pub fn in_flight(&self) -> usize {
@@ -178,13 +199,13 @@ impl Requests {
     }
 
     /// Queues a request with its own data; its completion comes from [`Self::completions`].
-    pub fn submit(&mut self, sink: &mut impl Sink, tag: u64, op: Op) -> io::Result<()> {
+    pub fn submit(&mut self, sink: &mut impl Sink, tag: u64, op: Op) {
         let (req, data) = match op {
             Op::Read { off, len } => (Request::Read { off, len }, Data::None),
             Op::Write { off, data, len, fua } => {
                 if (len as usize) > data.len() {
                     self.out.push(Completion { tag, result: Err(io::Error::from_raw_os_error(libc::EINVAL)), buf: Some(data) });
-                    return Ok(());
+                    return;
                 }
                 (Request::Write { off, len, fua }, Data::Owned(data))
             }
@@ -201,21 +222,24 @@ impl Requests {
     /// For a read or write, `buf` must point to at least the request's length in bytes, valid
     /// for writes (reads) or reads (writes), and nothing else may use that memory until the
     /// request's completion has come out of [`Self::completions`].
-    pub unsafe fn submit_in_place(&mut self, sink: &mut impl Sink, tag: u64, req: Request, buf: *mut u8) -> io::Result<()> {
+    pub unsafe fn submit_in_place(&mut self, sink: &mut impl Sink, tag: u64, req: Request, buf: *mut u8) {
         self.start(sink, tag, req, Data::InPlace(buf))
     }
 
-    fn start(&mut self, sink: &mut impl Sink, tag: u64, req: Request, data: Data) -> io::Result<()> {
+    fn start(&mut self, sink: &mut impl Sink, tag: u64, req: Request, data: Data) {
         let range = req.range();
-        if let Some((off, len)) = range {
-            if len == 0 || off.checked_add(len).is_none_or(|e| e > self.engine.size()) {
-                let buf = match data {
-                    Data::Owned(b) => Some(b),
-                    _ => None,
-                };
-                self.out.push(Completion { tag, result: Err(io::Error::from_raw_os_error(libc::EINVAL)), buf });
-                return Ok(());
-            }
+        let bad = match range {
+            Some((off, len)) => len == 0 || off.checked_add(len).is_none_or(|e| e > self.engine.size()),
+            None => false,
+        };
+        if bad || self.reqs.len() - self.free.len() > u16::MAX as usize {
+            let buf = match data {
+                Data::Owned(b) => Some(b),
+                _ => None,
+            };
+            let e = if bad { io::Error::from_raw_os_error(libc::EINVAL) } else { io::Error::from_raw_os_error(libc::EBUSY) };
+            self.out.push(Completion { tag, result: Err(e), buf });
+            return;
         }
         let ext = if req.modifies() { range.map(|(o, l)| self.engine.extent(o, l)) } else { None };
         let r = Req {
@@ -229,44 +253,44 @@ impl Requests {
             tgt_ok: false,
             src_result: None,
             deferred_since: None,
+            begun: false,
             file: SRC,
             held: None,
         };
+        // Slots fit in 16 bits (checked above): they travel in completions' user_data.
         let slot = match self.free.pop() {
             Some(i) => {
                 self.reqs[i as usize] = Some(r);
                 i as usize
             }
             None => {
-                if self.reqs.len() > u16::MAX as usize {
-                    return Err(io::Error::other("more than 65536 requests in flight on one queue"));
-                }
                 self.reqs.push(Some(r));
                 self.reqs.len() - 1
             }
         };
         if ext.is_none() {
-            return self.issue(sink, slot);
+            self.issue(sink, slot)
+        } else {
+            self.gate(sink, slot)
         }
-        self.gate(sink, slot)
     }
 
     /// Asks the engine whether the write in `slot` may begin, and begins it if so.
-    fn gate(&mut self, sink: &mut impl Sink, slot: usize) -> io::Result<()> {
-        let Some(r) = self.reqs[slot].as_mut() else { return Ok(()) };
-        let (Some(ext), Some((off, len))) = (r.ext, r.req.range()) else { return Ok(()) };
+    fn gate(&mut self, sink: &mut impl Sink, slot: usize) {
+        let Some(r) = self.reqs[slot].as_mut() else { return };
+        let (Some(ext), Some((off, len))) = (r.ext, r.req.range()) else { return };
         let may_wait = r.deferred_since.is_none_or(|t| t.elapsed() < MAX_DEFER);
         let mirror_ok = matches!(r.req, Request::Write { .. }) && self.has_target;
         match self.engine.begin_request(ext, off, len, mirror_ok, may_wait) {
             Gate::Go(intent, plan) => {
                 r.plan = plan;
+                r.begun = true;
                 match intent {
                     Intent::Ready => self.issue(sink, slot),
                     Intent::Wait { seq } => {
                         if self.gc.wait(seq, slot) {
-                            self.start_bitmap_flush(sink)?;
+                            self.start_bitmap_flush(sink);
                         }
-                        Ok(())
                     }
                 }
             }
@@ -284,28 +308,68 @@ impl Requests {
         }
     }
 
-    fn arm_nap(&mut self, sink: &mut impl Sink) -> io::Result<()> {
-        if self.nap_pending {
-            return Ok(());
+    fn arm_nap(&mut self, sink: &mut impl Sink) {
+        use nix::sys::time::TimeSpec;
+        use nix::sys::timerfd::{Expiration, TimerSetTimeFlags};
+        if self.nap.pending {
+            return;
         }
-        self.nap_pending = true;
-        let e = opcode::Timeout::new(&*self.nap).flags(types::TimeoutFlags::ETIME_SUCCESS).build();
-        sink.push(e, Owner::Nap, 0)
+        let armed = self
+            .nap
+            .fd
+            .set(Expiration::OneShot(TimeSpec::from_duration(self.nap.next)), TimerSetTimeFlags::empty())
+            .map_err(io::Error::from)
+            .and_then(|()| {
+                use std::os::fd::{AsFd, AsRawFd};
+                let fd = types::Fd(self.nap.fd.as_fd().as_raw_fd());
+                sink.push(opcode::Read::new(fd, self.nap.buf.as_mut_ptr(), 8).build(), Owner::Nap, 0)
+            });
+        match armed {
+            Ok(()) => self.nap.pending = true,
+            Err(e) => {
+                // Without the timer nobody would ask again: the writes fail instead (they have
+                // not begun, nothing reached the source or the bitmap for them).
+                log::error!("queue timer: {e}; failing {} deferred writes", self.deferred.len());
+                for slot in std::mem::take(&mut self.deferred) {
+                    self.finish(slot, Err(eio()));
+                }
+            }
+        }
     }
 
-    fn start_bitmap_flush(&mut self, sink: &mut impl Sink) -> io::Result<()> {
+    fn start_bitmap_flush(&mut self, sink: &mut impl Sink) {
         let seq = self.engine.bitmap_flush_start();
         self.gc.started(seq);
         self.flush_seq = seq;
         let e = opcode::Fsync::new(types::Fd(self.engine.bitmap_fd()))
             .flags(types::FsyncFlags::DATASYNC)
             .build();
-        sink.push(e, Owner::Bitmap, 0)
+        if let Err(e) = sink.push(e, Owner::Bitmap, 0) {
+            log::error!("queue ring: cannot queue a bitmap flush: {e}");
+            self.bitmap_flush_ended(sink, false);
+        }
     }
 
-    fn issue(&mut self, sink: &mut impl Sink, slot: usize) -> io::Result<()> {
+    /// The bitmap flush in flight ended: the writes it made ready go, those it failed fail.
+    fn bitmap_flush_ended(&mut self, sink: &mut impl Sink, ok: bool) {
+        self.engine.bitmap_flush_done(self.flush_seq, ok);
+        let engine = self.engine.clone();
+        let step = self.gc.completed(ok, |s| engine.intent_durable(s));
+        for slot in step.ready {
+            self.issue(sink, slot);
+        }
+        for slot in step.failed {
+            // Never issued to the source: the write intent could not be made durable.
+            self.finish(slot, Err(eio()));
+        }
+        if step.start_flush {
+            self.start_bitmap_flush(sink);
+        }
+    }
+
+    fn issue(&mut self, sink: &mut impl Sink, slot: usize) {
         let engine = &self.engine;
-        let Some(r) = self.reqs[slot].as_mut() else { return Ok(()) };
+        let Some(r) = self.reqs[slot].as_mut() else { return };
         // Descriptors first, then for a read or flush the question which one: a request that
         // still sees the source here is waited for by a switchover before the source goes
         // away (a read that began on the source just before the switch returns the same data:
@@ -336,8 +400,12 @@ impl Requests {
                     // The same buffer to the target, at the same time as to the source. The
                     // target needs no FUA: its durability comes with the mirror's pair flush.
                     let e = opcode::Write::new(types::Fd(fds.target), base, len).offset(off).build();
-                    r.tgt_pending = true;
-                    sink.push(e, Owner::Target, slot16)?;
+                    match sink.push(e, Owner::Target, slot16) {
+                        Ok(()) => r.tgt_pending = true,
+                        // The write goes on to the source alone; with tgt_ok false its region
+                        // stays dirty and the copy follows.
+                        Err(e) => log::error!("queue ring: cannot queue a target write: {e}"),
+                    }
                 }
                 // SAFETY: as for reads.
                 let p = unsafe { base.add(done as usize) };
@@ -358,7 +426,26 @@ impl Requests {
                 opcode::Fallocate::new(f, len).offset(off).mode(mode).build()
             }
         };
-        sink.push(e, Owner::Front, slot16)
+        if let Err(e) = sink.push(e, Owner::Front, slot16) {
+            log::error!("queue ring: cannot queue a request: {e}");
+            self.finish(slot, Err(eio()));
+        }
+    }
+
+    /// Gives up on the requests still in flight (their ring is gone or broken): their buffers,
+    /// which the kernel may still write into or read from, are leaked rather than freed.
+    pub fn abandon_in_flight(&mut self) {
+        let n = self.in_flight();
+        if n == 0 && !self.nap.pending {
+            return;
+        }
+        log::error!("{n} requests still in flight on a queue that stops: their buffers are leaked");
+        std::mem::forget(std::mem::take(&mut self.reqs));
+        self.free.clear();
+        if self.nap.pending {
+            std::mem::forget(std::mem::replace(&mut self.nap.buf, Box::new([0; 8])));
+            self.nap.pending = false;
+        }
     }
 
     /// Takes the finished requests.
@@ -367,61 +454,52 @@ impl Requests {
     }
 
     /// Handles the completion of an operation this pushed (`owner`, `slot` as pushed).
-    pub fn complete(&mut self, sink: &mut impl Sink, owner: Owner, slot: u16, res: i32) -> io::Result<()> {
+    pub fn complete(&mut self, sink: &mut impl Sink, owner: Owner, slot: u16, res: i32) {
         let slot = slot as usize;
         match owner {
             Owner::Bitmap => {
-                let ok = res >= 0;
-                self.engine.bitmap_flush_done(self.flush_seq, ok);
-                if !ok {
+                if res < 0 {
                     log::error!(
                         "bitmap fdatasync failed: {}; failing the writes that needed it",
                         io::Error::from_raw_os_error(-res)
                     );
                 }
-                let engine = self.engine.clone();
-                let step = self.gc.completed(ok, |s| engine.intent_durable(s));
-                for slot in step.ready {
-                    self.issue(sink, slot)?;
-                }
-                for slot in step.failed {
-                    // Never issued to the source: the write intent could not be made durable.
-                    self.finish(slot, Err(io::Error::from_raw_os_error(libc::EIO)));
-                }
-                if step.start_flush {
-                    self.start_bitmap_flush(sink)?;
-                }
-                Ok(())
+                self.bitmap_flush_ended(sink, res >= 0);
             }
             Owner::Nap => {
-                self.nap_pending = false;
+                self.nap.pending = false;
+                let before = self.deferred.len();
                 for slot in std::mem::take(&mut self.deferred) {
-                    self.gate(sink, slot)?;
+                    self.gate(sink, slot);
                 }
-                Ok(())
+                // Back off while writes stay held (a switchover may hold them for seconds).
+                self.nap.next = if self.deferred.is_empty() || self.deferred.len() < before {
+                    NAP_MIN
+                } else {
+                    (self.nap.next * 2).min(NAP_MAX)
+                };
             }
             Owner::Front => {
-                let Some(r) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) else { return Ok(()) };
+                let Some(r) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) else { return };
                 if res < 0 {
-                    let result = self.flush_result(slot, res);
+                    let result = self.result_of(slot, res);
                     self.finish(slot, result);
-                    return Ok(());
+                    return;
                 }
                 let want = r.req.transfer();
                 r.done += res as u32;
                 if want > 0 && r.done < want {
                     if res == 0 {
-                        self.finish(slot, Err(io::Error::from_raw_os_error(libc::EIO)));
-                        return Ok(());
+                        self.finish(slot, Err(eio()));
+                        return;
                     }
                     return self.issue(sink, slot);
                 }
-                let result = if r.req == Request::Flush { self.flush_result(slot, 0) } else { Ok(r.done) };
+                let result = if r.req == Request::Flush { self.result_of(slot, 0) } else { Ok(r.done) };
                 self.finish(slot, result);
-                Ok(())
             }
             Owner::Target => {
-                let Some(r) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) else { return Ok(()) };
+                let Some(r) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) else { return };
                 r.tgt_pending = false;
                 // A short target write counts as failed: the region is copied instead.
                 r.tgt_ok = res >= 0 && res as u32 == r.req.transfer();
@@ -431,23 +509,23 @@ impl Requests {
                 if let Some(result) = r.src_result.take() {
                     self.finish(slot, result);
                 }
-                Ok(())
             }
-            Owner::Source | Owner::Wake => Ok(()),
+            Owner::Source | Owner::Wake => {}
         }
     }
 
-    /// The result of a request that ended with `res` (< 0: an error). A failed FLUSH of the
-    /// source fails every later one too: Linux reports a writeback error to one fdatasync
-    /// only, and the mirror's own fdatasync may be the one that took it (see the engine).
-    fn flush_result(&self, slot: usize, res: i32) -> io::Result<u32> {
+    /// The result of a request whose last operation ended with `res` (< 0: an error). A failed
+    /// FLUSH of the source fails every later one too: Linux reports a writeback error to one
+    /// fdatasync only, and the mirror's own fdatasync may be the one that took it (see the
+    /// engine).
+    fn result_of(&self, slot: usize, res: i32) -> io::Result<u32> {
         let Some(r) = self.reqs[slot].as_ref() else { return Ok(0) };
         if r.req == Request::Flush && r.file == SRC {
             if res < 0 {
                 self.engine.set_source_flush_failed();
             }
             if self.engine.source_flush_failed() {
-                return Err(io::Error::from_raw_os_error(libc::EIO));
+                return Err(eio());
             }
         }
         if res < 0 {
@@ -469,7 +547,7 @@ impl Requests {
         if let Some(h) = r.held {
             self.engine.front_exit(h);
         }
-        if let Some(ext) = r.ext {
+        if let (true, Some(ext)) = (r.begun, r.ext) {
             // Whatever happened (even a write that failed halfway), the region may have changed.
             self.engine.end_write_planned(ext, r.plan, result.is_ok(), r.tgt_ok);
         }
@@ -486,7 +564,6 @@ impl Requests {
 
 /// [`Requests`] on a ring of its own: the engine's front end without a kernel device.
 pub struct EngineQueue {
-    // The ring is dropped first: it waits out in-flight operations before buffers are freed.
     ring: Ring,
     reqs: Requests,
     cqes: Vec<(u64, i32)>,
@@ -497,7 +574,7 @@ impl EngineQueue {
     /// A queue on `engine` with room for `depth` requests in flight (more are queued too).
     pub fn new(engine: Arc<Engine>, depth: u32) -> io::Result<Self> {
         let ring = uring::new_ring((depth * 4 + 4).next_power_of_two())?;
-        Ok(EngineQueue { ring, reqs: Requests::new(engine), cqes: Vec::new(), ready: Vec::new() })
+        Ok(EngineQueue { ring, reqs: Requests::new(engine)?, cqes: Vec::new(), ready: Vec::new() })
     }
 
     pub fn in_flight(&self) -> usize {
@@ -506,7 +583,7 @@ impl EngineQueue {
 
     /// Queues a request; its completion comes from [`Self::wait`].
     pub fn submit(&mut self, tag: u64, op: Op) -> io::Result<()> {
-        self.reqs.submit(&mut RingSink(&mut self.ring), tag, op)?;
+        self.reqs.submit(&mut RingSink(&mut self.ring), tag, op);
         self.ready.extend(self.reqs.completions());
         Ok(())
     }
@@ -537,7 +614,7 @@ impl EngineQueue {
             uring::reap(&mut self.ring, &mut self.cqes);
             for &(ud, res) in &self.cqes {
                 let (Some(owner), slot) = uring::decode(ud) else { continue };
-                self.reqs.complete(&mut RingSink(&mut self.ring), owner, slot as u16, res)?;
+                self.reqs.complete(&mut RingSink(&mut self.ring), owner, slot as u16, res);
             }
             self.ready.extend(self.reqs.completions());
         }
@@ -563,5 +640,18 @@ impl EngineQueue {
         };
         self.ready.extend(others);
         got.result.map(|n| (n, got.buf))
+    }
+}
+
+impl Drop for EngineQueue {
+    /// Closing a ring does not wait for its operations: wait for them (bounded), so that no
+    /// buffer is freed under the kernel; what does not end in time is leaked instead.
+    fn drop(&mut self) {
+        let t0 = Instant::now();
+        while self.in_flight() > 0 && t0.elapsed() < Duration::from_secs(10) {
+            // Returns (TimedOut) after 100 ms, having handled whatever completed meanwhile.
+            let _ = self.wait(usize::MAX, Duration::from_millis(100));
+        }
+        self.reqs.abandon_in_flight();
     }
 }
