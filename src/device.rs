@@ -35,10 +35,22 @@ struct QueueSink<'a, 'b>(&'a UblkQueue<'b>);
 
 impl Sink for QueueSink<'_, '_> {
     fn push(&mut self, entry: io_uring::squeue::Entry, owner: Owner, slot: u16) -> std::io::Result<()> {
-        let user_data = UblkIOCtx::build_user_data(slot, 0, owner as u32, true);
-        self.0
-            .ublk_submit_sqe_sync(entry.user_data(user_data))
-            .map_err(|e| std::io::Error::other(format!("queue ring: {e:?}")))
+        let entry = entry.user_data(UblkIOCtx::build_user_data(slot, 0, owner as u32, true));
+        // It fails only when the submission queue is full and submitting it fails; a transient
+        // failure (interrupted, out of resources for the moment) gets a few more tries before
+        // the request fails.
+        let mut tries = 0;
+        loop {
+            match self.0.ublk_submit_sqe_sync(entry.clone()) {
+                Ok(()) => return Ok(()),
+                Err(UblkError::IOError(e))
+                    if tries < 3 && matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) =>
+                {
+                    tries += 1;
+                }
+                Err(e) => return Err(std::io::Error::other(format!("queue ring: {e:?}"))),
+            }
+        }
     }
 }
 
@@ -151,22 +163,23 @@ pub fn queue_main(qid: u16, dev: &UblkDev, engine: Arc<Engine>) {
     // install a handler; stop and continue do not interrupt the wait on 6.12, the VM scenario
     // device-fio-kill checks that the device keeps serving). Only the queue going down (or a
     // broken ring) ends this loop.
-    loop {
+    let clean = loop {
         match q.flush_and_wake_io_tasks(|user_data, cqe, _| on_cqe(&q, &bufs, &mut reqs, user_data, cqe.result()), 1) {
             Ok(_) => {}
             Err(UblkError::IOError(e)) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(UblkError::QueueIsDown) => break,
+            Err(UblkError::QueueIsDown) => break true,
             Err(e) => {
                 log::error!("queue {qid}: {e:?}");
-                break;
+                break false;
             }
         }
-    }
+    };
     for tag in q.tags() {
         q.unregister_io_buf(tag);
     }
-    if reqs.in_flight() > 0 {
-        // Only after a broken ring: the kernel may still use these buffers.
+    if !clean || reqs.in_flight() > 0 {
+        // The kernel may still use these buffers: our operations in flight, or (after a
+        // broken ring) the driver's commands of idle tags, which point at them too.
         reqs.abandon_in_flight();
         std::mem::forget(bufs);
     }

@@ -143,7 +143,8 @@ const NAP_MAX: Duration = Duration::from_millis(10);
 const MAX_DEFER: Duration = Duration::from_millis(500);
 
 /// The nap timer: a timerfd whose expiry a read on the ring waits for. (A ring Timeout would
-/// complete with -ETIME, which libublk reports as a failed target I/O.)
+/// complete with -ETIME, which reads as a failure to whatever reports failed completions,
+/// libublk's own queue loop for one.)
 struct NapTimer {
     fd: nix::sys::timerfd::TimerFd,
     /// The read's destination: boxed, so that it stays put while the read is in flight.
@@ -154,8 +155,8 @@ struct NapTimer {
 
 /// The requests of one queue and the write-intent protocol they follow.
 ///
-/// A failure to queue an operation (only a broken ring fails that) fails the request it belongs
-/// to with EIO, after ending what the engine began for it: nothing is left waiting for a
+/// A failure to queue an operation (a broken ring, or a full one that cannot submit) fails the
+/// request it belongs to with EIO, after ending what the engine began for it: nothing is left waiting for a
 /// completion that cannot come.
 pub struct Requests {
     engine: Arc<Engine>,
@@ -442,6 +443,8 @@ impl Requests {
         log::error!("{n} requests still in flight on a queue that stops: their buffers are leaked");
         std::mem::forget(std::mem::take(&mut self.reqs));
         self.free.clear();
+        self.deferred.clear();
+        self.gc = GroupCommit::default();
         if self.nap.pending {
             std::mem::forget(std::mem::replace(&mut self.nap.buf, Box::new([0; 8])));
             self.nap.pending = false;
@@ -467,17 +470,18 @@ impl Requests {
                 self.bitmap_flush_ended(sink, res >= 0);
             }
             Owner::Nap => {
-                self.nap.pending = false;
+                // Still "pending" while the writes ask again, so that those deferred anew do not
+                // arm the timer before the next nap's length is known.
                 let before = self.deferred.len();
                 for slot in std::mem::take(&mut self.deferred) {
                     self.gate(sink, slot);
                 }
+                self.nap.pending = false;
                 // Back off while writes stay held (a switchover may hold them for seconds).
-                self.nap.next = if self.deferred.is_empty() || self.deferred.len() < before {
-                    NAP_MIN
-                } else {
-                    (self.nap.next * 2).min(NAP_MAX)
-                };
+                self.nap.next = if self.deferred.len() < before { NAP_MIN } else { (self.nap.next * 2).min(NAP_MAX) };
+                if !self.deferred.is_empty() {
+                    self.arm_nap(sink);
+                }
             }
             Owner::Front => {
                 let Some(r) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) else { return };
@@ -649,8 +653,12 @@ impl Drop for EngineQueue {
     fn drop(&mut self) {
         let t0 = Instant::now();
         while self.in_flight() > 0 && t0.elapsed() < Duration::from_secs(10) {
-            // Returns (TimedOut) after 100 ms, having handled whatever completed meanwhile.
-            let _ = self.wait(usize::MAX, Duration::from_millis(100));
+            // Returns (TimedOut) after 100 ms, having handled whatever completed meanwhile;
+            // any other error is a broken ring: nothing more will complete.
+            match self.wait(usize::MAX, Duration::from_millis(100)) {
+                Err(e) if e.kind() != io::ErrorKind::TimedOut => break,
+                _ => {}
+            }
         }
         self.reqs.abandon_in_flight();
     }

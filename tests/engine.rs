@@ -305,9 +305,10 @@ fn next_completion(reqs: &mut Requests, sink: &mut Refusing) -> Completion {
     panic!("no completion within 5 s");
 }
 
-/// When the ring refuses an operation (the bitmap flush a first write needs, or the write
-/// itself), the request fails with EIO, nothing reaches the source, and the engine does not
-/// count the write as in flight any more (otherwise the mirror would wait for it for ever).
+/// When the ring refuses an operation (the bitmap flush a first write needs, the write itself,
+/// or the timer a held write waits on), the request fails with EIO, nothing reaches the source,
+/// and the engine does not count the write as in flight any more (otherwise the mirror would
+/// wait for it for ever).
 #[test]
 fn a_refused_operation_fails_its_request_and_ends_the_write() {
     let f = files(4 * MIB);
@@ -329,6 +330,16 @@ fn a_refused_operation_fails_its_request_and_ends_the_write() {
         assert_eq!(engine.lock().state.writes_in_flight(), 0, "allow {allow}: the failed write is still in flight");
         assert_eq!(reqs.in_flight(), 0);
     }
+    // A write held back (here by a switchover's barrier) whose retry timer the ring refuses: it
+    // never began, so it fails without being ended in the engine (ending it would be a bug too).
+    engine.lock().write_barrier = true;
+    let mut sink = Refusing { ring: ublk_mirror::uring::new_ring(16).expect("ring"), allow: 0 };
+    let mut reqs = Requests::new(engine.clone()).expect("requests");
+    reqs.submit(&mut sink, 9, Op::Write { off: 3 * MIB, data: AlignedBuf::new(4096), len: 4096, fua: false });
+    let c = next_completion(&mut reqs, &mut sink);
+    assert_eq!(c.result.expect_err("held write without a timer").raw_os_error(), Some(libc::EIO));
+    assert_eq!(engine.lock().state.writes_in_flight(), 0);
+    engine.lock().write_barrier = false;
     assert_eq!(read_all(&f.source), before, "a refused write reached the source");
     // The queue machinery is fine otherwise: the same engine takes a write through a ring that
     // accepts everything.
