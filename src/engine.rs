@@ -542,9 +542,6 @@ impl Engine {
         (a, b)
     }
 
-    pub fn begin_write(&self, ext: Extent) -> Intent {
-        self.lock().state.begin_write(ext)
-    }
     pub fn intent_durable(&self, seq: u64) -> bool {
         self.lock().state.intent_durable(seq)
     }

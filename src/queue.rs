@@ -233,7 +233,7 @@ impl Requests {
             Some((off, len)) => len == 0 || off.checked_add(len).is_none_or(|e| e > self.engine.size()),
             None => false,
         };
-        if bad || self.reqs.len() - self.free.len() > u16::MAX as usize {
+        if bad || self.in_flight() > u16::MAX as usize {
             let buf = match data {
                 Data::Owned(b) => Some(b),
                 _ => None,
