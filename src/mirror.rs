@@ -114,6 +114,8 @@ pub struct Mirror<'t> {
     /// The --on-consistent command running now, its start, and when the last one started.
     hook: Option<(std::process::Child, Instant)>,
     last_hook: Option<Instant>,
+    /// When this run of the loop was asked to return while the command ran (see check_hook).
+    stop_seen: Option<Instant>,
     /// When the last consistent flush started, and when the next may (write-blocking mode).
     last_consistent: Option<Instant>,
     consistent_after: Option<Instant>,
@@ -176,6 +178,7 @@ impl<'t> Mirror<'t> {
             consistent_after: None,
             hook: None,
             last_hook: None,
+            stop_seen: None,
             draining: false,
         }
     }
@@ -220,7 +223,7 @@ impl<'t> Mirror<'t> {
             let stopping = until == RunUntil::Stopped && self.engine.mirror_should_return();
             if until == RunUntil::Stopped {
                 self.check_lag();
-                self.check_hook();
+                self.check_hook(stopping);
             }
             if self.fatal.is_none() && !stopping {
                 self.start_copies()?;
@@ -307,7 +310,8 @@ impl<'t> Mirror<'t> {
             return false;
         }
         if self.fatal.is_some() || stopping {
-            return !self.bitmap_clears_pending;
+            // A running --on-consistent command is waited for (check_hook bounds the wait).
+            return !self.bitmap_clears_pending && (self.hook.is_none() || self.fatal.is_some());
         }
         // Offline, clears still pending are left to the caller's Engine::close.
         until == RunUntil::Synced && self.engine.lock().state.is_synced()
@@ -578,7 +582,8 @@ impl<'t> Mirror<'t> {
     /// has passed. From now until it exits the target is left alone.
     fn maybe_run_hook(&mut self) {
         let Some(h) = self.cfg.on_consistent.clone() else { return };
-        if self.hook.is_some() || self.last_hook.is_some_and(|t| t.elapsed() < h.interval) {
+        // Not on the way out: the stop would have to wait for it.
+        if self.hook.is_some() || self.engine.mirror_should_return() || self.last_hook.is_some_and(|t| t.elapsed() < h.interval) {
             return;
         }
         // No copy is in flight after a consistent flush (none may start during one), but a
@@ -614,9 +619,16 @@ impl<'t> Mirror<'t> {
     }
 
     /// Reaps the --on-consistent command (killing it after its timeout) and lets copies resume.
-    fn check_hook(&mut self) {
-        let Some((child, started)) = self.hook.as_mut() else { return };
+    fn check_hook(&mut self, stopping: bool) {
+        let Some((child, started)) = self.hook.as_mut() else {
+            self.stop_seen = None;
+            return;
+        };
         let timeout = self.cfg.on_consistent.as_ref().map(|h| h.timeout).unwrap_or(Duration::from_secs(60));
+        // A stop (del, daemon shutdown, switchover's restart) waits for a running command, but
+        // only HOOK_STOP_GRACE: `del` kills a daemon that takes 30 s, and a command left
+        // running would go on reading a target the daemon no longer owns.
+        let stop_seen = if stopping { Some(*self.stop_seen.get_or_insert_with(Instant::now)) } else { None };
         let status = match child.try_wait() {
             Ok(Some(st)) => Some(st.to_string()),
             Ok(None) if started.elapsed() > timeout => {
@@ -624,12 +636,18 @@ impl<'t> Mirror<'t> {
                 let _ = child.wait();
                 Some(format!("killed after {}s", timeout.as_secs()))
             }
+            Ok(None) if stop_seen.is_some_and(|t| t.elapsed() > HOOK_STOP_GRACE) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Some(format!("killed {}s after the mirror was stopped", HOOK_STOP_GRACE.as_secs()))
+            }
             Ok(None) => None,
             Err(e) => Some(format!("wait: {e}")),
         };
         if let Some(status) = status {
             let secs = started.elapsed().as_secs_f64();
             self.hook = None;
+            self.stop_seen = None;
             self.engine.set_hook_running(false);
             let seq = self.engine.lock().state.counters().consistent_points;
             self.engine.events().emit("on-consistent", serde_json::json!({ "seq": seq, "status": status, "secs": secs }));
@@ -771,7 +789,15 @@ impl<'t> Mirror<'t> {
         self.consistent_after = None;
         let due = {
             let g = self.engine.lock();
-            if g.state.consistent_point_due() {
+            // A failed target is flushed again only once its backoff has passed and it was reset
+            // (start_copies does both), and never once mirroring gave up (it then never resets).
+            // Without this a clean device with a broken target re-issued its failing consistent
+            // flush in a tight loop, counting failures past max_retries. An offline copy that
+            // ends on an error still tries its draining checkpoint (its last chance to keep the
+            // progress made; if the target is what failed, that flush fails too, harmlessly).
+            if self.needs_reset && self.fatal.is_none() {
+                false
+            } else if g.state.consistent_point_due() {
                 // In write-blocking mode a write that arrives during a consistent flush waits
                 // for it: under a steady stream of writes, flushing as soon as nothing is dirty
                 // would hold writes up most of the time. Consistent points are spaced out
@@ -918,6 +944,8 @@ const FLUSH_TOKEN: u64 = (1 << 40) - 1;
 /// Retries of a failing target back off exponentially up to this: a target that comes back is
 /// used again within seconds.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a stop waits for a running --on-consistent command before killing it.
+pub const HOOK_STOP_GRACE: Duration = Duration::from_secs(10);
 /// The window over which the device's request rate is judged (see `copy_speed`).
 pub const BUSY_WINDOW: Duration = Duration::from_millis(250);
 /// Requests per [`BUSY_WINDOW`] from which the device counts as busy (128 per second).
@@ -933,6 +961,14 @@ impl Drop for Mirror<'_> {
     /// regions dirty, as a crash would.
     fn drop(&mut self) {
         self.draining = true;
+        // Only an error leaves the loop with the command running (a stop waits for it): it is
+        // not left behind, reading a target nobody mirrors to any more.
+        if let Some((mut child, _)) = self.hook.take() {
+            log::warn!("mirror ended with the --on-consistent command running; killing it");
+            let _ = child.kill();
+            let _ = child.wait();
+            self.engine.set_hook_running(false);
+        }
         if self.wake_posted {
             self.engine.wake();
         }

@@ -193,6 +193,48 @@ fn mirroring_gives_up_after_max_retries() {
     mirror.join().expect("mirror");
 }
 
+/// A clean device whose target breaks: the consistent flush that fails is tried again only
+/// after the backoff (100 ms, doubling), and never once mirroring gave up. Nothing is dirty,
+/// so only the flush path can fail here (it used to retry at once, in a tight loop).
+#[test]
+fn a_failing_flush_of_a_clean_device_backs_off_and_gives_up() {
+    for max_retries in [0, 2] {
+        let f = files(2 * MIB);
+        let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+        let engine = Arc::new(engine);
+        engine.apply_settings(&Settings { max_retries, ..Default::default() });
+        let broken = Arc::new(AtomicBool::new(true));
+        let mut flaky = Flaky { inner: target, broken, resets: 0 };
+        let me = engine.clone();
+        let mirror = std::thread::spawn(move || {
+            let mut m = Mirror::new(me, &mut flaky, CopyConfig::default()).expect("mirror");
+            m.run(RunUntil::Stopped, None).expect("run");
+            drop(m);
+            flaky.resets
+        });
+        wait_for("the first failure", Duration::from_secs(20), || engine.status().target_failures > 0);
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_millis(1000));
+        let failures = engine.status().target_failures;
+        let secs = t0.elapsed().as_secs_f64();
+        // Backoffs of 100, 200, 400, 800 ms: at most 4 more attempts in any 1.5 s, each a reset
+        // (which fails) or a flush.
+        assert!(failures <= 1 + 4 + (secs > 1.5) as u32 * 2, "{failures} failures in {secs:.2}s: no backoff");
+        if max_retries == 2 {
+            wait_for("stopped", Duration::from_secs(20), || engine.status().state == "stopped");
+            let at_stop = engine.status().target_failures;
+            assert_eq!(at_stop, 3, "gave up after {at_stop} failures, max_retries 2");
+            std::thread::sleep(Duration::from_millis(800));
+            assert_eq!(engine.status().target_failures, at_stop, "it kept flushing after giving up");
+        } else {
+            assert!(failures >= 2, "only {failures} failure(s) in {secs:.2}s: it stopped retrying");
+        }
+        engine.request_stop();
+        let resets = mirror.join().expect("mirror");
+        assert!(resets >= 1, "the target was never reset before a retry");
+    }
+}
+
 /// Pause stops copying (writes are still tracked), resume continues to synced.
 #[test]
 fn pause_and_resume() {
@@ -243,8 +285,17 @@ fn speed_limit_bounds_the_copy_rate() {
 
 /// While the device serves requests the copy yields to `busy_speed`; once it is idle the copy
 /// runs at full speed again. A writer keeps 16 MiB dirty ahead of a mirror held to 1 MiB/s; the
-/// same writer against a mirror without the limit lets it copy far more.
-fn copied_while_busy(busy_speed: u64, gap: Duration) -> (u64, f64, bool) {
+/// same writer against a mirror without the limit lets it copy far more. Each write is `len`
+/// bytes at a 64 KiB boundary, `gap` apart. Returns the bytes copied while measured, for how
+/// long, whether status said the copy yields at any point of the measurement, and at its end.
+struct Busy {
+    copied: u64,
+    secs: f64,
+    yielded: bool,
+    yielding_at_end: bool,
+}
+
+fn copied_while_busy(busy_speed: u64, gap: Duration, len: usize) -> Busy {
     let f = files(16 * MIB);
     // Dense data: every copy moves whole regions (a hole would be skipped, not copied).
     fill_random(&f.source, 0, (16 * MIB) as usize, 21);
@@ -261,10 +312,12 @@ fn copied_while_busy(busy_speed: u64, gap: Duration) -> (u64, f64, bool) {
     for blk in 0..256u64 {
         write(&mut q, blk * 64 * 1024, 4096, blk as u8);
     }
-    // The mirror judges the request rate per 250 ms window: measure from the second window on.
+    // The mirror judges the request rate per 250 ms window: measure from the third window on
+    // (the first ones judged the burst of first writes).
     let warm = Instant::now() + Duration::from_millis(600);
+    let slots = 16 * MIB / len.max(64 << 10) as u64;
     let mut measured = None;
-    let mut yielding = false;
+    let mut yielded = false;
     let mut i = 0u64;
     loop {
         let now = Instant::now();
@@ -274,40 +327,50 @@ fn copied_while_busy(busy_speed: u64, gap: Duration) -> (u64, f64, bool) {
         if measured.is_some_and(|(_, t0)| t0.elapsed() >= Duration::from_secs(2)) {
             break;
         }
-        write(&mut q, ((i * 97) % 256) * 64 * 1024, 4096, i as u8);
+        let off = ((i * 97) % slots) * (16 * MIB / slots);
+        write(&mut q, off, len, i as u8);
         std::thread::sleep(gap);
-        // From the second window on (the first judged the burst of first writes).
         if measured.is_some() {
-            yielding |= engine.status().yielding;
+            yielded |= engine.status().yielding;
         }
         i += 1;
     }
     let (c0, t0) = measured.expect("measured");
-    let copied = engine.status().bytes_copied - c0;
-    let busy_secs = t0.elapsed().as_secs_f64();
+    let st = engine.status();
+    let copied = st.bytes_copied - c0;
+    let secs = t0.elapsed().as_secs_f64();
     // Idle now: the copy catches up at full speed.
     wait_for("synced once idle", Duration::from_secs(20), || engine.status().state == "synced");
     assert!(!engine.status().yielding, "still yielding on an idle device");
     engine.request_stop();
     mirror.join().expect("mirror");
     assert_eq!(read_all(&f.source), read_all(&f.target));
-    (copied, busy_secs, yielding)
+    Busy { copied, secs, yielded, yielding_at_end: st.yielding }
 }
 
 #[test]
 fn busy_device_holds_the_copy_to_busy_speed() {
-    let (copied, secs, yielding) = copied_while_busy(MIB, Duration::from_millis(5));
-    assert!(yielding, "status never said the copy yields");
+    let busy = copied_while_busy(MIB, Duration::from_millis(5), 4096);
+    assert!(busy.yielded, "status never said the copy yields");
     // At most the rate plus the bucket's start credit (one 1 MiB buffer) and one copy's overdraw.
-    let bound = (secs * MIB as f64) as u64 + 2 * MIB;
-    assert!(copied <= bound, "copied {copied} bytes in {secs:.1}s while busy, more than {bound}");
-    let (free, _, yielding) = copied_while_busy(0, Duration::from_millis(5));
-    assert!(!yielding, "yielding with busy_speed 0");
-    assert!(free > 2 * bound, "without the limit the copy moved only {free} bytes (limited: {copied}): the test proves nothing");
-    // A trickle (about 40 requests/s, under the 128/s threshold) does not hold the copy back.
-    let (trickle, _, yielding) = copied_while_busy(MIB, Duration::from_millis(25));
-    assert!(!yielding, "a trickle of requests made the copy yield");
-    assert!(trickle > bound, "under a trickle the copy moved only {trickle} bytes");
+    let bound = (busy.secs * MIB as f64) as u64 + 2 * MIB;
+    assert!(busy.copied <= bound, "copied {} bytes in {:.1}s while busy, more than {bound}", busy.copied, busy.secs);
+    let free = copied_while_busy(0, Duration::from_millis(5), 4096);
+    assert!(!free.yielded, "yielding with busy_speed 0");
+    assert!(
+        free.copied > 2 * bound,
+        "without the limit the copy moved only {} bytes (limited: {}): the test proves nothing",
+        free.copied,
+        busy.copied
+    );
+    // A trickle (at most 40 requests/s, under the 128/s threshold) does not hold the copy back.
+    // Each of its writes dirties 1 MiB, so that a copy held to 1 MiB/s would fall behind while a
+    // free one keeps up. Judged at the end: under load the mirror may judge a window that still
+    // holds the tail of the first burst after the warm-up (and rightly call it busy); a trickle
+    // alone never fills a window (at most 10 requests in 250 ms, against 32).
+    let trickle = copied_while_busy(MIB, Duration::from_millis(25), MIB as usize);
+    assert!(!trickle.yielding_at_end, "a trickle of requests made the copy yield");
+    assert!(trickle.copied > 2 * bound, "under a trickle the copy moved only {} bytes", trickle.copied);
 }
 
 /// Max-lag: a mirror paused (so the dirty set cannot drain) switches to write-blocking once
@@ -653,4 +716,48 @@ fn on_consistent_command_sees_a_still_target() {
     engine.request_stop();
     mirror.join().expect("mirror");
     drop(q);
+}
+
+/// A stop waits for a running --on-consistent command, up to HOOK_STOP_GRACE, then kills it:
+/// the loop returns within the grace, with no command left running and the kill reported.
+#[test]
+fn a_stop_kills_an_on_consistent_command_after_the_grace() {
+    use ublk_mirror::mirror::HOOK_STOP_GRACE;
+    let f = files(2 * MIB);
+    let dir = tempfile::tempdir_in("/var/tmp").expect("dir");
+    let pidfile = dir.path().join("pid");
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let engine = Arc::new(engine);
+    let hook = ublk_mirror::engine::Hook {
+        // exec: the pid written is the sleep's own, the process the mirror has to end.
+        command: format!("echo $$ > {p}.tmp && mv {p}.tmp {p} && exec sleep 120", p = pidfile.display()),
+        interval: Duration::ZERO,
+        timeout: Duration::from_secs(100),
+        env: vec![],
+    };
+    let cfg = CopyConfig { on_consistent: Some(hook), ..Default::default() };
+    let me = engine.clone();
+    let mirror = std::thread::spawn(move || {
+        let mut m = Mirror::new(me, target.as_mut(), cfg).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    wait_for("the command to start", Duration::from_secs(20), || pidfile.exists());
+    let pid: i32 = std::fs::read_to_string(&pidfile).expect("pid").trim().parse().expect("a pid");
+    assert!(engine.hook_running());
+    let t0 = Instant::now();
+    engine.request_stop();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(mirror.join()).expect("send"));
+    let joined = rx.recv_timeout(HOOK_STOP_GRACE + Duration::from_secs(20));
+    joined.expect("the stop did not end the command within its grace").expect("mirror");
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(secs >= HOOK_STOP_GRACE.as_secs_f64() * 0.95, "the stop did not wait for the command ({secs:.1}s)");
+    // SAFETY: kill with signal 0 only checks whether the pid exists; the child was reaped
+    // (wait) by the mirror, so the pid is gone unless reused.
+    let alive = unsafe { libc::kill(pid, 0) } == 0;
+    assert!(!alive, "the command (pid {pid}) still runs after the mirror stopped");
+    assert!(!engine.hook_running());
+    let ev = engine.events().recent();
+    let last = ev.iter().rev().find(|e| e["event"] == "on-consistent").expect("an on-consistent event");
+    assert!(last["status"].as_str().is_some_and(|s| s.contains("after the mirror was stopped")), "{last}");
 }
