@@ -641,6 +641,20 @@ impl Engine {
         crate::online_verify::start(self.clone(), std::os::fd::OwnedFd::from(dup))
     }
 
+    /// The --on-consistent command may start if no write-blocking write is landing on the
+    /// target: checked, and write-blocking suspended, in one critical section. begin_request
+    /// decides under the same lock, so no write can set out for the target between the check
+    /// and the command's start. Returns the consistent point's number, or None (try at the next).
+    pub fn begin_hook(&self) -> Option<u64> {
+        let g = self.lock();
+        if g.state.active_writes() > 0 {
+            return None;
+        }
+        self.hook_running.store(true, Ordering::SeqCst);
+        self.update_active_locked(&g);
+        Some(g.state.counters().consistent_points)
+    }
+
     /// While an --on-consistent command runs, nothing writes the target.
     pub fn set_hook_running(&self, yes: bool) {
         self.hook_running.store(yes, Ordering::SeqCst);
@@ -938,6 +952,13 @@ impl Engine {
     /// not given up.
     pub fn update_active(&self) {
         let g = self.lock();
+        self.update_active_locked(&g);
+    }
+
+    /// [`Engine::update_active`] under the caller's lock: begin_request reads `active_now` under
+    /// that lock, so a change of its inputs and of `active_now` made in one critical section is
+    /// one step for every write (none sees max-lag's mode on but still goes the background way).
+    pub fn update_active_locked(&self, g: &Inner) {
         let wanted = self.controls.write_blocking.load(Ordering::SeqCst) || g.progress.lag_forced;
         let healthy = g.progress.degraded_since.is_none()
             && g.progress.gave_up.is_none()

@@ -63,9 +63,9 @@ const TGT_FIXED: u32 = 1;
 pub struct Hooks {
     /// Called after a copy's source read completed, before its target write is issued.
     pub after_read: Option<Box<dyn FnMut(Extent)>>,
-    /// Simulate an interruption (a crash of the daemon): return as soon as this many bytes were
-    /// copied and at least one checkpoint completed, without waiting for in-flight copies or
-    /// making anything more durable.
+    /// Simulate an interruption (a crash of the daemon): start no copy once this many bytes were
+    /// copied, and return as soon as at least one checkpoint completed, without waiting for
+    /// in-flight copies or making anything more durable.
     pub stop_after_bytes: Option<u64>,
 }
 
@@ -212,9 +212,11 @@ impl<'t> Mirror<'t> {
         let mut cqes = Vec::new();
         let mut interrupted = false;
         loop {
+            let mut past_limit = false;
             if let Some(limit) = self.hooks.stop_after_bytes {
                 let g = self.engine.lock();
-                if g.progress.bytes_copied - b0 >= limit && g.state.counters().checkpoints > 0 {
+                past_limit = g.progress.bytes_copied - b0 >= limit;
+                if past_limit && g.state.counters().checkpoints > 0 {
                     drop(g);
                     interrupted = true;
                     break;
@@ -225,7 +227,10 @@ impl<'t> Mirror<'t> {
                 self.check_lag();
                 self.check_hook(stopping);
             }
-            if self.fatal.is_none() && !stopping {
+            // Past the hook's limit no copy starts (the checkpoint it waits for was started on
+            // the way: one starts every checkpoint_bytes), so how much an interrupted run copied
+            // does not depend on how fast that checkpoint lands.
+            if self.fatal.is_none() && !stopping && !past_limit {
                 self.start_copies()?;
             }
             if let (Some(t), Some(at)) = (tick, next_tick) {
@@ -549,6 +554,8 @@ impl<'t> Mirror<'t> {
             if give_up {
                 g.progress.gave_up = Some(format!("{} failures in a row; last: {msg}", g.progress.target_failures));
             }
+            // Degraded: write-blocking stops in the same step (see update_active_locked).
+            self.engine.update_active_locked(&g);
             (first, give_up, g.progress.target_failures)
         };
         if self.offline {
@@ -561,7 +568,6 @@ impl<'t> Mirror<'t> {
             log::error!("mirroring stopped after {failures} failed attempts: {msg}");
             self.engine.events().emit("stopped", serde_json::json!({ "error": msg, "failures": failures }));
         }
-        self.engine.update_active();
     }
 
     /// A pair flush succeeded: the target works again.
@@ -570,11 +576,12 @@ impl<'t> Mirror<'t> {
         let recovered = {
             let mut g = self.engine.lock();
             g.progress.target_failures = 0;
-            g.progress.degraded_since.take().is_some()
+            let recovered = g.progress.degraded_since.take().is_some();
+            self.engine.update_active_locked(&g);
+            recovered
         };
         if recovered && !self.offline {
             self.engine.events().emit("recovered", serde_json::json!({}));
-            self.engine.update_active();
         }
     }
 
@@ -588,13 +595,8 @@ impl<'t> Mirror<'t> {
         }
         // No copy is in flight after a consistent flush (none may start during one), but a
         // write-blocking write that began before it may still be landing: then the next point.
-        let (seq, landing) = {
-            let g = self.engine.lock();
-            (g.state.counters().consistent_points, g.state.active_writes())
-        };
-        if landing > 0 {
-            return;
-        }
+        // From here on nothing writes the target until check_hook has reaped the command.
+        let Some(seq) = self.engine.begin_hook() else { return };
         let now_ms = crate::events::unix_ms();
         let mut cmd = std::process::Command::new("/bin/sh");
         cmd.arg("-c").arg(&h.command).stdin(std::process::Stdio::null());
@@ -602,9 +604,6 @@ impl<'t> Mirror<'t> {
         for (k, v) in &h.env {
             cmd.env(k, v);
         }
-        // Set before the spawn: a write-blocking write must not reach the target once the
-        // command may be looking at it.
-        self.engine.set_hook_running(true);
         match cmd.spawn() {
             Ok(child) => {
                 self.hook = Some((child, Instant::now()));
@@ -668,11 +667,14 @@ impl<'t> Mirror<'t> {
         let turn_on = !forced && limit.is_some_and(|l| lag.is_some_and(|x| x > l));
         let turn_off = forced && (synced || limit.is_none());
         if turn_on || turn_off {
-            self.engine.lock().progress.lag_forced = turn_on;
+            {
+                let mut g = self.engine.lock();
+                g.progress.lag_forced = turn_on;
+                self.engine.update_active_locked(&g);
+            }
             let secs = lag.map(|d| d.as_secs_f64()).unwrap_or(0.0);
             let what = if turn_on { "write-blocking-on" } else { "write-blocking-off" };
             self.engine.events().emit(what, serde_json::json!({ "reason": "max-lag", "lag_secs": secs }));
-            self.engine.update_active();
         }
     }
 
@@ -900,13 +902,15 @@ impl<'t> Mirror<'t> {
             g.progress.unsynced_since = if g.state.is_synced() { None } else { Some(Instant::now()) };
             // Max-lag's write-blocking lasts until the target has caught up: this instant.
             let forced = std::mem::replace(&mut g.progress.lag_forced, false);
+            if forced {
+                self.engine.update_active_locked(&g);
+            }
             drop(g);
             if (copied > 0 || first) && !self.offline {
                 self.engine.events().emit("synced", serde_json::json!({ "copied_bytes": copied }));
             }
             if forced {
                 self.engine.events().emit("write-blocking-off", serde_json::json!({ "reason": "max-lag" }));
-                self.engine.update_active();
             }
             if !self.offline {
                 self.maybe_run_hook();

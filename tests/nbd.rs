@@ -548,7 +548,9 @@ fn reset_reconnects_and_checks_the_export() {
     assert!(err_text(&r[0]).contains("NBD server"));
     let t0 = Instant::now();
     let e = d.t.reset().expect_err("the server is down");
-    assert!(t0.elapsed() < Duration::from_millis(1500), "reset blocked {:?}", t0.elapsed());
+    // RESET_TIMEOUT (1 s) plus room for a loaded machine; blocking on the dead server would
+    // take OPEN_TIMEOUT (10 s) or for ever.
+    assert!(t0.elapsed() < Duration::from_secs(5), "reset blocked {:?}", t0.elapsed());
     assert!(e.to_string().contains(&srv.uri), "{e}");
 
     srv.start();
@@ -812,7 +814,8 @@ fn hostile_handshakes_fail_open_clearly() {
             Err(e) => e.to_string(),
         };
         assert!(e.contains(want) && e.contains(&uri), "{fault:?}: {e}");
-        assert!(t0.elapsed() < Duration::from_secs(5), "{fault:?} took {:?}", t0.elapsed());
+        // Failing at once, not at OPEN_TIMEOUT (10 s); the margin is for a loaded machine.
+        assert!(t0.elapsed() < Duration::from_secs(8), "{fault:?} took {:?}", t0.elapsed());
     }
     // Through sync: nothing created.
     let f = files(MIB);
@@ -889,7 +892,9 @@ fn silent_server_times_out() {
         let e = err_text(x);
         assert!(e.contains("no reply from the server") && e.contains(&uri), "{e}");
     }
-    assert!(t0.elapsed() < Duration::from_secs(6), "took {:?}", t0.elapsed());
+    // The 2 s request timeout (and the 1 s tick that checks it), with room for a loaded
+    // machine; the default request timeout would take far longer.
+    assert!(t0.elapsed() < Duration::from_secs(12), "took {:?}", t0.elapsed());
 }
 
 /// A hostile server under a running sync: the sync fails with the problem named, no panic, no

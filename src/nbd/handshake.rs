@@ -488,7 +488,8 @@ mod tests {
         let t0 = Instant::now();
         let e = handshake(&mut Stream::Unix(a), "x", Instant::now() + Duration::from_millis(200)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
-        assert!(t0.elapsed() < Duration::from_secs(2));
+        // The 200 ms deadline, with room for a loaded machine (without it: for ever).
+        assert!(t0.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

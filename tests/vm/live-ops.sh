@@ -35,7 +35,11 @@ grep -q "ETA" /tmp/st.txt || fail "human status has no ETA"
 
 step "pause stops the copy; resume continues"
 run_timeout 10 ublk-mirror pause -n 0 || fail "pause"
-sleep 1
+# Copies already in flight when the pause came may still land: wait for none in flight.
+t=0
+while status_json; [ "$(jnum copying_bytes < /tmp/st.json)" != 0 ]; do
+    sleep 0.2; t=$((t + 1)); [ $t -lt 150 ] || fail "copies still in flight 30 s after pause: $(cat /tmp/st.json)"
+done
 a=$(copied)
 sleep 3
 b=$(copied)
