@@ -645,9 +645,13 @@ impl Engine {
     /// target: checked, and write-blocking suspended, in one critical section. begin_request
     /// decides under the same lock, so no write can set out for the target between the check
     /// and the command's start. Returns the consistent point's number, or None (try at the next).
+    ///
+    /// Not while a switchover holds writes: it checks `hook_running` after it found the target
+    /// synced, and a command started after that check would read a target the device may
+    /// already be writing (forward) or hold writes for up to its stop grace (reverse).
     pub fn begin_hook(&self) -> Option<u64> {
         let g = self.lock();
-        if g.state.active_writes() > 0 {
+        if g.state.active_writes() > 0 || g.write_barrier {
             return None;
         }
         self.hook_running.store(true, Ordering::SeqCst);
@@ -733,11 +737,16 @@ impl Engine {
         // --on-consistent command looking at the target: the target holds every write
         // acknowledged so far, on its medium.
         loop {
+            // hook_running under the lock: begin_hook sets it under the lock, and refuses once
+            // write_barrier is set, so no command starts after this check finds none.
             let synced = {
                 let g = self.lock();
-                g.state.writes_in_flight() == 0 && g.state.active_writes() == 0 && g.state.is_synced()
+                g.state.writes_in_flight() == 0
+                    && g.state.active_writes() == 0
+                    && g.state.is_synced()
+                    && !self.hook_running()
             };
-            if synced && !self.hook_running() {
+            if synced {
                 break;
             }
             if t0.elapsed() > limit {

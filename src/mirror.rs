@@ -65,7 +65,9 @@ pub struct Hooks {
     pub after_read: Option<Box<dyn FnMut(Extent)>>,
     /// Simulate an interruption (a crash of the daemon): start no copy once this many bytes were
     /// copied, and return as soon as at least one checkpoint completed, without waiting for
-    /// in-flight copies or making anything more durable.
+    /// in-flight copies or making anything more durable. Only for a file target with a limit of
+    /// at least `checkpoint_bytes` (otherwise no checkpoint need start before the limit, and the
+    /// run waits for `checkpoint_interval`, or for ever on a target without checkpoints).
     pub stop_after_bytes: Option<u64>,
 }
 
@@ -589,8 +591,9 @@ impl<'t> Mirror<'t> {
     /// has passed. From now until it exits the target is left alone.
     fn maybe_run_hook(&mut self) {
         let Some(h) = self.cfg.on_consistent.clone() else { return };
-        // Not on the way out: the stop would have to wait for it.
-        if self.hook.is_some() || self.engine.mirror_should_return() || self.last_hook.is_some_and(|t| t.elapsed() < h.interval) {
+        // Not on the way out: the stop would have to wait for it (and Drop's drain, which may
+        // complete a consistent flush, must not leave a command behind).
+        if self.hook.is_some() || self.draining || self.engine.mirror_should_return() || self.last_hook.is_some_and(|t| t.elapsed() < h.interval) {
             return;
         }
         // No copy is in flight after a consistent flush (none may start during one), but a
@@ -604,6 +607,8 @@ impl<'t> Mirror<'t> {
         for (k, v) in &h.env {
             cmd.env(k, v);
         }
+        // Its own process group, so that a kill reaches what the shell started too.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         match cmd.spawn() {
             Ok(child) => {
                 self.hook = Some((child, Instant::now()));
@@ -627,17 +632,19 @@ impl<'t> Mirror<'t> {
         // A stop (del, daemon shutdown, switchover's restart) waits for a running command, but
         // only HOOK_STOP_GRACE: `del` kills a daemon that takes 30 s, and a command left
         // running would go on reading a target the daemon no longer owns.
+        // (A stop that is called off, a reverse switchover that timed out, starts no grace.)
+        if !stopping {
+            self.stop_seen = None;
+        }
         let stop_seen = if stopping { Some(*self.stop_seen.get_or_insert_with(Instant::now)) } else { None };
         let status = match child.try_wait() {
             Ok(Some(st)) => Some(st.to_string()),
             Ok(None) if started.elapsed() > timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
+                kill_command(child);
                 Some(format!("killed after {}s", timeout.as_secs()))
             }
             Ok(None) if stop_seen.is_some_and(|t| t.elapsed() > HOOK_STOP_GRACE) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                kill_command(child);
                 Some(format!("killed {}s after the mirror was stopped", HOOK_STOP_GRACE.as_secs()))
             }
             Ok(None) => None,
@@ -948,6 +955,27 @@ const FLUSH_TOKEN: u64 = (1 << 40) - 1;
 /// Retries of a failing target back off exponentially up to this: a target that comes back is
 /// used again within seconds.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Kills an --on-consistent command with everything it started (its process group), and reaps
+/// it; waits at most 2 s for the exit (a process in uninterruptible I/O on a hung target may not
+/// die at once: then it is left to be reaped by init once the daemon exits, rather than blocking
+/// the loop).
+fn kill_command(child: &mut std::process::Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) on the process group the command leads (process_group(0) at spawn);
+        // the child is not reaped yet, so its pid, and with it the group id, cannot be reused.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+    }
+    let _ = child.kill();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    log::warn!("--on-consistent command {} did not exit within 2 s of SIGKILL", child.id());
+}
+
 /// How long a stop waits for a running --on-consistent command before killing it.
 pub const HOOK_STOP_GRACE: Duration = Duration::from_secs(10);
 /// The window over which the device's request rate is judged (see `copy_speed`).
@@ -969,8 +997,7 @@ impl Drop for Mirror<'_> {
         // not left behind, reading a target nobody mirrors to any more.
         if let Some((mut child, _)) = self.hook.take() {
             log::warn!("mirror ended with the --on-consistent command running; killing it");
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_command(&mut child);
             self.engine.set_hook_running(false);
         }
         if self.wake_posted {

@@ -782,8 +782,8 @@ fn a_stop_kills_an_on_consistent_command_after_the_grace() {
     let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
     let engine = Arc::new(engine);
     let hook = ublk_mirror::engine::Hook {
-        // exec: the pid written is the sleep's own, the process the mirror has to end.
-        command: format!("echo $$ > {p}.tmp && mv {p}.tmp {p} && exec sleep 120", p = pidfile.display()),
+        // The shell waits for a child of its own: killing the shell alone would leave it.
+        command: format!("sleep 120 & echo $! > {p}.tmp && mv {p}.tmp {p}; wait", p = pidfile.display()),
         interval: Duration::ZERO,
         timeout: Duration::from_secs(100),
         env: vec![],
@@ -805,10 +805,17 @@ fn a_stop_kills_an_on_consistent_command_after_the_grace() {
     joined.expect("the stop did not end the command within its grace").expect("mirror");
     let secs = t0.elapsed().as_secs_f64();
     assert!(secs >= HOOK_STOP_GRACE.as_secs_f64() * 0.95, "the stop did not wait for the command ({secs:.1}s)");
-    // SAFETY: kill with signal 0 only checks whether the pid exists; the child was reaped
-    // (wait) by the mirror, so the pid is gone unless reused.
-    let alive = unsafe { libc::kill(pid, 0) } == 0;
-    assert!(!alive, "the command (pid {pid}) still runs after the mirror stopped");
+    // The shell's child was killed with it; orphaned, it is reaped by init (a zombie until
+    // then, which counts as gone).
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|st| st.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    };
+    let t1 = Instant::now();
+    while running() && t1.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!running(), "the command's child (pid {pid}) still runs after the mirror stopped");
     assert!(!engine.hook_running());
     let ev = engine.events().recent();
     let last = ev.iter().rev().find(|e| e["event"] == "on-consistent").expect("an on-consistent event");
