@@ -69,6 +69,8 @@ pub struct Hooks {
     /// at least `checkpoint_bytes` (otherwise no checkpoint need start before the limit, and the
     /// run waits for `checkpoint_interval`, or for ever on a target without checkpoints).
     pub stop_after_bytes: Option<u64>,
+    /// Sees (and may replace) the result of each of the mirror's bitmap fdatasyncs.
+    pub bitmap_flush_result: Option<Box<dyn FnMut(i32) -> i32>>,
 }
 
 type ProgressFn<'a> = dyn FnMut(&Engine) + 'a;
@@ -90,6 +92,8 @@ pub struct Mirror<'t> {
     flush_error: Option<io::Error>,
     bitmap_flush: Option<u64>,
     bitmap_clears_pending: bool,
+    /// A failed bitmap flush is tried again at this time, not at once.
+    bitmap_retry_at: Option<Instant>,
     wake_buf: Box<u64>,
     wake_posted: bool,
     since_checkpoint: u64,
@@ -159,6 +163,7 @@ impl<'t> Mirror<'t> {
             flush_error: None,
             bitmap_flush: None,
             bitmap_clears_pending: false,
+            bitmap_retry_at: None,
             wake_buf: Box::new(0),
             wake_posted: false,
             since_checkpoint: 0,
@@ -257,7 +262,11 @@ impl<'t> Mirror<'t> {
             }
             // Wait for a completion, or for the backoff / throttle / checkpoint / lag timer.
             let hook_poll = self.hook.as_ref().map(|_| Instant::now() + Duration::from_millis(50));
-            let timer = [self.retry_at, self.throttled_until, self.consistent_after, hook_poll].into_iter().flatten().min();
+            let bitmap_retry = self.bitmap_retry_at.filter(|_| self.bitmap_clears_pending);
+            let timer = [self.retry_at, self.throttled_until, self.consistent_after, hook_poll, bitmap_retry]
+                .into_iter()
+                .flatten()
+                .min();
             let timer = match timer {
                 // Max-lag is checked at least every second while the target is behind.
                 None if self.engine.max_lag().is_some() && until == RunUntil::Stopped => {
@@ -699,6 +708,10 @@ impl<'t> Mirror<'t> {
                 Ok(())
             }
             Some(Owner::Bitmap) => {
+                let res = match self.hooks.bitmap_flush_result.as_mut() {
+                    Some(h) => h(res),
+                    None => res,
+                };
                 let seq = self.bitmap_flush.take().unwrap_or(0);
                 let ok = res >= 0;
                 self.engine.bitmap_flush_done(seq, ok);
@@ -708,9 +721,18 @@ impl<'t> Mirror<'t> {
                     self.engine.lock().progress.last_error = Some(format!("bitmap flush: {e}"));
                     if self.offline {
                         self.fatal.get_or_insert(Error::io("bitmap fdatasync failed", e));
+                    } else if self.engine.mirror_should_return() {
+                        // Stopping: the clears are given up (their bits stay set on disk, which
+                        // only costs a recopy), or a failing bitmap device would hold the stop
+                        // for ever.
+                        self.bitmap_clears_pending = false;
                     } else {
+                        // Again later, not at once: a failing device fails again at once.
                         self.bitmap_clears_pending = true;
+                        self.bitmap_retry_at = Some(Instant::now() + BITMAP_RETRY);
                     }
+                } else {
+                    self.bitmap_retry_at = None;
                 }
                 Ok(())
             }
@@ -829,7 +851,8 @@ impl<'t> Mirror<'t> {
             }
         };
         if !due {
-            if self.bitmap_clears_pending && self.bitmap_flush.is_none() && self.target_flush.is_none() {
+            let retry_due = self.bitmap_retry_at.is_none_or(|t| Instant::now() >= t);
+            if self.bitmap_clears_pending && retry_due && self.bitmap_flush.is_none() && self.target_flush.is_none() {
                 self.flush_bitmap()?;
             }
             return Ok(());
@@ -932,7 +955,8 @@ impl<'t> Mirror<'t> {
             // ends at this consistent point: its caller's close flushes them (one fdatasync
             // for the clears and the clean state).
             self.bitmap_clears_pending = true;
-            if self.bitmap_flush.is_none() && !(self.offline && out.consistent) {
+            let retry_due = self.bitmap_retry_at.is_none_or(|t| Instant::now() >= t);
+            if self.bitmap_flush.is_none() && retry_due && !(self.offline && out.consistent) {
                 self.flush_bitmap()?;
             }
         }
@@ -955,6 +979,8 @@ const FLUSH_TOKEN: u64 = (1 << 40) - 1;
 /// Retries of a failing target back off exponentially up to this: a target that comes back is
 /// used again within seconds.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A failed bitmap flush of the mirror's clears is tried again after this.
+const BITMAP_RETRY: Duration = Duration::from_secs(1);
 /// Kills an --on-consistent command with everything it started (its process group), and reaps
 /// it; waits at most 2 s for the exit (a process in uninterruptible I/O on a hung target may not
 /// die at once: then it is left to be reaped by init once the daemon exits, rather than blocking

@@ -164,7 +164,7 @@ fn region_written_during_its_own_copy_is_copied_again() {
                 }
             }
         })),
-        stop_after_bytes: None,
+        ..Default::default()
     });
     let r = m.run(RunUntil::Synced, None).expect("run");
     drop(m);
@@ -189,7 +189,7 @@ fn interrupted_full_sync_resumes_without_recopying() {
         checkpoint_interval: Duration::from_secs(3600),
         ..Default::default()
     };
-    let hooks = Hooks { after_read: None, stop_after_bytes: Some(32 * MIB) };
+    let hooks = Hooks { stop_after_bytes: Some(32 * MIB), ..Default::default() };
     let first = sync::sync(&f.pair(None, None), &cfg, hooks, None).expect("first sync");
     assert!(first.interrupted);
     // No copy starts past the limit: at most the copies in flight at that moment add to it.

@@ -240,6 +240,48 @@ fn a_failing_flush_of_a_clean_device_backs_off_and_gives_up() {
     }
 }
 
+/// The mirror's bitmap flushes (of the bits it clears) fail: they are tried again once a second,
+/// not in a loop, and a stop still ends (the clears are given up: their bits stay set).
+#[test]
+fn failing_bitmap_flushes_back_off_and_do_not_hold_the_stop() {
+    let f = files(2 * MIB);
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let engine = Arc::new(engine);
+    let attempts = Arc::new(AtomicU64::new(0));
+    let seen = attempts.clone();
+    let me = engine.clone();
+    let mirror = std::thread::spawn(move || {
+        let cfg = CopyConfig { clear_delay: Duration::from_millis(100), ..Default::default() };
+        let mut m = Mirror::new(me, target.as_mut(), cfg).expect("mirror");
+        m.set_hooks(ublk_mirror::mirror::Hooks {
+            bitmap_flush_result: Some(Box::new(move |_| {
+                seen.fetch_add(1, Ordering::SeqCst);
+                -libc::EIO
+            })),
+            ..Default::default()
+        });
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    write(&mut q, 0, 4096, 1);
+    wait_for("a failed bitmap flush", Duration::from_secs(20), || attempts.load(Ordering::SeqCst) > 0);
+    let t0 = Instant::now();
+    let base = attempts.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1500));
+    let more = attempts.load(Ordering::SeqCst) - base;
+    let secs = t0.elapsed().as_secs_f64();
+    // One attempt a second (BITMAP_RETRY): 1 or 2 in 1.5 s; a stall allows one a second more.
+    assert!(more <= 2 + secs as u64, "{more} bitmap flushes in {secs:.2}s: no backoff");
+    wait_for("a retry", Duration::from_secs(20), || attempts.load(Ordering::SeqCst) > base);
+    assert!(engine.status().last_error.is_some_and(|e| e.contains("bitmap flush")));
+    engine.request_stop();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(mirror.join()).expect("send"));
+    rx.recv_timeout(Duration::from_secs(20)).expect("the stop hangs on the failing bitmap").expect("mirror");
+    drop(q);
+    assert_eq!(read_all(&f.source), read_all(&f.target));
+}
+
 /// Pause stops copying (writes are still tracked), resume continues to synced.
 #[test]
 fn pause_and_resume() {

@@ -460,7 +460,7 @@ fn kill_hook(pid: u32, after: usize) -> Hooks {
                 let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
             }
         })),
-        stop_after_bytes: None,
+        ..Default::default()
     }
 }
 
