@@ -739,13 +739,23 @@ impl Engine {
         loop {
             // hook_running under the lock: begin_hook sets it under the lock, and refuses once
             // write_barrier is set, so no command starts after this check finds none.
-            let synced = {
+            let (synced, failed) = {
                 let g = self.lock();
-                g.state.writes_in_flight() == 0
+                let synced = g.state.writes_in_flight() == 0
                     && g.state.active_writes() == 0
                     && g.state.is_synced()
-                    && !self.hook_running()
+                    && !self.hook_running();
+                (synced, g.progress.degraded_since.is_some() || g.progress.gave_up.is_some())
             };
+            // A target that fails while writes are held will not catch up soon: let them go
+            // now rather than at the limit.
+            if failed && !synced {
+                return release(
+                    "the target failed during the switchover (writes were held meanwhile and now resume): \
+                     switch over once it has recovered"
+                        .to_string(),
+                );
+            }
             if synced {
                 break;
             }

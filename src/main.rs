@@ -311,6 +311,15 @@ fn cmd_watch(id: u32, json: bool, until_synced: bool, timeout: u64) -> CliResult
             bar.finish();
             return Ok(0);
         }
+        // Given up for good (as `del --wait-synced` says too): no point waiting out the timeout.
+        if until_synced && state == "stopped" {
+            bar.abandon();
+            return Err(format!(
+                "device {id}: mirroring has stopped ({}); it will not get synced",
+                s["last_error"].as_str().unwrap_or("?")
+            )
+            .into());
+        }
         if until_synced && t0.elapsed() > Duration::from_secs(timeout) {
             bar.abandon();
             return Err(format!("device {id} did not reach a consistent point within {timeout}s").into());

@@ -262,8 +262,16 @@ impl<'t> Mirror<'t> {
             }
             // Wait for a completion, or for the backoff / throttle / checkpoint / lag timer.
             let hook_poll = self.hook.as_ref().map(|_| Instant::now() + Duration::from_millis(50));
-            let bitmap_retry = self.bitmap_retry_at.filter(|_| self.bitmap_clears_pending);
-            let timer = [self.retry_at, self.throttled_until, self.consistent_after, hook_poll, bitmap_retry]
+            // Only deadlines whose action can then be taken: one that cannot (copies while
+            // stopping, a bitmap retry behind a flush in flight) would, once past, make every
+            // wait return at once. Their blockers wake the loop when they go.
+            let may_copy = self.fatal.is_none() && !stopping;
+            let retry_at = self.retry_at.filter(|_| may_copy);
+            let throttled_until = self.throttled_until.filter(|_| may_copy);
+            let bitmap_retry = self
+                .bitmap_retry_at
+                .filter(|_| self.bitmap_clears_pending && self.bitmap_flush.is_none() && self.target_flush.is_none());
+            let timer = [retry_at, throttled_until, self.consistent_after, hook_poll, bitmap_retry]
                 .into_iter()
                 .flatten()
                 .min();
@@ -391,6 +399,10 @@ impl<'t> Mirror<'t> {
     }
 
     fn start_copies(&mut self) -> Result<()> {
+        // The throttle's deadline wakes the loop only while copies may start (set again below
+        // when throttled): left from before a pause, a backoff or a give-up, a deadline in the
+        // past made every wait return at once, a spin for as long as that lasted.
+        self.throttled_until = None;
         if let Some(t) = self.retry_at {
             if Instant::now() < t {
                 return Ok(());
@@ -425,6 +437,10 @@ impl<'t> Mirror<'t> {
             self.tokens_at = now;
         }
         loop {
+            // A copy that failed as it started (finding the source's data) backs off like any.
+            if self.retry_at.is_some() || self.needs_reset {
+                break;
+            }
             if speed > 0 {
                 if self.tokens <= 0.0 {
                     let wait = Duration::from_secs_f64(-self.tokens / speed as f64);
@@ -469,10 +485,9 @@ impl<'t> Mirror<'t> {
         }
         let seg = match self.engine.source().next_data(job.pos, job.end) {
             Ok(s) => s,
-            Err(e) => {
-                log::warn!("source: finding data at {}: {e}", job.pos);
-                return self.finish(slot, false);
-            }
+            // Not just finished: the region would be picked again at once, in a loop, if the
+            // error persists. A failed copy backs off and counts towards --max-retries.
+            Err(e) => return self.copy_failed(slot, "source: finding data", e),
         };
         let (pos, end) = (job.pos, job.end);
         let r = match seg {
@@ -524,10 +539,9 @@ impl<'t> Mirror<'t> {
         let Some(job) = self.jobs[slot].take() else { return Ok(()) };
         self.free_bufs.push(job.buf);
         self.running -= 1;
+        // The backoff is reset by a good pair flush (target_ok) only: with a target whose
+        // writes succeed and flushes fail, a reset here kept it at its first 100 ms for ever.
         self.engine.lock().state.copy_done(job.ext, ok);
-        if ok {
-            self.backoff = Duration::ZERO;
-        }
         Ok(())
     }
 
@@ -624,6 +638,9 @@ impl<'t> Mirror<'t> {
                 self.last_hook = Some(Instant::now());
             }
             Err(e) => {
+                // Counts as a run for the interval: a spawn failing for want of processes or
+                // memory would otherwise be retried, and logged, at every consistent point.
+                self.last_hook = Some(Instant::now());
                 self.engine.set_hook_running(false);
                 log::warn!("--on-consistent: cannot run {:?}: {e}", h.command);
                 self.engine.events().emit("on-consistent", serde_json::json!({ "seq": seq, "error": e.to_string() }));

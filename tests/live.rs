@@ -110,6 +110,9 @@ impl Target for Flaky {
             }
         }
     }
+    fn backing(&self) -> Option<&ublk_mirror::backing::Backing> {
+        self.inner.backing()
+    }
     fn reset(&mut self) -> io::Result<()> {
         self.resets += 1;
         if self.broken.load(Ordering::SeqCst) {
@@ -280,6 +283,167 @@ fn failing_bitmap_flushes_back_off_and_do_not_hold_the_stop() {
     rx.recv_timeout(Duration::from_secs(20)).expect("the stop hangs on the failing bitmap").expect("mirror");
     drop(q);
     assert_eq!(read_all(&f.source), read_all(&f.target));
+}
+
+/// A target whose writes succeed and whose flushes fail while `broken` is set.
+struct FlushFailing {
+    inner: BoxTarget,
+    broken: Arc<AtomicBool>,
+    flushes: std::collections::HashSet<u64>,
+}
+
+impl Target for FlushFailing {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn describe(&self) -> String {
+        "flush-failing".into()
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn identity(&self) -> (String, u64) {
+        self.inner.identity()
+    }
+    fn submit(&mut self, ring: &mut Ring, op: TargetOp, token: u64) -> io::Result<()> {
+        if matches!(op, TargetOp::Flush) {
+            self.flushes.insert(token);
+        }
+        self.inner.submit(ring, op, token)
+    }
+    fn complete(&mut self, ring: &mut Ring, sub: u64, res: i32, done: &mut Vec<TargetDone>) {
+        let n = done.len();
+        self.inner.complete(ring, sub, res, done);
+        for d in &mut done[n..] {
+            if self.flushes.remove(&d.0) && self.broken.load(Ordering::SeqCst) {
+                d.1 = Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+        }
+    }
+    fn reset(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Flushes fail while the copies' writes succeed: the backoff still doubles (a successful copy
+/// used to reset it, so it stayed at 100 ms, recopying the backlog ten times a second).
+#[test]
+fn failing_flushes_back_off_although_copies_succeed() {
+    let f = files(2 * MIB);
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let engine = Arc::new(engine);
+    let broken = Arc::new(AtomicBool::new(true));
+    let mut t = FlushFailing { inner: target, broken: broken.clone(), flushes: Default::default() };
+    let me = engine.clone();
+    let mirror = std::thread::spawn(move || {
+        let mut m = Mirror::new(me, &mut t, CopyConfig::default()).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    write(&mut q, 0, 4096, 1);
+    wait_for("the first failure", Duration::from_secs(20), || engine.status().target_failures > 0);
+    let t0 = Instant::now();
+    let base = engine.status().target_failures;
+    std::thread::sleep(Duration::from_millis(2000));
+    let more = engine.status().target_failures - base;
+    let secs = t0.elapsed().as_secs_f64();
+    // Attempts 0.1, 0.3, 0.7, 1.5, 3.1 s after the first failure (plus each copy's time): at
+    // most 4 in any 2 s; at a constant 100 ms it would be about 20.
+    assert!(more <= 4 + (secs > 2.5) as u32 * 2, "{more} failures in {secs:.2}s: the backoff does not grow");
+    assert!(more >= 1, "no retry in {secs:.2}s");
+    broken.store(false, Ordering::SeqCst);
+    wait_for("synced once flushes work", Duration::from_secs(20), || engine.status().state == "synced");
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    drop(q);
+    assert_eq!(read_all(&f.source), read_all(&f.target));
+}
+
+/// A pause that comes while the speed limit holds the copy back: the mirror thread sleeps (it
+/// used to spin on the throttle's deadline, past by then, for the whole pause).
+#[test]
+fn a_pause_under_the_speed_limit_does_not_spin() {
+    let f = files(8 * MIB);
+    fill_random(&f.source, 0, (8 * MIB) as usize, 17);
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::Full), None)).expect("open");
+    let engine = Arc::new(engine);
+    let speed = 2 * MIB;
+    engine.apply_settings(&Settings { speed, ..Default::default() });
+    let me = engine.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mirror = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tx.send(unsafe { libc::gettid() }).expect("send tid");
+        let mut m = Mirror::new(me, target.as_mut(), CopyConfig::default()).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    let tid = rx.recv_timeout(Duration::from_secs(10)).expect("tid");
+    // The thread's user + system time in clock ticks (fields 14 and 15 of its stat).
+    let cpu_ticks = || -> u64 {
+        let st = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).expect("stat");
+        let rest = st.rsplit(')').next().expect("stat format");
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+    };
+    wait_for("the copy to be throttled", Duration::from_secs(20), || engine.status().bytes_copied >= 2 * MIB);
+    engine.apply_settings(&Settings { speed, paused: true, ..Default::default() });
+    wait_for("copies in flight to end", Duration::from_secs(20), || engine.status().copying_bytes == 0);
+    let (c0, t0) = (cpu_ticks(), Instant::now());
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ticks, secs) = (cpu_ticks() - c0, t0.elapsed().as_secs_f64());
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let busy = ticks as f64 / hz / secs;
+    assert!(busy < 0.2, "the paused mirror thread used {:.0}% of a CPU", busy * 100.0);
+    let st = engine.status();
+    assert!(st.state == "paused" && st.dirty_bytes > 0, "{st:?}");
+    engine.apply_settings(&Settings::default());
+    wait_for("synced after resume", Duration::from_secs(30), || engine.status().state == "synced");
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    assert_eq!(read_all(&f.source), read_all(&f.target));
+}
+
+/// The target fails while a switchover holds writes: the switchover gives up at once (writes
+/// resume) instead of holding them until its limit.
+#[test]
+fn a_target_failing_during_a_switchover_releases_the_writes() {
+    let f = files(2 * MIB);
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let engine = Arc::new(engine);
+    engine.attach_target(target.as_ref()).expect("attach");
+    let broken = Arc::new(AtomicBool::new(false));
+    let mut flaky = Flaky { inner: target, broken: broken.clone(), resets: 0 };
+    let me = engine.clone();
+    let hook_broken = broken.clone();
+    let mirror = std::thread::spawn(move || {
+        let mut m = Mirror::new(me, &mut flaky, CopyConfig::default()).expect("mirror");
+        // The copy of the write below fails only after the switchover has begun holding writes.
+        m.set_hooks(ublk_mirror::mirror::Hooks {
+            after_read: Some(Box::new(move |_| {
+                if hook_broken.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            })),
+            ..Default::default()
+        });
+        m.run(RunUntil::Stopped, None).expect("run");
+        drop(m);
+    });
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    wait_for("synced", Duration::from_secs(20), || engine.status().state == "synced");
+    broken.store(true, Ordering::SeqCst);
+    write(&mut q, 0, 4096, 1);
+    let t0 = Instant::now();
+    let e = engine.switchover(Duration::from_secs(30), false).expect_err("a switchover onto a failing target");
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(e.to_string().contains("failed during the switchover"), "{e}");
+    assert!(secs < 15.0, "writes were held {secs:.1}s, waiting for a failed target");
+    // Writes go on, to the source, with the region dirty.
+    write(&mut q, 4096, 4096, 2);
+    assert_ne!(engine.status().state, "switched-over");
+    engine.request_stop();
+    mirror.join().expect("mirror");
 }
 
 /// Pause stops copying (writes are still tracked), resume continues to synced.

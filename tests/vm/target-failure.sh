@@ -3,7 +3,8 @@
 # Target failures never reach the applications (issue 5): with fio verify running on the device,
 # the target's device starts failing every I/O (dm-error), then comes back; fio sees no error, the
 # mirror reports degraded (status and event log) and converges by itself. Then a full target
-# (ENOSPC on a file system that fills up): degraded, space freed, converged.
+# (ENOSPC on a file system that fills up): degraded, space freed, converged. Last, --max-retries:
+# the mirror gives up (stopped), writes still succeed, and waiting for synced is refused at once.
 # shellcheck source=/dev/null
 . /vm/lib.sh
 S=/tmp/src.img B=/tmp/bm DEV=/dev/ublkb0
@@ -59,4 +60,23 @@ run_timeout 180 ublk-mirror status -n 0 --wait-synced --timeout 180 > /dev/null 
 run_timeout 90 ublk-mirror del -n 0 --wait-synced --timeout 60 || fail "del"
 cmp $S /mnt/t/target.img || fail "source and target differ"
 umount /mnt/t
+
+step "--max-retries: the mirror gives up, and waiting for synced says so at once"
+rm -f $B
+add_synced $S $T $B --sync none --max-retries 2 --event-log $EV
+dmsetup suspend tgt && dmsetup load tgt --table "0 $SECT error" && dmsetup resume tgt || fail "switch to dm-error"
+dd if=/dev/urandom of=$DEV bs=64k count=4 seek=10 oflag=direct status=none || fail "a write failed while the target fails"
+wait_for 60 "stopped" sh -c 'ublk-mirror status -n 0 --json | grep -q "\"state\": \"stopped\""'
+grep -q '"event":"stopped"' $EV || fail "no stopped event"
+dd if=/dev/urandom of=$DEV bs=64k count=4 seek=20 oflag=direct status=none || fail "a write failed after the mirror stopped"
+for w in "" --watch; do
+    t0=$(now_ms)
+    run_timeout 60 ublk-mirror status -n 0 $w --wait-synced --timeout 50 > /tmp/w.out 2>&1 && fail "status $w --wait-synced succeeded on a stopped mirror"
+    el=$(( $(now_ms) - t0 ))
+    grep -q "mirroring has stopped" /tmp/w.out || fail "status $w --wait-synced: $(tail -2 /tmp/w.out)"
+    [ $el -lt 20000 ] || fail "status $w --wait-synced took $el ms: it waited out its timeout"
+    log "status $w --wait-synced: refused after $el ms: $(tail -1 /tmp/w.out)"
+done
+run_timeout 60 ublk-mirror del -n 0 || fail "del"
+dmsetup suspend tgt && dmsetup load tgt --table "0 $SECT linear $TGT 0" && dmsetup resume tgt || fail "switch back"
 log ok
