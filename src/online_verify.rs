@@ -74,7 +74,7 @@ pub fn start(engine: Arc<Engine>, target: OwnedFd) -> Result<()> {
         .name("verify".into())
         .spawn(move || {
             let t0 = Instant::now();
-            let r = run(&e, &target, t0);
+            let r = run(&e, &target);
             let mut g = e.verifier().lock();
             if let Some(rep) = g.as_mut() {
                 rep.elapsed_secs = t0.elapsed().as_secs_f64();
@@ -100,7 +100,7 @@ pub fn start(engine: Arc<Engine>, target: OwnedFd) -> Result<()> {
     Ok(())
 }
 
-fn run(engine: &Engine, target: &OwnedFd, t0: Instant) -> Result<()> {
+fn run(engine: &Engine, target: &OwnedFd) -> Result<()> {
     let gran = engine.granularity();
     let size = engine.size();
     let nregions = size.div_ceil(gran);
@@ -108,7 +108,7 @@ fn run(engine: &Engine, target: &OwnedFd, t0: Instant) -> Result<()> {
     let chunk = CHUNK.min(gran.max(4096)) as usize;
     let (mut a, mut b) = (AlignedBuf::new(chunk), AlignedBuf::new(chunk));
     let mut cqes = Vec::new();
-    let mut read_bytes = 0u64;
+    let mut pace = Pace::new(engine);
     // Held for the whole run: a reverse switchover is refused while a verify runs, and this
     // keeps the compared pair fixed all the same.
     let source = engine.source();
@@ -151,7 +151,6 @@ fn run(engine: &Engine, target: &OwnedFd, t0: Instant) -> Result<()> {
             }
             same = a[..len] == b[..len];
             off += len as u64;
-            read_bytes += 2 * len as u64;
         }
         // Judge only if nothing touched the region while it was read.
         let valid = engine.lock().state.verify_end(r);
@@ -172,7 +171,7 @@ fn run(engine: &Engine, target: &OwnedFd, t0: Instant) -> Result<()> {
         if valid && !same {
             log::error!("online verify: region {r} (bytes {start}..{end}) differs although it is clean");
         }
-        throttle(engine, read_bytes / 2, t0);
+        pace.account(engine, end - start);
     }
     Ok(())
 }
@@ -183,15 +182,37 @@ fn bump(engine: &Engine, f: impl FnOnce(&mut OnlineVerify)) {
     }
 }
 
-/// Keeps the compared bytes at or below the copy speed limit, if there is one.
-fn throttle(engine: &Engine, bytes: u64, t0: Instant) {
-    let speed = engine.speed();
-    if speed == 0 {
-        return;
+/// Keeps the compared bytes at or below the copy speed limit, if there is one, counted from
+/// when that limit was set: a limit set after an unlimited stretch does not owe for it (counted
+/// from the start, a limit set after 500 GiB meant a sleep of hours, with "running" shown).
+/// Sleeps in steps that end on a stop.
+struct Pace {
+    speed: u64,
+    since: Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    fn new(engine: &Engine) -> Self {
+        Pace { speed: engine.speed(), since: Instant::now(), bytes: 0 }
     }
-    let due = Duration::from_secs_f64(bytes as f64 / speed as f64);
-    let spent = t0.elapsed();
-    if due > spent {
-        std::thread::sleep(due - spent);
+
+    fn account(&mut self, engine: &Engine, bytes: u64) {
+        let speed = engine.speed();
+        if speed != self.speed {
+            *self = Pace { speed, since: Instant::now(), bytes: 0 };
+        }
+        self.bytes += bytes;
+        if speed == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(self.bytes as f64 / speed as f64);
+        loop {
+            let left = due.saturating_sub(self.since.elapsed());
+            if left.is_zero() || engine.stop_requested() || engine.speed() != speed {
+                return;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(200)));
+        }
     }
 }

@@ -875,6 +875,41 @@ fn online_verify_finds_a_corrupted_clean_region() {
     drop(q);
 }
 
+/// An online verify paced by the speed limit: a limit lowered in its course paces the rest from
+/// then on (counted from the verify's start, it meant one long sleep with nothing compared),
+/// and a stop ends it within a sleep step.
+#[test]
+fn online_verify_follows_a_lowered_speed_limit_and_stops() {
+    let f = files(64 * MIB);
+    fill_random(&f.source, 0, (64 * MIB) as usize, 12);
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::Full), None)).expect("open");
+    let engine = Arc::new(engine);
+    engine.attach_target(target.as_ref()).expect("attach");
+    let me = engine.clone();
+    let mirror = std::thread::spawn(move || {
+        let mut m = Mirror::new(me, target.as_mut(), CopyConfig::default()).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    wait_for("initial sync", Duration::from_secs(60), || engine.status().state == "synced");
+    engine.apply_settings(&Settings { speed: 16 * MIB, ..Default::default() });
+    engine.start_verify().expect("start");
+    let compared = || engine.verifier().report().expect("report").bytes_compared;
+    wait_for("8 MiB compared", Duration::from_secs(30), || compared() >= 8 * MIB);
+    engine.apply_settings(&Settings { speed: MIB, ..Default::default() });
+    let c0 = compared();
+    std::thread::sleep(Duration::from_millis(2000));
+    let r = engine.verifier().report().expect("report");
+    assert_eq!(r.state, "running", "{r:?}");
+    let more = r.bytes_compared - c0;
+    // About 2 MiB at 1 MiB/s; not more than the limit allows (plus a region or two), not nothing.
+    assert!((MIB / 2..=3 * MIB).contains(&more), "{more} bytes compared in 2 s at 1 MiB/s");
+    let t0 = Instant::now();
+    engine.request_stop();
+    wait_for("the verify to end", Duration::from_secs(20), || engine.verifier().report().is_some_and(|r| r.state != "running"));
+    assert!(t0.elapsed() < Duration::from_secs(5), "the verify took {:?} to see the stop", t0.elapsed());
+    mirror.join().expect("mirror");
+}
+
 /// The control socket itself: mode 0600; malformed, oversized and silent clients get an error
 /// or a timeout and the next client is served.
 #[test]

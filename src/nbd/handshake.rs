@@ -147,9 +147,32 @@ pub fn connect(uri: &NbdUri, addrs: &[SocketAddr], deadline: Instant) -> io::Res
             }
             Err(last)
         }
-        // A Unix socket connects at once or fails at once (ECONNREFUSED, ENOENT).
-        Endpoint::Unix(p) => Ok(Stream::Unix(UnixStream::connect(p)?)),
+        Endpoint::Unix(p) => Ok(Stream::Unix(unix_connect(p, left(deadline)?)?)),
     }
+}
+
+/// Connects to a Unix socket, waiting at most `limit`. A Unix connect fails at once on a socket
+/// nobody listens on, but blocks while the listener's backlog is full: a server that is frozen
+/// (stopped, deadlocked) accepts nothing, and each retry leaves one more connection queued, so
+/// without a bound the mirror's reset would block for ever. AF_UNIX connect honours
+/// SO_SNDTIMEO (then fails with EAGAIN); the option is cleared again for the connection's I/O.
+fn unix_connect(path: &std::path::Path, limit: Duration) -> io::Result<UnixStream> {
+    use nix::sys::socket::{connect, setsockopt, socket, sockopt::SendTimeout, AddressFamily, SockFlag, SockType, UnixAddr};
+    use nix::sys::time::TimeVal;
+    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    let addr = UnixAddr::new(path)?;
+    let tv = |d: Duration| TimeVal::new(d.as_secs() as libc::time_t, d.subsec_micros() as libc::suseconds_t);
+    // At least 1 ms: a zero timeout means "no timeout".
+    setsockopt(&fd, SendTimeout, &tv(limit.max(Duration::from_millis(1))))?;
+    match connect(fd.as_raw_fd(), &addr) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINPROGRESS) => {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "connecting: the server accepts no connection"));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    setsockopt(&fd, SendTimeout, &tv(Duration::ZERO))?;
+    Ok(UnixStream::from(fd))
 }
 
 /// TCP keepalive, so that a vanished host (no FIN, no RST) ends the connection in about a
@@ -369,6 +392,42 @@ pub fn check_export(size: u64, flags: u16, sizes: Option<(u32, u32, u32)>) -> io
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener that accepts nothing, its backlog full: the connect gives up at its limit
+    /// (a plain UnixStream::connect blocks for ever here), and one to a live listener works.
+    #[test]
+    fn unix_connect_to_a_full_backlog_times_out() {
+        use nix::sys::socket::{bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        let l = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        bind(l.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        listen(&l, Backlog::new(0).unwrap()).unwrap();
+        // Fill the backlog (Linux queues backlog + 1); nobody accepts. In a thread, so that a
+        // connect that blocks fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let mut queued = Vec::new();
+            let t0 = Instant::now();
+            let r = loop {
+                match unix_connect(&p, Duration::from_millis(300)) {
+                    Ok(s) => queued.push(s),
+                    Err(e) => break Ok((e, t0.elapsed())),
+                }
+                if queued.len() >= 16 {
+                    break Err("the backlog never filled");
+                }
+            };
+            let _ = tx.send(r);
+        });
+        let (e, took) = rx.recv_timeout(Duration::from_secs(20)).expect("the connect blocked").unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(took >= Duration::from_millis(250), "gave up before its limit: {took:?}");
+        let ok = std::os::unix::net::UnixListener::bind(dir.path().join("live")).unwrap();
+        let s = unix_connect(&dir.path().join("live"), Duration::from_secs(5)).expect("connect to a listener");
+        drop((s, ok));
+    }
 
     #[test]
     fn export_checks() {
