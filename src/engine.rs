@@ -807,20 +807,27 @@ impl Engine {
         let new_target = old_source
             .try_clone()
             .map_err(|e| format!("reopening the old source as the new target: {e}"))?;
+        // A "same" left by an earlier attempt whose loop never returned (it saw the restart
+        // called off in time) must not restart this one's loop before the pair is swapped. No
+        // loop waits in mirror_next now: it only waits while a restart is asked for.
+        *relock(&self.mirror_next) = None;
         // The mirror stops using the old pair (and its ring's reference to it) before anything
         // changes; it is synced, so parking it loses nothing.
         self.mirror_restart.store(true, Ordering::SeqCst);
         self.wake();
-        let left = limit.saturating_sub(t0.elapsed()).max(Duration::from_secs(1));
-        if !self.wait_mirror_parked(left) {
-            self.mirror_restart.store(false, Ordering::SeqCst);
-            return Err("the mirror loop did not pause in time; writes resume on the source".into());
-        }
+        // Set before the restart flag is cleared: a loop that returns for the restart (now, or
+        // late, after the wait below gave up) then carries on with the same pair. Without it a
+        // loop that returned just after the give-up found no next step and no restart asked,
+        // and the mirror thread ended for good while the device kept serving.
         let resume_same = |why: String| {
             *relock(&self.mirror_next) = Some(MirrorNext::Same);
             self.mirror_restart.store(false, Ordering::SeqCst);
             why
         };
+        let left = limit.saturating_sub(t0.elapsed()).max(Duration::from_secs(1));
+        if !self.wait_mirror_parked(left) {
+            return Err(resume_same("the mirror loop did not pause in time; writes resume on the source".into()));
+        }
         let h = self.pair();
         let swapped = PairIdentity {
             source: h.target,
