@@ -49,6 +49,22 @@ fn spawn_writer<T: Send + 'static>(
     })
 }
 
+/// Runs a live mirror loop over `target` on its own thread, until the engine is stopped.
+fn spawn_loop(engine: &Arc<Engine>, mut target: BoxTarget, cfg: CopyConfig) -> std::thread::JoinHandle<()> {
+    let engine = engine.clone();
+    std::thread::spawn(move || {
+        let mut m = Mirror::new(engine, target.as_mut(), cfg).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    })
+}
+
+/// Stops the mirror loop and checks that it left source and target identical.
+fn stop_and_compare(engine: &Engine, mirror: std::thread::JoinHandle<()>, f: &Files) {
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    assert_eq!(read_all(&f.source), read_all(&f.target));
+}
+
 fn blocking() -> Settings {
     Settings { mode: Some(CopyMode::WriteBlocking), ..Default::default() }
 }
@@ -78,11 +94,21 @@ fn write_blocking_mirrors_writes_without_copying() {
     drop(target);
 }
 
-/// A target whose writes and flushes fail while `broken` is set.
+/// A target whose writes and flushes (or, `flushes_only`, only its flushes) fail while `broken`
+/// is set; its reset fails too while broken, unless only flushes fail.
 struct Flaky {
     inner: BoxTarget,
     broken: Arc<AtomicBool>,
     resets: u32,
+    flushes_only: bool,
+    /// Tokens of the flushes in flight.
+    flushes: std::collections::HashSet<u64>,
+}
+
+impl Flaky {
+    fn new(inner: BoxTarget, broken: Arc<AtomicBool>) -> Self {
+        Flaky { inner, broken, resets: 0, flushes_only: false, flushes: Default::default() }
+    }
 }
 
 impl Target for Flaky {
@@ -99,13 +125,17 @@ impl Target for Flaky {
         self.inner.identity()
     }
     fn submit(&mut self, ring: &mut Ring, op: TargetOp, token: u64) -> io::Result<()> {
+        if matches!(op, TargetOp::Flush) {
+            self.flushes.insert(token);
+        }
         self.inner.submit(ring, op, token)
     }
     fn complete(&mut self, ring: &mut Ring, sub: u64, res: i32, done: &mut Vec<TargetDone>) {
         let n = done.len();
         self.inner.complete(ring, sub, res, done);
-        if self.broken.load(Ordering::SeqCst) {
-            for d in &mut done[n..] {
+        for d in &mut done[n..] {
+            let flush = self.flushes.remove(&d.0);
+            if self.broken.load(Ordering::SeqCst) && (flush || !self.flushes_only) {
                 d.1 = Err(io::Error::from_raw_os_error(libc::EIO));
             }
         }
@@ -115,7 +145,7 @@ impl Target for Flaky {
     }
     fn reset(&mut self) -> io::Result<()> {
         self.resets += 1;
-        if self.broken.load(Ordering::SeqCst) {
+        if self.broken.load(Ordering::SeqCst) && !self.flushes_only {
             Err(io::Error::new(io::ErrorKind::ConnectionRefused, "still down"))
         } else {
             Ok(())
@@ -136,7 +166,7 @@ fn failing_target_degrades_then_recovers_without_failing_writes() {
     let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), Some(64 << 10))).expect("open");
     let engine = Arc::new(engine);
     let broken = Arc::new(AtomicBool::new(true));
-    let mut flaky = Flaky { inner: target, broken: broken.clone(), resets: 0 };
+    let mut flaky = Flaky::new(target, broken.clone());
     let me = engine.clone();
     let cfg = CopyConfig { clear_delay: Duration::from_millis(200), ..Default::default() };
     let mirror = std::thread::spawn(move || {
@@ -179,7 +209,7 @@ fn mirroring_gives_up_after_max_retries() {
     let engine = Arc::new(engine);
     engine.apply_settings(&Settings { max_retries: 2, ..Default::default() });
     let broken = Arc::new(AtomicBool::new(true));
-    let mut flaky = Flaky { inner: target, broken, resets: 0 };
+    let mut flaky = Flaky::new(target, broken);
     let me = engine.clone();
     let mirror = std::thread::spawn(move || {
         let ring = ublk_mirror::uring::new_ring(64).expect("ring");
@@ -210,7 +240,7 @@ fn a_failing_flush_of_a_clean_device_backs_off_and_gives_up() {
         let engine = Arc::new(engine);
         engine.apply_settings(&Settings { max_retries, ..Default::default() });
         let broken = Arc::new(AtomicBool::new(true));
-        let mut flaky = Flaky { inner: target, broken, resets: 0 };
+        let mut flaky = Flaky::new(target, broken);
         let me = engine.clone();
         let mirror = std::thread::spawn(move || {
             let mut m = Mirror::new(me, &mut flaky, CopyConfig::default()).expect("mirror");
@@ -285,46 +315,6 @@ fn failing_bitmap_flushes_back_off_and_do_not_hold_the_stop() {
     assert_eq!(read_all(&f.source), read_all(&f.target));
 }
 
-/// A target whose writes succeed and whose flushes fail while `broken` is set.
-struct FlushFailing {
-    inner: BoxTarget,
-    broken: Arc<AtomicBool>,
-    flushes: std::collections::HashSet<u64>,
-}
-
-impl Target for FlushFailing {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn describe(&self) -> String {
-        "flush-failing".into()
-    }
-    fn block_size(&self) -> u32 {
-        self.inner.block_size()
-    }
-    fn identity(&self) -> (String, u64) {
-        self.inner.identity()
-    }
-    fn submit(&mut self, ring: &mut Ring, op: TargetOp, token: u64) -> io::Result<()> {
-        if matches!(op, TargetOp::Flush) {
-            self.flushes.insert(token);
-        }
-        self.inner.submit(ring, op, token)
-    }
-    fn complete(&mut self, ring: &mut Ring, sub: u64, res: i32, done: &mut Vec<TargetDone>) {
-        let n = done.len();
-        self.inner.complete(ring, sub, res, done);
-        for d in &mut done[n..] {
-            if self.flushes.remove(&d.0) && self.broken.load(Ordering::SeqCst) {
-                d.1 = Err(io::Error::from_raw_os_error(libc::EIO));
-            }
-        }
-    }
-    fn reset(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Flushes fail while the copies' writes succeed: the backoff still doubles (a successful copy
 /// used to reset it, so it stayed at 100 ms, recopying the backlog ten times a second).
 #[test]
@@ -333,7 +323,7 @@ fn failing_flushes_back_off_although_copies_succeed() {
     let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
     let engine = Arc::new(engine);
     let broken = Arc::new(AtomicBool::new(true));
-    let mut t = FlushFailing { inner: target, broken: broken.clone(), flushes: Default::default() };
+    let mut t = Flaky { flushes_only: true, ..Flaky::new(target, broken.clone()) };
     let me = engine.clone();
     let mirror = std::thread::spawn(move || {
         let mut m = Mirror::new(me, &mut t, CopyConfig::default()).expect("mirror");
@@ -353,10 +343,8 @@ fn failing_flushes_back_off_although_copies_succeed() {
     assert!(more >= 1, "no retry in {secs:.2}s");
     broken.store(false, Ordering::SeqCst);
     wait_for("synced once flushes work", Duration::from_secs(20), || engine.status().state == "synced");
-    engine.request_stop();
-    mirror.join().expect("mirror");
     drop(q);
-    assert_eq!(read_all(&f.source), read_all(&f.target));
+    stop_and_compare(&engine, mirror, &f);
 }
 
 /// A pause that comes while the speed limit holds the copy back: the mirror thread sleeps (it
@@ -413,7 +401,7 @@ fn a_target_failing_during_a_switchover_releases_the_writes() {
     let engine = Arc::new(engine);
     engine.attach_target(target.as_ref()).expect("attach");
     let broken = Arc::new(AtomicBool::new(false));
-    let mut flaky = Flaky { inner: target, broken: broken.clone(), resets: 0 };
+    let mut flaky = Flaky::new(target, broken.clone());
     let me = engine.clone();
     let hook_broken = broken.clone();
     let mirror = std::thread::spawn(move || {
@@ -450,14 +438,10 @@ fn a_target_failing_during_a_switchover_releases_the_writes() {
 #[test]
 fn pause_and_resume() {
     let f = files(4 * MIB);
-    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
     let engine = Arc::new(engine);
     engine.apply_settings(&Settings { paused: true, ..Default::default() });
-    let me = engine.clone();
-    let mirror = std::thread::spawn(move || {
-        let mut m = Mirror::new(me, target.as_mut(), CopyConfig::default()).expect("mirror");
-        m.run(RunUntil::Stopped, None).expect("run");
-    });
+    let mirror = spawn_loop(&engine, target, CopyConfig::default());
     let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
     write(&mut q, MIB, 64 << 10, 3);
     std::thread::sleep(Duration::from_millis(700));
@@ -514,14 +498,10 @@ fn copied_while_busy(busy_speed: u64, burst: u32, gap: Duration, len: usize) -> 
     let f = files(16 * MIB);
     // Dense data: every copy moves whole regions (a hole would be skipped, not copied).
     fill_random(&f.source, 0, (16 * MIB) as usize, 21);
-    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
     let engine = Arc::new(engine);
     engine.apply_settings(&Settings { busy_speed, ..Default::default() });
-    let me = engine.clone();
-    let mirror = std::thread::spawn(move || {
-        let mut m = Mirror::new(me, target.as_mut(), CopyConfig::default()).expect("mirror");
-        m.run(RunUntil::Stopped, None).expect("run");
-    });
+    let mirror = spawn_loop(&engine, target, CopyConfig::default());
     let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
     // Dirty everything first, then keep the device busy with rewrites for two seconds.
     for blk in 0..256u64 {
@@ -613,15 +593,11 @@ fn busy_device_holds_the_copy_to_busy_speed() {
 #[test]
 fn max_lag_switches_to_write_blocking() {
     let f = files(4 * MIB);
-    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
     let engine = Arc::new(engine);
     engine.apply_settings(&Settings { paused: true, max_lag_ms: 500, ..Default::default() });
     engine.attach_target(target.as_ref()).expect("attach");
-    let me = engine.clone();
-    let mirror = std::thread::spawn(move || {
-        let mut m = Mirror::new(me, target.as_mut(), CopyConfig::default()).expect("mirror");
-        m.run(RunUntil::Stopped, None).expect("run");
-    });
+    let mirror = spawn_loop(&engine, target, CopyConfig::default());
     let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
     write(&mut q, 0, 4096, 1);
     wait_for("max-lag to switch modes", Duration::from_secs(10), || engine.status().mode == "write-blocking (max-lag)");
@@ -641,10 +617,8 @@ fn max_lag_switches_to_write_blocking() {
     });
     let ev = events(&engine);
     assert!(ev.contains(&"write-blocking-on".into()) && ev.contains(&"write-blocking-off".into()), "{ev:?}");
-    engine.request_stop();
-    mirror.join().expect("mirror");
     drop(q);
-    assert_eq!(read_all(&f.source), read_all(&f.target));
+    stop_and_compare(&engine, mirror, &f);
 }
 
 /// Requests the control socket passes on: malformed ones get an error reply naming the problem.
@@ -705,10 +679,8 @@ fn write_blocking_reaches_consistent_points() {
     });
     wait_for("its bit cleared", Duration::from_secs(10), || engine.status().persistent_dirty_regions == 0);
     assert_eq!(engine.status().bytes_copied, 0);
-    engine.request_stop();
-    mirror.join().expect("mirror");
     drop(q);
-    assert_eq!(read_all(&f.source), read_all(&f.target));
+    stop_and_compare(&engine, mirror, &f);
 }
 
 /// Switchover under a write load: writes are held for a moment, the target catches up, and
@@ -843,14 +815,10 @@ fn online_verify_finds_a_corrupted_clean_region() {
     use std::os::unix::fs::FileExt;
     let f = files(8 * MIB);
     fill_random(&f.source, 0, (8 * MIB) as usize, 11);
-    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::Full), Some(64 << 10))).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::Full), Some(64 << 10))).expect("open");
     let engine = Arc::new(engine);
     engine.attach_target(target.as_ref()).expect("attach");
-    let me = engine.clone();
-    let mirror = std::thread::spawn(move || {
-        let mut m = Mirror::new(me, target.as_mut(), CopyConfig::default()).expect("mirror");
-        m.run(RunUntil::Stopped, None).expect("run");
-    });
+    let mirror = spawn_loop(&engine, target, CopyConfig::default());
     wait_for("initial sync", Duration::from_secs(30), || engine.status().state == "synced");
     let run_verify = |engine: &Arc<Engine>| {
         engine.start_verify().expect("start");
@@ -882,14 +850,10 @@ fn online_verify_finds_a_corrupted_clean_region() {
 fn online_verify_follows_a_lowered_speed_limit_and_stops() {
     let f = files(64 * MIB);
     fill_random(&f.source, 0, (64 * MIB) as usize, 12);
-    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::Full), None)).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::Full), None)).expect("open");
     let engine = Arc::new(engine);
     engine.attach_target(target.as_ref()).expect("attach");
-    let me = engine.clone();
-    let mirror = std::thread::spawn(move || {
-        let mut m = Mirror::new(me, target.as_mut(), CopyConfig::default()).expect("mirror");
-        m.run(RunUntil::Stopped, None).expect("run");
-    });
+    let mirror = spawn_loop(&engine, target, CopyConfig::default());
     wait_for("initial sync", Duration::from_secs(60), || engine.status().state == "synced");
     engine.apply_settings(&Settings { speed: 16 * MIB, ..Default::default() });
     engine.start_verify().expect("start");
@@ -964,7 +928,7 @@ fn on_consistent_command_sees_a_still_target() {
     // While this file exists a run of the command holds on (at most 20 s): the test decides
     // how long the command runs, not a sleep that a loaded machine could outlast.
     let hold = dir.path().join("hold");
-    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
     let engine = Arc::new(engine);
     let hook = ublk_mirror::engine::Hook {
         command: format!(
@@ -979,11 +943,7 @@ fn on_consistent_command_sees_a_still_target() {
         env: vec![("UBLK_MIRROR_TARGET".into(), f.target.display().to_string())],
     };
     let cfg = CopyConfig { on_consistent: Some(hook), ..Default::default() };
-    let me = engine.clone();
-    let mirror = std::thread::spawn(move || {
-        let mut m = Mirror::new(me, target.as_mut(), cfg).expect("mirror");
-        m.run(RunUntil::Stopped, None).expect("run");
-    });
+    let mirror = spawn_loop(&engine, target, cfg);
     wait_for("the first run of the command", Duration::from_secs(20), || snap.exists());
     let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
     // Wait for the first run to end, then write A: the next consistent point's run copies it.
@@ -1020,7 +980,7 @@ fn a_stop_kills_an_on_consistent_command_after_the_grace() {
     let f = files(2 * MIB);
     let dir = tempfile::tempdir_in("/var/tmp").expect("dir");
     let pidfile = dir.path().join("pid");
-    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
     let engine = Arc::new(engine);
     let hook = ublk_mirror::engine::Hook {
         // The shell waits for a child of its own: killing the shell alone would leave it.
@@ -1030,11 +990,7 @@ fn a_stop_kills_an_on_consistent_command_after_the_grace() {
         env: vec![],
     };
     let cfg = CopyConfig { on_consistent: Some(hook), ..Default::default() };
-    let me = engine.clone();
-    let mirror = std::thread::spawn(move || {
-        let mut m = Mirror::new(me, target.as_mut(), cfg).expect("mirror");
-        m.run(RunUntil::Stopped, None).expect("run");
-    });
+    let mirror = spawn_loop(&engine, target, cfg);
     wait_for("the command to start", Duration::from_secs(20), || pidfile.exists());
     let pid: i32 = std::fs::read_to_string(&pidfile).expect("pid").trim().parse().expect("a pid");
     assert!(engine.hook_running());
