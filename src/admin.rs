@@ -510,6 +510,22 @@ fn pid_alive(pid: i32) -> bool {
     pid > 0 && unsafe { libc::kill(pid, 0) } == 0
 }
 
+/// Is `pid` a live ublk-mirror process (this program's binary, or one named ublk-mirror, e.g.
+/// an older build replaced since it started)? The driver keeps the pid of a daemon that died
+/// (a QUIESCED device): the number may belong to an unrelated process by now, which `del` must
+/// neither wait for nor kill.
+fn is_daemon(pid: i32) -> bool {
+    if !pid_alive(pid) {
+        return false;
+    }
+    let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else { return false };
+    if std::fs::read_link("/proc/self/exe").is_ok_and(|me| me == exe) {
+        return true;
+    }
+    // A replaced binary reads as "NAME (deleted)".
+    exe.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("ublk-mirror"))
+}
+
 /// Waits (at most `limit`) until the daemon says synced. The status is the daemon's live
 /// state, so a "synced" seen after this call started accounts for every write completed before.
 pub fn wait_synced(id: u32, limit: Duration) -> Result<()> {
@@ -552,10 +568,10 @@ pub fn delete(id: u32, wait: Option<Duration>) -> Result<()> {
     let pid = c.dev_info().ublksrv_pid;
     let _ = c.kill_dev();
     let t0 = Instant::now();
-    while pid_alive(pid) && t0.elapsed() < Duration::from_secs(30) {
+    while is_daemon(pid) && t0.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    if pid_alive(pid) {
+    if is_daemon(pid) {
         log::warn!("daemon {pid} did not exit within 30 s of the stop; killing it");
         // SAFETY: signalling a process by pid.
         unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -659,4 +675,22 @@ pub fn udev_source(config_dir: &Path, kernel: &str, links: &[String]) -> Vec<Str
     }
     names.sort();
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_daemon_knows_this_program_and_nothing_else() {
+        assert!(is_daemon(std::process::id() as i32), "this very binary");
+        let mut other = std::process::Command::new("sleep").arg("30").spawn().expect("spawn sleep");
+        let pid = other.id() as i32;
+        assert!(pid_alive(pid));
+        assert!(!is_daemon(pid), "a sleep taken for the daemon");
+        other.kill().expect("kill");
+        other.wait().expect("wait");
+        assert!(!is_daemon(pid), "a reaped process");
+        assert!(!is_daemon(0) && !is_daemon(-1));
+    }
 }
