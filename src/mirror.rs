@@ -650,18 +650,15 @@ impl<'t> Mirror<'t> {
 
     /// Reaps the --on-consistent command (killing it after its timeout) and lets copies resume.
     fn check_hook(&mut self, stopping: bool) {
-        let Some((child, started)) = self.hook.as_mut() else {
+        // (A stop that is called off, a reverse switchover that timed out, starts no grace.)
+        if !stopping || self.hook.is_none() {
             self.stop_seen = None;
-            return;
-        };
+        }
+        let Some((child, started)) = self.hook.as_mut() else { return };
         let timeout = self.cfg.on_consistent.as_ref().map(|h| h.timeout).unwrap_or(Duration::from_secs(60));
         // A stop (del, daemon shutdown, switchover's restart) waits for a running command, but
         // only HOOK_STOP_GRACE: `del` kills a daemon that takes 30 s, and a command left
         // running would go on reading a target the daemon no longer owns.
-        // (A stop that is called off, a reverse switchover that timed out, starts no grace.)
-        if !stopping {
-            self.stop_seen = None;
-        }
         let stop_seen = if stopping { Some(*self.stop_seen.get_or_insert_with(Instant::now)) } else { None };
         let status = match child.try_wait() {
             Ok(Some(st)) => Some(st.to_string()),
@@ -679,7 +676,6 @@ impl<'t> Mirror<'t> {
         if let Some(status) = status {
             let secs = started.elapsed().as_secs_f64();
             self.hook = None;
-            self.stop_seen = None;
             self.engine.set_hook_running(false);
             let seq = self.engine.lock().state.counters().consistent_points;
             self.engine.events().emit("on-consistent", serde_json::json!({ "seq": seq, "status": status, "secs": secs }));
@@ -868,8 +864,7 @@ impl<'t> Mirror<'t> {
             }
         };
         if !due {
-            let retry_due = self.bitmap_retry_at.is_none_or(|t| Instant::now() >= t);
-            if self.bitmap_clears_pending && retry_due && self.bitmap_flush.is_none() && self.target_flush.is_none() {
+            if self.bitmap_clears_pending && self.bitmap_retry_due() && self.bitmap_flush.is_none() && self.target_flush.is_none() {
                 self.flush_bitmap()?;
             }
             return Ok(());
@@ -972,12 +967,16 @@ impl<'t> Mirror<'t> {
             // ends at this consistent point: its caller's close flushes them (one fdatasync
             // for the clears and the clean state).
             self.bitmap_clears_pending = true;
-            let retry_due = self.bitmap_retry_at.is_none_or(|t| Instant::now() >= t);
-            if self.bitmap_flush.is_none() && retry_due && !(self.offline && out.consistent) {
+            if self.bitmap_flush.is_none() && self.bitmap_retry_due() && !(self.offline && out.consistent) {
                 self.flush_bitmap()?;
             }
         }
         Ok(())
+    }
+
+    /// No failed bitmap flush is waiting for its retry time.
+    fn bitmap_retry_due(&self) -> bool {
+        self.bitmap_retry_at.is_none_or(|t| Instant::now() >= t)
     }
 
     fn flush_bitmap(&mut self) -> Result<()> {
