@@ -31,11 +31,12 @@
 //! fdatasync on io_uring, so the I/O path never blocks on it.
 
 use crate::core::PersistentBits;
+use crate::lifecycle::Fill;
 use crate::error::{BitmapProblem, Error, Result};
 use memmap2::{Mmap, MmapMut};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -274,60 +275,6 @@ pub struct Expect<'a> {
 }
 
 impl Bitmap {
-    /// Creates a new bitmap with every bit clear, atomically: it is written under a temporary
-    /// name and renamed into place, so a failure leaves nothing behind and an existing file is
-    /// replaced only by a complete bitmap.
-    pub fn create(path: &Path, pair: PairIdentity, device_size: u64, granularity: u64) -> Result<Self> {
-        check_granularity(granularity)?;
-        for p in [&pair.source, &pair.target] {
-            if p.len() > PATH_MAX {
-                return Err(Error::config(format!("path too long for the bitmap header: {p}")));
-            }
-        }
-        let nregions = regions_for(device_size, granularity);
-        let header = Header {
-            version: VERSION,
-            uuid: uuid::Uuid::new_v4().to_string(),
-            granularity,
-            device_size,
-            nregions,
-            state: BitmapState::Clean,
-            created: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            pair,
-        };
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = path.file_name().ok_or_else(|| {
-            Error::config(format!("bitmap path {} names no file", path.display()))
-        })?;
-        let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-        let open_err = |e: std::io::Error| Error::Open {
-            role: "bitmap",
-            path: path.to_path_buf(),
-            what: "cannot create".into(),
-            fix: "check that the directory exists and is writable".into(),
-            source: e,
-        };
-        let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-            f.write_all(&encode_header(&header))?;
-            f.set_len(file_len_for(nregions))?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            File::open(&dir)?.sync_all()
-        };
-        if let Err(e) = write() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(open_err(e));
-        }
-        Self::open_unchecked(path)
-    }
-
     /// Opens an existing bitmap and checks it against what the caller expects. Nothing in the
     /// file is modified unless every check passes.
     pub fn open(path: &Path, expect: &Expect<'_>) -> Result<Self> {
@@ -562,18 +509,6 @@ impl Bitmap {
             .map_err(|e| Error::io(format!("fdatasync bitmap {}", self.path.display()), e.into()))
     }
 
-    /// Sets every bit (full sync).
-    pub fn set_all(&mut self) {
-        for r in 0..self.header.nregions {
-            self.set(r);
-        }
-    }
-
-    /// Clears every bit (the user declared the pair identical).
-    pub fn clear_all(&mut self) {
-        self.map[HEADER_SIZE as usize..].fill(0);
-    }
-
     pub fn count_set(&self) -> u64 {
         (0..self.header.nregions).filter(|&r| self.get(r)).count() as u64
     }
@@ -584,6 +519,9 @@ impl Bitmap {
 }
 
 impl PersistentBits for Bitmap {
+    fn nregions(&self) -> u64 {
+        self.header.nregions
+    }
     fn get(&self, r: u64) -> bool {
         self.map[self.byte(r)] & (1 << (r % 8)) != 0
     }
@@ -594,6 +532,148 @@ impl PersistentBits for Bitmap {
     fn clear(&mut self, r: u64) {
         let i = self.byte(r);
         self.map[i] &= !(1 << (r % 8));
+    }
+}
+
+/// The real files of a bitmap's lifecycle ([`crate::lifecycle`]): the bitmap at `path`, a new
+/// one written as `.NAME.tmp-PID` beside it.
+pub struct BitmapFiles<'a> {
+    path: &'a Path,
+    dir: PathBuf,
+    /// The header a new bitmap gets.
+    new_header: Header,
+    /// What an existing bitmap must match to be resumed.
+    expect: Expect<'a>,
+    temp: Option<(PathBuf, File)>,
+}
+
+impl<'a> BitmapFiles<'a> {
+    /// `granularity` is a new bitmap's; `expect` is checked when an existing one is opened.
+    pub fn new(path: &'a Path, pair: PairIdentity, device_size: u64, granularity: u64, expect: Expect<'a>) -> Self {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let new_header = Header {
+            version: VERSION,
+            uuid: uuid::Uuid::new_v4().to_string(),
+            granularity,
+            device_size,
+            nregions: regions_for(device_size, granularity),
+            state: BitmapState::Clean,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            pair,
+        };
+        BitmapFiles { path, dir, new_header, expect, temp: None }
+    }
+
+    fn create_err(&self, e: std::io::Error) -> Error {
+        Error::Open {
+            role: "bitmap",
+            path: self.path.to_path_buf(),
+            what: "cannot create".into(),
+            fix: "check that the directory exists and is writable, with room for the bitmap".into(),
+            source: e,
+        }
+    }
+}
+
+/// Writes the bits of a new bitmap of `nregions` regions after its header: every bit set, or
+/// none (a hole). Bits past `nregions` stay clear.
+fn write_fill(f: &mut File, nregions: u64, fill: Fill) -> std::io::Result<()> {
+    f.set_len(file_len_for(nregions))?;
+    if fill == Fill::Clean {
+        return Ok(());
+    }
+    let full = nregions / 8;
+    const CHUNK: u64 = 1 << 20;
+    let ones = vec![0xffu8; CHUNK.min(full.max(1)) as usize];
+    let mut done = 0u64;
+    while done < full {
+        let n = (full - done).min(CHUNK);
+        f.write_all_at(&ones[..n as usize], HEADER_SIZE + done)?;
+        done += n;
+    }
+    let tail = nregions % 8;
+    if tail != 0 {
+        f.write_all_at(&[(1u8 << tail) - 1], HEADER_SIZE + full)?;
+    }
+    Ok(())
+}
+
+impl crate::lifecycle::BitmapFiles for BitmapFiles<'_> {
+    type Bits = Bitmap;
+
+    fn exists(&self) -> bool {
+        self.path.exists()
+    }
+
+    fn write_temp(&mut self, fill: Fill) -> Result<()> {
+        check_granularity(self.new_header.granularity)?;
+        let pair = &self.new_header.pair;
+        for p in [&pair.source, &pair.target] {
+            if p.len() > PATH_MAX {
+                return Err(Error::config(format!("path too long for the bitmap header: {p}")));
+            }
+        }
+        let name = self.path.file_name().ok_or_else(|| {
+            Error::config(format!("bitmap path {} names no file", self.path.display()))
+        })?;
+        let tmp = self.dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| self.create_err(e))?;
+        // Recorded before writing: a failure from here on leaves a file for discard_temp.
+        let header = encode_header(&self.new_header);
+        let r = f.write_all(&header).and_then(|_| write_fill(&mut f, self.new_header.nregions, fill));
+        self.temp = Some((tmp, f));
+        r.map_err(|e| self.create_err(e))
+    }
+
+    fn sync_temp(&mut self) -> Result<()> {
+        let r = match &self.temp {
+            Some((_, f)) => f.sync_all(),
+            None => Ok(()),
+        };
+        r.map_err(|e| self.create_err(e))
+    }
+
+    fn rename_temp(&mut self) -> Result<()> {
+        let r = match &self.temp {
+            Some((tmp, _)) => std::fs::rename(tmp, self.path),
+            None => Ok(()),
+        };
+        r.map_err(|e| self.create_err(e))?;
+        self.temp = None;
+        Ok(())
+    }
+
+    fn sync_dir(&mut self) -> Result<()> {
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| self.create_err(e))
+    }
+
+    fn discard_temp(&mut self) {
+        if let Some((tmp, _)) = self.temp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+
+    fn open(&mut self, created: bool) -> Result<Bitmap> {
+        if created {
+            Bitmap::open_unchecked(self.path)
+        } else {
+            Bitmap::open(self.path, &self.expect)
+        }
+    }
+
+    fn sync(&mut self, bits: &Bitmap) -> Result<()> {
+        bits.sync()
     }
 }
 

@@ -27,6 +27,8 @@ use std::collections::HashMap;
 /// Storage for the persistent bits as the process sees them (the bitmap file's page cache, or a
 /// simulated cache). Durability is not this trait's business: the engine flushes the medium.
 pub trait PersistentBits {
+    /// Number of regions (bits).
+    fn nregions(&self) -> u64;
     fn get(&self, r: u64) -> bool;
     fn set(&mut self, r: u64);
     fn clear(&mut self, r: u64);
@@ -43,6 +45,9 @@ impl MemBits {
 }
 
 impl PersistentBits for MemBits {
+    fn nregions(&self) -> u64 {
+        self.0.len() as u64
+    }
     fn get(&self, r: u64) -> bool {
         self.0[r as usize]
     }
@@ -198,8 +203,8 @@ impl<P: PersistentBits> MirrorState<P> {
     /// Builds the state from the persistent bits as found on the medium.
     ///
     /// The caller guarantees that `pbits` is what the medium holds (it flushes the bitmap once
-    /// before calling this), so every set bit is durable and every set bit is work to do: after a
-    /// crash, those are exactly the regions that may differ.
+    /// before calling this: [`crate::lifecycle::trusted_state`]), so every set bit is durable and
+    /// every set bit is work to do: after a crash, those are exactly the regions that may differ.
     pub fn new(nregions: u64, pbits: P) -> Self {
         let mut durable = bitvec![u64, Lsb0; 0; nregions as usize];
         for r in 0..nregions {

@@ -12,24 +12,14 @@ use crate::bitmap::{Bitmap, BitmapState, Expect, PairIdentity, DEFAULT_GRANULARI
 use crate::core::{ActivePlan, CoreCounters, Extent, Intent, MirrorState};
 use crate::error::{Error, Result};
 use crate::front::{Fds, Held};
+use crate::lifecycle;
 use crate::target::{is_uri, open_file_target, open_target, BoxTarget};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-/// How the pair starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SyncMode {
-    /// Copy everything: every bit set and durable before the first copy, so an interrupted
-    /// initial sync resumes where it stopped.
-    Full,
-    /// The user declares source and target identical: start with every bit clear.
-    None,
-    /// Use the bitmap as found: copy only what it says is dirty.
-    Resume,
-}
+pub use crate::lifecycle::SyncMode;
 
 /// What to open.
 #[derive(Clone, Debug)]
@@ -349,10 +339,10 @@ impl Engine {
             target: target_identity.0,
             target_fingerprint: target_identity.1,
         };
-        let exists = opts.bitmap.exists();
         // After a switchover the data lives on the target: serving or syncing the old pair
         // again would bring back the stale source.
-        if let Ok((h, _)) = Bitmap::inspect(&opts.bitmap) {
+        let found = Bitmap::inspect(&opts.bitmap).ok();
+        if let Some((h, _)) = &found {
             if h.state == BitmapState::SwitchedOver {
                 return Err(Error::Bitmap {
                     path: opts.bitmap.clone(),
@@ -368,58 +358,35 @@ impl Engine {
                 });
             }
         }
-        let mode = opts.mode.unwrap_or(if exists { SyncMode::Resume } else { SyncMode::Full });
-        let (mut bitmap, created) = match (mode, exists) {
-            (SyncMode::Resume, false) => {
-                return Err(Error::config(format!(
-                    "bitmap {} does not exist, so there is nothing to resume: omit --sync resume \
-                     (a new bitmap means a full sync) or give the existing bitmap's path",
-                    opts.bitmap.display()
-                )))
-            }
-            (SyncMode::Resume, true) => {
-                let expect = Expect { pair: &pair, device_size: source.size, granularity: opts.granularity };
-                (Bitmap::open(&opts.bitmap, &expect)?, false)
-            }
-            // Full and none are explicit: they rebuild the bitmap whatever it held. An existing
-            // valid bitmap of this pair keeps its granularity unless one was asked for.
-            (SyncMode::Full | SyncMode::None, _) => {
-                let g = match opts.granularity {
-                    Some(g) => g,
-                    None => crate::bitmap::Bitmap::inspect(&opts.bitmap)
-                        .ok()
-                        .filter(|(h, _)| h.pair == pair && h.device_size == source.size)
-                        .map(|(h, _)| h.granularity)
-                        .unwrap_or(DEFAULT_GRANULARITY),
-                };
-                if exists {
-                    // Refuse to replace a bitmap another live mirror holds.
-                    if let Ok(f) = std::fs::File::open(&opts.bitmap) {
-                        if !crate::bitmap::try_lock_exclusive(&f) {
-                            return Err(Error::Bitmap {
-                                path: opts.bitmap.clone(),
-                                problem: crate::error::BitmapProblem::InUse,
-                                what: "another ublk-mirror process is using it".into(),
-                                fix: "stop that mirror first".into(),
-                            });
-                        }
-                    }
+        let exists = opts.bitmap.exists();
+        let mode = lifecycle::resolve_mode(opts.mode, exists, &|| opts.bitmap.display().to_string())?;
+        // A new bitmap (full, none) keeps an existing valid bitmap's granularity for this pair
+        // unless one was asked for.
+        let granularity = opts.granularity.unwrap_or_else(|| {
+            found
+                .as_ref()
+                .filter(|(h, _)| h.pair == pair && h.device_size == source.size)
+                .map(|(h, _)| h.granularity)
+                .unwrap_or(DEFAULT_GRANULARITY)
+        });
+        if mode != SyncMode::Resume && exists {
+            // Refuse to replace a bitmap another live mirror holds.
+            if let Ok(f) = std::fs::File::open(&opts.bitmap) {
+                if !crate::bitmap::try_lock_exclusive(&f) {
+                    return Err(Error::Bitmap {
+                        path: opts.bitmap.clone(),
+                        problem: crate::error::BitmapProblem::InUse,
+                        what: "another ublk-mirror process is using it".into(),
+                        fix: "stop that mirror first".into(),
+                    });
                 }
-                (Bitmap::create(&opts.bitmap, pair.clone(), source.size, g)?, true)
             }
-        };
-        if mode == SyncMode::None {
-            bitmap.clear_all();
         }
+        let expect = Expect { pair: &pair, device_size: source.size, granularity: opts.granularity };
+        let mut files = crate::bitmap::BitmapFiles::new(&opts.bitmap, pair.clone(), source.size, granularity, expect);
+        let lifecycle::Opened { mut state, created } = lifecycle::open_bitmap(&mut files, mode)?;
         // Informational (the bits are what matters): durable with the next bitmap flush.
-        bitmap.set_state_lazy(BitmapState::Active);
-        let mut state = MirrorState::new(bitmap.nregions(), bitmap);
-        if mode == SyncMode::Full {
-            state.mark_all();
-            let seq = state.bitmap_flush_started();
-            state.pbits().sync()?;
-            state.bitmap_flush_done(seq, true);
-        }
+        state.pbits_mut().set_state_lazy(BitmapState::Active);
         let dirty = state.dirty();
         let report = OpenReport {
             mode,
@@ -486,7 +453,7 @@ impl Engine {
                 bm.header().device_size
             )));
         }
-        let state = MirrorState::new(bm.nregions(), bm);
+        let state = lifecycle::trusted_state(bm, |b| b.sync())?;
         let e = Self::assemble(data, state, bitmap, 0)?;
         e.set_front_target(e.source(), Duration::from_secs(1));
         e.serving_target.store(true, Ordering::SeqCst);

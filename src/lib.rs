@@ -2,7 +2,8 @@
 //!
 //! Layers, bottom up:
 //! - [`core`]: the decisions (write intent, what to copy, when to flush, what to clear), no I/O;
-//! - [`bitmap`]: the persistent dirty bitmap file;
+//! - [`bitmap`]: the persistent dirty bitmap file; [`lifecycle`]: creating and opening it, in
+//!   an order that survives every kind of crash;
 //! - [`backing`], [`target`], [`uring`]: sources and targets through io_uring;
 //! - [`nbd`]: a target behind an NBD server, on the same io_uring;
 //! - [`engine`]: shared state of one mirror and the write-path entry points;
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod error;
 pub mod events;
 pub mod front;
+pub mod lifecycle;
 pub mod manpage;
 pub mod mirror;
 pub mod nbd;

@@ -123,7 +123,6 @@ fn random_concurrent_io_while_mirroring_converges() {
     let st = engine.status();
     assert!(st.consistent_points >= 1);
     assert_eq!(st.dirty_bytes, 0);
-    assert!(st.bitmap_flushes > 0, "first writes must have flushed the bitmap");
     engine.request_stop();
     mirror.join().expect("mirror thread");
     engine.close().expect("close");
@@ -352,4 +351,140 @@ fn a_refused_operation_fails_its_request_and_ends_the_write() {
     data.iter_mut().for_each(|b| *b = 0x5a);
     q.execute(Op::Write { off: MIB, data, len: 4096, fua: false }).expect("write after the failures");
     assert_eq!(read_all(&f.source)[MIB as usize], 0x5a);
+}
+
+/// The real bitmap files under the lifecycle code, with a look at what is under the bitmap's
+/// name after each step: a full sync's bitmap has every bit set (on the file, durably: the temp
+/// file was fsynced before the rename) the moment it gets its name, and an existing bitmap
+/// stays in place, intact, until then.
+struct Watched<'a> {
+    files: ublk_mirror::bitmap::BitmapFiles<'a>,
+    path: &'a std::path::Path,
+    /// The runs of set bits under the name after each step (None: no bitmap there).
+    seen: Vec<(&'static str, Option<Runs>)>,
+}
+
+type Runs = Vec<(u64, u64)>;
+
+impl Watched<'_> {
+    fn look(&mut self, step: &'static str) {
+        let runs = Bitmap::inspect(self.path).ok().map(|(_, runs)| runs);
+        self.seen.push((step, runs));
+    }
+}
+
+impl ublk_mirror::lifecycle::BitmapFiles for Watched<'_> {
+    type Bits = Bitmap;
+    fn exists(&self) -> bool {
+        self.files.exists()
+    }
+    fn write_temp(&mut self, fill: ublk_mirror::lifecycle::Fill) -> ublk_mirror::Result<()> {
+        let r = self.files.write_temp(fill);
+        self.look("write_temp");
+        r
+    }
+    fn sync_temp(&mut self) -> ublk_mirror::Result<()> {
+        let r = self.files.sync_temp();
+        self.look("sync_temp");
+        r
+    }
+    fn rename_temp(&mut self) -> ublk_mirror::Result<()> {
+        let r = self.files.rename_temp();
+        self.look("rename_temp");
+        r
+    }
+    fn sync_dir(&mut self) -> ublk_mirror::Result<()> {
+        let r = self.files.sync_dir();
+        self.look("sync_dir");
+        r
+    }
+    fn discard_temp(&mut self) {
+        self.files.discard_temp()
+    }
+    fn open(&mut self, created: bool) -> ublk_mirror::Result<Bitmap> {
+        self.files.open(created)
+    }
+    fn sync(&mut self, bits: &Bitmap) -> ublk_mirror::Result<()> {
+        self.files.sync(bits)
+    }
+}
+
+#[test]
+fn a_full_sync_bitmap_has_every_bit_set_when_it_gets_its_name() {
+    use ublk_mirror::bitmap::{BitmapFiles, Expect, PairIdentity};
+    use ublk_mirror::lifecycle::{open_bitmap, SyncMode as Mode};
+    const SIZE: u64 = 8 * MIB + 4096; // a last region that is not whole
+    const G: u64 = 64 << 10;
+    let f = files(SIZE);
+    let pair = PairIdentity {
+        source: f.source.display().to_string(),
+        source_fingerprint: 1,
+        target: f.target.display().to_string(),
+        target_fingerprint: 2,
+    };
+    let nregions = SIZE.div_ceil(G);
+    let open = |seen_before: Option<Vec<(u64, u64)>>| {
+        let expect = Expect { pair: &pair, device_size: SIZE, granularity: None };
+        let mut w = Watched {
+            files: BitmapFiles::new(&f.bitmap, pair.clone(), SIZE, G, expect),
+            path: &f.bitmap,
+            seen: Vec::new(),
+        };
+        let opened = open_bitmap(&mut w, Mode::Full).expect("open");
+        assert!(opened.created);
+        assert_eq!(opened.state.dirty(), nregions, "a full sync copies every region");
+        let at = |step: &str| w.seen.iter().find(|s| s.0 == step).map(|s| s.1.clone()).expect("step ran");
+        // Before the rename the name still shows what was there (nothing, or the old bitmap).
+        assert_eq!(at("write_temp"), seen_before);
+        assert_eq!(at("sync_temp"), seen_before);
+        // From the rename on, every bit is set in the file the name points to.
+        assert_eq!(at("rename_temp"), Some(vec![(0, nregions)]), "the bitmap got its name before its bits were set");
+        assert_eq!(at("sync_dir"), Some(vec![(0, nregions)]));
+        drop(opened);
+    };
+    open(None);
+    // Again over the existing bitmap, after part of it was cleared: the old one (with its
+    // cleared bits) stays under the name until the new one, complete, replaces it.
+    {
+        let expect = Expect { pair: &pair, device_size: SIZE, granularity: None };
+        let mut files = BitmapFiles::new(&f.bitmap, pair.clone(), SIZE, G, expect);
+        let mut opened = open_bitmap(&mut files, Mode::Resume).expect("resume");
+        assert!(!opened.created);
+        for r in 0..nregions / 2 {
+            ublk_mirror::core::PersistentBits::clear(opened.state.pbits_mut(), r);
+        }
+        opened.state.pbits().sync().expect("sync");
+    }
+    open(Some(vec![(nregions / 2, nregions - nregions / 2)]));
+    // Nothing is left beside it.
+    let leftovers: Vec<_> = std::fs::read_dir(f.dir.path())
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+/// A write to a region whose bit is clear waits for a bitmap flush before it reaches the
+/// source; a second write to that region does not.
+#[test]
+fn a_first_write_to_a_clean_region_flushes_the_bitmap_once() {
+    const G: u64 = 64 << 10;
+    let f = files(4 * MIB);
+    let (engine, _t, open) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    assert_eq!(open.dirty_regions, 0);
+    let engine = Arc::new(engine);
+    assert_eq!(engine.status().bitmap_flushes, 0);
+    let mut q = EngineQueue::new(engine.clone(), 4).expect("queue");
+    let write = |q: &mut EngineQueue, off: u64| {
+        let mut data = AlignedBuf::new(4096);
+        data.fill(7);
+        q.execute(Op::Write { off, data, len: 4096, fua: false }).expect("write");
+    };
+    write(&mut q, 3 * G);
+    assert_eq!(engine.status().bitmap_flushes, 1, "the first write to a clean region flushes the bitmap");
+    write(&mut q, 3 * G + 4096);
+    assert_eq!(engine.status().bitmap_flushes, 1, "its bit was durable already");
+    let (_, runs) = Bitmap::inspect(&f.bitmap).expect("bitmap");
+    assert_eq!(runs, vec![(3, 1)]);
 }

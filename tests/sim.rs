@@ -1,33 +1,51 @@
-//! Deterministic simulation of the mirror with crashes.
+//! Deterministic simulation of the mirror's whole lifecycle with crashes of every kind.
 //!
-//! Drives the real decision code ([`MirrorState`], [`GroupCommit`]) with simulated media: the
-//! source, the target and the bitmap each have a cache and a medium per block, and the "OS"
-//! writes any cached block to its medium at any moment. Two writer queues with their own group
-//! commit, the copy loop (copies read the source at an arbitrary later moment), target flushes
-//! (consistent or checkpoint), lazy clearing ticks and application FLUSHes all interleave in a
-//! seeded random order; completions come back in any order; bitmap flushes, copies and target
-//! flushes fail at random.
+//! Drives the real decision code ([`MirrorState`], [`GroupCommit`]) and the real lifecycle code
+//! ([`lifecycle::resolve_mode`], [`lifecycle::open_bitmap`]: creating a bitmap, resuming from
+//! one) with simulated media: the source, the target and the bitmap files each have a cache and a
+//! medium per block, the bitmap's directory has a cached and a durable name entry, and the "OS"
+//! writes any cached block (or the directory) to its medium at any moment. Two writer queues with
+//! their own group commit, the copy loop (copies read the source at an arbitrary later moment),
+//! target flushes (consistent or checkpoint), lazy clearing ticks and application FLUSHes all
+//! interleave in a seeded random order; completions come back in any order; bitmap flushes,
+//! copies, target flushes and the lifecycle's file operations fail at random.
 //!
-//! After every step the media are what a power loss would leave, so every step is a crash point
-//! and is checked:
-//! - the invariant: a clear bit on the bitmap's medium implies the target's medium holds the
-//!   region at least as new as the source's medium;
-//! - data acknowledged before a completed FLUSH started is on the source's medium;
+//! A run starts from one of three pairs: a new pair (a full sync: no bitmap yet, or `--sync
+//! full` over an old one), an identical pair (`--sync none`), or a pair with a bitmap of an
+//! earlier run (resume). It crashes in the middle of opening, and while serving, with each kind
+//! of crash, and restarts through the same lifecycle code:
+//! - **power loss**: only the media survive; nothing in flight completes;
+//! - **daemon kill**: the media and every page cache survive (bits set in the mapped bitmap,
+//!   durable or not); each operation in flight completes or not, before the restart (the new
+//!   daemon cannot take the bitmap's lock until the dead one's rings are gone; see
+//!   docs/crash-safety.md);
+//! - a daemon kill, then later (after the restart) a power loss.
+//!
+//! After every step, lifecycle operations included, the media are what a power loss would leave,
+//! so every step is a crash point and is checked:
+//! - the invariant: a clear bit in the bitmap that a power loss would leave under the bitmap's
+//!   name (none there: a full sync) implies the target's medium holds the region at least as new
+//!   as the source's medium;
+//! - data acknowledged before a completed FLUSH is on the source's medium;
 //! - write intent: a write reaches the source only when its bit is on the bitmap's medium.
 //!
 //! At a consistent point the target's medium holds every write acknowledged before it. Each run
-//! ends with a crash at a random step and a recovery from the media alone, which must converge
-//! to target == source.
+//! ends with a crash of a random kind and a recovery through the lifecycle code, which must
+//! converge to target == source.
 //!
 //! `SIM_RUNS` sets the number of runs (default small for debug builds; CI runs the release
 //! build with hundreds of thousands of crash points); `SIM_SEED` replays one run, printed on
 //! failure.
 
 #![allow(clippy::needless_range_loop)] // regions index several parallel media arrays
+#![allow(clippy::result_large_err)] // the crate's own error type, as in src/lib.rs
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use ublk_mirror::core::{ActivePlan, Extent, FlushKind, GroupCommit, Intent, MemBits, MirrorState, PersistentBits};
+use std::cell::RefCell;
+use std::rc::Rc;
+use ublk_mirror::core::{ActivePlan, Extent, FlushKind, GroupCommit, Intent, MirrorState, PersistentBits};
+use ublk_mirror::lifecycle::{self, BitmapFiles, Fill, SyncMode};
 
 const N: u64 = 8;
 const QUEUES: usize = 2;
@@ -42,6 +60,53 @@ impl Media {
     fn new() -> Self {
         Media { cache: vec![0; N as usize], medium: vec![0; N as usize] }
     }
+}
+
+/// One simulated bitmap file: a bit per region in the page cache and on the medium.
+struct SimFile {
+    cache: Vec<bool>,
+    medium: Vec<bool>,
+}
+
+type FileRef = Rc<RefCell<SimFile>>;
+
+fn new_file(cache: Vec<bool>, medium: Vec<bool>) -> FileRef {
+    Rc::new(RefCell::new(SimFile { cache, medium }))
+}
+
+/// The bits as the daemon sees them: the mapped page cache of the file it opened.
+struct SimBits(FileRef);
+
+impl PersistentBits for SimBits {
+    fn nregions(&self) -> u64 {
+        N
+    }
+    fn get(&self, r: u64) -> bool {
+        self.0.borrow().cache[r as usize]
+    }
+    fn set(&mut self, r: u64) {
+        self.0.borrow_mut().cache[r as usize] = true
+    }
+    fn clear(&mut self, r: u64) {
+        self.0.borrow_mut().cache[r as usize] = false
+    }
+}
+
+/// The bitmap's directory: the file its name points to as the process sees it (`cache`) and as
+/// a power loss would leave it (`medium`), and a temporary file being written.
+#[derive(Default)]
+struct Dir {
+    cache: Option<FileRef>,
+    medium: Option<FileRef>,
+    temp: Option<FileRef>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Crash {
+    /// Only the media survive.
+    Power,
+    /// The media and the page caches survive; operations in flight complete or not.
+    Kill,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -65,7 +130,7 @@ struct Copy {
 }
 
 enum Flush {
-    Bitmap { q: usize, seq: u64, snap: Vec<bool> },
+    Bitmap { q: usize, seq: u64, snap: Vec<bool>, file: FileRef },
     App { snap: Vec<u64>, acked: Vec<u64> },
     /// The mirror's flush of the pair: the target and the source (see mirror.rs).
     Pair { kind: FlushKind, snap: Vec<u64>, src_snap: Vec<u64>, acked: Vec<u64> },
@@ -73,11 +138,11 @@ enum Flush {
 
 struct Sim {
     rng: StdRng,
-    s: MirrorState<MemBits>,
+    s: MirrorState<SimBits>,
     gc: Vec<GroupCommit<usize>>,
     src: Media,
     tgt: Media,
-    bm_medium: Vec<bool>,
+    dir: Dir,
     writes: Vec<Option<Write>>,
     copies: Vec<Copy>,
     evs: Vec<Flush>,
@@ -90,22 +155,141 @@ struct Sim {
     consistent_points: u64,
     /// Write-blocking mode: most writes are active.
     active_mode: bool,
+    /// Crashes still allowed in the middle of the run, and inside opening the bitmap.
+    crashes_left: u32,
+    open_crashes_left: u32,
+    /// Opening crashes after this many more lifecycle operations.
+    open_crash_in: Option<u32>,
+    /// No write has reached the source since the run started: `--sync none` is still true.
+    pair_identical: bool,
+    crashes: Vec<(Crash, &'static str)>,
+    /// `s` belongs to a running daemon (false between a crash and the next open).
+    live: bool,
+    /// SIM_TRACE=1 with SIM_SEED: print the media after every step.
+    trace: bool,
+}
+
+/// An fdatasync that started when a file's blocks were `snap` completes: it wrote every block
+/// at some moment after it started, with the block's content at that moment. A block unchanged
+/// since the start is on the medium as it is. A block changed since was written with its content
+/// at the start or later: the start's only if nothing newer reached the medium meanwhile (an
+/// earlier write cannot undo a later one), so a medium holding neither of the two contents (an
+/// intermediate one, written back meanwhile) gets the latest. Contents are compared for equality
+/// only: after a power loss a region's source may go back to older data, which a copy then writes
+/// to the target, so versions do not grow over time.
+fn flush_lands<T: std::marker::Copy + PartialEq>(rng: &mut StdRng, cache: &[T], medium: &mut [T], snap: &[T]) {
+    for r in 0..cache.len() {
+        let now = cache[r];
+        let unchanged = now == snap[r];
+        let intermediate = medium[r] != now && medium[r] != snap[r];
+        // Otherwise the medium holds the start's content (the flush wrote then, or later) or
+        // already the latest.
+        if unchanged || intermediate || (medium[r] == snap[r] && rng.gen()) {
+            medium[r] = now;
+        }
+    }
+}
+
+fn bitmap_flush_lands(rng: &mut StdRng, file: &FileRef, snap: &[bool]) {
+    let mut f = file.borrow_mut();
+    let f = &mut *f;
+    flush_lands(rng, &f.cache, &mut f.medium, snap);
+}
+
+/// The lifecycle's file operations over the simulated directory. Each operation is a crash
+/// point: the OS may write back any cached block or the directory entry first, the media are
+/// checked, and the operation may crash or fail.
+struct SimOpen<'a>(&'a mut Sim);
+
+/// An operation that did not happen because the daemon crashed just before it.
+const CRASHED: &str = "simulated crash";
+
+impl SimOpen<'_> {
+    fn op(&mut self) -> ublk_mirror::Result<()> {
+        let sim = &mut *self.0;
+        if sim.rng.gen_ratio(1, 2) {
+            sim.writeback_dir();
+        }
+        sim.check_media();
+        sim.steps += 1;
+        if let Some(n) = sim.open_crash_in.as_mut() {
+            if *n == 0 {
+                sim.open_crash_in = None;
+                return Err(ublk_mirror::Error::config(CRASHED));
+            }
+            *n -= 1;
+        }
+        if sim.rng.gen_ratio(1, 40) {
+            return Err(ublk_mirror::Error::config("injected failure"));
+        }
+        Ok(())
+    }
+}
+
+impl BitmapFiles for SimOpen<'_> {
+    type Bits = SimBits;
+
+    fn exists(&self) -> bool {
+        self.0.dir.cache.is_some()
+    }
+    fn write_temp(&mut self, fill: Fill) -> ublk_mirror::Result<()> {
+        self.op()?;
+        // Never synced, the medium holds no bit (the worst a power loss can leave).
+        let bits = vec![fill == Fill::Dirty; N as usize];
+        self.0.dir.temp = Some(new_file(bits, vec![false; N as usize]));
+        Ok(())
+    }
+    fn sync_temp(&mut self) -> ublk_mirror::Result<()> {
+        self.op()?;
+        if let Some(t) = &self.0.dir.temp {
+            let mut f = t.borrow_mut();
+            f.medium = f.cache.clone();
+        }
+        Ok(())
+    }
+    fn rename_temp(&mut self) -> ublk_mirror::Result<()> {
+        self.op()?;
+        if let Some(t) = self.0.dir.temp.take() {
+            self.0.dir.cache = Some(t);
+        }
+        Ok(())
+    }
+    fn sync_dir(&mut self) -> ublk_mirror::Result<()> {
+        self.op()?;
+        self.0.dir.medium = self.0.dir.cache.clone();
+        Ok(())
+    }
+    fn discard_temp(&mut self) {
+        self.0.dir.temp = None;
+    }
+    fn open(&mut self, _created: bool) -> ublk_mirror::Result<SimBits> {
+        self.op()?;
+        let f = self.0.dir.cache.clone().ok_or_else(|| ublk_mirror::Error::config("no bitmap"))?;
+        Ok(SimBits(f))
+    }
+    fn sync(&mut self, bits: &SimBits) -> ublk_mirror::Result<()> {
+        self.op()?;
+        let mut f = bits.0.borrow_mut();
+        f.medium = f.cache.clone();
+        Ok(())
+    }
 }
 
 impl Sim {
     fn new(seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut s = MirrorState::new(N, MemBits::new(N));
-        s.set_lazy_clearing(rng.gen());
+        let placeholder = MirrorState::new(N, SimBits(new_file(vec![false; N as usize], vec![false; N as usize])));
         let active_mode = rng.gen_ratio(1, 2);
-        let mut sim = Sim {
+        let crashes_left = rng.gen_range(0..=2);
+        let open_crashes_left = rng.gen_range(0..=2);
+        Sim {
             budget: rng.gen_range(5..40),
             rng,
-            s,
+            s: placeholder,
             gc: (0..QUEUES).map(|_| GroupCommit::default()).collect(),
             src: Media::new(),
             tgt: Media::new(),
-            bm_medium: vec![false; N as usize],
+            dir: Dir::default(),
             writes: Vec::new(),
             copies: Vec::new(),
             evs: Vec::new(),
@@ -115,37 +299,227 @@ impl Sim {
             flushed_acked: vec![0; N as usize],
             steps: 0,
             consistent_points: 0,
-            active_mode: false,
+            active_mode,
+            crashes_left,
+            open_crashes_left,
+            open_crash_in: None,
+            pair_identical: true,
+            crashes: Vec::new(),
+            live: false,
+            trace: std::env::var("SIM_TRACE").is_ok(),
+        }
+    }
+
+    /// The pair as the user brings it, and the first open. Data written before the mirror
+    /// existed has versions 1..=20 and is on the media.
+    fn start(&mut self) {
+        let old = 20;
+        self.ver = old;
+        for r in 0..N as usize {
+            self.src.medium[r] = self.rng.gen_range(0..=old);
+        }
+        let requested = match self.rng.gen_range(0..4) {
+            // A new pair: the target holds older data or nothing; no bitmap, or `--sync full`
+            // over an old bitmap of this pair.
+            0 => {
+                for r in 0..N as usize {
+                    self.tgt.medium[r] = if self.rng.gen() { 0 } else { self.rng.gen_range(0..=self.src.medium[r]) };
+                }
+                if self.rng.gen() {
+                    // The old bitmap was right for the pair (as a bitmap of any pair is for the
+                    // state it left): it covers every region that differs.
+                    let bits: Vec<bool> =
+                        (0..N as usize).map(|r| self.tgt.medium[r] < self.src.medium[r] || self.rng.gen()).collect();
+                    let f = new_file(bits.clone(), bits);
+                    self.dir.cache = Some(f.clone());
+                    self.dir.medium = Some(f);
+                    Some(SyncMode::Full)
+                } else if self.rng.gen() {
+                    Some(SyncMode::Full)
+                } else {
+                    None
+                }
+            }
+            // An identical pair, declared so.
+            1 => {
+                self.tgt.medium = self.src.medium.clone();
+                Some(SyncMode::None)
+            }
+            // A pair with the bitmap of an earlier run: the regions that differ have their bit
+            // set, and some others too.
+            _ => {
+                let mut bits = vec![false; N as usize];
+                for r in 0..N as usize {
+                    if self.rng.gen_ratio(1, 3) {
+                        bits[r] = true;
+                        self.tgt.medium[r] = self.rng.gen_range(0..=self.src.medium[r]);
+                    } else {
+                        self.tgt.medium[r] = self.src.medium[r];
+                        bits[r] = self.rng.gen_ratio(1, 5);
+                    }
+                }
+                let f = new_file(bits.clone(), bits);
+                self.dir.cache = Some(f.clone());
+                self.dir.medium = Some(f);
+                *[None, Some(SyncMode::Resume), Some(SyncMode::Full)].get(self.rng.gen_range(0..3)).unwrap_or(&None)
+            }
         };
-        sim.active_mode = active_mode;
-        sim
+        self.src.cache = self.src.medium.clone();
+        self.tgt.cache = self.tgt.medium.clone();
+        self.acked = self.src.medium.clone();
+        self.flushed_acked = self.src.medium.clone();
+        self.check_media();
+        self.open(requested);
+        self.s.set_lazy_clearing(self.rng.gen());
+    }
+
+    /// Opens the bitmap through the real lifecycle code, as `add`, `up` or `recover` do, until it
+    /// succeeds: a crash inside it is followed by a restart, a failure by the user trying again.
+    fn open(&mut self, mut requested: Option<SyncMode>) {
+        for _ in 0..50 {
+            if self.open_crashes_left > 0 && self.rng.gen_ratio(1, 2) {
+                self.open_crashes_left -= 1;
+                self.open_crash_in = Some(self.rng.gen_range(0..6));
+            }
+            let exists = self.dir.cache.is_some();
+            let r = lifecycle::resolve_mode(requested, exists, &|| "sim".into())
+                .and_then(|mode| lifecycle::open_bitmap(&mut SimOpen(self), mode));
+            self.open_crash_in = None;
+            match r {
+                Ok(o) => {
+                    self.s = o.state;
+                    self.live = true;
+                    self.check_media();
+                    return;
+                }
+                Err(e) if e.to_string().contains(CRASHED) => {
+                    let kind = if self.rng.gen() { Crash::Power } else { Crash::Kill };
+                    self.crashes.push((kind, "opening"));
+                    self.crash(kind);
+                }
+                Err(_) => {}
+            }
+            // After a crash the user runs the same command again, or one without --sync.
+            if self.rng.gen() {
+                requested = None;
+            }
+            if requested == Some(SyncMode::None) && !self.pair_identical {
+                requested = None;
+            }
+            if requested == Some(SyncMode::Resume) && self.dir.cache.is_none() {
+                requested = None;
+            }
+        }
+        panic!("opening the bitmap never succeeded");
+    }
+
+    /// The daemon dies. What survives depends on the kind (see the module's doc); either way
+    /// the daemon's memory (the decision state, queues, copies) is gone.
+    fn crash(&mut self, kind: Crash) {
+        self.live = false;
+        match kind {
+            Crash::Kill => {
+                // Operations in flight complete or not, before the restart takes the lock.
+                for ev in std::mem::take(&mut self.evs) {
+                    if !self.rng.gen::<bool>() {
+                        continue;
+                    }
+                    match ev {
+                        Flush::Bitmap { snap, file, .. } => bitmap_flush_lands(&mut self.rng, &file, &snap),
+                        Flush::App { snap, .. } => flush_lands(&mut self.rng, &self.src.cache, &mut self.src.medium, &snap),
+                        Flush::Pair { snap, src_snap, .. } => {
+                            flush_lands(&mut self.rng, &self.tgt.cache, &mut self.tgt.medium, &snap);
+                            flush_lands(&mut self.rng, &self.src.cache, &mut self.src.medium, &src_snap);
+                        }
+                    }
+                    self.check_media();
+                }
+                for c in std::mem::take(&mut self.copies) {
+                    if let (Some(read), true) = (c.read, self.rng.gen()) {
+                        for (r, v) in c.ext.regions().zip(read) {
+                            self.tgt.cache[r as usize] = v;
+                        }
+                    }
+                }
+                for w in self.writes.iter().flatten() {
+                    if w.state == WState::Issued && matches!(w.active, Some((_, None))) && self.rng.gen() {
+                        for (i, r) in w.ext.regions().enumerate() {
+                            self.tgt.cache[r as usize] = w.vers[i];
+                        }
+                    }
+                }
+            }
+            Crash::Power => {
+                self.src.cache = self.src.medium.clone();
+                self.tgt.cache = self.tgt.medium.clone();
+                for f in [&self.dir.cache, &self.dir.medium, &self.dir.temp].into_iter().flatten() {
+                    let mut f = f.borrow_mut();
+                    f.cache = f.medium.clone();
+                }
+                {
+                    let mut f = self.s.pbits().0.borrow_mut();
+                    f.cache = f.medium.clone();
+                }
+                self.dir.cache = self.dir.medium.clone();
+                self.dir.temp = None;
+                // Acknowledged but never flushed: the application cannot count on it.
+                for r in 0..N as usize {
+                    self.acked[r] = self.acked[r].min(self.src.cache[r]);
+                }
+            }
+        }
+        self.writes.clear();
+        self.copies.clear();
+        self.evs.clear();
+        self.gc = (0..QUEUES).map(|_| GroupCommit::default()).collect();
+        self.target_flush_pending = false;
+        self.check_media();
+    }
+
+    /// A crash while serving, then the restart (`recover`, or `add` with the same bitmap).
+    fn crash_and_restart(&mut self) {
+        let kind = if self.rng.gen_ratio(2, 3) { Crash::Kill } else { Crash::Power };
+        self.crashes.push((kind, "serving"));
+        self.crash(kind);
+        let requested = if self.rng.gen_ratio(1, 4) { Some(SyncMode::Full) } else { None };
+        self.open(requested);
+        self.s.set_lazy_clearing(self.rng.gen());
     }
 
     fn fail_p(&mut self) -> bool {
         self.rng.gen_ratio(1, 12)
     }
 
+
     fn issue(&mut self, w: usize) {
         let Some(wr) = self.writes[w].as_mut() else { return };
         // Versions are given when the data lands in the source's cache, so that later data is
         // always a higher version (two overlapping writes may be issued in any order).
         wr.vers.clear();
-        for r in wr.ext.regions() {
-            assert!(self.bm_medium[r as usize], "write intent: region {r} written before its bit was on the medium");
+        let ext = wr.ext;
+        for r in ext.regions() {
+            assert!(
+                self.s.pbits().0.borrow().medium[r as usize],
+                "write intent: region {r} written before its bit was on the medium"
+            );
+        }
+        let Some(wr) = self.writes[w].as_mut() else { return };
+        for r in ext.regions() {
             self.ver += 1;
             self.src.cache[r as usize] = self.ver;
             wr.vers.push(self.ver);
         }
         wr.state = WState::Issued;
+        self.pair_identical = false;
     }
 
     fn start_bitmap_flush(&mut self, q: usize) {
         let seq = self.s.bitmap_flush_started();
         self.gc[q].started(seq);
         let snap = (0..N).map(|r| self.s.pbits().get(r)).collect();
-        self.evs.push(Flush::Bitmap { q, seq, snap });
+        let file = self.s.pbits().0.clone();
+        self.evs.push(Flush::Bitmap { q, seq, snap, file });
     }
-
     fn new_write(&mut self) {
         self.budget -= 1;
         let start = self.rng.gen_range(0..N);
@@ -234,20 +608,9 @@ impl Sim {
         let i = self.rng.gen_range(0..self.evs.len());
         let ok = !self.fail_p();
         match self.evs.swap_remove(i) {
-            Flush::Bitmap { q, seq, snap } => {
+            Flush::Bitmap { q, seq, snap, file } => {
                 if ok {
-                    // fdatasync wrote every page at some moment after it started: a bit unchanged
-                    // since then is on the medium as it is. A bit changed since may have been
-                    // written before or after the change, unless a later write (of the new
-                    // value) already reached the medium, which an earlier one cannot undo.
-                    for r in 0..N as usize {
-                        let now = self.s.pbits().get(r as u64);
-                        if now == snap[r] {
-                            self.bm_medium[r] = now;
-                        } else if self.bm_medium[r] != now {
-                            self.bm_medium[r] = if self.rng.gen() { now } else { snap[r] };
-                        }
-                    }
+                    bitmap_flush_lands(&mut self.rng, &file, &snap);
                 }
                 self.s.bitmap_flush_done(seq, ok);
                 let s = &self.s;
@@ -267,18 +630,16 @@ impl Sim {
             }
             Flush::App { snap, acked } => {
                 if ok {
+                    flush_lands(&mut self.rng, &self.src.cache, &mut self.src.medium, &snap);
                     for r in 0..N as usize {
-                        self.src.medium[r] = self.src.medium[r].max(snap[r]);
                         self.flushed_acked[r] = self.flushed_acked[r].max(acked[r]);
                     }
                 }
             }
             Flush::Pair { kind, snap, src_snap, acked } => {
                 if ok {
-                    for r in 0..N as usize {
-                        self.tgt.medium[r] = self.tgt.medium[r].max(snap[r]);
-                        self.src.medium[r] = self.src.medium[r].max(src_snap[r]);
-                    }
+                    flush_lands(&mut self.rng, &self.tgt.cache, &mut self.tgt.medium, &snap);
+                    flush_lands(&mut self.rng, &self.src.cache, &mut self.src.medium, &src_snap);
                 } else {
                     // Linux drops pages whose writeback failed and reports the error once: any
                     // target page not yet on the medium may be gone for good.
@@ -306,10 +667,34 @@ impl Sim {
 
     fn writeback(&mut self) {
         let r = self.rng.gen_range(0..N) as usize;
-        match self.rng.gen_range(0..3) {
+        match self.rng.gen_range(0..4) {
             0 => self.src.medium[r] = self.src.cache[r],
             1 => self.tgt.medium[r] = self.tgt.cache[r],
-            _ => self.bm_medium[r] = self.s.pbits().get(r as u64),
+            2 => self.writeback_dir(),
+            _ => {
+                let mut f = self.s.pbits().0.borrow_mut();
+                f.medium[r] = f.cache[r];
+            }
+        }
+    }
+
+    /// The OS writes back the directory entry or a block of any bitmap file.
+    fn writeback_dir(&mut self) {
+        let r = self.rng.gen_range(0..N) as usize;
+        match self.rng.gen_range(0..3) {
+            0 => self.dir.medium = self.dir.cache.clone(),
+            1 => {
+                if let Some(t) = &self.dir.temp {
+                    let mut f = t.borrow_mut();
+                    f.medium[r] = f.cache[r];
+                }
+            }
+            _ => {
+                if let Some(t) = &self.dir.cache {
+                    let mut f = t.borrow_mut();
+                    f.medium[r] = f.cache[r];
+                }
+            }
         }
     }
 
@@ -368,21 +753,39 @@ impl Sim {
             6 if self.rng.gen_ratio(1, 3) => {
                 self.evs.push(Flush::App { snap: self.src.cache.clone(), acked: self.acked.clone() })
             }
+            8 if self.crashes_left > 0 && self.rng.gen_ratio(1, 30) => {
+                self.crashes_left -= 1;
+                self.crash_and_restart();
+            }
             _ => self.mirror_step(),
         }
         self.steps += 1;
         self.check_media();
     }
 
-    /// What a power loss at this instant would leave must be recoverable.
+    /// What a power loss at this instant would leave must be recoverable: the bitmap under the
+    /// bitmap's name on the medium (none: the next start is a full sync) covers every region
+    /// where the target's medium is behind the source's.
     fn check_media(&self) {
-        self.s.check_invariants().unwrap_or_else(|e| panic!("core invariant: {e}"));
+        if self.trace {
+            let bm = |f: &Option<FileRef>| f.as_ref().map(|f| f.borrow().medium.iter().map(|&b| b as u8).collect::<Vec<_>>());
+            eprintln!(
+                "step {}: src {:?}/{:?} tgt {:?}/{:?} bm-name-medium {:?} crashes {:?}",
+                self.steps, self.src.cache, self.src.medium, self.tgt.cache, self.tgt.medium, bm(&self.dir.medium), self.crashes
+            );
+        }
+        if self.live {
+            self.s.check_invariants().unwrap_or_else(|e| panic!("core invariant: {e}"));
+        }
+        let on_medium = self.dir.medium.as_ref().map(|f| f.borrow().medium.clone());
         for r in 0..N as usize {
+            let bit = on_medium.as_ref().is_none_or(|m| m[r]);
             assert!(
-                self.bm_medium[r] || self.tgt.medium[r] >= self.src.medium[r],
-                "region {r}: bit clear on the medium, target medium {} older than source medium {}",
+                bit || self.tgt.medium[r] == self.src.medium[r],
+                "region {r}: bit clear on the medium, target medium {} differs from source medium {} (crashes so far: {:?})",
                 self.tgt.medium[r],
-                self.src.medium[r]
+                self.src.medium[r],
+                self.crashes
             );
             assert!(
                 self.src.medium[r] >= self.flushed_acked[r],
@@ -391,47 +794,52 @@ impl Sim {
         }
     }
 
-    /// Power loss: only media survive. Recovery resyncs exactly the bits set on the bitmap's
-    /// medium, with the real decision code, and must end with target == source.
+    /// The last crash, of a random kind, and the recovery through the lifecycle code: a resync
+    /// of what the bitmap says, with the real decision code, must end with target == source.
     fn crash_and_recover(&mut self) {
-        let mut bits = MemBits::new(N);
-        for r in 0..N {
-            if self.bm_medium[r as usize] {
-                bits.set(r);
-            }
-        }
-        let src = self.src.medium.clone();
-        let mut tgt = self.tgt.medium.clone();
-        let mut s = MirrorState::new(N, bits);
+        let kind = if self.rng.gen() { Crash::Kill } else { Crash::Power };
+        self.crashes.push((kind, "final"));
+        self.crash(kind);
+        self.open(None);
         for _ in 0..100 {
-            while let Some(ext) = s.next_copy(N) {
+            while let Some(ext) = self.s.next_copy(N) {
                 for r in ext.regions() {
-                    tgt[r as usize] = src[r as usize];
+                    self.tgt.cache[r as usize] = self.src.cache[r as usize];
                 }
-                s.copy_done(ext, true);
+                self.s.copy_done(ext, true);
             }
-            if s.consistent_point_due() {
-                s.target_flush_started();
-                s.target_flush_done(true);
+            if self.s.consistent_point_due() {
+                self.s.target_flush_started();
+                self.tgt.medium = self.tgt.cache.clone();
+                self.s.target_flush_done(true);
+                self.s.clear_eligible();
             }
-            if s.is_synced() {
+            if self.s.is_synced() {
                 break;
             }
         }
-        assert!(s.is_synced(), "recovery did not converge");
-        assert_eq!(s.persistent_count(), 0, "bits left after recovery");
-        assert_eq!(tgt, src, "after recovery the target differs from the source");
+        assert!(self.s.is_synced(), "recovery did not converge");
+        assert_eq!(self.s.persistent_count(), 0, "bits left after recovery");
+        assert_eq!(self.tgt.cache, self.src.cache, "after recovery the target differs from the source (crashes: {:?})", self.crashes);
     }
 }
 
-fn run(seed: u64, steps: u64) -> (u64, u64) {
+/// What a run went through: steps (each a crash point), consistent points, and its crashes.
+struct RunStats {
+    steps: u64,
+    consistent: u64,
+    crashes: Vec<(Crash, &'static str)>,
+}
+
+fn run(seed: u64, steps: u64) -> RunStats {
     let mut sim = Sim::new(seed);
+    sim.start();
     let crash_at = sim.rng.gen_range(1..=steps);
     for _ in 0..crash_at {
         sim.step();
     }
     sim.crash_and_recover();
-    (sim.steps, sim.consistent_points)
+    RunStats { steps: sim.steps, consistent: sim.consistent_points, crashes: sim.crashes }
 }
 
 #[test]
@@ -445,12 +853,23 @@ fn crashes_anywhere_are_recoverable() {
     let base = env("SIM_BASE").unwrap_or(0x5eed);
     let t0 = std::time::Instant::now();
     let (mut points, mut consistent) = (0u64, 0u64);
+    // Crashes by kind and place; a kill followed by a power loss in the same run.
+    let mut kinds = std::collections::BTreeMap::<String, u64>::new();
+    let mut kill_then_power = 0u64;
     for i in 0..runs {
         let seed = base + i;
         match std::panic::catch_unwind(|| run(seed, 400)) {
-            Ok((p, c)) => {
-                points += p;
-                consistent += c;
+            Ok(st) => {
+                points += st.steps;
+                consistent += st.consistent;
+                for (k, at) in &st.crashes {
+                    *kinds.entry(format!("{k:?} while {at}")).or_default() += 1;
+                }
+                if let Some(first_kill) = st.crashes.iter().position(|c| c.0 == Crash::Kill) {
+                    if st.crashes[first_kill..].iter().any(|c| c.0 == Crash::Power) {
+                        kill_then_power += 1;
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("simulation failed with seed {seed}: replay with SIM_SEED={seed} cargo test --test sim");
@@ -458,10 +877,19 @@ fn crashes_anywhere_are_recoverable() {
             }
         }
     }
+    let kinds_text: Vec<String> = kinds.iter().map(|(k, n)| format!("{k}: {n}")).collect();
     println!(
         "sim: {runs} runs, {points} crash points checked, {consistent} consistent points, {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+    println!("sim: crashes: {}; runs with a kill then a power loss: {kill_then_power}", kinds_text.join(", "));
     assert!(points >= runs, "runs did nothing");
     assert!(consistent > 0, "no run reached a consistent point: the simulation is not exercising the mirror");
+    // Every kind of crash, at every place, must have happened (with enough runs to expect it).
+    if runs >= 1000 {
+        for k in ["Kill while opening", "Power while opening", "Kill while serving", "Power while serving", "Kill while final", "Power while final"] {
+            assert!(kinds.get(k).copied().unwrap_or(0) > 0, "no run had a crash '{k}': the simulation is not exercising it");
+        }
+        assert!(kill_then_power > 0, "no run had a daemon kill followed by a power loss");
+    }
 }
