@@ -34,7 +34,9 @@ pub const IO_F_NOUNMAP: u32 = 1 << 15;
 struct QueueSink<'a, 'b>(&'a UblkQueue<'b>);
 
 impl Sink for QueueSink<'_, '_> {
-    fn push(&mut self, entry: io_uring::squeue::Entry, owner: Owner, slot: u16) -> std::io::Result<()> {
+    /// The caller keeps what `entry` points at valid until its completion comes back through
+    /// `on_cqe` (the trait's contract); libublk's submit takes the entry as it is.
+    unsafe fn push(&mut self, entry: io_uring::squeue::Entry, owner: Owner, slot: u16) -> std::io::Result<()> {
         let entry = entry.user_data(UblkIOCtx::build_user_data(slot, 0, owner as u32, true));
         // It fails only when the submission queue is full and submitting it fails; a transient
         // failure (interrupted, out of resources for the moment) gets a few more tries before

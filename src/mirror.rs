@@ -76,8 +76,8 @@ pub struct Hooks {
 type ProgressFn<'a> = dyn FnMut(&Engine) + 'a;
 
 pub struct Mirror<'t> {
-    // Field order matters: the ring is dropped first, which cancels and waits for every
-    // operation in flight before the buffers they point into are freed.
+    // Closing the ring does not wait for the operations in flight: Drop waits for them
+    // (bounded) and leaks the buffers they may still use instead of freeing them.
     ring: Ring,
     engine: Arc<Engine>,
     target: &'t mut dyn Target,
@@ -361,7 +361,9 @@ impl<'t> Mirror<'t> {
         let fd = self.engine.wake_fd();
         let buf = (&mut *self.wake_buf) as *mut u64 as *mut u8;
         let e = opcode::Read::new(types::Fd(fd), buf, 8).build();
-        push(&mut self.ring, e, Owner::Wake, 0).map_err(|e| Error::io("mirror wake-up", e))?;
+        // SAFETY: the 8-byte wake buffer is boxed in self; wake_posted keeps a second read off
+        // it until this one completes, and Drop leaks it if the read is still posted.
+        unsafe { push(&mut self.ring, e, Owner::Wake, 0) }.map_err(|e| Error::io("mirror wake-up", e))?;
         self.wake_posted = true;
         Ok(())
     }
@@ -512,7 +514,8 @@ impl<'t> Mirror<'t> {
         job.chunk = len;
         job.done = 0;
         let off = job.pos;
-        self.target.submit(&mut self.ring, TargetOp::Zero { off, len }, slot as u64)
+        // SAFETY: zeroing refers to no buffer of ours.
+        unsafe { self.target.submit(&mut self.ring, TargetOp::Zero { off, len }, slot as u64) }
     }
 
     fn issue_read(&mut self, slot: usize) -> io::Result<()> {
@@ -523,7 +526,10 @@ impl<'t> Mirror<'t> {
         // buffer, which the job owns until it finishes.
         let ptr = unsafe { self.bufs[job.buf].as_mut_ptr().add(job.done as usize) };
         let e = opcode::Read::new(types::Fixed(SRC_FIXED), ptr, len).offset(off).build();
-        push(&mut self.ring, e, Owner::Source, slot as u64)
+        // SAFETY: the job's buffer is not touched until this read completes (one phase of a
+        // job in flight at a time); it returns to the free list only in `finish`, after its
+        // last completion, and Drop leaks every buffer while a job is running.
+        unsafe { push(&mut self.ring, e, Owner::Source, slot as u64) }
     }
 
     fn issue_write(&mut self, slot: usize) -> io::Result<()> {
@@ -532,7 +538,8 @@ impl<'t> Mirror<'t> {
         let len = (job.chunk - job.done) as u32;
         // SAFETY: as in issue_read.
         let buf = unsafe { self.bufs[job.buf].as_ptr().add(job.done as usize) };
-        self.target.submit(&mut self.ring, TargetOp::Write { off, buf, len }, slot as u64)
+        // SAFETY: as in issue_read: the buffer stays the job's until the write completed.
+        unsafe { self.target.submit(&mut self.ring, TargetOp::Write { off, buf, len }, slot as u64) }
     }
 
     fn finish(&mut self, slot: usize, ok: bool) -> Result<()> {
@@ -883,11 +890,13 @@ impl<'t> Mirror<'t> {
         // so this fdatasync covers what they read.
         self.flush_parts = 2;
         self.flush_error = None;
-        self.target
-            .submit(&mut self.ring, TargetOp::Flush, FLUSH_TOKEN)
+        // SAFETY: a flush refers to no memory; the source is a fixed file of this ring.
+        unsafe { self.target.submit(&mut self.ring, TargetOp::Flush, FLUSH_TOKEN) }
             .map_err(|e| Error::io("submitting a target flush", e))?;
         let e = opcode::Fsync::new(types::Fixed(SRC_FIXED)).flags(types::FsyncFlags::DATASYNC).build();
-        push(&mut self.ring, e, Owner::Source, SRC_FLUSH_SLOT as u64).map_err(|e| Error::io("submitting a source flush", e))
+        // SAFETY: as above.
+        unsafe { push(&mut self.ring, e, Owner::Source, SRC_FLUSH_SLOT as u64) }
+            .map_err(|e| Error::io("submitting a source flush", e))
     }
 
     /// One part of the pair flush completed; the flush is done when both are.
@@ -984,7 +993,8 @@ impl<'t> Mirror<'t> {
         let e = opcode::Fsync::new(types::Fd(self.engine.bitmap_fd()))
             .flags(types::FsyncFlags::DATASYNC)
             .build();
-        push(&mut self.ring, e, Owner::Bitmap, 0).map_err(|e| Error::io("submitting a bitmap flush", e))?;
+        // SAFETY: an fdatasync refers to no memory; the engine (held) keeps the bitmap open.
+        unsafe { push(&mut self.ring, e, Owner::Bitmap, 0) }.map_err(|e| Error::io("submitting a bitmap flush", e))?;
         self.bitmap_flush = Some(seq);
         self.bitmap_clears_pending = false;
         Ok(())
@@ -1060,6 +1070,13 @@ impl Drop for Mirror<'_> {
             for &(ud, res) in &cqes {
                 let _ = self.dispatch(ud, res);
             }
+        }
+        if self.running > 0 || self.wake_posted {
+            // The kernel may still write into these (a copy's read, the eventfd read) after the
+            // ring is closed: leak them rather than free them under it.
+            log::error!("mirror: leaking {} copy buffers still in use by the kernel", self.bufs.len());
+            std::mem::forget(std::mem::take(&mut self.bufs));
+            std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
         }
     }
 }

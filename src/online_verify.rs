@@ -127,15 +127,29 @@ fn run(engine: &Engine, target: &OwnedFd) -> Result<()> {
             let len = ((end - off) as usize).min(chunk);
             let ra = opcode::Read::new(types::Fd(source.fd()), a.as_mut_ptr(), len as u32).offset(off).build();
             let rb = opcode::Read::new(types::Fd(target.as_raw_fd()), b.as_mut_ptr(), len as u32).offset(off).build();
-            push(&mut ring, ra, Owner::Source, 0).map_err(|e| Error::io("verify read", e))?;
-            push(&mut ring, rb, Owner::Target, 0).map_err(|e| Error::io("verify read", e))?;
-            let mut got = 0;
-            while got < 2 {
-                uring::submit_and_wait(&mut ring, 1).map_err(|e| Error::io("verify reads", e))?;
+            // Reads in flight write into `a` and `b`: they are not touched until both reads
+            // completed, and a way out with a read in flight (a broken ring) leaks them.
+            let mut pending = 0;
+            for (e, owner) in [(ra, Owner::Source), (rb, Owner::Target)] {
+                // SAFETY: see above; the descriptors are held (source, target) for the run.
+                if let Err(e) = unsafe { push(&mut ring, e, owner, 0) } {
+                    if pending > 0 {
+                        std::mem::forget((a, b));
+                    }
+                    return Err(Error::io("verify read", e));
+                }
+                pending += 1;
+            }
+            let mut failed = None;
+            while pending > 0 {
+                if let Err(e) = uring::submit_and_wait(&mut ring, 1) {
+                    std::mem::forget((a, b));
+                    return Err(Error::io("verify reads", e));
+                }
                 cqes.clear();
                 uring::reap(&mut ring, &mut cqes);
                 for &(ud, res) in &cqes {
-                    got += 1;
+                    pending -= 1;
                     if res < 0 || (res as usize) < len {
                         let who = if uring::decode(ud).0 == Some(Owner::Source) { "source" } else { "target" };
                         let e = if res < 0 {
@@ -143,11 +157,14 @@ fn run(engine: &Engine, target: &OwnedFd) -> Result<()> {
                         } else {
                             std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "short read")
                         };
-                        // The region is unwatched by the next verify_begin of another region.
-                        engine.lock().state.verify_end(r);
-                        return Err(Error::io(format!("verify: reading the {who} at byte {off}"), e));
+                        failed.get_or_insert(Error::io(format!("verify: reading the {who} at byte {off}"), e));
                     }
                 }
+            }
+            if let Some(e) = failed {
+                // The region is unwatched by the next verify_begin of another region.
+                engine.lock().state.verify_end(r);
+                return Err(e);
             }
             same = a[..len] == b[..len];
             off += len as u64;

@@ -98,15 +98,22 @@ impl Data {
 /// Where [`Requests`] sends its operations. `owner` and `slot` come back with the completion
 /// (see [`Requests::complete`]).
 pub trait Sink {
-    fn push(&mut self, entry: squeue::Entry, owner: Owner, slot: u16) -> io::Result<()>;
+    /// Queues `entry` for the kernel.
+    ///
+    /// # Safety
+    ///
+    /// As [`crate::uring::push`]: what `entry` points at stays valid until its completion is
+    /// handed back (to [`Requests::complete`]), or is leaked.
+    unsafe fn push(&mut self, entry: squeue::Entry, owner: Owner, slot: u16) -> io::Result<()>;
 }
 
 /// A ring of one's own as the sink (user_data as in [`uring::encode`]).
 pub struct RingSink<'a>(pub &'a mut Ring);
 
 impl Sink for RingSink<'_> {
-    fn push(&mut self, entry: squeue::Entry, owner: Owner, slot: u16) -> io::Result<()> {
-        push(self.0, entry, owner, slot as u64)
+    unsafe fn push(&mut self, entry: squeue::Entry, owner: Owner, slot: u16) -> io::Result<()> {
+        // SAFETY: the caller's contract is push's.
+        unsafe { push(self.0, entry, owner, slot as u64) }
     }
 }
 
@@ -323,7 +330,11 @@ impl Requests {
             .and_then(|()| {
                 use std::os::fd::{AsFd, AsRawFd};
                 let fd = types::Fd(self.nap.fd.as_fd().as_raw_fd());
-                sink.push(opcode::Read::new(fd, self.nap.buf.as_mut_ptr(), 8).build(), Owner::Nap, 0)
+                let e = opcode::Read::new(fd, self.nap.buf.as_mut_ptr(), 8).build();
+                // SAFETY: the 8-byte buffer and the timerfd belong to `self.nap`, which lives
+                // as long as these requests; `nap.pending` keeps a second read off the buffer
+                // until this one completes, and abandon_in_flight leaks both if it never does.
+                unsafe { sink.push(e, Owner::Nap, 0) }
             });
         match armed {
             Ok(()) => self.nap.pending = true,
@@ -345,7 +356,9 @@ impl Requests {
         let e = opcode::Fsync::new(types::Fd(self.engine.bitmap_fd()))
             .flags(types::FsyncFlags::DATASYNC)
             .build();
-        if let Err(e) = sink.push(e, Owner::Bitmap, 0) {
+        // SAFETY: an fdatasync refers to no memory; the bitmap's file is held open by the
+        // engine, which these requests hold an Arc of.
+        if let Err(e) = unsafe { sink.push(e, Owner::Bitmap, 0) } {
             log::error!("queue ring: cannot queue a bitmap flush: {e}");
             self.bitmap_flush_ended(sink, false);
         }
@@ -401,7 +414,9 @@ impl Requests {
                     // The same buffer to the target, at the same time as to the source. The
                     // target needs no FUA: its durability comes with the mirror's pair flush.
                     let e = opcode::Write::new(types::Fd(fds.target), base, len).offset(off).build();
-                    match sink.push(e, Owner::Target, slot16) {
+                    // SAFETY: as for the source write below; the request stays in its slot
+                    // until both halves completed (tgt_pending).
+                    match unsafe { sink.push(e, Owner::Target, slot16) } {
                         Ok(()) => r.tgt_pending = true,
                         // The write goes on to the source alone; with tgt_ok false its region
                         // stays dirty and the copy follows.
@@ -427,7 +442,10 @@ impl Requests {
                 opcode::Fallocate::new(f, len).offset(off).mode(mode).build()
             }
         };
-        if let Err(e) = sink.push(e, Owner::Front, slot16) {
+        // SAFETY: the request's buffer (its own, or the caller's by submit_in_place's contract)
+        // stays in its slot until this operation's completion frees the slot, or is leaked by
+        // abandon_in_flight; its descriptors are held by `held` until then (crate::front).
+        if let Err(e) = unsafe { sink.push(e, Owner::Front, slot16) } {
             log::error!("queue ring: cannot queue a request: {e}");
             self.finish(slot, Err(eio()));
         }

@@ -174,8 +174,9 @@ pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     };
     let chunk = granularity.max(1 << 20) as usize;
     const DEPTH: usize = 4;
-    // The buffers are declared before the ring, so that the ring goes first (the target, whose
-    // SQEs may still be in flight at an early return, was declared before both).
+    // Reads in flight write into `bufs` (a slot's pair is not touched until both of its reads
+    // completed); a return with reads in flight (a broken ring) leaks them. A target behind a
+    // protocol leaks its own buffers in that case (its Drop).
     let mut bufs: Vec<(AlignedBuf, AlignedBuf)> =
         (0..DEPTH).map(|_| (AlignedBuf::new(chunk), AlignedBuf::new(chunk))).collect();
     let mut ring = uring::new_ring(16).map_err(|e| Error::io("io_uring setup", e))?;
@@ -203,16 +204,22 @@ pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
             let len = ((size - next) as usize).min(chunk);
             let (a, b) = &mut bufs[i];
             let ra = opcode::Read::new(types::Fd(source.fd()), a.as_mut_ptr(), len as u32).offset(next).build();
-            push(&mut ring, ra, Owner::Source, i as u64).map_err(|e| Error::io("submit read", e))?;
-            match &mut target {
+            // SAFETY: see `bufs`; the source is held open for the whole function.
+            let pushed = unsafe { push(&mut ring, ra, Owner::Source, i as u64) }.and_then(|()| match &mut target {
                 VerifyTarget::File(t) => {
                     let rb = opcode::Read::new(types::Fd(t.fd()), b.as_mut_ptr(), len as u32).offset(next).build();
-                    push(&mut ring, rb, Owner::Target, i as u64).map_err(|e| Error::io("submit read", e))?;
+                    // SAFETY: as above.
+                    unsafe { push(&mut ring, rb, Owner::Target, i as u64) }
                 }
                 VerifyTarget::Other(t) => {
                     let op = TargetOp::Read { off: next, buf: b.as_mut_ptr(), len: len as u32 };
-                    t.submit(&mut ring, op, i as u64).map_err(|e| Error::io("submit read", e))?;
+                    // SAFETY: as above.
+                    unsafe { t.submit(&mut ring, op, i as u64) }
                 }
+            });
+            if let Err(e) = pushed {
+                std::mem::forget(bufs);
+                return Err(Error::io("submit read", e));
             }
             *slot = Some((next, len, 2));
             next += len as u64;
@@ -220,7 +227,10 @@ pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
         if slots.iter().all(|s| s.is_none()) {
             break;
         }
-        uring::submit_and_wait(&mut ring, 1).map_err(|e| Error::io("verify reads", e))?;
+        if let Err(e) = uring::submit_and_wait(&mut ring, 1) {
+            std::mem::forget(bufs);
+            return Err(Error::io("verify reads", e));
+        }
         cqes.clear();
         uring::reap(&mut ring, &mut cqes);
         // Completions as (from the source?, slot, bytes read); a target behind a protocol turns

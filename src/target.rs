@@ -29,7 +29,13 @@ pub trait Target {
     /// Alignment that offsets and lengths of reads and writes must respect.
     fn block_size(&self) -> u32;
     /// Submit `op`. Its completion is later returned by [`Target::complete`] with `token`.
-    fn submit(&mut self, ring: &mut Ring, op: TargetOp, token: u64) -> io::Result<()>;
+    ///
+    /// # Safety
+    ///
+    /// The buffer of a write or read in `op` must stay valid and unmoved, and a read's buffer
+    /// unused otherwise, until the operation's completion has been returned by
+    /// [`Target::complete`]; if the ring is closed before that, the buffer is leaked.
+    unsafe fn submit(&mut self, ring: &mut Ring, op: TargetOp, token: u64) -> io::Result<()>;
     /// Handle one CQE addressed to the target ([`Owner::Target`]); push finished operations.
     fn complete(&mut self, ring: &mut Ring, sub: u64, res: i32, done: &mut Vec<TargetDone>);
     /// True if someone else observes the target's flushes as consistent images (a replication
@@ -67,8 +73,7 @@ pub trait Target {
 pub struct FileTarget {
     backing: Backing,
     fixed: Option<u32>,
-    /// For zeroing where fallocate is refused: a shared zero buffer and the pending zero writes.
-    zero: crate::backing::AlignedBuf,
+    /// For zeroing where fallocate is refused: the pending zero writes (of [`zero_chunk`]).
     zero_jobs: Vec<Option<ZeroJob>>,
     /// Fallocate punch-hole is refused here; zero by writing.
     no_punch: bool,
@@ -82,12 +87,18 @@ struct ZeroJob {
 
 const ZERO_CHUNK: usize = 1 << 20;
 
+/// The zeroes of zeroing writes: one buffer for the process, never freed (so that no write in
+/// flight can outlive it) and never written (its pages are the kernel's zero page: no memory).
+fn zero_chunk() -> *const u8 {
+    static ZERO: std::sync::OnceLock<crate::backing::AlignedBuf> = std::sync::OnceLock::new();
+    ZERO.get_or_init(|| crate::backing::AlignedBuf::new(ZERO_CHUNK)).as_ptr()
+}
+
 impl FileTarget {
     pub fn new(backing: Backing) -> Self {
         FileTarget {
             backing,
             fixed: None,
-            zero: crate::backing::AlignedBuf::new(ZERO_CHUNK),
             zero_jobs: Vec::new(),
             no_punch: false,
         }
@@ -111,12 +122,13 @@ impl FileTarget {
         let Some(job) = self.zero_jobs[idx].as_ref() else { return Ok(()) };
         let len = (job.end - job.pos).min(ZERO_CHUNK as u64) as u32;
         let off = job.pos;
-        let ptr = self.zero.as_ptr();
+        let ptr = zero_chunk();
         let e = self.fd_entry(
             |f| opcode::Write::new(f, ptr, len).offset(off).build(),
             |f| opcode::Write::new(f, ptr, len).offset(off).build(),
         );
-        push(ring, e, Owner::Target, (1 << 40) | idx as u64)
+        // SAFETY: the zero chunk lives as long as the process and is only read.
+        unsafe { push(ring, e, Owner::Target, (1 << 40) | idx as u64) }
     }
 }
 
@@ -149,7 +161,7 @@ impl Target for FileTarget {
         self.fixed = Some(slot);
     }
 
-    fn submit(&mut self, ring: &mut Ring, op: TargetOp, token: u64) -> io::Result<()> {
+    unsafe fn submit(&mut self, ring: &mut Ring, op: TargetOp, token: u64) -> io::Result<()> {
         // Tokens are small (job slots); the top bits of `sub` say what kind of entry this is.
         debug_assert!(token < (1 << 40));
         let e = match op {
@@ -177,10 +189,13 @@ impl Target for FileTarget {
                     |f| opcode::Fallocate::new(f, len).offset(off).mode(mode).build(),
                 );
                 let idx = self.slot_for(ZeroJob { token, pos: off, end: off + len });
-                return push(ring, e, Owner::Target, SUB_PUNCH | idx as u64);
+                // SAFETY: a fallocate refers to no memory.
+                return unsafe { push(ring, e, Owner::Target, SUB_PUNCH | idx as u64) };
             }
         };
-        push(ring, e, Owner::Target, token)
+        // SAFETY: a write's or read's buffer is the caller's, valid until the completion
+        // (this function's contract); a flush refers to no memory.
+        unsafe { push(ring, e, Owner::Target, token) }
     }
 
     fn complete(&mut self, ring: &mut Ring, sub: u64, res: i32, done: &mut Vec<TargetDone>) {

@@ -45,12 +45,18 @@ pub fn decode(user_data: u64) -> (Option<Owner>, u64) {
 }
 
 /// Queues `entry`, submitting first if the submission queue is full.
-pub fn push(ring: &mut Ring, entry: squeue::Entry, owner: Owner, sub: u64) -> io::Result<()> {
+///
+/// # Safety
+///
+/// Every buffer and descriptor `entry` refers to must stay valid and unmoved, and a buffer the
+/// kernel writes into must not be used otherwise, until the entry's completion has been reaped
+/// from `ring`. Closing the ring does not end that duty (it does not wait for the operations
+/// in flight): a buffer whose operation may still be running when the ring goes is leaked.
+pub unsafe fn push(ring: &mut Ring, entry: squeue::Entry, owner: Owner, sub: u64) -> io::Result<()> {
     let entry = entry.user_data(encode(owner, sub));
     loop {
-        // SAFETY: every buffer and fd an entry refers to is owned by the caller's job state and
-        // kept alive and unmoved until that entry's completion is reaped (the invariant of every
-        // submitter in this crate: a slot is freed only in its completion handler).
+        // SAFETY: the caller keeps what the entry refers to valid until its completion (this
+        // function's contract).
         let pushed = unsafe { ring.submission().push(&entry) };
         if pushed.is_ok() {
             return Ok(());

@@ -275,12 +275,13 @@ struct Refusing {
 }
 
 impl Sink for Refusing {
-    fn push(&mut self, e: io_uring::squeue::Entry, owner: Owner, slot: u16) -> std::io::Result<()> {
+    unsafe fn push(&mut self, e: io_uring::squeue::Entry, owner: Owner, slot: u16) -> std::io::Result<()> {
         if self.allow == 0 {
             return Err(std::io::Error::other("refused"));
         }
         self.allow -= 1;
-        RingSink(&mut self.ring).push(e, owner, slot)
+        // SAFETY: the caller's contract is RingSink's.
+        unsafe { RingSink(&mut self.ring).push(e, owner, slot) }
     }
 }
 

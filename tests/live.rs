@@ -124,11 +124,12 @@ impl Target for Flaky {
     fn identity(&self) -> (String, u64) {
         self.inner.identity()
     }
-    fn submit(&mut self, ring: &mut Ring, op: TargetOp, token: u64) -> io::Result<()> {
+    unsafe fn submit(&mut self, ring: &mut Ring, op: TargetOp, token: u64) -> io::Result<()> {
         if matches!(op, TargetOp::Flush) {
             self.flushes.insert(token);
         }
-        self.inner.submit(ring, op, token)
+        // SAFETY: the caller's contract is the inner target's.
+        unsafe { self.inner.submit(ring, op, token) }
     }
     fn complete(&mut self, ring: &mut Ring, sub: u64, res: i32, done: &mut Vec<TargetDone>) {
         let n = done.len();

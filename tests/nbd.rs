@@ -254,23 +254,36 @@ impl Driver {
         Driver { ring: uring::new_ring(64).expect("ring"), t }
     }
 
-    /// Submits `ops` (tokens 0..n) and waits for all their completions, at most `limit`.
+    /// Submits `ops` (tokens 0..n) and waits for all their completions, at most `limit`. The
+    /// buffers in `ops` are the caller's, borrowed for this call: it returns only once every
+    /// operation completed, and a target that hangs ends the process (its buffers may still be
+    /// written; unwinding would free them).
     fn run(&mut self, ops: &[TargetOp], limit: Duration) -> Vec<io::Result<u32>> {
         let mut out: Vec<Option<io::Result<u32>>> = (0..ops.len()).map(|_| None).collect();
         for (i, op) in ops.iter().enumerate() {
-            self.t.submit(&mut self.ring, *op, i as u64).expect("submit");
+            // SAFETY: see above.
+            if let Err(e) = unsafe { self.t.submit(&mut self.ring, *op, i as u64) } {
+                eprintln!("submitting operation {i}: {e}");
+                std::process::abort();
+            }
         }
         let t0 = Instant::now();
         let mut cqes = Vec::new();
         let mut done = Vec::new();
         while out.iter().any(|o| o.is_none()) {
-            assert!(t0.elapsed() < limit, "operations still pending after {limit:?}: the target hangs");
+            if t0.elapsed() > limit {
+                eprintln!("operations still pending after {limit:?}: the target hangs");
+                std::process::abort();
+            }
             let ts = io_uring::types::Timespec::new().nsec(50_000_000);
             let args = io_uring::types::SubmitArgs::new().timespec(&ts);
             match self.ring.submitter().submit_with_args(1, &args) {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
-                Err(e) => panic!("ring: {e}"),
+                Err(e) => {
+                    eprintln!("ring: {e}");
+                    std::process::abort();
+                }
             }
             cqes.clear();
             uring::reap(&mut self.ring, &mut cqes);

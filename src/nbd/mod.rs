@@ -372,7 +372,8 @@ impl NbdTarget {
     fn complete_later(&mut self, ring: &mut Ring, token: u64, r: io::Result<u32>) -> io::Result<()> {
         self.ready.push((token, r));
         if !self.nop_posted {
-            push(ring, opcode::Nop::new().build(), Owner::Target, sub(K_NOP, 0))?;
+            // SAFETY: a NOP refers to no memory and no descriptor.
+            unsafe { push(ring, opcode::Nop::new().build(), Owner::Target, sub(K_NOP, 0)) }?;
             self.nop_posted = true;
         }
         Ok(())
@@ -429,7 +430,8 @@ impl NbdTarget {
             post_recv(conn, reqs, ring)?;
         }
         if !self.timer_posted && self.reqs.len() > 0 {
-            push(ring, opcode::Timeout::new(&TICK).build(), Owner::Target, sub(K_TIMER, 0))?;
+            // SAFETY: the timeout's timespec is a static.
+            unsafe { push(ring, opcode::Timeout::new(&TICK).build(), Owner::Target, sub(K_TIMER, 0)) }?;
             self.timer_posted = true;
         }
         Ok(())
@@ -722,7 +724,8 @@ impl NbdTarget {
             self.break_conn(msg, done);
             return;
         }
-        if let Err(e) = push(ring, opcode::Timeout::new(&TICK).build(), Owner::Target, sub(K_TIMER, 0)) {
+        // SAFETY: the timeout's timespec is a static.
+        if let Err(e) = unsafe { push(ring, opcode::Timeout::new(&TICK).build(), Owner::Target, sub(K_TIMER, 0)) } {
             self.break_conn(format!("submitting a timer: {e}"), done);
         } else {
             self.timer_posted = true;
@@ -766,7 +769,12 @@ fn post_send(conn: &mut Conn, ring: &mut Ring) -> io::Result<()> {
     b.msg.msg_iovlen = (b.n - b.first) as _;
     // MSG_NOSIGNAL: a server gone away is an error on this request, not a SIGPIPE.
     let e = opcode::SendMsg::new(types::Fd(conn.stream.as_raw_fd()), &b.msg).flags(libc::MSG_NOSIGNAL as u32).build();
-    push(ring, e, Owner::Target, sub(K_SEND, conn.gen))?;
+    // SAFETY: the message and its iovecs live in the boxed batch, which is not touched again
+    // until this send completes (send_posted) and is leaked by Drop if it never does; the
+    // iovecs point at request headers in boxed requests and at the caller's write buffers,
+    // which stay until the request's reply (Target::submit's contract); the socket belongs to
+    // `conn`, whose descriptor is kept open while a send or receive is posted.
+    unsafe { push(ring, e, Owner::Target, sub(K_SEND, conn.gen)) }?;
     conn.send_posted = true;
     Ok(())
 }
@@ -796,7 +804,10 @@ fn post_recv(conn: &mut Conn, reqs: &mut Slab<Box<Req>>, ring: &mut Ring) -> io:
             (e, RecvInto::Rx)
         }
     };
-    push(ring, e, Owner::Target, sub(K_RECV, conn.gen))?;
+    // SAFETY: the receive writes into `conn.rx` (boxed, leaked by Drop while a receive is
+    // posted) or into the caller's read buffer, valid until the request completes (Target::
+    // submit's contract); recv_posted keeps a second receive off both until this one completes.
+    unsafe { push(ring, e, Owner::Target, sub(K_RECV, conn.gen)) }?;
     conn.recv_posted = Some(into);
     Ok(())
 }
@@ -823,7 +834,7 @@ impl Target for NbdTarget {
         true
     }
 
-    fn submit(&mut self, ring: &mut Ring, op: TargetOp, token: u64) -> io::Result<()> {
+    unsafe fn submit(&mut self, ring: &mut Ring, op: TargetOp, token: u64) -> io::Result<()> {
         if let Some(msg) = self.broken.clone() {
             let e = self.error(io::ErrorKind::NotConnected, &msg);
             return self.complete_later(ring, token, Err(e));
