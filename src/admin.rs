@@ -528,16 +528,28 @@ fn is_daemon(pid: i32) -> bool {
 
 /// Waits (at most `limit`) until the daemon says synced. The status is the daemon's live
 /// state, so a "synced" seen after this call started accounts for every write completed before.
+/// Why waiting for device `id` to get synced is pointless now, if it is: nothing mirrors (the
+/// mirror gave up, its loop failed and waits to restart, or it is paused).
+pub fn not_mirroring(id: u32, status: &serde_json::Value) -> Option<String> {
+    let err = status["last_error"].as_str().unwrap_or("?");
+    match status["state"].as_str() {
+        Some("stopped") => Some(format!("device {id}: mirroring has stopped ({err}); it will not get synced")),
+        Some("failed") => Some(format!(
+            "device {id}: the mirror loop failed ({err}) and is being restarted; nothing mirrors \
+             meanwhile: retry once `ublk-mirror status {id}` no longer says failed"
+        )),
+        Some("paused") => Some(format!("device {id}: the mirror is paused: `ublk-mirror resume {id}` first")),
+        _ => None,
+    }
+}
+
 pub fn wait_synced(id: u32, limit: Duration) -> Result<()> {
     let t0 = Instant::now();
     loop {
         match read_status(id) {
             Ok(v) if v["status"]["state"] == "synced" => return Ok(()),
-            Ok(v) if v["status"]["state"] == "stopped" => {
-                return Err(Error::config(format!(
-                    "device {id}: mirroring has stopped ({}); it will not get synced",
-                    v["status"]["last_error"].as_str().unwrap_or("?")
-                )))
+            Ok(v) if not_mirroring(id, &v["status"]).is_some() => {
+                return Err(Error::config(not_mirroring(id, &v["status"]).unwrap_or_default()))
             }
             Err(_) if !device_exists(id) => return Err(Error::config(format!("no ublk device {id}"))),
             // A daemon being recovered is not listening yet: give it a moment.

@@ -576,6 +576,12 @@ impl<P: PersistentBits> MirrorState<P> {
         self.changed = true;
     }
 
+    /// Asks for a consistent point even if nothing changed since the last one (a restarted
+    /// mirror loop proves the target works with it).
+    pub fn request_consistent_point(&mut self) {
+        self.changed = true;
+    }
+
     /// Is a consistent point due? True when nothing is dirty or being copied, no target flush is
     /// pending, and something changed since the last consistent point (or there has been none).
     pub fn consistent_point_due(&self) -> bool {

@@ -20,8 +20,13 @@ use crate::uring::Owner;
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDesc, BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, UblkError, UblkIORes, UblkUringData};
+use crate::mirror::MAX_BACKOFF;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often a failed mirror loop's supervisor looks for a stop while it waits to restart.
+const SUPERVISOR_POLL: Duration = Duration::from_millis(20);
 
 /// Raw `op_flags` bits (tested in place, not shifted).
 pub const IO_F_FUA: u32 = 1 << 13;
@@ -216,43 +221,79 @@ pub fn params(engine: &Engine, max_io_buf_bytes: u32) -> sys::ublk_params {
     }
 }
 
-/// Runs the mirror loop on its own thread until the engine is asked to stop. A reverse
-/// switchover parks the loop and hands it its new target; the loop then starts again on the
-/// new pair (with a new ring, so nothing of the old pair stays registered).
+/// Runs the mirror loop on its own thread until the engine is asked to stop, and supervises
+/// it: a loop that ends with an error (its ring cannot be set up, a broken ring...) is restarted
+/// after a backoff, as failed copies are retried, and the failure counts toward
+/// `--max-retries`; meanwhile status says `failed` (see [`Engine::mirror_loop_failed`]). Once
+/// mirroring gave up, the thread waits for the stop. A reverse switchover parks the loop and
+/// hands it its new target; the loop then starts again on the new pair (with a new ring, so
+/// nothing of the old pair stays registered).
 pub fn spawn_mirror(
     engine: Arc<Engine>,
-    mut target: crate::target::BoxTarget,
-    mut cfg: CopyConfig,
+    target: crate::target::BoxTarget,
+    cfg: CopyConfig,
 ) -> std::thread::JoinHandle<crate::Result<()>> {
     std::thread::Builder::new()
         .name("mirror".into())
-        .spawn(move || loop {
-            engine.set_mirror_running(true);
-            let r = Mirror::new(engine.clone(), target.as_mut(), cfg.clone()).and_then(|mut m| m.run(RunUntil::Stopped, None));
-            engine.set_mirror_running(false);
-            r?;
-            match engine.mirror_next() {
-                MirrorNext::Stop => return Ok(()),
-                MirrorNext::Same => {}
-                MirrorNext::Target(t) => {
-                    target = t;
-                    // The --on-consistent command's environment names the reversed pair.
-                    if let Some(h) = cfg.on_consistent.as_mut() {
-                        for (k, _) in h.env.iter_mut() {
-                            match k.as_str() {
-                                "UBLK_MIRROR_SOURCE" => *k = "UBLK_MIRROR_TARGET".into(),
-                                "UBLK_MIRROR_TARGET" => *k = "UBLK_MIRROR_SOURCE".into(),
-                                _ => {}
-                            }
-                        }
-                    }
-                }
-            }
-        })
+        .spawn(move || supervise(engine, target, cfg))
         .unwrap_or_else(|e| {
             // Thread creation fails only when the process is out of resources; the daemon
             // cannot serve a mirror without it.
             log::error!("cannot start the mirror thread: {e}");
             std::process::exit(1)
         })
+}
+
+/// The mirror thread's body (see [`spawn_mirror`]). Returns at the stop: the last loop's error,
+/// if it ended with one.
+fn supervise(engine: Arc<Engine>, mut target: crate::target::BoxTarget, mut cfg: CopyConfig) -> crate::Result<()> {
+    let mut backoff = Duration::ZERO;
+    loop {
+        engine.set_mirror_running(true);
+        let r = Mirror::new(engine.clone(), target.as_mut(), cfg.clone()).and_then(|mut m| {
+            engine.mirror_loop_started();
+            m.run(RunUntil::Stopped, None)
+        });
+        engine.set_mirror_running(false);
+        if let Err(e) = r {
+            if engine.stop_requested() {
+                return Err(e);
+            }
+            // A target that worked since the last failure starts the backoff anew.
+            if engine.lock().progress.target_failures == 0 {
+                backoff = Duration::ZERO;
+            }
+            backoff = (backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF);
+            let retry = engine.mirror_loop_failed(&e, backoff);
+            let until = Instant::now() + backoff;
+            // Until the retry is due (for ever once given up), unless asked to stop, or to
+            // park for a switchover (whose decision is taken below).
+            while (!retry || Instant::now() < until) && !engine.mirror_should_return() {
+                std::thread::sleep(SUPERVISOR_POLL);
+            }
+            if engine.stop_requested() {
+                return Err(e);
+            }
+            if !engine.mirror_should_return() {
+                continue;
+            }
+        }
+        match engine.mirror_next() {
+            MirrorNext::Stop => return Ok(()),
+            MirrorNext::Same => {}
+            MirrorNext::Target(t) => {
+                target = t;
+                // The --on-consistent command's environment names the reversed pair.
+                if let Some(h) = cfg.on_consistent.as_mut() {
+                    for (k, _) in h.env.iter_mut() {
+                        match k.as_str() {
+                            "UBLK_MIRROR_SOURCE" => *k = "UBLK_MIRROR_TARGET".into(),
+                            "UBLK_MIRROR_TARGET" => *k = "UBLK_MIRROR_SOURCE".into(),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

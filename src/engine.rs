@@ -60,6 +60,9 @@ pub struct Progress {
     pub degraded_since: Option<SystemTime>,
     /// Mirroring gave up after too many failed retries (`--max-retries`): the reason.
     pub gave_up: Option<String>,
+    /// The mirror loop itself ended with this error and waits to be restarted (state `failed`;
+    /// the pair is degraded too). Cleared when a new loop starts.
+    pub loop_failed: Option<String>,
     /// Write-blocking mode was switched on by `--max-lag` (and goes off at the next synced).
     pub lag_forced: bool,
     /// The copy runs at `--busy-speed` now because the device serves I/O.
@@ -84,6 +87,7 @@ impl Progress {
             target_failures: 0,
             degraded_since: None,
             gave_up: None,
+            loop_failed: None,
             lag_forced: false,
             yielding: false,
         }
@@ -256,7 +260,13 @@ pub struct Engine {
     /// An --on-consistent command is running: the target must not change.
     hook_running: AtomicBool,
     verifier: crate::online_verify::Verifier,
+    /// Tests only: while this file exists, the mirror loop fails (at its setup, and at its next
+    /// wake-up when running). From UBLK_MIRROR_TEST_FAIL_MIRROR_WHILE; see docs/operations.md.
+    mirror_fault: Mutex<Option<PathBuf>>,
 }
+
+/// The environment variable naming the fault file of [`Engine::mirror_fault_injected`].
+pub const MIRROR_FAULT_ENV: &str = "UBLK_MIRROR_TEST_FAIL_MIRROR_WHILE";
 
 /// What the mirror thread does after its loop returned.
 pub enum MirrorNext {
@@ -436,6 +446,7 @@ impl Engine {
             serving_target: AtomicBool::new(false),
             hook_running: AtomicBool::new(false),
             verifier: Default::default(),
+            mirror_fault: Mutex::new(std::env::var_os(MIRROR_FAULT_ENV).map(PathBuf::from)),
         })
     }
 
@@ -1001,6 +1012,8 @@ impl Engine {
             "switched-over"
         } else if g.progress.gave_up.is_some() {
             "stopped"
+        } else if g.progress.loop_failed.is_some() {
+            "failed"
         } else if g.progress.degraded_since.is_some() {
             "degraded"
         } else if synced {
@@ -1065,6 +1078,69 @@ impl Engine {
             writes_in_flight: g.state.writes_in_flight(),
             last_error: g.progress.last_error.clone(),
             elapsed_secs: g.progress.started.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// Tests: make the mirror loop fail while `path` exists (None: never).
+    pub fn set_mirror_fault(&self, path: Option<PathBuf>) {
+        *relock(&self.mirror_fault) = path;
+    }
+
+    /// The test fault of [`MIRROR_FAULT_ENV`] is in force.
+    pub fn mirror_fault_injected(&self) -> bool {
+        relock(&self.mirror_fault).as_ref().is_some_and(|p| p.exists())
+    }
+
+    /// The mirror loop ended with `err` (not asked to): the pair is degraded and the state
+    /// `failed` until a new loop starts. It counts as a failure toward `--max-retries`, like a
+    /// failed copy. Returns false once mirroring has given up.
+    pub fn mirror_loop_failed(&self, err: &Error, retry_in: Duration) -> bool {
+        let msg = format!("mirror loop: {err}");
+        let max = self.max_retries();
+        let (first, give_up, failures) = {
+            let mut g = self.lock();
+            g.progress.last_error = Some(msg.clone());
+            g.progress.loop_failed = Some(msg.clone());
+            g.progress.target_failures = g.progress.target_failures.saturating_add(1);
+            let first = g.progress.degraded_since.is_none();
+            if first {
+                g.progress.degraded_since = Some(SystemTime::now());
+            }
+            let give_up = max > 0 && g.progress.target_failures > max && g.progress.gave_up.is_none();
+            if give_up {
+                g.progress.gave_up = Some(format!("{} failures in a row; last: {msg}", g.progress.target_failures));
+            }
+            self.update_active_locked(&g);
+            (first, give_up, g.progress.target_failures)
+        };
+        log::error!("{msg}; {}", if give_up { "giving up".to_string() } else { format!("restarting in {retry_in:?}") });
+        if first {
+            self.events.emit("degraded", serde_json::json!({ "error": msg }));
+        }
+        self.events.emit(
+            "mirror-failed",
+            serde_json::json!({ "error": msg, "failures": failures, "retry_in_secs": retry_in.as_secs_f64() }),
+        );
+        if give_up {
+            self.events.emit("stopped", serde_json::json!({ "error": msg, "failures": failures }));
+        }
+        self.lock().progress.gave_up.is_none()
+    }
+
+    /// A mirror loop is set up and about to run. After a failed one: the state leaves `failed`,
+    /// and a consistent point is asked for, whose flush tells whether the target works again
+    /// (it clears `degraded`; see the mirror's target_ok).
+    pub fn mirror_loop_started(&self) {
+        let restarted = {
+            let mut g = self.lock();
+            let was = g.progress.loop_failed.take();
+            if was.is_some() {
+                g.state.request_consistent_point();
+            }
+            was
+        };
+        if let Some(e) = restarted {
+            self.events.emit("mirror-restarted", serde_json::json!({ "after": e }));
         }
     }
 

@@ -311,14 +311,10 @@ fn cmd_watch(id: u32, json: bool, until_synced: bool, timeout: u64) -> CliResult
             bar.finish();
             return Ok(0);
         }
-        // Given up for good (as `del --wait-synced` says too): no point waiting out the timeout.
-        if until_synced && state == "stopped" {
+        // Nothing mirrors (as `del --wait-synced` says too): no point waiting out the timeout.
+        if let Some(why) = until_synced.then(|| admin::not_mirroring(id, s)).flatten() {
             bar.abandon();
-            return Err(format!(
-                "device {id}: mirroring has stopped ({}); it will not get synced",
-                s["last_error"].as_str().unwrap_or("?")
-            )
-            .into());
+            return Err(why.into());
         }
         if until_synced && t0.elapsed() > Duration::from_secs(timeout) {
             bar.abandon();

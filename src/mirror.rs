@@ -132,6 +132,9 @@ pub struct Mirror<'t> {
 impl<'t> Mirror<'t> {
     pub fn new(engine: Arc<Engine>, target: &'t mut dyn Target, cfg: CopyConfig) -> Result<Self> {
         cfg.validate()?;
+        if engine.mirror_fault_injected() {
+            return Err(injected_fault());
+        }
         let entries = (cfg.max_copies * 2 + 8).next_power_of_two() as u32;
         let ring = uring::new_ring(entries).map_err(|e| Error::io("io_uring setup for the mirror", e))?;
         // Slot TGT_FIXED is registered even for targets without a descriptor (as -1, a sparse
@@ -219,6 +222,9 @@ impl<'t> Mirror<'t> {
         let mut cqes = Vec::new();
         let mut interrupted = false;
         loop {
+            if until == RunUntil::Stopped && self.engine.mirror_fault_injected() {
+                return Err(injected_fault());
+            }
             let mut past_limit = false;
             if let Some(limit) = self.hooks.stop_after_bytes {
                 let g = self.engine.lock();
@@ -1004,7 +1010,13 @@ impl<'t> Mirror<'t> {
 const FLUSH_TOKEN: u64 = (1 << 40) - 1;
 /// Retries of a failing target back off exponentially up to this: a target that comes back is
 /// used again within seconds.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The longest wait between retries after failures (of copies, flushes, or the loop itself).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The error of the test fault ([`crate::engine::MIRROR_FAULT_ENV`]).
+fn injected_fault() -> Error {
+    Error::io("mirror", io::Error::other(format!("injected fault ({} exists)", crate::engine::MIRROR_FAULT_ENV)))
+}
 /// A failed bitmap flush of the mirror's clears is tried again after this.
 const BITMAP_RETRY: Duration = Duration::from_secs(1);
 /// Kills an --on-consistent command with everything it started (its process group), and reaps

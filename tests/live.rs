@@ -1019,3 +1019,63 @@ fn a_stop_kills_an_on_consistent_command_after_the_grace() {
     let last = ev.iter().rev().find(|e| e["event"] == "on-consistent").expect("an on-consistent event");
     assert!(last["status"].as_str().is_some_and(|s| s.contains("after the mirror was stopped")), "{last}");
 }
+
+/// The mirror loop itself fails (here by the test fault: its setup and its run fail while a
+/// file exists). The device keeps serving; status says `failed` with the error, never
+/// `syncing`; events say so; the supervisor restarts the loop with backoff, counting each
+/// failure; once the fault is gone the loop runs again and the pair converges. With
+/// `--max-retries`, it gives up (`stopped`).
+#[test]
+fn a_failing_mirror_loop_is_reported_restarted_and_gives_up() {
+    let f = files(8 * MIB);
+    fill_random(&f.source, 0, (4 * MIB) as usize, 21);
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::Full), None)).expect("open");
+    let engine = Arc::new(engine);
+    let fault = f.dir.path().join("fault");
+    engine.set_mirror_fault(Some(fault.clone()));
+    let mirror = ublk_mirror::device::spawn_mirror(engine.clone(), target, CopyConfig::default());
+    wait_for("initial sync", Duration::from_secs(30), || engine.status().state == "synced");
+
+    // The running loop fails at its next wake-up (a write wakes it).
+    std::fs::write(&fault, b"").expect("fault file");
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    write(&mut q, 5 * MIB, 8192, 3);
+    wait_for("the failure reported", Duration::from_secs(10), || engine.status().state == "failed");
+    let st = engine.status();
+    assert!(st.last_error.as_deref().is_some_and(|e| e.contains("injected fault")), "{st:?}");
+    assert!(st.degraded_secs.is_some(), "a failed loop is a degraded pair: {st:?}");
+    // Writes go on; nothing mirrors them, and status does not pretend it does.
+    write(&mut q, 6 * MIB, 8192, 4);
+    let st = engine.status();
+    assert_eq!(st.state, "failed", "{st:?}");
+    assert!(st.dirty_bytes > 0, "{st:?}");
+    // The supervisor tries again (the setup fails while the fault lasts): failures count.
+    wait_for("a restart that failed", Duration::from_secs(10), || engine.status().target_failures >= 2);
+    let ev = events(&engine);
+    assert!(ev.contains(&"mirror-failed".to_string()) && ev.contains(&"degraded".to_string()), "{ev:?}");
+
+    // The fault goes: the loop runs again, copies what was written, and the target works.
+    std::fs::remove_file(&fault).expect("remove fault");
+    wait_for("synced after the restart", Duration::from_secs(30), || engine.status().state == "synced");
+    let st = engine.status();
+    assert_eq!(st.target_failures, 0, "{st:?}");
+    assert!(st.degraded_secs.is_none(), "{st:?}");
+    let ev = events(&engine);
+    let last = |e: &str| ev.iter().rposition(|x| x == e);
+    assert!(last("mirror-failed") < last("mirror-restarted") && last("mirror-restarted") < last("recovered"), "{ev:?}");
+
+    // With --max-retries 2 the third failure in a row gives up for good.
+    engine.apply_settings(&Settings { max_retries: 2, ..Default::default() });
+    std::fs::write(&fault, b"").expect("fault file");
+    write(&mut q, 7 * MIB, 4096, 5);
+    wait_for("given up", Duration::from_secs(20), || engine.status().state == "stopped");
+    assert_eq!(engine.status().target_failures, 3);
+    assert!(events(&engine).contains(&"stopped".to_string()));
+    // The device still serves.
+    write(&mut q, 0, 4096, 6);
+    drop(q);
+    engine.request_stop();
+    let r = mirror.join().expect("mirror thread");
+    assert!(r.is_err_and(|e| e.to_string().contains("injected fault")), "the last loop's error is reported at the stop");
+    assert_eq!(engine.status().target_failures, 3, "it kept trying after giving up");
+}

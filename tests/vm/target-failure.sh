@@ -5,6 +5,8 @@
 # mirror reports degraded (status and event log) and converges by itself. Then a full target
 # (ENOSPC on a file system that fills up): degraded, space freed, converged. Last, --max-retries:
 # the mirror gives up (stopped), writes still succeed, and waiting for synced is refused at once.
+# Between the two, the mirror loop itself fails (a test fault): state failed, an event, waiting
+# refused, and a restart by itself once the fault is gone.
 # shellcheck source=/dev/null
 . /vm/lib.sh
 S=/tmp/src.img B=/tmp/bm DEV=/dev/ublkb0
@@ -60,6 +62,37 @@ run_timeout 180 ublk-mirror status -n 0 --wait-synced --timeout 180 > /dev/null 
 run_timeout 90 ublk-mirror del -n 0 --wait-synced --timeout 60 || fail "del"
 cmp $S /mnt/t/target.img || fail "source and target differ"
 umount /mnt/t
+
+step "the mirror loop itself fails (test fault): failed, evented, restarted once the fault goes"
+rm -f $B $EV
+# The daemon inherits the variable from add: while /tmp/mirror-fault exists, its mirror loop
+# fails (at setup, and at its next wake-up when running).
+export UBLK_MIRROR_TEST_FAIL_MIRROR_WHILE=/tmp/mirror-fault
+add_synced $S $T $B --event-log $EV
+unset UBLK_MIRROR_TEST_FAIL_MIRROR_WHILE
+touch /tmp/mirror-fault
+dd if=/dev/urandom of=$DEV bs=64k count=8 seek=30 oflag=direct status=none || fail "a write failed as the loop broke"
+wait_for 30 "state failed" sh -c 'ublk-mirror status -n 0 --json | grep -q "\"state\": \"failed\""'
+mirror_status 0
+jstr last_error < /tmp/st.json | grep -q "injected fault" || fail "the error is not the loop's: $(jstr last_error < /tmp/st.json)"
+grep -q '"event":"mirror-failed"' $EV || fail "no mirror-failed event"
+dd if=/dev/urandom of=$DEV bs=64k count=8 seek=40 oflag=direct status=none || fail "a write failed while the loop is down"
+mirror_status 0
+[ "$(jstr state < /tmp/st.json)" = failed ] || fail "state is not failed while nothing mirrors: $(cat /tmp/st.json)"
+t0=$(now_ms)
+run_timeout 60 ublk-mirror status -n 0 --wait-synced --timeout 50 > /tmp/w.out 2>&1 && fail "--wait-synced succeeded while the loop is down"
+el=$(( $(now_ms) - t0 ))
+grep -q "mirror loop failed" /tmp/w.out || fail "--wait-synced: $(tail -2 /tmp/w.out)"
+[ $el -lt 20000 ] || fail "--wait-synced took $el ms: it waited out its timeout"
+log "--wait-synced refused after $el ms: $(tail -1 /tmp/w.out)"
+rm /tmp/mirror-fault
+run_timeout 120 ublk-mirror status -n 0 --wait-synced --timeout 110 > /dev/null || fail "no convergence after the fault went"
+grep -q '"event":"mirror-restarted"' $EV || fail "no mirror-restarted event"
+grep -q '"event":"recovered"' $EV || fail "no recovered event"
+mirror_status 0
+log "after the restart: $(jstr state < /tmp/st.json), failures $(jnum target_failures < /tmp/st.json)"
+run_timeout 90 ublk-mirror del -n 0 --wait-synced --timeout 60 || fail "del"
+cmp -n 134217728 $S $T || fail "source and target differ after the loop's restart"
 
 step "--max-retries: the mirror gives up, and waiting for synced says so at once"
 rm -f $B
