@@ -536,9 +536,9 @@ pub fn not_mirroring(id: u32, status: &serde_json::Value) -> Option<String> {
         Some("stopped") => Some(format!("device {id}: mirroring has stopped ({err}); it will not get synced")),
         Some("failed") => Some(format!(
             "device {id}: the mirror loop failed ({err}) and is being restarted; nothing mirrors \
-             meanwhile: retry once `ublk-mirror status {id}` no longer says failed"
+             meanwhile: retry once `ublk-mirror status -n {id}` no longer says failed"
         )),
-        Some("paused") => Some(format!("device {id}: the mirror is paused: `ublk-mirror resume {id}` first")),
+        Some("paused") => Some(format!("device {id}: the mirror is paused: `ublk-mirror resume -n {id}` first")),
         _ => None,
     }
 }

@@ -1015,7 +1015,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The error of the test fault ([`crate::engine::MIRROR_FAULT_ENV`]).
 fn injected_fault() -> Error {
-    Error::io("mirror", io::Error::other(format!("injected fault ({} exists)", crate::engine::MIRROR_FAULT_ENV)))
+    Error::io("injected fault", io::Error::other(format!("the file {} names exists", crate::engine::MIRROR_FAULT_ENV)))
 }
 /// A failed bitmap flush of the mirror's clears is tried again after this.
 const BITMAP_RETRY: Duration = Duration::from_secs(1);
