@@ -337,6 +337,15 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         t.cq_depth = t.cq_depth.saturating_mul(2);
         t.sq_depth = t.sq_depth.saturating_mul(2);
         t.params = device::params(&tgt_engine, max_io);
+        // The bitmap as a fixed file of every queue ring (libublk registers `fds` on each): the
+        // bitmap's lock, which the next daemon takes before it trusts the bitmap, is then held
+        // until every queue ring of this daemon is gone, that is until every source write it
+        // issued has completed, even after a kill (docs/crash-safety.md, "daemon kill").
+        let n = t.nr_fds as usize;
+        if n < t.fds.len() {
+            t.fds[n] = tgt_engine.bitmap_fd();
+            t.nr_fds += 1;
+        }
         dev.set_target_json(data);
         Ok(())
     };

@@ -138,9 +138,12 @@ impl<'t> Mirror<'t> {
         let entries = (cfg.max_copies * 2 + 8).next_power_of_two() as u32;
         let ring = uring::new_ring(entries).map_err(|e| Error::io("io_uring setup for the mirror", e))?;
         // Slot TGT_FIXED is registered even for targets without a descriptor (as -1, a sparse
-        // slot) so that the source's slot number does not depend on the target.
+        // slot) so that the source's slot number does not depend on the target. The bitmap is
+        // registered too, never used from here: its lock, which the next daemon takes before it
+        // trusts the bitmap, is then held until this ring is gone, that is until every copy it
+        // issued to the target has completed, even after a kill (docs/crash-safety.md).
         ring.submitter()
-            .register_files(&[engine.source().fd(), target.fixed_fd().unwrap_or(-1)])
+            .register_files(&[engine.source().fd(), target.fixed_fd().unwrap_or(-1), engine.bitmap_fd()])
             .map_err(|e| Error::io("registering source and target on the mirror ring", e))?;
         if target.fixed_fd().is_some() {
             target.use_fixed(TGT_FIXED);

@@ -489,3 +489,28 @@ fn a_first_write_to_a_clean_region_flushes_the_bitmap_once() {
     let (_, runs) = Bitmap::inspect(&f.bitmap).expect("bitmap");
     assert_eq!(runs, vec![(3, 1)]);
 }
+
+/// What the daemon-kill barrier rests on (docs/crash-safety.md): a file registered on an
+/// io_uring keeps its open file description, and so the flock on it, after the process closed
+/// its own descriptor, until the ring is gone. The device's queue rings and the mirror's ring
+/// register the bitmap, so the next daemon's lock waits for every operation of a killed one.
+#[test]
+fn a_ring_that_registered_the_bitmap_holds_its_lock() {
+    use std::os::fd::AsRawFd;
+    let try_lock = |f: &std::fs::File| {
+        // SAFETY: flock on a descriptor this closure's caller keeps open; no memory is passed.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    };
+    let f = files(MIB);
+    drop(Engine::open(&f.pair(None, None)).expect("create the bitmap"));
+    let a = std::fs::File::open(&f.bitmap).expect("open");
+    assert!(try_lock(&a));
+    let ring = ublk_mirror::uring::new_ring(4).expect("ring");
+    ring.submitter().register_files(&[a.as_raw_fd()]).expect("register");
+    drop(a);
+    let b = std::fs::File::open(&f.bitmap).expect("open again");
+    assert!(!try_lock(&b), "the lock went with the descriptor although the ring holds the file");
+    drop(ring);
+    // The ring is torn down asynchronously.
+    wait_for("the lock to be free once the ring is gone", Duration::from_secs(10), || try_lock(&b));
+}
