@@ -31,8 +31,12 @@ else
     # The examples are guest tools of tests/vm/power-loss.sh (passed with -b on its vm-args line).
     cargo build --locked --release --bins --examples
     vm/setup.sh
+    # The README's main command, as a new user runs it: the tour (tests/vm/demo.sh).
+    echo "-- scripts/try-in-vm.sh (the README's main command)"
+    scripts/try-in-vm.sh
+    vm_passed=$((vm_passed + 1))
     for t in tests/vm/*.sh; do
-        [ "$(basename "$t")" = demo.sh ] && continue  # the tour of scripts/try-in-vm.sh
+        [ "$(basename "$t")" = demo.sh ] && continue  # run above, through scripts/try-in-vm.sh
         # A scenario states the VM options it needs (extra disks...) on a '# vm-args:' line.
         # ... and files it needs in /payload on a '# vm-files:' line (paths from the repository).
         read -r -a args <<< "$(sed -n 's/^# vm-args: //p' "$t")"

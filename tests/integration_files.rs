@@ -115,3 +115,42 @@ fn udev_source_matches_configured_sources_by_kernel_name_or_link() {
     assert_eq!(run(&["sdc"]), (Some(0), "raw".to_string()));
     assert_eq!(run(&["sdd", "disk/by-id/other"]), (Some(1), String::new()));
 }
+
+/// `vm/run.sh` (behind the README's main command) on a machine without qemu runs the setup,
+/// which installs it, instead of stopping: here with qemu-system-x86_64 hidden from PATH and a
+/// stand-in setup command that records its call (and fails, so that nothing is installed or
+/// booted).
+#[test]
+fn vm_run_sets_up_a_machine_without_qemu() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin");
+    // Every command of the machine but qemu's emulators.
+    for d in ["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
+        let Ok(rd) = std::fs::read_dir(d) else { continue };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if name.to_string_lossy().starts_with("qemu-system") || bin.join(&name).exists() {
+                continue;
+            }
+            let _ = std::os::unix::fs::symlink(e.path(), bin.join(&name));
+        }
+    }
+    let called = dir.path().join("setup-called");
+    let setup = dir.path().join("setup.sh");
+    std::fs::write(&setup, format!("#!/bin/sh\necho called > {}\nexit 1\n", called.display())).expect("setup stub");
+    std::fs::set_permissions(&setup, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let out = std::process::Command::new(bin.join("bash"))
+        .arg(format!("{ROOT}/vm/run.sh"))
+        .args(["-t", "30", &format!("{ROOT}/vm/guest/smoke.sh")])
+        .env("PATH", &bin)
+        .env("UBLK_MIRROR_VM_SETUP", &setup)
+        .env("UBLK_MIRROR_VM_CACHE", dir.path().join("cache"))
+        .env_remove("UBLK_MIRROR_VM_NO_AUTO_SETUP")
+        .output()
+        .expect("run vm/run.sh");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(called.exists(), "run.sh did not run the setup on a machine without qemu:\n{err}");
+    assert!(err.contains("host tools missing: qemu-system-x86_64"), "{err}");
+    assert!(!out.status.success(), "the stand-in setup failed, so must run.sh");
+}

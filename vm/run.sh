@@ -30,7 +30,8 @@
 #                                 oops of multi-threaded TCG (it was ~1 s slower per boot in
 #                                 the vmlab trial; about even on this harness)
 #   UBLK_MIRROR_VM_BOOT_TIMEOUT   seconds for the guest to reach the payload (default 120)
-#   UBLK_MIRROR_VM_NO_AUTO_SETUP  1: do not run vm/setup.sh when the images are missing
+#   UBLK_MIRROR_VM_NO_AUTO_SETUP  1: do not run vm/setup.sh when host tools or images are missing
+#   UBLK_MIRROR_VM_SETUP          the setup command to run then (default vm/setup.sh; tests)
 #   KVER                          kernel version, as for vm/setup.sh
 #
 # Exit status: the guest script's status. Otherwise 124 when the timeout hit, 125 when the VM
@@ -69,23 +70,31 @@ shift $((OPTIND - 1))
 BOOT_TIMEOUT=${UBLK_MIRROR_VM_BOOT_TIMEOUT:-120}
 TCG_THREAD=${UBLK_MIRROR_VM_TCG_THREAD:-multi}
 case "$TCG_THREAD" in multi|single) ;; *) vm_die "UBLK_MIRROR_VM_TCG_THREAD must be multi or single" ;; esac
-for t in qemu-system-x86_64 cpio timeout; do
-    command -v "$t" >/dev/null || vm_die "$t not found; run: sudo $VM_DIR/setup.sh"
-done
+HOST_TOOLS="qemu-system-x86_64 cpio timeout"
+missing_tools() {
+    local t
+    for t in $HOST_TOOLS; do command -v "$t" >/dev/null || printf '%s ' "$t"; done
+}
 
 START_MS=$(vm_now_ms)
 DEADLINE_MS=$(( START_MS + TIMEOUT * 1000 ))
 
-# --- images (build them on first use) ------------------------------------------------------
+# --- host tools and images (setup.sh installs and builds them on first use) ----------------
 BUILD=$VM_CACHE/build-$(vm_build_id)
-if [ ! -f "$BUILD/ok" ]; then
+MISSING_TOOLS=$(missing_tools)
+if [ -n "$MISSING_TOOLS" ] || [ ! -f "$BUILD/ok" ]; then
+    why="VM images missing or out of date"
+    [ -z "$MISSING_TOOLS" ] || why="host tools missing: $MISSING_TOOLS"
     if [ "${UBLK_MIRROR_VM_NO_AUTO_SETUP:-0}" = 1 ]; then
-        vm_die "VM images missing or out of date ($BUILD); run: $VM_DIR/setup.sh"
+        vm_die "$why; run: sudo $VM_DIR/setup.sh"
     fi
-    vm_log "VM images missing or out of date; running $VM_DIR/setup.sh first"
-    "$VM_DIR/setup.sh" >&2 || vm_die "vm/setup.sh failed"
+    SETUP=${UBLK_MIRROR_VM_SETUP:-$VM_DIR/setup.sh}
+    vm_log "$why; running $SETUP first"
+    "$SETUP" >&2 || vm_die "$SETUP failed"
     BUILD=$VM_CACHE/build-$(vm_build_id)
     [ -f "$BUILD/ok" ] || vm_die "setup.sh ran but $BUILD is still missing"
+    MISSING_TOOLS=$(missing_tools)
+    [ -z "$MISSING_TOOLS" ] || vm_die "setup.sh ran but these host tools are still missing: $MISSING_TOOLS"
     START_MS=$(vm_now_ms)   # setup time does not count against the test's timeout
     DEADLINE_MS=$(( START_MS + TIMEOUT * 1000 ))
 fi

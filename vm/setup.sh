@@ -123,15 +123,101 @@ missing_pkgs() {
         [ "$(dpkg-query -W -f '${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || printf '%s ' "$p"
     done
 }
-install_pkgs() {
-    local missing=$1
-    # A fresh machine may have empty or stale lists; install failing on a 404 also means stale.
-    # shellcheck disable=SC2086
-    if ! apt_retry install -y -q --no-install-recommends $missing; then
-        apt_update_once
-        # shellcheck disable=SC2086
-        apt_retry install -y -q --no-install-recommends $missing || vm_die "apt-get install $missing failed"
+# qemu-system-x86 comes from the same source package as qemu-utils (qemu-img, qemu-nbd), and apt
+# insists on one version for both: installing the distribution's qemu-system-x86 next to a newer
+# qemu-utils (say, from bookworm-backports) would remove qemu-utils. So the emulator is installed
+# at the version of the qemu packages already there, from bookworm-backports if that is where
+# they came from; if no source has that version, setup stops and says so. And no install may
+# remove or downgrade anything (checked on apt's own plan first, see plan_is_safe).
+QEMU_FAMILY="qemu-system-x86 qemu-system-common qemu-system-data"
+installed_version() {
+    [ "$(dpkg-query -W -f '${Status}' "$1" 2>/dev/null)" = "install ok installed" ] || return 1
+    dpkg-query -W -f '${Version}' "$1"
+}
+# The version the emulator must have (empty: any), from the first qemu package installed.
+qemu_version_wanted() {
+    local p v
+    for p in qemu-utils qemu-block-extra qemu-system-common qemu-system-data qemu-system-x86; do
+        if v=$(installed_version "$p"); then
+            echo "$v"
+            return 0
+        fi
+    done
+}
+has_backports_source() {
+    local f
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] || continue
+        grep -v '^[[:space:]]*#' "$f" | grep -q 'bookworm-backports' && return 0
+    done
+    return 1
+}
+add_backports_source() {
+    cat > /etc/apt/sources.list.d/ublk-mirror-vm-bookworm-backports.sources <<'EOF2'
+# Added by ublk-mirror vm/setup.sh: the machine's qemu packages come from here, and qemu-system-x86
+# must have their version. Packages from backports are installed only when asked for by version.
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF2
+    APT_UPDATED=0
+    apt_update_once
+}
+version_available() { apt-cache madison "$1" 2>/dev/null | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' | grep -qxF "$2"; }
+# plan_is_safe ARGS...: apt's plan for `install ARGS` removes and downgrades nothing.
+plan_is_safe() {
+    local plan bad=""
+    plan=$(DEBIAN_FRONTEND=noninteractive apt-get -s -o DPkg::Lock::Timeout=300 install "$@" 2>&1) || {
+        printf '%s\n' "$plan" | tail -n 20 >&2
+        vm_die "apt cannot install $* (its plan is above)"
+    }
+    bad=$(printf '%s\n' "$plan" | awk '/^Remv / { print "removes " $2 " " $3 }')
+    [ -z "$bad" ] || bad+=$'\n'
+    while read -r pkg old new; do
+        [ -n "$pkg" ] || continue
+        dpkg --compare-versions "$new" lt "$old" && bad+="downgrades $pkg from $old to $new"$'\n'
+    done < <(printf '%s\n' "$plan" | sed -n 's/^Inst \([^ ]*\) \[\([^]]*\)\] (\([^ ]*\) .*/\1 \2 \3/p')
+    if [ -n "$bad" ]; then
+        printf '%s\n' "$bad" | sed 's/^/    /' >&2
+        vm_die "installing $* would change packages you have installed (above): setup never removes or downgrades a package. Install the VM's host packages yourself at versions that fit (apt-get install qemu-system-x86=VERSION ...), then run vm/setup.sh again"
     fi
+}
+# install_set APT_ARGS...: install after checking apt's plan (lists refreshed if it cannot be
+# made: a fresh machine may have empty or stale lists).
+install_set() {
+    if ! DEBIAN_FRONTEND=noninteractive apt-get -s install "$@" >/dev/null 2>&1; then
+        apt_update_once
+    fi
+    plan_is_safe --no-install-recommends "$@"
+    apt_retry install -y -q --no-install-recommends "$@" || vm_die "apt-get install $* failed"
+}
+install_pkgs() {
+    local missing=$1 want p qemu=0 rest=() from=()
+    want=$(qemu_version_wanted)
+    for p in $missing; do
+        if [ -n "$want" ] && [[ " $QEMU_FAMILY " == *" $p "* ]]; then
+            qemu=1
+        else
+            rest+=("$p")
+        fi
+    done
+    if [ "$qemu" = 1 ]; then
+        if ! version_available qemu-system-x86 "$want"; then
+            apt_update_once
+            if ! version_available qemu-system-x86 "$want" && [[ "$want" == *bpo12* ]] && ! has_backports_source; then
+                vm_log "the installed qemu packages ($want) come from bookworm-backports: adding that source"
+                add_backports_source
+            fi
+            version_available qemu-system-x86 "$want" ||
+                vm_die "qemu-utils $want is installed, and qemu-system-x86 must have the same version (one source package), but no apt source offers qemu-system-x86 $want. Add the source your qemu-utils came from, or install qemu-system-x86 yourself, then run vm/setup.sh again"
+        fi
+        # The emulator's own dependencies (seabios...) come from the same release as it.
+        [[ "$want" != *bpo12* ]] || from=(-t bookworm-backports)
+        install_set "${from[@]}" qemu-system-x86="$want" qemu-system-common="$want" qemu-system-data="$want"
+    fi
+    [ ${#rest[@]} -eq 0 ] || install_set "${rest[@]}"
 }
 MISSING=$(missing_pkgs)
 if [ -n "$MISSING" ]; then
