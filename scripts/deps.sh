@@ -20,6 +20,30 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" = 0 ] || { echo "deps.sh: missing packages ${missing[*]}; run as root (apt-get install)" >&2; exit 1; }
     echo "deps.sh: installing ${missing[*]}"
     timeout 600 apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q "${missing[@]}" >/dev/null
+    # qemu-utils and an installed qemu-system-x86 (vm/setup.sh's) come from one source package:
+    # apt wants one version of both, so qemu-utils takes the emulator's (from the release it
+    # came from), rather than apt replacing the emulator.
+    args=() from=()
+    qsys=$(dpkg-query -W -f='${Status} ${Version}' qemu-system-x86 2>/dev/null | sed -n 's/^install ok installed //p')
+    for p in "${missing[@]}"; do
+        if [ "$p" = qemu-utils ] && [ -n "$qsys" ]; then
+            args+=("qemu-utils=$qsys")
+            [[ "$qsys" != *bpo12* ]] || from=(-t bookworm-backports)
+        else
+            args+=("$p")
+        fi
+    done
+    # Never remove or downgrade what the machine has: read apt's plan first.
+    plan=$(DEBIAN_FRONTEND=noninteractive apt-get -s "${from[@]}" install "${args[@]}" 2>&1) || {
+        echo "$plan" | tail -n 15 >&2
+        echo "deps.sh: apt cannot install ${args[*]} (above)" >&2
+        exit 1
+    }
+    bad=$(echo "$plan" | sed -n 's/^Remv \([^ ]*\).*/\1/p' | tr '\n' ' ')
+    if [ -n "$bad" ]; then
+        echo "deps.sh: installing ${args[*]} would remove ${bad}(apt's plan); install them yourself at versions that fit, then run again" >&2
+        exit 1
+    fi
+    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q "${from[@]}" "${args[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { echo "deps.sh: cargo not found: install a Rust toolchain (rustup), 1.82 or newer" >&2; exit 1; }
