@@ -677,6 +677,24 @@ impl crate::lifecycle::BitmapFiles for BitmapFiles<'_> {
     }
 }
 
+/// What a switchover records in the header.
+pub enum BitmapSwitch {
+    /// The device moved onto the target (state switched over).
+    Over,
+    /// Source and target swapped (`switchover --reverse`): the new pair.
+    Reverse(PairIdentity),
+}
+
+impl crate::lifecycle::RecordSwitch for Bitmap {
+    type Switch = BitmapSwitch;
+    fn record_switch(&mut self, s: BitmapSwitch) -> Result<()> {
+        match s {
+            BitmapSwitch::Over => self.set_state(BitmapState::SwitchedOver),
+            BitmapSwitch::Reverse(pair) => self.set_pair(pair),
+        }
+    }
+}
+
 /// The identity of a backing file for the bitmap header: its absolute path as given (not
 /// resolved: `/dev/disk/by-id/...` stays stable where `/dev/sdb` does not) and, for a regular
 /// file, its inode number, so that a different file at the same path is noticed.

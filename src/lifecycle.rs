@@ -128,3 +128,30 @@ pub fn trusted_state<B: PersistentBits>(bits: B, sync: impl FnOnce(&B) -> Result
     let n = bits.nregions();
     Ok(MirrorState::new(n, bits))
 }
+
+/// How a switchover records itself in the bitmap's header (rule 7 of docs/crash-safety.md).
+pub trait RecordSwitch {
+    /// What the header is to record: for the real bitmap, the switched-over state, or the
+    /// reversed pair (`switchover --reverse`).
+    type Switch;
+    /// Writes it into the header and makes it durable before returning.
+    fn record_switch(&mut self, s: Self::Switch) -> Result<()>;
+}
+
+/// The pair may switch over: no write in flight, nothing dirty or being copied, and the last
+/// consistent point current, so the target's medium holds every write acknowledged so far. The
+/// caller holds new writes meanwhile.
+pub fn switchover_ready<B: PersistentBits>(state: &MirrorState<B>) -> bool {
+    state.writes_in_flight() == 0 && state.active_writes() == 0 && state.is_synced()
+}
+
+/// A switchover's durable step: records `s` in the header, durably, if the pair is ready. The
+/// caller lets no write reach the new data before this returned `Ok`; a crash before then
+/// resumes the old pair (nothing was written since it was synced), a crash after it follows
+/// the header.
+pub fn record_switchover<B: PersistentBits + RecordSwitch>(state: &mut MirrorState<B>, s: B::Switch) -> Result<()> {
+    if !switchover_ready(state) {
+        return Err(Error::config("the pair is not synced any more: the switchover was not recorded"));
+    }
+    state.pbits_mut().record_switch(s)
+}

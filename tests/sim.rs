@@ -66,16 +66,47 @@ impl Media {
 struct SimFile {
     cache: Vec<bool>,
     medium: Vec<bool>,
+    /// The header (cached, durable): which way round it names the pair, relative to the run's
+    /// start (a reverse switchover flips it), and whether the device switched over.
+    head: (Head, Head),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+struct Head {
+    reversed: bool,
+    switched: bool,
 }
 
 type FileRef = Rc<RefCell<SimFile>>;
 
-fn new_file(cache: Vec<bool>, medium: Vec<bool>) -> FileRef {
-    Rc::new(RefCell::new(SimFile { cache, medium }))
+fn new_file(cache: Vec<bool>, medium: Vec<bool>, reversed: bool) -> FileRef {
+    let h = Head { reversed, switched: false };
+    Rc::new(RefCell::new(SimFile { cache, medium, head: (h, h) }))
 }
 
 /// The bits as the daemon sees them: the mapped page cache of the file it opened.
 struct SimBits(FileRef);
+
+/// What a switchover records (the real bitmap records the state or the swapped pair).
+enum SimSwitch {
+    Over,
+    Reverse,
+}
+
+/// Like the real header write: into the mapped header, then an fdatasync of the whole file.
+impl lifecycle::RecordSwitch for SimBits {
+    type Switch = SimSwitch;
+    fn record_switch(&mut self, s: SimSwitch) -> ublk_mirror::Result<()> {
+        let mut f = self.0.borrow_mut();
+        match s {
+            SimSwitch::Over => f.head.0.switched = true,
+            SimSwitch::Reverse => f.head.0.reversed = !f.head.0.reversed,
+        }
+        f.head.1 = f.head.0;
+        f.medium = f.cache.clone();
+        Ok(())
+    }
+}
 
 impl PersistentBits for SimBits {
     fn nregions(&self) -> u64 {
@@ -167,6 +198,16 @@ struct Sim {
     live: bool,
     /// SIM_TRACE=1 with SIM_SEED: print the media after every step.
     trace: bool,
+    /// `src` and `tgt` are the run's original target and source (a reverse switchover swapped
+    /// them).
+    reversed: bool,
+    /// A switchover waits, holding new writes, for this many more steps (and its kind).
+    switching: Option<(SimSwitch, u32)>,
+    switchovers_left: u32,
+    /// Switchovers done (reverse, plain).
+    switched: (u32, u32),
+    /// A plain switchover ended the run (checked there).
+    over: bool,
 }
 
 /// An fdatasync that started when a file's blocks were `snap` completes: it wrote every block
@@ -236,7 +277,8 @@ impl BitmapFiles for SimOpen<'_> {
         self.op()?;
         // Never synced, the medium holds no bit (the worst a power loss can leave).
         let bits = vec![fill == Fill::Dirty; N as usize];
-        self.0.dir.temp = Some(new_file(bits, vec![false; N as usize]));
+        let reversed = self.0.reversed;
+        self.0.dir.temp = Some(new_file(bits, vec![false; N as usize], reversed));
         Ok(())
     }
     fn sync_temp(&mut self) -> ublk_mirror::Result<()> {
@@ -278,10 +320,11 @@ impl BitmapFiles for SimOpen<'_> {
 impl Sim {
     fn new(seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
-        let placeholder = MirrorState::new(N, SimBits(new_file(vec![false; N as usize], vec![false; N as usize])));
+        let placeholder = MirrorState::new(N, SimBits(new_file(vec![false; N as usize], vec![false; N as usize], false)));
         let active_mode = rng.gen_ratio(1, 2);
         let crashes_left = rng.gen_range(0..=2);
         let open_crashes_left = rng.gen_range(0..=2);
+        let switchovers_left = rng.gen_range(0..=2);
         Sim {
             budget: rng.gen_range(5..40),
             rng,
@@ -307,6 +350,11 @@ impl Sim {
             crashes: Vec::new(),
             live: false,
             trace: std::env::var("SIM_TRACE").is_ok(),
+            reversed: false,
+            switching: None,
+            switchovers_left,
+            switched: (0, 0),
+            over: false,
         }
     }
 
@@ -330,7 +378,7 @@ impl Sim {
                     // state it left): it covers every region that differs.
                     let bits: Vec<bool> =
                         (0..N as usize).map(|r| self.tgt.medium[r] < self.src.medium[r] || self.rng.gen()).collect();
-                    let f = new_file(bits.clone(), bits);
+                    let f = new_file(bits.clone(), bits, false);
                     self.dir.cache = Some(f.clone());
                     self.dir.medium = Some(f);
                     Some(SyncMode::Full)
@@ -358,7 +406,7 @@ impl Sim {
                         bits[r] = self.rng.gen_ratio(1, 5);
                     }
                 }
-                let f = new_file(bits.clone(), bits);
+                let f = new_file(bits.clone(), bits, false);
                 self.dir.cache = Some(f.clone());
                 self.dir.medium = Some(f);
                 *[None, Some(SyncMode::Resume), Some(SyncMode::Full)].get(self.rng.gen_range(0..3)).unwrap_or(&None)
@@ -382,6 +430,14 @@ impl Sim {
                 self.open_crash_in = Some(self.rng.gen_range(0..6));
             }
             let exists = self.dir.cache.is_some();
+            // The user names the pair the way the bitmap does (the real open refuses the other
+            // order: "it belongs to another pair").
+            if let Some(h) = self.dir.cache.as_ref().map(|f| f.borrow().head.0) {
+                if h.reversed != self.reversed {
+                    std::mem::swap(&mut self.src, &mut self.tgt);
+                    self.reversed = h.reversed;
+                }
+            }
             let r = lifecycle::resolve_mode(requested, exists, &|| "sim".into())
                 .and_then(|mode| lifecycle::open_bitmap(&mut SimOpen(self), mode));
             self.open_crash_in = None;
@@ -455,10 +511,12 @@ impl Sim {
                 for f in [&self.dir.cache, &self.dir.medium, &self.dir.temp].into_iter().flatten() {
                     let mut f = f.borrow_mut();
                     f.cache = f.medium.clone();
+                    f.head.0 = f.head.1;
                 }
                 {
                     let mut f = self.s.pbits().0.borrow_mut();
                     f.cache = f.medium.clone();
+                    f.head.0 = f.head.1;
                 }
                 self.dir.cache = self.dir.medium.clone();
                 self.dir.temp = None;
@@ -471,6 +529,7 @@ impl Sim {
         self.writes.clear();
         self.copies.clear();
         self.evs.clear();
+        self.switching = None;
         self.gc = (0..QUEUES).map(|_| GroupCommit::default()).collect();
         self.target_flush_pending = false;
         self.check_media();
@@ -521,6 +580,9 @@ impl Sim {
         self.evs.push(Flush::Bitmap { q, seq, snap, file });
     }
     fn new_write(&mut self) {
+        if self.switching.is_some() {
+            return; // held by the switchover
+        }
         self.budget -= 1;
         let start = self.rng.gen_range(0..N);
         let count = self.rng.gen_range(1..=2u64).min(N - start);
@@ -757,10 +819,67 @@ impl Sim {
                 self.crashes_left -= 1;
                 self.crash_and_restart();
             }
+            9 if self.switching.is_none() && self.switchovers_left > 0 && self.rng.gen_ratio(1, 15) => {
+                self.switchovers_left -= 1;
+                let kind = if self.rng.gen_ratio(3, 4) { SimSwitch::Reverse } else { SimSwitch::Over };
+                self.switching = Some((kind, 80));
+            }
             _ => self.mirror_step(),
         }
+        self.try_switchover();
         self.steps += 1;
         self.check_media();
+    }
+
+    /// A switchover waiting for the pair (new writes held, see new_write) goes once the real
+    /// `switchover_ready` says so, through the real `record_switchover`; it gives up after its
+    /// steps. The application's and the mirror's flushes in flight land first (they belong to
+    /// the old roles; the engine's would flush the old descriptors, which changes nothing).
+    fn try_switchover(&mut self) {
+        let Some((_, left)) = self.switching.as_mut() else { return };
+        if *left == 0 {
+            self.switching = None;
+            return;
+        }
+        *left -= 1;
+        if !lifecycle::switchover_ready(&self.s) || self.evs.iter().any(|e| !matches!(e, Flush::Bitmap { .. })) {
+            return;
+        }
+        let Some((kind, _)) = self.switching.take() else { return };
+        let reverse = matches!(kind, SimSwitch::Reverse);
+        if lifecycle::record_switchover(&mut self.s, kind).is_err() {
+            return;
+        }
+        if reverse {
+            // From now on the old target is the device's data and the old source the mirror's
+            // target: both hold the same data (ready), and the bitmap says so.
+            std::mem::swap(&mut self.src, &mut self.tgt);
+            self.reversed = !self.reversed;
+            self.switched.0 += 1;
+            return;
+        }
+        // The device serves the target alone: it must hold every acknowledged write, on its
+        // medium, whatever crash comes next; and a restart must find the switch recorded (so it
+        // serves the target, through the real recover path, rather than the stale source).
+        self.switched.1 += 1;
+        for r in 0..N as usize {
+            assert_eq!(self.tgt.medium[r], self.src.cache[r], "switchover: region {r} is not on the target's medium");
+        }
+        let data = self.tgt.medium.clone();
+        let kind = if self.rng.gen() { Crash::Kill } else { Crash::Power };
+        self.crashes.push((kind, "switched over"));
+        self.crash(kind);
+        let f = self.dir.cache.clone().expect("a bitmap under its name after a switchover");
+        assert!(f.borrow().head.0.switched, "a crash after the switchover brought the old pair back");
+        let bits = SimBits(f);
+        lifecycle::trusted_state(bits, |b| {
+            let mut f = b.0.borrow_mut();
+            f.medium = f.cache.clone();
+            Ok(())
+        })
+        .expect("recover after the switchover");
+        assert_eq!(self.tgt.medium, data);
+        self.over = true;
     }
 
     /// What a power loss at this instant would leave must be recoverable: the bitmap under the
@@ -829,6 +948,8 @@ struct RunStats {
     steps: u64,
     consistent: u64,
     crashes: Vec<(Crash, &'static str)>,
+    /// Switchovers: reverse, plain.
+    switched: (u32, u32),
 }
 
 fn run(seed: u64, steps: u64) -> RunStats {
@@ -837,9 +958,14 @@ fn run(seed: u64, steps: u64) -> RunStats {
     let crash_at = sim.rng.gen_range(1..=steps);
     for _ in 0..crash_at {
         sim.step();
+        if sim.over {
+            break;
+        }
     }
-    sim.crash_and_recover();
-    RunStats { steps: sim.steps, consistent: sim.consistent_points, crashes: sim.crashes }
+    if !sim.over {
+        sim.crash_and_recover();
+    }
+    RunStats { steps: sim.steps, consistent: sim.consistent_points, crashes: sim.crashes, switched: sim.switched }
 }
 
 #[test]
@@ -856,12 +982,15 @@ fn crashes_anywhere_are_recoverable() {
     // Crashes by kind and place; a kill followed by a power loss in the same run.
     let mut kinds = std::collections::BTreeMap::<String, u64>::new();
     let mut kill_then_power = 0u64;
+    let (mut reversed, mut switched_over) = (0u64, 0u64);
     for i in 0..runs {
         let seed = base + i;
         match std::panic::catch_unwind(|| run(seed, 400)) {
             Ok(st) => {
                 points += st.steps;
                 consistent += st.consistent;
+                reversed += st.switched.0 as u64;
+                switched_over += st.switched.1 as u64;
                 for (k, at) in &st.crashes {
                     *kinds.entry(format!("{k:?} while {at}")).or_default() += 1;
                 }
@@ -883,6 +1012,7 @@ fn crashes_anywhere_are_recoverable() {
         t0.elapsed().as_secs_f64()
     );
     println!("sim: crashes: {}; runs with a kill then a power loss: {kill_then_power}", kinds_text.join(", "));
+    println!("sim: switchovers: {reversed} reverse, {switched_over} plain (a plain one is followed by a crash at once)");
     assert!(points >= runs, "runs did nothing");
     assert!(consistent > 0, "no run reached a consistent point: the simulation is not exercising the mirror");
     // Every kind of crash, at every place, must have happened (with enough runs to expect it).
@@ -891,5 +1021,6 @@ fn crashes_anywhere_are_recoverable() {
             assert!(kinds.get(k).copied().unwrap_or(0) > 0, "no run had a crash '{k}': the simulation is not exercising it");
         }
         assert!(kill_then_power > 0, "no run had a daemon kill followed by a power loss");
+        assert!(reversed > 0 && switched_over > 0, "no switchover of each kind: {reversed} reverse, {switched_over} plain");
     }
 }
