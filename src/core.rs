@@ -193,6 +193,9 @@ pub struct MirrorState<P: PersistentBits> {
     pending: HashMap<u64, u64>,
     set_seq: u64,
     durable_seq: u64,
+    /// Persistent bits set in the cache (kept as they change: `status` reads it under the lock
+    /// that every write takes, and must not walk the device).
+    pcount: u64,
     cursor: u64,
     /// A write completed or a copy finished since the last consistent flush started.
     changed: bool,
@@ -214,6 +217,7 @@ impl<P: PersistentBits> MirrorState<P> {
         }
         let dirty = durable.count_ones() as u64;
         MirrorState {
+            pcount: dirty,
             nregions,
             volatile: durable.clone(),
             durable,
@@ -323,6 +327,7 @@ impl<P: PersistentBits> MirrorState<P> {
             } else {
                 // Clear in the cache (a set bit that is not durable is always in `pending`).
                 self.pbits.set(r);
+                self.pcount += 1;
                 self.set_seq += 1;
                 self.pending.insert(r, self.set_seq);
                 need = need.max(self.set_seq);
@@ -677,8 +682,10 @@ impl<P: PersistentBits> MirrorState<P> {
         out
     }
 
+    /// Clears a bit that is set.
     fn clear_bit(&mut self, r: u64) {
         self.pbits.clear(r);
+        self.pcount -= 1;
         self.durable.set(r as usize, false);
         self.pending.remove(&r);
     }
@@ -694,7 +701,7 @@ impl<P: PersistentBits> MirrorState<P> {
     /// One tick of lazy clearing: clears the bits that were already eligible at the previous
     /// tick and are still untouched. Returns the number of bits cleared.
     pub fn clear_tick(&mut self) -> u64 {
-        let old = std::mem::replace(&mut self.eligible_old, bitvec![u64, Lsb0; 0; self.nregions as usize]);
+        let old = std::mem::take(&mut self.eligible_old);
         let mut n = 0;
         for i in old.iter_ones() {
             // Eligible regions are untouched since their copy was flushed to the target:
@@ -705,7 +712,10 @@ impl<P: PersistentBits> MirrorState<P> {
                 n += 1;
             }
         }
-        std::mem::swap(&mut self.eligible_old, &mut self.eligible_young);
+        // Reuse the old set's memory (as large as the bitmap) for the new young one.
+        let mut old = old;
+        old.fill(false);
+        self.eligible_old = std::mem::replace(&mut self.eligible_young, old);
         n
     }
 
@@ -726,6 +736,7 @@ impl<P: PersistentBits> MirrorState<P> {
         for r in 0..self.nregions {
             if !self.pbits.get(r) {
                 self.pbits.set(r);
+                self.pcount += 1;
                 self.set_seq += 1;
                 self.pending.insert(r, self.set_seq);
             }
@@ -737,7 +748,7 @@ impl<P: PersistentBits> MirrorState<P> {
 
     /// Number of persistent bits set in the cache.
     pub fn persistent_count(&self) -> u64 {
-        (0..self.nregions).filter(|&r| self.pbits.get(r)).count() as u64
+        self.pcount
     }
 
     /// Self-check of the internal invariants (tests and debug builds).
@@ -748,6 +759,10 @@ impl<P: PersistentBits> MirrorState<P> {
         }
         if self.copying.count_ones() as u64 != self.copying_count {
             return Err("copying count drifted".into());
+        }
+        let pset = (0..self.nregions).filter(|&r| self.pbits.get(r)).count() as u64;
+        if pset != self.pcount {
+            return Err(format!("persistent count {} != bits set {pset}", self.pcount));
         }
         for r in 0..self.nregions {
             let i = r as usize;
