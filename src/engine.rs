@@ -8,7 +8,7 @@
 //! on a ring).
 
 use crate::backing::{Backing, DirectMode};
-use crate::bitmap::{Bitmap, BitmapState, Expect, PairIdentity, DEFAULT_GRANULARITY};
+use crate::bitmap::{Bitmap, BitmapState, BitmapSwitch, Expect, PairIdentity, DEFAULT_GRANULARITY};
 use crate::core::{ActivePlan, CoreCounters, Extent, Intent, MirrorState};
 use crate::error::{Error, Result};
 use crate::front::{Fds, Held};
@@ -224,6 +224,8 @@ pub struct Status {
     pub active_writes: usize,
     pub target_failures: u32,
     pub degraded_secs: Option<f64>,
+    /// Passes the mirror loop has begun since the daemon started (see [`Engine::loop_passes`]).
+    pub loop_passes: u64,
 }
 
 pub struct Engine {
@@ -238,6 +240,8 @@ pub struct Engine {
     /// Serializes switchovers.
     switching: Mutex<()>,
     front_requests: AtomicU64,
+    /// Passes of the mirror loop (see [`Engine::loop_passes`]).
+    loop_passes: AtomicU64,
     /// The mirror thread is asked to park (its target is being replaced), and whether it runs.
     mirror_restart: AtomicBool,
     mirror_running: AtomicBool,
@@ -428,6 +432,7 @@ impl Engine {
             front_target: Mutex::new(None),
             switching: Mutex::new(()),
             front_requests: AtomicU64::new(0),
+            loop_passes: AtomicU64::new(0),
             mirror_restart: AtomicBool::new(false),
             mirror_running: AtomicBool::new(false),
             mirror_next: Mutex::new(None),
@@ -719,10 +724,7 @@ impl Engine {
             // write_barrier is set, so no command starts after this check finds none.
             let (synced, failed) = {
                 let g = self.lock();
-                let synced = g.state.writes_in_flight() == 0
-                    && g.state.active_writes() == 0
-                    && g.state.is_synced()
-                    && !self.hook_running();
+                let synced = lifecycle::switchover_ready(&g.state) && !self.hook_running();
                 (synced, g.progress.degraded_since.is_some() || g.progress.gave_up.is_some())
             };
             // A target that fails while writes are held will not catch up soon: let them go
@@ -753,7 +755,7 @@ impl Engine {
             };
         }
         // Durable before the switch: a crash from here on must not bring the old pair back.
-        let r = self.lock().state.pbits_mut().set_state(BitmapState::SwitchedOver);
+        let r = lifecycle::record_switchover(&mut self.lock().state, BitmapSwitch::Over);
         if let Err(e) = r {
             return release(format!("recording the switchover in the bitmap: {e}"));
         }
@@ -815,7 +817,7 @@ impl Engine {
         };
         // The new pair is recorded before any write reaches the new source: a crash from here
         // on recovers the new pair (nothing is dirty, and both hold the same data).
-        if let Err(e) = self.lock().state.pbits_mut().set_pair(swapped.clone()) {
+        if let Err(e) = lifecycle::record_switchover(&mut self.lock().state, BitmapSwitch::Reverse(swapped.clone())) {
             return Err(resume_same(format!("recording the reversed pair in the bitmap: {e}")));
         }
         *write_lock(&self.source) = new_source;
@@ -934,6 +936,24 @@ impl Engine {
     /// tell whether the device is busy.
     pub fn front_requests(&self) -> u64 {
         self.front_requests.load(Ordering::Relaxed)
+    }
+
+    /// How many passes the mirror loop (every run of it, restarts included) has begun: it only
+    /// grows, by one each time the loop looks at the state and does what is due (copies,
+    /// flushes, retries, timers), that is at each wake-up. Each pass's work happens before the
+    /// next pass is counted, so once the counter has gone up by 2 from a value read at some
+    /// moment, a whole pass that began after that moment has ended: what the loop would have
+    /// done then (a retry whose time had come, a copy of a region dirty by then) it has done, or
+    /// begun. Tests wait on it to see that something did not happen; an operator sees a stuck
+    /// loop (not moving while work is due) or a spinning one (racing while idle).
+    pub fn loop_passes(&self) -> u64 {
+        self.loop_passes.load(Ordering::SeqCst)
+    }
+
+    /// The mirror loop begins a pass (called once per pass, by the loop only).
+    pub(crate) fn count_loop_pass(&self) {
+        // SeqCst (a release): what the previous pass did is seen by whoever reads the new value.
+        self.loop_passes.fetch_add(1, Ordering::SeqCst);
     }
     pub fn paused(&self) -> bool {
         self.controls.paused.load(Ordering::SeqCst)
@@ -1057,6 +1077,7 @@ impl Engine {
             active_writes: g.state.active_writes(),
             target_failures: g.progress.target_failures,
             degraded_secs: g.progress.degraded_since.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64()),
+            loop_passes: self.loop_passes(),
             state,
             device_size: self.size,
             granularity: gran,

@@ -225,6 +225,8 @@ impl<'t> Mirror<'t> {
         let mut cqes = Vec::new();
         let mut interrupted = false;
         loop {
+            // One increment a pass: see Engine::loop_passes.
+            self.engine.count_loop_pass();
             if until == RunUntil::Stopped && self.engine.mirror_fault_injected() {
                 return Err(injected_fault());
             }

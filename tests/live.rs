@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ublk_mirror::backing::AlignedBuf;
 use ublk_mirror::engine::{CopyConfig, CopyMode, Engine, Settings, SyncMode};
-use ublk_mirror::mirror::{Mirror, RunUntil};
+use ublk_mirror::mirror::{Mirror, RunUntil, MAX_BACKOFF};
 use ublk_mirror::queue::{EngineQueue, Op};
 use ublk_mirror::target::{BoxTarget, Target, TargetDone, TargetOp};
 use ublk_mirror::uring::Ring;
@@ -158,6 +158,21 @@ fn events(engine: &Engine) -> Vec<String> {
     engine.events().recent().iter().filter_map(|e| e["event"].as_str().map(String::from)).collect()
 }
 
+/// The most target failures that the mirror's backoff (100 ms after the first failure,
+/// doubling up to MAX_BACKOFF) lets happen in any `secs` after the first: failure i+1 comes at
+/// least backoff(i) after failure i, so m failures in a row, none of them the first, span at
+/// least backoff(2) + .. + backoff(m). One more for a stall of the loop between a failure's
+/// retry time and its count. However slow the loop, never more.
+fn max_failures_in(secs: f64) -> u32 {
+    let backoff = |i: u32| (Duration::from_millis(100) * 2u32.pow(i.min(16) - 1)).min(MAX_BACKOFF).as_secs_f64();
+    let (mut m, mut span) = (1, 0.0);
+    while span + backoff(m + 1) <= secs {
+        m += 1;
+        span += backoff(m);
+    }
+    m + 1
+}
+
 /// A failing target: the application's writes all succeed, the mirror reports degraded and
 /// retries with backoff (resetting the target first), and converges by itself once the target
 /// works again.
@@ -221,10 +236,16 @@ fn mirroring_gives_up_after_max_retries() {
     let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
     write(&mut q, 0, 4096, 1);
     wait_for("stopped", Duration::from_secs(20), || engine.status().state == "stopped");
+    let given_up = Instant::now();
     let failures = engine.status().target_failures;
-    std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(engine.status().target_failures, failures, "it kept retrying after giving up");
-    write(&mut q, 4096, 4096, 2);
+    assert_eq!(failures, 3, "gave up after {failures} failures, max_retries 2");
+    // The device's writes still succeed, and dirty a region that a mirror still trying would copy.
+    write(&mut q, 64 << 10, 4096, 2);
+    // The retry the last failure scheduled was due MAX_BACKOFF after it at the latest: the loop
+    // has passed that time (and been woken since) without trying again.
+    wait_loop_pass(&engine, "a mirror loop pass after the retry would have been due", given_up + MAX_BACKOFF, 0, Duration::from_secs(20));
+    let st = engine.status();
+    assert_eq!((st.state, st.target_failures), ("stopped", failures), "it kept retrying after giving up: {st:?}");
     assert!(events(&engine).contains(&"stopped".to_string()));
     engine.request_stop();
     mirror.join().expect("mirror");
@@ -252,19 +273,24 @@ fn a_failing_flush_of_a_clean_device_backs_off_and_gives_up() {
         wait_for("the first failure", Duration::from_secs(20), || engine.status().target_failures > 0);
         let t0 = Instant::now();
         let base = engine.status().target_failures;
-        std::thread::sleep(Duration::from_millis(1000));
+        // A second, with the loop woken every 10 ms (at least 50 passes, each a chance to flush
+        // again), and a whole pass after it.
+        let passes = wait_loop_pass(&engine, "a second of mirror loop passes", t0 + Duration::from_secs(1), 50, Duration::from_secs(20));
         let failures = engine.status().target_failures;
         let secs = t0.elapsed().as_secs_f64();
         // Attempts (a reset, which fails, or a flush) 100, 300, 700, 1500, 3100 ms after the
-        // first failure: at most 4 in any 1.5 s.
+        // first failure.
         let more = failures - base;
-        assert!(more <= 4 + (secs > 1.5) as u32 * 2, "{more} failures in {secs:.2}s: no backoff");
+        assert!(more <= max_failures_in(secs), "{more} failures in {secs:.2}s ({passes} loop passes): no backoff");
         if max_retries == 2 {
             wait_for("stopped", Duration::from_secs(20), || engine.status().state == "stopped");
+            let given_up = Instant::now();
             let at_stop = engine.status().target_failures;
             assert_eq!(at_stop, 3, "gave up after {at_stop} failures, max_retries 2");
-            std::thread::sleep(Duration::from_millis(800));
-            assert_eq!(engine.status().target_failures, at_stop, "it kept flushing after giving up");
+            // Past the time of the retry the last failure scheduled (MAX_BACKOFF at the latest).
+            wait_loop_pass(&engine, "a mirror loop pass after the retry would have been due", given_up + MAX_BACKOFF, 0, Duration::from_secs(20));
+            let st = engine.status();
+            assert_eq!((st.state, st.target_failures), ("stopped", at_stop), "it kept flushing after giving up: {st:?}");
         } else {
             wait_for("a retry", Duration::from_secs(20), || engine.status().target_failures >= 2);
         }
@@ -301,11 +327,14 @@ fn failing_bitmap_flushes_back_off_and_do_not_hold_the_stop() {
     wait_for("a failed bitmap flush", Duration::from_secs(20), || attempts.load(Ordering::SeqCst) > 0);
     let t0 = Instant::now();
     let base = attempts.load(Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(1500));
+    // 1.5 s, with the loop woken every 10 ms (at least 50 passes, each a chance to flush the
+    // bitmap again), and a whole pass after it.
+    let passes = wait_loop_pass(&engine, "1.5 s of mirror loop passes", t0 + Duration::from_millis(1500), 50, Duration::from_secs(20));
     let more = attempts.load(Ordering::SeqCst) - base;
     let secs = t0.elapsed().as_secs_f64();
-    // One attempt a second (BITMAP_RETRY): 1 or 2 in 1.5 s; a stall allows one a second more.
-    assert!(more <= 2 + secs as u64, "{more} bitmap flushes in {secs:.2}s: no backoff");
+    // One attempt a second (BITMAP_RETRY, counted from the last one's failure): at most one
+    // more than the whole seconds in the window, however slow the loop was.
+    assert!(more <= 1 + secs as u64, "{more} bitmap flushes in {secs:.2}s ({passes} loop passes): no backoff");
     wait_for("a retry", Duration::from_secs(20), || attempts.load(Ordering::SeqCst) > base);
     assert!(engine.status().last_error.is_some_and(|e| e.contains("bitmap flush")));
     engine.request_stop();
@@ -335,12 +364,16 @@ fn failing_flushes_back_off_although_copies_succeed() {
     wait_for("the first failure", Duration::from_secs(20), || engine.status().target_failures > 0);
     let t0 = Instant::now();
     let base = engine.status().target_failures;
-    std::thread::sleep(Duration::from_millis(2000));
+    // 2 s, with the loop woken every 10 ms (at least 50 passes), and a whole pass after it.
+    let passes = wait_loop_pass(&engine, "2 s of mirror loop passes", t0 + Duration::from_secs(2), 50, Duration::from_secs(20));
     let more = engine.status().target_failures - base;
     let secs = t0.elapsed().as_secs_f64();
     // Attempts 0.1, 0.3, 0.7, 1.5, 3.1 s after the first failure (plus each copy's time): at
-    // most 4 in any 2 s; at a constant 100 ms it would be about 20.
-    assert!(more <= 4 + (secs > 2.5) as u32 * 2, "{more} failures in {secs:.2}s: the backoff does not grow");
+    // most 5 in 2 s; at a constant 100 ms it would be about 20.
+    assert!(
+        more <= max_failures_in(secs),
+        "{more} failures in {secs:.2}s ({passes} loop passes): the backoff does not grow"
+    );
     assert!(more >= 1, "no retry in {secs:.2}s");
     broken.store(false, Ordering::SeqCst);
     wait_for("synced once flushes work", Duration::from_secs(20), || engine.status().state == "synced");
@@ -377,15 +410,22 @@ fn a_pause_under_the_speed_limit_does_not_spin() {
     wait_for("the copy to be throttled", Duration::from_secs(20), || engine.status().bytes_copied >= 2 * MIB);
     engine.apply_settings(&Settings { speed, paused: true, ..Default::default() });
     wait_for("copies in flight to end", Duration::from_secs(20), || engine.status().copying_bytes == 0);
-    let (c0, t0) = (cpu_ticks(), Instant::now());
+    let (c0, p0, t0) = (cpu_ticks(), engine.loop_passes(), Instant::now());
+    // A measurement window, not a wait for something: a spin has no event of its own. It is
+    // judged by the loop's passes, which a spin drives up by hundreds of thousands a second
+    // (so even a thread given a sliver of a CPU shows it), and by the thread's CPU time.
     std::thread::sleep(Duration::from_millis(1500));
-    let (ticks, secs) = (cpu_ticks() - c0, t0.elapsed().as_secs_f64());
+    let (ticks, passes, secs) = (cpu_ticks() - c0, engine.loop_passes() - p0, t0.elapsed().as_secs_f64());
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let busy = ticks as f64 / hz / secs;
+    // Nothing wakes an idle paused loop but its timers (the lazy clearing tick, 2.5 s here).
+    assert!(passes <= 10, "the paused mirror loop made {passes} passes in {secs:.2}s: it spins");
     assert!(busy < 0.2, "the paused mirror thread used {:.0}% of a CPU", busy * 100.0);
+    // And it sleeps, it is not stuck: woken, it makes a pass, and copies nothing.
+    wait_loop_pass(&engine, "a pass of the paused mirror loop", Instant::now(), 0, Duration::from_secs(20));
     let st = engine.status();
-    assert!(st.state == "paused" && st.dirty_bytes > 0, "{st:?}");
+    assert!(st.state == "paused" && st.dirty_bytes > 0 && st.copying_bytes == 0, "{st:?}");
     engine.apply_settings(&Settings::default());
     wait_for("synced after resume", Duration::from_secs(30), || engine.status().state == "synced");
     engine.request_stop();
@@ -445,9 +485,11 @@ fn pause_and_resume() {
     let mirror = spawn_loop(&engine, target, CopyConfig::default());
     let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
     write(&mut q, MIB, 64 << 10, 3);
-    std::thread::sleep(Duration::from_millis(700));
+    // The write woke the loop; once it has made a whole pass since, it would have started the
+    // copy were it not paused.
+    wait_loop_pass(&engine, "a mirror loop pass after the write", Instant::now(), 0, Duration::from_secs(20));
     let st = engine.status();
-    assert_eq!((st.state, st.bytes_copied), ("paused", 0), "{st:?}");
+    assert_eq!((st.state, st.bytes_copied, st.copying_bytes), ("paused", 0, 0), "{st:?}");
     assert_eq!(st.dirty_bytes, 64 << 10);
     engine.apply_settings(&Settings::default());
     wait_for("synced after resume", Duration::from_secs(20), || engine.status().state == "synced");
@@ -859,15 +901,23 @@ fn online_verify_follows_a_lowered_speed_limit_and_stops() {
     engine.apply_settings(&Settings { speed: 16 * MIB, ..Default::default() });
     engine.start_verify().expect("start");
     let compared = || engine.verifier().report().expect("report").bytes_compared;
-    wait_for("8 MiB compared", Duration::from_secs(30), || compared() >= 8 * MIB);
+    wait_for("16 MiB compared", Duration::from_secs(30), || compared() >= 16 * MIB);
+    let t0 = Instant::now();
     engine.apply_settings(&Settings { speed: MIB, ..Default::default() });
     let c0 = compared();
-    std::thread::sleep(Duration::from_millis(2000));
+    // Waited for by its count, not for a time: 2 MiB more compared.
+    wait_for("2 MiB compared at 1 MiB/s", Duration::from_secs(60), || compared() >= c0 + 2 * MIB);
+    let secs = t0.elapsed().as_secs_f64();
     let r = engine.verifier().report().expect("report");
     assert_eq!(r.state, "running", "{r:?}");
-    let more = r.bytes_compared - c0;
-    // About 2 MiB at 1 MiB/s; not more than the limit allows (plus a region or two), not nothing.
-    assert!((MIB / 2..=3 * MIB).contains(&more), "{more} bytes compared in 2 s at 1 MiB/s");
+    // Not faster than the limit, from when it was set: one region (64 KiB) goes at once, each
+    // further one is due 1/16 s after the one before; the one being compared when it was set
+    // may end after it too. A lower bound on the time, which a slow machine cannot break.
+    let regions = 2 * MIB / (64 << 10);
+    assert!(secs >= (regions - 2) as f64 / 16.0, "2 MiB compared in {secs:.2}s at 1 MiB/s");
+    // Nor owing for the 16 MiB compared before the limit (at 1 MiB/s, a 15 s sleep with
+    // nothing compared): about 2 s, with room for a loaded machine.
+    assert!(secs < 8.0, "2 MiB compared in {secs:.2}s at 1 MiB/s: the new limit was counted from the verify's start");
     let t0 = Instant::now();
     engine.request_stop();
     wait_for("the verify to end", Duration::from_secs(20), || engine.verifier().report().is_some_and(|r| r.state != "running"));
@@ -954,11 +1004,17 @@ fn on_consistent_command_sees_a_still_target() {
     write(&mut q, MIB, 4096, 0x41);
     wait_for("a run after A", Duration::from_secs(20), || snap.exists());
     assert!(engine.hook_running());
-    // B while the command runs: it stays dirty until the command has ended.
+    // B while the command runs: it stays dirty until the command has ended, although the loop
+    // looked at it (the write woke it).
+    let copied = engine.status().bytes_copied;
     write(&mut q, 2 * MIB, 4096, 0x42);
-    std::thread::sleep(Duration::from_millis(400));
+    wait_loop_pass(&engine, "a mirror loop pass after B", Instant::now(), 0, Duration::from_secs(20));
     let st = engine.status();
-    assert!(engine.hook_running() && st.dirty_bytes > 0, "copied while the command ran: {st:?}");
+    assert!(engine.hook_running(), "the command ended early: {st:?}");
+    assert!(
+        st.dirty_bytes > 0 && st.copying_bytes == 0 && st.bytes_copied == copied,
+        "copied while the command ran: {st:?}"
+    );
     let image = read_all(&snap);
     assert_eq!(image[MIB as usize], 0x41 | 1, "the snapshot lacks A");
     assert_eq!(image[2 * MIB as usize], 0, "the snapshot has B, written after its consistent point");

@@ -65,6 +65,39 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Waits for the mirror loop of `engine` to have looked at the state after `after`: until then
+/// and then until a whole pass of the loop that began after it has ended (its pass counter,
+/// [`ublk_mirror::engine::Engine::loop_passes`], read after `after`, has gone up by 2), and,
+/// from the start, until the loop has made at least `min_passes` passes. It wakes the loop
+/// every 10 ms meanwhile, so that it passes even with nothing to do. How a test sees that
+/// something did NOT happen, and cannot pass by being slow: whatever the loop would have done
+/// by `after` (a retry whose time had come, a copy of a region dirty by then, a flush) it has
+/// done or begun once this returns. `timeout` is counted from `after` (or from now, if later).
+/// Returns the passes made since the call.
+pub fn wait_loop_pass(
+    engine: &ublk_mirror::engine::Engine,
+    what: &str,
+    after: Instant,
+    min_passes: u64,
+    timeout: Duration,
+) -> u64 {
+    let start = engine.loop_passes();
+    let mut base = None;
+    let timeout = timeout + after.saturating_duration_since(Instant::now());
+    wait_for(what, timeout, || {
+        // The counter is read after the clock: a base read before `after` proves nothing.
+        if Instant::now() >= after {
+            let n = engine.loop_passes();
+            if n >= start + min_passes && n >= *base.get_or_insert(n) + 2 {
+                return true;
+            }
+        }
+        engine.wake();
+        false
+    });
+    engine.loop_passes() - start
+}
+
 pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     if a.len() != b.len() {
         return Some(a.len().min(b.len()));
