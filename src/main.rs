@@ -457,7 +457,15 @@ fn cmd_verify(a: VerifyArgs) -> CliResult {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else if r.identical() {
-        println!("identical: {} compared", human(r.bytes_compared));
+        if r.bytes_skipped > 0 {
+            println!(
+                "identical: {} compared, {} not read (holes on both sides)",
+                human(r.bytes_compared),
+                human(r.bytes_skipped)
+            );
+        } else {
+            println!("identical: {} compared", human(r.bytes_compared));
+        }
     } else {
         println!(
             "DIFFERENT: {} regions of {} differ ({}):",
