@@ -24,6 +24,15 @@
 use bitvec::prelude::*;
 use std::collections::HashMap;
 
+/// A set of `n` regions, all clear. Its memory comes zeroed from the allocator (for large sets,
+/// fresh pages that cost no RAM until written): most of the state's sets stay empty or small,
+/// and a device of many TiB must not pay for each of them in full.
+pub fn zeroed(n: u64) -> BitVec<u64, Lsb0> {
+    let mut b = BitVec::from_vec(vec![0u64; n.div_ceil(64) as usize]);
+    b.truncate(n as usize);
+    b
+}
+
 /// Storage for the persistent bits as the process sees them (the bitmap file's page cache, or a
 /// simulated cache). Durability is not this trait's business: the engine flushes the medium.
 pub trait PersistentBits {
@@ -40,7 +49,7 @@ pub struct MemBits(pub BitVec<u64, Lsb0>);
 
 impl MemBits {
     pub fn new(n: u64) -> Self {
-        MemBits(bitvec![u64, Lsb0; 0; n as usize])
+        MemBits(zeroed(n))
     }
 }
 
@@ -209,7 +218,7 @@ impl<P: PersistentBits> MirrorState<P> {
     /// before calling this: [`crate::lifecycle::trusted_state`]), so every set bit is durable and
     /// every set bit is work to do: after a crash, those are exactly the regions that may differ.
     pub fn new(nregions: u64, pbits: P) -> Self {
-        let mut durable = bitvec![u64, Lsb0; 0; nregions as usize];
+        let mut durable = zeroed(nregions);
         for r in 0..nregions {
             if pbits.get(r) {
                 durable.set(r as usize, true);
@@ -223,19 +232,19 @@ impl<P: PersistentBits> MirrorState<P> {
             durable,
             pbits,
             dirty,
-            copying: bitvec![u64, Lsb0; 0; nregions as usize],
+            copying: zeroed(nregions),
             copying_count: 0,
-            copied: bitvec![u64, Lsb0; 0; nregions as usize],
+            copied: zeroed(nregions),
             flush: None,
             lazy: false,
-            written: bitvec![u64, Lsb0; 0; nregions as usize],
-            poisoned: bitvec![u64, Lsb0; 0; nregions as usize],
-            eligible_young: bitvec![u64, Lsb0; 0; nregions as usize],
-            eligible_old: bitvec![u64, Lsb0; 0; nregions as usize],
+            written: zeroed(nregions),
+            poisoned: zeroed(nregions),
+            eligible_young: zeroed(nregions),
+            eligible_old: zeroed(nregions),
             inflight: HashMap::new(),
             active: HashMap::new(),
             next_active: 0,
-            watched: bitvec![u64, Lsb0; 0; nregions as usize],
+            watched: zeroed(nregions),
             pending: HashMap::new(),
             set_seq: 0,
             durable_seq: 0,
@@ -306,6 +315,24 @@ impl<P: PersistentBits> MirrorState<P> {
         self.eligible_old.set(r as usize, false);
         if let Some(f) = self.flush.as_mut() {
             f.regions.set(r as usize, false);
+        }
+    }
+
+    /// [`Self::disturb`] for the regions `[s, e)`, a word at a time. Only sets that have a bit
+    /// there are written: the others' pages stay untouched (never-written zeroed memory costs
+    /// no RAM, and most of these sets are empty most of the time).
+    fn disturb_range(&mut self, s: usize, e: usize) {
+        let clear = |b: &mut BitVec<u64, Lsb0>| {
+            if b[s..e].any() {
+                b[s..e].fill(false);
+            }
+        };
+        clear(&mut self.watched);
+        clear(&mut self.copied);
+        clear(&mut self.eligible_young);
+        clear(&mut self.eligible_old);
+        if let Some(f) = self.flush.as_mut() {
+            clear(&mut f.regions);
         }
     }
 
@@ -524,20 +551,17 @@ impl<P: PersistentBits> MirrorState<P> {
         let start = self
             .find_copyable(self.cursor, self.nregions)
             .or_else(|| self.find_copyable(0, self.cursor))?;
-        let mut end = start + 1;
-        while end < self.nregions
-            && end - start < max
-            && self.volatile[end as usize]
-            && !self.copying[end as usize]
-        {
-            end += 1;
-        }
-        for r in start..end {
-            self.volatile.set(r as usize, false);
-            self.copying.set(r as usize, true);
-            self.written.set(r as usize, true);
-            self.disturb(r);
-        }
+        // The run of dirty regions not being copied from `start`, at most `max` long: searched
+        // and updated a word at a time (a copy of a source's hole may cover millions of regions).
+        let lim = start.saturating_add(max).min(self.nregions) as usize;
+        let s = start as usize;
+        let e = self.volatile[s..lim].first_zero().map_or(lim, |i| s + i);
+        let e = self.copying[s..e].first_one().map_or(e, |i| s + i);
+        let end = e as u64;
+        self.volatile[s..e].fill(false);
+        self.copying[s..e].fill(true);
+        self.written[s..e].fill(true);
+        self.disturb_range(s, e);
         // The copy may read the source before an active write lands there and write the target
         // after that write's target write: the active write cannot vouch for the target.
         for w in self.active.values_mut() {
@@ -551,6 +575,14 @@ impl<P: PersistentBits> MirrorState<P> {
         Some(Extent { start, count: end - start })
     }
 
+    /// The region [`Self::next_copy`] would start at now, if any (nothing changes).
+    pub fn peek_copy(&self) -> Option<u64> {
+        if self.dirty == 0 || matches!(self.flush, Some(TargetFlush { kind: FlushKind::Consistent, .. })) {
+            return None;
+        }
+        self.find_copyable(self.cursor, self.nregions).or_else(|| self.find_copyable(0, self.cursor))
+    }
+
     fn find_copyable(&self, from: u64, to: u64) -> Option<u64> {
         self.volatile[from as usize..to as usize]
             .iter_ones()
@@ -560,6 +592,26 @@ impl<P: PersistentBits> MirrorState<P> {
 
     /// The copy of `ext` finished. On failure its regions are dirty again.
     pub fn copy_done(&mut self, ext: Extent, ok: bool) {
+        let (s, e) = (ext.start as usize, ext.end() as usize);
+        debug_assert!(self.copying[s..e].all(), "copy_done on regions not being copied");
+        if ok && self.poisoned[s..e].not_any() {
+            // The common case, a word at a time: every region's copy counts, except where a
+            // write made the region dirty again or is still in flight.
+            self.copying[s..e].fill(false);
+            self.copied[s..e].fill(true);
+            let again: Vec<usize> = self.volatile[s..e].iter_ones().map(|i| s + i).collect();
+            for i in again {
+                self.copied.set(i, false);
+            }
+            for &r in self.inflight.keys() {
+                if ext.regions().contains(&r) {
+                    self.copied.set(r as usize, false);
+                }
+            }
+            self.copying_count -= ext.count;
+            self.changed = true;
+            return;
+        }
         let mut failed = !ok;
         for r in ext.regions() {
             debug_assert!(self.copying[r as usize], "copy_done on region {r} not being copied");
@@ -610,7 +662,7 @@ impl<P: PersistentBits> MirrorState<P> {
         };
         let regions = std::mem::replace(
             &mut self.copied,
-            bitvec![u64, Lsb0; 0; self.nregions as usize],
+            zeroed(self.nregions),
         );
         // Copies still in flight may write after this flush started: they stay in `written`
         // for the next one.

@@ -200,6 +200,27 @@ impl<'t> Mirror<'t> {
         self.hooks = hooks;
     }
 
+    /// How many regions from where the next copy starts the source holds a hole, if more than
+    /// one buffer's worth, up to [`HOLE_COPY_MAX`] bytes: a full sync of a sparse source then
+    /// costs its SEEK_DATA walk and a few large zeroing operations, not a job per buffer.
+    fn hole_run(&self) -> Option<u64> {
+        let start = self.engine.lock().state.peek_copy()?;
+        let source = self.engine.source();
+        if !source.knows_holes() {
+            return None;
+        }
+        let g = self.engine.granularity();
+        let a = start.checked_mul(g)?;
+        let limit = a.saturating_add(HOLE_COPY_MAX).min(self.engine.size());
+        // An error here is left to the copy itself, which reports it.
+        let hole_end = match source.next_data(a, limit).ok()? {
+            None => limit,
+            Some((data, _)) => data,
+        };
+        let n = hole_end.saturating_sub(a) / g;
+        (n > self.regions_per_copy()).then_some(n)
+    }
+
     fn regions_per_copy(&self) -> u64 {
         (self.cfg.buf_size as u64 / self.engine.granularity()).max(1)
     }
@@ -436,7 +457,6 @@ impl<'t> Mirror<'t> {
             }
             self.needs_reset = false;
         }
-        let max = self.regions_per_copy();
         let speed = self.copy_speed();
         if speed == 0 {
             self.throttled_until = None;
@@ -470,6 +490,10 @@ impl<'t> Mirror<'t> {
                 }
                 None => break,
             };
+            // Unlimited, a run of dirty regions over a hole of the source is one copy (the
+            // target is zeroed over it in one operation); under a speed limit, holes count
+            // like data, a buffer's worth at a time.
+            let max = if speed == 0 { self.hole_run() } else { None }.unwrap_or_else(|| self.regions_per_copy());
             let ext = self.engine.lock().state.next_copy(max);
             let Some(ext) = ext else {
                 self.free_bufs.push(buf);
@@ -1015,6 +1039,10 @@ impl<'t> Mirror<'t> {
 const FLUSH_TOKEN: u64 = (1 << 40) - 1;
 /// Retries of a failing target back off exponentially up to this: a target that comes back is
 /// used again within seconds.
+/// The most bytes one copy of a source's hole covers (one zeroing operation on the target; an
+/// NBD target splits it into requests).
+const HOLE_COPY_MAX: u64 = 64 << 30;
+
 /// The longest wait between retries after failures (of copies, flushes, or the loop itself).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
