@@ -41,7 +41,34 @@ pub trait PersistentBits {
     fn get(&self, r: u64) -> bool;
     fn set(&mut self, r: u64);
     fn clear(&mut self, r: u64);
+    /// The bits of regions `[s, e)`, indexed from `s`. Implementations that hold the bits in
+    /// memory copy them a word at a time (a device of many TiB has hundreds of millions).
+    fn load(&self, s: u64, e: u64) -> BitVec<u64, Lsb0> {
+        (s..e).map(|r| self.get(r)).collect()
+    }
+    /// Clears regions `[s, e)`.
+    fn clear_range(&mut self, s: u64, e: u64) {
+        for r in s..e {
+            self.clear(r);
+        }
+    }
 }
+
+/// The runs of set bits of `b`, as `(start, end)` index pairs, found a word at a time; a run
+/// longer than `most` comes in pieces of `most` (so that what is done per run, such as loading
+/// the persistent bits, stays small).
+pub fn runs(b: &BitSlice<u64, Lsb0>, most: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let s = at + b[at..].first_one()?;
+        let e = b[s..].first_zero().map_or(b.len(), |i| s + i).min(s + most.max(1));
+        at = e;
+        Some((s, e))
+    })
+}
+
+/// Pieces of runs that range operations take at once: 128 KiB of bits.
+const RUN_PIECE: usize = 1 << 20;
 
 /// Persistent bits held in memory: for simulators and tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +83,12 @@ impl MemBits {
 impl PersistentBits for MemBits {
     fn nregions(&self) -> u64 {
         self.0.len() as u64
+    }
+    fn load(&self, s: u64, e: u64) -> BitVec<u64, Lsb0> {
+        self.0[s as usize..e as usize].to_bitvec()
+    }
+    fn clear_range(&mut self, s: u64, e: u64) {
+        self.0[s as usize..e as usize].fill(false)
     }
     fn get(&self, r: u64) -> bool {
         self.0[r as usize]
@@ -218,12 +251,7 @@ impl<P: PersistentBits> MirrorState<P> {
     /// before calling this: [`crate::lifecycle::trusted_state`]), so every set bit is durable and
     /// every set bit is work to do: after a crash, those are exactly the regions that may differ.
     pub fn new(nregions: u64, pbits: P) -> Self {
-        let mut durable = zeroed(nregions);
-        for r in 0..nregions {
-            if pbits.get(r) {
-                durable.set(r as usize, true);
-            }
-        }
+        let durable = pbits.load(0, nregions);
         let dirty = durable.count_ones() as u64;
         MirrorState {
             pcount: dirty,
@@ -687,18 +715,16 @@ impl<P: PersistentBits> MirrorState<P> {
         };
         let mut out = FlushOutcome::default();
         if ok {
-            for i in flush.regions.iter_ones() {
-                let r = i as u64;
-                debug_assert!(!self.volatile[i] && !self.inflight.contains_key(&r));
-                if !self.pbits.get(r) {
-                    continue;
-                }
+            // Run by run, a word at a time: after a full sync the set covers the device.
+            for (s, e) in runs(&flush.regions, RUN_PIECE) {
+                debug_assert!(self.volatile[s..e].not_any());
+                debug_assert!(!self.inflight.keys().any(|&r| (s as u64..e as u64).contains(&r)));
                 if self.lazy {
-                    self.eligible_young.set(i, true);
-                    out.deferred += 1;
+                    let set = self.pbits.load(s as u64, e as u64);
+                    out.deferred += set.count_ones() as u64;
+                    self.eligible_young[s..e] |= set;
                 } else {
-                    self.clear_bit(r);
-                    out.cleared += 1;
+                    out.cleared += self.clear_bits(s, e);
                 }
             }
             match flush.kind {
@@ -734,13 +760,21 @@ impl<P: PersistentBits> MirrorState<P> {
         out
     }
 
-    /// Clears a bit that is set.
-    fn clear_bit(&mut self, r: u64) {
-        self.pbits.clear(r);
-        self.pcount -= 1;
-        self.durable.set(r as usize, false);
-        self.pending.remove(&r);
+    /// Clears the bits of `[s, e)` (set or not); returns how many were set.
+    fn clear_bits(&mut self, s: usize, e: usize) -> u64 {
+        let n = self.pbits.load(s as u64, e as u64).count_ones() as u64;
+        if n == 0 {
+            return 0;
+        }
+        self.pbits.clear_range(s as u64, e as u64);
+        self.pcount -= n;
+        self.durable[s..e].fill(false);
+        if !self.pending.is_empty() {
+            self.pending.retain(|&r, _| !(s as u64..e as u64).contains(&r));
+        }
+        n
     }
+
 
     /// Turns lazy clearing on or off (off: bits are cleared when the target flush completes).
     pub fn set_lazy_clearing(&mut self, lazy: bool) {
@@ -755,14 +789,11 @@ impl<P: PersistentBits> MirrorState<P> {
     pub fn clear_tick(&mut self) -> u64 {
         let old = std::mem::take(&mut self.eligible_old);
         let mut n = 0;
-        for i in old.iter_ones() {
+        for (s, e) in runs(&old, RUN_PIECE) {
             // Eligible regions are untouched since their copy was flushed to the target:
             // disturb() removes any region a write or a copy touches.
-            debug_assert!(!self.volatile[i] && !self.inflight.contains_key(&(i as u64)));
-            if self.pbits.get(i as u64) {
-                self.clear_bit(i as u64);
-                n += 1;
-            }
+            debug_assert!(self.volatile[s..e].not_any());
+            n += self.clear_bits(s, e);
         }
         // Reuse the old set's memory (as large as the bitmap) for the new young one.
         let mut old = old;
