@@ -95,6 +95,28 @@ impl Data {
     }
 }
 
+/// A write-zeroes the source refused (EOPNOTSUPP: tmpfs has no FALLOC_FL_ZERO_RANGE, some file
+/// systems and devices have neither that nor punching holes). The device advertises the
+/// operation, so it must not fail it: it falls back to punching a hole (reads then return
+/// zeroes; the space is given back, which NOUNMAP asked not to), then to writing zeroes (a
+/// buffer never written, so its pages cost nothing). The write's intent covers the same regions
+/// in every form. Returns false when nothing is left to try.
+fn zeroes_fallback(r: &mut Req) -> bool {
+    match r.req {
+        Request::WriteZeroes { off, len, unmap: false } => {
+            r.req = Request::WriteZeroes { off, len, unmap: true };
+        }
+        Request::WriteZeroes { off, len, unmap: true } if len <= u32::MAX as u64 => {
+            r.req = Request::Write { off, len: len as u32, fua: false };
+            r.data = Data::None;
+        }
+        _ => return false,
+    }
+    log::debug!("the source refused a zeroing; trying {:?}", r.req);
+    r.done = 0;
+    true
+}
+
 /// Where [`Requests`] sends its operations. `owner` and `slot` come back with the completion
 /// (see [`Requests::complete`]).
 pub trait Sink {
@@ -503,6 +525,16 @@ impl Requests {
             }
             Owner::Front => {
                 let Some(r) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) else { return };
+                if res == -libc::EOPNOTSUPP {
+                    // A discard is a hint the source may not take: the data stays as it was,
+                    // which a discard allows (the device does not promise zeroes after one).
+                    if matches!(r.req, Request::Discard { .. }) {
+                        return self.finish(slot, Ok(0));
+                    }
+                    if zeroes_fallback(r) {
+                        return self.issue(sink, slot);
+                    }
+                }
                 if res < 0 {
                     let result = self.result_of(slot, res);
                     self.finish(slot, result);
