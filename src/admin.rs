@@ -69,11 +69,7 @@ pub fn check_name(name: &str) -> Result<()> {
 /// Refuses early, with what to do, when the device cannot be made at all.
 pub fn check_environment() -> Result<()> {
     if !Path::new("/dev/ublk-control").exists() {
-        return Err(Error::config(
-            "the ublk driver is not loaded (/dev/ublk-control is missing): run `modprobe ublk_drv` \
-             as root (Linux 6.0 or newer with CONFIG_BLK_DEV_UBLK). On a machine without it, try \
-             the device in the VM: see vm/README.md",
-        ));
+        return Err(driver_missing());
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -505,7 +501,23 @@ pub fn device_json(c: &UblkCtrl) -> serde_json::Value {
 
 /// The live status, asked of the daemon over its control socket.
 pub fn read_status(id: u32) -> Result<serde_json::Value> {
-    crate::control::request(id, &serde_json::json!({ "cmd": "status" }))
+    crate::control::request(id, &serde_json::json!({ "cmd": "status" })).map_err(|e| {
+        // No daemon to ask: say why, when the reason is that there can be no device at all.
+        if !Path::new("/dev/ublk-control").exists() {
+            driver_missing()
+        } else {
+            e
+        }
+    })
+}
+
+/// The ublk driver is not loaded: what to do about it.
+fn driver_missing() -> Error {
+    Error::config(
+        "the ublk driver is not loaded (/dev/ublk-control is missing): run `modprobe ublk_drv` as \
+         root (Linux 6.0 or newer with CONFIG_BLK_DEV_UBLK). On a machine without it, the source \
+         tree's `scripts/try-in-vm.sh` runs the device in a VM",
+    )
 }
 
 /// Asked of sysfs, not of libublk (which complains on stderr about a missing device).

@@ -40,8 +40,9 @@ pub enum Cmd {
     /// Bring TARGET in step with SOURCE offline, copying what the bitmap marks dirty
     /// (everything, for a new bitmap).
     Sync(SyncArgs),
-    /// Compare SOURCE and TARGET region by region; with --bitmap, also check that every
-    /// differing region is marked dirty.
+    /// Compare SOURCE and TARGET region by region (offline; with --bitmap, also check that
+    /// every differing region is marked dirty), or a live device's pair with -n ID (online:
+    /// dirty and busy regions are skipped).
     Verify(VerifyArgs),
     /// Inspect a bitmap file.
     #[command(subcommand)]
@@ -197,7 +198,7 @@ pub struct AddArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// Device id (N of /dev/ublkbN); default: the first free one.
-    #[arg(short = 'n', long = "number", default_value_t = -1, allow_negative_numbers = true)]
+    #[arg(short = 'n', long = "number", default_value_t = -1, hide_default_value = true, allow_negative_numbers = true)]
     pub id: i32,
     /// Queues.
     #[arg(short = 'q', long = "queues", default_value_t = 1)]

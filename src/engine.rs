@@ -294,6 +294,8 @@ fn write_lock<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T>
 pub struct OpenReport {
     pub mode: SyncMode,
     pub created_bitmap: bool,
+    /// The new bitmap replaced one that was there (`--sync full` or `none` over it).
+    pub replaced_bitmap: bool,
     pub dirty_regions: u64,
     pub source_direct: bool,
     pub target_direct: bool,
@@ -405,6 +407,7 @@ impl Engine {
         let report = OpenReport {
             mode,
             created_bitmap: created,
+            replaced_bitmap: created && exists,
             dirty_regions: dirty,
             source_direct: source.direct,
             target_direct: target.direct(),

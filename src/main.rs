@@ -66,7 +66,10 @@ fn main() -> ExitCode {
             Ok(0)
         }
         Cmd::Del { id, wait_synced, timeout } => {
-            admin::delete(id, wait_synced.then(|| Duration::from_secs(timeout))).map(|_| 0).map_err(Into::into)
+            admin::delete(id, wait_synced.then(|| Duration::from_secs(timeout))).map_err(Into::into).map(|()| {
+                println!("deleted /dev/ublkb{id}{}", if wait_synced { " (synced: the target holds every write)" } else { "" });
+                0
+            })
         }
         Cmd::List { json } => cmd_list(json),
         Cmd::Recover { id, foreground } => cmd_recover(id, foreground),
@@ -232,15 +235,23 @@ fn cmd_status(id: u32, json: bool) -> CliResult {
     println!("state        {}", s["state"].as_str().unwrap_or("?"));
     println!("mode         {}", s["mode"].as_str().unwrap_or("?"));
     println!("dirty        {}", human(u("dirty_bytes") + u("copying_bytes")));
-    println!(
-        "progress     {:.1}% ({} this sync), {}/s, ETA {}",
-        f("progress").unwrap_or(0.0) * 100.0,
-        human(u("episode_bytes")),
-        human(f("rate").unwrap_or(0.0) as u64),
-        f("eta_secs").map(|e| format!("{e:.0}s")).unwrap_or_else(|| "-".into())
-    );
+    if s["state"] == "synced" {
+        println!("progress     100% (nothing to copy)");
+    } else {
+        println!(
+            "progress     {:.1}% ({} copied since the target was last in sync), {}/s, ETA {}",
+            f("progress").unwrap_or(0.0) * 100.0,
+            human(u("episode_bytes")),
+            human(f("rate").unwrap_or(0.0) as u64),
+            f("eta_secs").map(|e| format!("{e:.0}s")).unwrap_or_else(|| "-".into())
+        );
+    }
     println!("lag          {:.1}s", f("lag_secs").unwrap_or(0.0));
-    println!("copied       {} (+{} of holes) since start", human(u("bytes_copied")), human(u("bytes_zeroed")));
+    println!(
+        "copied       {} of data, {} of holes zeroed, since start (a region copied again counts again)",
+        human(u("bytes_copied")),
+        human(u("bytes_zeroed"))
+    );
     println!(
         "consistent   {} points, last {}",
         u("consistent_points"),
@@ -409,10 +420,14 @@ fn cmd_sync(a: SyncArgs) -> CliResult {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "synced {} ({:?} sync{}): copied {}, skipped {} of holes, {:.1} s, {:.0} MiB/s",
+            "synced {} ({:?} sync{}): copied {}, zeroed {} of holes, {:.1} s, {:.0} MiB/s",
             human(r.device_size),
             r.open.mode,
-            if r.open.created_bitmap { ", new bitmap" } else { "" },
+            match (r.open.created_bitmap, r.open.replaced_bitmap) {
+                (true, false) => ", new bitmap",
+                (true, true) => ", bitmap rebuilt",
+                _ => "",
+            },
             human(r.bytes_copied),
             human(r.bytes_zeroed),
             r.seconds,
@@ -420,6 +435,11 @@ fn cmd_sync(a: SyncArgs) -> CliResult {
         );
     }
     Ok(0)
+}
+
+/// "1 region", "2 regions".
+fn regions(n: u64) -> String {
+    format!("{n} region{}", if n == 1 { "" } else { "s" })
 }
 
 fn runs_text(runs: &[(u64, u64)], g: u64, limit: usize) -> String {
@@ -468,8 +488,8 @@ fn cmd_verify(a: VerifyArgs) -> CliResult {
         }
     } else {
         println!(
-            "DIFFERENT: {} regions of {} differ ({}):",
-            r.differing_regions(),
+            "DIFFERENT: {} of {} differ ({}):",
+            regions(r.differing_regions()),
             human(r.granularity),
             human(r.differing_regions() * r.granularity)
         );
@@ -565,7 +585,7 @@ fn cmd_bitmap_show(path: PathBuf, json: bool) -> CliResult {
     println!("device size  {} ({})", h.device_size, human(h.device_size));
     println!("granularity  {}", human(h.granularity));
     println!("regions      {}", h.nregions);
-    println!("dirty        {dirty} regions, {}", human(dirty_bytes));
+    println!("dirty        {}, {}", regions(dirty), human(dirty_bytes));
     print!("{}", runs_text(&runs, h.granularity, 20));
     Ok(0)
 }

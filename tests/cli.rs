@@ -29,7 +29,7 @@ fn sync_verify_show_round_trip() {
     fill_random(&f.source, 2 * MIB, (3 * MIB) as usize, 1);
     let (code, out, err) = run(&["sync", "-s", s(&f.source), "-t", s(&f.target), "-b", s(&f.bitmap)]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("copied 3.0 MiB") && out.contains("skipped 13.0 MiB of holes"), "summary: {out}");
+    assert!(out.contains("copied 3.0 MiB") && out.contains("zeroed 13.0 MiB of holes"), "summary: {out}");
     assert!(out.contains("MiB/s"));
     // Not a terminal: plain progress lines, no bar.
     assert!(err.contains("sync: "), "progress lines on stderr: {err}");
@@ -108,4 +108,22 @@ fn assume_synced_copies_nothing() {
     assert_eq!(v["bytes_copied"], 0);
     // The user was wrong: verify says so (the bitmap claims clean).
     assert_eq!(run(&["verify", "-s", s(&f.source), "-t", s(&f.target), "-b", s(&f.bitmap)]).0, 4);
+}
+
+/// On a machine without the ublk driver (as this one), asking a device for its status names the
+/// missing driver and what to do, not the control socket it could not reach.
+#[test]
+fn status_without_the_driver_names_the_driver() {
+    assert!(
+        !std::path::Path::new("/dev/ublk-control").exists(),
+        "this test checks a machine without the ublk driver; this one has it"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ublk-mirror"))
+        .args(["status", "-n", "0"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("ublk driver is not loaded") && err.contains("modprobe ublk_drv"), "{err}");
+    assert!(err.contains("scripts/try-in-vm.sh"), "{err}");
 }
