@@ -31,26 +31,39 @@ else
     # The examples are guest tools of tests/vm/power-loss.sh (passed with -b on its vm-args line).
     cargo build --locked --release --bins --examples
     vm/setup.sh
-    # The README's main command, as a new user runs it: the tour (tests/vm/demo.sh).
-    echo "-- scripts/try-in-vm.sh (the README's main command)"
-    scripts/try-in-vm.sh
-    vm_passed=$((vm_passed + 1))
+    # Every scenario runs, even after a failure; each failure is reported, and the run fails
+    # at the end. The README's main command first, as a new user runs it: the tour
+    # (tests/vm/demo.sh) through scripts/try-in-vm.sh.
+    scenario() {
+        local name=$1
+        shift
+        echo "-- $name"
+        if "$@"; then
+            vm_passed=$((vm_passed + 1))
+        else
+            echo "-- FAILED: $name" >&2
+            failed=$((failed + 1))
+            failed_names+=("$name")
+        fi
+    }
+    failed_names=()
+    scenario "scripts/try-in-vm.sh (the README's main command)" scripts/try-in-vm.sh
     for t in tests/vm/*.sh; do
         [ "$(basename "$t")" = demo.sh ] && continue  # run above, through scripts/try-in-vm.sh
         # A scenario states the VM options it needs (extra disks...) on a '# vm-args:' line.
         # ... and files it needs in /payload on a '# vm-files:' line (paths from the repository).
         read -r -a args <<< "$(sed -n 's/^# vm-args: //p' "$t")"
         read -r -a files <<< "$(sed -n 's/^# vm-files: //p' "$t")"
-        echo "-- $t ${args[*]}"
-        vm/run.sh -t 600 -r 3 -b target/release/ublk-mirror "${args[@]}" "$t" "${files[@]}"
-        vm_passed=$((vm_passed + 1))
+        scenario "$t ${args[*]}" vm/run.sh -t 600 -r 3 -b target/release/ublk-mirror "${args[@]}" "$t" "${files[@]}"
     done
     # Scenarios that drive the VM from the host (a machine crash, two boots over the same disks).
     for t in tests/vm-host/*.sh; do
-        echo "-- $t"
-        "$t" target/release/ublk-mirror
-        vm_passed=$((vm_passed + 1))
+        scenario "$t" "$t" target/release/ublk-mirror
     done
 fi
-echo "== all tests passed in $(( $(date +%s) - t0 )) s ($passed cargo tests, $vm_passed VM scenarios)"
 echo "$((passed + vm_passed)) passed, $failed failed"
+if [ "$failed" -gt 0 ]; then
+    echo "== FAILED after $(( $(date +%s) - t0 )) s: ${failed_names[*]}" >&2
+    exit 1
+fi
+echo "== all tests passed in $(( $(date +%s) - t0 )) s ($passed cargo tests, $vm_passed VM scenarios)"

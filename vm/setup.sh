@@ -471,11 +471,16 @@ EOF
     done
 fi
 
-sed 's/^/  /' "$BUILD/manifest.txt" >&2
-{
-    echo "setup summary (cache: $VM_CACHE):"
-    for s in "${SUMMARY[@]}"; do echo "  $s"; done
-    echo "  total                                        $(vm_fmt_ms $(( $(vm_now_ms) - SETUP_T0 )))"
-    echo "images: $BUILD"
-    echo "next:   vm/run.sh vm/guest/smoke.sh"
-} >&2
+# The manifest and the step summary when something was done; one line when all was in place.
+if printf '%s\n' "${SUMMARY[@]}" | grep -qv 'skipped ('; then
+    sed 's/^/  /' "$BUILD/manifest.txt" >&2
+    {
+        echo "setup summary (cache: $VM_CACHE):"
+        for s in "${SUMMARY[@]}"; do echo "  $s"; done
+        echo "  total                                        $(vm_fmt_ms $(( $(vm_now_ms) - SETUP_T0 )))"
+        echo "images: $BUILD"
+        echo "next:   vm/run.sh vm/guest/smoke.sh"
+    } >&2
+else
+    echo "vm/setup.sh: everything in place, nothing done (images: $BUILD; manifest: $BUILD/manifest.txt)" >&2
+fi
