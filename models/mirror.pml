@@ -5,6 +5,8 @@
  *   src/device.rs  QueueCommit::ensure (per-queue group commit of the bitmap fdatasync)
  *   src/mirror.rs  copy jobs, target flushes (consistent / checkpoint), lazy clearing ticks,
  *                  the mirror's own bitmap flush after clearing.
+ *   src/lifecycle.rs  open_bitmap / trusted_state: the creation of a full sync's bitmap and the
+ *                  resume from a bitmap, after a daemon kill too (process `life`, KILLS, CREATE).
  * Checked with spin 6.5.2; see models/README.md and models/check.sh.
  *
  * Every block that the code runs under the engine's mutex is one atomic step here.
@@ -40,6 +42,39 @@
  *   NO_B         do not check property (b) (to look for a counterexample to (a) alone).
  *   NO_INTERNAL  drop the code's own debug_asserts (set for the negative controls, so that the
  *                violation found is one of the crash properties, not an internal check).
+ *
+ * Daemon kills and the bitmap's creation (src/lifecycle.rs open_bitmap / trusted_state):
+ *   KILLS=0|1|2  daemon kills (SIGKILL, OOM, panic) in a run, each followed by a restart
+ *                (default 0).  A kill loses the daemon's memory (MirrorState, the queues' and
+ *                the mirror's bookkeeping, every local of its tasks); the page caches (source,
+ *                target, bitmap) and the media survive.  I/O the dead daemon had issued may
+ *                still complete after the kill (see LATE_SRC, LATE_TGT).  The restart resumes
+ *                from the bitmap: fsync of its directory, fdatasync of the bitmap, then the
+ *                state is built from the bits (every set bit volatile-dirty and durable).
+ *   LATE_SRC=0|1 a source write the dead daemon issued (on a queue ring) lands in the source's
+ *                cache 0: before the restart opens the bitmap (default), 1: at any moment, even
+ *                after it (a negative control).
+ *   LATE_TGT=0|1 a copy's target write the dead daemon issued (on the mirror ring) lands in the
+ *                target's cache 0: before the restart opens the bitmap (default), 1: at any
+ *                moment, even after it (a negative control).
+ *                The defaults are what the code does (docs/crash-safety.md rule 10): the bitmap
+ *                is a registered file of every queue ring and of the mirror's ring, so its
+ *                flock, which the restart takes before it trusts the bitmap, is held until every
+ *                request of the dead daemon has completed.  See README.md.
+ *   CREATE=0|1|2 0: the run starts with the bitmap in place (default).  1: no bitmap yet, a
+ *                full sync of a pair that was never copied (every region differs).  2: a full
+ *                sync asked over an existing valid bitmap (region 0 dirty in it, region 1
+ *                clean and equal).  The daemon first creates the new bitmap: temp file written
+ *                with every bit set, fsync, rename over the name, fsync of the directory; then
+ *                it resumes from it as after a kill.  A kill may interrupt it at any step.
+ *   NEG_CREATE   negative control: the old order of creation (temp file written all clear,
+ *                fsync, rename, directory fsync, and only then every bit set in the cache and
+ *                flushed).
+ *   NEG_RESUME   negative control: the restart builds its state from the bits in the cache
+ *                without flushing the bitmap first (the old MirrorState::new on resume).
+ *   NEG_RESUMEDIR negative control: open_bitmap does not fsync the bitmap's directory before
+ *                it trusts the bitmap at its name, neither after a creation's rename nor on a
+ *                resume (matters with a previous bitmap, CREATE=2).
  */
 
 #ifndef NR
@@ -68,6 +103,26 @@
 #endif
 #ifndef NEG
 #define NEG 0
+#endif
+#ifndef KILLS
+#define KILLS 0
+#endif
+#ifndef LATE_SRC
+#define LATE_SRC 0
+#endif
+#ifndef LATE_TGT
+#define LATE_TGT 0
+#endif
+#ifndef CREATE
+#define CREATE 0
+#endif
+#if KILLS > 0 || CREATE > 0
+#define LIFE 1                  /* the daemon's life is modelled: start, kill, restart */
+#else
+#define LIFE 0
+#endif
+#if KILLS > 2
+#error "KILLS must be 0, 1 or 2"
 #endif
 
 #define NQ 2                    /* queues */
@@ -106,6 +161,32 @@ bit  bm_tw[NQ * NR];                             /* bits a queue's bitmap fdatas
 bit  bm_twm[NR];                                 /* same, for the mirror's bitmap flush */
 bit  tgt_tw[NR];                                 /* pages the target fdatasync must still write */
 
+/* ---------------- the daemon's life: kills, restarts, creation of the bitmap ---------------- */
+#if LIFE
+#define NT (NW + COPIERS + 2)                     /* tasks: writer tags, copy jobs, target flusher,
+                                                    mirror loop's clearer */
+#define T_COPIER(c) (NW + c)
+#define T_TFLUSH (NW + COPIERS)
+#define T_CLEAR (NW + COPIERS + 1)
+bit  up;                                         /* a daemon runs */
+bit  tbusy[NT];                                  /* a task is busy (not idle at end_idle) */
+bit  tkill[NT];                                  /* a busy task of a killed daemon, not yet torn down */
+byte ntk;                                        /* how many (the number of tkill[] set) */
+byte nkills;                                     /* kills so far (bounded by KILLS) */
+byte zsrc[NR];                                   /* source writes of a dead daemon still in flight */
+#if KILLS > 0
+byte zt[KILLS * NR];                             /* a dead daemon's copy target write in flight:
+                                                    version + 1, slot (kill - 1) * NR + region */
+#endif
+#endif
+#if CREATE
+bit  dir_cache;                                  /* the bitmap's name points to the new file: */
+bit  dir_med;                                    /*   in the page cache / on the medium */
+#endif
+#if CREATE == 2
+bit  old_med[NR];                                /* the previous bitmap's bits on its medium */
+#endif
+
 /* ---------------- ghost state for property (b) ---------------- */
 byte acked[NR];                                  /* newest version of a completed write */
 byte asnap[NR];                                  /* acked[] when the current target flush started */
@@ -123,8 +204,23 @@ byte nw;                                         /* writes begun */
 #error "NR must be 2 or 3"
 #endif
 
-/* (a) crash property: on the media, a clear bit implies target medium >= source medium */
-#define CRASH_OK(r) (bm_med[r] || tgt_med[r] >= src_med[r])
+/* (a) crash property: on the media, a clear bit implies target medium >= source medium.
+   With CREATE the bit is the one recovery finds under the bitmap's name on the medium: the new
+   file once the rename is durable (dir_med); before that the previous bitmap (CREATE=2) or
+   none (CREATE=1: a full sync again, every region copied). */
+#if CREATE == 1
+#define BM_NAMED(r) (dir_med -> bm_med[r] : 1)
+#elif CREATE == 2
+#define BM_NAMED(r) (dir_med -> bm_med[r] : old_med[r])
+#else
+#define BM_NAMED(r) bm_med[r]
+#endif
+#if LIFE
+#define UP up &&
+#else
+#define UP
+#endif
+#define CRASH_OK(r) (BM_NAMED(r) || tgt_med[r] >= src_med[r])
 #define check_a() assert(ALL(CRASH_OK))
 
 /* (b) at a consistent point the target's medium holds every write acknowledged before the
@@ -179,11 +275,30 @@ inline bitmap_flush_done(seq, i) {
 #else
 #define OS_TGT_FAIL(r)
 #endif
+/* I/O a dead daemon issued, completing after the kill: a source write lands in the source's
+   cache (its version is assigned then), a copy's target write in the target's cache. */
+#if LIFE
+#define OS_ZSRC(r) :: atomic { zsrc[r] > 0 -> zsrc[r]--; src_cache[r]++ }
+#else
+#define OS_ZSRC(r)
+#endif
+#if KILLS > 0
+#define ZT_LAND(s, r) :: atomic { zt[s] > 0 -> tgt_cache[r] = zt[s] - 1; tgt_dirty[r] = 1; zt[s] = 0 }
+#if KILLS == 2
+#define OS_ZTGT(r) ZT_LAND(r, r) ZT_LAND(NR + r, r)
+#else
+#define OS_ZTGT(r) ZT_LAND(r, r)
+#endif
+#else
+#define OS_ZTGT(r)
+#endif
 #define OS_OPTS(r) \
   :: atomic { src_med[r] != src_cache[r] -> src_med[r] = src_cache[r]; check_a() } \
   :: atomic { bm_med[r] != bm_cache[r] -> bm_med[r] = bm_cache[r]; check_a() } \
   :: atomic { tgt_dirty[r] -> tgt_med[r] = tgt_cache[r]; tgt_dirty[r] = 0; check_a() } \
-  OS_TGT_FAIL(r)
+  OS_TGT_FAIL(r) \
+  OS_ZSRC(r) \
+  OS_ZTGT(r)
 
 /* one page of a queue's bitmap fdatasync */
 #define QBM_WB(r) :: atomic { bm_tw[q * NR + r] -> bm_tw[q * NR + r] = 0; bm_med[r] = bm_cache[r]; check_a() }
@@ -211,6 +326,9 @@ inline bitmap_flush_done(seq, i) {
 active proctype os() {
   do
   FOR_R(OS_OPTS)
+#if CREATE
+  :: atomic { dir_med != dir_cache -> dir_med = dir_cache; check_a() }   /* the rename reaches the medium */
+#endif
   od
 }
 
@@ -220,9 +338,17 @@ active proctype os() {
 /* ====================================================================================== */
 proctype writer(byte q; byte w) {
   byte r; byte need; byte myver; byte fs; byte i; bit ok;
+#if LIFE
+  bit iss;                                             /* the write may be issued (intent durable) */
+  {
+end_idle:
+  do
+  :: atomic { up && nw < MAXW -> nw++; select(r : 0 .. NR - 1); tbusy[w] = 1;
+#else
 end_idle:
   do
   :: atomic { nw < MAXW -> nw++; select(r : 0 .. NR - 1);
+#endif
 #if NEG == 1
        /* seed: the write goes to the source first; nothing is waited for */
        inflight[r]++; ok = 1; need = 0
@@ -243,10 +369,18 @@ end_idle:
      };
      /* QueueCommit::ensure(seq) */
      if
+#if LIFE
+     :: need == 0 -> iss = 1
+#else
      :: need == 0 -> skip
+#endif
      :: need != 0 ->
         do
+#if LIFE
+        :: atomic { need <= durable_seq -> iss = 1 }; break
+#else
         :: need <= durable_seq -> break
+#endif
         :: atomic { need > durable_seq && qc_inflight[q] -> qwait[w] = 1 };
            qwait[w] == 0                                  /* flush_done().await */
         :: atomic { need > durable_seq && !qc_inflight[q] ->
@@ -288,7 +422,11 @@ end_idle:
      fi;
      /* issue the write to the source; it lands in the source's cache */
      if
+#if LIFE
+     :: ok -> atomic { src_cache[r]++; myver = src_cache[r]; iss = 0 }
+#else
      :: ok -> atomic { src_cache[r]++; myver = src_cache[r] }
+#endif
      :: else -> skip
      fi;
      /* MirrorState::end_write */
@@ -301,9 +439,16 @@ end_idle:
        mark_volatile(r);
        changed = 1;
        if :: ok && myver > acked[r] -> acked[r] = myver :: else -> skip fi;
+#if LIFE
+       tbusy[w] = 0;
+#endif
        r = 0; need = 0; myver = 0; ok = 0
      }
+#if LIFE
+  :: atomic { up ->                  /* application FLUSH: fdatasync of the source */
+#else
   :: atomic {                        /* application FLUSH: fdatasync of the source */
+#endif
        i = 0; do :: i < NR -> src_med[i] = src_cache[i];
 #if NEG == 1
                               bm_med[i] = bm_cache[i];  /* seed: and of the bitmap */
@@ -311,20 +456,38 @@ end_idle:
                               i++ :: else -> break od; i = 0;
        check_a() }
   od
+#if LIFE
+  } unless { atomic { tkill[w] ->                      /* the daemon was killed: this busy
+                                                          tag is torn down and becomes an idle
+                                                          tag of the next daemon */
+       /* a write already issued to the source may still land (in the source's cache) after the
+          kill; or it was not issued yet.  Either way ublk re-issues the request to the next
+          daemon (USER_RECOVERY_REISSUE), which is one more write here (within MAXW). */
+       if :: iss -> if :: zsrc[r]++ :: skip fi :: else -> skip fi;
+       r = 0; need = 0; myver = 0; fs = 0; i = 0; ok = 0; iss = 0;
+       tkill[w] = 0; tbusy[w] = 0; ntk-- }; goto end_idle }
+#endif
 }
 
 /* ====================================================================================== */
 /* A copy job (mirror.rs start_copies / advance / finish): next_copy, read the source,     */
 /* write the target, copy_done.                                                           */
 /* ====================================================================================== */
-proctype copier() {
+proctype copier(byte c) {
   byte r; byte buf; bit ok;
+#if LIFE
+  bit rd;                                                     /* read done, target write not yet */
+  {
+#endif
 end_idle:
   do
 #if NEG == 5
-  :: atomic { ANY(VOLCOPY) ->                                  /* BUG: copies during a consistent flush */
+  :: atomic { UP ANY(VOLCOPY) ->                               /* BUG: copies during a consistent flush */
 #else
-  :: atomic { !(tfl && tfl_cons) && ANY(VOLCOPY) ->          /* MirrorState::next_copy */
+  :: atomic { UP !(tfl && tfl_cons) && ANY(VOLCOPY) ->       /* MirrorState::next_copy */
+#endif
+#if LIFE
+       tbusy[T_COPIER(c)] = 1;
 #endif
        if
        :: VOLCOPY(0) -> r = 0
@@ -338,12 +501,21 @@ end_idle:
        twr[r] = 1;
 #endif
        skip };
+#if LIFE
+     atomic { buf = src_cache[r]; rd = 1 };                   /* source read */
+     if                                                       /* target write */
+     :: atomic { tgt_cache[r] = buf; tgt_dirty[r] = 1; ok = 1; rd = 0 }
+     :: atomic { tgt_cache[r] = buf; tgt_dirty[r] = 1; ok = 0; rd = 0 } /* failed after writing */
+     :: atomic { ok = 0; rd = 0 }                             /* failed before writing */
+     fi;
+#else
      buf = src_cache[r];                                      /* source read */
      if                                                       /* target write */
      :: atomic { tgt_cache[r] = buf; tgt_dirty[r] = 1; ok = 1 }
      :: atomic { tgt_cache[r] = buf; tgt_dirty[r] = 1; ok = 0 } /* failed after writing */
      :: ok = 0                                                /* failed before writing */
      fi;
+#endif
      atomic {                                                 /* MirrorState::copy_done */
        copying[r] = 0; ncopying--;
 #if TFIX
@@ -355,8 +527,20 @@ end_idle:
        :: else -> skip
        fi;
        changed = 1;
+#if LIFE
+       tbusy[T_COPIER(c)] = 0;
+#endif
        r = 0; buf = 0; ok = 0 }
   od
+#if LIFE
+  } unless { atomic { tkill[T_COPIER(c)] ->                   /* the daemon was killed */
+       /* the copy's target write may have been issued (on the mirror ring) and land later */
+#if KILLS > 0
+       if :: rd -> if :: zt[(nkills - 1) * NR + r] = buf + 1 :: skip fi :: else -> skip fi;
+#endif
+       r = 0; buf = 0; ok = 0; rd = 0;
+       tkill[T_COPIER(c)] = 0; tbusy[T_COPIER(c)] = 0; ntk-- }; goto end_idle }
+#endif
 }
 
 /* ====================================================================================== */
@@ -364,11 +548,17 @@ end_idle:
 /* ====================================================================================== */
 active proctype tflusher() {
   byte i; bit ok; bit cleared;
+#if LIFE
+  {
+#endif
 end_idle:
   do
-  :: atomic { !tfl && ((ndirty == 0 && ncopying == 0 && changed) || ANY(COPIED)) ->
+  :: atomic { UP !tfl && ((ndirty == 0 && ncopying == 0 && changed) || ANY(COPIED)) ->
        /* consistent_point_due || checkpoint_possible (time / bytes: any moment) */
        tfl = 1;
+#if LIFE
+       tbusy[T_TFLUSH] = 1;
+#endif
 #if NEG == 4
        tfl_cons = (ndirty == 0);
 #else
@@ -439,9 +629,17 @@ end_idle:
 #endif
        if :: cleared -> clears_pending = 1 :: else -> skip fi;   /* on_target_flush */
        tfl = 0; tfl_cons = 0; ok = 0; cleared = 0;
+#if LIFE
+       tbusy[T_TFLUSH] = 0;
+#endif
        i = 0; do :: i < NR -> asnap[i] = 0; ssnap[i] = 0; i++ :: else -> break od; i = 0
      }
   od
+#if LIFE
+  } unless { atomic { tkill[T_TFLUSH] ->          /* killed: the writes of its fdatasync are
+                                                     the OS's writeback from now on */
+       i = 0; ok = 0; cleared = 0; tkill[T_TFLUSH] = 0; tbusy[T_TFLUSH] = 0; ntk-- }; goto end_idle }
+#endif
 }
 
 /* ====================================================================================== */
@@ -449,10 +647,13 @@ end_idle:
 /* ====================================================================================== */
 active proctype clearer() {
   byte i; byte fs; bit ok; bit n;
+#if LIFE
+  {
+#endif
 end_idle:
   do
 #if LAZY
-  :: atomic { ANY(ELIG) ->                           /* MirrorState::clear_tick */
+  :: atomic { UP ANY(ELIG) ->                        /* MirrorState::clear_tick */
        n = 0;
        i = 0;
        do
@@ -469,7 +670,10 @@ end_idle:
        od; i = 0;
        if :: n -> clears_pending = 1 :: else -> skip fi; n = 0 }
 #endif
-  :: atomic { clears_pending -> clears_pending = 0;  /* flush_bitmap */
+  :: atomic { UP clears_pending -> clears_pending = 0;  /* flush_bitmap */
+#if LIFE
+       tbusy[T_CLEAR] = 1;
+#endif
 #if NEG == 3
        fs = 0;
 #else
@@ -491,18 +695,184 @@ end_idle:
           bitmap_flush_done(fs, i)
        :: else -> clears_pending = 1
        fi;
+#if LIFE
+       tbusy[T_CLEAR] = 0;
+#endif
        fs = 0; ok = 0 }
   od
+#if LIFE
+  } unless { atomic { tkill[T_CLEAR] ->
+       i = 0; fs = 0; ok = 0; n = 0; tkill[T_CLEAR] = 0; tbusy[T_CLEAR] = 0; ntk-- }; goto end_idle }
+#endif
 }
+
+#if LIFE
+/* ====================================================================================== */
+/* The daemon's life (src/lifecycle.rs open_bitmap, trusted_state; admin.rs recover):      */
+/* creation of the bitmap for a full sync, daemon kills, restarts that resume from it.     */
+/* ====================================================================================== */
+
+/* A kill: everything in the daemon's memory is gone. (Its tasks drop their own locals when
+   they see it, in their `unless` escapes.) */
+inline kill_reset(i) {
+  i = 0;
+  do
+  :: i < NR ->
+     durable[i] = 0; pend[i] = 0; vol[i] = 0; copying[i] = 0; copied[i] = 0; inflight[i] = 0;
+     eyoung[i] = 0; eold[i] = 0; fset[i] = 0; bm_twm[i] = 0; tgt_tw[i] = 0;
+     asnap[i] = 0; ssnap[i] = 0;
+#if TFIX
+     taint[i] = 0; twr[i] = 0; ftw[i] = 0;
+#endif
+     i++
+  :: else -> break
+  od;
+  i = 0; do :: i < NQ * NR -> bm_tw[i] = 0; i++ :: else -> break od;
+  i = 0; do :: i < NW -> qwait[i] = 0; i++ :: else -> break od;
+  i = 0; do :: i < NQ -> qc_inflight[i] = 0; i++ :: else -> break od;
+  i = 0;
+  set_seq = 0; durable_seq = 0; ndirty = 0; ncopying = 0; changed = 0;
+  tfl = 0; tfl_cons = 0; clears_pending = 0
+}
+
+/* The restart may open the bitmap once every task of the dead daemon is gone and, unless
+   LATE_SRC / LATE_TGT, once the I/O it had issued has completed. */
+#define ZS_DONE(r) (zsrc[r] == 0)
+#if LATE_SRC
+#define ZSRC_DONE 1
+#else
+#define ZSRC_DONE ALL(ZS_DONE)
+#endif
+#if KILLS == 2
+#define ZT_DONE(r) (zt[r] == 0 && zt[NR + r] == 0)
+#else
+#define ZT_DONE(r) (zt[r] == 0)
+#endif
+#if KILLS > 0 && !LATE_TGT
+#define ZTGT_DONE ALL(ZT_DONE)
+#else
+#define ZTGT_DONE 1
+#endif
+#define RESTART_OK (ntk == 0 && ZSRC_DONE && ZTGT_DONE)
+
+#if KILLS > 0
+/* a kill between two steps of the creation (at most KILLS in all) */
+#define KILL_POINT if :: atomic { nkills < KILLS -> nkills++ }; goto down :: skip fi
+#else
+#define KILL_POINT skip
+#endif
+
+active proctype life() {
+  byte i;
+#if CREATE
+  atomic {
+    /* the pair before the full sync: 1, never copied (every region differs); 2, as recorded
+       by the existing bitmap (region 0 differs and its bit is set there, region 1 is equal) */
+    i = 0;
+    do
+    :: i < NR ->
+#if CREATE == 1
+       src_cache[i] = 1; src_med[i] = 1; acked[i] = 1;
+#else
+       if :: i == 0 -> src_cache[i] = 1; src_med[i] = 1; acked[i] = 1; old_med[i] = 1 :: else -> skip fi;
+#endif
+       i++
+    :: else -> break
+    od; i = 0 };
+create:
+  /* open_bitmap(Full): write_temp(Dirty), sync_temp, rename_temp; the directory sync, open and
+     trusted_state follow at `restart`.  bm_cache/bm_med are the new file's contents, written
+     under a temporary name until dir_cache. */
+  atomic {                                             /* write_temp */
+    i = 0;
+    do
+#ifdef NEG_CREATE
+    :: i < NR -> bm_cache[i] = 0; bm_med[i] = 0; i++  /* old order: created all clear */
+#else
+    :: i < NR -> bm_cache[i] = 1; bm_med[i] = 0; i++  /* every bit set */
+#endif
+    :: else -> break
+    od; i = 0 };
+  KILL_POINT;
+  atomic {                                             /* sync_temp */
+    i = 0; do :: i < NR -> bm_med[i] = bm_cache[i]; i++ :: else -> break od; i = 0; check_a() };
+  KILL_POINT;
+  dir_cache = 1;                                       /* rename_temp */
+  KILL_POINT;
+#ifdef NEG_CREATE
+  /* old order: the clear bitmap is published (directory fsync), and only then are the bits
+     set (mark_all, in the mmap'd page cache) and flushed, at `restart` */
+  atomic { dir_med = 1; check_a() };                   /* sync_dir */
+  KILL_POINT;
+  atomic { i = 0; do :: i < NR -> bm_cache[i] = 1; i++ :: else -> break od; i = 0 };
+  KILL_POINT;
+#endif
+  goto restart;
+#endif
+end_up:
+  do
+  :: atomic { up && nkills < KILLS ->                  /* SIGKILL */
+       up = 0; nkills++;
+       i = 0; do :: i < NT -> tkill[i] = tbusy[i]; ntk = ntk + tbusy[i]; i++ :: else -> break od; i = 0;
+       kill_reset(i) };
+     goto down
+  od;
+down:
+#if CREATE
+  if
+  :: atomic { RESTART_OK && !dir_cache -> skip }; goto create   /* no new bitmap at the name: the
+                                                                   full sync starts again */
+#if CREATE == 2
+  :: atomic { RESTART_OK && !dir_cache ->              /* or the previous bitmap is resumed */
+       i = 0; do :: i < NR -> bm_cache[i] = old_med[i]; bm_med[i] = old_med[i]; i++ :: else -> break od; i = 0;
+       dir_cache = 1; dir_med = 1 }; goto restart
+  :: atomic { RESTART_OK && dir_cache && dir_med ->    /* or, the new bitmap in place, a full sync
+                                                          is asked again: it becomes the previous
+                                                          bitmap, with its bits on the medium (any
+                                                          bit only in its cache is lost or not: the
+                                                          fewer, the harder for (a)) */
+       i = 0; do :: i < NR -> old_med[i] = bm_med[i]; i++ :: else -> break od; i = 0;
+       dir_cache = 0; dir_med = 0 }; goto create
+#endif
+  :: atomic { RESTART_OK && dir_cache -> skip }; goto restart
+  fi;
+#endif
+restart:
+  atomic { RESTART_OK ->                               /* open_bitmap after the kill or creation */
+#if CREATE && !defined(NEG_RESUMEDIR)
+    dir_med = dir_cache;                               /* sync_dir: the name is durable */
+#endif
+#ifndef NEG_RESUME
+    i = 0; do :: i < NR -> bm_med[i] = bm_cache[i]; i++ :: else -> break od; i = 0;   /* sync */
+#endif
+    check_a();
+#if TFAIL == 2
+    /* the target is opened again: a writeback error from before this open is reported to the
+       new descriptor only if no fdatasync of the dead daemon's saw it (errseq_sample) */
+    if :: tgt_err = 0 :: skip fi;
+#endif
+    /* MirrorState::new: every set bit is volatile-dirty and durable */
+    i = 0;
+    do
+    :: i < NR -> if :: bm_cache[i] -> durable[i] = 1; vol[i] = 1; ndirty++ :: else -> skip fi; i++
+    :: else -> break
+    od; i = 0;
+    changed = 1; up = 1 };
+  goto end_up
+}
+#endif
 
 init {
   byte k;
   atomic {
-#if INIT_DIRTY
+#if INIT_DIRTY && !CREATE
     /* Region 0 as after a crash: its bit is set on the medium (and so in the cache, durable,
        volatile: MirrorState::new), the source holds a write the target never got. */
     bm_med[0] = 1; bm_cache[0] = 1; durable[0] = 1; vol[0] = 1; ndirty = 1;
     src_med[0] = 1; src_cache[0] = 1; acked[0] = 1;
+#endif
+#if LIFE && !CREATE
+    up = 1;                                            /* the daemon runs */
 #endif
     check_a();
     run writer(0, 0);
@@ -513,7 +883,7 @@ init {
     run writer(1, 1);
 #endif
     k = 0;
-    do :: k < COPIERS -> run copier(); k++ :: else -> break od;
+    do :: k < COPIERS -> run copier(k); k++ :: else -> break od;
     k = 0
   }
 }
