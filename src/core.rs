@@ -198,8 +198,6 @@ pub struct CoreCounters {
 pub struct MirrorState<P: PersistentBits> {
     nregions: u64,
     pbits: P,
-    /// Regions whose persistent bit is known to be set on the medium.
-    durable: BitVec<u64, Lsb0>,
     /// Regions written since their last copy started (the mirror's to-do list).
     volatile: BitVec<u64, Lsb0>,
     dirty: u64,
@@ -231,7 +229,7 @@ pub struct MirrorState<P: PersistentBits> {
     active: HashMap<u64, ActiveWrite>,
     next_active: u64,
     /// Regions whose bit was set in the cache but is not yet known durable, with the sequence
-    /// number of that set. `pbit && !durable` holds exactly for the keys of this map.
+    /// number of that set. A bit is durable exactly when it is set and not in this map.
     pending: HashMap<u64, u64>,
     set_seq: u64,
     durable_seq: u64,
@@ -251,13 +249,13 @@ impl<P: PersistentBits> MirrorState<P> {
     /// before calling this: [`crate::lifecycle::trusted_state`]), so every set bit is durable and
     /// every set bit is work to do: after a crash, those are exactly the regions that may differ.
     pub fn new(nregions: u64, pbits: P) -> Self {
-        let durable = pbits.load(0, nregions);
-        let dirty = durable.count_ones() as u64;
+        // Every set bit is durable (the caller's guarantee) and work to do.
+        let volatile = pbits.load(0, nregions);
+        let dirty = volatile.count_ones() as u64;
         MirrorState {
             pcount: dirty,
             nregions,
-            volatile: durable.clone(),
-            durable,
+            volatile,
             pbits,
             dirty,
             copying: zeroed(nregions),
@@ -374,11 +372,13 @@ impl<P: PersistentBits> MirrorState<P> {
         for r in ext.regions() {
             *self.inflight.entry(r).or_insert(0) += 1;
             self.disturb(r);
-            if self.durable[r as usize] {
-                continue;
-            }
-            if let Some(&seq) = self.pending.get(&r) {
+            // (Most writes find no bit pending at all: no lookup then.)
+            let pending = if self.pending.is_empty() { None } else { self.pending.get(&r).copied() };
+            if let Some(seq) = pending {
                 need = need.max(seq);
+            } else if self.pbits.get(r) {
+                // Set and not pending: durable.
+                continue;
             } else {
                 // Clear in the cache (a set bit that is not durable is always in `pending`).
                 self.pbits.set(r);
@@ -417,18 +417,10 @@ impl<P: PersistentBits> MirrorState<P> {
         if seq > self.durable_seq {
             self.durable_seq = seq;
         }
-        let (pbits, durable) = (&self.pbits, &mut self.durable);
-        self.pending.retain(|&r, &mut s| {
-            if s > seq {
-                return true;
-            }
-            // A pending bit cannot have been cleared: clearing requires no write in flight, and
-            // the writer that set it stays in flight until end_write.
-            if pbits.get(r) {
-                durable.set(r as usize, true);
-            }
-            false
-        });
+        // Bits set up to `seq` are durable now: they leave `pending`. (A pending bit cannot have
+        // been cleared: clearing requires no write in flight, and the writer that set it stays
+        // in flight until end_write.)
+        self.pending.retain(|_, &mut s| s > seq);
     }
 
     /// The write begun by [`Self::begin_write`] on `ext` completed (successfully or not, issued or
@@ -768,7 +760,6 @@ impl<P: PersistentBits> MirrorState<P> {
         }
         self.pbits.clear_range(s as u64, e as u64);
         self.pcount -= n;
-        self.durable[s..e].fill(false);
         if !self.pending.is_empty() {
             self.pending.retain(|&r, _| !(s as u64..e as u64).contains(&r));
         }
@@ -859,11 +850,8 @@ impl<P: PersistentBits> MirrorState<P> {
             if self.inflight.contains_key(&r) && !p {
                 return Err(format!("region {r}: write in flight but persistent bit clear"));
             }
-            if self.durable[i] && !p {
-                return Err(format!("region {r}: durable but persistent bit clear"));
-            }
-            if (p && !self.durable[i]) != self.pending.contains_key(&r) {
-                return Err(format!("region {r}: pending map out of step"));
+            if self.pending.contains_key(&r) && !p {
+                return Err(format!("region {r}: pending but persistent bit clear"));
             }
         }
         Ok(())

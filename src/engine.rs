@@ -269,6 +269,16 @@ pub struct Engine {
     mirror_fault: Mutex<Option<PathBuf>>,
 }
 
+/// What [`Engine::record_failure`] found.
+pub struct Failure {
+    /// The first failure after a healthy period (the pair just became degraded).
+    pub first: bool,
+    /// This failure made mirroring give up.
+    pub give_up: bool,
+    /// Failures in a row.
+    pub failures: u32,
+}
+
 /// The environment variable naming the fault file of [`Engine::mirror_fault_injected`].
 pub const MIRROR_FAULT_ENV: &str = "UBLK_MIRROR_TEST_FAIL_MIRROR_WHILE";
 
@@ -1120,23 +1130,7 @@ impl Engine {
     /// failed copy. Returns false once mirroring has given up.
     pub fn mirror_loop_failed(&self, err: &Error, retry_in: Duration) -> bool {
         let msg = format!("mirror loop: {err}");
-        let max = self.max_retries();
-        let (first, give_up, failures) = {
-            let mut g = self.lock();
-            g.progress.last_error = Some(msg.clone());
-            g.progress.loop_failed = Some(msg.clone());
-            g.progress.target_failures = g.progress.target_failures.saturating_add(1);
-            let first = g.progress.degraded_since.is_none();
-            if first {
-                g.progress.degraded_since = Some(SystemTime::now());
-            }
-            let give_up = max > 0 && g.progress.target_failures > max && g.progress.gave_up.is_none();
-            if give_up {
-                g.progress.gave_up = Some(format!("{} failures in a row; last: {msg}", g.progress.target_failures));
-            }
-            self.update_active_locked(&g);
-            (first, give_up, g.progress.target_failures)
-        };
+        let Failure { first, give_up, failures } = self.record_failure(&msg, true);
         log::error!("{msg}; {}", if give_up { "giving up".to_string() } else { format!("restarting in {retry_in:?}") });
         if first {
             self.events.emit("degraded", serde_json::json!({ "error": msg }));
@@ -1149,6 +1143,29 @@ impl Engine {
             self.events.emit("stopped", serde_json::json!({ "error": msg, "failures": failures }));
         }
         self.lock().progress.gave_up.is_none()
+    }
+
+    /// Records a failure of the mirroring (a copy, a flush, or the loop itself, `loop_failed`)
+    /// under one lock: the error, the failures in a row, degraded since the first, given up
+    /// past `--max-retries`; write-blocking stops in the same step (see update_active_locked).
+    pub fn record_failure(&self, msg: &str, loop_failed: bool) -> Failure {
+        let max = self.max_retries();
+        let mut g = self.lock();
+        g.progress.last_error = Some(msg.to_string());
+        if loop_failed {
+            g.progress.loop_failed = Some(msg.to_string());
+        }
+        g.progress.target_failures = g.progress.target_failures.saturating_add(1);
+        let first = g.progress.degraded_since.is_none();
+        if first {
+            g.progress.degraded_since = Some(SystemTime::now());
+        }
+        let give_up = max > 0 && g.progress.target_failures > max && g.progress.gave_up.is_none();
+        if give_up {
+            g.progress.gave_up = Some(format!("{} failures in a row; last: {msg}", g.progress.target_failures));
+        }
+        self.update_active_locked(&g);
+        Failure { first, give_up, failures: g.progress.target_failures }
     }
 
     /// A mirror loop is set up and about to run. After a failed one: the state leaves `failed`,

@@ -608,23 +608,7 @@ impl<'t> Mirror<'t> {
         self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF);
         self.retry_at = Some(Instant::now() + self.backoff);
         self.needs_reset = true;
-        let max = self.engine.max_retries();
-        let (first, give_up, failures) = {
-            let mut g = self.engine.lock();
-            g.progress.last_error = Some(msg.to_string());
-            g.progress.target_failures = g.progress.target_failures.saturating_add(1);
-            let first = g.progress.degraded_since.is_none();
-            if first {
-                g.progress.degraded_since = Some(SystemTime::now());
-            }
-            let give_up = max > 0 && g.progress.target_failures > max && g.progress.gave_up.is_none();
-            if give_up {
-                g.progress.gave_up = Some(format!("{} failures in a row; last: {msg}", g.progress.target_failures));
-            }
-            // Degraded: write-blocking stops in the same step (see update_active_locked).
-            self.engine.update_active_locked(&g);
-            (first, give_up, g.progress.target_failures)
-        };
+        let crate::engine::Failure { first, give_up, failures } = self.engine.record_failure(msg, false);
         if self.offline {
             return;
         }

@@ -81,12 +81,13 @@ apt_update_once() {
 }
 
 # --- 1. apt sources: bookworm-security carries the 6.12 kernels ------------------------------
-has_security_source() {
+# has_source SUITE: an apt source names SUITE.
+has_source() {
     local f
     # Only *.list and *.sources are read by apt; *.disabled and friends are not.
     for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
         [ -f "$f" ] || continue
-        grep -v '^[[:space:]]*#' "$f" | grep -q 'bookworm-security' && return 0
+        grep -v '^[[:space:]]*#' "$f" | grep -q "$1" && return 0
     done
     return 1
 }
@@ -103,7 +104,7 @@ EOF
     APT_UPDATED=0
     apt_update_once
 }
-if has_security_source; then
+if has_source bookworm-security; then
     skipped "apt source bookworm-security" "already configured"
 else
     grep -q 'VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null ||
@@ -143,14 +144,6 @@ qemu_version_wanted() {
             return 0
         fi
     done
-}
-has_backports_source() {
-    local f
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-        [ -f "$f" ] || continue
-        grep -v '^[[:space:]]*#' "$f" | grep -q 'bookworm-backports' && return 0
-    done
-    return 1
 }
 add_backports_source() {
     cat > /etc/apt/sources.list.d/ublk-mirror-vm-bookworm-backports.sources <<'EOF2'
@@ -206,7 +199,7 @@ install_pkgs() {
     if [ "$qemu" = 1 ]; then
         if ! version_available qemu-system-x86 "$want"; then
             apt_update_once
-            if ! version_available qemu-system-x86 "$want" && [[ "$want" == *bpo12* ]] && ! has_backports_source; then
+            if ! version_available qemu-system-x86 "$want" && [[ "$want" == *bpo12* ]] && ! has_source bookworm-backports; then
                 vm_log "the installed qemu packages ($want) come from bookworm-backports: adding that source"
                 add_backports_source
             fi

@@ -86,6 +86,9 @@ grep -q "mirror loop failed" /tmp/w.out || fail "--wait-synced: $(tail -2 /tmp/w
 [ $el -lt 20000 ] || fail "--wait-synced took $el ms: it waited out its timeout"
 log "--wait-synced refused after $el ms: $(tail -1 /tmp/w.out)"
 rm /tmp/mirror-fault
+# The supervisor restarts the loop at its next retry (up to 5 s away); until then status says
+# failed, and waiting for synced is refused.
+wait_for 30 "the loop restarted" sh -c '! ublk-mirror status -n 0 --json | grep -q "\"state\": \"failed\""'
 run_timeout 120 ublk-mirror status -n 0 --wait-synced --timeout 110 > /dev/null || fail "no convergence after the fault went"
 grep -q '"event":"mirror-restarted"' $EV || fail "no mirror-restarted event"
 grep -q '"event":"recovered"' $EV || fail "no recovered event"
