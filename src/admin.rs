@@ -279,7 +279,9 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         log::warn!("event log: {e}");
     }
     let started = match &target {
-        Some((_, open)) => serde_json::json!({ "dev_id": id, "mode": open.mode, "dirty_regions": open.dirty_regions }),
+        Some((_, open)) => serde_json::json!({
+            "dev_id": id, "mode": open.mode, "dirty_regions": open.dirty_regions, "granularity": open.granularity,
+        }),
         None => serde_json::json!({ "dev_id": id, "switched_over": true }),
     };
     engine.events().emit(if recover.is_some() { "recovered-daemon" } else { "started" }, started);

@@ -49,6 +49,21 @@ const PATH_MAX: usize = 1024;
 pub const MIN_GRANULARITY: u64 = 4096;
 pub const MAX_GRANULARITY: u64 = 64 << 20;
 pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
+/// The most regions a bitmap gets when no granularity is asked for: 64 Mi regions, 8 MiB of
+/// bits, which is 4 TiB at the default 64 KiB. The daemon's state keeps several sets of the
+/// bitmap's size, so its memory follows this bound.
+pub const MAX_DEFAULT_REGIONS: u64 = 1 << 26;
+
+/// The granularity of a new bitmap when none is asked for: 64 KiB, doubled (as mdadm does)
+/// until the bitmap has at most [`MAX_DEFAULT_REGIONS`] regions, up to 64 MiB (then a device
+/// beyond 4 PiB gets a larger bitmap).
+pub fn default_granularity(device_size: u64) -> u64 {
+    let mut g = DEFAULT_GRANULARITY;
+    while regions_for(device_size, g) > MAX_DEFAULT_REGIONS && g < MAX_GRANULARITY {
+        g *= 2;
+    }
+    g
+}
 
 /// Header state field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -761,6 +776,22 @@ mod tests {
     use super::*;
     use crate::lifecycle::{open_bitmap, SyncMode};
     use rand::{Rng, SeedableRng};
+
+    /// 64 KiB up to 4 TiB; larger devices get the granularity that keeps the bitmap at 64 Mi
+    /// regions or fewer; 64 MiB at most.
+    #[test]
+    fn default_granularity_grows_with_the_device() {
+        const TIB: u64 = 1 << 40;
+        assert_eq!(default_granularity(1 << 30), 64 << 10);
+        assert_eq!(default_granularity(4 * TIB), 64 << 10);
+        assert_eq!(default_granularity(4 * TIB + 4096), 128 << 10);
+        assert_eq!(default_granularity(16 * TIB), 256 << 10);
+        assert_eq!(default_granularity(4096 * TIB), 64 << 20);
+        assert_eq!(default_granularity(u64::MAX / 2), MAX_GRANULARITY, "capped");
+        for size in [TIB, 5 * TIB, 20 * TIB, 999 * TIB] {
+            assert!(regions_for(size, default_granularity(size)) <= MAX_DEFAULT_REGIONS);
+        }
+    }
 
     /// The word-at-a-time range operations agree with the bit-by-bit ones, at every alignment.
     #[test]

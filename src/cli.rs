@@ -190,7 +190,8 @@ pub struct AddArgs {
     /// (default for an existing bitmap: copy only what it marks dirty).
     #[arg(long, value_enum)]
     pub sync: Option<SyncMode>,
-    /// Region size for a new bitmap [default: 64K].
+    /// Region size for a new bitmap [default: 64K up to 4 TiB, doubled above until the bitmap has
+    /// at most 64 Mi regions].
     #[arg(long, short = 'g', value_parser = parse_size)]
     pub granularity: Option<u64>,
     /// Stable name: /dev/disk/by-ublk-mirror/NAME (with the udev rules), and what `up` and
@@ -270,7 +271,8 @@ pub struct SyncArgs {
     /// Declare source and target identical: clear the bitmap, copy nothing.
     #[arg(long)]
     pub assume_synced: bool,
-    /// Region size for a new bitmap: a power of two from 4K to 64M [default: 64K].
+    /// Region size for a new bitmap: a power of two from 4K to 64M [default: 64K up to 4 TiB,
+    /// doubled above until the bitmap has at most 64 Mi regions].
     #[arg(long, short = 'g', value_parser = parse_size)]
     pub granularity: Option<u64>,
     #[command(flatten)]

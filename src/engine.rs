@@ -8,7 +8,7 @@
 //! on a ring).
 
 use crate::backing::{Backing, DirectMode};
-use crate::bitmap::{Bitmap, BitmapState, BitmapSwitch, Expect, PairIdentity, DEFAULT_GRANULARITY};
+use crate::bitmap::{Bitmap, BitmapState, BitmapSwitch, Expect, PairIdentity};
 use crate::core::{ActivePlan, CoreCounters, Extent, Intent, MirrorState};
 use crate::error::{Error, Result};
 use crate::front::{Fds, Held};
@@ -306,6 +306,8 @@ pub struct OpenReport {
     pub created_bitmap: bool,
     /// The new bitmap replaced one that was there (`--sync full` or `none` over it).
     pub replaced_bitmap: bool,
+    /// The bitmap's region size.
+    pub granularity: u64,
     pub dirty_regions: u64,
     pub source_direct: bool,
     pub target_direct: bool,
@@ -393,7 +395,7 @@ impl Engine {
                 .as_ref()
                 .filter(|(h, _)| h.pair == pair && h.device_size == source.size)
                 .map(|(h, _)| h.granularity)
-                .unwrap_or(DEFAULT_GRANULARITY)
+                .unwrap_or_else(|| crate::bitmap::default_granularity(source.size))
         });
         if mode != SyncMode::Resume && exists {
             // Refuse to replace a bitmap another live mirror holds.
@@ -418,6 +420,7 @@ impl Engine {
             mode,
             created_bitmap: created,
             replaced_bitmap: created && exists,
+            granularity: state.pbits().granularity(),
             dirty_regions: dirty,
             source_direct: source.direct,
             target_direct: target.direct(),

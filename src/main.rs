@@ -424,9 +424,9 @@ fn cmd_sync(a: SyncArgs) -> CliResult {
             human(r.device_size),
             r.open.mode,
             match (r.open.created_bitmap, r.open.replaced_bitmap) {
-                (true, false) => ", new bitmap",
-                (true, true) => ", bitmap rebuilt",
-                _ => "",
+                (true, false) => format!(", new bitmap, {} regions", human(r.granularity)),
+                (true, true) => format!(", bitmap rebuilt, {} regions", human(r.granularity)),
+                _ => String::new(),
             },
             human(r.bytes_copied),
             human(r.bytes_zeroed),

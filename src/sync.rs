@@ -2,7 +2,7 @@
 //! (compare them, and check the bitmap's claims).
 
 use crate::backing::{AlignedBuf, Backing, DirectMode};
-use crate::bitmap::{Bitmap, PairIdentity, DEFAULT_GRANULARITY};
+use crate::bitmap::{Bitmap, PairIdentity};
 use crate::engine::{CopyConfig, Engine, OpenReport, PairOptions, Status};
 use crate::error::{Error, Result};
 use crate::mirror::{Hooks, Mirror, RunUntil};
@@ -167,7 +167,7 @@ pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
             (h.granularity, Some(set))
         }
         None => {
-            let g = opts.granularity.unwrap_or(DEFAULT_GRANULARITY);
+            let g = opts.granularity.unwrap_or_else(|| crate::bitmap::default_granularity(size));
             crate::bitmap::check_granularity(g)?;
             (g, None)
         }
