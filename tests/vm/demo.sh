@@ -20,3 +20,9 @@ step "ublk-mirror del -n 0 --wait-synced; ublk-mirror verify"
 run_timeout 90 ublk-mirror del -n 0 --wait-synced || fail del
 run_timeout 60 ublk-mirror verify --source $S --target $T --bitmap $B || fail verify
 ublk-mirror bitmap show $B
+step "what happened"
+echo "    $S (512 MiB, sparse) was served as $DEV; every write first marked its 64 KiB region in"
+echo "    $B, and the mirror copied the marked regions to $T. Once synced, del stopped"
+echo "    the device with the target holding every write; verify compared both files (reading"
+echo "    only where either holds data), and the bitmap is clean: a later add with it copies"
+echo "    nothing until something is written. More: man ublk-mirror, docs/operations.md."
