@@ -91,13 +91,14 @@ has_source() {
     done
     return 1
 }
-add_security_source() {
-    # deb822 format, the default on Debian 12; the archive keyring ships with every Debian install.
-    cat > /etc/apt/sources.list.d/ublk-mirror-vm-bookworm-security.sources <<'EOF'
-# Added by ublk-mirror vm/setup.sh: the linux-image-6.12.*-cloud-amd64 kernels live here.
+# add_source SUITE URI WHY: an apt source for SUITE (deb822, the default on Debian 12; the archive
+# keyring ships with every Debian install), then fresh lists.
+add_source() {
+    cat > "/etc/apt/sources.list.d/ublk-mirror-vm-$1.sources" <<EOF
+# Added by ublk-mirror vm/setup.sh: $3
 Types: deb
-URIs: http://deb.debian.org/debian-security
-Suites: bookworm-security
+URIs: $2
+Suites: $1
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
@@ -109,7 +110,8 @@ if has_source bookworm-security; then
 else
     grep -q 'VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null ||
         vm_log "WARNING: host is not Debian bookworm; adding bookworm-security anyway for the kernel package"
-    step "apt source bookworm-security (added)" add_security_source
+    step "apt source bookworm-security (added)" add_source bookworm-security http://deb.debian.org/debian-security \
+        "the linux-image-6.12.*-cloud-amd64 kernels live here."
 fi
 
 # --- 2. host packages ----------------------------------------------------------------------
@@ -144,19 +146,6 @@ qemu_version_wanted() {
             return 0
         fi
     done
-}
-add_backports_source() {
-    cat > /etc/apt/sources.list.d/ublk-mirror-vm-bookworm-backports.sources <<'EOF2'
-# Added by ublk-mirror vm/setup.sh: the machine's qemu packages come from here, and qemu-system-x86
-# must have their version. Packages from backports are installed only when asked for by version.
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: bookworm-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF2
-    APT_UPDATED=0
-    apt_update_once
 }
 version_available() { apt-cache madison "$1" 2>/dev/null | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' | grep -qxF "$2"; }
 # plan_is_safe ARGS...: apt's plan for `install ARGS` removes and downgrades nothing.
@@ -201,7 +190,8 @@ install_pkgs() {
             apt_update_once
             if ! version_available qemu-system-x86 "$want" && [[ "$want" == *bpo12* ]] && ! has_source bookworm-backports; then
                 vm_log "the installed qemu packages ($want) come from bookworm-backports: adding that source"
-                add_backports_source
+                add_source bookworm-backports http://deb.debian.org/debian \
+                    "the machine's qemu packages come from here, and qemu-system-x86 must have their version (installed by version only)."
             fi
             version_available qemu-system-x86 "$want" ||
                 vm_die "qemu-utils $want is installed, and qemu-system-x86 must have the same version (one source package), but no apt source offers qemu-system-x86 $want. Add the source your qemu-utils came from, or install qemu-system-x86 yourself, then run vm/setup.sh again"
