@@ -126,13 +126,13 @@ fn prepare_recover(
     // The bitmap has the last word on the pair: a switchover records itself there (and
     // `--reverse` the swapped pair) before the device changes what it serves.
     let mut switched = false;
-    let (source, target) = match crate::bitmap::Bitmap::inspect(&bitmap) {
-        Ok((h, _)) if h.state == crate::bitmap::BitmapState::SwitchedOver => {
+    let (source, target) = match crate::bitmap::Bitmap::read_header(&bitmap) {
+        Ok(h) if h.state == crate::bitmap::BitmapState::SwitchedOver => {
             log::info!("device {id} was switched over to {}: serving it alone", h.pair.target);
             switched = true;
             (source, target)
         }
-        Ok((h, _)) if Path::new(&h.pair.source) == crate::bitmap::absolute(&target) && Path::new(&h.pair.target) == crate::bitmap::absolute(&source) => {
+        Ok(h) if Path::new(&h.pair.source) == crate::bitmap::absolute(&target) && Path::new(&h.pair.target) == crate::bitmap::absolute(&source) => {
             log::info!("device {id}: its pair was reversed by a switchover: source {}, target {}", h.pair.source, h.pair.target);
             (target, source)
         }

@@ -442,6 +442,24 @@ impl Bitmap {
     }
 
     /// Opens a bitmap read-only for inspection (`bitmap show`), even while a mirror uses it.
+    /// Reads and checks a bitmap's header alone (its first 4 KiB), even while a mirror uses it:
+    /// for deciding how to open it, without scanning its bits.
+    pub fn read_header(path: &Path) -> Result<Header> {
+        use std::io::Read;
+        let file = File::open(path).map_err(|e| Error::Open {
+            role: "bitmap",
+            path: path.to_path_buf(),
+            what: "cannot open".into(),
+            fix: "check the path and its permissions".into(),
+            source: e,
+        })?;
+        let len = file.metadata().map_err(|e| Error::io("stat bitmap", e))?.len();
+        check_header_len(path, len)?;
+        let mut b = vec![0u8; HEADER_SIZE as usize];
+        (&file).read_exact(&mut b).map_err(|e| Error::io("read bitmap header", e))?;
+        decode_header(path, &b, len)
+    }
+
     pub fn inspect(path: &Path) -> Result<(Header, Vec<(u64, u64)>)> {
         let file = File::open(path).map_err(|e| Error::Open {
             role: "bitmap",

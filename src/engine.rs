@@ -369,8 +369,8 @@ impl Engine {
         };
         // After a switchover the data lives on the target: serving or syncing the old pair
         // again would bring back the stale source.
-        let found = Bitmap::inspect(&opts.bitmap).ok();
-        if let Some((h, _)) = &found {
+        let found = Bitmap::read_header(&opts.bitmap).ok();
+        if let Some(h) = &found {
             if h.state == BitmapState::SwitchedOver {
                 return Err(Error::Bitmap {
                     path: opts.bitmap.clone(),
@@ -393,8 +393,8 @@ impl Engine {
         let granularity = opts.granularity.unwrap_or_else(|| {
             found
                 .as_ref()
-                .filter(|(h, _)| h.pair == pair && h.device_size == source.size)
-                .map(|(h, _)| h.granularity)
+                .filter(|h| h.pair == pair && h.device_size == source.size)
+                .map(|h| h.granularity)
                 .unwrap_or_else(|| crate::bitmap::default_granularity(source.size))
         });
         if mode != SyncMode::Resume && exists {
