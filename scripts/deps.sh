@@ -24,7 +24,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     # apt wants one version of both, so qemu-utils takes the emulator's (from the release it
     # came from), rather than apt replacing the emulator.
     args=() from=()
-    qsys=$(dpkg-query -W -f='${Status} ${Version}' qemu-system-x86 2>/dev/null | sed -n 's/^install ok installed //p')
+    # (dpkg-query fails when the emulator is not installed at all: an empty answer then.)
+    qsys=$(dpkg-query -W -f='${Status} ${Version}' qemu-system-x86 2>/dev/null | sed -n 's/^install ok installed //p' || true)
     for p in "${missing[@]}"; do
         if [ "$p" = qemu-utils ] && [ -n "$qsys" ]; then
             args+=("qemu-utils=$qsys")
