@@ -21,6 +21,7 @@
 //! `bit(r)` on the bitmap's medium, or the target's medium holds `r` at least as new as the
 //! source's medium.
 
+use crate::pagebits::PagedBits;
 use bitvec::prelude::*;
 use std::collections::HashMap;
 
@@ -52,19 +53,6 @@ pub trait PersistentBits {
             self.clear(r);
         }
     }
-}
-
-/// The runs of set bits of `b`, as `(start, end)` index pairs, found a word at a time; a run
-/// longer than `most` comes in pieces of `most` (so that what is done per run, such as loading
-/// the persistent bits, stays small).
-pub fn runs(b: &BitSlice<u64, Lsb0>, most: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        let s = at + b[at..].first_one()?;
-        let e = b[s..].first_zero().map_or(b.len(), |i| s + i).min(s + most.max(1));
-        at = e;
-        Some((s, e))
-    })
 }
 
 /// Pieces of runs that range operations take at once: 128 KiB of bits.
@@ -178,10 +166,10 @@ struct ActiveWrite {
 struct TargetFlush {
     kind: FlushKind,
     /// Regions whose copy completed before the flush started and that nothing has touched since.
-    regions: BitVec<u64, Lsb0>,
+    regions: PagedBits,
     /// Regions a copy may have written to the target since the last successful flush started,
     /// as of this flush's start.
-    written: BitVec<u64, Lsb0>,
+    written: PagedBits,
 }
 
 /// Counters the state keeps; the engine adds times and rates.
@@ -199,12 +187,12 @@ pub struct MirrorState<P: PersistentBits> {
     nregions: u64,
     pbits: P,
     /// Regions written since their last copy started (the mirror's to-do list).
-    volatile: BitVec<u64, Lsb0>,
+    volatile: PagedBits,
     dirty: u64,
-    copying: BitVec<u64, Lsb0>,
+    copying: PagedBits,
     copying_count: u64,
     /// Regions whose copy completed and that nothing touched since; cleared into a target flush.
-    copied: BitVec<u64, Lsb0>,
+    copied: PagedBits,
     flush: Option<TargetFlush>,
     /// Lazy clearing (rule 3): regions whose bit may be cleared, aged by [`Self::clear_tick`].
     /// A bit becomes clear between one and two ticks after its region became eligible, unless a
@@ -215,16 +203,16 @@ pub struct MirrorState<P: PersistentBits> {
     /// target flush (or of the current one). A failed fdatasync may have dropped any of those
     /// pages for good (Linux reports a writeback error once, then forgets the pages), so a
     /// failure dirties them all again, not only the failed flush's own set.
-    written: BitVec<u64, Lsb0>,
+    written: PagedBits,
     /// Copies in flight when a target flush failed: their result cannot be trusted.
-    poisoned: BitVec<u64, Lsb0>,
-    eligible_young: BitVec<u64, Lsb0>,
-    eligible_old: BitVec<u64, Lsb0>,
+    poisoned: PagedBits,
+    eligible_young: PagedBits,
+    eligible_old: PagedBits,
     /// Writes in flight per region (begin_write .. end_write). Small: bounded by queue depth.
     inflight: HashMap<u64, u32>,
     /// Regions an online verify is reading; any write, copy or redirtying removes them (then
     /// the comparison proves nothing and the region is skipped).
-    watched: BitVec<u64, Lsb0>,
+    watched: PagedBits,
     /// Active (write-blocking) writes in flight that also go to the target, by id.
     active: HashMap<u64, ActiveWrite>,
     next_active: u64,
@@ -249,8 +237,14 @@ impl<P: PersistentBits> MirrorState<P> {
     /// before calling this: [`crate::lifecycle::trusted_state`]), so every set bit is durable and
     /// every set bit is work to do: after a crash, those are exactly the regions that may differ.
     pub fn new(nregions: u64, pbits: P) -> Self {
-        // Every set bit is durable (the caller's guarantee) and work to do.
-        let volatile = pbits.load(0, nregions);
+        // Every set bit is durable (the caller's guarantee) and work to do. Loaded in pieces:
+        // the set keeps whole pages of set or clear bits as one entry each, and a copy of the
+        // whole bitmap would cost its full size at once.
+        let mut volatile = PagedBits::new(nregions as usize);
+        for s in (0..nregions).step_by(RUN_PIECE) {
+            let e = (s + RUN_PIECE as u64).min(nregions);
+            volatile.or_bits_at(s as usize, &pbits.load(s, e));
+        }
         let dirty = volatile.count_ones() as u64;
         MirrorState {
             pcount: dirty,
@@ -258,19 +252,19 @@ impl<P: PersistentBits> MirrorState<P> {
             volatile,
             pbits,
             dirty,
-            copying: zeroed(nregions),
+            copying: PagedBits::new(nregions as usize),
             copying_count: 0,
-            copied: zeroed(nregions),
+            copied: PagedBits::new(nregions as usize),
             flush: None,
             lazy: false,
-            written: zeroed(nregions),
-            poisoned: zeroed(nregions),
-            eligible_young: zeroed(nregions),
-            eligible_old: zeroed(nregions),
+            written: PagedBits::new(nregions as usize),
+            poisoned: PagedBits::new(nregions as usize),
+            eligible_young: PagedBits::new(nregions as usize),
+            eligible_old: PagedBits::new(nregions as usize),
             inflight: HashMap::new(),
             active: HashMap::new(),
             next_active: 0,
-            watched: zeroed(nregions),
+            watched: PagedBits::new(nregions as usize),
             pending: HashMap::new(),
             set_seq: 0,
             durable_seq: 0,
@@ -304,7 +298,7 @@ impl<P: PersistentBits> MirrorState<P> {
         self.counters
     }
     pub fn is_volatile_dirty(&self, r: u64) -> bool {
-        self.volatile[r as usize]
+        self.volatile.get(r as usize)
     }
     pub fn has_write_in_flight(&self, r: u64) -> bool {
         self.inflight.contains_key(&r)
@@ -326,7 +320,7 @@ impl<P: PersistentBits> MirrorState<P> {
     }
 
     fn mark_volatile(&mut self, r: u64) {
-        if !self.volatile[r as usize] {
+        if !self.volatile.get(r as usize) {
             self.volatile.set(r as usize, true);
             self.dirty += 1;
         }
@@ -344,21 +338,14 @@ impl<P: PersistentBits> MirrorState<P> {
         }
     }
 
-    /// [`Self::disturb`] for the regions `[s, e)`, a word at a time. Only sets that have a bit
-    /// there are written: the others' pages stay untouched (never-written zeroed memory costs
-    /// no RAM, and most of these sets are empty most of the time).
+    /// [`Self::disturb`] for the regions `[s, e)`, a page or a word at a time.
     fn disturb_range(&mut self, s: usize, e: usize) {
-        let clear = |b: &mut BitVec<u64, Lsb0>| {
-            if b[s..e].any() {
-                b[s..e].fill(false);
-            }
-        };
-        clear(&mut self.watched);
-        clear(&mut self.copied);
-        clear(&mut self.eligible_young);
-        clear(&mut self.eligible_old);
+        self.watched.fill(s, e, false);
+        self.copied.fill(s, e, false);
+        self.eligible_young.fill(s, e, false);
+        self.eligible_old.fill(s, e, false);
         if let Some(f) = self.flush.as_mut() {
-            clear(&mut f.regions);
+            f.regions.fill(s, e, false);
         }
     }
 
@@ -451,9 +438,8 @@ impl<P: PersistentBits> MirrorState<P> {
     /// overlaps its bytes and no consistent flush is running (the image a consistent flush
     /// makes durable must not receive writes that started after it).
     pub fn begin_active_write(&mut self, ext: Extent, off: u64, len: u64) -> (Intent, ActivePlan) {
-        let clean = ext.regions().all(|r| {
-            !self.volatile[r as usize] && !self.copying[r as usize] && !self.poisoned[r as usize]
-        });
+        let (s, e) = (ext.start as usize, ext.end() as usize);
+        let clean = !self.volatile.any_in(s, e) && !self.copying.any_in(s, e) && !self.poisoned.any_in(s, e);
         let consistent_flush = matches!(self.flush, Some(TargetFlush { kind: FlushKind::Consistent, .. }));
         let end = off + len;
         let mut overlap = false;
@@ -471,10 +457,8 @@ impl<P: PersistentBits> MirrorState<P> {
         }
         let id = self.next_active;
         self.next_active += 1;
-        for r in ext.regions() {
-            // A target flush that starts from now on may be followed by this target write.
-            self.written.set(r as usize, true);
-        }
+        // A target flush that starts from now on may be followed by this target write.
+        self.written.fill(s, e, true);
         self.active.insert(id, ActiveWrite { ext, off, end, tainted: false });
         (intent, ActivePlan::Target { id })
     }
@@ -495,7 +479,8 @@ impl<P: PersistentBits> MirrorState<P> {
         let mirrored = source_ok
             && target_ok
             && !w.tainted
-            && ext.regions().all(|r| !self.volatile[r as usize] && !self.copying[r as usize]);
+            && !self.volatile.any_in(ext.start as usize, ext.end() as usize)
+            && !self.copying.any_in(ext.start as usize, ext.end() as usize);
         if !mirrored {
             return self.end_write(ext);
         }
@@ -532,9 +517,9 @@ impl<P: PersistentBits> MirrorState<P> {
     /// [`Self::verify_end`].
     pub fn verify_begin(&mut self, r: u64) -> bool {
         let i = r as usize;
-        let busy = self.volatile[i]
-            || self.copying[i]
-            || self.poisoned[i]
+        let busy = self.volatile.get(i)
+            || self.copying.get(i)
+            || self.poisoned.get(i)
             || self.inflight.contains_key(&r)
             || self.active.values().any(|w| w.ext.regions().contains(&r));
         self.watched.set(i, !busy);
@@ -544,9 +529,9 @@ impl<P: PersistentBits> MirrorState<P> {
     /// Online verify: was region `r` left alone since [`Self::verify_begin`]? Only then do
     /// reads of source and target made in between describe one state of the pair.
     pub fn verify_end(&mut self, r: u64) -> bool {
-        let still = self.watched[r as usize];
+        let still = self.watched.get(r as usize);
         self.watched.set(r as usize, false);
-        still && !self.volatile[r as usize]
+        still && !self.volatile.get(r as usize)
     }
 
     /// Active writes in flight (for status).
@@ -575,12 +560,12 @@ impl<P: PersistentBits> MirrorState<P> {
         // and updated a word at a time (a copy of a source's hole may cover millions of regions).
         let lim = start.saturating_add(max).min(self.nregions) as usize;
         let s = start as usize;
-        let e = self.volatile[s..lim].first_zero().map_or(lim, |i| s + i);
-        let e = self.copying[s..e].first_one().map_or(e, |i| s + i);
+        let e = self.volatile.first_zero(s, lim).unwrap_or(lim);
+        let e = self.copying.first_one(s, e).unwrap_or(e);
         let end = e as u64;
-        self.volatile[s..e].fill(false);
-        self.copying[s..e].fill(true);
-        self.written[s..e].fill(true);
+        self.volatile.fill(s, e, false);
+        self.copying.fill(s, e, true);
+        self.written.fill(s, e, true);
         self.disturb_range(s, e);
         // The copy may read the source before an active write lands there and write the target
         // after that write's target write: the active write cannot vouch for the target.
@@ -603,23 +588,30 @@ impl<P: PersistentBits> MirrorState<P> {
         self.find_copyable(self.cursor, self.nregions).or_else(|| self.find_copyable(0, self.cursor))
     }
 
+    /// The first region of `[from, to)` that is dirty and not being copied, skipping runs of
+    /// each kind at once.
     fn find_copyable(&self, from: u64, to: u64) -> Option<u64> {
-        self.volatile[from as usize..to as usize]
-            .iter_ones()
-            .map(|i| from + i as u64)
-            .find(|&r| !self.copying[r as usize])
+        let (mut at, to) = (from as usize, to as usize);
+        loop {
+            let d = self.volatile.first_one(at, to)?;
+            match self.copying.first_zero(d, to) {
+                Some(c) if self.volatile.get(c) => return Some(c as u64),
+                Some(c) => at = c,
+                None => return None,
+            }
+        }
     }
 
     /// The copy of `ext` finished. On failure its regions are dirty again.
     pub fn copy_done(&mut self, ext: Extent, ok: bool) {
         let (s, e) = (ext.start as usize, ext.end() as usize);
-        debug_assert!(self.copying[s..e].all(), "copy_done on regions not being copied");
-        if ok && self.poisoned[s..e].not_any() {
-            // The common case, a word at a time: every region's copy counts, except where a
-            // write made the region dirty again or is still in flight.
-            self.copying[s..e].fill(false);
-            self.copied[s..e].fill(true);
-            let again: Vec<usize> = self.volatile[s..e].iter_ones().map(|i| s + i).collect();
+        debug_assert!(self.copying.all_in(s, e), "copy_done on regions not being copied");
+        if ok && !self.poisoned.any_in(s, e) {
+            // The common case, a page or a word at a time: every region's copy counts, except
+            // where a write made the region dirty again or is still in flight.
+            self.copying.fill(s, e, false);
+            self.copied.fill(s, e, true);
+            let again: Vec<usize> = self.volatile.ones_in(s, e).collect();
             for i in again {
                 self.copied.set(i, false);
             }
@@ -634,15 +626,15 @@ impl<P: PersistentBits> MirrorState<P> {
         }
         let mut failed = !ok;
         for r in ext.regions() {
-            debug_assert!(self.copying[r as usize], "copy_done on region {r} not being copied");
+            debug_assert!(self.copying.get(r as usize), "copy_done on region {r} not being copied");
             self.copying.set(r as usize, false);
             // In flight across a failed target flush: what it wrote may be lost already.
-            let ok = ok && !self.poisoned[r as usize];
+            let ok = ok && !self.poisoned.get(r as usize);
             self.poisoned.set(r as usize, false);
             failed |= !ok;
             if !ok {
                 self.mark_volatile(r);
-            } else if !self.volatile[r as usize] && !self.inflight.contains_key(&r) {
+            } else if !self.volatile.get(r as usize) && !self.inflight.contains_key(&r) {
                 self.copied.set(r as usize, true);
             }
         }
@@ -680,17 +672,12 @@ impl<P: PersistentBits> MirrorState<P> {
         } else {
             FlushKind::Checkpoint
         };
-        let regions = std::mem::replace(
-            &mut self.copied,
-            zeroed(self.nregions),
-        );
+        let regions = std::mem::replace(&mut self.copied, PagedBits::new(self.nregions as usize));
         // Copies still in flight may write after this flush started: they stay in `written`
         // for the next one.
         let mut still = self.copying.clone();
         for w in self.active.values() {
-            for r in w.ext.regions() {
-                still.set(r as usize, true);
-            }
+            still.fill(w.ext.start as usize, w.ext.end() as usize, true);
         }
         let written = std::mem::replace(&mut self.written, still);
         self.flush = Some(TargetFlush { kind, regions, written });
@@ -708,13 +695,18 @@ impl<P: PersistentBits> MirrorState<P> {
         let mut out = FlushOutcome::default();
         if ok {
             // Run by run, a word at a time: after a full sync the set covers the device.
-            for (s, e) in runs(&flush.regions, RUN_PIECE) {
-                debug_assert!(self.volatile[s..e].not_any());
+            for (s, e) in flush.regions.runs(RUN_PIECE) {
+                debug_assert!(!self.volatile.any_in(s, e));
                 debug_assert!(!self.inflight.keys().any(|&r| (s as u64..e as u64).contains(&r)));
                 if self.lazy {
-                    let set = self.pbits.load(s as u64, e as u64);
-                    out.deferred += set.count_ones() as u64;
-                    self.eligible_young[s..e] |= set;
+                    // Eligible only where the bit is set: loaded from a word boundary, so that
+                    // the set takes it a word (or a page) at a time.
+                    let a = s / 64 * 64;
+                    let set = self.pbits.load(a as u64, e as u64);
+                    out.deferred += set[s - a..].count_ones() as u64;
+                    let mut part = set;
+                    part[..s - a].fill(false);
+                    self.eligible_young.or_bits_at(a, &part);
                 } else {
                     out.cleared += self.clear_bits(s, e);
                 }
@@ -732,21 +724,21 @@ impl<P: PersistentBits> MirrorState<P> {
             // gone: the failed flush's set, everything copied before it, and the copies that
             // ran or still run during it.
             let mut lost = flush.regions;
-            lost |= &flush.written;
-            lost |= &self.written;
-            for i in lost.iter_ones() {
-                if !self.volatile[i] {
-                    out.redirtied += 1;
-                }
-                self.disturb(i as u64);
-                self.mark_volatile(i as u64);
+            lost.or_assign(&flush.written);
+            lost.or_assign(&self.written);
+            for (s, e) in lost.runs(RUN_PIECE) {
+                let fresh = (e - s - self.volatile.count_in(s, e)) as u64;
+                out.redirtied += fresh;
+                self.dirty += fresh;
+                self.disturb_range(s, e);
+                self.volatile.fill(s, e, true);
             }
-            self.poisoned |= &self.copying;
+            self.poisoned.or_assign(&self.copying);
             for w in self.active.values_mut() {
                 w.tainted = true;
             }
             // They stay in `written` until a flush that starts after their recopy succeeds.
-            self.written |= &flush.written;
+            self.written.or_assign(&flush.written);
             self.changed = true;
         }
         out
@@ -778,18 +770,15 @@ impl<P: PersistentBits> MirrorState<P> {
     /// One tick of lazy clearing: clears the bits that were already eligible at the previous
     /// tick and are still untouched. Returns the number of bits cleared.
     pub fn clear_tick(&mut self) -> u64 {
-        let old = std::mem::take(&mut self.eligible_old);
+        let old = std::mem::replace(&mut self.eligible_old, PagedBits::new(0));
         let mut n = 0;
-        for (s, e) in runs(&old, RUN_PIECE) {
+        for (s, e) in old.runs(RUN_PIECE) {
             // Eligible regions are untouched since their copy was flushed to the target:
             // disturb() removes any region a write or a copy touches.
-            debug_assert!(self.volatile[s..e].not_any());
+            debug_assert!(!self.volatile.any_in(s, e));
             n += self.clear_bits(s, e);
         }
-        // Reuse the old set's memory (as large as the bitmap) for the new young one.
-        let mut old = old;
-        old.fill(false);
-        self.eligible_old = std::mem::replace(&mut self.eligible_young, old);
+        self.eligible_old = std::mem::replace(&mut self.eligible_young, PagedBits::new(self.nregions as usize));
         n
     }
 
@@ -841,10 +830,10 @@ impl<P: PersistentBits> MirrorState<P> {
         for r in 0..self.nregions {
             let i = r as usize;
             let p = self.pbits.get(r);
-            if self.volatile[i] && !p {
+            if self.volatile.get(i) && !p {
                 return Err(format!("region {r}: volatile-dirty but persistent bit clear"));
             }
-            if self.copying[i] && !p {
+            if self.copying.get(i) && !p {
                 return Err(format!("region {r}: being copied but persistent bit clear"));
             }
             if self.inflight.contains_key(&r) && !p {

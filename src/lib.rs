@@ -29,6 +29,7 @@ pub mod manpage;
 pub mod mirror;
 pub mod nbd;
 pub mod online_verify;
+pub mod pagebits;
 pub mod queue;
 pub mod sync;
 pub mod target;
