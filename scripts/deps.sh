@@ -9,17 +9,42 @@
 #   procps, e2fsprogs  pgrep and mkfs.ext4 for the host-driven VM scenarios;
 #   systemd       systemd-analyze, to verify the unit file;
 #   udev          udevadm, run in the VM against a real ublk device to check the rules;
+#   prometheus, python3-prometheus-client  `promtool check metrics` (Prometheus's own parser and
+#                 naming lint) and the Python client's parser read the output of `ublk-mirror
+#                 metrics` in tests/metrics.rs. Installed without their recommends (no
+#                 node_exporter, smartmontools...); the package's Prometheus server service is
+#                 enabled by Debian on a machine that runs systemd: `systemctl disable --now
+#                 prometheus` if it is not wanted (promtool does not need it);
 # The VM harness (vm/setup.sh) installs its own packages (qemu, busybox, kernel image...).
 set -euo pipefail
 PKGS=(libclang-dev qemu-utils nbdkit spin procps e2fsprogs systemd udev)
-missing=()
-for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+# Installed without recommends.
+LEAN_PKGS=(prometheus python3-prometheus-client)
+missing=() lean=()
+for p in "${PKGS[@]}" "${LEAN_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" && continue
+    if [[ " ${LEAN_PKGS[*]} " == *" $p "* ]]; then lean+=("$p"); else missing+=("$p"); fi
 done
+updated=
+# Installs "$@" (apt options, then packages) unless apt's plan would remove anything.
+apt_install() {
+    [ "$(id -u)" = 0 ] || { echo "deps.sh: missing packages ${missing[*]} ${lean[*]}; run as root (apt-get install)" >&2; exit 1; }
+    [ -n "$updated" ] || { timeout 600 apt-get update -q >/dev/null; updated=1; }
+    # Never remove or downgrade what the machine has: read apt's plan first.
+    plan=$(DEBIAN_FRONTEND=noninteractive apt-get -s install "$@" 2>&1) || {
+        echo "$plan" | tail -n 15 >&2
+        echo "deps.sh: apt cannot install $* (above)" >&2
+        exit 1
+    }
+    bad=$(echo "$plan" | sed -n 's/^Remv \([^ ]*\).*/\1/p' | tr '\n' ' ')
+    if [ -n "$bad" ]; then
+        echo "deps.sh: installing $* would remove ${bad}(apt's plan); install them yourself at versions that fit, then run again" >&2
+        exit 1
+    fi
+    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q "$@" >/dev/null
+}
 if [ ${#missing[@]} -gt 0 ]; then
-    [ "$(id -u)" = 0 ] || { echo "deps.sh: missing packages ${missing[*]}; run as root (apt-get install)" >&2; exit 1; }
     echo "deps.sh: installing ${missing[*]}"
-    timeout 600 apt-get update -q >/dev/null
     # qemu-utils and an installed qemu-system-x86 (vm/setup.sh's) come from one source package:
     # apt wants one version of both, so qemu-utils takes the emulator's (from the release it
     # came from), rather than apt replacing the emulator.
@@ -34,17 +59,10 @@ if [ ${#missing[@]} -gt 0 ]; then
             args+=("$p")
         fi
     done
-    # Never remove or downgrade what the machine has: read apt's plan first.
-    plan=$(DEBIAN_FRONTEND=noninteractive apt-get -s "${from[@]}" install "${args[@]}" 2>&1) || {
-        echo "$plan" | tail -n 15 >&2
-        echo "deps.sh: apt cannot install ${args[*]} (above)" >&2
-        exit 1
-    }
-    bad=$(echo "$plan" | sed -n 's/^Remv \([^ ]*\).*/\1/p' | tr '\n' ' ')
-    if [ -n "$bad" ]; then
-        echo "deps.sh: installing ${args[*]} would remove ${bad}(apt's plan); install them yourself at versions that fit, then run again" >&2
-        exit 1
-    fi
-    DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q "${from[@]}" "${args[@]}" >/dev/null
+    apt_install "${from[@]}" "${args[@]}"
+fi
+if [ ${#lean[@]} -gt 0 ]; then
+    echo "deps.sh: installing ${lean[*]} (without recommends)"
+    apt_install --no-install-recommends "${lean[@]}"
 fi
 command -v cargo >/dev/null || { echo "deps.sh: cargo not found: install a Rust toolchain (rustup), 1.82 or newer" >&2; exit 1; }

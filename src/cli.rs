@@ -122,6 +122,11 @@ pub enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Print every device's state in the Prometheus text format (for node_exporter's textfile
+    /// collector): state, dirty bytes, lag, copy rate, consistent points, target failures,
+    /// bytes copied. A device whose daemon does not answer is ublk_mirror_up 0 (and named on
+    /// standard error); the exit status is 0 unless the devices cannot be listed at all.
+    Metrics,
     /// Change a running mirror's settings: copy speed, copy mode, max lag, retries.
     Set {
         /// Device id.

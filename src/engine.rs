@@ -183,6 +183,11 @@ pub struct Inner {
     pub write_barrier: bool,
 }
 
+/// Every value [`Status::state`] takes.
+pub const STATES: [&str; 7] = ["syncing", "synced", "paused", "degraded", "failed", "stopped", "switched-over"];
+/// Every value [`Status::mode`] takes.
+pub const MODES: [&str; 3] = ["background", "write-blocking", "write-blocking (max-lag)"];
+
 /// A snapshot for status displays and tests.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Status {
@@ -197,6 +202,9 @@ pub struct Status {
     pub consistent_points: u64,
     pub checkpoints: u64,
     pub last_consistent_age_secs: Option<f64>,
+    /// When the last consistent point was made, in seconds since the Unix epoch (the daemon's
+    /// clock): what monitoring compares with its own clock, where an age would go stale.
+    pub last_consistent_unix_secs: Option<f64>,
     pub copy_errors: u64,
     pub target_flush_errors: u64,
     pub bitmap_flushes: u64,
@@ -1108,6 +1116,11 @@ impl Engine {
                 .progress
                 .last_consistent
                 .and_then(|t| t.elapsed().ok())
+                .map(|d| d.as_secs_f64()),
+            last_consistent_unix_secs: g
+                .progress
+                .last_consistent
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|d| d.as_secs_f64()),
             copy_errors: c.copy_errors,
             target_flush_errors: c.target_flush_errors,

@@ -26,6 +26,7 @@ pub mod events;
 pub mod front;
 pub mod lifecycle;
 pub mod manpage;
+pub mod metrics;
 pub mod mirror;
 pub mod nbd;
 pub mod online_verify;

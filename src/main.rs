@@ -72,6 +72,7 @@ fn main() -> ExitCode {
             })
         }
         Cmd::List { json } => cmd_list(json),
+        Cmd::Metrics => cmd_metrics(),
         Cmd::Recover { id, foreground } => cmd_recover(id, foreground),
         Cmd::Status { id, json, wait_synced, timeout, watch: true } => cmd_watch(id, json, wait_synced, timeout),
         Cmd::Set { id, speed, busy_speed, mode, max_lag, max_retries } => {
@@ -218,6 +219,20 @@ fn cmd_list(json: bool) -> CliResult {
             );
         }
     }
+    Ok(0)
+}
+
+/// `metrics`: nothing reaches standard output unless every device was asked, so that a
+/// redirect into a file never leaves half an exposition behind.
+fn cmd_metrics() -> CliResult {
+    let (devices, problems) = ublk_mirror::metrics::collect()?;
+    for p in &problems {
+        eprintln!("ublk-mirror: warning: {p}");
+    }
+    let text = ublk_mirror::metrics::render(&devices);
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| format!("writing the metrics: {e}"))?;
     Ok(0)
 }
 

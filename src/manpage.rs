@@ -129,6 +129,7 @@ pub fn render() -> String {
         ("Watch it, then remove it once the target is a consistent copy:", "ublk-mirror status -n 0; ublk-mirror del -n 0 --wait-synced"),
         ("After the daemon died (the device waits, I/O blocks):", "ublk-mirror recover -n 0"),
         ("Bring a copy up to date offline, then check it:", "ublk-mirror sync -s disk.img -t copy.img -b disk.bitmap && ublk-mirror verify -s disk.img -t copy.img -b disk.bitmap"),
+        ("Publish every device's state to Prometheus through node_exporter's textfile collector (run it every minute from a timer; the rename makes the new file appear whole):", "ublk-mirror metrics > /var/lib/prometheus/node-exporter/ublk-mirror.prom.tmp && mv /var/lib/prometheus/node-exporter/ublk-mirror.prom.tmp /var/lib/prometheus/node-exporter/ublk-mirror.prom"),
     ];
     for (what, cmdline) in examples {
         para(&mut roff, what);

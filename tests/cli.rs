@@ -127,3 +127,18 @@ fn status_without_the_driver_names_the_driver() {
     assert!(err.contains("ublk driver is not loaded") && err.contains("modprobe ublk_drv"), "{err}");
     assert!(err.contains("scripts/try-in-vm.sh"), "{err}");
 }
+
+/// Without the driver `metrics` fails with the same advice as `status` and prints nothing on
+/// standard output: a textfile-collector job that redirects it into a file must not publish an
+/// empty or partial exposition as if it were the truth.
+#[test]
+fn metrics_without_the_driver_fails_and_prints_nothing() {
+    assert!(
+        !std::path::Path::new("/dev/ublk-control").exists(),
+        "this test checks a machine without the ublk driver; this one has it"
+    );
+    let (code, out, err) = run(&["metrics"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("ublk driver is not loaded") && err.contains("modprobe ublk_drv"), "{err}");
+}

@@ -21,7 +21,7 @@ fn checked_in_man_page_is_current() {
     for s in ["NAME", "SYNOPSIS", "DESCRIPTION", "COMMANDS", "OPTIONS", "FILES", "EXIT STATUS", "EXAMPLES", "SEE ALSO"] {
         assert!(generated.contains(&format!(".SH {s}")) || generated.contains(&format!(".SH \"{s}\"")), "no {s} section");
     }
-    for c in ["add", "del", "recover", "sync", "bitmap show", "status", "list", "verify"] {
+    for c in ["add", "del", "recover", "sync", "bitmap show", "status", "list", "verify", "metrics"] {
         // roff escapes the dash.
         assert!(generated.contains(&format!("ublk\\-mirror {c}")), "{c} is not documented");
     }
