@@ -161,27 +161,29 @@ impl Backing {
         if !self.knows_holes() {
             return Ok(Some((pos, end)));
         }
-        // SAFETY: lseek on an fd we own; it moves only the file offset, which no other code
-        // relies on (all data I/O uses explicit offsets).
-        let data = unsafe { libc::lseek(self.fd(), pos as i64, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENXIO) => Ok(None),
-                // No SEEK_DATA support: treat everything as data.
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some((pos, end))),
-                _ => Err(e),
-            };
-        }
-        let data = data as u64;
-        if data >= end {
-            return Ok(None);
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(self.fd(), data as i64, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { end } else { (hole as u64).min(end) };
-        Ok(Some((data, hole)))
+        next_data(self.fd(), pos, end)
     }
+}
+
+/// [`Backing::next_data`] for any descriptor: SEEK_DATA, then SEEK_HOLE. A descriptor without
+/// holes (a block device answers SEEK_DATA with `pos` itself) or without SEEK_DATA (EINVAL,
+/// EOPNOTSUPP) is all data. It moves the descriptor's file offset, which nothing relies on:
+/// all data I/O here uses explicit offsets.
+pub fn next_data(fd: RawFd, pos: u64, end: u64) -> std::io::Result<Option<(u64, u64)>> {
+    use nix::errno::Errno;
+    use nix::unistd::{lseek, Whence};
+    let Ok(at) = i64::try_from(pos) else { return Ok(None) };
+    let data = match lseek(fd, at, Whence::SeekData) {
+        Ok(d) => d as u64,
+        Err(Errno::ENXIO) => return Ok(None),
+        Err(Errno::EINVAL | Errno::EOPNOTSUPP) => return Ok(Some((pos, end))),
+        Err(e) => return Err(e.into()),
+    };
+    if data >= end {
+        return Ok(None);
+    }
+    let hole = lseek(fd, data as i64, Whence::SeekHole).map_or(end, |h| (h as u64).min(end));
+    Ok(Some((data, hole)))
 }
 
 /// Applies `mode` with `open(odirect)`: returns the file and whether O_DIRECT is on. In `Auto`,

@@ -107,6 +107,68 @@ fn main() -> ExitCode {
 
 type CliResult = Result<u8, Box<dyn std::error::Error>>;
 
+/// Progress of a long command on stderr: a bar on a terminal, otherwise a line at most every
+/// `LINE_EVERY` (for logs and journals); nothing with --json, whose output is the report.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    tty: bool,
+    quiet: bool,
+    what: &'static str,
+    last_line: Option<std::time::Instant>,
+}
+
+const LINE_EVERY: Duration = Duration::from_secs(2);
+
+impl Progress {
+    fn new(what: &'static str, json: bool) -> Self {
+        Progress {
+            bar: indicatif::ProgressBar::hidden(),
+            tty: std::io::stderr().is_terminal() && !json,
+            quiet: json,
+            what,
+            last_line: None,
+        }
+    }
+
+    /// How often the command should report.
+    fn every(&self) -> Duration {
+        if self.tty {
+            Duration::from_millis(200)
+        } else {
+            LINE_EVERY
+        }
+    }
+
+    fn show(&mut self, done: u64, total: u64, line: String) {
+        if self.tty {
+            if self.bar.is_hidden() {
+                self.bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                self.bar.set_style(
+                    indicatif::ProgressStyle::with_template("{bar:40} {percent:>3}% {msg}")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+            }
+            self.bar.set_length(total.max(1));
+            self.bar.set_position(done);
+            self.bar.set_message(line);
+        } else if !self.quiet && self.last_line.is_none_or(|t| t.elapsed() >= LINE_EVERY) {
+            self.last_line = Some(std::time::Instant::now());
+            eprintln!("{}: {line}", self.what);
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// "done / total, rate, ETA" for a command that has done `done` of `total` in `secs`.
+fn rate_line(done: u64, total: u64, secs: f64) -> String {
+    let rate = done as f64 / secs.max(1e-3);
+    let eta = if rate > 0.0 { format!("{:.0}s", total.saturating_sub(done) as f64 / rate) } else { "?".into() };
+    format!("{} / {}, {}/s, ETA {eta}", human(done), human(total), human(rate as u64))
+}
+
 fn progress_line(s: &Status, total: u64) -> (u64, String) {
     let left = s.dirty_bytes + s.copying_bytes;
     let done = total.saturating_sub(left);
@@ -405,31 +467,17 @@ fn cmd_sync(a: SyncArgs) -> CliResult {
         source_writable: false,
     };
     let copy = copy_config(&a.copy);
-    let tty = std::io::stderr().is_terminal() && !a.json;
-    let bar = indicatif::ProgressBar::hidden();
+    let mut progress = Progress::new("sync", a.json);
+    let every = progress.every();
     let mut total = None;
     let mut show = |s: &Status| {
         // The first report fixes the total: what was dirty when copying began.
         let t = *total.get_or_insert(s.dirty_bytes + s.copying_bytes + s.bytes_copied + s.bytes_zeroed);
         let (done, line) = progress_line(s, t);
-        if tty {
-            if bar.is_hidden() {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template("{bar:40} {percent:>3}% {msg}")
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                );
-            }
-            bar.set_length(t.max(1));
-            bar.set_position(done);
-            bar.set_message(line);
-        } else if !a.json {
-            eprintln!("sync: {line}");
-        }
+        progress.show(done, t, line);
     };
-    let every = if tty { Duration::from_millis(200) } else { Duration::from_secs(2) };
     let r = sync::sync(&pair, &copy, Hooks::default(), Some((&mut show, every)));
-    bar.finish_and_clear();
+    progress.finish();
     let r = r?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -482,13 +530,18 @@ fn cmd_verify(a: VerifyArgs) -> CliResult {
     let (Some(source), Some(target)) = (a.source, a.target) else {
         return Err("give --source and --target (or -n ID for a live device)".into());
     };
-    let r = sync::verify(&VerifyOptions {
-        source,
-        target,
-        bitmap: a.bitmap.clone(),
-        granularity: a.granularity,
-        direct: a.direct,
-    })?;
+    let opts = VerifyOptions { source, target, bitmap: a.bitmap.clone(), granularity: a.granularity, direct: a.direct };
+    let mut progress = Progress::new("verify", a.json);
+    let every = progress.every();
+    let t0 = std::time::Instant::now();
+    let mut show = |r: &sync::VerifyReport| {
+        let done = r.bytes_compared + r.bytes_skipped;
+        let line = rate_line(done, r.device_size, t0.elapsed().as_secs_f64());
+        progress.show(done, r.device_size, format!("{line} ({} read, {} holes)", human(r.bytes_compared), human(r.bytes_skipped)));
+    };
+    let r = sync::verify_with_progress(&opts, Some((&mut show, every)));
+    progress.finish();
+    let r = r?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else if r.identical() {
@@ -537,6 +590,8 @@ fn cmd_verify_online(id: u32, json: bool) -> CliResult {
     ublk_mirror::control::request(id, &serde_json::json!({ "cmd": "verify" }))?;
     // Bounded by progress: a verify that advances no region for a minute is reported stuck.
     let mut seen = (0, std::time::Instant::now());
+    let mut progress = Progress::new("verify", json);
+    let t0 = std::time::Instant::now();
     let v = loop {
         std::thread::sleep(Duration::from_millis(300));
         let st = admin::read_status(id)?;
@@ -544,13 +599,22 @@ fn cmd_verify_online(id: u32, json: bool) -> CliResult {
         if v["state"] != "running" {
             break v;
         }
-        let done = v["compared"].as_u64().unwrap_or(0) + v["skipped"].as_u64().unwrap_or(0);
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        let done = n("compared") + n("skipped") + n("holes");
+        let g = n("granularity").max(1);
+        let size = st["device_size"].as_u64().unwrap_or(n("regions") * g);
+        // Regions done, in bytes (the last region may be short).
+        let bytes = (done * g).min(size);
+        let line = rate_line(bytes, size, t0.elapsed().as_secs_f64());
+        progress.show(bytes, size, format!("{line} ({} regions read, {} busy, {} holes)", n("compared"), n("skipped"), n("holes")));
         if done != seen.0 {
             seen = (done, std::time::Instant::now());
         } else if seen.1.elapsed() > Duration::from_secs(60) {
+            progress.finish();
             return Err(format!("online verify of device {id} made no progress for 60 s (at region {done})").into());
         }
     };
+    progress.finish();
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     }
@@ -560,10 +624,12 @@ fn cmd_verify_online(id: u32, json: bool) -> CliResult {
     let n = |k: &str| v[k].as_u64().unwrap_or(0);
     if !json {
         println!(
-            "compared {} regions ({}), skipped {} dirty or busy, {} mismatches",
-            n("compared"),
+            "compared {} ({}), skipped {} dirty or busy, {} not read (holes on both sides: {}), {} mismatches",
+            regions(n("compared")),
             human(n("bytes_compared")),
             n("skipped"),
+            n("holes"),
+            human(n("bytes_skipped")),
             n("mismatches")
         );
         if n("mismatches") > 0 {
@@ -601,6 +667,47 @@ fn cmd_bitmap_show(path: PathBuf, json: bool) -> CliResult {
     println!("granularity  {}", human(h.granularity));
     println!("regions      {}", h.nregions);
     println!("dirty        {}, {}", regions(dirty), human(dirty_bytes));
-    print!("{}", runs_text(&runs, h.granularity, 20));
+    if runs.len() > SHOW_RUNS {
+        println!("dirty by area ({} runs; --json lists them all):", runs.len());
+        print!("{}", areas_text(&runs, h.nregions, h.granularity, h.device_size));
+        println!("first runs:");
+    }
+    print!("{}", runs_text(&runs, h.granularity, SHOW_RUNS));
     Ok(0)
+}
+
+/// Runs `bitmap show` lists one by one; more are summarised by area.
+const SHOW_RUNS: usize = 20;
+/// Areas the device is cut into for that summary.
+const AREAS: u64 = 16;
+
+/// Dirty regions per sixteenth of the device, one line each: where a scattered dirty set lies,
+/// in a screenful.
+fn areas_text(runs: &[(u64, u64)], nregions: u64, g: u64, size: u64) -> String {
+    let per = nregions.div_ceil(AREAS).max(1);
+    let mut count = vec![0u64; nregions.div_ceil(per) as usize];
+    for &(start, n) in runs {
+        // A run may span areas: each gets its part.
+        let mut r = start;
+        let end = start.saturating_add(n).min(nregions);
+        while r < end {
+            let a = r / per;
+            let upto = ((a + 1) * per).min(end);
+            count[a as usize] += upto - r;
+            r = upto;
+        }
+    }
+    let mut s = String::new();
+    for (a, &c) in count.iter().enumerate() {
+        let (first, last) = (a as u64 * per, ((a as u64 + 1) * per).min(nregions));
+        let bytes = |r: u64| r.saturating_mul(g).min(size);
+        s += &format!(
+            "  bytes {:>9} .. {:>9}: {:>12} dirty ({:.1}%)\n",
+            human(bytes(first)),
+            human(bytes(last)),
+            regions(c),
+            c as f64 * 100.0 / (last - first).max(1) as f64
+        );
+    }
+    s
 }

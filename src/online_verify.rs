@@ -5,7 +5,8 @@
 //! then both reads describe one state of the pair, and a difference is a real one. Since clean
 //! regions are identical by the mirror's invariant, any mismatch found is a bug (or someone
 //! wrote the target behind the mirror's back). Regions dirty or busy are skipped and counted.
-//! The reads are throttled like the copy (the `speed` setting).
+//! The reads are throttled like the copy (the `speed` setting). Where source and target both hold
+//! a hole (SEEK_DATA on each), both read as zeros: those regions are not read, and counted apart.
 
 use crate::backing::AlignedBuf;
 use crate::engine::Engine;
@@ -34,6 +35,9 @@ pub struct OnlineVerify {
     pub mismatched: Vec<u64>,
     pub granularity: u64,
     pub bytes_compared: u64,
+    /// Regions not read because source and target both hold a hole there.
+    pub holes: u64,
+    pub bytes_skipped: u64,
     pub elapsed_secs: f64,
     pub error: Option<String>,
 }
@@ -92,7 +96,7 @@ pub fn start(engine: Arc<Engine>, target: OwnedFd) -> Result<()> {
                 e.events().emit(
                     "verified",
                     serde_json::json!({ "state": s.state, "compared": s.compared, "skipped": s.skipped,
-                                        "mismatches": s.mismatches, "error": s.error }),
+                                        "holes": s.holes, "mismatches": s.mismatches, "error": s.error }),
                 );
             }
         })
@@ -112,12 +116,30 @@ fn run(engine: &Engine, target: &OwnedFd) -> Result<()> {
     // Held for the whole run: a reverse switchover is refused while a verify runs, and this
     // keeps the compared pair fixed all the same.
     let source = engine.source();
-    for r in 0..nregions {
+    // Below this byte, source or target holds data (known from the last probe): no probing.
+    let mut probe_at = 0u64;
+    let mut r = 0;
+    while r < nregions {
         if engine.stop_requested() {
             return Err(Error::config("the mirror stopped during the verify"));
         }
+        if r * gran >= probe_at {
+            match both_holes(&source, target, r, gran, size)? {
+                Holes::Until(next) => {
+                    let bytes = (next * gran).min(size) - r * gran;
+                    bump(engine, |v| {
+                        v.holes += next - r;
+                        v.bytes_skipped += bytes;
+                    });
+                    r = next;
+                    continue;
+                }
+                Holes::DataUntil(end) => probe_at = end,
+            }
+        }
         if !engine.lock().state.verify_begin(r) {
             bump(engine, |v| v.skipped += 1);
+            r += 1;
             continue;
         }
         let (start, end) = (r * gran, ((r + 1) * gran).min(size));
@@ -189,8 +211,41 @@ fn run(engine: &Engine, target: &OwnedFd) -> Result<()> {
             log::error!("online verify: region {r} (bytes {start}..{end}) differs although it is clean");
         }
         pace.account(engine, end - start);
+        r += 1;
     }
     Ok(())
+}
+
+enum Holes {
+    /// Regions from the one asked about up to this one (excluded) are holes on both sides.
+    Until(u64),
+    /// The region asked about holds data on a side; no region before this byte is a hole on
+    /// both sides.
+    DataUntil(u64),
+}
+
+/// Are source and target both holes from region `r` on, and up to where? A region counts as a
+/// hole only if it is one whole on both sides: it then reads as zeros on both, and there is
+/// nothing to compare. (A write landing after the probe makes the region dirty: it would have
+/// been skipped as busy all the same.)
+fn both_holes(source: &crate::backing::Backing, target: &OwnedFd, r: u64, gran: u64, size: u64) -> Result<Holes> {
+    let pos = r * gran;
+    let probe = |what: &str, got: std::io::Result<Option<(u64, u64)>>| {
+        got.map_err(|e| Error::io(format!("verify: SEEK_DATA on the {what} at byte {pos}"), e))
+    };
+    let sides = [
+        probe("source", source.next_data(pos, size))?,
+        probe("target", crate::backing::next_data(target.as_raw_fd(), pos, size))?,
+    ];
+    let data_at = sides.iter().map(|d| d.map_or(size, |d| d.0)).min().unwrap_or(size);
+    let first = if data_at >= size { size.div_ceil(gran) } else { data_at / gran };
+    if first > r {
+        return Ok(Holes::Until(first));
+    }
+    // Data in region r on one side at least: the regions up to the end of that data (on the
+    // side where it reaches furthest) cannot be holes on both sides.
+    let end = sides.iter().flatten().filter(|d| d.0 < pos + gran).map(|d| d.1).max().unwrap_or(pos + gran);
+    Ok(Holes::DataUntil(end / gran * gran))
 }
 
 fn bump(engine: &Engine, f: impl FnOnce(&mut OnlineVerify)) {

@@ -118,6 +118,15 @@ enum VerifyTarget {
 
 /// Compares source and target region by region, reading both through io_uring.
 pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
+    verify_with_progress(opts, None)
+}
+
+/// A verify's progress callback and how often to call it.
+pub type VerifyProgress<'a> = Option<(&'a mut dyn FnMut(&VerifyReport), Duration)>;
+
+/// [`verify`], calling `progress` with the report so far at most once per interval (the bytes
+/// done are `bytes_compared + bytes_skipped`, of `device_size`).
+pub fn verify_with_progress(opts: &VerifyOptions, mut progress: VerifyProgress<'_>) -> Result<VerifyReport> {
     let source = Backing::open(&opts.source, "source", false, opts.direct)?;
     let mut target = if is_uri(&opts.target) {
         VerifyTarget::Other(open_target(&opts.target, opts.direct)?)
@@ -160,9 +169,9 @@ pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
                     fix: "give this pair's bitmap, or verify without --bitmap".into(),
                 });
             }
-            let mut set = bitvec::bitvec![u64, bitvec::order::Lsb0; 0; h.nregions as usize];
+            let mut set = crate::pagebits::PagedBits::new(h.nregions as usize);
             for (s, n) in runs {
-                set[s as usize..(s + n) as usize].fill(true);
+                set.fill(s as usize, (s + n) as usize, true);
             }
             (h.granularity, Some(set))
         }
@@ -196,7 +205,14 @@ pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     };
     let mut ready: Vec<(u64, usize, usize)> = Vec::new();
     let mut cqes = Vec::new();
+    let mut reported = std::time::Instant::now();
     loop {
+        if let Some((f, every)) = progress.as_mut() {
+            if reported.elapsed() >= *every {
+                f(&report);
+                reported = std::time::Instant::now();
+            }
+        }
         for (i, slot) in slots.iter_mut().enumerate() {
             if slot.is_some() || next >= size || failed.is_some() {
                 continue;
@@ -294,7 +310,7 @@ pub fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
                     let r = (off + pos as u64) / granularity;
                     push_run(&mut report.differing, r);
                     if let Some(bits) = &bits {
-                        if !bits[r as usize] {
+                        if !bits.get(r as usize) {
                             push_run(&mut report.differing_clean, r);
                         }
                     }

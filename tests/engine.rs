@@ -548,3 +548,22 @@ fn write_zeroes_work_on_every_source_kind() {
         }
     }
 }
+
+/// Verify reports its progress: bytes done (compared or skipped as holes) only grow, and end at
+/// the device's size.
+#[test]
+fn verify_reports_progress_up_to_the_whole_device() {
+    let f = files(64 * MIB);
+    fill_random(&f.source, 0, (16 * MIB) as usize, 3);
+    fill_random(&f.target, 0, (16 * MIB) as usize, 3);
+    let mut seen: Vec<(u64, u64)> = Vec::new();
+    let mut cb = |r: &sync::VerifyReport| seen.push((r.bytes_compared, r.bytes_skipped));
+    let opts = VerifyOptions { bitmap: None, ..verify_opts(&f) };
+    let r = sync::verify_with_progress(&opts, Some((&mut cb, Duration::ZERO))).expect("verify");
+    assert!(r.identical());
+    assert_eq!((r.bytes_compared, r.bytes_skipped), (16 * MIB, 48 * MIB));
+    assert!(seen.len() >= 4, "reported {} times", seen.len());
+    let done: Vec<u64> = seen.iter().map(|(c, s)| c + s).collect();
+    assert!(done.windows(2).all(|w| w[0] <= w[1]), "progress went back: {done:?}");
+    assert!(done.iter().any(|&d| d > 0 && d < 64 * MIB), "no report in between: {done:?}");
+}

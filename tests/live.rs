@@ -886,6 +886,42 @@ fn online_verify_finds_a_corrupted_clean_region() {
     drop(q);
 }
 
+/// Online verify of a sparse 1 TiB pair: where both sides hold a hole nothing is read (reading
+/// 1 TiB here would take hours), data on one side only is compared and found.
+#[test]
+fn online_verify_skips_holes_on_both_sides_only() {
+    use std::os::unix::fs::FileExt;
+    const SIZE: u64 = 1 << 40;
+    let f = files(SIZE);
+    let data = [0, SIZE / 2 + 3 * MIB, SIZE - MIB];
+    for (i, &o) in data.iter().enumerate() {
+        fill_random(&f.source, o, MIB as usize, 20 + i as u64);
+    }
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::Full), Some(MIB))).expect("open");
+    let engine = Arc::new(engine);
+    engine.attach_target(target.as_ref()).expect("attach");
+    let mirror = spawn_loop(&engine, target, CopyConfig::default());
+    wait_for("initial sync", Duration::from_secs(60), || engine.status().state == "synced");
+    let run_verify = |engine: &Arc<Engine>| {
+        engine.start_verify().expect("start");
+        wait_for("verify", Duration::from_secs(60), || engine.verifier().report().is_some_and(|r| r.state != "running"));
+        engine.verifier().report().expect("report")
+    };
+    let regions = SIZE / MIB;
+    let r = run_verify(&engine);
+    assert_eq!((r.state, r.mismatches, r.compared, r.skipped), ("done", 0, 3, 0), "{r:?}");
+    assert_eq!((r.holes, r.bytes_skipped), (regions - 3, SIZE - 3 * MIB), "{r:?}");
+    // Garbage in a hole of the target only: that region holds data on one side, and is read.
+    let t = std::fs::OpenOptions::new().write(true).open(&f.target).expect("target");
+    let bad = regions / 3;
+    t.write_all_at(b"garbage", bad * MIB + 100).expect("corrupt");
+    t.sync_all().expect("sync");
+    let r = run_verify(&engine);
+    assert_eq!((r.mismatched.clone(), r.compared, r.holes), (vec![bad], 4, regions - 4), "{r:?}");
+    engine.request_stop();
+    mirror.join().expect("mirror");
+}
+
 /// An online verify paced by the speed limit: a limit lowered in its course paces the rest from
 /// then on (counted from the verify's start, it meant one long sleep with nothing compared),
 /// and a stop ends it within a sleep step.
