@@ -98,12 +98,19 @@ impl Report {
     }
 }
 
+/// `id` as libublk numbers devices (an i32, which it asserts is not negative).
+fn ublk_number(id: u32) -> Result<i32> {
+    i32::try_from(id)
+        .map_err(|_| Error::config(format!("{id} is not a device id: ublk device ids are 0 to {}", i32::MAX)))
+}
+
 /// Opens the device to recover and reads the pair it was serving from its saved configuration.
 fn prepare_recover(
     id: u32,
     direct: crate::backing::DirectMode,
 ) -> Result<(UblkCtrl, PairOptions, String, Option<crate::engine::Settings>, bool, QueueAffinity)> {
-    let old = UblkCtrl::new_simple(id as i32)
+    let number = ublk_number(id)?;
+    let old = UblkCtrl::new_simple(number)
         .map_err(|_| Error::config(format!("no ublk device {id} (see `ublk-mirror list`)")))?;
     let info = old.dev_info();
     if info.flags & sys::UBLK_F_USER_RECOVERY as u64 == 0 {
@@ -171,7 +178,7 @@ fn prepare_recover(
     let affinity = serde_json::from_value(data["affinity"].clone()).unwrap_or(QueueAffinity::Single);
     let ctrl = UblkCtrlBuilder::default()
         .name(TARGET_NAME)
-        .id(id as i32)
+        .id(number)
         .nr_queues(info.nr_hw_queues)
         .depth(info.queue_depth)
         .io_buf_bytes(info.max_io_buf_bytes)
@@ -220,7 +227,9 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
             }
             // Open and check the pair first: a refused bitmap or a short target must not leave
             // a device behind. The engine is opened again below (after ADD) for real.
-            drop(Engine::open(&opts.pair)?);
+            let (_, target, _) = Engine::open(&opts.pair)?;
+            opts.copy.check_block(target.block_size().into())?;
+            drop(target);
             // libublk's builder, failing to add an id that exists, deletes that device when it
             // drops: check first (a race with another `add` of the same id remains).
             if opts.id >= 0 && device_exists(opts.id as u32) {
@@ -596,7 +605,7 @@ pub fn delete(id: u32, wait: Option<Duration>) -> Result<()> {
     if !device_exists(id) {
         return Err(Error::config(format!("no ublk device {id} (see `ublk-mirror list`)")));
     }
-    let c = UblkCtrl::new_simple(id as i32).map_err(uerr("open device"))?;
+    let c = UblkCtrl::new_simple(ublk_number(id)?).map_err(uerr("open device"))?;
     if let Some(limit) = wait {
         wait_synced(id, limit)?;
     }

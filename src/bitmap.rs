@@ -33,7 +33,7 @@
 use crate::core::PersistentBits;
 use crate::lifecycle::Fill;
 use crate::error::{BitmapProblem, Error, Result};
-use memmap2::{Mmap, MmapMut};
+use memmap2::{MmapMut, MmapOptions};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -53,10 +53,21 @@ pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
 /// bits, which is 4 TiB at the default 64 KiB. The daemon's state keeps several sets of the
 /// bitmap's size, so its memory follows this bound.
 pub const MAX_DEFAULT_REGIONS: u64 = 1 << 26;
+/// The most regions any bitmap may have: 2^32, 512 MiB of bits. With the largest granularity
+/// (64 MiB) that covers 256 PiB (2^58 bytes), the largest device ublk-mirror mirrors. The
+/// daemon keeps several sets of the bitmap's size in memory and a full sync writes every bit,
+/// so a bitmap beyond this (the 2^37 regions of an 8 EiB device, 16 GiB of bits) would fail
+/// late, by running out of memory or address space, instead of being refused up front.
+pub const MAX_REGIONS: u64 = 1 << 32;
+/// The largest device size a header may record: the largest multiple of 512 that an off_t
+/// (i64) addresses. [`MAX_REGIONS`] bounds real bitmaps lower (256 PiB); this bound comes first
+/// because it keeps every byte offset of the header's regions within u64.
+pub const MAX_DEVICE_SIZE: u64 = i64::MAX as u64 / 512 * 512;
 
 /// The granularity of a new bitmap when none is asked for: 64 KiB, doubled (as mdadm does)
 /// until the bitmap has at most [`MAX_DEFAULT_REGIONS`] regions, up to 64 MiB (then a device
-/// beyond 4 PiB gets a larger bitmap).
+/// beyond 4 PiB gets a larger bitmap, up to [`MAX_REGIONS`] regions at 256 PiB; a larger device
+/// is refused when its bitmap is made).
 pub fn default_granularity(device_size: u64) -> u64 {
     let mut g = DEFAULT_GRANULARITY;
     while regions_for(device_size, g) > MAX_DEFAULT_REGIONS && g < MAX_GRANULARITY {
@@ -113,6 +124,41 @@ pub fn check_granularity(g: u64) -> Result<()> {
 
 pub fn regions_for(device_size: u64, granularity: u64) -> u64 {
     device_size.div_ceil(granularity)
+}
+
+/// A granularity as `--granularity` takes it: `64K`, `256K`, `64M`.
+pub(crate) fn size_arg(g: u64) -> String {
+    if g >= 1 << 20 && g % (1 << 20) == 0 {
+        format!("{}M", g >> 20)
+    } else if g % 1024 == 0 {
+        format!("{}K", g >> 10)
+    } else {
+        g.to_string()
+    }
+}
+
+/// Refuses a (valid) granularity that gives a device of `device_size` bytes more than
+/// [`MAX_REGIONS`] regions, naming the smallest granularity that does not.
+pub fn check_regions(device_size: u64, granularity: u64) -> Result<()> {
+    let n = regions_for(device_size, granularity);
+    if n <= MAX_REGIONS {
+        return Ok(());
+    }
+    let fits = std::iter::successors(Some(MIN_GRANULARITY), |g| Some(g * 2))
+        .take_while(|&g| g <= MAX_GRANULARITY)
+        .find(|&g| regions_for(device_size, g) <= MAX_REGIONS);
+    Err(Error::config(match fits {
+        Some(g) => format!(
+            "granularity {} gives {n} regions for this {device_size} byte device, more than the \
+             {MAX_REGIONS} a bitmap may have: use --granularity {} or larger",
+            crate::units::human(granularity),
+            size_arg(g)
+        ),
+        None => format!(
+            "the device is {device_size} bytes, larger than the 256 PiB a bitmap can cover \
+             ({MAX_REGIONS} regions of 64 MiB): mirror it as several devices of at most 256 PiB"
+        ),
+    }))
 }
 
 fn file_len_for(nregions: u64) -> u64 {
@@ -184,6 +230,15 @@ fn check_header_len(path: &Path, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// Reads and checks the header of `file`, whose length is `len`.
+fn header_of(path: &Path, file: &File, len: u64) -> Result<Header> {
+    // Checked before reading: a short file would get a vaguer error.
+    check_header_len(path, len)?;
+    let mut b = vec![0u8; HEADER_SIZE as usize];
+    file.read_exact_at(&mut b, 0).map_err(|e| Error::io("read bitmap header", e))?;
+    decode_header(path, &b, len)
+}
+
 /// Decodes and checks a header; `file_len` is the file's actual length.
 fn decode_header(path: &Path, b: &[u8], file_len: u64) -> Result<Header> {
     check_header_len(path, file_len.min(b.len() as u64))?;
@@ -218,6 +273,29 @@ fn decode_header(path: &Path, b: &[u8], file_len: u64) -> Result<Header> {
     let device_size = u64_at(b, 40);
     let nregions = u64_at(b, 48);
     let (slen, tlen) = (u16_at(b, 88), u16_at(b, 90));
+    // Every size a mirror serves is a positive multiple of 512 that an off_t addresses (the
+    // engine refuses other sources); within these bounds, and with at most MAX_REGIONS regions,
+    // every region's byte range fits in u64 for whoever reads the header.
+    let size_problem = if device_size == 0 {
+        Some(("device size 0", "a device size 0".to_string()))
+    } else if device_size % 512 != 0 {
+        Some(("device size not whole sectors", format!("a device size of {device_size} bytes, not a multiple of 512")))
+    } else if device_size > MAX_DEVICE_SIZE {
+        Some((
+            "device size too large",
+            format!("a device size of {device_size} bytes, more than the largest a file or device can have ({MAX_DEVICE_SIZE})"),
+        ))
+    } else {
+        None
+    };
+    if let Some((problem, what)) = size_problem {
+        return Err(bad(
+            path,
+            BitmapProblem::Corrupt(problem.into()),
+            format!("the header records {what}: no mirrored device has that size"),
+            FIX_REBUILD,
+        ));
+    }
     if check_granularity(granularity).is_err()
         || nregions != regions_for(device_size, granularity)
         || slen > PATH_MAX
@@ -228,6 +306,14 @@ fn decode_header(path: &Path, b: &[u8], file_len: u64) -> Result<Header> {
             path,
             BitmapProblem::Corrupt("inconsistent header fields".into()),
             "the header's fields contradict each other".into(),
+            FIX_REBUILD,
+        ));
+    }
+    if nregions > MAX_REGIONS {
+        return Err(bad(
+            path,
+            BitmapProblem::Corrupt("too many regions".into()),
+            format!("the header records {nregions} regions, more than the {MAX_REGIONS} a bitmap may have"),
             FIX_REBUILD,
         ));
     }
@@ -429,15 +515,16 @@ impl Bitmap {
             ));
         }
         let len = file.metadata().map_err(|e| unreadable(e, "check the file"))?.len();
-        // Checked before mapping: an empty file cannot be mapped, and would get a vaguer error.
-        check_header_len(path, len)?;
+        let header = header_of(path, &file, len)?;
+        // Exactly the header and the bits are mapped (whatever follows them in the file is not
+        // ours), and decode_header checked that the file holds them.
+        let need = file_len_for(header.nregions);
         // SAFETY: the file is a regular file we hold an exclusive flock on, so no cooperating
-        // process maps it concurrently; its length was checked above and is not changed while
-        // mapped (we never truncate an open bitmap). All access goes through bounds-checked
-        // slices of the map.
-        let map = unsafe { MmapMut::map_mut(&file) }
+        // process maps it concurrently; it is at least `need` bytes long (checked above) and is
+        // not truncated while mapped (we never truncate an open bitmap). All access goes through
+        // bounds-checked slices of the map.
+        let map = unsafe { MmapOptions::new().len(need as usize).map_mut(&file) }
             .map_err(|e| unreadable(e, "the bitmap must be on a filesystem that supports mmap"))?;
-        let header = decode_header(path, &map[..], len)?;
         Ok(Bitmap { path: path.to_path_buf(), file: Arc::new(file), map, header })
     }
 
@@ -445,7 +532,6 @@ impl Bitmap {
     /// Reads and checks a bitmap's header alone (its first 4 KiB), even while a mirror uses it:
     /// for deciding how to open it, without scanning its bits.
     pub fn read_header(path: &Path) -> Result<Header> {
-        use std::io::Read;
         let file = File::open(path).map_err(|e| Error::Open {
             role: "bitmap",
             path: path.to_path_buf(),
@@ -454,10 +540,7 @@ impl Bitmap {
             source: e,
         })?;
         let len = file.metadata().map_err(|e| Error::io("stat bitmap", e))?.len();
-        check_header_len(path, len)?;
-        let mut b = vec![0u8; HEADER_SIZE as usize];
-        (&file).read_exact(&mut b).map_err(|e| Error::io("read bitmap header", e))?;
-        decode_header(path, &b, len)
+        header_of(path, &file, len)
     }
 
     pub fn inspect(path: &Path) -> Result<(Header, Vec<(u64, u64)>)> {
@@ -469,13 +552,13 @@ impl Bitmap {
             source: e,
         })?;
         let len = file.metadata().map_err(|e| Error::io("stat bitmap", e))?.len();
-        // Checked before mapping: an empty file cannot be mapped, and would get a vaguer error.
-        check_header_len(path, len)?;
-        // SAFETY: read-only shared mapping of a regular file whose length was checked; a live
-        // mirror may flip bits underneath, which only makes the snapshot slightly stale (bytes
-        // are read whole, no invariant depends on them here).
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("mmap bitmap", e))?;
-        let header = decode_header(path, &map[..], len)?;
+        let header = header_of(path, &file, len)?;
+        // SAFETY: read-only shared mapping of the header and bits of a regular file at least
+        // that long (checked by header_of); a live mirror may flip bits underneath, which only
+        // makes the snapshot slightly stale (bytes are read whole, no invariant depends on them
+        // here).
+        let map = unsafe { MmapOptions::new().len(file_len_for(header.nregions) as usize).map(&file) }
+            .map_err(|e| Error::io("mmap bitmap", e))?;
         // Runs found a word at a time (bit r is bit r % 8 of byte r / 8).
         let bits = bitvec::slice::BitSlice::<u8, bitvec::order::Lsb0>::from_slice(&map[HEADER_SIZE as usize..]);
         let bits = &bits[..(header.nregions as usize).min(bits.len())];
@@ -673,6 +756,7 @@ impl crate::lifecycle::BitmapFiles for BitmapFiles<'_> {
 
     fn write_temp(&mut self, fill: Fill) -> Result<()> {
         check_granularity(self.new_header.granularity)?;
+        check_regions(self.new_header.device_size, self.new_header.granularity)?;
         let pair = &self.new_header.pair;
         for p in [&pair.source, &pair.target] {
             if p.len() > PATH_MAX {
@@ -809,6 +893,98 @@ mod tests {
         for size in [TIB, 5 * TIB, 20 * TIB, 999 * TIB] {
             assert!(regions_for(size, default_granularity(size)) <= MAX_DEFAULT_REGIONS);
         }
+    }
+
+    fn test_pair() -> PairIdentity {
+        PairIdentity { source: "/s".into(), source_fingerprint: 0, target: "/t".into(), target_fingerprint: 0 }
+    }
+
+    /// Writes a bitmap at `p` whose header (with a valid checksum) records `size` and `g`, and
+    /// the length that header needs, its bits a hole (sparse).
+    fn crafted(p: &Path, size: u64, g: u64) {
+        let nregions = regions_for(size, g);
+        let h = Header {
+            version: VERSION,
+            uuid: uuid::Uuid::new_v4().to_string(),
+            granularity: g,
+            device_size: size,
+            nregions,
+            state: BitmapState::Clean,
+            created: 0,
+            pair: test_pair(),
+        };
+        let mut f = File::create(p).expect("create");
+        f.write_all(&encode_header(&h)).expect("write the header");
+        f.set_len(file_len_for(nregions)).expect("extend (sparse)");
+    }
+
+    /// A header is refused, naming the field, when its device size could not be a real device
+    /// (0, not whole sectors, beyond what an off_t addresses) or needs more regions than a
+    /// bitmap may have; `bitmap show` then never does arithmetic on it.
+    #[test]
+    fn header_with_an_impossible_device_size_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("bm");
+        for (size, g, what) in [
+            (0, 4096, "size 0"),
+            (1000, 4096, "not a multiple of 512"),
+            (u64::MAX, MAX_GRANULARITY, "not a multiple of 512"),
+            (1u64 << 63, MAX_GRANULARITY, "more than the largest"),
+            (((1u64 << 32) + 1) * 4096, 4096, "regions"),
+        ] {
+            crafted(&p, size, g);
+            for r in [Bitmap::read_header(&p).err(), Bitmap::inspect(&p).err()] {
+                let e = r.unwrap_or_else(|| panic!("size {size}, granularity {g}: accepted"));
+                assert!(matches!(e.bitmap_problem(), Some(BitmapProblem::Corrupt(_))), "{e}");
+                let msg = e.to_string();
+                assert!(msg.contains(what) && msg.contains("fix:"), "size {size}: {msg}");
+            }
+        }
+    }
+
+    /// An explicit granularity that would give more regions than a bitmap may have is refused
+    /// before anything is written, with the granularity that would do; so is a device too large
+    /// for any granularity.
+    #[test]
+    fn too_many_regions_are_refused_at_create() {
+        use crate::lifecycle::BitmapFiles as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bm");
+        let pair = test_pair();
+        // 1 PiB in 4 KiB regions: 2^38 of them (a 32 GiB bitmap); 256K gives 2^32.
+        let (size, g) = (1u64 << 50, 4096);
+        let expect = Expect { pair: &pair, device_size: size, granularity: Some(g) };
+        let mut files = BitmapFiles::new(&path, pair.clone(), size, g, expect);
+        let r = files.write_temp(Fill::Clean);
+        files.discard_temp();
+        let msg = r.expect_err("a bitmap of 2^38 regions was created").to_string();
+        assert!(msg.contains("--granularity 256K"), "{msg}");
+        // Beyond 256 PiB even 64 MiB regions are too many.
+        let size = (1u64 << 58) + (64 << 20);
+        let expect = Expect { pair: &pair, device_size: size, granularity: None };
+        let mut files = BitmapFiles::new(&path, pair.clone(), size, default_granularity(size), expect);
+        let r = files.write_temp(Fill::Clean);
+        files.discard_temp();
+        let msg = r.expect_err("a bitmap of 2^32 + 1 regions was created").to_string();
+        assert!(msg.contains("256 PiB"), "{msg}");
+    }
+
+    /// A bitmap file longer than its bits need is mapped only as far as they go: a long (even
+    /// huge, sparse) tail is neither mapped nor a reason to fail.
+    #[test]
+    fn only_the_bits_are_mapped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bm");
+        let pair = test_pair();
+        const N: u64 = 70_000;
+        let expect = Expect { pair: &pair, device_size: N * 4096, granularity: None };
+        let mut files = BitmapFiles::new(&path, pair.clone(), N * 4096, 4096, expect);
+        drop(open_bitmap(&mut files, SyncMode::None).expect("create"));
+        let need = file_len_for(N);
+        OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(1 << 40)).expect("extend");
+        let bm = Bitmap::open_unchecked(&path).expect("open");
+        assert_eq!(bm.map.len() as u64, need);
+        assert_eq!(bm.nregions(), N);
     }
 
     /// The word-at-a-time range operations agree with the bit-by-bit ones, at every alignment.

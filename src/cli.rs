@@ -79,7 +79,7 @@ pub enum Cmd {
     /// Stop and delete a device (the bitmap keeps what is still dirty).
     Del {
         /// Device id (N of /dev/ublkbN).
-        #[arg(short = 'n', long = "number")]
+        #[arg(short = 'n', long = "number", value_parser = parse_device_id)]
         id: u32,
         /// First wait (at most --timeout seconds) for a consistent point.
         #[arg(long)]
@@ -97,7 +97,7 @@ pub enum Cmd {
     /// Start a new daemon for a device whose daemon died (the device waits for it, QUIESCED).
     Recover {
         /// Device id.
-        #[arg(short = 'n', long = "number")]
+        #[arg(short = 'n', long = "number", value_parser = parse_device_id)]
         id: u32,
         /// Serve in this process instead of a daemon.
         #[arg(long)]
@@ -106,7 +106,7 @@ pub enum Cmd {
     /// State of a device's mirror: syncing or synced, dirty bytes, copy progress, consistent points.
     Status {
         /// Device id.
-        #[arg(short = 'n', long = "number")]
+        #[arg(short = 'n', long = "number", value_parser = parse_device_id)]
         id: u32,
         /// Print JSON.
         #[arg(long)]
@@ -130,7 +130,7 @@ pub enum Cmd {
     /// Change a running mirror's settings: copy speed, copy mode, max lag, retries.
     Set {
         /// Device id.
-        #[arg(short = 'n', long = "number")]
+        #[arg(short = 'n', long = "number", value_parser = parse_device_id)]
         id: u32,
         /// Copy bandwidth limit in bytes per second (K/M/G suffixes; 0 = unlimited).
         #[arg(long, value_parser = parse_size)]
@@ -155,7 +155,7 @@ pub enum Cmd {
     /// target from then on. The bitmap records it, so the old pair cannot be served again.
     Switchover {
         /// Device id.
-        #[arg(short = 'n', long = "number")]
+        #[arg(short = 'n', long = "number", value_parser = parse_device_id)]
         id: u32,
         /// Give up (and let writes resume on the source) if the target has not caught up
         /// within this many seconds.
@@ -169,15 +169,37 @@ pub enum Cmd {
     /// Stop copying (the device keeps serving I/O; writes are tracked in the bitmap).
     Pause {
         /// Device id.
-        #[arg(short = 'n', long = "number")]
+        #[arg(short = 'n', long = "number", value_parser = parse_device_id)]
         id: u32,
     },
     /// Resume copying after `pause`.
     Resume {
         /// Device id.
-        #[arg(short = 'n', long = "number")]
+        #[arg(short = 'n', long = "number", value_parser = parse_device_id)]
         id: u32,
     },
+}
+
+/// The largest ublk device id: the driver and libublk number devices with an i32.
+const MAX_DEVICE_ID: u32 = i32::MAX as u32;
+
+/// A device id (`-n`): 0 to [`MAX_DEVICE_ID`].
+fn parse_device_id(s: &str) -> Result<u32, String> {
+    s.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|&id| id <= MAX_DEVICE_ID)
+        .ok_or_else(|| format!("{s:?} is not a device id: ublk device ids are 0 to {MAX_DEVICE_ID} (see `ublk-mirror list`)"))
+}
+
+/// `add -n`: a device id, or -1 for the first free one.
+fn parse_new_device_id(s: &str) -> Result<i32, String> {
+    if s.trim() == "-1" {
+        return Ok(-1);
+    }
+    parse_device_id(s)
+        .and_then(|id| i32::try_from(id).map_err(|e| e.to_string()))
+        .map_err(|e| format!("{e}, or -1 for the first free one"))
 }
 
 #[derive(Args)]
@@ -204,7 +226,14 @@ pub struct AddArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// Device id (N of /dev/ublkbN); default: the first free one.
-    #[arg(short = 'n', long = "number", default_value_t = -1, hide_default_value = true, allow_negative_numbers = true)]
+    #[arg(
+        short = 'n',
+        long = "number",
+        default_value_t = -1,
+        hide_default_value = true,
+        allow_negative_numbers = true,
+        value_parser = parse_new_device_id
+    )]
     pub id: i32,
     /// Queues.
     #[arg(short = 'q', long = "queues", default_value_t = 1)]
@@ -310,7 +339,7 @@ pub struct CopyArgs {
 pub struct VerifyArgs {
     /// Verify a live device instead (online: dirty and busy regions are skipped; throttled like
     /// the copy).
-    #[arg(short = 'n', long = "number", conflicts_with_all = ["source", "target", "bitmap"])]
+    #[arg(short = 'n', long = "number", value_parser = parse_device_id, conflicts_with_all = ["source", "target", "bitmap"])]
     pub id: Option<u32>,
     /// Source file or block device.
     #[arg(long, short = 's', required_unless_present = "id")]
@@ -344,3 +373,45 @@ pub enum BitmapCmd {
     },
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ublk-mirror").chain(args.iter().copied()))
+    }
+
+    /// A device id beyond what ublk can number (i32) is a usage error naming the range, not a
+    /// panic in libublk; `add -n -1` (the first free id) is the only negative one.
+    #[test]
+    fn device_ids_out_of_range_are_refused() {
+        for cmd in ["recover", "del", "status", "pause", "resume", "switchover", "verify"] {
+            for id in ["2147483648", "4294967295"] {
+                let e = match parse(&[cmd, "-n", id]) {
+                    Ok(_) => panic!("{cmd} -n {id} accepted"),
+                    Err(e) => e.to_string(),
+                };
+                assert!(e.contains("0 to 2147483647"), "{cmd} -n {id}: {e}");
+            }
+            assert!(parse(&[cmd, "-n", "2147483647"]).is_ok(), "{cmd} -n 2147483647");
+        }
+        let add = |id: &str| parse(&["add", "-s", "/s", "-t", "/t", "-b", "/b", "-n", id]);
+        for id in ["-2", "2147483648", "-2147483648"] {
+            assert!(add(id).is_err(), "add -n {id} accepted");
+        }
+        for id in ["-1", "0", "2147483647"] {
+            assert!(add(id).is_ok(), "add -n {id} refused");
+        }
+    }
+
+    /// A huge switchover timeout waits as long as the daemon holds writes at most, plus the
+    /// margin for its reply; it does not overflow.
+    #[test]
+    fn switchover_wait_is_bounded() {
+        use crate::control::switchover_reply_limit;
+        assert_eq!(switchover_reply_limit(60), std::time::Duration::from_secs(70));
+        assert_eq!(switchover_reply_limit(u64::MAX), std::time::Duration::from_secs(3610));
+        assert_eq!(switchover_reply_limit(0), std::time::Duration::from_secs(11));
+    }
+}

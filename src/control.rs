@@ -147,7 +147,7 @@ pub fn handle(req: &Value, engine: &Arc<Engine>, info: &Value) -> Value {
         }
         "verify" => engine.start_verify().map(|_| json!({})).map_err(|e| e.to_string()),
         "switchover" => {
-            let secs = req.get("timeout_secs").and_then(Value::as_u64).unwrap_or(60).clamp(1, 3600);
+            let secs = req.get("timeout_secs").and_then(Value::as_u64).unwrap_or(60).clamp(1, SWITCHOVER_MAX_SECS);
             let reverse = req.get("reverse").and_then(Value::as_bool).unwrap_or(false);
             engine.switchover(Duration::from_secs(secs), reverse).map(|_| json!({})).map_err(|e| e.to_string())
         }
@@ -217,6 +217,17 @@ fn set(req: &Value, engine: &Engine) -> std::result::Result<Value, String> {
 /// Sends `req` to device `id`'s daemon and returns its reply (an error if `ok` is false).
 pub fn request(id: u32, req: &Value) -> Result<Value> {
     request_within(id, req, Duration::from_secs(5))
+}
+
+/// The longest a switchover holds writes while the target catches up, in seconds: a larger
+/// `--timeout` is taken as this.
+pub const SWITCHOVER_MAX_SECS: u64 = 3600;
+
+/// How long `switchover` waits for the daemon's reply to a switchover given `timeout_secs`.
+pub fn switchover_reply_limit(timeout_secs: u64) -> Duration {
+    // The daemon waits as long as it would hold writes (clamped as the daemon clamps it), then
+    // replies; 10 s more cover the reply itself.
+    Duration::from_secs(timeout_secs.clamp(1, SWITCHOVER_MAX_SECS) + 10)
 }
 
 /// [`request`] waiting at most `limit` for the reply.

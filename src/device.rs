@@ -70,8 +70,12 @@ fn owner_of(user_data: u64) -> Option<Owner> {
 fn request_of(iod: &sys::ublksrv_io_desc, buf_len: usize) -> Result<Request, i32> {
     let op = iod.op_flags & 0xff;
     let flags = iod.op_flags;
-    let off = iod.start_sector << 9;
-    let len = (iod.nr_sectors as u64) << 9;
+    // A shift would drop the high bits of a start sector beyond 2^55 and give a small offset
+    // that passes the queue's bound check: refused instead. (The block layer bounds requests
+    // by the capacity, so only a driver bug sends one; the queue refuses any past the end.)
+    let off = iod.start_sector.checked_mul(512).ok_or(-libc::EINVAL)?;
+    // Below 2^41: nr_sectors is a u32.
+    let len = u64::from(iod.nr_sectors) << 9;
     let transfer = || if len <= buf_len as u64 { Ok(len as u32) } else { Err(-libc::EINVAL) };
     Ok(match op {
         sys::UBLK_IO_OP_READ => Request::Read { off, len: transfer()? },
@@ -295,5 +299,32 @@ fn supervise(engine: Arc<Engine>, mut target: crate::target::BoxTarget, mut cfg:
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(op: u32, start_sector: u64, nr_sectors: u32) -> sys::ublksrv_io_desc {
+        sys::ublksrv_io_desc { op_flags: op, nr_sectors, start_sector, addr: 0 }
+    }
+
+    /// A start sector whose byte offset does not fit in 64 bits is refused (EINVAL), never
+    /// wrapped to a small offset that the queue's bound check would let through.
+    #[test]
+    fn a_start_sector_beyond_64_bit_bytes_is_refused() {
+        for op in [sys::UBLK_IO_OP_READ, sys::UBLK_IO_OP_WRITE, sys::UBLK_IO_OP_DISCARD, sys::UBLK_IO_OP_WRITE_ZEROES] {
+            for start in [(1u64 << 55) + 8, 1 << 63, u64::MAX] {
+                let r = request_of(&desc(op, start, 8), 1 << 20);
+                assert_eq!(r, Err(-libc::EINVAL), "op {op}, start sector {start}");
+            }
+        }
+        let last = (u64::MAX >> 9) - 7;
+        assert_eq!(
+            request_of(&desc(sys::UBLK_IO_OP_WRITE, last, 8), 1 << 20),
+            Ok(Request::Write { off: last << 9, len: 4096, fua: false }),
+            "the last sector whose byte offset fits"
+        );
     }
 }

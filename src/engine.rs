@@ -405,6 +405,17 @@ impl Engine {
                 .map(|h| h.granularity)
                 .unwrap_or_else(|| crate::bitmap::default_granularity(source.size))
         });
+        // Checked before the bitmap is made or changed: a refused pair leaves nothing behind.
+        // An invalid granularity is left to the bitmap's own checks, which say what is valid.
+        let used = match (&found, mode) {
+            (Some(h), SyncMode::Resume) => h.granularity,
+            _ => granularity,
+        };
+        if (is_uri(&opts.target) || target.direct()) && crate::bitmap::check_granularity(used).is_ok() {
+            if let Some(why) = alignment_problem(target.block_size().into(), source.size, used) {
+                return Err(Error::config(format!("target {}: {why}", opts.target.display())));
+            }
+        }
         if mode != SyncMode::Resume && exists {
             // Refuse to replace a bitmap another live mirror holds.
             if let Ok(f) = std::fs::File::open(&opts.bitmap) {
@@ -1267,7 +1278,49 @@ impl Default for CopyConfig {
     }
 }
 
+/// Why copies could not all be written to a target that takes only whole blocks of `block`
+/// bytes (offsets and lengths), or None. A copy starts on a region boundary and covers at most a
+/// region, up to the source's end for the last one: the granularity and the source's size must
+/// both be multiples of the block. (Copies are also cut at the copy buffer's size, which
+/// [`CopyConfig::check_block`] checks, and at the source's holes, which the mirror rounds out
+/// to whole blocks.)
+pub fn alignment_problem(block: u64, source_size: u64, granularity: u64) -> Option<String> {
+    if block <= 1 {
+        return None;
+    }
+    if granularity % block != 0 {
+        return Some(format!(
+            "the granularity ({granularity} bytes) is not a multiple of the target's minimum block \
+             size ({block} bytes), so no copy could be written: use --granularity {} or larger \
+             (with --full for an existing bitmap)",
+            crate::bitmap::size_arg(block.max(crate::bitmap::MIN_GRANULARITY))
+        ));
+    }
+    if source_size % block != 0 {
+        return Some(format!(
+            "the source's size ({source_size} bytes) is not a multiple of {block}, the target's \
+             minimum block size, so its last region could never be copied: resize the source \
+             to a multiple of {block} bytes, or use a target that takes 512-byte blocks"
+        ));
+    }
+    None
+}
+
 impl CopyConfig {
+    /// Refuses copy buffers that are not whole blocks of a target that takes only `block`-byte
+    /// blocks: a copy of a buffer's worth would be refused on every retry.
+    pub fn check_block(&self, block: u64) -> Result<()> {
+        if block > 1 && self.buf_size as u64 % block != 0 {
+            return Err(Error::config(format!(
+                "the copy buffer ({} bytes) is not a multiple of the target's minimum block size \
+                 ({block} bytes), so copies could not be written: use --buffer {} or larger",
+                self.buf_size,
+                crate::bitmap::size_arg(block)
+            )));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.max_copies == 0 || self.max_copies > 1024 {
             return Err(Error::config("copies in flight must be between 1 and 1024"));

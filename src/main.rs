@@ -81,7 +81,7 @@ fn main() -> ExitCode {
         Cmd::Pause { id } => cmd_simple(id, "pause"),
         Cmd::Switchover { id, timeout, reverse } => {
             let req = serde_json::json!({ "cmd": "switchover", "timeout_secs": timeout, "reverse": reverse });
-            ublk_mirror::control::request_within(id, &req, Duration::from_secs(timeout + 10))
+            ublk_mirror::control::request_within(id, &req, ublk_mirror::control::switchover_reply_limit(timeout))
                 .map(|_| 0)
                 .map_err(Into::into)
         }
@@ -238,6 +238,7 @@ fn cmd_add(a: AddArgs, up: bool) -> CliResult {
 }
 
 fn cmd_recover(id: u32, foreground: bool) -> CliResult {
+    let number = i32::try_from(id).map_err(|_| format!("{id} is not a device id: ublk device ids are 0 to {}", i32::MAX))?;
     let opts = AddOptions {
         name: None,
         pair: PairOptions {
@@ -250,7 +251,7 @@ fn cmd_recover(id: u32, foreground: bool) -> CliResult {
             source_writable: true,
         },
         copy: CopyConfig::default(),
-        id: id as i32,
+        id: number,
         queues: 1,
         depth: 128,
         // Taken from the device's saved configuration.
@@ -505,19 +506,22 @@ fn regions(n: u64) -> String {
     format!("{n} region{}", if n == 1 { "" } else { "s" })
 }
 
-fn runs_text(runs: &[(u64, u64)], g: u64, limit: usize) -> String {
+/// Runs of `g`-byte regions as lines of region and byte ranges, the bytes clipped to the
+/// device's `size` (the last region may be partial). Saturating: a run past the end of a u64
+/// (which no checked header gives) prints as ending at `size`, never as a wrapped number.
+fn runs_text(runs: &[(u64, u64)], g: u64, size: u64, limit: usize) -> String {
     let mut s = String::new();
     for (i, &(start, n)) in runs.iter().enumerate() {
         if i == limit {
             s += &format!("  ... and {} more runs\n", runs.len() - limit);
             break;
         }
+        let first = start.saturating_mul(g).min(size);
+        let end = start.saturating_add(n).saturating_mul(g).min(size);
         s += &format!(
-            "  regions {start}..{} (bytes {}..{}, {})\n",
-            start + n - 1,
-            start * g,
-            (start + n) * g,
-            human(n * g)
+            "  regions {start}..{} (bytes {first}..{end}, {})\n",
+            start.saturating_add(n).saturating_sub(1),
+            human(end - first)
         );
     }
     s
@@ -561,7 +565,7 @@ fn cmd_verify(a: VerifyArgs) -> CliResult {
             human(r.granularity),
             human(r.differing_regions() * r.granularity)
         );
-        print!("{}", runs_text(&r.differing, r.granularity, 50));
+        print!("{}", runs_text(&r.differing, r.granularity, r.device_size, 50));
         if a.bitmap.is_some() {
             if r.differing_clean.is_empty() {
                 println!("every differing region is marked dirty in the bitmap: a sync will fix them");
@@ -572,7 +576,7 @@ fn cmd_verify(a: VerifyArgs) -> CliResult {
                      its back); please report it. Run `ublk-mirror sync --full` to repair:",
                     r.differing_clean_regions()
                 );
-                print!("{}", runs_text(&r.differing_clean, r.granularity, 50));
+                print!("{}", runs_text(&r.differing_clean, r.granularity, r.device_size, 50));
             }
         }
     }
@@ -646,7 +650,7 @@ fn cmd_verify_online(id: u32, json: bool) -> CliResult {
 fn cmd_bitmap_show(path: PathBuf, json: bool) -> CliResult {
     let (h, runs) = Bitmap::inspect(&path)?;
     let dirty: u64 = runs.iter().map(|r| r.1).sum();
-    let dirty_bytes = (dirty * h.granularity).min(h.device_size);
+    let dirty_bytes = dirty.saturating_mul(h.granularity).min(h.device_size);
     if json {
         let v = serde_json::json!({
             "header": h,
@@ -672,7 +676,7 @@ fn cmd_bitmap_show(path: PathBuf, json: bool) -> CliResult {
         print!("{}", areas_text(&runs, h.nregions, h.granularity, h.device_size));
         println!("first runs:");
     }
-    print!("{}", runs_text(&runs, h.granularity, SHOW_RUNS));
+    print!("{}", runs_text(&runs, h.granularity, h.device_size, SHOW_RUNS));
     Ok(0)
 }
 
@@ -710,4 +714,36 @@ fn areas_text(runs: &[(u64, u64)], nregions: u64, g: u64, size: u64) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each sixteenth of the device gets the dirty regions inside it, a run across a boundary
+    /// split between two areas.
+    #[test]
+    fn areas_count_the_regions_inside_them() {
+        let (n, g) = (160u64, 4096u64);
+        let t = areas_text(&[(0, 1), (5, 10), (150, 10)], n, g, n * g);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 16, "{t}");
+        assert!(lines[0].contains(" 6 regions dirty (60.0%)"), "{t}");
+        assert!(lines[1].contains(" 5 regions dirty (50.0%)"), "{t}");
+        assert!(lines[2].contains(" 0 regions dirty"), "{t}");
+        assert!(lines[15].contains(" 10 regions dirty (100.0%)"), "{t}");
+    }
+
+    /// Byte ranges stop at the device's end and never overflow, even for runs a header could
+    /// not describe (2^38 regions of 64 MiB would end at 2^64).
+    #[test]
+    fn runs_text_stays_within_the_device() {
+        const G: u64 = 64 << 20;
+        let size = (1u64 << 58) - 4096;
+        let t = runs_text(&[(0, 2), ((1 << 32) - 1, 1)], G, size, 20);
+        assert!(t.contains(&format!("bytes 0..{}", 2 * G)), "{t}");
+        assert!(t.contains(&format!("bytes {}..{size}", ((1u64 << 32) - 1) * G)), "{t}");
+        let t = runs_text(&[((1 << 38) - 1, 1), (u64::MAX - 1, 1)], G, u64::MAX, 20);
+        assert!(t.contains(&format!("bytes {}..{}", ((1u64 << 38) - 1) * G, u64::MAX)), "{t}");
+    }
 }

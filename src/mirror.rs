@@ -132,6 +132,7 @@ pub struct Mirror<'t> {
 impl<'t> Mirror<'t> {
     pub fn new(engine: Arc<Engine>, target: &'t mut dyn Target, cfg: CopyConfig) -> Result<Self> {
         cfg.validate()?;
+        cfg.check_block(target.block_size().into())?;
         if engine.mirror_fault_injected() {
             return Err(injected_fault());
         }
@@ -526,12 +527,10 @@ impl<'t> Mirror<'t> {
             // error persists. A failed copy backs off and counts towards --max-retries.
             Err(e) => return self.copy_failed(slot, "source: finding data", e),
         };
-        let (pos, end) = (job.pos, job.end);
-        let r = match seg {
-            None => self.issue_zero(slot, end - pos),
-            Some((ds, _)) if ds > pos => self.issue_zero(slot, ds - pos),
-            Some((_, de)) => {
-                let chunk = (de - pos).min(self.cfg.buf_size as u64);
+        let block = u64::from(self.target.block_size()).max(1);
+        let r = match next_step(job.pos, job.end, seg, self.cfg.buf_size as u64, block) {
+            Step::Zero(len) => self.issue_zero(slot, len),
+            Step::Read(chunk) => {
                 if let Some(job) = self.jobs[slot].as_mut() {
                     job.phase = Phase::Read;
                     job.chunk = chunk;
@@ -1031,6 +1030,39 @@ const HOLE_COPY_MAX: u64 = 64 << 30;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The error of the test fault ([`crate::engine::MIRROR_FAULT_ENV`]).
+/// A copy's next operation at `pos`, below `end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// Zero this many bytes of the target: the source holds a hole there.
+    Zero(u64),
+    /// Read this many bytes of the source (then write them to the target).
+    Read(u64),
+}
+
+/// The next step of a copy at `pos` (below `end`), from the source's next data segment there
+/// (`Backing::next_data`'s answer), the size of a copy buffer and the target's block size.
+///
+/// Each step covers at least one byte of [pos, end) (given `pos < end` and `buf > 0`). Where
+/// `pos`, `end` and `buf` are whole blocks (Engine::open and the mirror check it for targets
+/// that need it), every step is whole blocks too: the source's data boundaries, which follow
+/// its filesystem's blocks (4 KiB), are rounded out to the target's, so a hole that does not
+/// cover a whole block of the target is copied as data (read as zeroes).
+fn next_step(pos: u64, end: u64, seg: Option<(u64, u64)>, buf: u64, block: u64) -> Step {
+    let down = |x: u64| x / block * block;
+    let up = |x: u64| x.div_ceil(block).saturating_mul(block).min(end);
+    match seg {
+        None => Step::Zero(end - pos),
+        Some((ds, _)) if down(ds.min(end)) > pos => Step::Zero(down(ds.min(end)) - pos),
+        Some((_, de)) if de > pos => Step::Read((up(de) - pos).min(buf)),
+        // A data segment that ends where it starts: `next_data`'s SEEK_DATA found data at
+        // `pos` and its SEEK_HOLE a hole there, punched in between (a DISCARD or unmapping
+        // WRITE_ZEROES through the device). The range is read as data: a read of what is a
+        // hole now returns zeroes, the target's right contents. A read of 0 bytes would count
+        // as a failed copy.
+        Some(_) => Step::Read((end - pos).min(buf)),
+    }
+}
+
 fn injected_fault() -> Error {
     Error::io("injected fault", io::Error::other(format!("the file {} names exists", crate::engine::MIRROR_FAULT_ENV)))
 }
@@ -1106,6 +1138,54 @@ impl Drop for Mirror<'_> {
             log::error!("mirror: leaking {} copy buffers still in use by the kernel", self.bufs.len());
             std::mem::forget(std::mem::take(&mut self.bufs));
             std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every step covers at least one byte and stays within [pos, end), whatever the source's
+    /// answer, including a data segment that ends where it starts (a hole punched between the
+    /// SEEK_DATA and the SEEK_HOLE): a read of 0 bytes would count as a failed copy.
+    #[test]
+    fn every_step_makes_progress() {
+        const MIB: u64 = 1 << 20;
+        let cases = [
+            (0, MIB, None, Step::Zero(MIB)),
+            (0, MIB, Some((4096, MIB)), Step::Zero(4096)),
+            (0, MIB, Some((0, 8192)), Step::Read(8192)),
+            (0, 4 * MIB, Some((0, 4 * MIB)), Step::Read(MIB)),
+            // The race: data at pos, then the hole found at pos too.
+            (0, MIB, Some((0, 0)), Step::Read(MIB)),
+            (8192, 3 * MIB, Some((8192, 8192)), Step::Read(MIB)),
+            (8192, 12288, Some((8192, 8192)), Step::Read(4096)),
+        ];
+        for (pos, end, seg, want) in cases {
+            assert_eq!(next_step(pos, end, seg, MIB, 512), want, "pos {pos}, end {end}, segment {seg:?}");
+        }
+    }
+
+    /// With a target that takes only whole 64 KiB blocks, the 4 KiB holes and data of the
+    /// source are rounded out to whole blocks: data in a block makes the whole block a read.
+    #[test]
+    fn steps_are_whole_target_blocks() {
+        const B: u64 = 64 << 10;
+        const MIB: u64 = 1 << 20;
+        let cases = [
+            // Data from 4 KiB into the first block: the block is read, hole and all.
+            (0, MIB, Some((4096, MIB)), Step::Read(MIB)),
+            // Data from 4 KiB into the second block: the first is zeroed.
+            (0, MIB, Some((B + 4096, MIB)), Step::Zero(B)),
+            // Data ends 4 KiB into a block: up to that block's end.
+            (0, MIB, Some((0, 3 * B + 4096)), Step::Read(4 * B)),
+            // ... but not past the end of the copy.
+            (0, 2 * B, Some((0, B + 4096)), Step::Read(2 * B)),
+            (B, 4 * B, Some((B, B)), Step::Read(3 * B)),
+        ];
+        for (pos, end, seg, want) in cases {
+            assert_eq!(next_step(pos, end, seg, MIB, B), want, "pos {pos}, end {end}, segment {seg:?}");
         }
     }
 }

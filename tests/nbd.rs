@@ -398,6 +398,59 @@ fn nbdkit_without_write_zeroes_and_with_block_size_constraints() {
     // already failed any request over 64 KiB or unaligned.
 }
 
+/// A server whose minimum block size the copies could not respect (it divides neither the
+/// granularity, nor the source's size, nor the copy buffer) is refused when the pair is opened,
+/// with what to change, instead of failing every copy that breaks it for ever.
+#[test]
+fn a_minimum_block_size_the_copies_cannot_respect_is_refused_at_open() {
+    const SIZE: u64 = 16 * MIB;
+    let serve = |f: &Files, min: u32| {
+        let tgt = f.target.display().to_string();
+        let min = format!("blocksize-minimum={min}");
+        Server::nbdkit(
+            f.dir.path(),
+            Transport::Unix,
+            &["--filter=blocksize-policy", "file", &tgt, "blocksize-error-policy=error", &min, "blocksize-preferred=65536", "blocksize-maximum=1048576"],
+        )
+    };
+    let check = |msg: String, what: &str| {
+        assert!(msg.contains("minimum block size") && msg.contains(what), "{msg}");
+    };
+    let refused_at_open = |p: &PairOptions, what: &str| match Engine::open(p) {
+        Ok(_) => panic!("opened: {what}"),
+        Err(e) => {
+            check(e.to_string(), what);
+            assert!(!p.bitmap.exists(), "a bitmap was created for a refused pair");
+        }
+    };
+    // 4 KiB regions, 64 KiB blocks.
+    let f = sparse_pair(SIZE, 5);
+    let srv = serve(&f, 65536);
+    let mut p = pair(&f, &srv.uri);
+    p.granularity = Some(4096);
+    refused_at_open(&p, "--granularity 64K");
+    // 4 KiB copy buffers, 64 KiB blocks (the granularity is fine): refused as the copy starts.
+    p.granularity = None;
+    let cfg = CopyConfig { buf_size: 4096, ..CopyConfig::default() };
+    match sync_bounded(&p, &cfg, Hooks::default(), LIMIT) {
+        Ok(_) => panic!("synced with 4 KiB buffers"),
+        Err(e) => check(e.to_string(), "--buffer 64K"),
+    }
+    // With 64 KiB regions and buffers it syncs, the source's 4 KiB holes and data rounded out
+    // to whole 64 KiB blocks.
+    sync_bounded(&p, &CopyConfig::default(), Hooks::default(), LIMIT).expect("sync with 64 KiB blocks");
+    assert!(verify(&f, &srv.uri).identical());
+    drop(srv);
+    assert_same_files(&f.source, &f.target);
+    // A source that ends 512 bytes into a 4 KiB block: its last copy could never be written.
+    let f = sparse_pair(SIZE, 6);
+    std::fs::OpenOptions::new().write(true).open(&f.source).and_then(|s| s.set_len(SIZE + 512)).expect("grow source");
+    std::fs::OpenOptions::new().write(true).open(&f.target).and_then(|t| t.set_len(2 * SIZE)).expect("grow target");
+    let srv = serve(&f, 4096);
+    refused_at_open(&pair(&f, &srv.uri), "not a multiple of 4096");
+    drop(srv);
+}
+
 #[test]
 fn resync_after_changes_copies_only_dirty_regions() {
     const SIZE: u64 = 32 * MIB;
@@ -581,6 +634,43 @@ fn reset_reconnects_and_checks_the_export() {
     srv.start();
     let e = d.t.reset().expect_err("the export changed");
     assert!(e.to_string().contains("size changed"), "{e}");
+}
+
+/// A reconnect to an export whose minimum block size grew is refused (the copies were laid out
+/// for the old one); a smaller one is taken.
+#[test]
+fn reset_refuses_a_larger_minimum_block_size() {
+    let f = files(8 * MIB);
+    let tgt = f.target.display().to_string();
+    let args = |min: u32| -> Vec<String> {
+        let min = format!("blocksize-minimum={min}");
+        ["--filter=blocksize-policy", "file", &tgt, "blocksize-error-policy=error", &min, "blocksize-preferred=65536"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let a = args(4096);
+    let mut srv = Server::nbdkit(f.dir.path(), Transport::Unix, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut d = Driver::new(NbdTarget::open(&srv.uri).expect("open"));
+    assert_eq!(d.t.block_size(), 4096);
+    let restart = |srv: &mut Server, d: &mut Driver, min: u32| {
+        srv.kill();
+        let _ = d.run(&[TargetOp::Flush], LIMIT);
+        assert!(d.t.broken().is_some());
+        let n = srv.args.len();
+        srv.args.truncate(n - 6);
+        srv.args.extend(args(min));
+        srv.start();
+    };
+    restart(&mut srv, &mut d, 512);
+    d.t.reset().expect("a smaller minimum block size is taken");
+    assert_eq!(d.t.block_size(), 512);
+    // Back to the size at open: taken too.
+    restart(&mut srv, &mut d, 4096);
+    d.t.reset().expect("the minimum block size at open is taken");
+    restart(&mut srv, &mut d, 65536);
+    let e = d.t.reset().expect_err("a larger minimum block size");
+    assert!(e.to_string().contains("minimum block size grew from 4096 to 65536"), "{e}");
 }
 
 /// Operations split by the maximum payload, many in flight, reads into the caller's buffers,

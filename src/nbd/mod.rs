@@ -241,6 +241,9 @@ pub struct NbdTarget {
     name: String,
     addrs: Vec<SocketAddr>,
     export: Export,
+    /// The block size at open ([`Target::block_size`]), which Engine::open and the mirror laid
+    /// the copies out for: a reconnect must not raise it.
+    open_block: u32,
     conn: Option<Conn>,
     gen: u32,
     /// Old connections whose SQEs are still in flight.
@@ -330,6 +333,7 @@ impl NbdTarget {
             uri: parsed,
             name,
             addrs,
+            open_block: export.min_block.max(512),
             export,
             conn: Some(Conn::new(stream, 1)),
             gen: 1,
@@ -985,6 +989,20 @@ impl Target for NbdTarget {
                     "the export's size changed from {} to {} bytes across a reconnect: it is not the \
                      same export any more; restore it, or start a new mirror with a full sync",
                     self.export.size, export.size
+                ),
+            ));
+        }
+        // The copies were laid out for the block size at open (Engine::open checks granularity
+        // and size against it, the mirror its buffers): a smaller one (a power of two, so a
+        // divisor) still fits them, a larger one would fail them for ever.
+        if export.min_block.max(512) > self.open_block {
+            return Err(self.error(
+                io::ErrorKind::InvalidData,
+                &format!(
+                    "the export's minimum block size grew from {} to {} bytes across a reconnect: \
+                     the mirror's copies were laid out for the old one; restore the server's \
+                     block size, or stop the mirror and start it again",
+                    self.open_block, export.min_block
                 ),
             ));
         }
