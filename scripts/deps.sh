@@ -9,9 +9,13 @@
 #   procps, e2fsprogs  pgrep and mkfs.ext4 for the host-driven VM scenarios;
 #   systemd       systemd-analyze, to verify the unit file;
 #   udev          udevadm, run in the VM against a real ublk device to check the rules;
+#   dpkg-dev, binutils  dpkg-shlibdeps (the package's Depends) and objcopy/strip for cargo deb;
+#   lintian       checks the Debian package (scripts/package-test.sh);
+#   mmdebstrap    builds the throw-away Debian 12 root the package is installed into;
+#   cargo-deb     (cargo install, pinned below) builds the package from Cargo.toml's metadata;
 # The VM harness (vm/setup.sh) installs its own packages (qemu, busybox, kernel image...).
 set -euo pipefail
-PKGS=(libclang-dev qemu-utils nbdkit spin procps e2fsprogs systemd udev)
+PKGS=(libclang-dev qemu-utils nbdkit spin procps e2fsprogs systemd udev dpkg-dev binutils lintian mmdebstrap)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,7 +28,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     # apt wants one version of both, so qemu-utils takes the emulator's (from the release it
     # came from), rather than apt replacing the emulator.
     args=() from=()
-    qsys=$(dpkg-query -W -f='${Status} ${Version}' qemu-system-x86 2>/dev/null | sed -n 's/^install ok installed //p')
+    qsys=$(dpkg-query -W -f='${Status} ${Version}' qemu-system-x86 2>/dev/null | sed -n 's/^install ok installed //p') || true  # not installed: dpkg-query fails
     for p in "${missing[@]}"; do
         if [ "$p" = qemu-utils ] && [ -n "$qsys" ]; then
             args+=("qemu-utils=$qsys")
@@ -47,3 +51,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q "${from[@]}" "${args[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { echo "deps.sh: cargo not found: install a Rust toolchain (rustup), 1.82 or newer" >&2; exit 1; }
+# cargo-deb: this version or a newer one already installed (never replaced by an older one);
+# building it takes about 80 s on 2 cores and needs Rust 1.85.
+CARGO_DEB_VERSION=3.8.0
+have=$(cargo deb --version 2>/dev/null | awk '{print $NF}' || true)
+if [ -z "$have" ] || [ "$(printf '%s\n%s\n' "$CARGO_DEB_VERSION" "$have" | sort -V | head -n 1)" != "$CARGO_DEB_VERSION" ]; then
+    echo "deps.sh: installing cargo-deb $CARGO_DEB_VERSION${have:+ (have $have)}"
+    timeout 900 cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION"
+fi
