@@ -15,9 +15,13 @@
 #                 node_exporter, smartmontools...); the package's Prometheus server service is
 #                 enabled by Debian on a machine that runs systemd: `systemctl disable --now
 #                 prometheus` if it is not wanted (promtool does not need it);
+#   dpkg-dev, binutils  dpkg-shlibdeps (the package's Depends) and objcopy/strip for cargo deb;
+#   lintian       checks the Debian package (scripts/package-test.sh);
+#   mmdebstrap    builds the throw-away Debian 12 root the package is installed into;
+#   cargo-deb     (cargo install, pinned below) builds the package from Cargo.toml's metadata;
 # The VM harness (vm/setup.sh) installs its own packages (qemu, busybox, kernel image...).
 set -euo pipefail
-PKGS=(libclang-dev qemu-utils nbdkit spin procps e2fsprogs systemd udev)
+PKGS=(libclang-dev qemu-utils nbdkit spin procps e2fsprogs systemd udev dpkg-dev binutils lintian mmdebstrap)
 # Installed without recommends.
 LEAN_PKGS=(prometheus python3-prometheus-client)
 missing=() lean=()
@@ -66,3 +70,11 @@ if [ ${#lean[@]} -gt 0 ]; then
     apt_install --no-install-recommends "${lean[@]}"
 fi
 command -v cargo >/dev/null || { echo "deps.sh: cargo not found: install a Rust toolchain (rustup), 1.82 or newer" >&2; exit 1; }
+# cargo-deb: this version or a newer one already installed (never replaced by an older one);
+# building it takes about 80 s on 2 cores and needs Rust 1.85.
+CARGO_DEB_VERSION=3.8.0
+have=$(cargo deb --version 2>/dev/null | awk '{print $NF}' || true)
+if [ -z "$have" ] || [ "$(printf '%s\n%s\n' "$CARGO_DEB_VERSION" "$have" | sort -V | head -n 1)" != "$CARGO_DEB_VERSION" ]; then
+    echo "deps.sh: installing cargo-deb $CARGO_DEB_VERSION${have:+ (have $have)}"
+    timeout 900 cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION"
+fi

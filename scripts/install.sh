@@ -6,6 +6,8 @@
 #   /etc/udev/rules.d/60-ublk-mirror.rules          the udev rules
 #   /etc/ublk-mirror/example.conf.sample            the config format (copy to NAME.conf)
 #   bash, zsh and fish completions
+# The unit and the rules name /usr/bin/ublk-mirror, the Debian package's path (cargo deb,
+# Cargo.toml); installed here they name /usr/local/bin/ublk-mirror instead.
 # Usage: scripts/install.sh [--destdir DIR] [--bin PATH]   (--bin: install this binary, no build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +27,14 @@ else
 fi
 install -D -m 0644 man/ublk-mirror.8 "$DESTDIR/usr/local/share/man/man8/ublk-mirror.8"
 install -D -m 0644 man/ublk-mirror.conf.5 "$DESTDIR/usr/local/share/man/man5/ublk-mirror.conf.5"
-install -D -m 0644 systemd/ublk-mirror@.service "$DESTDIR/etc/systemd/system/ublk-mirror@.service"
-install -D -m 0644 udev/60-ublk-mirror.rules "$DESTDIR/etc/udev/rules.d/60-ublk-mirror.rules"
+local_bin() {
+    install -d "$(dirname "$2")"
+    sed 's#/usr/bin/ublk-mirror#/usr/local/bin/ublk-mirror#g' "$1" > "$2.tmp"
+    chmod 0644 "$2.tmp"
+    mv "$2.tmp" "$2"
+}
+local_bin systemd/ublk-mirror@.service "$DESTDIR/etc/systemd/system/ublk-mirror@.service"
+local_bin udev/60-ublk-mirror.rules "$DESTDIR/etc/udev/rules.d/60-ublk-mirror.rules"
 install -D -m 0644 systemd/ublk-mirror.conf.example "$DESTDIR/etc/ublk-mirror/example.conf.sample"
 mkdir -p "$DESTDIR/usr/local/share/bash-completion/completions" "$DESTDIR/usr/local/share/zsh/site-functions" \
     "$DESTDIR/usr/local/share/fish/vendor_completions.d"

@@ -3,9 +3,11 @@
 #   1. clippy with warnings as errors;
 #   2. cargo test: the engine, bitmap, mirror loop and offline commands on real files through
 #      io_uring, property tests against reference models;
-#   3. the VM layer: boots a Debian kernel with ublk_drv under qemu (vm/) and runs the guest
-#      scenarios. The VM layer never skips: if it cannot run, this script fails.
-# Set UBLK_MIRROR_SKIP_VM=1 to run only layers 1-2 on a developer's machine (never in CI).
+#   3. the Debian package (scripts/package-test.sh): cargo deb, its contents, lintian, and an
+#      install into a throw-away Debian 12 root;
+#   4. the VM layer: boots a Debian kernel with ublk_drv under qemu (vm/) and runs the guest
+#      scenarios. Neither skips: if one cannot run, this script fails.
+# Set UBLK_MIRROR_SKIP_VM=1 to run only layers 1-3 on a developer's machine (never in CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
@@ -23,6 +25,10 @@ echo "== model check (spin): the implemented protocol passes, the negative contr
 models/check.sh
 echo "== deterministic simulation with crashes (release build)"
 SIM_RUNS=${SIM_RUNS:-300000} cargo test --locked --release --test sim -- --nocapture 2>&1 | tee -a "$log" | grep -a '^sim:\|test result\|FAILED\|panicked\|seed'
+echo "== Debian package (scripts/package-test.sh)"
+t_pkg=$(date +%s)
+scripts/package-test.sh
+echo "== Debian package checked in $(( $(date +%s) - t_pkg )) s"
 if [ "${UBLK_MIRROR_SKIP_VM:-0}" = 1 ]; then
     [ "${CI:-}" = true ] && { echo "UBLK_MIRROR_SKIP_VM is not allowed in CI" >&2; exit 1; }
     echo "== VM layer skipped (UBLK_MIRROR_SKIP_VM=1)"

@@ -16,7 +16,7 @@ fn systemd_unit_verifies() {
     std::fs::create_dir_all(&conf_dir).unwrap();
     std::fs::copy(format!("{ROOT}/systemd/ublk-mirror.conf.example"), conf_dir.join("example.conf")).unwrap();
     let unit = unit
-        .replace("/usr/local/bin/ublk-mirror", bin)
+        .replace("/usr/bin/ublk-mirror", bin)
         .replace("/etc/ublk-mirror/", &format!("{}/", conf_dir.display()));
     let path = dir.path().join("ublk-mirror@.service");
     std::fs::write(&path, unit).unwrap();
@@ -91,6 +91,13 @@ fn install_script_puts_every_file_in_place() {
         let p = dir.path().join(f);
         let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
         assert!(len > 0, "{f} is missing or empty after install");
+    }
+    // The checked-in unit and rules name the Debian package's /usr/bin/ublk-mirror; installed
+    // under /usr/local they must name the binary installed there.
+    for f in ["etc/systemd/system/ublk-mirror@.service", "etc/udev/rules.d/60-ublk-mirror.rules"] {
+        let text = std::fs::read_to_string(dir.path().join(f)).unwrap();
+        assert!(text.contains("/usr/local/bin/ublk-mirror "), "{f} does not name /usr/local/bin/ublk-mirror");
+        assert!(!text.contains("/usr/bin/ublk-mirror"), "{f} still names /usr/bin/ublk-mirror");
     }
 }
 

@@ -1,5 +1,6 @@
-//! The man page and the completions come from the clap definitions: the checked-in page must
-//! be what they generate now (regenerate with `cargo run -- man > man/ublk-mirror.8`).
+//! The man page and the completions come from the clap definitions: the checked-in page and
+//! completions must be what they generate now (regenerate with `cargo run -- man >
+//! man/ublk-mirror.8`, `cargo run -- completions bash > completions/ublk-mirror.bash`...).
 
 use std::process::Command;
 
@@ -35,6 +36,20 @@ fn completions_cover_the_commands() {
         for word in ["add", "recover", "verify", "wait-synced", "granularity"] {
             assert!(c.contains(word), "{shell} completion lacks {word}");
         }
+    }
+}
+
+/// The Debian package ships checked-in completions (Cargo.toml's assets, so that a plain
+/// `cargo deb` has them): they must be what the CLI generates now.
+#[test]
+fn checked_in_completions_are_current() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for (shell, file) in [("bash", "ublk-mirror.bash"), ("zsh", "_ublk-mirror"), ("fish", "ublk-mirror.fish")] {
+        let checked_in = std::fs::read_to_string(format!("{root}/completions/{file}")).unwrap_or_default();
+        assert!(
+            checked_in == run(&["completions", shell]),
+            "completions/{file} is stale: run `cargo run -- completions {shell} > completions/{file}`"
+        );
     }
 }
 

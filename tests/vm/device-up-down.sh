@@ -15,6 +15,9 @@ grep -q '"name": "data"' /tmp/up1 || fail "up did not name the device: $(cat /tm
 command -v udevadm > /dev/null || fail "udevadm is not in the guest (run with -b /usr/bin/udevadm)"
 mkdir -p /etc/udev/rules.d /run/udev
 cp /payload/60-ublk-mirror.rules /etc/udev/rules.d/ || fail "the rules file is not in /payload"
+# The rules name /usr/bin/ublk-mirror, where the Debian package puts it; run.sh's -b puts the
+# binary in /usr/local/bin.
+[ -e /usr/bin/ublk-mirror ] || ln -s /usr/local/bin/ublk-mirror /usr/bin/ublk-mirror
 run_timeout 60 udevadm test --action=add /sys/class/block/ublkb0 > /tmp/udev.out 2>&1
 grep -q "disk/by-ublk-mirror/data" /tmp/udev.out || fail "udev rules give no by-ublk-mirror link: $(tail -30 /tmp/udev.out)"
 log "udev: $(grep -m1 'by-ublk-mirror' /tmp/udev.out)"
