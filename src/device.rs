@@ -70,6 +70,12 @@ fn owner_of(user_data: u64) -> Option<Owner> {
 fn request_of(iod: &sys::ublksrv_io_desc, buf_len: usize) -> Result<Request, i32> {
     let op = iod.op_flags & 0xff;
     let flags = iod.op_flags;
+    // Under write intent every bit a completed write needed is durable already, so a FLUSH is
+    // only a durability flush of the data. It carries no range: the block layer's flush
+    // request has the start sector (sector_t)-1 (blk_rq_init), which must not be checked.
+    if op == sys::UBLK_IO_OP_FLUSH {
+        return Ok(Request::Flush);
+    }
     // A shift would drop the high bits of a start sector beyond 2^55 and give a small offset
     // that passes the queue's bound check: refused instead. (The block layer bounds requests
     // by the capacity, so only a driver bug sends one; the queue refuses any past the end.)
@@ -80,9 +86,6 @@ fn request_of(iod: &sys::ublksrv_io_desc, buf_len: usize) -> Result<Request, i32
     Ok(match op {
         sys::UBLK_IO_OP_READ => Request::Read { off, len: transfer()? },
         sys::UBLK_IO_OP_WRITE => Request::Write { off, len: transfer()?, fua: flags & IO_F_FUA != 0 },
-        // Under write intent every bit a completed write needed is durable already, so a
-        // FLUSH is only a durability flush of the data.
-        sys::UBLK_IO_OP_FLUSH => Request::Flush,
         sys::UBLK_IO_OP_DISCARD => Request::Discard { off, len },
         sys::UBLK_IO_OP_WRITE_ZEROES => Request::WriteZeroes { off, len, unmap: flags & IO_F_NOUNMAP == 0 },
         _ => return Err(-libc::EOPNOTSUPP),
@@ -319,6 +322,11 @@ mod tests {
                 let r = request_of(&desc(op, start, 8), 1 << 20);
                 assert_eq!(r, Err(-libc::EINVAL), "op {op}, start sector {start}");
             }
+        }
+        // The block layer's own flush request has no position: its start sector is
+        // (sector_t)-1, and mkfs's fsync fails with EINVAL if that is checked.
+        for start in [0, u64::MAX] {
+            assert_eq!(request_of(&desc(sys::UBLK_IO_OP_FLUSH, start, 0), 1 << 20), Ok(Request::Flush));
         }
         let last = (u64::MAX >> 9) - 7;
         assert_eq!(
