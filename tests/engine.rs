@@ -549,6 +549,82 @@ fn write_zeroes_work_on_every_source_kind() {
     }
 }
 
+/// A sink for a source that has neither FALLOC_FL_ZERO_RANGE nor FALLOC_FL_PUNCH_HOLE (some
+/// file systems and devices): every fallocate is answered EOPNOTSUPP without reaching the
+/// kernel; the rest goes to the ring. It records the opcode of each operation.
+struct NoFallocate {
+    ring: ublk_mirror::uring::Ring,
+    refused: Vec<(Owner, u16)>,
+    opcodes: Vec<u8>,
+}
+
+impl Sink for NoFallocate {
+    unsafe fn push(&mut self, e: io_uring::squeue::Entry, owner: Owner, slot: u16) -> std::io::Result<()> {
+        let code = e.get_opcode() as u8;
+        self.opcodes.push(code);
+        if code == io_uring::opcode::Fallocate::CODE {
+            self.refused.push((owner, slot));
+            return Ok(());
+        }
+        // SAFETY: the caller's contract is RingSink's.
+        unsafe { RingSink(&mut self.ring).push(e, owner, slot) }
+    }
+}
+
+/// On a source that refuses both ways of zeroing a range in place, a WRITE_ZEROES (with or
+/// without NOUNMAP) ends as a write of zeroes: it succeeds, the range reads back as zeroes,
+/// and a sync carries them to the target.
+#[test]
+fn write_zeroes_fall_back_to_writing_zeroes() {
+    use io_uring::opcode;
+    let f = files(4 * MIB);
+    fill_random(&f.source, 0, (4 * MIB) as usize, 11);
+    sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("full sync");
+    let (engine, _t, _) = Engine::open(&f.pair(None, None)).expect("open");
+    let engine = Arc::new(engine);
+    for (i, unmap) in [false, true].into_iter().enumerate() {
+        let mut sink = NoFallocate { ring: ublk_mirror::uring::new_ring(16).expect("ring"), refused: vec![], opcodes: vec![] };
+        let mut reqs = Requests::new(engine.clone()).expect("requests");
+        let (off, len) = ((1 + i as u64) * MIB + 4096, 192 * 1024);
+        reqs.submit(&mut sink, 5, Op::WriteZeroes { off, len, unmap });
+        let ts = io_uring::types::Timespec::new().nsec(100_000_000);
+        let t0 = std::time::Instant::now();
+        let c = loop {
+            assert!(t0.elapsed() < Duration::from_secs(30), "unmap {unmap}: no completion within 30 s");
+            if let Some(c) = reqs.completions().next() {
+                break c;
+            }
+            for (owner, slot) in std::mem::take(&mut sink.refused) {
+                reqs.complete(&mut sink, owner, slot, -libc::EOPNOTSUPP);
+            }
+            match sink.ring.submitter().submit_with_args(1, &io_uring::types::SubmitArgs::new().timespec(&ts)) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+                Err(e) => panic!("ring: {e}"),
+            }
+            let mut cqes = Vec::new();
+            ublk_mirror::uring::reap(&mut sink.ring, &mut cqes);
+            for (ud, res) in cqes {
+                let (Some(owner), slot) = ublk_mirror::uring::decode(ud) else { panic!("foreign completion {ud:#x}") };
+                reqs.complete(&mut sink, owner, slot as u16, res);
+            }
+        };
+        assert_eq!(c.tag, 5);
+        c.result.unwrap_or_else(|e| panic!("unmap {unmap}: the write-zeroes failed: {e}"));
+        let tried = sink.opcodes.iter().filter(|&&o| o == opcode::Fallocate::CODE).count();
+        assert_eq!(tried, if unmap { 1 } else { 2 }, "unmap {unmap}: fallocates tried ({:?})", sink.opcodes);
+        assert!(sink.opcodes.contains(&opcode::Write::CODE), "unmap {unmap}: no write of zeroes ({:?})", sink.opcodes);
+        let src = read_all(&f.source);
+        assert!(src[off as usize..(off + len) as usize].iter().all(|&b| b == 0), "unmap {unmap}: not zeroes");
+        assert!(src[off as usize - 4096..off as usize].iter().any(|&b| b != 0), "the zeroing began too early");
+        assert!(src[(off + len) as usize..(off + len) as usize + 4096].iter().any(|&b| b != 0), "the zeroing went too far");
+    }
+    engine.close().expect("close");
+    drop(engine);
+    sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("resync");
+    assert_eq!(first_difference(&read_all(&f.source), &read_all(&f.target)), None, "the target differs");
+}
+
 /// Verify reports its progress: bytes done (compared or skipped as holes) only grow, and end at
 /// the device's size.
 #[test]
