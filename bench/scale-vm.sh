@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The VM half of the scale benchmark (issue 14), 2 TiB in a guest with 1 GiB of memory:
+#   1. tests/vm/scale-2tib.sh, the CI scenario: time of `add` until /dev/ublkb0 exists and until
+#      the sparse 2 TiB pair is synced, the daemon's VmHWM against 3 x bitmap + 32 MiB;
+#   2. bench/guest-scale-latency.sh: 4k random write latency p50/p99 with `status` polled
+#      10 times a second against no polling, A/B alternated; goal: p99 with polling within 10 %.
+#   bench/scale-vm.sh | tee bench/results/scale-vm-$(date +%F).txt
+# Env: BENCH_RUNTIME (8 s per fio run), BENCH_ROUNDS (4), SCENARIO_ROUNDS (3 boots of scenario 1).
+# Needs target/release/ublk-mirror (cargo build --release) and vm/ (vm/setup.sh runs if needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=target/release/ublk-mirror
+[ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+echo "=== ublk-mirror scale benchmark, VM part: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+echo "host: $(nproc) cores, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg); $(git rev-parse --short HEAD) ($(git status --porcelain | wc -l) files modified)"
+echo "binary: $BIN ($("$BIN" --version), sha256 $(sha256sum "$BIN" | cut -c1-16)); guest: Debian 6.12 under qemu TCG, 2 vCPUs, 1 GiB"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+echo
+echo "=== 1. add / synced / VmHWM at 2 TiB (tests/vm/scale-2tib.sh), ${SCENARIO_ROUNDS:-3} boots"
+args=$(sed -n 's/^# vm-args: //p' tests/vm/scale-2tib.sh)
+for i in $(seq 1 "${SCENARIO_ROUNDS:-3}"); do
+    # shellcheck disable=SC2086
+    vm/run.sh -t 600 -r 3 -b "$BIN" $args tests/vm/scale-2tib.sh > "$log" 2>&1 || { cat "$log"; echo "FAIL: scenario"; exit 1; }
+    grep -a 'SCALE-2TIB\|add returned\|VmHWM\|del took\|PASS' "$log" | sed 's/^/  /'
+done
+
+echo
+echo "=== 2. 4k random write latency on the 2 TiB device, status polled 10/s (poll) vs not (idle)"
+vm/run.sh -t 1500 -r 3 -m 1G -d data=8G -b "$BIN" \
+    -a "BENCH_RUNTIME=${BENCH_RUNTIME:-8} BENCH_ROUNDS=${BENCH_ROUNDS:-4}" \
+    bench/guest-scale-latency.sh > "$log" 2>&1 || { cat "$log"; echo "FAIL: latency run"; exit 1; }
+grep -a '^LAT\|VmHWM\|PASS' "$log" | sed 's/^/  /'
+grep -a '^LAT' "$log" | python3 -c '
+import sys, statistics as st
+rows = [l.split() for l in sys.stdin]
+by = {m: [r for r in rows if r[1] == m] for m in ("idle", "poll")}
+print("mode   runs  p50 us (median)  p99 us (median)  iops (median)  polls/run")
+med = {}
+for m, rs in by.items():
+    p50 = st.median(int(r[3]) for r in rs); p99 = st.median(int(r[4]) for r in rs)
+    med[m] = (p50, p99)
+    print(f"{m:6} {len(rs):4}  {p50:15.0f}  {p99:15.0f}  {st.median(int(r[5]) for r in rs):13.0f}  {st.median(int(r[6]) for r in rs):9}")
+# per round ratio (poll / idle of the same round)
+rounds = sorted({int(r[2]) for r in rows})
+rat = [int([r for r in by["poll"] if int(r[2]) == k][0][4]) / int([r for r in by["idle"] if int(r[2]) == k][0][4]) for k in rounds]
+print("p99 poll/idle per round: " + " ".join(f"{x:.3f}" for x in rat))
+ratio = med["poll"][1] / med["idle"][1]
+verdict = "PASS" if ratio <= 1.10 else "FAIL"
+print(f"p99 with polling / without (medians): {ratio:.3f}  goal <= 1.10: {verdict}")
+p50r = med["poll"][0] / med["idle"][0]
+print(f"p50 with polling / without (medians): {p50r:.3f}")
+'
+echo "(polls/run = status calls done during one fio run of BENCH_RUNTIME + 1 s ramp: 10/s would be 10 x that; absolute latencies under TCG mean little, the ratio is the figure)"
+echo "done: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
