@@ -375,6 +375,40 @@ pub struct Expect<'a> {
     pub granularity: Option<u64>,
 }
 
+/// Writes `bitmap show --json`: the header, the dirty count in regions and bytes, and every
+/// run of dirty regions (`{"start", "count"}`), then a newline. Written as it is serialised: a
+/// bitmap of millions of scattered runs must not cost a JSON value per run (hundreds of MiB),
+/// only the 16 bytes a run takes in `runs`.
+pub fn write_show_json(h: &Header, runs: &[(u64, u64)], out: &mut impl std::io::Write) -> std::io::Result<()> {
+    #[derive(serde::Serialize)]
+    struct Run {
+        start: u64,
+        count: u64,
+    }
+    struct Runs<'a>(&'a [(u64, u64)]);
+    impl serde::Serialize for Runs<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.iter().map(|&(start, count)| Run { start, count }))
+        }
+    }
+    #[derive(serde::Serialize)]
+    struct Show<'a> {
+        header: &'a Header,
+        dirty_regions: u64,
+        dirty_bytes: u64,
+        dirty_runs: Runs<'a>,
+    }
+    let dirty: u64 = runs.iter().map(|r| r.1).sum();
+    let show = Show {
+        header: h,
+        dirty_regions: dirty,
+        dirty_bytes: dirty.saturating_mul(h.granularity).min(h.device_size),
+        dirty_runs: Runs(runs),
+    };
+    serde_json::to_writer_pretty(&mut *out, &show)?;
+    writeln!(out)
+}
+
 impl Bitmap {
     /// Opens an existing bitmap and checks it against what the caller expects. Nothing in the
     /// file is modified unless every check passes.

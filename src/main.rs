@@ -1,5 +1,5 @@
 use clap::Parser;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -652,13 +652,9 @@ fn cmd_bitmap_show(path: PathBuf, json: bool) -> CliResult {
     let dirty: u64 = runs.iter().map(|r| r.1).sum();
     let dirty_bytes = dirty.saturating_mul(h.granularity).min(h.device_size);
     if json {
-        let v = serde_json::json!({
-            "header": h,
-            "dirty_regions": dirty,
-            "dirty_bytes": dirty_bytes,
-            "dirty_runs": runs.iter().map(|(s, n)| serde_json::json!({"start": s, "count": n})).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        ublk_mirror::bitmap::write_show_json(&h, &runs, &mut out)?;
+        out.flush()?;
         return Ok(0);
     }
     println!("bitmap       {}", path.display());
