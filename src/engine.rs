@@ -183,10 +183,88 @@ pub struct Inner {
     pub write_barrier: bool,
 }
 
-/// Every value [`Status::state`] takes.
-pub const STATES: [&str; 7] = ["syncing", "synced", "paused", "degraded", "failed", "stopped", "switched-over"];
+/// A mirror's state as `status` and the metrics show it ([`Status::state`]), by precedence:
+/// the first that applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusState {
+    /// Reads and flushes go to the target (after a switchover).
+    SwitchedOver,
+    /// The mirror gave up after --max-retries.
+    Stopped,
+    /// The mirror loop failed.
+    Failed,
+    /// The target fails; writes go on to the source, their regions stay dirty.
+    Degraded,
+    Synced,
+    Paused,
+    Syncing,
+}
+
+impl StatusState {
+    pub const ALL: [StatusState; 7] = [
+        StatusState::Syncing,
+        StatusState::Synced,
+        StatusState::Paused,
+        StatusState::Degraded,
+        StatusState::Failed,
+        StatusState::Stopped,
+        StatusState::SwitchedOver,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            StatusState::SwitchedOver => "switched-over",
+            StatusState::Stopped => "stopped",
+            StatusState::Failed => "failed",
+            StatusState::Degraded => "degraded",
+            StatusState::Synced => "synced",
+            StatusState::Paused => "paused",
+            StatusState::Syncing => "syncing",
+        }
+    }
+}
+
+/// How writes reach the target, as `status` shows it ([`Status::mode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusMode {
+    Background,
+    WriteBlocking,
+    /// Write-blocking because the lag passed --max-lag (the mode set is background).
+    MaxLag,
+}
+
+impl StatusMode {
+    pub const ALL: [StatusMode; 3] = [StatusMode::Background, StatusMode::WriteBlocking, StatusMode::MaxLag];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            StatusMode::Background => "background",
+            StatusMode::WriteBlocking => "write-blocking",
+            StatusMode::MaxLag => "write-blocking (max-lag)",
+        }
+    }
+}
+
+/// Every value [`Status::state`] takes (the metrics export each, one-hot).
+pub const STATES: [&str; StatusState::ALL.len()] = {
+    let mut names = [""; StatusState::ALL.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = StatusState::ALL[i].name();
+        i += 1;
+    }
+    names
+};
 /// Every value [`Status::mode`] takes.
-pub const MODES: [&str; 3] = ["background", "write-blocking", "write-blocking (max-lag)"];
+pub const MODES: [&str; StatusMode::ALL.len()] = {
+    let mut names = [""; StatusMode::ALL.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = StatusMode::ALL[i].name();
+        i += 1;
+    }
+    names
+};
 
 /// A snapshot for status displays and tests.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -1064,20 +1142,21 @@ impl Engine {
         let c = g.state.counters();
         let synced = g.state.is_synced();
         let state = if self.serving_target() {
-            "switched-over"
+            StatusState::SwitchedOver
         } else if g.progress.gave_up.is_some() {
-            "stopped"
+            StatusState::Stopped
         } else if g.progress.loop_failed.is_some() {
-            "failed"
+            StatusState::Failed
         } else if g.progress.degraded_since.is_some() {
-            "degraded"
+            StatusState::Degraded
         } else if synced {
-            "synced"
+            StatusState::Synced
         } else if self.paused() {
-            "paused"
+            StatusState::Paused
         } else {
-            "syncing"
-        };
+            StatusState::Syncing
+        }
+        .name();
         g.progress.sample_rate(true);
         let remaining = ((g.state.dirty() + g.state.copying()) * gran).min(self.size);
         let progress = if synced {
@@ -1092,12 +1171,13 @@ impl Engine {
         };
         let rate = g.progress.rate;
         let mode = if !self.controls.write_blocking.load(Ordering::SeqCst) && g.progress.lag_forced {
-            "write-blocking (max-lag)"
+            StatusMode::MaxLag
         } else if self.controls.write_blocking.load(Ordering::SeqCst) {
-            "write-blocking"
+            StatusMode::WriteBlocking
         } else {
-            "background"
-        };
+            StatusMode::Background
+        }
+        .name();
         Status {
             episode_bytes: g.progress.episode_bytes,
             progress,
@@ -1331,5 +1411,42 @@ impl CopyConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ALL lists every state and mode once, so the metrics export every value `status` can
+    /// show. (A new variant fails to compile here until it has its place in ALL.)
+    #[test]
+    fn every_state_and_mode_is_listed_once() {
+        let place = |s: StatusState| match s {
+            StatusState::Syncing => 0,
+            StatusState::Synced => 1,
+            StatusState::Paused => 2,
+            StatusState::Degraded => 3,
+            StatusState::Failed => 4,
+            StatusState::Stopped => 5,
+            StatusState::SwitchedOver => 6,
+        };
+        for (i, s) in StatusState::ALL.into_iter().enumerate() {
+            assert_eq!(place(s), i, "{s:?}");
+            assert_eq!(STATES[i], s.name());
+        }
+        let place = |m: StatusMode| match m {
+            StatusMode::Background => 0,
+            StatusMode::WriteBlocking => 1,
+            StatusMode::MaxLag => 2,
+        };
+        for (i, m) in StatusMode::ALL.into_iter().enumerate() {
+            assert_eq!(place(m), i, "{m:?}");
+            assert_eq!(MODES[i], m.name());
+        }
+        let mut names: Vec<&str> = STATES.iter().chain(MODES.iter()).copied().collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), STATES.len() + MODES.len(), "a name is used twice");
     }
 }
