@@ -123,7 +123,9 @@ impl Progress {
     fn new(what: &'static str, json: bool) -> Self {
         Progress {
             bar: indicatif::ProgressBar::hidden(),
-            tty: std::io::stderr().is_terminal() && !json,
+            // A bar redraws its line with cursor controls, which a dumb terminal (a serial
+            // console captured into a log) shows raw: lines then, as without a terminal.
+            tty: std::io::stderr().is_terminal() && !json && std::env::var_os("TERM").is_none_or(|t| t != "dumb"),
             quiet: json,
             what,
             last_line: None,
@@ -165,16 +167,26 @@ impl Progress {
 /// "done / total, rate, ETA" for a command that has done `done` of `total` in `secs`.
 fn rate_line(done: u64, total: u64, secs: f64) -> String {
     let rate = done as f64 / secs.max(1e-3);
-    let eta = if rate > 0.0 { format!("{:.0}s", total.saturating_sub(done) as f64 / rate) } else { "?".into() };
-    format!("{} / {}, {}/s, ETA {eta}", human(done), human(total), human(rate as u64))
+    format!("{} / {}, {}", human(done), human(total), rate_eta(total.saturating_sub(done), rate))
+}
+
+/// "R/s, ETA Ns" for `left` bytes at `rate` bytes/s; "done" once nothing is left (a sync of
+/// holes copies nothing: its rate says nothing then).
+fn rate_eta(left: u64, rate: f64) -> String {
+    if left == 0 {
+        "done".into()
+    } else if rate > 0.0 {
+        format!("{}/s, ETA {:.0}s", human(rate as u64), left as f64 / rate)
+    } else {
+        format!("{}/s, ETA ?", human(rate as u64))
+    }
 }
 
 fn progress_line(s: &Status, total: u64) -> (u64, String) {
     let left = s.dirty_bytes + s.copying_bytes;
     let done = total.saturating_sub(left);
     let rate = s.bytes_copied as f64 / s.elapsed_secs.max(1e-3);
-    let eta = if rate > 0.0 { format!("{:.0}s", left as f64 / rate) } else { "?".into() };
-    (done, format!("{} / {}, {}/s, ETA {eta}", human(done), human(total), human(rate as u64)))
+    (done, format!("{} / {}, {}", human(done), human(total), rate_eta(left, rate)))
 }
 
 fn copy_config(a: &CopyArgs) -> CopyConfig {

@@ -202,6 +202,9 @@ fi
 # kernel live-patches the sched_clock static key, which it flips when it finds the emulated TSC
 # unstable. Declaring the TSC reliable keeps that key still. Seen: 2 panics in 3 boots on a
 # loaded host without it, 0 in 18 boots with it (0 in 10 without it on an idle host).
+# The firmware and the kernel's console write terminal controls (a reset, screen clears, line
+# wrap off) that a log shows as raw bytes: dropped, with the carriage returns, line by line.
+strip_controls() { sed -u -e 's/\x1bc//g' -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\r//g'; }
 started() { grep -aqE 'UBLK-MIRROR-VM-(RUN|SHELL)' "$1"; }
 while [ "$SHELL_ONLY" = 0 ]; do
     rem=$(remaining_s)
@@ -220,7 +223,7 @@ while [ "$SHELL_ONLY" = 0 ]; do
         set +e
         timeout -k 10 "$rem" "${QEMU[@]}" \
             -append "console=ttyS0 quiet panic=-1 tsc=reliable ublkvm.deadline=$guest_deadline ublkvm.disks=$NDISKS $KARGS" \
-            < /dev/null 2>&1 | tee -a "$LOG"
+            < /dev/null 2>&1 | strip_controls | tee -a "$LOG"
         echo "${PIPESTATUS[0]}" > "$WORK/qemu.rc"
     ) &
     BG=$!

@@ -25,7 +25,7 @@ grep -q '"bytes_copied": 0' /tmp/sync2.json || fail "resync copied data: $(cat /
 
 step "a target smaller than the source is refused"
 if ublk-mirror sync -s "$SRC" -t "$SMALL" -b /tmp/bm2 2> /tmp/err; then fail "sync to a 32 MiB target succeeded"; fi
-cat /tmp/err
+show_expected /tmp/err
 grep -q "smaller than the source" /tmp/err || fail "unclear error"
 [ ! -e /tmp/bm2 ] || fail "a bitmap was left behind"
 log "ok"

@@ -25,6 +25,7 @@ add_synced $S $T $B --event-log $EV
 step "fio verify on the device while the target fails"
 fio_verify_bg tf 96M
 sleep 2
+expected "the kernel logs I/O errors of the target's device (dm-error) until it comes back"
 dmsetup suspend tgt && dmsetup load tgt --table "0 $SECT error" && dmsetup resume tgt || fail "switch to dm-error"
 log "target now fails every I/O"
 wait_for 30 "degraded" sh -c 'ublk-mirror status -n 0 --json | grep -q "\"state\": \"degraded\""'
@@ -48,6 +49,7 @@ mkfs.ext4 -q -F "$FSD" || fail "mkfs"
 mkdir -p /mnt/t && mount "$FSD" /mnt/t || fail "mount"
 # 128 MiB sparse target on a 192 MiB file system with 100 MiB taken: the copy runs out of space.
 truncate -s 128M /mnt/t/target.img
+expected "the kernel may log a full file system (ENOSPC) for the target's writes"
 dd if=/dev/zero of=/mnt/t/filler bs=1M count=100 conv=fsync status=none
 rm -f $B
 run_timeout 60 ublk-mirror add -s $S -t /mnt/t/target.img -b $B --event-log $EV > /dev/null 2> /tmp/add.err || fail "add: $(cat /tmp/add.err)"
@@ -70,6 +72,7 @@ rm -f $B $EV
 export UBLK_MIRROR_TEST_FAIL_MIRROR_WHILE=/tmp/mirror-fault
 add_synced $S $T $B --event-log $EV
 unset UBLK_MIRROR_TEST_FAIL_MIRROR_WHILE
+expected "the daemon's log reports the injected fault of its mirror loop"
 touch /tmp/mirror-fault
 dd if=/dev/urandom of=$DEV bs=64k count=8 seek=30 oflag=direct status=none || fail "a write failed as the loop broke"
 wait_for 30 "state failed" sh -c 'ublk-mirror status -n 0 --json | grep -q "\"state\": \"failed\""'
@@ -100,6 +103,7 @@ cmp -n 134217728 $S $T || fail "source and target differ after the loop's restar
 step "--max-retries: the mirror gives up, and waiting for synced says so at once"
 rm -f $B
 add_synced $S $T $B --sync none --max-retries 2 --event-log $EV
+expected "the kernel logs I/O errors of the target's device (dm-error) until the mirror gives up"
 dmsetup suspend tgt && dmsetup load tgt --table "0 $SECT error" && dmsetup resume tgt || fail "switch to dm-error"
 dd if=/dev/urandom of=$DEV bs=64k count=4 seek=10 oflag=direct status=none || fail "a write failed while the target fails"
 wait_for 60 "stopped" sh -c 'ublk-mirror status -n 0 --json | grep -q "\"state\": \"stopped\""'

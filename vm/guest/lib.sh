@@ -15,6 +15,12 @@ now_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
 step() { echo "=== [$(vm_uptime)s] $*"; }
 log() { echo "    [$(vm_uptime)s] $*"; }
 
+# expected WHAT: says that the errors printed next (by a command under test, or by the kernel on
+# the console) are the ones the step provokes, so that a passing log does not read as failing.
+expected() { echo "    [$(vm_uptime)s] expected errors follow: $*"; }
+# show_expected FILE: prints an intended error message with each line marked as expected.
+show_expected() { sed 's/^/    (expected) /' "$1"; }
+
 # fail MSG: print MSG and the end of the kernel log (the reason is often there), then exit 1.
 fail() {
     echo "FAIL: $*" >&2
