@@ -16,7 +16,7 @@ VM_DEFAULT_KVER=6.12.117
 # Host packages whose files end up inside the guest. Their versions are part of the build id so
 # that an upgrade (notably libc6) rebuilds the images instead of mixing library versions in the
 # guest, where -b payload libraries overwrite the base image's ones.
-VM_GUEST_SOURCE_PKGS="busybox-static e2fsprogs fio dmsetup libc6 util-linux"
+VM_GUEST_SOURCE_PKGS="busybox-static e2fsprogs xfsprogs fio dmsetup libc6 util-linux"
 
 vm_log() { printf '[vm %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 vm_die() { printf '[vm] ERROR: %s\n' "$*" >&2; exit 2; }

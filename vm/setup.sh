@@ -115,11 +115,11 @@ else
 fi
 
 # --- 2. host packages ----------------------------------------------------------------------
-# qemu-system-x86: the emulator; busybox-static: the whole guest userland; e2fsprogs, fio, dmsetup,
-# util-linux: copied into the guest; kmod: depmod/modprobe --show-depends on the kernel tree;
+# qemu-system-x86: the emulator; busybox-static: the whole guest userland; e2fsprogs, xfsprogs,
+# fio, dmsetup, util-linux: copied into the guest; kmod: depmod/modprobe --show-depends on the kernel tree;
 # xz-utils: modules are .ko.xz; cpio: initramfs archives. --no-install-recommends keeps the GUI
 # and firmware extras of qemu out (seabios, which -kernel boots need, is a hard dependency).
-HOST_PKGS="qemu-system-x86 busybox-static e2fsprogs fio dmsetup kmod xz-utils cpio util-linux coreutils gzip libc-bin"
+HOST_PKGS="qemu-system-x86 busybox-static e2fsprogs xfsprogs fio dmsetup kmod xz-utils cpio util-linux coreutils gzip libc-bin"
 missing_pkgs() {
     local p
     for p in $HOST_PKGS; do
@@ -210,7 +210,7 @@ if [ -n "$MISSING" ]; then
 else
     skipped "host packages" "all installed"
 fi
-for t in qemu-system-x86_64 /bin/busybox mke2fs e2fsck debugfs dumpe2fs fio dmsetup depmod modprobe xz cpio ldd flock timeout; do
+for t in qemu-system-x86_64 /bin/busybox mke2fs e2fsck debugfs dumpe2fs mkfs.xfs fio dmsetup depmod modprobe xz cpio ldd flock timeout; do
     command -v "$t" >/dev/null || vm_die "required host tool '$t' not found even though its package is installed"
 done
 
@@ -345,9 +345,12 @@ else
         for t in mkfs.ext4 mkfs.ext3 mkfs.ext2; do ln -s mke2fs "$ROOT/usr/sbin/$t"; done
         for t in fsck.ext4 fsck.ext3 fsck.ext2; do ln -s e2fsck "$ROOT/usr/sbin/$t"; done
         vm_install_elf "$ROOT" "$(command -v dmsetup)" usr/sbin/dmsetup
+        # A second file system for the tests of what a source's file system supports.
+        vm_install_elf "$ROOT" "$(command -v mkfs.xfs)" usr/sbin/mkfs.xfs
         # util-linux versions: busybox's blockdev/losetup lack options (--getsize64 is there, but
-        # losetup --direct-io, --sector-size are not).
-        for t in blockdev losetup; do
+        # losetup --direct-io, --sector-size are not); busybox has no blkdiscard -z (WRITE_ZEROES)
+        # and no fallocate --punch-hole/--zero-range.
+        for t in blockdev losetup blkdiscard fallocate; do
             if command -v "$t" >/dev/null; then vm_install_elf "$ROOT" "$(command -v "$t")" "usr/sbin/$t"; fi
         done
         [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$ROOT/etc/"
