@@ -900,7 +900,7 @@ _ublk__mirror() {
             return 0
             ;;
         ublk__subcmd__mirror__subcmd__status)
-            opts="-n -h --number --json --wait-synced --timeout --watch --help"
+            opts="-n -h --number --json --wait-synced --timeout --watch --interval --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -915,6 +915,10 @@ _ublk__mirror() {
                     return 0
                     ;;
                 --timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --interval)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

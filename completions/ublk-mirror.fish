@@ -164,6 +164,7 @@ complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand recover" -l fore
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand recover" -s h -l help -d 'Print help'
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand status" -s n -l number -d 'Device id' -r
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand status" -l timeout -d 'Seconds to wait for --wait-synced' -r
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand status" -l interval -d 'Seconds between two looks with --watch (0.1 to 3600; fractions allowed)' -r
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand status" -l json -d 'Print JSON'
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand status" -l wait-synced -d 'Wait (at most --timeout seconds) for a consistent point; exit 0 once synced'
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand status" -l watch -d 'Keep showing the status (a progress bar on a terminal, a line a second otherwise) until interrupted, or until synced with --wait-synced'

@@ -121,6 +121,9 @@ pub enum Cmd {
         /// until interrupted, or until synced with --wait-synced.
         #[arg(long)]
         watch: bool,
+        /// Seconds between two looks with --watch (0.1 to 3600; fractions allowed).
+        #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_interval, requires = "watch")]
+        interval: std::time::Duration,
     },
     /// Print every device's state in the Prometheus text format (for node_exporter's textfile
     /// collector): state, dirty bytes, lag, copy rate, consistent points, target failures,
@@ -184,6 +187,16 @@ pub enum Cmd {
 const MAX_DEVICE_ID: u32 = i32::MAX as u32;
 
 /// A device id (`-n`): 0 to [`MAX_DEVICE_ID`].
+/// A --watch interval: seconds, 0.1 to 3600 (a status request costs the daemon a lock held for
+/// a few counters, but a client asking in a busy loop would still cost a core).
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number of seconds (e.g. 0.5)"))?;
+    if !(0.1..=3600.0).contains(&secs) {
+        return Err(format!("{s} s is out of range: give 0.1 to 3600 seconds"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 fn parse_device_id(s: &str) -> Result<u32, String> {
     s.trim()
         .parse::<u32>()

@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         Cmd::List { json } => cmd_list(json),
         Cmd::Metrics => cmd_metrics(),
         Cmd::Recover { id, foreground } => cmd_recover(id, foreground),
-        Cmd::Status { id, json, wait_synced, timeout, watch: true } => cmd_watch(id, json, wait_synced, timeout),
+        Cmd::Status { id, json, wait_synced, timeout, watch: true, interval } => cmd_watch(id, json, wait_synced, timeout, interval),
         Cmd::Set { id, speed, busy_speed, mode, max_lag, max_retries } => {
             cmd_set(id, speed, busy_speed, mode, max_lag, max_retries)
         }
@@ -86,7 +86,7 @@ fn main() -> ExitCode {
                 .map_err(Into::into)
         }
         Cmd::Resume { id } => cmd_simple(id, "resume"),
-        Cmd::Status { id, json, wait_synced, timeout, watch: false } => {
+        Cmd::Status { id, json, wait_synced, timeout, watch: false, .. } => {
             if wait_synced {
                 if let Err(e) = admin::wait_synced(id, Duration::from_secs(timeout)) {
                     eprintln!("ublk-mirror: error: {e}");
@@ -369,7 +369,7 @@ fn cmd_status(id: u32, json: bool) -> CliResult {
 
 /// `status --watch`: redraws until interrupted (or synced, with --wait-synced). Every request
 /// is bounded by the client's timeouts; a daemon that goes away ends the watch with its error.
-fn cmd_watch(id: u32, json: bool, until_synced: bool, timeout: u64) -> CliResult {
+fn cmd_watch(id: u32, json: bool, until_synced: bool, timeout: u64, interval: Duration) -> CliResult {
     // The bar goes where the lines would: on a terminal a bar, redirected plain lines.
     let tty = std::io::stdout().is_terminal() && !json;
     let bar = indicatif::ProgressBar::hidden();
@@ -421,7 +421,7 @@ fn cmd_watch(id: u32, json: bool, until_synced: bool, timeout: u64) -> CliResult
             bar.abandon();
             return Err(format!("device {id} did not reach a consistent point within {timeout}s").into());
         }
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(interval);
     }
 }
 
