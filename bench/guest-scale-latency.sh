@@ -1,10 +1,15 @@
 #!/bin/sh
 # Guest side of bench/scale-vm.sh: 4k random write latency (fio, io_uring, O_DIRECT, QD1) on a
-# 2 TiB ublk-mirror device over a sparse pair on ext4, with `ublk-mirror status -n 0 --json`
-# polled 10 times a second in the background ("poll") against no polling ("idle"), alternated
-# A/B then B/A in successive rounds so that drift of the emulated machine hits both alike.
+# 2 TiB ublk-mirror device over a sparse pair on ext4, in four modes, their order rotated from
+# round to round so that drift of the emulated machine hits all alike:
+#   idle   nothing else runs;
+#   watch  one `ublk-mirror status -n 0 --watch --json --interval 0.1` process: status asked
+#          10 times a second over the control socket (what a monitor or `--watch` does);
+#   poll   `ublk-mirror status -n 0 --json` started 10 times a second (a process each);
+#   spawn  `ublk-mirror --version` started 10 times a second: the cost of the processes alone,
+#          without asking the daemon anything.
 # Before every run the mirror is synced (the previous run's regions copied).
-# Prints: LAT <idle|poll> <round> <p50 us> <p99 us> <iops> <polls done>
+# Prints: LAT <mode> <round> <p50 us> <p99 us> <iops> <status answers or processes>
 # shellcheck source=/dev/null
 . /vm/lib.sh
 RT=${BENCH_RUNTIME:-8} ROUNDS=${BENCH_ROUNDS:-4}
@@ -20,10 +25,10 @@ run_timeout 150 ublk-mirror status -n 0 --wait-synced --timeout 140 > /dev/null 
 PID=$(ublk-mirror list --json | jnum pid)
 log "device up and synced; $(grep MemTotal /proc/meminfo)"
 
-poller() {  # status 10 times a second until /tmp/stop exists; the count in /tmp/polls
+poller() {  # poller CMD...: CMD 10 times a second until /tmp/stop exists; the count in /tmp/polls
     n=0
     while [ ! -e /tmp/stop ]; do
-        ublk-mirror status -n 0 --json > /dev/null || echo "status failed" >&2
+        "$@" > /dev/null || echo "$* failed" >&2
         n=$((n + 1))
         usleep 100000
     done
@@ -32,19 +37,32 @@ poller() {  # status 10 times a second until /tmp/stop exists; the count in /tmp
 one() {  # one MODE ROUND
     run_timeout 300 ublk-mirror status -n 0 --wait-synced --timeout 280 > /dev/null || fail "synced before $1 $2"
     rm -f /tmp/stop /tmp/polls
-    if [ "$1" = poll ]; then poller & PP=$!; fi
+    case $1 in
+        poll) poller ublk-mirror status -n 0 --json & PP=$! ;;
+        spawn) poller ublk-mirror --version & PP=$! ;;
+        watch) ublk-mirror status -n 0 --watch --json --interval 0.1 > /tmp/watch.out & PP=$! ;;
+    esac
     out=$(run_timeout $((RT + 60)) fio --name=lat --filename=$DEV --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
         --iodepth=1 --time_based --runtime="$RT" --ramp_time=1 --percentile_list=50:99 \
         --output-format=terse --terse-version=3) || fail "fio ($1 round $2)"
     polls=0
-    if [ "$1" = poll ]; then touch /tmp/stop; wait $PP; polls=$(cat /tmp/polls); fi
+    case $1 in
+        poll | spawn) touch /tmp/stop; wait $PP; polls=$(cat /tmp/polls) ;;
+        watch) kill $PP; wait $PP 2>/dev/null; polls=$(wc -l < /tmp/watch.out) ;;
+    esac
     # terse v3, write part: 49 iops, 59 and 60 the clat percentiles asked for (50 and 99, in us)
     echo "$out" | awk -F';' -v m="$1" -v r="$2" -v p="$polls" \
         '{ split($59, a, "="); split($60, b, "="); printf "LAT %s %d %s %s %d %d\n", m, r, a[2], b[2], $49, p }'
 }
 r=1
 while [ $r -le "$ROUNDS" ]; do
-    if [ $((r % 2)) = 1 ]; then one idle $r; one poll $r; else one poll $r; one idle $r; fi
+    case $((r % 4)) in
+        1) order="idle watch poll spawn" ;;
+        2) order="spawn poll watch idle" ;;
+        3) order="watch idle spawn poll" ;;
+        0) order="poll spawn idle watch" ;;
+    esac
+    for m in $order; do one $m $r; done
     r=$((r + 1))
 done
 ublk-mirror status -n 0
