@@ -1,5 +1,5 @@
 #!/bin/sh
-# vm-args: -m 1G -d ext4disk=96M -d xfsdisk=320M -d bdev=64M
+# vm-args: -m 1G -d ext4disk=96M -d xfsdisk=320M -d bdev=48M
 # WRITE_ZEROES, which the device advertises, never fails whatever the source is: a file on tmpfs
 # (no FALLOC_FL_ZERO_RANGE: the daemon punches a hole), on ext4 and on xfs (both take it), and a
 # block device (fallocate on it is BLKZEROOUT in the kernel). For each: the three ways a user
