@@ -81,7 +81,10 @@ pub fn spawn_server_at(
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(100));
+                        // Wait for the next connection, not for a fixed tick: a client is
+                        // answered as soon as it connects. The timeout only bounds how late
+                        // `stop` is seen.
+                        wait_readable(&listener, ACCEPT_STOP_CHECK);
                     }
                     Err(e) => {
                         log::warn!("control socket: accept: {e}");
@@ -92,6 +95,18 @@ pub fn spawn_server_at(
             let _ = std::fs::remove_file(&path);
         })
         .map_err(|e| Error::io("control thread", e))
+}
+
+/// How often the accept loop looks at its stop flag while no client connects.
+const ACCEPT_STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// Blocks until `fd` is readable (a listener: a connection is waiting) or `limit` passes.
+fn wait_readable(fd: &impl std::os::fd::AsFd, limit: Duration) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    let ms = PollTimeout::try_from(limit).unwrap_or(PollTimeout::MAX);
+    // EINTR or an error: the caller's accept finds out what happened, and loops.
+    let _ = poll(&mut fds, ms);
 }
 
 fn serve_one(mut conn: UnixStream, engine: &Arc<Engine>, info: &Value) {

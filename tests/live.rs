@@ -1004,6 +1004,33 @@ fn control_socket_survives_bad_clients() {
     assert!(!path.exists(), "socket left behind");
 }
 
+/// A client is answered when it connects, not at the accept loop's next tick: `status --watch
+/// --interval 0.1` and monitoring that polls get an answer per request in a fraction of a
+/// millisecond. 40 requests one after the other; a server that looks for connections every
+/// 100 ms takes about 4 s for them.
+#[test]
+fn control_socket_answers_without_a_tick() {
+    use serde_json::json;
+    use ublk_mirror::control;
+    let f = files(MIB);
+    let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let engine = Arc::new(engine);
+    let dir = tempfile::tempdir_in("/var/tmp").expect("dir");
+    let path = dir.path().join("0.sock");
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = control::spawn_server_at(path.clone(), engine.clone(), json!({ "dev_id": 0 }), stop.clone()).expect("serve");
+    let t0 = Instant::now();
+    for _ in 0..40 {
+        let r = control::request_at(&path, 0, &json!({ "cmd": "status" }), Duration::from_secs(10)).expect("status");
+        assert_eq!(r["ok"], json!(true));
+    }
+    let took = t0.elapsed();
+    // 40 local round trips: milliseconds; the bound leaves a loaded machine 50 ms each.
+    assert!(took < Duration::from_secs(2), "40 status requests took {took:?}: the server answers late");
+    stop.store(true, Ordering::SeqCst);
+    server.join().expect("server");
+}
+
 /// --on-consistent: the command runs after a consistent point with its sequence number, sees
 /// the target as of that point, and nothing is copied to the target while it runs.
 #[test]
