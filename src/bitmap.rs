@@ -14,7 +14,7 @@
 //! | 56 | 4 | state: 0 clean (closed in order), 1 active (open, or its daemon died), 2 switched over (the device moved to the target: this pair must not be served again) |
 //! | 60 | 4 | flags (none defined) |
 //! | 64 | 8 | creation time, seconds since the epoch |
-//! | 72 | 8 | source fingerprint (inode of a regular file, 0 for a block device) |
+//! | 72 | 8 | source fingerprint (a regular file: its inode number, generation and birth time mixed, see `file_fingerprint`; 0 for a block device) |
 //! | 80 | 8 | target fingerprint |
 //! | 88 | 2 | source path length |
 //! | 90 | 2 | target path length |
@@ -437,20 +437,27 @@ impl Bitmap {
         if h.pair.target != expect.pair.target {
             return Err(mismatch("target", &h.pair.target, &expect.pair.target));
         }
-        if h.pair.source_fingerprint != expect.pair.source_fingerprint {
+        let mut upgrade = false;
+        if h.pair.source_fingerprint != expect.pair.source_fingerprint
+            && !legacy_fingerprint_matches(h.pair.source_fingerprint, &expect.pair.source)
+        {
             return Err(mismatch(
                 "source",
-                &format!("{} (inode {})", h.pair.source, h.pair.source_fingerprint),
-                &format!("{} (inode {})", expect.pair.source, expect.pair.source_fingerprint),
+                &format!("{} (file {:016x})", h.pair.source, h.pair.source_fingerprint),
+                &format!("{} (a different file, {:016x})", expect.pair.source, expect.pair.source_fingerprint),
             ));
         }
-        if h.pair.target_fingerprint != expect.pair.target_fingerprint {
+        upgrade |= h.pair.source_fingerprint != expect.pair.source_fingerprint;
+        if h.pair.target_fingerprint != expect.pair.target_fingerprint
+            && !legacy_fingerprint_matches(h.pair.target_fingerprint, &expect.pair.target)
+        {
             return Err(mismatch(
                 "target",
-                &format!("{} (inode {})", h.pair.target, h.pair.target_fingerprint),
-                &format!("{} (inode {})", expect.pair.target, expect.pair.target_fingerprint),
+                &format!("{} (file {:016x})", h.pair.target, h.pair.target_fingerprint),
+                &format!("{} (a different file, {:016x})", expect.pair.target, expect.pair.target_fingerprint),
             ));
         }
+        upgrade |= h.pair.target_fingerprint != expect.pair.target_fingerprint;
         if h.device_size != expect.device_size {
             return Err(bad(
                 path,
@@ -473,6 +480,13 @@ impl Bitmap {
                 ));
             }
         }
+        let mut bm = bm;
+        if upgrade {
+            // An older header's inode-only fingerprints, accepted for the same files: the next
+            // header write (the open's state change) records the full ones.
+            bm.header.pair.source_fingerprint = expect.pair.source_fingerprint;
+            bm.header.pair.target_fingerprint = expect.pair.target_fingerprint;
+        }
         Ok(bm)
     }
 
@@ -484,7 +498,8 @@ impl Bitmap {
         if h.state != BitmapState::SwitchedOver {
             return Err(Error::config(format!("bitmap {}: the device was not switched over", path.display())));
         }
-        if h.pair.target != target.0 || h.pair.target_fingerprint != target.1 {
+        let same_file = h.pair.target_fingerprint == target.1 || legacy_fingerprint_matches(h.pair.target_fingerprint, &target.0);
+        if h.pair.target != target.0 || !same_file {
             return Err(bad(
                 path,
                 BitmapProblem::WrongPair { role: "target", recorded: h.pair.target.clone(), given: target.0.clone() },
@@ -875,11 +890,58 @@ impl crate::lifecycle::RecordSwitch for Bitmap {
 
 /// The identity of a backing file for the bitmap header: its absolute path as given (not
 /// resolved: `/dev/disk/by-id/...` stays stable where `/dev/sdb` does not) and, for a regular
-/// file, its inode number, so that a different file at the same path is noticed.
-pub fn identity_of(path: &Path, meta: &std::fs::Metadata) -> (String, u64) {
+/// file, its [`file_fingerprint`], so that a different file at the same path is noticed. A
+/// block device's fingerprint is 0: its path (a by-id link, usually) names it.
+pub fn identity_of(path: &Path, file: &File, meta: &std::fs::Metadata) -> (String, u64) {
     let abs = absolute(path);
-    let fp = if meta.file_type().is_file() { meta.ino() } else { 0 };
+    let fp = if meta.file_type().is_file() { file_fingerprint(file, meta) } else { 0 };
     (abs.to_string_lossy().into_owned(), fp)
+}
+
+nix::ioctl_read!(fs_ioc_getversion, b'v', 1, libc::c_long);
+
+/// What tells one regular file from another that later took its place: the inode number
+/// mixed with the inode's generation (FS_IOC_GETVERSION: drawn at random each time ext4 or
+/// xfs allocates an inode) and its birth time. The inode number alone is not enough: a file
+/// deleted and written anew at the same path often gets the freed number back.
+///
+/// Where the file system has neither generation nor birth time, the inode number alone. A
+/// header written before fingerprints had them holds the inode number alone too;
+/// [`Bitmap::open`] accepts that for the same file (see [`legacy_fingerprint_matches`]).
+pub fn file_fingerprint(file: &File, meta: &std::fs::Metadata) -> u64 {
+    let mut generation: libc::c_long = 0;
+    // SAFETY: `file` is an open descriptor and `generation` a live, exclusively borrowed
+    // integer at least as large as what the ioctl writes (ext4 and xfs write an int).
+    let generation = match unsafe { fs_ioc_getversion(file.as_raw_fd(), &mut generation) } {
+        Ok(_) => generation as u64 & 0xffff_ffff,
+        Err(_) => 0,
+    };
+    let born = meta
+        .created()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    if generation == 0 && born == 0 {
+        return meta.ino();
+    }
+    // A 64-bit mix (splitmix64's finaliser) of the three: equal fingerprints mean the same
+    // file up to a 2^-64 chance.
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let fp = mix(meta.ino() ^ mix(generation ^ mix(born)));
+    // Never equal to the bare inode number, which would read as a legacy fingerprint.
+    if fp == meta.ino() { !fp } else { fp }
+}
+
+/// Whether `recorded`, a fingerprint from an older header (the inode number alone), names
+/// the regular file now at `path`. Weaker than the full fingerprint (a file at a reused inode
+/// number passes): only for headers written before it, which [`Bitmap::open`] then upgrades.
+fn legacy_fingerprint_matches(recorded: u64, path: &str) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.ino() == recorded)
 }
 
 /// `path` made absolute against the current directory, not resolved (as the header records it).
