@@ -13,6 +13,11 @@
 // Errors carry paths and fixes for the user; they occur on cold paths (opening, setup).
 #![allow(clippy::result_large_err)]
 
+// Region numbers (up to 2^32 regions) and byte offsets (up to 2^58 bytes) are u64 and index
+// in-memory bit sets as usize: a 32-bit usize would truncate them. Linux servers with ublk
+// are 64-bit; refuse the rest at build time rather than check every conversion.
+const _: () = assert!(usize::BITS >= 64, "ublk-mirror needs a 64-bit target (usize of 64 bits)");
+
 pub mod admin;
 pub mod backing;
 pub mod bitmap;

@@ -618,9 +618,9 @@ fn cmd_verify_online(id: u32, json: bool) -> CliResult {
         let n = |k: &str| v[k].as_u64().unwrap_or(0);
         let done = n("compared") + n("skipped") + n("holes");
         let g = n("granularity").max(1);
-        let size = st["device_size"].as_u64().unwrap_or(n("regions") * g);
+        let size = st["device_size"].as_u64().unwrap_or(n("regions").saturating_mul(g));
         // Regions done, in bytes (the last region may be short).
-        let bytes = (done * g).min(size);
+        let bytes = done.saturating_mul(g).min(size);
         let line = rate_line(bytes, size, t0.elapsed().as_secs_f64());
         progress.show(bytes, size, format!("{line} ({} regions read, {} busy, {} holes)", n("compared"), n("skipped"), n("holes")));
         if done != seen.0 {
@@ -652,7 +652,8 @@ fn cmd_verify_online(id: u32, json: bool) -> CliResult {
             let g = n("granularity").max(1);
             println!("BUG: these regions are clean but differ (or the target was written behind the mirror's back):");
             for r in v["mismatched"].as_array().into_iter().flatten().filter_map(|r| r.as_u64()).take(50) {
-                println!("  region {r}: bytes {}..{}", r * g, (r + 1) * g);
+                // The daemon's numbers, not trusted to fit: saturate rather than wrap.
+                println!("  region {r}: bytes {}..{}", r.saturating_mul(g), r.saturating_add(1).saturating_mul(g));
             }
         }
     }

@@ -131,8 +131,7 @@ pub struct Mirror<'t> {
 
 impl<'t> Mirror<'t> {
     pub fn new(engine: Arc<Engine>, target: &'t mut dyn Target, cfg: CopyConfig) -> Result<Self> {
-        cfg.validate()?;
-        cfg.check_block(target.block_size().into())?;
+        Self::check_config(target, &cfg)?;
         if engine.mirror_fault_injected() {
             return Err(injected_fault());
         }
@@ -149,11 +148,24 @@ impl<'t> Mirror<'t> {
         if target.fixed_fd().is_some() {
             target.use_fixed(TGT_FIXED);
         }
-        Ok(Self::with_ring(ring, engine, target, cfg))
+        Ok(Self::on_ring(ring, engine, target, cfg))
     }
 
-    /// A loop over any target (network targets manage their own descriptors).
-    pub fn with_ring(ring: Ring, engine: Arc<Engine>, target: &'t mut dyn Target, cfg: CopyConfig) -> Self {
+    /// The copy settings every loop checks before it starts: sizes and counts in range, and
+    /// copies in whole blocks of the target.
+    fn check_config(target: &dyn Target, cfg: &CopyConfig) -> Result<()> {
+        cfg.validate()?;
+        cfg.check_block(target.block_size().into())
+    }
+
+    /// A loop on a ring the caller set up (tests with their own targets), with the same
+    /// checks of `cfg` as [`Mirror::new`].
+    pub fn with_ring(ring: Ring, engine: Arc<Engine>, target: &'t mut dyn Target, cfg: CopyConfig) -> Result<Self> {
+        Self::check_config(target, &cfg)?;
+        Ok(Self::on_ring(ring, engine, target, cfg))
+    }
+
+    fn on_ring(ring: Ring, engine: Arc<Engine>, target: &'t mut dyn Target, cfg: CopyConfig) -> Self {
         // Buffers are made on first need: a resync of a few regions, or an idle live mirror,
         // does not pay for (or hold) max_copies x buf_size of memory.
         Mirror {

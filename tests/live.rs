@@ -173,6 +173,22 @@ fn max_failures_in(secs: f64) -> u32 {
     m + 1
 }
 
+/// A loop on the caller's ring checks its copy settings as `Mirror::new` does.
+#[test]
+fn a_loop_on_a_given_ring_refuses_bad_settings() {
+    let f = files(MIB);
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let engine = Arc::new(engine);
+    for cfg in [
+        CopyConfig { max_copies: 0, ..Default::default() },
+        CopyConfig { buf_size: 3000, ..Default::default() },
+    ] {
+        let ring = ublk_mirror::uring::new_ring(8).expect("ring");
+        let err = Mirror::with_ring(ring, engine.clone(), target.as_mut(), cfg).err().expect("bad settings refused");
+        assert!(err.to_string().contains("must be"), "{err}");
+    }
+}
+
 /// A failing target: the application's writes all succeed, the mirror reports degraded and
 /// retries with backoff (resetting the target first), and converges by itself once the target
 /// works again.
@@ -189,7 +205,7 @@ fn failing_target_degrades_then_recovers_without_failing_writes() {
         let ring = ublk_mirror::uring::new_ring(64).expect("ring");
         ring.submitter().register_files(&[me.source().fd()]).expect("register");
         {
-            let mut m = Mirror::with_ring(ring, me, &mut flaky, cfg);
+            let mut m = Mirror::with_ring(ring, me, &mut flaky, cfg).expect("mirror");
             m.run(RunUntil::Stopped, None).expect("run");
         }
         flaky.resets
@@ -230,7 +246,7 @@ fn mirroring_gives_up_after_max_retries() {
     let mirror = std::thread::spawn(move || {
         let ring = ublk_mirror::uring::new_ring(64).expect("ring");
         ring.submitter().register_files(&[me.source().fd()]).expect("register");
-        let mut m = Mirror::with_ring(ring, me, &mut flaky, CopyConfig::default());
+        let mut m = Mirror::with_ring(ring, me, &mut flaky, CopyConfig::default()).expect("mirror");
         m.run(RunUntil::Stopped, None).expect("run");
     });
     let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
