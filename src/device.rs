@@ -20,7 +20,7 @@ use crate::uring::Owner;
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDesc, BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, UblkError, UblkIORes, UblkUringData};
-use crate::mirror::MAX_BACKOFF;
+use crate::policy::{Backoff, MAX_BACKOFF, MIN_BACKOFF};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -254,7 +254,7 @@ pub fn spawn_mirror(
 /// The mirror thread's body (see [`spawn_mirror`]). Returns at the stop: the last loop's error,
 /// if it ended with one.
 fn supervise(engine: Arc<Engine>, mut target: crate::target::BoxTarget, mut cfg: CopyConfig) -> crate::Result<()> {
-    let mut backoff = Duration::ZERO;
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     loop {
         engine.set_mirror_running(true);
         let r = Mirror::new(engine.clone(), target.as_mut(), cfg.clone()).and_then(|mut m| {
@@ -268,11 +268,12 @@ fn supervise(engine: Arc<Engine>, mut target: crate::target::BoxTarget, mut cfg:
             }
             // A target that worked since the last failure starts the backoff anew.
             if engine.lock().progress.target_failures == 0 {
-                backoff = Duration::ZERO;
+                backoff.succeeded();
             }
-            backoff = (backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF);
-            let retry = engine.mirror_loop_failed(&e, backoff);
-            let until = Instant::now() + backoff;
+            let wait = backoff.failed(Instant::now());
+            let retry = engine.mirror_loop_failed(&e, wait);
+            // Counted from here: the report above may take a moment (its log and events).
+            let until = Instant::now() + wait;
             // Until the retry is due (for ever once given up), unless asked to stop, or to
             // park for a switchover (whose decision is taken below).
             while (!retry || Instant::now() < until) && !engine.mirror_should_return() {

@@ -13,6 +13,7 @@ use crate::core::{ActivePlan, CoreCounters, Extent, Intent, MirrorState};
 use crate::error::{Error, Result};
 use crate::front::{Fds, Held};
 use crate::lifecycle;
+use crate::policy::RateMeter;
 use crate::target::{is_uri, open_file_target, open_target, BoxTarget};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -52,9 +53,8 @@ pub struct Progress {
     pub episode_bytes: u64,
     /// The progress figure last reported in this episode: it never goes backwards.
     pub episode_progress: f64,
-    /// Rate estimate: copied+zeroed bytes at the last sample, its time, and the rate then.
-    rate_sample: (Instant, u64),
-    rate: f64,
+    /// Rate estimate of the bytes copied and zeroed.
+    rate: RateMeter,
     /// Target failures in a row (copies or flushes), and since when the pair is degraded.
     pub target_failures: u32,
     pub degraded_since: Option<SystemTime>,
@@ -82,8 +82,7 @@ impl Progress {
             unsynced_since: (initial_dirty_regions > 0).then_some(now),
             episode_bytes: 0,
             episode_progress: 0.0,
-            rate_sample: (now, 0),
-            rate: 0.0,
+            rate: RateMeter::new(now),
             target_failures: 0,
             degraded_since: None,
             gave_up: None,
@@ -104,17 +103,9 @@ impl Progress {
         self.sample_rate(false);
     }
 
-    /// Refreshes the rate estimate at most every second (or on demand): the rate over the
-    /// last sample interval, smoothed with the previous one.
+    /// Refreshes the rate estimate (see [`RateMeter::sample`]; `force`: for a status request).
     fn sample_rate(&mut self, force: bool) {
-        let (t, b) = self.rate_sample;
-        let dt = t.elapsed().as_secs_f64();
-        if dt >= 1.0 || (force && dt >= 0.25) {
-            let total = self.bytes_copied + self.bytes_zeroed;
-            let now_rate = (total - b) as f64 / dt;
-            self.rate = if self.rate == 0.0 { now_rate } else { 0.5 * self.rate + 0.5 * now_rate };
-            self.rate_sample = (Instant::now(), total);
-        }
+        self.rate.sample(Instant::now(), self.bytes_copied + self.bytes_zeroed, force);
     }
 }
 
@@ -1169,7 +1160,7 @@ impl Engine {
             g.progress.episode_progress = p;
             p
         };
-        let rate = g.progress.rate;
+        let rate = g.progress.rate.rate();
         let mode = if !self.controls.write_blocking.load(Ordering::SeqCst) && g.progress.lag_forced {
             StatusMode::MaxLag
         } else if self.controls.write_blocking.load(Ordering::SeqCst) {
@@ -1267,7 +1258,7 @@ impl Engine {
         if first {
             g.progress.degraded_since = Some(SystemTime::now());
         }
-        let give_up = max > 0 && g.progress.target_failures > max && g.progress.gave_up.is_none();
+        let give_up = crate::policy::gives_up(max, g.progress.target_failures) && g.progress.gave_up.is_none();
         if give_up {
             g.progress.gave_up = Some(format!("{} failures in a row; last: {msg}", g.progress.target_failures));
         }

@@ -2,6 +2,8 @@
 //!
 //! Layers, bottom up:
 //! - [`core`]: the decisions (write intent, what to copy, when to flush, what to clear), no I/O;
+//! - [`policy`]: when the mirror loop acts (rate limits, retries, max-lag, spacing of flushes
+//!   and of the --on-consistent command), no I/O and no clock of its own;
 //! - [`bitmap`]: the persistent dirty bitmap file; [`lifecycle`]: creating and opening it, in
 //!   an order that survives every kind of crash;
 //! - [`backing`], [`target`], [`uring`]: sources and targets through io_uring;
@@ -36,6 +38,7 @@ pub mod mirror;
 pub mod nbd;
 pub mod online_verify;
 pub mod pagebits;
+pub mod policy;
 pub mod queue;
 pub mod sync;
 pub mod target;

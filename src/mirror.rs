@@ -4,18 +4,24 @@
 //! Each copy job owns one buffer and has exactly one operation in flight at a time (a source
 //! read, a target write, or a target zero for a source hole). Jobs run concurrently up to
 //! `max_copies`. The decisions (what to copy, when to flush, what to clear) are the engine's
-//! [`crate::core::MirrorState`]; this file only performs them.
+//! [`crate::core::MirrorState`]; when to do it (rate limits, retries, max-lag, the spacing of
+//! flushes and of the --on-consistent command) is [`crate::policy`]'s; this file performs them.
 
 use crate::backing::AlignedBuf;
 use crate::core::{Extent, FlushKind};
 use crate::engine::{CopyConfig, Engine};
 use crate::error::{Error, Result};
+use crate::policy::{
+    self, Backoff, BusyDetector, Checkpoints, ConsistentSpacing, HookKill, HookSchedule, LagSwitch, TokenBucket,
+};
 use crate::target::{Target, TargetDone, TargetOp};
 use crate::uring::{self, push, Owner, Ring};
 use io_uring::{opcode, types};
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+
+pub use crate::policy::{BUSY_REQUESTS, BUSY_WINDOW, HOOK_STOP_GRACE, MAX_BACKOFF};
 
 /// When the loop returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,14 +98,13 @@ pub struct Mirror<'t> {
     flush_error: Option<io::Error>,
     bitmap_flush: Option<u64>,
     bitmap_clears_pending: bool,
-    /// A failed bitmap flush is tried again at this time, not at once.
-    bitmap_retry_at: Option<Instant>,
+    /// A failed bitmap flush is tried again [`policy::BITMAP_RETRY`] later, not at once.
+    bitmap_retry: Backoff,
     wake_buf: Box<u64>,
     wake_posted: bool,
-    since_checkpoint: u64,
-    last_checkpoint: Instant,
-    backoff: Duration,
-    retry_at: Option<Instant>,
+    checkpoints: Checkpoints,
+    /// Retries after failures of the target (copies, flushes, resets).
+    backoff: Backoff,
     fatal: Option<Error>,
     hooks: Hooks,
     done: Vec<TargetDone>,
@@ -107,23 +112,19 @@ pub struct Mirror<'t> {
     offline: bool,
     /// The target failed since its last reset: reset it (reconnect) before the next retry.
     needs_reset: bool,
-    /// Copy bandwidth budget (token bucket, bytes; may go negative) and its last refill.
-    tokens: f64,
-    tokens_at: Instant,
-    /// Busy detection: the front end's request count at the start of the current window, when
-    /// that window began, and whether the last complete window was busy.
-    front_seen: u64,
-    front_at: Instant,
-    busy: bool,
+    /// Copy bandwidth budget.
+    bucket: TokenBucket,
+    /// Whether the device serves I/O (the copy then yields to `busy_speed`).
+    busy: BusyDetector,
     /// Copies wait for the budget until then.
     throttled_until: Option<Instant>,
-    /// The --on-consistent command running now, its start, and when the last one started.
+    /// The --on-consistent command running now, and its start.
     hook: Option<(std::process::Child, Instant)>,
-    last_hook: Option<Instant>,
-    /// When this run of the loop was asked to return while the command ran (see check_hook).
-    stop_seen: Option<Instant>,
-    /// When the last consistent flush started, and when the next may (write-blocking mode).
-    last_consistent: Option<Instant>,
+    /// When the command may run, and when it is killed.
+    hook_schedule: HookSchedule,
+    /// Consistent flushes are spaced out in write-blocking mode.
+    consistent_spacing: ConsistentSpacing,
+    /// The consistent flush that is due waits for its spacing until then.
     consistent_after: Option<Instant>,
     /// Dropping: operations in flight complete, jobs end there (their regions stay dirty).
     draining: bool,
@@ -168,6 +169,7 @@ impl<'t> Mirror<'t> {
     fn on_ring(ring: Ring, engine: Arc<Engine>, target: &'t mut dyn Target, cfg: CopyConfig) -> Self {
         // Buffers are made on first need: a resync of a few regions, or an idle live mirror,
         // does not pay for (or hold) max_copies x buf_size of memory.
+        let now = Instant::now();
         Mirror {
             ring,
             free_bufs: Vec::new(),
@@ -182,29 +184,23 @@ impl<'t> Mirror<'t> {
             flush_error: None,
             bitmap_flush: None,
             bitmap_clears_pending: false,
-            bitmap_retry_at: None,
+            bitmap_retry: Backoff::new(policy::BITMAP_RETRY, policy::BITMAP_RETRY),
             wake_buf: Box::new(0),
             wake_posted: false,
-            since_checkpoint: 0,
-            last_checkpoint: Instant::now(),
-            backoff: Duration::ZERO,
-            retry_at: None,
+            checkpoints: Checkpoints::new(now),
+            backoff: Backoff::new(policy::MIN_BACKOFF, MAX_BACKOFF),
             fatal: None,
             hooks: Hooks::default(),
             done: Vec::new(),
             offline: false,
             needs_reset: false,
-            tokens: 0.0,
-            tokens_at: Instant::now(),
-            front_seen: 0,
-            front_at: Instant::now(),
-            busy: false,
+            bucket: TokenBucket::new(now),
+            busy: BusyDetector::new(now),
             throttled_until: None,
-            last_consistent: None,
+            consistent_spacing: ConsistentSpacing::default(),
             consistent_after: None,
             hook: None,
-            last_hook: None,
-            stop_seen: None,
+            hook_schedule: HookSchedule::default(),
             draining: false,
         }
     }
@@ -311,10 +307,11 @@ impl<'t> Mirror<'t> {
             // stopping, a bitmap retry behind a flush in flight) would, once past, make every
             // wait return at once. Their blockers wake the loop when they go.
             let may_copy = self.fatal.is_none() && !stopping;
-            let retry_at = self.retry_at.filter(|_| may_copy);
+            let retry_at = self.backoff.retry_at().filter(|_| may_copy);
             let throttled_until = self.throttled_until.filter(|_| may_copy);
             let bitmap_retry = self
-                .bitmap_retry_at
+                .bitmap_retry
+                .retry_at()
                 .filter(|_| self.bitmap_clears_pending && self.bitmap_flush.is_none() && self.target_flush.is_none());
             let timer = [retry_at, throttled_until, self.consistent_after, hook_poll, bitmap_retry]
                 .into_iter()
@@ -323,7 +320,7 @@ impl<'t> Mirror<'t> {
             let timer = match timer {
                 // Max-lag is checked at least every second while the target is behind.
                 None if self.engine.max_lag().is_some() && until == RunUntil::Stopped => {
-                    Some(Instant::now() + Duration::from_secs(1))
+                    Some(Instant::now() + policy::MAX_LAG_POLL)
                 }
                 t => t,
             };
@@ -413,36 +410,19 @@ impl<'t> Mirror<'t> {
         Ok(())
     }
 
-    /// The copy rate limit now: `speed`, or `busy_speed` (when lower, or when `speed` is
-    /// unlimited) while the device is busy: the background copy yields to applications, like
-    /// md's resync (speed_limit_min while the array is busy) and DRBD's c-min-rate. Busy means
-    /// at least [`BUSY_REQUESTS`] requests began in the last complete [`BUSY_WINDOW`] (md too
-    /// ignores a trickle of I/O). Not while a switchover holds writes (it waits for the copy),
-    /// nor while `--max-lag` forces write-blocking.
+    /// The copy rate limit now (bytes/s, 0 = none; see [`policy::copy_limit`]), and whether
+    /// the copy yields to the device's I/O, which status shows.
     fn copy_speed(&mut self) -> u64 {
-        let speed = self.engine.speed();
-        let busy = self.engine.busy_speed();
-        let now = Instant::now();
-        let since = now.duration_since(self.front_at);
-        if since >= BUSY_WINDOW {
-            let n = self.engine.front_requests();
-            // A window much longer than BUSY_WINDOW (the loop slept) is judged by its rate.
-            let scaled = (n - self.front_seen) as f64 * BUSY_WINDOW.as_secs_f64() / since.as_secs_f64();
-            self.busy = scaled >= BUSY_REQUESTS as f64;
-            self.front_seen = n;
-            self.front_at = now;
-        }
-        let busy_now = busy > 0 && (speed == 0 || busy < speed) && self.busy;
+        let busy = self.busy.observe(Instant::now(), self.engine.front_requests());
         let mut g = self.engine.lock();
-        // Nor once --max-lag has forced write-blocking: the operator asked for a bounded lag,
-        // and the backlog only drains through the copy.
-        let yielding = busy_now && !g.write_barrier && !g.progress.lag_forced;
-        g.progress.yielding = yielding;
-        if yielding {
-            busy
-        } else {
-            speed
-        }
+        let limit = policy::copy_limit(
+            self.engine.speed(),
+            self.engine.busy_speed(),
+            busy,
+            g.write_barrier || g.progress.lag_forced,
+        );
+        g.progress.yielding = limit.yielding;
+        limit.rate
     }
 
     fn start_copies(&mut self) -> Result<()> {
@@ -450,11 +430,8 @@ impl<'t> Mirror<'t> {
         // when throttled): left from before a pause, a backoff or a give-up, a deadline in the
         // past made every wait return at once, a spin for as long as that lasted.
         self.throttled_until = None;
-        if let Some(t) = self.retry_at {
-            if Instant::now() < t {
-                return Ok(());
-            }
-            self.retry_at = None;
+        if !self.backoff.may_retry(Instant::now()) {
+            return Ok(());
         }
         if self.engine.paused() || self.engine.hook_running() || self.engine.lock().progress.gave_up.is_some() {
             return Ok(());
@@ -471,29 +448,16 @@ impl<'t> Mirror<'t> {
             self.needs_reset = false;
         }
         let speed = self.copy_speed();
-        if speed == 0 {
-            self.throttled_until = None;
-        } else {
-            // Token bucket: refilled at `speed`, holding at most a quarter second's worth (or
-            // one buffer, so that any copy can start); a copy may overdraw it, and the next
-            // waits until it is positive again. Over any long interval the rate is `speed`.
-            let now = Instant::now();
-            let cap = (speed as f64 / 4.0).max(self.cfg.buf_size as f64);
-            self.tokens = (self.tokens + now.duration_since(self.tokens_at).as_secs_f64() * speed as f64).min(cap);
-            self.tokens_at = now;
-        }
+        // Any copy can start with a full bucket: it holds at least one buffer.
+        self.bucket.refill(Instant::now(), speed, self.cfg.buf_size as u64);
         loop {
             // A copy that failed as it started (finding the source's data) backs off like any.
-            if self.retry_at.is_some() || self.needs_reset {
+            if self.backoff.retry_at().is_some() || self.needs_reset {
                 break;
             }
-            if speed > 0 {
-                if self.tokens <= 0.0 {
-                    let wait = Duration::from_secs_f64(-self.tokens / speed as f64);
-                    self.throttled_until = Some(Instant::now() + wait.max(Duration::from_millis(1)));
-                    break;
-                }
-                self.throttled_until = None;
+            if let Err(at) = self.bucket.admit(Instant::now()) {
+                self.throttled_until = Some(at);
+                break;
             }
             let buf = match self.free_bufs.pop() {
                 Some(b) => b,
@@ -513,9 +477,7 @@ impl<'t> Mirror<'t> {
                 break;
             };
             let (a, b) = self.engine.byte_range(ext);
-            if speed > 0 {
-                self.tokens -= (b - a) as f64;
-            }
+            self.bucket.spend(b - a);
             let slot = self.jobs.iter().position(|j| j.is_none()).unwrap_or(self.jobs.len());
             if slot == self.jobs.len() {
                 self.jobs.push(None);
@@ -616,8 +578,7 @@ impl<'t> Mirror<'t> {
     /// `degraded` (the first time) and give up after `max_retries` failures in a row. The
     /// regions stay dirty either way; the device's I/O is not affected.
     fn target_failed(&mut self, msg: &str) {
-        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), MAX_BACKOFF);
-        self.retry_at = Some(Instant::now() + self.backoff);
+        self.backoff.failed(Instant::now());
         self.needs_reset = true;
         let crate::engine::Failure { first, give_up, failures } = self.engine.record_failure(msg, false);
         if self.offline {
@@ -634,7 +595,7 @@ impl<'t> Mirror<'t> {
 
     /// A pair flush succeeded: the target works again.
     fn target_ok(&mut self) {
-        self.backoff = Duration::ZERO;
+        self.backoff.succeeded();
         let recovered = {
             let mut g = self.engine.lock();
             g.progress.target_failures = 0;
@@ -653,7 +614,11 @@ impl<'t> Mirror<'t> {
         let Some(h) = self.cfg.on_consistent.clone() else { return };
         // Not on the way out: the stop would have to wait for it (and Drop's drain, which may
         // complete a consistent flush, must not leave a command behind).
-        if self.hook.is_some() || self.draining || self.engine.mirror_should_return() || self.last_hook.is_some_and(|t| t.elapsed() < h.interval) {
+        if self.hook.is_some()
+            || self.draining
+            || self.engine.mirror_should_return()
+            || !self.hook_schedule.may_start(Instant::now(), h.interval)
+        {
             return;
         }
         // No copy is in flight after a consistent flush (none may start during one), but a
@@ -671,13 +636,14 @@ impl<'t> Mirror<'t> {
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         match cmd.spawn() {
             Ok(child) => {
-                self.hook = Some((child, Instant::now()));
-                self.last_hook = Some(Instant::now());
+                let now = Instant::now();
+                self.hook = Some((child, now));
+                self.hook_schedule.started(now);
             }
             Err(e) => {
                 // Counts as a run for the interval: a spawn failing for want of processes or
                 // memory would otherwise be retried, and logged, at every consistent point.
-                self.last_hook = Some(Instant::now());
+                self.hook_schedule.started(Instant::now());
                 self.engine.set_hook_running(false);
                 log::warn!("--on-consistent: cannot run {:?}: {e}", h.command);
                 self.engine.events().emit("on-consistent", serde_json::json!({ "seq": seq, "error": e.to_string() }));
@@ -687,27 +653,27 @@ impl<'t> Mirror<'t> {
 
     /// Reaps the --on-consistent command (killing it after its timeout) and lets copies resume.
     fn check_hook(&mut self, stopping: bool) {
-        // (A stop that is called off, a reverse switchover that timed out, starts no grace.)
-        if !stopping || self.hook.is_none() {
-            self.stop_seen = None;
-        }
-        let Some((child, started)) = self.hook.as_mut() else { return };
         let timeout = self.cfg.on_consistent.as_ref().map(|h| h.timeout).unwrap_or(Duration::from_secs(60));
         // A stop (del, daemon shutdown, switchover's restart) waits for a running command, but
         // only HOOK_STOP_GRACE: `del` kills a daemon that takes 30 s, and a command left
-        // running would go on reading a target the daemon no longer owns.
-        let stop_seen = if stopping { Some(*self.stop_seen.get_or_insert_with(Instant::now)) } else { None };
+        // running would go on reading a target the daemon no longer owns. (A stop that is
+        // called off, a reverse switchover that timed out, starts no grace.)
+        let running = self.hook.as_ref().map(|&(_, started)| started);
+        let kill = self.hook_schedule.check(Instant::now(), running, stopping, timeout);
+        let Some((child, started)) = self.hook.as_mut() else { return };
         let status = match child.try_wait() {
             Ok(Some(st)) => Some(st.to_string()),
-            Ok(None) if started.elapsed() > timeout => {
-                kill_command(child);
-                Some(format!("killed after {}s", timeout.as_secs()))
-            }
-            Ok(None) if stop_seen.is_some_and(|t| t.elapsed() > HOOK_STOP_GRACE) => {
-                kill_command(child);
-                Some(format!("killed {}s after the mirror was stopped", HOOK_STOP_GRACE.as_secs()))
-            }
-            Ok(None) => None,
+            Ok(None) => match kill {
+                Some(HookKill::Timeout) => {
+                    kill_command(child);
+                    Some(format!("killed after {}s", timeout.as_secs()))
+                }
+                Some(HookKill::StopGrace) => {
+                    kill_command(child);
+                    Some(format!("killed {}s after the mirror was stopped", HOOK_STOP_GRACE.as_secs()))
+                }
+                None => None,
+            },
             Err(e) => Some(format!("wait: {e}")),
         };
         if let Some(status) = status {
@@ -723,25 +689,24 @@ impl<'t> Mirror<'t> {
     /// Max-lag: switch write-blocking on when the target has been behind for too long, and off
     /// again once synced. Also records synced/unsynced transitions.
     fn check_lag(&mut self) {
-        let (synced, lag, forced) = {
+        let switch = {
             let g = self.engine.lock();
-            let synced = g.state.is_synced();
-            let lag = if synced { None } else { g.progress.unsynced_since.map(|t| t.elapsed()) };
-            (synced, lag, g.progress.lag_forced)
+            let (synced, since, forced) = (g.state.is_synced(), g.progress.unsynced_since, g.progress.lag_forced);
+            policy::max_lag(Instant::now(), self.engine.max_lag(), forced, synced, since)
         };
-        let limit = self.engine.max_lag();
-        let turn_on = !forced && limit.is_some_and(|l| lag.is_some_and(|x| x > l));
-        let turn_off = forced && (synced || limit.is_none());
-        if turn_on || turn_off {
-            {
-                let mut g = self.engine.lock();
-                g.progress.lag_forced = turn_on;
-                self.engine.update_active_locked(&g);
-            }
-            let secs = lag.map(|d| d.as_secs_f64()).unwrap_or(0.0);
-            let what = if turn_on { "write-blocking-on" } else { "write-blocking-off" };
-            self.engine.events().emit(what, serde_json::json!({ "reason": "max-lag", "lag_secs": secs }));
+        let (turn_on, lag) = match switch {
+            LagSwitch::Keep => return,
+            LagSwitch::On { lag } => (true, Some(lag)),
+            LagSwitch::Off { lag } => (false, lag),
+        };
+        {
+            let mut g = self.engine.lock();
+            g.progress.lag_forced = turn_on;
+            self.engine.update_active_locked(&g);
         }
+        let secs = lag.map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let what = if turn_on { "write-blocking-on" } else { "write-blocking-off" };
+        self.engine.events().emit(what, serde_json::json!({ "reason": "max-lag", "lag_secs": secs }));
     }
 
     fn dispatch(&mut self, ud: u64, res: i32) -> Result<()> {
@@ -779,10 +744,10 @@ impl<'t> Mirror<'t> {
                     } else {
                         // Again later, not at once: a failing device fails again at once.
                         self.bitmap_clears_pending = true;
-                        self.bitmap_retry_at = Some(Instant::now() + BITMAP_RETRY);
+                        self.bitmap_retry.failed(Instant::now());
                     }
                 } else {
-                    self.bitmap_retry_at = None;
+                    self.bitmap_retry.cancel();
                 }
                 Ok(())
             }
@@ -850,7 +815,7 @@ impl<'t> Mirror<'t> {
                 }
                 let n = job.chunk;
                 job.pos += n;
-                self.since_checkpoint += n;
+                self.checkpoints.copied(n);
                 self.engine.lock().progress.add_copied(n, false);
                 self.advance(slot)
             }
@@ -879,23 +844,19 @@ impl<'t> Mirror<'t> {
             if self.needs_reset && self.fatal.is_none() {
                 false
             } else if g.state.consistent_point_due() {
-                // In write-blocking mode a write that arrives during a consistent flush waits
-                // for it: under a steady stream of writes, flushing as soon as nothing is dirty
-                // would hold writes up most of the time. Consistent points are spaced out
-                // instead (the target is current anyway; only its durability waits).
-                let gap = self.last_consistent.map(|t| t.elapsed()).unwrap_or(Duration::MAX);
-                if self.engine.write_blocking_now() && gap < CONSISTENT_GAP && !stopping {
-                    self.consistent_after = self.last_consistent.map(|t| t + CONSISTENT_GAP);
-                    false
-                } else {
-                    true
+                // Spaced out in write-blocking mode (see ConsistentSpacing).
+                match self.consistent_spacing.may_start(Instant::now(), self.engine.write_blocking_now(), stopping) {
+                    Ok(()) => true,
+                    Err(at) => {
+                        self.consistent_after = Some(at);
+                        false
+                    }
                 }
             } else if !self.target.flush_publishes() && g.state.checkpoint_possible() {
-                let time = self.last_checkpoint.elapsed() >= self.cfg.checkpoint_interval;
-                let bytes = self.since_checkpoint >= self.cfg.checkpoint_bytes;
+                let due = self.checkpoints.due(Instant::now(), self.cfg.checkpoint_interval, self.cfg.checkpoint_bytes);
                 // Stopping or failing: keep what was copied so far.
                 let draining = (stopping || self.fatal.is_some()) && self.running == 0;
-                time || bytes || draining
+                due || draining
             } else {
                 false
             }
@@ -908,11 +869,11 @@ impl<'t> Mirror<'t> {
         }
         let kind = self.engine.lock().state.target_flush_started();
         self.target_flush = Some(kind);
+        let now = Instant::now();
         if kind == FlushKind::Consistent {
-            self.last_consistent = Some(Instant::now());
+            self.consistent_spacing.started(now);
         }
-        self.since_checkpoint = 0;
-        self.last_checkpoint = Instant::now();
+        self.checkpoints.started(now);
         // The source is flushed too: a region's bit may only go once both sides hold what
         // was copied on their media. Otherwise a power loss could keep the copy on the target
         // but lose the (never flushed) write on the source, and with the bit clear the pair
@@ -1015,7 +976,7 @@ impl<'t> Mirror<'t> {
 
     /// No failed bitmap flush is waiting for its retry time.
     fn bitmap_retry_due(&self) -> bool {
-        self.bitmap_retry_at.is_none_or(|t| Instant::now() >= t)
+        !self.bitmap_retry.waiting(Instant::now())
     }
 
     fn flush_bitmap(&mut self) -> Result<()> {
@@ -1032,16 +993,10 @@ impl<'t> Mirror<'t> {
 }
 
 const FLUSH_TOKEN: u64 = (1 << 40) - 1;
-/// Retries of a failing target back off exponentially up to this: a target that comes back is
-/// used again within seconds.
 /// The most bytes one copy of a source's hole covers (one zeroing operation on the target; an
 /// NBD target splits it into requests).
 const HOLE_COPY_MAX: u64 = 64 << 30;
 
-/// The longest wait between retries after failures (of copies, flushes, or the loop itself).
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-/// The error of the test fault ([`crate::engine::MIRROR_FAULT_ENV`]).
 /// A copy's next operation at `pos`, below `end`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
@@ -1075,11 +1030,11 @@ fn next_step(pos: u64, end: u64, seg: Option<(u64, u64)>, buf: u64, block: u64) 
     }
 }
 
+/// The error of the test fault ([`crate::engine::MIRROR_FAULT_ENV`]).
 fn injected_fault() -> Error {
     Error::io("injected fault", io::Error::other(format!("the file {} names exists", crate::engine::MIRROR_FAULT_ENV)))
 }
-/// A failed bitmap flush of the mirror's clears is tried again after this.
-const BITMAP_RETRY: Duration = Duration::from_secs(1);
+
 /// Kills an --on-consistent command with everything it started (its process group), and reaps
 /// it; waits at most 2 s for the exit (a process in uninterruptible I/O on a hung target may not
 /// die at once: then it is left to be reaped by init once the daemon exits, rather than blocking
@@ -1101,14 +1056,6 @@ fn kill_command(child: &mut std::process::Child) {
     log::warn!("--on-consistent command {} did not exit within 2 s of SIGKILL", child.id());
 }
 
-/// How long a stop waits for a running --on-consistent command before killing it.
-pub const HOOK_STOP_GRACE: Duration = Duration::from_secs(10);
-/// The window over which the device's request rate is judged (see `copy_speed`).
-pub const BUSY_WINDOW: Duration = Duration::from_millis(250);
-/// Requests per [`BUSY_WINDOW`] from which the device counts as busy (128 per second).
-pub const BUSY_REQUESTS: u64 = 32;
-/// Least time between consistent flushes while write-blocking mode is in force.
-const CONSISTENT_GAP: Duration = Duration::from_millis(500);
 /// Sub-identifier of the source half of a pair flush (job slots are far below it).
 const SRC_FLUSH_SLOT: usize = (1 << 40) - 1;
 
