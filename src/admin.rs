@@ -8,14 +8,19 @@
 //! so nothing is left behind. Every wait is bounded.
 
 use crate::device;
-use crate::engine::{CopyConfig, Engine, PairOptions, SyncMode};
+use crate::engine::{CopyConfig, Engine, PairOptions, Settings, StatusState, SyncMode};
 use crate::error::{Error, Result};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{sys, UblkFlags};
+use nix::fcntl::OFlag;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{ForkResult, Pid};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -71,8 +76,7 @@ pub fn check_environment() -> Result<()> {
     if !Path::new("/dev/ublk-control").exists() {
         return Err(driver_missing());
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return Err(Error::config("creating or changing ublk devices needs root: run with sudo"));
     }
     Ok(())
@@ -104,11 +108,186 @@ fn ublk_number(id: u32) -> Result<i32> {
         .map_err(|_| Error::config(format!("{id} is not a device id: ublk device ids are 0 to {}", i32::MAX)))
 }
 
+/// A device's state in the ublk driver (the `state` of its `dev_info`, `UBLK_S_DEV_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UblkState {
+    /// A daemon serves its I/O.
+    Live,
+    /// Its daemon died (the device has user recovery): I/O waits for `recover`.
+    Quiesced,
+    /// Stopped, or not started yet.
+    Dead,
+    /// A state this program does not know (a newer driver's, such as FAIL_IO).
+    Unknown(u16),
+}
+
+impl UblkState {
+    pub fn from_driver(state: u16) -> UblkState {
+        match u32::from(state) {
+            sys::UBLK_S_DEV_LIVE => UblkState::Live,
+            sys::UBLK_S_DEV_QUIESCED => UblkState::Quiesced,
+            sys::UBLK_S_DEV_DEAD => UblkState::Dead,
+            _ => UblkState::Unknown(state),
+        }
+    }
+
+    /// The name the JSON and the messages show (libublk's own names; every unknown state is
+    /// UNKNOWN, which scripts may match).
+    pub fn name(self) -> &'static str {
+        match self {
+            UblkState::Live => "LIVE",
+            UblkState::Quiesced => "QUIESCED",
+            UblkState::Dead => "DEAD",
+            UblkState::Unknown(_) => "UNKNOWN",
+        }
+    }
+}
+
+impl std::fmt::Display for UblkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for UblkState {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// What a daemon saves in its device's libublk JSON (`target_data` of
+/// /run/ublksrvd/NNNN.json), read back by `recover`, `list` and udev. Every field may be absent:
+/// a device added by an older version lacks the later ones, and one of another ublk program
+/// has none of them (`list` skips a device without a bitmap). A setting that is absent or
+/// unreadable falls back to its default rather than refusing the recovery.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub source: Option<PathBuf>,
+    #[serde(default)]
+    pub target: Option<PathBuf>,
+    #[serde(default)]
+    pub bitmap: Option<PathBuf>,
+    /// Live settings at the start (the recovered daemon's); `hook` is not among them.
+    #[serde(default, deserialize_with = "lenient")]
+    pub settings: Option<Settings>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub on_consistent: Option<SavedHook>,
+    /// `None` (from before `--affinity`): [`QueueAffinity::Single`], what such devices had.
+    #[serde(default, deserialize_with = "lenient")]
+    pub affinity: Option<QueueAffinity>,
+}
+
+impl SavedConfig {
+    /// The saved configuration of device `c`; the default (nothing) when it has none or it is
+    /// not one ublk-mirror can read.
+    fn of(c: &UblkCtrl) -> SavedConfig {
+        c.get_target_data_from_json().and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default()
+    }
+}
+
+/// The `--on-consistent` command as saved. Its environment names the device and the pair, so
+/// the recovered daemon makes it anew.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedHook {
+    pub command: String,
+    #[serde(default = "hook_ms_default", deserialize_with = "hook_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "hook_ms_default", deserialize_with = "hook_ms")]
+    pub timeout_ms: u64,
+}
+
+impl SavedHook {
+    fn new(h: &crate::engine::Hook) -> SavedHook {
+        SavedHook {
+            command: h.command.clone(),
+            interval_ms: h.interval.as_millis() as u64,
+            timeout_ms: h.timeout.as_millis() as u64,
+        }
+    }
+}
+
+/// A saved hook's interval or timeout when it is absent or not a number of milliseconds.
+fn hook_ms_default() -> u64 {
+    60_000
+}
+
+fn hook_ms<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<u64, D::Error> {
+    Ok(lenient(d)?.unwrap_or_else(hook_ms_default))
+}
+
+/// A field that reads as `None` when it does not parse, instead of failing the whole file.
+fn lenient<'de, D: Deserializer<'de>, T: serde::de::DeserializeOwned>(d: D) -> std::result::Result<Option<T>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(v).ok())
+}
+
+/// libublk's JSON file of a device (/run/ublksrvd/NNNN.json), the part of it this program reads.
+#[derive(Debug, Default, Deserialize)]
+struct ExportedDevice {
+    #[serde(default)]
+    target_data: Option<SavedConfig>,
+}
+
+/// A device as `list`, `add`, `up` and `recover` print it (JSON). The fields are in the
+/// alphabetical order of their keys, the order the output has always had (that of a serde_json
+/// map); scripts and the VM tests read it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeviceEntry {
+    /// /dev/ublkbN.
+    pub bdev: String,
+    pub bitmap: Option<PathBuf>,
+    pub depth: u16,
+    pub dev_id: u32,
+    /// The daemon's log: given by `add` and `recover`, which start a daemon.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+    pub name: Option<String>,
+    /// The daemon's pid as the driver has it: that of the dead daemon for a QUIESCED device.
+    pub pid: i32,
+    pub queues: u16,
+    pub source: Option<PathBuf>,
+    pub state: UblkState,
+    pub target: Option<PathBuf>,
+}
+
+impl DeviceEntry {
+    /// The driver's view of a device and its saved configuration.
+    pub fn of(c: &UblkCtrl) -> DeviceEntry {
+        let i = c.dev_info();
+        DeviceEntry::from_parts(&i, c.get_bdev_path(), SavedConfig::of(c))
+    }
+
+    fn from_parts(i: &sys::ublksrv_ctrl_dev_info, bdev: String, saved: SavedConfig) -> DeviceEntry {
+        DeviceEntry {
+            bdev,
+            bitmap: saved.bitmap,
+            depth: i.queue_depth,
+            dev_id: i.dev_id,
+            log: None,
+            name: saved.name,
+            pid: i.ublksrv_pid,
+            queues: i.nr_hw_queues,
+            source: saved.source,
+            state: UblkState::from_driver(i.state),
+            target: saved.target,
+        }
+    }
+
+    /// The entry as a JSON value. Its paths came from JSON strings, so they are UTF-8 and it
+    /// always serializes; were one not, the value would be null.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
 /// Opens the device to recover and reads the pair it was serving from its saved configuration.
 fn prepare_recover(
     id: u32,
     direct: crate::backing::DirectMode,
-) -> Result<(UblkCtrl, PairOptions, String, Option<crate::engine::Settings>, bool, QueueAffinity)> {
+) -> Result<(UblkCtrl, PairOptions, String, Option<Settings>, bool, QueueAffinity)> {
     let number = ublk_number(id)?;
     let old = UblkCtrl::new_simple(number)
         .map_err(|_| Error::config(format!("no ublk device {id} (see `ublk-mirror list`)")))?;
@@ -116,20 +295,21 @@ fn prepare_recover(
     if info.flags & sys::UBLK_F_USER_RECOVERY as u64 == 0 {
         return Err(Error::config(format!("device {id} was not created with user recovery")));
     }
-    if info.state != sys::UBLK_S_DEV_QUIESCED as u16 {
+    let state = UblkState::from_driver(info.state);
+    if state != UblkState::Quiesced {
         return Err(Error::config(format!(
-            "device {id} is {}, not waiting for a new daemon (QUIESCED): nothing to recover",
-            state_name(info.state)
+            "device {id} is {state}, not waiting for a new daemon (QUIESCED): nothing to recover"
         )));
     }
     let data = old
         .get_target_data_from_json()
         .ok_or_else(|| Error::config(format!("device {id}: its saved configuration is missing")))?;
-    let path = |k: &str| data[k].as_str().map(PathBuf::from);
-    let (Some(source), Some(target), Some(bitmap)) = (path("source"), path("target"), path("bitmap")) else {
+    // A configuration that does not parse is another program's.
+    let saved: SavedConfig = serde_json::from_value(data).unwrap_or_default();
+    let (Some(source), Some(target), Some(bitmap)) = (saved.source, saved.target, saved.bitmap) else {
         return Err(Error::config(format!("device {id} is not a ublk-mirror device")));
     };
-    let name = data["name"].as_str().map(String::from).unwrap_or_else(|| default_name(&source));
+    let name = saved.name.unwrap_or_else(|| default_name(&source));
     // The bitmap has the last word on the pair: a switchover records itself there (and
     // `--reverse` the swapped pair) before the device changes what it serves.
     let mut switched = false;
@@ -145,13 +325,12 @@ fn prepare_recover(
         }
         _ => (source, target),
     };
-    let mut settings: Option<crate::engine::Settings> = serde_json::from_value(data["settings"].clone()).ok();
-    if let (Some(s), Some(cmd)) = (settings.as_mut(), data["on_consistent"]["command"].as_str()) {
-        let ms = |k: &str| Duration::from_millis(data["on_consistent"][k].as_u64().unwrap_or(60_000));
+    let mut settings = saved.settings;
+    if let (Some(s), Some(h)) = (settings.as_mut(), saved.on_consistent) {
         s.hook = Some(crate::engine::Hook {
-            command: cmd.to_string(),
-            interval: ms("interval_ms"),
-            timeout: ms("timeout_ms"),
+            command: h.command,
+            interval: Duration::from_millis(h.interval_ms),
+            timeout: Duration::from_millis(h.timeout_ms),
             env: vec![
                 ("UBLK_MIRROR_SOURCE".into(), source.display().to_string()),
                 ("UBLK_MIRROR_TARGET".into(), target.display().to_string()),
@@ -175,7 +354,7 @@ fn prepare_recover(
         )));
     }
     // Saved by `add` (a device added before the setting existed gets the default).
-    let affinity = serde_json::from_value(data["affinity"].clone()).unwrap_or(QueueAffinity::Single);
+    let affinity = saved.affinity.unwrap_or(QueueAffinity::Single);
     let ctrl = UblkCtrlBuilder::default()
         .name(TARGET_NAME)
         .id(number)
@@ -222,7 +401,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
             if let Some(d) = find_by_name(&name) {
                 return Err(Error::config(format!(
                     "a device named {name} exists already ({}): choose another --name",
-                    d["bdev"].as_str().unwrap_or("?")
+                    d.bdev
                 )));
             }
             // Open and check the pair first: a refused bitmap or a short target must not leave
@@ -301,13 +480,17 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
     if let Some(h) = copy.on_consistent.as_mut() {
         h.env.push(("UBLK_MIRROR_DEVICE".into(), id.to_string()));
     }
-    let hook_json = copy.on_consistent.as_ref().map(|h| {
-        serde_json::json!({
-            "command": h.command,
-            "interval_ms": h.interval.as_millis() as u64,
-            "timeout_ms": h.timeout.as_millis() as u64,
-        })
-    });
+    let saved = SavedConfig {
+        name: Some(name.clone()),
+        source: Some(pair.source.clone()),
+        target: Some(pair.target.clone()),
+        bitmap: Some(pair.bitmap.clone()),
+        settings: Some(settings.clone()),
+        on_consistent: copy.on_consistent.as_ref().map(SavedHook::new),
+        affinity: Some(affinity),
+    };
+    // Fails only for a path that is not UTF-8 (JSON has no other way to hold it).
+    let data = serde_json::to_value(&saved).map_err(|e| Error::config(format!("saving the device's configuration: {e}")))?;
     // After a switchover there is nothing to mirror.
     let mirror = target.map(|(t, _)| device::spawn_mirror(engine.clone(), t, copy));
     let stop_control = Arc::new(AtomicBool::new(false));
@@ -328,12 +511,6 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         }
     };
 
-    let data = serde_json::json!({
-        "name": name, "source": pair.source, "target": pair.target, "bitmap": pair.bitmap,
-        "settings": settings,
-        "on_consistent": hook_json,
-        "affinity": affinity,
-    });
     let tgt_engine = engine.clone();
     let tgt_init = move |dev: &mut UblkDev| -> std::result::Result<(), libublk::UblkError> {
         let max_io = dev.dev_info.max_io_buf_bytes;
@@ -379,17 +556,8 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
     Ok(())
 }
 
-pub fn state_name(state: u16) -> &'static str {
-    match state as u32 {
-        sys::UBLK_S_DEV_DEAD => "DEAD",
-        sys::UBLK_S_DEV_LIVE => "LIVE",
-        sys::UBLK_S_DEV_QUIESCED => "QUIESCED",
-        _ => "UNKNOWN",
-    }
-}
-
 /// The parent's side of the handshake: the device id once LIVE.
-fn wait_live(child: libc::pid_t, mut pipe: File, recover: bool) -> Result<u32> {
+fn wait_live(child: Pid, mut pipe: File, recover: bool) -> Result<u32> {
     let deadline = Instant::now() + START_TIMEOUT;
     let mut id: Option<u32> = None;
     let mut text = String::new();
@@ -406,11 +574,16 @@ fn wait_live(child: libc::pid_t, mut pipe: File, recover: bool) -> Result<u32> {
             continue;
         }
         let left = deadline.saturating_duration_since(Instant::now()).as_millis() as i32;
-        let mut pfd = libc::pollfd { fd: pipe.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd for the duration of the call.
-        if left == 0 || unsafe { libc::poll(&mut pfd, 1, left) } == 0 {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(child, libc::SIGKILL) };
+        let timed_out = left == 0 || {
+            let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+            // `left` is 0 to START_TIMEOUT in milliseconds, which fits.
+            let limit = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            // An error (EINTR) is not a timeout: the read below finds out what happened.
+            matches!(poll(&mut fds, limit), Ok(0))
+        };
+        if timed_out {
+            // Our own child, not reaped yet: the pid is still its.
+            let _ = kill(child, Signal::SIGKILL);
             break Err(format!("the device did not come up within {}s", START_TIMEOUT.as_secs()));
         }
         let mut b = [0u8; 512];
@@ -422,10 +595,9 @@ fn wait_live(child: libc::pid_t, mut pipe: File, recover: bool) -> Result<u32> {
     match outcome {
         Ok(id) => Ok(id),
         Err(msg) => {
-            let mut st = 0;
-            // SAFETY: reaping our own child; once it is gone /dev/ublkcN is closed and DEL
-            // cannot wait on it.
-            unsafe { libc::waitpid(child, &mut st, 0) };
+            // Reaping our own child: once it is gone /dev/ublkcN is closed and DEL cannot wait
+            // on it.
+            let _ = nix::sys::wait::waitpid(child, None);
             // A failed add leaves nothing behind; a failed recover leaves the device QUIESCED
             // so that it can be retried.
             if let (false, Some(id)) = (recover, id) {
@@ -440,40 +612,28 @@ fn wait_live(child: libc::pid_t, mut pipe: File, recover: bool) -> Result<u32> {
 }
 
 /// `add` and `recover`: serve in the foreground, or fork a daemon and return its JSON once live.
-pub fn start(opts: &AddOptions, recover: Option<u32>) -> Result<Option<serde_json::Value>> {
+pub fn start(opts: &AddOptions, recover: Option<u32>) -> Result<Option<DeviceEntry>> {
     check_environment()?;
     if opts.foreground {
         serve(opts, recover, &mut Report(None))?;
         return Ok(None);
     }
     std::fs::create_dir_all(RUN_DIR).map_err(|e| Error::io(format!("creating {RUN_DIR}"), e))?;
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(Error::io("pipe", std::io::Error::last_os_error()));
-    }
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::io("pipe", e.into()))?;
     // Fork before any ublk object or thread exists: START_DEV must come from the process that
     // serves the queues, and fork copies only the calling thread.
-    // SAFETY: the process is single-threaded here.
-    match unsafe { libc::fork() } {
-        -1 => Err(Error::io("fork", std::io::Error::last_os_error())),
-        0 => {
-            // SAFETY: fds[1] is the pipe's write end, owned from here on by this File.
-            let w = unsafe { File::from_raw_fd(fds[1]) };
-            let log = format!("{RUN_DIR}/daemon-{}.log\0", std::process::id());
-            // SAFETY: descriptor juggling in the new child: detach from the terminal and the
-            // caller's pipes; stdout and stderr go to the daemon's log. `log` is NUL-terminated.
-            unsafe {
-                libc::close(fds[0]);
-                libc::setsid();
-                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-                libc::dup2(null, 0);
-                let lfd = libc::open(log.as_ptr().cast(), libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o600);
-                let out = if lfd >= 0 { lfd } else { null };
-                libc::dup2(out, 1);
-                libc::dup2(out, 2);
-            }
-            let mut report = Report(Some(w));
+    // SAFETY: no other thread runs code of this process here: nothing before this point starts
+    // one (`up`'s lookup uses libublk's control ring, whose io_uring workers are kernel threads
+    // that take no lock of ours). So the child, left with only this thread, finds the
+    // allocator, the logger and every lock in a consistent state, and may run ordinary Rust
+    // code: serve allocates, logs and starts the daemon's threads. With another thread running
+    // here, the child could only make async-signal-safe calls until an exec.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => Err(Error::io("fork", e.into())),
+        Ok(ForkResult::Child) => {
+            drop(r);
+            daemon_stdio(&format!("{RUN_DIR}/daemon-{}.log", std::process::id()));
+            let mut report = Report(Some(File::from(w)));
             let code = match serve(opts, recover, &mut report) {
                 Ok(()) => 0,
                 Err(e) => {
@@ -484,30 +644,37 @@ pub fn start(opts: &AddOptions, recover: Option<u32>) -> Result<Option<serde_jso
             };
             std::process::exit(code)
         }
-        child => {
-            // SAFETY: closing our copy of the write end, so that EOF means the daemon died.
-            unsafe { libc::close(fds[1]) };
-            // SAFETY: fds[0] is the read end, owned from here on by this File.
-            let id = wait_live(child, unsafe { File::from_raw_fd(fds[0]) }, recover.is_some())?;
+        Ok(ForkResult::Parent { child }) => {
+            // Our copy of the write end goes, so that EOF means the daemon died.
+            drop(w);
+            let id = wait_live(child, File::from(r), recover.is_some())?;
             let c = UblkCtrl::new_simple(id as i32).map_err(uerr("open device"))?;
-            let mut v = device_json(&c);
-            v["log"] = serde_json::json!(format!("{RUN_DIR}/daemon-{child}.log"));
-            Ok(Some(v))
+            let mut d = DeviceEntry::of(&c);
+            d.log = Some(format!("{RUN_DIR}/daemon-{child}.log"));
+            Ok(Some(d))
         }
     }
 }
 
-pub fn device_json(c: &UblkCtrl) -> serde_json::Value {
-    let i = c.dev_info();
-    let data = c.get_target_data_from_json().unwrap_or_default();
-    serde_json::json!({
-        "dev_id": i.dev_id,
-        "bdev": c.get_bdev_path(),
-        "name": data["name"],
-        "state": state_name(i.state),
-        "source": data["source"], "target": data["target"], "bitmap": data["bitmap"],
-        "queues": i.nr_hw_queues, "depth": i.queue_depth, "pid": i.ublksrv_pid,
-    })
+/// In the daemon just forked: detaches it from the terminal and from the caller's pipes. Its
+/// stdin reads /dev/null; its stdout and stderr append to `log`, or go to /dev/null when that
+/// cannot be opened. Failures are ignored: the daemon reports over its pipe, not its stdio.
+fn daemon_stdio(log: &str) {
+    use nix::fcntl::open;
+    use nix::sys::stat::Mode;
+    use nix::unistd::dup2;
+    let _ = nix::unistd::setsid();
+    // `null` and the log's descriptor stay open after the copies: either may itself be 0 to 2
+    // (when the caller had one of them closed).
+    let null = open("/dev/null", OFlag::O_RDWR, Mode::empty()).ok();
+    if let Some(null) = null {
+        let _ = dup2(null, 0);
+    }
+    let log = open(log, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_APPEND, Mode::S_IRUSR | Mode::S_IWUSR).ok();
+    if let Some(out) = log.or(null) {
+        let _ = dup2(out, 1);
+        let _ = dup2(out, 2);
+    }
 }
 
 /// The live status, asked of the daemon over its control socket.
@@ -538,8 +705,8 @@ fn device_exists(id: u32) -> bool {
 
 
 fn pid_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    // No signal: only checks that the process exists (and may be signalled by us).
+    pid > 0 && kill(Pid::from_raw(pid), None).is_ok()
 }
 
 /// Is `pid` a live ublk-mirror process (this program's binary, or one named ublk-mirror, e.g.
@@ -564,22 +731,29 @@ fn is_daemon(pid: i32) -> bool {
 /// mirror gave up, its loop failed and waits to restart, or it is paused).
 pub fn not_mirroring(id: u32, status: &serde_json::Value) -> Option<String> {
     let err = status["last_error"].as_str().unwrap_or("?");
-    match status["state"].as_str() {
-        Some("stopped") => Some(format!("device {id}: mirroring has stopped ({err}); it will not get synced")),
-        Some("failed") => Some(format!(
+    match mirror_state(status)? {
+        StatusState::Stopped => Some(format!("device {id}: mirroring has stopped ({err}); it will not get synced")),
+        StatusState::Failed => Some(format!(
             "device {id}: the mirror loop failed ({err}) and is being restarted; nothing mirrors \
              meanwhile: retry once `ublk-mirror status -n {id}` no longer says failed"
         )),
-        Some("paused") => Some(format!("device {id}: the mirror is paused: `ublk-mirror resume -n {id}` first")),
+        StatusState::Paused => Some(format!("device {id}: the mirror is paused: `ublk-mirror resume -n {id}` first")),
         _ => None,
     }
+}
+
+/// The mirror's state in a daemon's `status` member; `None` if absent or unknown (a newer
+/// daemon's).
+fn mirror_state(status: &serde_json::Value) -> Option<StatusState> {
+    let name = status["state"].as_str()?;
+    StatusState::ALL.into_iter().find(|s| s.name() == name)
 }
 
 pub fn wait_synced(id: u32, limit: Duration) -> Result<()> {
     let t0 = Instant::now();
     loop {
         match read_status(id) {
-            Ok(v) if v["status"]["state"] == "synced" => return Ok(()),
+            Ok(v) if mirror_state(&v["status"]) == Some(StatusState::Synced) => return Ok(()),
             Ok(v) if not_mirroring(id, &v["status"]).is_some() => {
                 return Err(Error::config(not_mirroring(id, &v["status"]).unwrap_or_default()))
             }
@@ -617,8 +791,7 @@ pub fn delete(id: u32, wait: Option<Duration>) -> Result<()> {
     }
     if is_daemon(pid) {
         log::warn!("daemon {pid} did not exit within 30 s of the stop; killing it");
-        // SAFETY: signalling a process by pid.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         std::thread::sleep(Duration::from_millis(200));
     }
     if let Err(e) = c.del_dev() {
@@ -630,15 +803,15 @@ pub fn delete(id: u32, wait: Option<Duration>) -> Result<()> {
     Ok(())
 }
 
-/// All ublk-mirror devices.
-pub fn list() -> Vec<serde_json::Value> {
+/// All ublk-mirror devices (those with a bitmap in their saved configuration).
+pub fn list() -> Vec<DeviceEntry> {
     let out = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
     let o = out.clone();
     UblkCtrl::for_each_dev_id(move |id| {
         if let Ok(c) = UblkCtrl::new_simple(id as i32) {
-            let v = device_json(&c);
-            if !v["bitmap"].is_null() {
-                o.borrow_mut().push(v);
+            let d = DeviceEntry::of(&c);
+            if d.bitmap.is_some() {
+                o.borrow_mut().push(d);
             }
         }
     });
@@ -647,25 +820,23 @@ pub fn list() -> Vec<serde_json::Value> {
 }
 
 /// The ublk-mirror device with this name, if any.
-pub fn find_by_name(name: &str) -> Option<serde_json::Value> {
-    list().into_iter().find(|d| d["name"] == name)
+pub fn find_by_name(name: &str) -> Option<DeviceEntry> {
+    list().into_iter().find(|d| d.name.as_deref() == Some(name))
 }
 
 /// `up`: make the named device serve: recover it if its daemon died, do nothing if it is live,
 /// add it otherwise (what a service manager's start does).
-pub fn up(opts: &AddOptions) -> Result<Option<serde_json::Value>> {
+pub fn up(opts: &AddOptions) -> Result<Option<DeviceEntry>> {
     check_environment()?;
     let name = opts.name.clone().unwrap_or_else(|| default_name(&opts.pair.source));
     match find_by_name(&name) {
-        Some(d) if d["state"] == "QUIESCED" => {
-            let id = d["dev_id"].as_u64().unwrap_or(u64::MAX) as u32;
-            start(opts, Some(id))
-        }
-        Some(d) if d["state"] == "LIVE" => Ok(Some(d)),
-        Some(d) => Err(Error::config(format!(
-            "device {name} is {}: delete it (ublk-mirror down --name {name}) and start again",
-            d["state"].as_str().unwrap_or("?")
-        ))),
+        Some(d) => match d.state {
+            UblkState::Quiesced => start(opts, Some(d.dev_id)),
+            UblkState::Live => Ok(Some(d)),
+            state => Err(Error::config(format!(
+                "device {name} is {state}: delete it (ublk-mirror down --name {name}) and start again"
+            ))),
+        },
         None => start(opts, None),
     }
 }
@@ -674,7 +845,7 @@ pub fn up(opts: &AddOptions) -> Result<Option<serde_json::Value>> {
 pub fn down(name: &str, wait: Option<Duration>) -> Result<()> {
     check_environment()?;
     match find_by_name(name) {
-        Some(d) => delete(d["dev_id"].as_u64().unwrap_or(u64::MAX) as u32, wait),
+        Some(d) => delete(d.dev_id, wait),
         None => Ok(()),
     }
 }
@@ -684,10 +855,10 @@ pub fn down(name: &str, wait: Option<Duration>) -> Result<()> {
 pub fn udev_name(kernel: &str) -> Option<String> {
     let id: u32 = kernel.strip_prefix("ublkb")?.parse().ok()?;
     let text = std::fs::read_to_string(format!("/run/ublksrvd/{id:04}.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let name = v["target_data"]["name"].as_str()?;
-    check_name(name).ok()?;
-    Some(name.to_string())
+    let exported: ExportedDevice = serde_json::from_str(&text).ok()?;
+    let name = exported.target_data?.name?;
+    check_name(&name).ok()?;
+    Some(name)
 }
 
 /// For udev: the names of the configured mirrors (`DIR/NAME.conf`) whose `SOURCE=` is this block
@@ -724,6 +895,127 @@ pub fn udev_source(config_dir: &Path, kernel: &str, links: &[String]) -> Vec<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// The device JSON as it was built before [`DeviceEntry`] (a `json!` object over the
+    /// untyped saved configuration): the reference for the printed shape.
+    fn untyped_entry(i: &sys::ublksrv_ctrl_dev_info, bdev: &str, data: &serde_json::Value, log: Option<&str>) -> String {
+        let mut v = json!({
+            "dev_id": i.dev_id,
+            "bdev": bdev,
+            "name": data["name"],
+            "state": UblkState::from_driver(i.state).name(),
+            "source": data["source"], "target": data["target"], "bitmap": data["bitmap"],
+            "queues": i.nr_hw_queues, "depth": i.queue_depth, "pid": i.ublksrv_pid,
+        });
+        if let Some(log) = log {
+            v["log"] = json!(log);
+        }
+        serde_json::to_string_pretty(&v).expect("a JSON value prints")
+    }
+
+    fn dev_info(state: u32) -> sys::ublksrv_ctrl_dev_info {
+        sys::ublksrv_ctrl_dev_info {
+            nr_hw_queues: 2,
+            queue_depth: 128,
+            state: state as u16,
+            dev_id: 7,
+            ublksrv_pid: 4242,
+            ..Default::default()
+        }
+    }
+
+    /// The configuration `serve` saves, as it wrote it before [`SavedConfig`].
+    fn saved_now() -> serde_json::Value {
+        json!({
+            "name": "disk", "source": "/dev/sda", "target": "/srv/disk.img", "bitmap": "/var/lib/m/disk.bitmap",
+            "settings": Settings { speed: 5, busy_speed: 1, paused: false, mode: None, max_lag_ms: 0, max_retries: 3, hook: None },
+            "on_consistent": { "command": "snap", "interval_ms": 1000, "timeout_ms": 2000 },
+            "affinity": QueueAffinity::All,
+        })
+    }
+
+    #[test]
+    fn device_entry_prints_as_the_untyped_json_did() {
+        let older = json!({ "source": "/a", "target": "/b", "bitmap": "/c" });
+        let foreign = json!({ "backing_file": "/x", "direct_io": 1 });
+        for data in [saved_now(), older, foreign, serde_json::Value::Null] {
+            let saved: SavedConfig = serde_json::from_value(data.clone()).unwrap_or_default();
+            for state in [sys::UBLK_S_DEV_LIVE, sys::UBLK_S_DEV_QUIESCED, sys::UBLK_S_DEV_DEAD, 3] {
+                let i = dev_info(state);
+                let mut d = DeviceEntry::from_parts(&i, "/dev/ublkb7".into(), saved.clone());
+                let printed = serde_json::to_string_pretty(&d).expect("prints");
+                assert_eq!(printed, untyped_entry(&i, "/dev/ublkb7", &data, None), "{data}");
+                assert_eq!(serde_json::to_string_pretty(&d.to_json()).expect("prints"), printed);
+                d.log = Some("/run/ublk-mirror/daemon-9.log".into());
+                let printed = serde_json::to_string_pretty(&d).expect("prints");
+                assert_eq!(printed, untyped_entry(&i, "/dev/ublkb7", &data, Some("/run/ublk-mirror/daemon-9.log")));
+                // What the VM scenarios grep for.
+                assert!(printed.contains(&format!("\"state\": \"{}\"", d.state)) && printed.contains("\"pid\": 4242"));
+            }
+        }
+        let list = vec![DeviceEntry::from_parts(&dev_info(1), "/dev/ublkb7".into(), serde_json::from_value(saved_now()).expect("parses"))];
+        let untyped = json!([serde_json::from_str::<serde_json::Value>(&untyped_entry(&dev_info(1), "/dev/ublkb7", &saved_now(), None)).expect("json")]);
+        assert_eq!(serde_json::to_string_pretty(&list).expect("prints"), serde_json::to_string_pretty(&untyped).expect("prints"));
+    }
+
+    #[test]
+    fn ublk_states_keep_their_names() {
+        let names: Vec<String> = (0..5).map(|s| UblkState::from_driver(s).to_string()).collect();
+        assert_eq!(names, ["DEAD", "LIVE", "QUIESCED", "UNKNOWN", "UNKNOWN"]);
+        assert_eq!(UblkState::from_driver(3), UblkState::Unknown(3));
+        assert_eq!(json!(UblkState::Quiesced), json!("QUIESCED"));
+    }
+
+    #[test]
+    fn saved_configuration_reads_every_version_and_writes_the_same_json() {
+        let v = saved_now();
+        let saved: SavedConfig = serde_json::from_value(v.clone()).expect("current format");
+        assert_eq!(saved.name.as_deref(), Some("disk"));
+        assert_eq!(saved.bitmap.as_deref(), Some(Path::new("/var/lib/m/disk.bitmap")));
+        assert_eq!(saved.settings.as_ref().map(|s| (s.speed, s.max_retries)), Some((5, 3)));
+        assert_eq!(saved.on_consistent, Some(SavedHook { command: "snap".into(), interval_ms: 1000, timeout_ms: 2000 }));
+        assert_eq!(saved.affinity, Some(QueueAffinity::All));
+        assert_eq!(serde_json::to_value(&saved).expect("writes"), v, "the file serve writes is unchanged");
+        let none = SavedConfig { on_consistent: None, ..saved.clone() };
+        assert_eq!(serde_json::to_value(&none).expect("writes")["on_consistent"], serde_json::Value::Null);
+
+        // Older files: no name, settings, hook or affinity; settings without busy_speed.
+        let old: SavedConfig = serde_json::from_value(json!({ "source": "/a", "target": "/b", "bitmap": "/c" })).expect("old");
+        assert_eq!((old.name, old.settings, old.on_consistent, old.affinity), (None, None, None, None));
+        let s = json!({ "speed": 1, "paused": true, "mode": null, "max_lag_ms": 0, "max_retries": 0 });
+        let old: SavedConfig = serde_json::from_value(json!({ "source": "/a", "target": "/b", "bitmap": "/c", "settings": s })).expect("old");
+        assert_eq!(old.settings.map(|s| (s.busy_speed, s.paused)), Some((0, true)));
+
+        // An unreadable setting falls back to its default instead of failing the file.
+        let odd = json!({ "source": "/a", "target": "/b", "bitmap": "/c", "settings": 5, "affinity": "some",
+                          "on_consistent": { "command": "c", "interval_ms": "soon" } });
+        let odd: SavedConfig = serde_json::from_value(odd).expect("odd settings");
+        assert_eq!((odd.settings, odd.affinity), (None, None));
+        assert_eq!(odd.on_consistent, Some(SavedHook { command: "c".into(), interval_ms: 60_000, timeout_ms: 60_000 }));
+        let no_command: SavedConfig = serde_json::from_value(json!({ "on_consistent": { "interval_ms": 5 } })).expect("parses");
+        assert_eq!(no_command.on_consistent, None);
+
+        // libublk's whole file, as udev_name reads it.
+        let file = json!({ "dev_info": { "dev_id": 7 }, "target": { "tgt_type": "ublk-mirror" }, "target_data": v });
+        let exported: ExportedDevice = serde_json::from_value(file).expect("file");
+        assert_eq!(exported.target_data.and_then(|t| t.name).as_deref(), Some("disk"));
+        let exported: ExportedDevice = serde_json::from_value(json!({ "dev_info": {} })).expect("no target data");
+        assert!(exported.target_data.is_none());
+    }
+
+    #[test]
+    fn mirror_states_by_name() {
+        for s in StatusState::ALL {
+            assert_eq!(mirror_state(&json!({ "state": s.name() })), Some(s));
+        }
+        assert_eq!(mirror_state(&json!({ "state": "later" })), None);
+        assert_eq!(mirror_state(&serde_json::Value::Null), None);
+        assert!(not_mirroring(1, &json!({ "state": "paused" })).is_some_and(|m| m.contains("paused")));
+        assert!(not_mirroring(1, &json!({ "state": "stopped", "last_error": "e" })).is_some_and(|m| m.contains("stopped (e)")));
+        assert!(not_mirroring(1, &json!({ "state": "failed" })).is_some_and(|m| m.contains("failed (?)")));
+        assert_eq!(not_mirroring(1, &json!({ "state": "syncing" })), None);
+    }
 
     #[test]
     fn is_daemon_knows_this_program_and_nothing_else() {

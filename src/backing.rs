@@ -230,20 +230,16 @@ impl AlignedBuf {
     pub fn new(len: usize) -> Self {
         let len = len.max(BUF_ALIGN);
         if len >= MAP_MIN {
-            // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
-            let raw = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            if raw != libc::MAP_FAILED {
-                if let Some(ptr) = std::ptr::NonNull::new(raw as *mut u8) {
-                    return AlignedBuf { ptr, len, mapped: true };
+            use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+            // len >= MAP_MIN, so it is not zero.
+            if let Some(size) = std::num::NonZeroUsize::new(len) {
+                // SAFETY: a fresh private anonymous mapping at an address the kernel picks; no
+                // existing memory is affected.
+                let mapped = unsafe {
+                    mmap_anonymous(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_PRIVATE)
+                };
+                if let Ok(ptr) = mapped {
+                    return AlignedBuf { ptr: ptr.cast(), len, mapped: true };
                 }
             }
             // Out of address space or mappings: the allocator's answer follows.
@@ -288,8 +284,9 @@ impl std::ops::DerefMut for AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if self.mapped {
-            // SAFETY: mapped in new() with exactly this length, and unmapped only here.
-            unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len) };
+            // SAFETY: mapped in new() with exactly this length, and unmapped only here; no
+            // reference into it outlives self.
+            let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
             return;
         }
         // SAFETY: allocated in new() with exactly this layout.

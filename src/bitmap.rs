@@ -960,8 +960,11 @@ pub fn absolute(path: &Path) -> PathBuf {
 /// io_uring asynchronously, with file references in it), so this retries for up to a second.
 pub(crate) fn try_lock_exclusive(file: &File) -> bool {
     for _ in 0..20 {
-        // SAFETY: flock on a valid open fd; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        // nix's replacement, `Flock`, unlocks when dropped: the lock must instead last as long
+        // as the open file description, which the daemon's io_uring rings also hold (see
+        // admin::serve), so the plain call it deprecates is the one that fits.
+        #[allow(deprecated)]
+        if nix::fcntl::flock(file.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok() {
             return true;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));

@@ -105,20 +105,16 @@ fn commit(q: &UblkQueue<'_>, bufs: &[IoBuf<u8>], tag: u16, res: i32) {
 /// pages a queue's resident memory follows the request sizes actually used. (This did not change
 /// the 4k throughput measured in the VM; see bench/README.md.)
 fn no_huge_pages(buf: &IoBuf<u8>) {
-    let (p, len) = (buf.as_mut_ptr() as *mut libc::c_void, buf.len());
+    use nix::sys::mman::{madvise, MmapAdvise};
+    let len = buf.len();
+    let Some(p) = std::ptr::NonNull::new(buf.as_mut_ptr().cast::<std::ffi::c_void>()) else { return };
     // SAFETY: [p, p+len) is this tag's buffer, 4096-aligned, owned by the caller and not yet
     // shared with the kernel or any other code (it is registered with the driver right after);
     // MADV_DONTNEED only drops its (meaningless, never written) contents, and the range covers
     // whole pages of this allocation only.
-    let r = unsafe {
-        if libc::madvise(p, len, libc::MADV_NOHUGEPAGE) == 0 {
-            libc::madvise(p, len, libc::MADV_DONTNEED)
-        } else {
-            -1
-        }
-    };
-    if r != 0 {
-        log::debug!("madvise of a queue buffer: {}", std::io::Error::last_os_error());
+    let r = unsafe { madvise(p, len, MmapAdvise::MADV_NOHUGEPAGE).and_then(|()| madvise(p, len, MmapAdvise::MADV_DONTNEED)) };
+    if let Err(e) = r {
+        log::debug!("madvise of a queue buffer: {}", std::io::Error::from(e));
     }
 }
 

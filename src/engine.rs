@@ -762,10 +762,10 @@ impl Engine {
         match std::fs::File::open("/dev/null") {
             Ok(null) => {
                 use std::os::fd::AsRawFd;
-                // SAFETY: dup2 onto a descriptor the engine owns (the old source's), replacing
-                // it atomically; no other code closes or reuses that number while it lives.
-                if unsafe { libc::dup2(null.as_raw_fd(), old.fd()) } < 0 {
-                    log::warn!("releasing the old source: {}", std::io::Error::last_os_error());
+                // Onto a descriptor the engine owns (the old source's), replacing it atomically;
+                // no other code closes or reuses that number while it lives.
+                if let Err(e) = nix::unistd::dup2(null.as_raw_fd(), old.fd()) {
+                    log::warn!("releasing the old source: {}", std::io::Error::from(e));
                 }
             }
             Err(e) => log::warn!("releasing the old source: /dev/null: {e}"),

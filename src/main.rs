@@ -285,12 +285,13 @@ fn cmd_list(json: bool) -> CliResult {
     if json {
         println!("{}", serde_json::to_string_pretty(&devs)?);
     } else {
+        let path = |p: &Option<PathBuf>| p.as_ref().map_or_else(|| "?".to_string(), |p| p.display().to_string());
         for d in &devs {
             println!(
                 "{}  {}  {}  {} -> {}  bitmap {}",
-                d["dev_id"], d["bdev"].as_str().unwrap_or("?"), d["state"].as_str().unwrap_or("?"),
-                d["source"].as_str().unwrap_or("?"), d["target"].as_str().unwrap_or("?"),
-                d["bitmap"].as_str().unwrap_or("?")
+                d.dev_id, d.bdev, d.state,
+                path(&d.source), path(&d.target),
+                path(&d.bitmap)
             );
         }
     }

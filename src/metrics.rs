@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::fmt::Write as _;
 
-/// States of a device in the ublk driver ([`crate::admin::state_name`], lower case).
+/// States of a device in the ublk driver ([`crate::admin::UblkState`], lower case).
 pub const UBLK_STATES: [&str; 3] = ["live", "quiesced", "dead"];
 
 /// The fields of [`crate::engine::Status`] that become metrics, read back from its JSON (the
@@ -257,13 +257,12 @@ pub fn render(devices: &[Device]) -> String {
 pub fn collect() -> Result<(Vec<Device>, Vec<String>)> {
     crate::admin::check_environment()?;
     let mut listed = crate::admin::list();
-    listed.sort_by_key(|d| d["dev_id"].as_u64());
+    listed.sort_by_key(|d| d.dev_id);
     let mut devices = Vec::new();
     let mut problems = Vec::new();
     for l in &listed {
-        let Some(id) = l["dev_id"].as_u64().and_then(|n| u32::try_from(n).ok()) else { continue };
-        let reply = crate::admin::read_status(id).map_err(|e: Error| e.to_string());
-        let (d, problem) = Device::from_replies(l, reply.as_ref().map_err(Clone::clone));
+        let reply = crate::admin::read_status(l.dev_id).map_err(|e: Error| e.to_string());
+        let (d, problem) = Device::from_replies(&l.to_json(), reply.as_ref().map_err(Clone::clone));
         devices.push(d);
         problems.extend(problem);
     }

@@ -1041,9 +1041,9 @@ fn injected_fault() -> Error {
 /// the loop).
 fn kill_command(child: &mut std::process::Child) {
     if let Ok(pid) = i32::try_from(child.id()) {
-        // SAFETY: kill(2) on the process group the command leads (process_group(0) at spawn);
-        // the child is not reaped yet, so its pid, and with it the group id, cannot be reused.
-        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        // The process group the command leads (process_group(0) at spawn); the child is not
+        // reaped yet, so its pid, and with it the group id, cannot be reused.
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
     let _ = child.kill();
     let t0 = Instant::now();
