@@ -5,7 +5,7 @@
 //! invariant_check SOURCE TARGET BITMAP
 //! ```
 //!
-//! It reads the bitmap file by the documented layout (`src/bitmap.rs`: granularity at byte 32,
+//! It reads the bitmap file by the documented layout (`src/io/bitmap.rs`: granularity at byte 32,
 //! device size at 40, region count at 48, one bit per region from byte 4096, least significant
 //! bit first), on purpose without the crate's code, so that it checks `ublk-mirror verify
 //! --bitmap` as much as the media. Prints one summary line

@@ -20,10 +20,10 @@ use serde_json::json;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use ublk_mirror::backing::{AlignedBuf, DirectMode};
+use ublk_mirror::io::backing::{AlignedBuf, DirectMode};
 use ublk_mirror::engine::{CopyConfig, Engine, PairOptions, SyncMode};
-use ublk_mirror::mirror::{Mirror, RunUntil};
-use ublk_mirror::queue::{EngineQueue, Op};
+use ublk_mirror::engine::mirror::{Mirror, RunUntil};
+use ublk_mirror::engine::queue::{EngineQueue, Op};
 
 fn arg(i: usize, default: u64) -> u64 {
     std::env::args().nth(i).and_then(|a| a.parse().ok()).unwrap_or(default)
@@ -85,7 +85,7 @@ fn main() {
     };
     let sock = dir.path().join("0.sock");
     let stop = Arc::new(AtomicBool::new(false));
-    let server = ublk_mirror::control::spawn_server_at(sock.clone(), engine.clone(), json!({ "dev_id": 0 }), stop.clone())
+    let server = ublk_mirror::daemon::control::spawn_server_at(sock.clone(), engine.clone(), json!({ "dev_id": 0 }), stop.clone())
         .expect("control socket");
     let watching = Arc::new(AtomicBool::new(false));
     let answers = Arc::new(AtomicU64::new(0));
@@ -94,7 +94,7 @@ fn main() {
         std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 if watching.load(Ordering::SeqCst) {
-                    let r = ublk_mirror::control::request_at(&sock, 0, &json!({ "cmd": "status" }), Duration::from_secs(5));
+                    let r = ublk_mirror::daemon::control::request_at(&sock, 0, &json!({ "cmd": "status" }), Duration::from_secs(5));
                     if r.is_ok() {
                         answers.fetch_add(1, Ordering::SeqCst);
                     }

@@ -134,13 +134,13 @@ run neg4-consist   b "-DNEG=4 -DNO_INTERNAL"   "consistent flush declared with a
 run neg5-copyduring b2 "-DNEG=5 -DNO_INTERNAL"  "copies start during a consistent flush"
 echo
 echo "-- target writeback errors with Linux semantics (dropped page, error reported once)"
-echo "   Found by this model in the first version of src/core.rs, fixed there since (TFIX)."
+echo "   Found by this model in the first version of src/core/mod.rs, fixed there since (TFIX)."
 run errseq         pass "-DTFAIL=2"            "implemented protocol, lossy target flush failure"
 run neg6-errseq-b  b "-DTFAIL=2 -DTFIX=0"      "before the fix: only the failed flush's set is redirtied"
 run neg6-errseq-a  a "-DTFAIL=2 -DTFIX=0 -DNO_B" "same, looking for a counterexample to (a) alone"
 echo
 echo "-- daemon kills (page caches survive; the dead daemon's I/O may complete after the kill,"
-echo "   before the restart: the kill barrier) and the bitmap's creation (src/lifecycle.rs)"
+echo "   before the restart: the kill barrier) and the bitmap's creation (src/core/lifecycle.rs)"
 run kill           pass "-DKILLS=1 -DINIT_DIRTY=0" "a kill at any moment, restart resumes from the bitmap"
 run kill2          pass "-DKILLS=2 -DMAXW=1"     "two kills, region 0 dirty at the start"
 run kill-errseq    pass "-DKILLS=1 -DINIT_DIRTY=0 -DTFAIL=2" "a kill, lossy target flush failures"

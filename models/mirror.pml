@@ -1,11 +1,11 @@
 /*
  * Crash-consistency model of ublk-mirror's write-intent protocol, as implemented in
- *   src/core.rs    MirrorState (begin_write, bitmap_flush_started/done, end_write, next_copy,
+ *   src/core/mod.rs    MirrorState (begin_write, bitmap_flush_started/done, end_write, next_copy,
  *                  copy_done, target_flush_started/done, clear_tick)
- *   src/device.rs  QueueCommit::ensure (per-queue group commit of the bitmap fdatasync)
- *   src/mirror.rs  copy jobs, target flushes (consistent / checkpoint), lazy clearing ticks,
+ *   src/daemon/device.rs  QueueCommit::ensure (per-queue group commit of the bitmap fdatasync)
+ *   src/engine/mirror.rs  copy jobs, target flushes (consistent / checkpoint), lazy clearing ticks,
  *                  the mirror's own bitmap flush after clearing.
- *   src/lifecycle.rs  open_bitmap / trusted_state: the creation of a full sync's bitmap and the
+ *   src/core/lifecycle.rs  open_bitmap / trusted_state: the creation of a full sync's bitmap and the
  *                  resume from a bitmap, after a daemon kill too (process `life`, KILLS, CREATE).
  * Checked with spin 6.5.2; see models/README.md and models/check.sh.
  *
@@ -26,7 +26,7 @@
  *                dirty and is written later (what the code assumes); 2 Linux writeback-error
  *                semantics: a failed writeback drops the dirty page (marked clean, medium
  *                unchanged) and the error is reported once, by the next fdatasync (errseq_t).
- *   TFIX=1|0     with TFAIL=2: 1 (default) what src/core.rs now does: a failed target flush
+ *   TFIX=1|0     with TFAIL=2: 1 (default) what src/core/mod.rs now does: a failed target flush
  *                also redirties every region whose copy started since the last successful
  *                target flush started, and fails the copies in flight; 0 the code before that
  *                fix (a negative control).
@@ -43,7 +43,7 @@
  *   NO_INTERNAL  drop the code's own debug_asserts (set for the negative controls, so that the
  *                violation found is one of the crash properties, not an internal check).
  *
- * Daemon kills and the bitmap's creation (src/lifecycle.rs open_bitmap / trusted_state):
+ * Daemon kills and the bitmap's creation (src/core/lifecycle.rs open_bitmap / trusted_state):
  *   KILLS=0|1|2  daemon kills (SIGKILL, OOM, panic) in a run, each followed by a restart
  *                (default 0).  A kill loses the daemon's memory (MirrorState, the queues' and
  *                the mirror's bookkeeping, every local of its tasks); the page caches (source,
@@ -708,7 +708,7 @@ end_idle:
 
 #if LIFE
 /* ====================================================================================== */
-/* The daemon's life (src/lifecycle.rs open_bitmap, trusted_state; admin.rs recover):      */
+/* The daemon's life (src/core/lifecycle.rs open_bitmap, trusted_state; admin.rs recover):      */
 /* creation of the bitmap for a full sync, daemon kills, restarts that resume from it.     */
 /* ====================================================================================== */
 

@@ -1,16 +1,20 @@
 //! ublk-mirror: a block device in user space that keeps a live, crash-safe mirror of a disk.
 //!
-//! Layers, bottom up:
-//! - [`core`]: the decisions (write intent, what to copy, when to flush, what to clear), no I/O;
-//! - [`policy`]: when the mirror loop acts (rate limits, retries, max-lag, spacing of flushes
-//!   and of the --on-consistent command), no I/O and no clock of its own;
-//! - [`bitmap`]: the persistent dirty bitmap file; [`lifecycle`]: creating and opening it, in
-//!   an order that survives every kind of crash;
-//! - [`backing`], [`target`], [`uring`]: sources and targets through io_uring;
-//! - [`nbd`]: a target behind an NBD server, on the same io_uring;
-//! - [`engine`]: shared state of one mirror and the write-path entry points;
-//! - [`mirror`]: the copy loop; [`queue`]: a front-end queue serving block requests;
-//! - [`sync`]: the offline `sync` and `verify` commands.
+//! Layers, bottom up; each uses only the layers below it:
+//! - [`core`]: the decisions, with no I/O: what a write waits for, what to copy, when to flush
+//!   and what to clear ([`core::MirrorState`]); the bitmap's lifecycle ([`core::lifecycle`]); when
+//!   the mirror loop acts ([`core::policy`]); the region sets ([`core::pagebits`]);
+//! - [`io`]: sources, targets (files, block devices, NBD) and the bitmap file, through io_uring;
+//! - [`engine`]: one mirror at work, online or offline: the shared state and the write path
+//!   ([`engine::Engine`]), the copy loop ([`engine::mirror`]), the front end's request protocol
+//!   ([`engine::queue`]), the event log and the online verify;
+//! - [`offline`]: the `sync` and `verify` commands (no device);
+//! - [`daemon`]: the ublk device, the control socket, metrics, and the commands that start and
+//!   stop daemons;
+//! - [`cli`]: the command line's definitions, the man page and completions (`main.rs` runs them).
+//!
+//! [`error`] and [`units`] serve every layer. docs/architecture.md has the map and the paths of
+//! a write, a copy and a consistent point.
 #![deny(clippy::undocumented_unsafe_blocks)]
 // Errors carry paths and fixes for the user; they occur on cold paths (opening, setup).
 #![allow(clippy::result_large_err)]
@@ -20,29 +24,13 @@
 // are 64-bit; refuse the rest at build time rather than check every conversion.
 const _: () = assert!(usize::BITS >= 64, "ublk-mirror needs a 64-bit target (usize of 64 bits)");
 
-pub mod admin;
-pub mod backing;
-pub mod bitmap;
 pub mod cli;
-pub mod control;
 pub mod core;
-pub mod device;
+pub mod daemon;
 pub mod engine;
 pub mod error;
-pub mod events;
-pub mod front;
-pub mod lifecycle;
-pub mod manpage;
-pub mod metrics;
-pub mod mirror;
-pub mod nbd;
-pub mod online_verify;
-pub mod pagebits;
-pub mod policy;
-pub mod queue;
-pub mod sync;
-pub mod target;
-pub mod uring;
+pub mod io;
+pub mod offline;
 pub mod units;
 
 pub use error::{Error, Result};

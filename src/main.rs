@@ -3,13 +3,13 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use ublk_mirror::backing::DirectMode;
-use ublk_mirror::admin::{self, AddOptions};
+use ublk_mirror::io::backing::DirectMode;
+use ublk_mirror::daemon::admin::{self, AddOptions};
 use ublk_mirror::cli::{AddArgs, BitmapCmd, Cli, Cmd, CopyArgs, SyncArgs, VerifyArgs};
-use ublk_mirror::bitmap::Bitmap;
+use ublk_mirror::io::bitmap::Bitmap;
 use ublk_mirror::engine::{CopyConfig, PairOptions, Settings, Status, SyncMode};
-use ublk_mirror::mirror::Hooks;
-use ublk_mirror::sync::{self, VerifyOptions};
+use ublk_mirror::engine::mirror::Hooks;
+use ublk_mirror::offline::{self, VerifyOptions};
 use ublk_mirror::units::human;
 
 /// Exit statuses (documented in the man page).
@@ -56,11 +56,11 @@ fn main() -> ExitCode {
         }
         Cmd::Man { conf, conf_example } => {
             let page = if conf_example {
-                ublk_mirror::manpage::render_conf_example()
+                ublk_mirror::cli::manpage::render_conf_example()
             } else if conf {
-                ublk_mirror::manpage::render_conf()
+                ublk_mirror::cli::manpage::render_conf()
             } else {
-                ublk_mirror::manpage::render()
+                ublk_mirror::cli::manpage::render()
             };
             print!("{page}");
             Ok(0)
@@ -81,7 +81,7 @@ fn main() -> ExitCode {
         Cmd::Pause { id } => cmd_simple(id, "pause"),
         Cmd::Switchover { id, timeout, reverse } => {
             let req = serde_json::json!({ "cmd": "switchover", "timeout_secs": timeout, "reverse": reverse });
-            ublk_mirror::control::request_within(id, &req, ublk_mirror::control::switchover_reply_limit(timeout))
+            ublk_mirror::daemon::control::request_within(id, &req, ublk_mirror::daemon::control::switchover_reply_limit(timeout))
                 .map(|_| 0)
                 .map_err(Into::into)
         }
@@ -301,11 +301,11 @@ fn cmd_list(json: bool) -> CliResult {
 /// `metrics`: nothing reaches standard output unless every device was asked, so that a
 /// redirect into a file never leaves half an exposition behind.
 fn cmd_metrics() -> CliResult {
-    let (devices, problems) = ublk_mirror::metrics::collect()?;
+    let (devices, problems) = ublk_mirror::daemon::metrics::collect()?;
     for p in &problems {
         eprintln!("ublk-mirror: warning: {p}");
     }
-    let text = ublk_mirror::metrics::render(&devices);
+    let text = ublk_mirror::daemon::metrics::render(&devices);
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| format!("writing the metrics: {e}"))?;
@@ -453,13 +453,13 @@ fn cmd_set(
     if req.as_object().map(|o| o.len()).unwrap_or(0) == 1 {
         return Err("nothing to set: give --speed, --busy-speed, --mode, --max-lag or --max-retries".into());
     }
-    let v = ublk_mirror::control::request(id, &req)?;
+    let v = ublk_mirror::daemon::control::request(id, &req)?;
     println!("{}", serde_json::to_string_pretty(&v["settings"])?);
     Ok(0)
 }
 
 fn cmd_simple(id: u32, cmd: &str) -> CliResult {
-    ublk_mirror::control::request(id, &serde_json::json!({ "cmd": cmd }))?;
+    ublk_mirror::daemon::control::request(id, &serde_json::json!({ "cmd": cmd }))?;
     Ok(0)
 }
 
@@ -490,7 +490,7 @@ fn cmd_sync(a: SyncArgs) -> CliResult {
         let (done, line) = progress_line(s, t);
         progress.show(done, t, line);
     };
-    let r = sync::sync(&pair, &copy, Hooks::default(), Some((&mut show, every)));
+    let r = offline::sync(&pair, &copy, Hooks::default(), Some((&mut show, every)));
     progress.finish();
     let r = r?;
     if a.json {
@@ -551,12 +551,12 @@ fn cmd_verify(a: VerifyArgs) -> CliResult {
     let mut progress = Progress::new("verify", a.json);
     let every = progress.every();
     let t0 = std::time::Instant::now();
-    let mut show = |r: &sync::VerifyReport| {
+    let mut show = |r: &offline::VerifyReport| {
         let done = r.bytes_compared + r.bytes_skipped;
         let line = rate_line(done, r.device_size, t0.elapsed().as_secs_f64());
         progress.show(done, r.device_size, format!("{line} ({} read, {} holes)", human(r.bytes_compared), human(r.bytes_skipped)));
     };
-    let r = sync::verify_with_progress(&opts, Some((&mut show, every)));
+    let r = offline::verify_with_progress(&opts, Some((&mut show, every)));
     progress.finish();
     let r = r?;
     if a.json {
@@ -604,7 +604,7 @@ fn cmd_verify(a: VerifyArgs) -> CliResult {
 
 /// `verify -n ID`: starts an online verify in the daemon and waits for its report.
 fn cmd_verify_online(id: u32, json: bool) -> CliResult {
-    ublk_mirror::control::request(id, &serde_json::json!({ "cmd": "verify" }))?;
+    ublk_mirror::daemon::control::request(id, &serde_json::json!({ "cmd": "verify" }))?;
     // Bounded by progress: a verify that advances no region for a minute is reported stuck.
     let mut seen = (0, std::time::Instant::now());
     let mut progress = Progress::new("verify", json);
@@ -667,7 +667,7 @@ fn cmd_bitmap_show(path: PathBuf, json: bool) -> CliResult {
     let dirty_bytes = dirty.saturating_mul(h.granularity).min(h.device_size);
     if json {
         let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-        ublk_mirror::bitmap::write_show_json(&h, &runs, &mut out)?;
+        ublk_mirror::io::bitmap::write_show_json(&h, &runs, &mut out)?;
         out.flush()?;
         return Ok(0);
     }

@@ -6,13 +6,13 @@ use common::*;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use std::time::Duration;
-use ublk_mirror::backing::{AlignedBuf, DirectMode};
-use ublk_mirror::bitmap::Bitmap;
+use ublk_mirror::io::backing::{AlignedBuf, DirectMode};
+use ublk_mirror::io::bitmap::Bitmap;
 use ublk_mirror::engine::{CopyConfig, Engine, SyncMode};
-use ublk_mirror::mirror::{Hooks, Mirror, RunUntil};
-use ublk_mirror::queue::{Completion, EngineQueue, Op, Requests, RingSink, Sink};
-use ublk_mirror::uring::Owner;
-use ublk_mirror::sync::{self, VerifyOptions};
+use ublk_mirror::engine::mirror::{Hooks, Mirror, RunUntil};
+use ublk_mirror::engine::queue::{Completion, EngineQueue, Op, Requests, RingSink, Sink};
+use ublk_mirror::io::uring::Owner;
+use ublk_mirror::offline::{self, VerifyOptions};
 
 const MIB: u64 = 1 << 20;
 
@@ -130,11 +130,11 @@ fn random_concurrent_io_while_mirroring_converges() {
 
     let (s, t) = (read_all(&f.source), read_all(&f.target));
     assert_eq!(first_difference(&s, &t), None, "target differs from source");
-    let v = sync::verify(&verify_opts(&f)).expect("verify");
+    let v = offline::verify(&verify_opts(&f)).expect("verify");
     assert!(v.identical() && v.differing_clean.is_empty());
     let (h, runs) = Bitmap::inspect(&f.bitmap).expect("bitmap");
     assert!(runs.is_empty(), "every bit is clear after convergence, found {runs:?}");
-    assert_eq!(h.state, ublk_mirror::bitmap::BitmapState::Clean);
+    assert_eq!(h.state, ublk_mirror::io::bitmap::BitmapState::Clean);
 }
 
 /// A write that lands between the copy's source read and its target write must be copied
@@ -189,7 +189,7 @@ fn interrupted_full_sync_resumes_without_recopying() {
         ..Default::default()
     };
     let hooks = Hooks { stop_after_bytes: Some(32 * MIB), ..Default::default() };
-    let first = sync::sync(&f.pair(None, None), &cfg, hooks, None).expect("first sync");
+    let first = offline::sync(&f.pair(None, None), &cfg, hooks, None).expect("first sync");
     assert!(first.interrupted);
     // No copy starts past the limit: at most the copies in flight at that moment add to it.
     let most = 32 * MIB + cfg.max_copies as u64 * cfg.buf_size as u64;
@@ -202,12 +202,12 @@ fn interrupted_full_sync_resumes_without_recopying() {
     assert!(dirty <= SIZE - 4 * MIB, "no progress was kept: {dirty} bytes dirty");
     assert!(dirty >= SIZE - first.bytes_copied, "bits of uncopied regions must be set");
 
-    let second = sync::sync(&f.pair(None, None), &cfg, Hooks::default(), None).expect("resume");
+    let second = offline::sync(&f.pair(None, None), &cfg, Hooks::default(), None).expect("resume");
     assert_eq!(second.open.mode, SyncMode::Resume);
     assert_eq!(second.bytes_copied, dirty, "the resume copies exactly the dirty regions");
     assert!(second.bytes_copied < SIZE, "the resume did not copy everything again");
     assert_eq!(first_difference(&read_all(&f.source), &read_all(&f.target)), None);
-    let v = sync::verify(&verify_opts(&f)).expect("verify");
+    let v = offline::verify(&verify_opts(&f)).expect("verify");
     assert!(v.identical());
 }
 
@@ -221,7 +221,7 @@ fn sparse_source_gives_sparse_target() {
     fill_random(&f.target, 0, SIZE as usize, 5);
     fill_random(&f.source, 3 * MIB, (2 * MIB) as usize, 6);
     fill_random(&f.source, 40 * MIB + 4096, 8192, 8);
-    let r = sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("sync");
+    let r = offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("sync");
     assert!(r.bytes_copied <= 3 * MIB, "copied {} bytes for 2 MiB of data", r.bytes_copied);
     assert_eq!(r.bytes_copied + r.bytes_zeroed, SIZE);
     assert_eq!(first_difference(&read_all(&f.source), &read_all(&f.target)), None);
@@ -236,17 +236,17 @@ fn resync_copies_only_dirty_regions() {
     const G: u64 = 64 << 10;
     let f = files(SIZE);
     fill_random(&f.source, 0, SIZE as usize, 11);
-    sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("full");
+    offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("full");
     let (engine, _target, open) = Engine::open(&f.pair(None, None)).expect("reopen");
     assert_eq!(open.dirty_regions, 0);
     write_regions_and_close(engine, G, &[3, 4, 100, 400]);
     drop(_target);
-    let v = sync::verify(&verify_opts(&f)).expect("verify");
+    let v = offline::verify(&verify_opts(&f)).expect("verify");
     assert_eq!(v.differing, vec![(3, 2), (100, 1), (400, 1)]);
     assert!(v.differing_clean.is_empty(), "written regions are marked dirty");
-    let r = sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("resync");
+    let r = offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("resync");
     assert_eq!(r.bytes_copied, 4 * G);
-    assert!(sync::verify(&verify_opts(&f)).expect("verify").identical());
+    assert!(offline::verify(&verify_opts(&f)).expect("verify").identical());
 }
 
 /// A source on tmpfs (which older kernels refuse O_DIRECT on; `auto` then falls back, see the
@@ -261,7 +261,7 @@ fn source_on_tmpfs_syncs() {
     std::fs::File::create(&src).and_then(|x| x.set_len(4 * MIB)).expect("create");
     fill_random(&src, 0, MIB as usize, 2);
     f.source = src;
-    let r = sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("auto");
+    let r = offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("auto");
     assert!(r.open.target_direct);
     assert_eq!(r.bytes_copied, MIB);
     assert_eq!(first_difference(&read_all(&f.source), &read_all(&f.target)), None);
@@ -270,7 +270,7 @@ fn source_on_tmpfs_syncs() {
 /// A sink over a ring of its own that accepts only `allow` more operations, then refuses (as
 /// a broken ring would).
 struct Refusing {
-    ring: ublk_mirror::uring::Ring,
+    ring: ublk_mirror::io::uring::Ring,
     allow: usize,
 }
 
@@ -300,9 +300,9 @@ fn next_completion(reqs: &mut Requests, sink: &mut Refusing) -> Completion {
             Err(e) => panic!("ring: {e}"),
         }
         let mut cqes = Vec::new();
-        ublk_mirror::uring::reap(&mut sink.ring, &mut cqes);
+        ublk_mirror::io::uring::reap(&mut sink.ring, &mut cqes);
         for (ud, res) in cqes {
-            let (Some(owner), slot) = ublk_mirror::uring::decode(ud) else { panic!("foreign completion {ud:#x}") };
+            let (Some(owner), slot) = ublk_mirror::io::uring::decode(ud) else { panic!("foreign completion {ud:#x}") };
             reqs.complete(sink, owner, slot as u16, res);
         }
     }
@@ -321,7 +321,7 @@ fn a_refused_operation_fails_its_request_and_ends_the_write() {
     let before = read_all(&f.source);
     for allow in [0, 1] {
         // allow 0: the bitmap flush is refused; allow 1: the flush runs, the write is refused.
-        let mut sink = Refusing { ring: ublk_mirror::uring::new_ring(16).expect("ring"), allow };
+        let mut sink = Refusing { ring: ublk_mirror::io::uring::new_ring(16).expect("ring"), allow };
         let mut reqs = Requests::new(engine.clone()).expect("requests");
         let off = (1 + allow as u64) * MIB;
         let mut data = AlignedBuf::new(4096);
@@ -337,7 +337,7 @@ fn a_refused_operation_fails_its_request_and_ends_the_write() {
     // A write held back (here by a switchover's barrier) whose retry timer the ring refuses: it
     // never began, so it fails without being ended in the engine (ending it would be a bug too).
     engine.lock().write_barrier = true;
-    let mut sink = Refusing { ring: ublk_mirror::uring::new_ring(16).expect("ring"), allow: 0 };
+    let mut sink = Refusing { ring: ublk_mirror::io::uring::new_ring(16).expect("ring"), allow: 0 };
     let mut reqs = Requests::new(engine.clone()).expect("requests");
     reqs.submit(&mut sink, 9, Op::Write { off: 3 * MIB, data: AlignedBuf::new(4096), len: 4096, fua: false });
     let c = next_completion(&mut reqs, &mut sink);
@@ -359,7 +359,7 @@ fn a_refused_operation_fails_its_request_and_ends_the_write() {
 /// file was fsynced before the rename) the moment it gets its name, and an existing bitmap
 /// stays in place, intact, until then.
 struct Watched<'a> {
-    files: ublk_mirror::bitmap::BitmapFiles<'a>,
+    files: ublk_mirror::io::bitmap::BitmapFiles<'a>,
     path: &'a std::path::Path,
     /// The runs of set bits under the name after each step (None: no bitmap there).
     seen: Vec<(&'static str, Option<Runs>)>,
@@ -374,12 +374,12 @@ impl Watched<'_> {
     }
 }
 
-impl ublk_mirror::lifecycle::BitmapFiles for Watched<'_> {
+impl ublk_mirror::core::lifecycle::BitmapFiles for Watched<'_> {
     type Bits = Bitmap;
     fn exists(&self) -> bool {
         self.files.exists()
     }
-    fn write_temp(&mut self, fill: ublk_mirror::lifecycle::Fill) -> ublk_mirror::Result<()> {
+    fn write_temp(&mut self, fill: ublk_mirror::core::lifecycle::Fill) -> ublk_mirror::Result<()> {
         let r = self.files.write_temp(fill);
         self.look("write_temp");
         r
@@ -412,8 +412,8 @@ impl ublk_mirror::lifecycle::BitmapFiles for Watched<'_> {
 
 #[test]
 fn a_full_sync_bitmap_has_every_bit_set_when_it_gets_its_name() {
-    use ublk_mirror::bitmap::{BitmapFiles, Expect, PairIdentity};
-    use ublk_mirror::lifecycle::{open_bitmap, SyncMode as Mode};
+    use ublk_mirror::io::bitmap::{BitmapFiles, Expect, PairIdentity};
+    use ublk_mirror::core::lifecycle::{open_bitmap, SyncMode as Mode};
     const SIZE: u64 = 8 * MIB + 4096; // a last region that is not whole
     const G: u64 = 64 << 10;
     let f = files(SIZE);
@@ -505,7 +505,7 @@ fn a_ring_that_registered_the_bitmap_holds_its_lock() {
     drop(Engine::open(&f.pair(None, None)).expect("create the bitmap"));
     let a = std::fs::File::open(&f.bitmap).expect("open");
     assert!(try_lock(&a));
-    let ring = ublk_mirror::uring::new_ring(4).expect("ring");
+    let ring = ublk_mirror::io::uring::new_ring(4).expect("ring");
     ring.submitter().register_files(&[a.as_raw_fd()]).expect("register");
     drop(a);
     let b = std::fs::File::open(&f.bitmap).expect("open again");
@@ -528,7 +528,7 @@ fn write_zeroes_work_on_every_source_kind() {
             f.source = d.path().join("source.img");
             std::fs::File::create(&f.source).and_then(|x| x.set_len(4 * MIB)).expect("create");
             fill_random(&f.source, 0, (4 * MIB) as usize, 9);
-            sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("full sync");
+            offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("full sync");
             let (engine, _t, _) = Engine::open(&f.pair(None, None)).expect("open");
             let engine = Arc::new(engine);
             let mut q = EngineQueue::new(engine.clone(), 4).expect("queue");
@@ -543,7 +543,7 @@ fn write_zeroes_work_on_every_source_kind() {
             let src = read_all(&f.source);
             assert!(src[off as usize..(off + len) as usize].iter().all(|&b| b == 0));
             assert!(src[..off as usize].iter().any(|&b| b != 0), "the zeroing went too far");
-            sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("resync");
+            offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("resync");
             assert_eq!(first_difference(&src, &read_all(&f.target)), None, "{dir}, unmap {unmap}: the target differs");
         }
     }
@@ -553,7 +553,7 @@ fn write_zeroes_work_on_every_source_kind() {
 /// file systems and devices): every fallocate is answered EOPNOTSUPP without reaching the
 /// kernel; the rest goes to the ring. It records the opcode of each operation.
 struct NoFallocate {
-    ring: ublk_mirror::uring::Ring,
+    ring: ublk_mirror::io::uring::Ring,
     refused: Vec<(Owner, u16)>,
     opcodes: Vec<u8>,
 }
@@ -579,11 +579,11 @@ fn write_zeroes_fall_back_to_writing_zeroes() {
     use io_uring::opcode;
     let f = files(4 * MIB);
     fill_random(&f.source, 0, (4 * MIB) as usize, 11);
-    sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("full sync");
+    offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("full sync");
     let (engine, _t, _) = Engine::open(&f.pair(None, None)).expect("open");
     let engine = Arc::new(engine);
     for (i, unmap) in [false, true].into_iter().enumerate() {
-        let mut sink = NoFallocate { ring: ublk_mirror::uring::new_ring(16).expect("ring"), refused: vec![], opcodes: vec![] };
+        let mut sink = NoFallocate { ring: ublk_mirror::io::uring::new_ring(16).expect("ring"), refused: vec![], opcodes: vec![] };
         let mut reqs = Requests::new(engine.clone()).expect("requests");
         let (off, len) = ((1 + i as u64) * MIB + 4096, 192 * 1024);
         reqs.submit(&mut sink, 5, Op::WriteZeroes { off, len, unmap });
@@ -603,9 +603,9 @@ fn write_zeroes_fall_back_to_writing_zeroes() {
                 Err(e) => panic!("ring: {e}"),
             }
             let mut cqes = Vec::new();
-            ublk_mirror::uring::reap(&mut sink.ring, &mut cqes);
+            ublk_mirror::io::uring::reap(&mut sink.ring, &mut cqes);
             for (ud, res) in cqes {
-                let (Some(owner), slot) = ublk_mirror::uring::decode(ud) else { panic!("foreign completion {ud:#x}") };
+                let (Some(owner), slot) = ublk_mirror::io::uring::decode(ud) else { panic!("foreign completion {ud:#x}") };
                 reqs.complete(&mut sink, owner, slot as u16, res);
             }
         };
@@ -621,7 +621,7 @@ fn write_zeroes_fall_back_to_writing_zeroes() {
     }
     engine.close().expect("close");
     drop(engine);
-    sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("resync");
+    offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("resync");
     assert_eq!(first_difference(&read_all(&f.source), &read_all(&f.target)), None, "the target differs");
 }
 
@@ -633,9 +633,9 @@ fn verify_reports_progress_up_to_the_whole_device() {
     fill_random(&f.source, 0, (16 * MIB) as usize, 3);
     fill_random(&f.target, 0, (16 * MIB) as usize, 3);
     let mut seen: Vec<(u64, u64)> = Vec::new();
-    let mut cb = |r: &sync::VerifyReport| seen.push((r.bytes_compared, r.bytes_skipped));
+    let mut cb = |r: &offline::VerifyReport| seen.push((r.bytes_compared, r.bytes_skipped));
     let opts = VerifyOptions { bitmap: None, ..verify_opts(&f) };
-    let r = sync::verify_with_progress(&opts, Some((&mut cb, Duration::ZERO))).expect("verify");
+    let r = offline::verify_with_progress(&opts, Some((&mut cb, Duration::ZERO))).expect("verify");
     assert!(r.identical());
     assert_eq!((r.bytes_compared, r.bytes_skipped), (16 * MIB, 48 * MIB));
     assert!(seen.len() >= 4, "reported {} times", seen.len());

@@ -7,12 +7,13 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use ublk_mirror::backing::AlignedBuf;
+use ublk_mirror::io::backing::AlignedBuf;
 use ublk_mirror::engine::{CopyConfig, CopyMode, Engine, Settings, SyncMode};
-use ublk_mirror::mirror::{Mirror, RunUntil, MAX_BACKOFF};
-use ublk_mirror::queue::{EngineQueue, Op};
-use ublk_mirror::target::{BoxTarget, Target, TargetDone, TargetOp};
-use ublk_mirror::uring::Ring;
+use ublk_mirror::engine::mirror::{Mirror, RunUntil, MAX_BACKOFF};
+use ublk_mirror::engine::queue::{EngineQueue, Op};
+use ublk_mirror::engine::verify_report::VerifyState;
+use ublk_mirror::io::target::{BoxTarget, Target, TargetDone, TargetOp};
+use ublk_mirror::io::uring::Ring;
 
 const MIB: u64 = 1 << 20;
 
@@ -141,7 +142,7 @@ impl Target for Flaky {
             }
         }
     }
-    fn backing(&self) -> Option<&ublk_mirror::backing::Backing> {
+    fn backing(&self) -> Option<&ublk_mirror::io::backing::Backing> {
         self.inner.backing()
     }
     fn reset(&mut self) -> io::Result<()> {
@@ -183,7 +184,7 @@ fn a_loop_on_a_given_ring_refuses_bad_settings() {
         CopyConfig { max_copies: 0, ..Default::default() },
         CopyConfig { buf_size: 3000, ..Default::default() },
     ] {
-        let ring = ublk_mirror::uring::new_ring(8).expect("ring");
+        let ring = ublk_mirror::io::uring::new_ring(8).expect("ring");
         let err = Mirror::with_ring(ring, engine.clone(), target.as_mut(), cfg).err().expect("bad settings refused");
         assert!(err.to_string().contains("must be"), "{err}");
     }
@@ -202,7 +203,7 @@ fn failing_target_degrades_then_recovers_without_failing_writes() {
     let me = engine.clone();
     let cfg = CopyConfig { clear_delay: Duration::from_millis(200), ..Default::default() };
     let mirror = std::thread::spawn(move || {
-        let ring = ublk_mirror::uring::new_ring(64).expect("ring");
+        let ring = ublk_mirror::io::uring::new_ring(64).expect("ring");
         ring.submitter().register_files(&[me.source().fd()]).expect("register");
         {
             let mut m = Mirror::with_ring(ring, me, &mut flaky, cfg).expect("mirror");
@@ -244,7 +245,7 @@ fn mirroring_gives_up_after_max_retries() {
     let mut flaky = Flaky::new(target, broken);
     let me = engine.clone();
     let mirror = std::thread::spawn(move || {
-        let ring = ublk_mirror::uring::new_ring(64).expect("ring");
+        let ring = ublk_mirror::io::uring::new_ring(64).expect("ring");
         ring.submitter().register_files(&[me.source().fd()]).expect("register");
         let mut m = Mirror::with_ring(ring, me, &mut flaky, CopyConfig::default()).expect("mirror");
         m.run(RunUntil::Stopped, None).expect("run");
@@ -329,7 +330,7 @@ fn failing_bitmap_flushes_back_off_and_do_not_hold_the_stop() {
     let mirror = std::thread::spawn(move || {
         let cfg = CopyConfig { clear_delay: Duration::from_millis(100), ..Default::default() };
         let mut m = Mirror::new(me, target.as_mut(), cfg).expect("mirror");
-        m.set_hooks(ublk_mirror::mirror::Hooks {
+        m.set_hooks(ublk_mirror::engine::mirror::Hooks {
             bitmap_flush_result: Some(Box::new(move |_| {
                 seen.fetch_add(1, Ordering::SeqCst);
                 -libc::EIO
@@ -464,7 +465,7 @@ fn a_target_failing_during_a_switchover_releases_the_writes() {
     let mirror = std::thread::spawn(move || {
         let mut m = Mirror::new(me, &mut flaky, CopyConfig::default()).expect("mirror");
         // The copy of the write below fails only after the switchover has begun holding writes.
-        m.set_hooks(ublk_mirror::mirror::Hooks {
+        m.set_hooks(ublk_mirror::engine::mirror::Hooks {
             after_read: Some(Box::new(move |_| {
                 if hook_broken.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(300));
@@ -684,7 +685,7 @@ fn max_lag_switches_to_write_blocking() {
 #[test]
 fn control_requests() {
     use serde_json::json;
-    use ublk_mirror::control::handle;
+    use ublk_mirror::daemon::control::handle;
     let f = files(MIB);
     let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
     let engine = Arc::new(engine);
@@ -814,7 +815,7 @@ fn reverse_switchover(settings: Settings) {
     let engine = Arc::new(engine);
     engine.apply_settings(&settings);
     engine.attach_target(target.as_ref()).expect("attach");
-    let mirror = ublk_mirror::device::spawn_mirror(engine.clone(), target, CopyConfig::default());
+    let mirror = ublk_mirror::daemon::device::spawn_mirror(engine.clone(), target, CopyConfig::default());
     wait_for("initial sync", Duration::from_secs(30), || engine.status().state == "synced");
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
@@ -880,12 +881,12 @@ fn online_verify_finds_a_corrupted_clean_region() {
     let mirror = spawn_loop(&engine, target, CopyConfig::default());
     wait_for("initial sync", Duration::from_secs(30), || engine.status().state == "synced");
     let run_verify = |engine: &Arc<Engine>| {
-        engine.start_verify().expect("start");
-        wait_for("verify", Duration::from_secs(60), || engine.verifier().report().is_some_and(|r| r.state != "running"));
+        ublk_mirror::engine::online_verify::start(engine).expect("start");
+        wait_for("verify", Duration::from_secs(60), || engine.verifier().report().is_some_and(|r| r.state != VerifyState::Running));
         engine.verifier().report().expect("report")
     };
     let r = run_verify(&engine);
-    assert_eq!((r.state, r.mismatches, r.compared), ("done", 0, 128), "{r:?}");
+    assert_eq!((r.state, r.mismatches, r.compared), (VerifyState::Done, 0, 128), "{r:?}");
     // Corrupt region 77 of the target directly.
     let t = std::fs::OpenOptions::new().write(true).open(&f.target).expect("target");
     t.write_all_at(b"garbage", 77 * 65536 + 100).expect("corrupt");
@@ -919,13 +920,13 @@ fn online_verify_skips_holes_on_both_sides_only() {
     let mirror = spawn_loop(&engine, target, CopyConfig::default());
     wait_for("initial sync", Duration::from_secs(60), || engine.status().state == "synced");
     let run_verify = |engine: &Arc<Engine>| {
-        engine.start_verify().expect("start");
-        wait_for("verify", Duration::from_secs(60), || engine.verifier().report().is_some_and(|r| r.state != "running"));
+        ublk_mirror::engine::online_verify::start(engine).expect("start");
+        wait_for("verify", Duration::from_secs(60), || engine.verifier().report().is_some_and(|r| r.state != VerifyState::Running));
         engine.verifier().report().expect("report")
     };
     let regions = SIZE / MIB;
     let r = run_verify(&engine);
-    assert_eq!((r.state, r.mismatches, r.compared, r.skipped), ("done", 0, 3, 0), "{r:?}");
+    assert_eq!((r.state, r.mismatches, r.compared, r.skipped), (VerifyState::Done, 0, 3, 0), "{r:?}");
     assert_eq!((r.holes, r.bytes_skipped), (regions - 3, SIZE - 3 * MIB), "{r:?}");
     // Garbage in a hole of the target only: that region holds data on one side, and is read.
     let t = std::fs::OpenOptions::new().write(true).open(&f.target).expect("target");
@@ -951,7 +952,7 @@ fn online_verify_follows_a_lowered_speed_limit_and_stops() {
     let mirror = spawn_loop(&engine, target, CopyConfig::default());
     wait_for("initial sync", Duration::from_secs(60), || engine.status().state == "synced");
     engine.apply_settings(&Settings { speed: 16 * MIB, ..Default::default() });
-    engine.start_verify().expect("start");
+    ublk_mirror::engine::online_verify::start(&engine).expect("start");
     let compared = || engine.verifier().report().expect("report").bytes_compared;
     wait_for("16 MiB compared", Duration::from_secs(30), || compared() >= 16 * MIB);
     let t0 = Instant::now();
@@ -961,7 +962,7 @@ fn online_verify_follows_a_lowered_speed_limit_and_stops() {
     wait_for("2 MiB compared at 1 MiB/s", Duration::from_secs(60), || compared() >= c0 + 2 * MIB);
     let secs = t0.elapsed().as_secs_f64();
     let r = engine.verifier().report().expect("report");
-    assert_eq!(r.state, "running", "{r:?}");
+    assert_eq!(r.state, VerifyState::Running, "{r:?}");
     // Not faster than the limit, from when it was set: one region (64 KiB) goes at once, each
     // further one is due 1/16 s after the one before; the one being compared when it was set
     // may end after it too. A lower bound on the time, which a slow machine cannot break.
@@ -972,7 +973,7 @@ fn online_verify_follows_a_lowered_speed_limit_and_stops() {
     assert!(secs < 8.0, "2 MiB compared in {secs:.2}s at 1 MiB/s: the new limit was counted from the verify's start");
     let t0 = Instant::now();
     engine.request_stop();
-    wait_for("the verify to end", Duration::from_secs(20), || engine.verifier().report().is_some_and(|r| r.state != "running"));
+    wait_for("the verify to end", Duration::from_secs(20), || engine.verifier().report().is_some_and(|r| r.state != VerifyState::Running));
     assert!(t0.elapsed() < Duration::from_secs(5), "the verify took {:?} to see the stop", t0.elapsed());
     mirror.join().expect("mirror");
 }
@@ -985,7 +986,7 @@ fn control_socket_survives_bad_clients() {
     use std::io::{Read, Write};
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::UnixStream;
-    use ublk_mirror::control;
+    use ublk_mirror::daemon::control;
     let f = files(MIB);
     let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
     let engine = Arc::new(engine);
@@ -1027,7 +1028,7 @@ fn control_socket_survives_bad_clients() {
 #[test]
 fn control_socket_answers_without_a_tick() {
     use serde_json::json;
-    use ublk_mirror::control;
+    use ublk_mirror::daemon::control;
     let f = files(MIB);
     let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
     let engine = Arc::new(engine);
@@ -1112,7 +1113,7 @@ fn on_consistent_command_sees_a_still_target() {
 /// the loop returns within the grace, with no command left running and the kill reported.
 #[test]
 fn a_stop_kills_an_on_consistent_command_after_the_grace() {
-    use ublk_mirror::mirror::HOOK_STOP_GRACE;
+    use ublk_mirror::engine::mirror::HOOK_STOP_GRACE;
     let f = files(2 * MIB);
     let dir = tempfile::tempdir_in("/var/tmp").expect("dir");
     let pidfile = dir.path().join("pid");
@@ -1168,7 +1169,7 @@ fn a_failing_mirror_loop_is_reported_restarted_and_gives_up() {
     let engine = Arc::new(engine);
     let fault = f.dir.path().join("fault");
     engine.set_mirror_fault(Some(fault.clone()));
-    let mirror = ublk_mirror::device::spawn_mirror(engine.clone(), target, CopyConfig::default());
+    let mirror = ublk_mirror::daemon::device::spawn_mirror(engine.clone(), target, CopyConfig::default());
     wait_for("initial sync", Duration::from_secs(30), || engine.status().state == "synced");
 
     // The running loop fails at its next wake-up (a write wakes it).

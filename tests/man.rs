@@ -12,7 +12,7 @@ fn run(args: &[&str]) -> String {
 
 #[test]
 fn checked_in_man_page_is_current() {
-    let generated = ublk_mirror::manpage::render();
+    let generated = ublk_mirror::cli::manpage::render();
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/man/ublk-mirror.8");
     let checked_in = std::fs::read_to_string(path).expect("man/ublk-mirror.8");
     assert!(
@@ -57,13 +57,13 @@ fn checked_in_completions_are_current() {
 fn config_page_and_example_are_current() {
     let root = env!("CARGO_MANIFEST_DIR");
     let page = std::fs::read_to_string(format!("{root}/man/ublk-mirror.conf.5")).expect("man/ublk-mirror.conf.5");
-    assert!(page == ublk_mirror::manpage::render_conf(), "man/ublk-mirror.conf.5 is stale: run `cargo run -- man --conf > man/ublk-mirror.conf.5`");
+    assert!(page == ublk_mirror::cli::manpage::render_conf(), "man/ublk-mirror.conf.5 is stale: run `cargo run -- man --conf > man/ublk-mirror.conf.5`");
     let ex = std::fs::read_to_string(format!("{root}/systemd/ublk-mirror.conf.example")).expect("example");
     assert!(
-        ex == ublk_mirror::manpage::render_conf_example(),
+        ex == ublk_mirror::cli::manpage::render_conf_example(),
         "systemd/ublk-mirror.conf.example is stale: run `cargo run -- man --conf-example > systemd/ublk-mirror.conf.example`"
     );
-    for (k, _, _) in ublk_mirror::manpage::CONF_KEYS {
+    for (k, _, _) in ublk_mirror::cli::manpage::CONF_KEYS {
         assert!(page.contains(k), "{k} is not documented");
     }
 }

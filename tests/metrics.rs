@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::process::{Command, Stdio};
 use ublk_mirror::engine::Engine;
-use ublk_mirror::metrics::{render, Device, Snapshot};
+use ublk_mirror::daemon::metrics::{render, Device, Snapshot};
 
 const MIB: u64 = 1 << 20;
 
@@ -135,7 +135,7 @@ fn devices(f: &Files) -> (Vec<Device>, Value) {
     let (engine, _target, _open) = Engine::open(&f.pair(None, Some(65536))).expect("open");
     let engine = std::sync::Arc::new(engine);
     let info = json!({ "dev_id": 0, "bdev": "/dev/ublkb0", "name": "we\"ird\\name\nline 2" });
-    let reply = ublk_mirror::control::handle(&json!({ "cmd": "status" }), &engine, &info);
+    let reply = ublk_mirror::daemon::control::handle(&json!({ "cmd": "status" }), &engine, &info);
     let listed = json!({ "dev_id": 0, "name": "stale", "source": "/old", "target": "/old", "state": "LIVE" });
     let (real, problem) = Device::from_replies(&listed, Ok(&reply));
     assert!(problem.is_none(), "{problem:?}");

@@ -365,10 +365,10 @@ mod engine_vs_memory {
     use proptest::prelude::*;
     use std::sync::Arc;
     use std::time::Duration;
-    use ublk_mirror::backing::AlignedBuf;
+    use ublk_mirror::io::backing::AlignedBuf;
     use ublk_mirror::engine::{CopyConfig, CopyMode, Engine, Settings, SyncMode};
-    use ublk_mirror::mirror::{Mirror, RunUntil};
-    use ublk_mirror::queue::{EngineQueue, Op};
+    use ublk_mirror::engine::mirror::{Mirror, RunUntil};
+    use ublk_mirror::engine::queue::{EngineQueue, Op};
 
     const BLK: u64 = 4096;
     const BLOCKS: u64 = 64;

@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use ublk_mirror::backing::{AlignedBuf, DirectMode};
+use ublk_mirror::io::backing::{AlignedBuf, DirectMode};
 use ublk_mirror::engine::{CopyConfig, Engine, PairOptions, SyncMode};
-use ublk_mirror::mirror::Hooks;
-use ublk_mirror::nbd::NbdTarget;
-use ublk_mirror::queue::{EngineQueue, Op};
-use ublk_mirror::sync::{self, VerifyOptions};
-use ublk_mirror::target::{Target, TargetOp};
-use ublk_mirror::uring::{self, Owner, Ring};
+use ublk_mirror::engine::mirror::Hooks;
+use ublk_mirror::io::nbd::NbdTarget;
+use ublk_mirror::engine::queue::{EngineQueue, Op};
+use ublk_mirror::offline::{self, VerifyOptions};
+use ublk_mirror::io::target::{Target, TargetOp};
+use ublk_mirror::io::uring::{self, Owner, Ring};
 
 const MIB: u64 = 1 << 20;
 const G: u64 = 64 << 10;
@@ -192,8 +192,8 @@ fn pair(f: &Files, uri: &str) -> PairOptions {
     }
 }
 
-fn verify(f: &Files, uri: &str) -> sync::VerifyReport {
-    sync::verify(&VerifyOptions {
+fn verify(f: &Files, uri: &str) -> offline::VerifyReport {
+    offline::verify(&VerifyOptions {
         source: f.source.clone(),
         target: PathBuf::from(uri),
         bitmap: Some(f.bitmap.clone()),
@@ -220,7 +220,7 @@ fn assert_same_files(a: &Path, b: &Path) {
 
 /// Runs `sync` in a thread and fails the test if it takes longer than `limit`.
 #[allow(clippy::result_large_err)] // the crate's error type, as returned by sync
-fn sync_bounded(p: &PairOptions, cfg: &CopyConfig, hooks: Hooks, limit: Duration) -> ublk_mirror::Result<sync::SyncReport> {
+fn sync_bounded(p: &PairOptions, cfg: &CopyConfig, hooks: Hooks, limit: Duration) -> ublk_mirror::Result<offline::SyncReport> {
     // Hooks are not Send; they are built by the caller on this thread, so the sync runs here and
     // a watchdog thread aborts the process on a hang (a panic there would not stop this thread).
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -235,7 +235,7 @@ fn sync_bounded(p: &PairOptions, cfg: &CopyConfig, hooks: Hooks, limit: Duration
             std::thread::sleep(Duration::from_millis(50));
         }
     });
-    let r = sync::sync(p, cfg, hooks, None);
+    let r = offline::sync(p, cfg, hooks, None);
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     r
 }
@@ -319,7 +319,7 @@ fn err_text(r: &io::Result<u32>) -> String {
 // ---------------------------------------------------------------------------------------------
 // Real servers
 
-fn sync_and_check(f: &Files, uri: &str, size: u64) -> sync::SyncReport {
+fn sync_and_check(f: &Files, uri: &str, size: u64) -> offline::SyncReport {
     let r = sync_bounded(&pair(f, uri), &CopyConfig::default(), Hooks::default(), LIMIT).expect("sync");
     assert_eq!(r.bytes_copied + r.bytes_zeroed, size, "every byte is copied or zeroed");
     let v = verify(f, uri);
@@ -503,14 +503,14 @@ fn unreachable_server_and_unknown_export_fail_clearly() {
     let f = files(MIB);
     let port = free_port();
     let uri = format!("nbd://127.0.0.1:{port}/x");
-    let e = sync::sync(&pair(&f, &uri), &CopyConfig::default(), Hooks::default(), None).expect_err("no server");
+    let e = offline::sync(&pair(&f, &uri), &CopyConfig::default(), Hooks::default(), None).expect_err("no server");
     let e = e.to_string();
     assert!(e.contains("cannot connect") && e.contains(&format!("127.0.0.1:{port}")), "{e}");
     let srv = Server::qemu(f.dir.path(), &f.target, Transport::Unix, &[]);
     let other = srv.uri.replace("/exp?", "/nosuch?");
-    let e = sync::sync(&pair(&f, &other), &CopyConfig::default(), Hooks::default(), None).expect_err("no export");
+    let e = offline::sync(&pair(&f, &other), &CopyConfig::default(), Hooks::default(), None).expect_err("no export");
     assert!(e.to_string().contains("\"nosuch\""), "{e}");
-    let e = sync::sync(&pair(&f, "nbd://h:99999/x"), &CopyConfig::default(), Hooks::default(), None).expect_err("bad uri");
+    let e = offline::sync(&pair(&f, "nbd://h:99999/x"), &CopyConfig::default(), Hooks::default(), None).expect_err("bad uri");
     assert!(e.to_string().contains("bad port"), "{e}");
     assert!(!f.bitmap.exists());
 }
@@ -923,7 +923,7 @@ fn hostile_handshakes_fail_open_clearly() {
     // Through sync: nothing created.
     let f = files(MIB);
     let uri = fake_server(Fault::AbsurdSize, 0);
-    let e = sync::sync(&pair(&f, &uri), &CopyConfig::default(), Hooks::default(), None).expect_err("absurd");
+    let e = offline::sync(&pair(&f, &uri), &CopyConfig::default(), Hooks::default(), None).expect_err("absurd");
     assert!(e.to_string().contains("absurd export size"), "{e}");
     assert!(!f.bitmap.exists());
 }
@@ -1025,7 +1025,7 @@ fn verify_through_a_hostile_server_fails_cleanly() {
     for fault in [Fault::ShortRead, Fault::BadMagic] {
         let uri = fake_server(fault, 6);
         let t0 = Instant::now();
-        let e = sync::verify(&VerifyOptions {
+        let e = offline::verify(&VerifyOptions {
             source: f.source.clone(),
             target: PathBuf::from(&uri),
             bitmap: None,

@@ -6,10 +6,10 @@
 mod common;
 use common::*;
 use std::time::{Duration, Instant};
-use ublk_mirror::bitmap::Bitmap;
+use ublk_mirror::io::bitmap::Bitmap;
 use ublk_mirror::engine::{CopyConfig, Engine, SyncMode};
-use ublk_mirror::mirror::Hooks;
-use ublk_mirror::sync::{self, VerifyOptions};
+use ublk_mirror::engine::mirror::Hooks;
+use ublk_mirror::offline::{self, VerifyOptions};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 16383 << 30;
@@ -38,14 +38,14 @@ fn a_16_tib_sparse_pair_syncs_resyncs_and_verifies() {
     let data = offsets.len() as u64 * MIB;
 
     let t0 = Instant::now();
-    let full = sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("full sync");
+    let full = offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("full sync");
     let took = t0.elapsed();
     assert_eq!(full.open.mode, SyncMode::Full);
     // 64 KiB regions would make a 32 MiB bitmap: the default granularity grows with the device.
     let g = full.granularity;
     assert_eq!(g, 256 << 10, "the granularity chosen for 16 TiB");
     let nregions = SIZE / g;
-    assert!(nregions <= ublk_mirror::bitmap::MAX_DEFAULT_REGIONS);
+    assert!(nregions <= ublk_mirror::io::bitmap::MAX_DEFAULT_REGIONS);
     let bitmap_bytes = nregions / 8;
     assert_eq!(full.bytes_copied, data, "a full sync copies the data, and only the data");
     assert_eq!(full.bytes_copied + full.bytes_zeroed, SIZE);
@@ -63,18 +63,18 @@ fn a_16_tib_sparse_pair_syncs_resyncs_and_verifies() {
     assert_eq!(runs, written.iter().map(|&r| (r, 1)).collect::<Vec<_>>());
 
     let t0 = Instant::now();
-    let re = sync::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("resync");
+    let re = offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("resync");
     assert_eq!(re.open.mode, SyncMode::Resume);
     assert_eq!(re.bytes_copied + re.bytes_zeroed, written.len() as u64 * g, "a resync copies the dirty regions only");
     assert!(t0.elapsed() < Duration::from_secs(60), "resync of 3 regions took {:?}", t0.elapsed());
 
     let t0 = Instant::now();
-    let v = sync::verify(&VerifyOptions {
+    let v = offline::verify(&VerifyOptions {
         source: f.source.clone(),
         target: f.target.clone(),
         bitmap: Some(f.bitmap.clone()),
         granularity: None,
-        direct: ublk_mirror::backing::DirectMode::Auto,
+        direct: ublk_mirror::io::backing::DirectMode::Auto,
     })
     .expect("verify");
     assert!(v.identical(), "{:?}", v.differing);
@@ -84,7 +84,7 @@ fn a_16_tib_sparse_pair_syncs_resyncs_and_verifies() {
 
     // `bitmap show --json` of a scattered dirty set: every 100th region (671k runs) set in the
     // file, as a crash during a random-write load leaves it. The runs come out in full.
-    let bits = ublk_mirror::bitmap::HEADER_SIZE;
+    let bits = ublk_mirror::io::bitmap::HEADER_SIZE;
     {
         use std::os::unix::fs::FileExt;
         let file = std::fs::OpenOptions::new().write(true).open(&f.bitmap).expect("open bitmap");
@@ -112,7 +112,7 @@ fn a_16_tib_sparse_pair_syncs_resyncs_and_verifies() {
         }
     }
     let mut out = Count(0, Vec::new());
-    ublk_mirror::bitmap::write_show_json(&h, &runs, &mut out).expect("show --json");
+    ublk_mirror::io::bitmap::write_show_json(&h, &runs, &mut out).expect("show --json");
     let tail = String::from_utf8_lossy(&out.1);
     let last = (nruns - 1) * 100;
     assert!(tail.contains(&format!("\"start\": {last}")) && tail.trim_end().ends_with('}'), "end of the JSON: {tail}");

@@ -45,7 +45,7 @@ use rand::{Rng, SeedableRng};
 use std::cell::RefCell;
 use std::rc::Rc;
 use ublk_mirror::core::{ActivePlan, Extent, FlushKind, GroupCommit, Intent, MirrorState, PersistentBits};
-use ublk_mirror::lifecycle::{self, BitmapFiles, Fill, SyncMode};
+use ublk_mirror::core::lifecycle::{self, BitmapFiles, Fill, SyncMode};
 
 const N: u64 = 8;
 const QUEUES: usize = 2;

@@ -4,7 +4,7 @@
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use ublk_mirror::backing::DirectMode;
+use ublk_mirror::io::backing::DirectMode;
 use ublk_mirror::engine::{PairOptions, SyncMode};
 
 pub struct Files {
@@ -109,11 +109,11 @@ pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 /// the region number) through a front-end queue, as the device does (setting the bits), then
 /// closes the engine in order.
 pub fn write_regions_and_close(engine: ublk_mirror::engine::Engine, granularity: u64, regions: &[u64]) {
-    use ublk_mirror::queue::{EngineQueue, Op};
+    use ublk_mirror::engine::queue::{EngineQueue, Op};
     let engine = std::sync::Arc::new(engine);
     let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
     for &r in regions {
-        let mut data = ublk_mirror::backing::AlignedBuf::new(4096);
+        let mut data = ublk_mirror::io::backing::AlignedBuf::new(4096);
         data.fill(r as u8);
         q.execute(Op::Write { off: r * granularity + 8192, data, len: 4096, fua: false }).expect("write");
     }

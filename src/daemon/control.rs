@@ -25,7 +25,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_CLIENTS: usize = 16;
 
 pub fn socket_path(id: u32) -> PathBuf {
-    PathBuf::from(crate::admin::RUN_DIR).join(format!("{id}.sock"))
+    PathBuf::from(super::RUN_DIR).join(format!("{id}.sock"))
 }
 
 /// Binds the socket and serves it on a thread until `stop` is set.
@@ -36,7 +36,7 @@ pub fn spawn_server(
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>> {
     use std::os::unix::fs::DirBuilderExt;
-    let dir = PathBuf::from(crate::admin::RUN_DIR);
+    let dir = PathBuf::from(super::RUN_DIR);
     let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir);
     spawn_server_at(socket_path(id), engine, info, stop)
 }
@@ -160,7 +160,7 @@ pub fn handle(req: &Value, engine: &Arc<Engine>, info: &Value) -> Value {
             }
             Ok(json!({ "settings": engine.settings() }))
         }
-        "verify" => engine.start_verify().map(|_| json!({})).map_err(|e| e.to_string()),
+        "verify" => crate::engine::online_verify::start(engine).map(|_| json!({})).map_err(|e| e.to_string()),
         "switchover" => {
             let secs = req.get("timeout_secs").and_then(Value::as_u64).unwrap_or(60).clamp(1, SWITCHOVER_MAX_SECS);
             let reverse = req.get("reverse").and_then(Value::as_bool).unwrap_or(false);

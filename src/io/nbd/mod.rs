@@ -39,8 +39,8 @@ pub use handshake::Export;
 pub use uri::{NbdUri, UriError};
 
 use crate::error::Error;
-use crate::target::{Target, TargetDone, TargetOp};
-use crate::uring::{push, Owner, Ring};
+use crate::io::target::{Target, TargetDone, TargetOp};
+use crate::io::uring::{push, Owner, Ring};
 use handshake::Stream;
 use io_uring::{opcode, types};
 use proto::*;

@@ -165,7 +165,7 @@ pub fn render_conf_example() -> String {
     let mut s = String::from(
         "# /etc/ublk-mirror/NAME.conf: one mirrored device, started by ublk-mirror@NAME.service.\n\
          # KEY=VALUE lines as in a shell (systemd EnvironmentFile), no spaces around '='.\n\
-         # Generated from src/manpage.rs (CONF_KEYS); see ublk-mirror.conf(5).\n",
+         # Generated from src/cli/manpage.rs (CONF_KEYS); see ublk-mirror.conf(5).\n",
     );
     for (k, what, example) in CONF_KEYS {
         s.push_str(&format!("\n# {what}\n{k}={example}\n"));

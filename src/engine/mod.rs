@@ -2,25 +2,33 @@
 //! and the entry points the front ends (ublk queues, tests, offline tools) call around their I/O.
 //!
 //! Threads: each front-end queue has its own io_uring and calls [`Engine::begin_write`] /
-//! [`Engine::end_write`] around its source writes; the mirror loop ([`crate::mirror`]) runs on
+//! [`Engine::end_write`] around its source writes; the mirror loop ([`crate::engine::mirror`]) runs on
 //! its own thread and ring. All of them share one lock over [`MirrorState`]; nothing under the
 //! lock blocks on I/O (bitmap bits are set in the mapped page cache, the flush is issued later
 //! on a ring).
 
-use crate::backing::{Backing, DirectMode};
-use crate::bitmap::{Bitmap, BitmapState, BitmapSwitch, Expect, PairIdentity};
+pub mod events;
+pub mod front;
+pub mod mirror;
+pub mod online_verify;
+pub mod queue;
+pub mod verify_report;
+
+use crate::io::backing::{Backing, DirectMode};
+use crate::io::bitmap::{Bitmap, BitmapState, BitmapSwitch, Expect, PairIdentity};
 use crate::core::{ActivePlan, CoreCounters, Extent, Intent, MirrorState};
 use crate::error::{Error, Result};
-use crate::front::{Fds, Held};
-use crate::lifecycle;
-use crate::policy::RateMeter;
-use crate::target::{is_uri, open_file_target, open_target, BoxTarget};
+use crate::engine::front::{Fds, Held};
+use crate::core::lifecycle;
+use crate::core::policy::RateMeter;
+use crate::io::target::{open_file_target, BoxTarget};
+use crate::io::{is_uri, open_target};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-pub use crate::lifecycle::SyncMode;
+pub use crate::core::lifecycle::SyncMode;
 
 /// What to open.
 #[derive(Clone, Debug)]
@@ -312,8 +320,8 @@ pub struct Engine {
     /// The target's backing (a duplicate of the mirror's), when the front end can reach it:
     /// write-blocking writes, online verify, switchover.
     front_target: Mutex<Option<Arc<Backing>>>,
-    /// Descriptors the device's queues use (see [`crate::front`]).
-    front: crate::front::FrontFds,
+    /// Descriptors the device's queues use (see [`crate::engine::front`]).
+    front: crate::engine::front::FrontFds,
     /// Serializes switchovers.
     switching: Mutex<()>,
     front_requests: AtomicU64,
@@ -335,12 +343,12 @@ pub struct Engine {
     /// see, so from then on every FLUSH of the device fails.
     source_flush_failed: AtomicBool,
     controls: Controls,
-    events: crate::events::EventLog,
+    events: crate::engine::events::EventLog,
     /// The device now serves the target directly (after `switchover`).
     serving_target: AtomicBool,
     /// An --on-consistent command is running: the target must not change.
     hook_running: AtomicBool,
-    verifier: crate::online_verify::Verifier,
+    verifier: verify_report::Verifier,
     /// Tests only: while this file exists, the mirror loop fails (at its setup, and at its next
     /// wake-up when running). From UBLK_MIRROR_TEST_FAIL_MIRROR_WHILE; see docs/operations.md.
     mirror_fault: Mutex<Option<PathBuf>>,
@@ -410,10 +418,10 @@ impl Engine {
                 )));
             }
             let hint = match tb.kind {
-                crate::backing::Kind::File => {
+                crate::io::backing::Kind::File => {
                     format!("grow it with: truncate -s {} {}", source.size, opts.target.display())
                 }
-                crate::backing::Kind::BlockDevice => "use a larger device or volume".to_string(),
+                crate::io::backing::Kind::BlockDevice => "use a larger device or volume".to_string(),
             };
             (Box::new(t), hint)
         };
@@ -472,7 +480,7 @@ impl Engine {
                 .as_ref()
                 .filter(|h| h.pair == pair && h.device_size == source.size)
                 .map(|h| h.granularity)
-                .unwrap_or_else(|| crate::bitmap::default_granularity(source.size))
+                .unwrap_or_else(|| crate::io::bitmap::default_granularity(source.size))
         });
         // Checked before the bitmap is made or changed: a refused pair leaves nothing behind.
         // An invalid granularity is left to the bitmap's own checks, which say what is valid.
@@ -480,7 +488,7 @@ impl Engine {
             (Some(h), SyncMode::Resume) => h.granularity,
             _ => granularity,
         };
-        if (is_uri(&opts.target) || target.direct()) && crate::bitmap::check_granularity(used).is_ok() {
+        if (is_uri(&opts.target) || target.direct()) && crate::io::bitmap::check_granularity(used).is_ok() {
             if let Some(why) = alignment_problem(target.block_size().into(), source.size, used) {
                 return Err(Error::config(format!("target {}: {why}", opts.target.display())));
             }
@@ -488,7 +496,7 @@ impl Engine {
         if mode != SyncMode::Resume && exists {
             // Refuse to replace a bitmap another live mirror holds.
             if let Ok(f) = std::fs::File::open(&opts.bitmap) {
-                if !crate::bitmap::try_lock_exclusive(&f) {
+                if !crate::io::bitmap::try_lock_exclusive(&f) {
                     return Err(Error::Bitmap {
                         path: opts.bitmap.clone(),
                         problem: crate::error::BitmapProblem::InUse,
@@ -499,7 +507,7 @@ impl Engine {
             }
         }
         let expect = Expect { pair: &pair, device_size: source.size, granularity: opts.granularity };
-        let mut files = crate::bitmap::BitmapFiles::new(&opts.bitmap, pair.clone(), source.size, granularity, expect);
+        let mut files = crate::io::bitmap::BitmapFiles::new(&opts.bitmap, pair.clone(), source.size, granularity, expect);
         let lifecycle::Opened { mut state, created } = lifecycle::open_bitmap(&mut files, mode)?;
         // Informational (the bits are what matters): durable with the next bitmap flush.
         state.pbits_mut().set_state_lazy(BitmapState::Active);
@@ -531,7 +539,7 @@ impl Engine {
         Ok(Engine {
             size,
             shift,
-            front: crate::front::FrontFds::new(Fds { source: source.fd(), target: -1 }),
+            front: crate::engine::front::FrontFds::new(Fds { source: source.fd(), target: -1 }),
             source: std::sync::RwLock::new(Arc::new(source)),
             front_target: Mutex::new(None),
             switching: Mutex::new(()),
@@ -551,7 +559,7 @@ impl Engine {
             stop: AtomicBool::new(false),
             source_flush_failed: AtomicBool::new(false),
             controls: Controls::default(),
-            events: crate::events::EventLog::default(),
+            events: crate::engine::events::EventLog::default(),
             serving_target: AtomicBool::new(false),
             hook_running: AtomicBool::new(false),
             verifier: Default::default(),
@@ -674,13 +682,13 @@ impl Engine {
         Gate::Go(g.state.begin_write(ext), ActivePlan::SourceOnly)
     }
 
-    pub fn verifier(&self) -> &crate::online_verify::Verifier {
+    pub fn verifier(&self) -> &verify_report::Verifier {
         &self.verifier
     }
 
     /// Lets the front end reach `target` itself when it is a file or block device: for
     /// write-blocking writes, online verify and switchover. Call before the device serves.
-    pub fn attach_target(&self, target: &dyn crate::target::Target) -> Result<()> {
+    pub fn attach_target(&self, target: &dyn crate::io::target::Target) -> Result<()> {
         let Some(b) = target.backing() else { return Ok(()) };
         let b = Arc::new(b.try_clone().map_err(|e| Error::io("duplicating the target's descriptor", e))?);
         // Nothing holds the initial set yet: this returns at once.
@@ -712,8 +720,10 @@ impl Engine {
         self.front.exit(h)
     }
 
-    /// Starts an online verify (see [`crate::online_verify`]).
-    pub fn start_verify(self: &Arc<Self>) -> Result<()> {
+    /// Runs `start` (an online verify's start, [`online_verify::start`]) with a duplicate of
+    /// the target's descriptor, under the lock a switchover takes: a verify never begins while
+    /// the pair is being switched, and a switchover refuses while a verify runs.
+    pub fn with_target_for_verify(&self, start: impl FnOnce(std::os::fd::OwnedFd) -> Result<()>) -> Result<()> {
         let _one = relock(&self.switching);
         if self.serving_target() {
             return Err(Error::config("the device was switched over: there is no pair to verify"));
@@ -725,7 +735,7 @@ impl Engine {
             ));
         };
         let dup = t.file.try_clone().map_err(|e| Error::io("duplicating the target's descriptor", e))?;
-        crate::online_verify::start(self.clone(), std::os::fd::OwnedFd::from(dup))
+        start(std::os::fd::OwnedFd::from(dup))
     }
 
     /// The --on-consistent command may start if no write-blocking write is landing on the
@@ -776,7 +786,7 @@ impl Engine {
         self.serving_target.load(Ordering::SeqCst)
     }
 
-    /// Switchover (see [`crate::control`]): holds new writes, waits for the writes in flight
+    /// Switchover (see [`crate::daemon::control`]): holds new writes, waits for the writes in flight
     /// and for a consistent point with nothing dirty, records the switch in the bitmap, then
     /// serves the target. With `reverse` the old source becomes the mirror's target instead of
     /// being released. Bounded by `limit`; on failure writes resume on the source.
@@ -799,7 +809,7 @@ impl Engine {
                 new_data.size, self.size
             )));
         }
-        if self.verifier.report().is_some_and(|r| r.state == "running") {
+        if self.verifier.report().is_some_and(|r| r.state == verify_report::VerifyState::Running) {
             return Err(Error::config("an online verify is running: wait for it (see `status`) and retry"));
         }
         {
@@ -929,7 +939,7 @@ impl Engine {
             // Nothing was closed: a request still on the old set reads a file that holds the same data.
             log::warn!("switchover --reverse: a request held the old descriptors for 10 s");
         }
-        *relock(&self.mirror_next) = Some(MirrorNext::Target(Box::new(crate::target::FileTarget::new(new_target))));
+        *relock(&self.mirror_next) = Some(MirrorNext::Target(Box::new(crate::io::target::FileTarget::new(new_target))));
         self.mirror_restart.store(false, Ordering::SeqCst);
         self.lock().write_barrier = false;
         self.wake();
@@ -1001,7 +1011,7 @@ impl Engine {
     pub fn controls(&self) -> &Controls {
         &self.controls
     }
-    pub fn events(&self) -> &crate::events::EventLog {
+    pub fn events(&self) -> &crate::engine::events::EventLog {
         &self.events
     }
     /// Applies `s` (at start, or from `set`); records what changed in the event log.
@@ -1258,7 +1268,7 @@ impl Engine {
         if first {
             g.progress.degraded_since = Some(SystemTime::now());
         }
-        let give_up = crate::policy::gives_up(max, g.progress.target_failures) && g.progress.gave_up.is_none();
+        let give_up = crate::core::policy::gives_up(max, g.progress.target_failures) && g.progress.gave_up.is_none();
         if give_up {
             g.progress.gave_up = Some(format!("{} failures in a row; last: {msg}", g.progress.target_failures));
         }
@@ -1364,7 +1374,7 @@ pub fn alignment_problem(block: u64, source_size: u64, granularity: u64) -> Opti
             "the granularity ({granularity} bytes) is not a multiple of the target's minimum block \
              size ({block} bytes), so no copy could be written: use --granularity {} or larger \
              (with --full for an existing bitmap)",
-            crate::bitmap::size_arg(block.max(crate::bitmap::MIN_GRANULARITY))
+            crate::io::bitmap::size_arg(block.max(crate::io::bitmap::MIN_GRANULARITY))
         ));
     }
     if source_size % block != 0 {
@@ -1386,7 +1396,7 @@ impl CopyConfig {
                 "the copy buffer ({} bytes) is not a multiple of the target's minimum block size \
                  ({block} bytes), so copies could not be written: use --buffer {} or larger",
                 self.buf_size,
-                crate::bitmap::size_arg(block)
+                crate::io::bitmap::size_arg(block)
             )));
         }
         Ok(())

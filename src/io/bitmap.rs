@@ -31,7 +31,7 @@
 //! fdatasync on io_uring, so the I/O path never blocks on it.
 
 use crate::core::PersistentBits;
-use crate::lifecycle::Fill;
+use crate::core::lifecycle::Fill;
 use crate::error::{BitmapProblem, Error, Result};
 use memmap2::{MmapMut, MmapOptions};
 use std::fs::{File, OpenOptions};
@@ -727,7 +727,7 @@ impl PersistentBits for Bitmap {
     }
 }
 
-/// The real files of a bitmap's lifecycle ([`crate::lifecycle`]): the bitmap at `path`, a new
+/// The real files of a bitmap's lifecycle ([`crate::core::lifecycle`]): the bitmap at `path`, a new
 /// one written as `.NAME.tmp-PID` beside it.
 pub struct BitmapFiles<'a> {
     path: &'a Path,
@@ -796,7 +796,7 @@ fn write_fill(f: &mut File, nregions: u64, fill: Fill) -> std::io::Result<()> {
     Ok(())
 }
 
-impl crate::lifecycle::BitmapFiles for BitmapFiles<'_> {
+impl crate::core::lifecycle::BitmapFiles for BitmapFiles<'_> {
     type Bits = Bitmap;
 
     fn exists(&self) -> bool {
@@ -878,7 +878,7 @@ pub enum BitmapSwitch {
     Reverse(PairIdentity),
 }
 
-impl crate::lifecycle::RecordSwitch for Bitmap {
+impl crate::core::lifecycle::RecordSwitch for Bitmap {
     type Switch = BitmapSwitch;
     fn record_switch(&mut self, s: BitmapSwitch) -> Result<()> {
         match s {
@@ -975,7 +975,7 @@ pub(crate) fn try_lock_exclusive(file: &File) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lifecycle::{open_bitmap, SyncMode};
+    use crate::core::lifecycle::{open_bitmap, SyncMode};
     use rand::{Rng, SeedableRng};
 
     /// 64 KiB up to 4 TiB; larger devices get the granularity that keeps the bitmap at 64 Mi
@@ -1046,7 +1046,7 @@ mod tests {
     /// for any granularity.
     #[test]
     fn too_many_regions_are_refused_at_create() {
-        use crate::lifecycle::BitmapFiles as _;
+        use crate::core::lifecycle::BitmapFiles as _;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("bm");
         let pair = test_pair();

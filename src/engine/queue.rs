@@ -8,14 +8,14 @@
 //! needs was durable before the write was issued, so FLUSH is just an fdatasync of the source.
 //!
 //! The protocol lives in [`Requests`], which does not own a ring: it pushes its operations
-//! through a [`Sink`] and is handed their completions. The device (crate::device) runs it on
+//! through a [`Sink`] and is handed their completions. The device (crate::daemon::device) runs it on
 //! the ublk queue's ring; [`EngineQueue`] runs it on a ring of its own, for the tests and tools
 //! that drive the engine without a kernel device. Both run the same code.
 
-use crate::backing::AlignedBuf;
+use crate::io::backing::AlignedBuf;
 use crate::core::{ActivePlan, Extent, GroupCommit, Intent};
 use crate::engine::{Engine, Gate};
-use crate::uring::{self, push, Owner, Ring};
+use crate::io::uring::{self, push, Owner, Ring};
 use io_uring::{opcode, squeue, types};
 use std::io;
 use std::sync::Arc;
@@ -124,7 +124,7 @@ pub trait Sink {
     ///
     /// # Safety
     ///
-    /// As [`crate::uring::push`]: what `entry` points at stays valid until its completion is
+    /// As [`crate::io::uring::push`]: what `entry` points at stays valid until its completion is
     /// handed back (to [`Requests::complete`]), or is leaked.
     unsafe fn push(&mut self, entry: squeue::Entry, owner: Owner, slot: u16) -> io::Result<()>;
 }
@@ -159,7 +159,7 @@ struct Req {
     /// Which descriptor the request's data goes to (the target once switched over).
     file: u32,
     /// The engine's front-end descriptors, held from the first issue to the completion.
-    held: Option<crate::front::Held>,
+    held: Option<crate::engine::front::Held>,
 }
 
 const SRC: u32 = 0;
@@ -466,7 +466,7 @@ impl Requests {
         };
         // SAFETY: the request's buffer (its own, or the caller's by submit_in_place's contract)
         // stays in its slot until this operation's completion frees the slot, or is leaked by
-        // abandon_in_flight; its descriptors are held by `held` until then (crate::front).
+        // abandon_in_flight; its descriptors are held by `held` until then (crate::engine::front).
         if let Err(e) = unsafe { sink.push(e, Owner::Front, slot16) } {
             log::error!("queue ring: cannot queue a request: {e}");
             self.finish(slot, Err(eio()));

@@ -1,13 +1,14 @@
 //! Offline commands: `sync` (bring a target in step with a source using a bitmap) and `verify`
 //! (compare them, and check the bitmap's claims).
 
-use crate::backing::{AlignedBuf, Backing, DirectMode};
-use crate::bitmap::{Bitmap, PairIdentity};
+use crate::io::backing::{AlignedBuf, Backing, DirectMode};
+use crate::io::bitmap::{Bitmap, PairIdentity};
 use crate::engine::{CopyConfig, Engine, OpenReport, PairOptions, Status};
 use crate::error::{Error, Result};
-use crate::mirror::{Hooks, Mirror, RunUntil};
-use crate::target::{is_uri, open_target, BoxTarget, TargetDone, TargetOp};
-use crate::uring::{self, push, Owner};
+use crate::engine::mirror::{Hooks, Mirror, RunUntil};
+use crate::io::target::{BoxTarget, TargetDone, TargetOp};
+use crate::io::{is_uri, open_target};
+use crate::io::uring::{self, push, Owner};
 use io_uring::{opcode, types};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -110,7 +111,7 @@ fn push_run(runs: &mut Vec<(u64, u64)>, r: u64) {
 }
 
 /// The target as verify reads it: a file or block device by its descriptor, anything else
-/// (an NBD export) through its [`crate::target::Target`] implementation.
+/// (an NBD export) through its [`crate::io::target::Target`] implementation.
 enum VerifyTarget {
     File(Backing),
     Other(BoxTarget),
@@ -169,15 +170,15 @@ pub fn verify_with_progress(opts: &VerifyOptions, mut progress: VerifyProgress<'
                     fix: "give this pair's bitmap, or verify without --bitmap".into(),
                 });
             }
-            let mut set = crate::pagebits::PagedBits::new(h.nregions as usize);
+            let mut set = crate::core::pagebits::PagedBits::new(h.nregions as usize);
             for (s, n) in runs {
                 set.fill(s as usize, (s + n) as usize, true);
             }
             (h.granularity, Some(set))
         }
         None => {
-            let g = opts.granularity.unwrap_or_else(|| crate::bitmap::default_granularity(size));
-            crate::bitmap::check_granularity(g)?;
+            let g = opts.granularity.unwrap_or_else(|| crate::io::bitmap::default_granularity(size));
+            crate::io::bitmap::check_granularity(g)?;
             (g, None)
         }
     };

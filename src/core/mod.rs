@@ -5,8 +5,8 @@
 //! production engine drives them with io_uring; a simulator (or a property test) drives them with
 //! simulated media and injected crashes. Neither has a copy of this logic.
 //!
-//! The rules come from `crash-consistency.md` (md's write-intent bitmap, dm-log and DRBD's
-//! activity log follow the same ones), not from the 2012 seed's ordering:
+//! The rules are those of docs/crash-safety.md (md's write-intent bitmap, dm-log and DRBD's
+//! activity log follow the same ones), not the ordering of the 2012 drive-mirror design:
 //!
 //! 1. **Write intent.** A write, discard or write-zeroes to region `r` is issued to the source only
 //!    once `bit(r)` is durable on the bitmap's medium. [`MirrorState::begin_write`] sets the bit in
@@ -21,7 +21,11 @@
 //! `bit(r)` on the bitmap's medium, or the target's medium holds `r` at least as new as the
 //! source's medium.
 
-use crate::pagebits::PagedBits;
+pub mod lifecycle;
+pub mod pagebits;
+pub mod policy;
+
+use crate::core::pagebits::PagedBits;
 use bitvec::prelude::*;
 use std::collections::HashMap;
 
@@ -234,7 +238,7 @@ impl<P: PersistentBits> MirrorState<P> {
     /// Builds the state from the persistent bits as found on the medium.
     ///
     /// The caller guarantees that `pbits` is what the medium holds (it flushes the bitmap once
-    /// before calling this: [`crate::lifecycle::trusted_state`]), so every set bit is durable and
+    /// before calling this: [`crate::core::lifecycle::trusted_state`]), so every set bit is durable and
     /// every set bit is work to do: after a crash, those are exactly the regions that may differ.
     pub fn new(nregions: u64, pbits: P) -> Self {
         // Every set bit is durable (the caller's guarantee) and work to do. Loaded in pieces:

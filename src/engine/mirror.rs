@@ -5,23 +5,23 @@
 //! read, a target write, or a target zero for a source hole). Jobs run concurrently up to
 //! `max_copies`. The decisions (what to copy, when to flush, what to clear) are the engine's
 //! [`crate::core::MirrorState`]; when to do it (rate limits, retries, max-lag, the spacing of
-//! flushes and of the --on-consistent command) is [`crate::policy`]'s; this file performs them.
+//! flushes and of the --on-consistent command) is [`crate::core::policy`]'s; this file performs them.
 
-use crate::backing::AlignedBuf;
+use crate::io::backing::AlignedBuf;
 use crate::core::{Extent, FlushKind};
 use crate::engine::{CopyConfig, Engine};
 use crate::error::{Error, Result};
-use crate::policy::{
+use crate::core::policy::{
     self, Backoff, BusyDetector, Checkpoints, ConsistentSpacing, HookKill, HookSchedule, LagSwitch, TokenBucket,
 };
-use crate::target::{Target, TargetDone, TargetOp};
-use crate::uring::{self, push, Owner, Ring};
+use crate::io::target::{Target, TargetDone, TargetOp};
+use crate::io::uring::{self, push, Owner, Ring};
 use io_uring::{opcode, types};
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-pub use crate::policy::{BUSY_REQUESTS, BUSY_WINDOW, HOOK_STOP_GRACE, MAX_BACKOFF};
+pub use crate::core::policy::{BUSY_REQUESTS, BUSY_WINDOW, HOOK_STOP_GRACE, MAX_BACKOFF};
 
 /// When the loop returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -625,7 +625,7 @@ impl<'t> Mirror<'t> {
         // write-blocking write that began before it may still be landing: then the next point.
         // From here on nothing writes the target until check_hook has reaped the command.
         let Some(seq) = self.engine.begin_hook() else { return };
-        let now_ms = crate::events::unix_ms();
+        let now_ms = crate::engine::events::unix_ms();
         let mut cmd = std::process::Command::new("/bin/sh");
         cmd.arg("-c").arg(&h.command).stdin(std::process::Stdio::null());
         cmd.env("UBLK_MIRROR_CONSISTENT_SEQ", seq.to_string()).env("UBLK_MIRROR_CONSISTENT_TIME_MS", now_ms.to_string());

@@ -7,7 +7,8 @@
 //! prints the device's JSON only after `LIVE`, and on any failure deletes the half-made device,
 //! so nothing is left behind. Every wait is bounded.
 
-use crate::device;
+use crate::daemon::RUN_DIR;
+use crate::daemon::device;
 use crate::engine::{CopyConfig, Engine, PairOptions, Settings, StatusState, SyncMode};
 use crate::error::{Error, Result};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
@@ -27,7 +28,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const TARGET_NAME: &str = "ublk-mirror";
-pub const RUN_DIR: &str = "/run/ublk-mirror";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What `add` was asked for.
@@ -286,7 +286,7 @@ impl DeviceEntry {
 /// Opens the device to recover and reads the pair it was serving from its saved configuration.
 fn prepare_recover(
     id: u32,
-    direct: crate::backing::DirectMode,
+    direct: crate::io::backing::DirectMode,
 ) -> Result<(UblkCtrl, PairOptions, String, Option<Settings>, bool, QueueAffinity)> {
     let number = ublk_number(id)?;
     let old = UblkCtrl::new_simple(number)
@@ -313,13 +313,13 @@ fn prepare_recover(
     // The bitmap has the last word on the pair: a switchover records itself there (and
     // `--reverse` the swapped pair) before the device changes what it serves.
     let mut switched = false;
-    let (source, target) = match crate::bitmap::Bitmap::read_header(&bitmap) {
-        Ok(h) if h.state == crate::bitmap::BitmapState::SwitchedOver => {
+    let (source, target) = match crate::io::bitmap::Bitmap::read_header(&bitmap) {
+        Ok(h) if h.state == crate::io::bitmap::BitmapState::SwitchedOver => {
             log::info!("device {id} was switched over to {}: serving it alone", h.pair.target);
             switched = true;
             (source, target)
         }
-        Ok(h) if Path::new(&h.pair.source) == crate::bitmap::absolute(&target) && Path::new(&h.pair.target) == crate::bitmap::absolute(&source) => {
+        Ok(h) if Path::new(&h.pair.source) == crate::io::bitmap::absolute(&target) && Path::new(&h.pair.target) == crate::io::bitmap::absolute(&source) => {
             log::info!("device {id}: its pair was reversed by a switchover: source {}, target {}", h.pair.source, h.pair.target);
             (target, source)
         }
@@ -499,7 +499,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         "source": pair.source, "target": pair.target, "bitmap": pair.bitmap,
         "event_log": opts.event_log.clone().unwrap_or(events_path.clone()),
     });
-    let control = crate::control::spawn_server(id, engine.clone(), info, stop_control.clone());
+    let control = crate::daemon::control::spawn_server(id, engine.clone(), info, stop_control.clone());
     let control = match control {
         Ok(c) => c,
         Err(e) => {
@@ -679,7 +679,7 @@ fn daemon_stdio(log: &str) {
 
 /// The live status, asked of the daemon over its control socket.
 pub fn read_status(id: u32) -> Result<serde_json::Value> {
-    crate::control::request(id, &serde_json::json!({ "cmd": "status" })).map_err(|e| {
+    crate::daemon::control::request(id, &serde_json::json!({ "cmd": "status" })).map_err(|e| {
         // No daemon to ask: say why, when the reason is that there can be no device at all.
         if !Path::new("/dev/ublk-control").exists() {
             driver_missing()

@@ -2,7 +2,7 @@
 //! file operations that keeps every kind of crash recoverable.
 //!
 //! The code here is generic over [`BitmapFiles`], the file operations it needs. The engine runs
-//! it over the real bitmap file ([`crate::bitmap::BitmapFiles`]); the deterministic simulator
+//! it over the real bitmap file ([`crate::io::bitmap::BitmapFiles`]); the deterministic simulator
 //! (tests/sim.rs) runs the same code over simulated media, with a crash of each kind
 //! (power loss, daemon kill) between any two of its operations.
 //!

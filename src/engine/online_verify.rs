@@ -8,13 +8,14 @@
 //! The reads are throttled like the copy (the `speed` setting). Where source and target both hold
 //! a hole (SEEK_DATA on each), both read as zeros: those regions are not read, and counted apart.
 
-use crate::backing::AlignedBuf;
+use crate::io::backing::AlignedBuf;
+use crate::engine::verify_report::{OnlineVerify, VerifyState};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::uring::{self, push, Owner};
+use crate::io::uring::{self, push, Owner};
 use io_uring::{opcode, types};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Mismatching regions listed at most (the count is exact).
@@ -22,52 +23,22 @@ const MAX_LISTED: usize = 1000;
 /// Bytes read per side per step.
 const CHUNK: u64 = 1 << 20;
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct OnlineVerify {
-    /// running, done, failed
-    pub state: &'static str,
-    pub regions: u64,
-    pub compared: u64,
-    /// Dirty or busy when their turn came, or written while being read.
-    pub skipped: u64,
-    pub mismatches: u64,
-    /// First mismatching regions (region numbers).
-    pub mismatched: Vec<u64>,
-    pub granularity: u64,
-    pub bytes_compared: u64,
-    /// Regions not read because source and target both hold a hole there.
-    pub holes: u64,
-    pub bytes_skipped: u64,
-    pub elapsed_secs: f64,
-    pub error: Option<String>,
+/// Starts a verify of `engine`'s pair on a thread of its own. Refused while one runs, after a
+/// switchover, and for targets it cannot read directly (NBD: the offline `verify` reads those).
+pub fn start(engine: &Arc<Engine>) -> Result<()> {
+    engine.with_target_for_verify(|target| spawn(engine, target))
 }
 
-/// The verify runs of one engine (one at a time).
-#[derive(Default)]
-pub struct Verifier {
-    report: Mutex<Option<OnlineVerify>>,
-}
-
-impl Verifier {
-    pub fn report(&self) -> Option<OnlineVerify> {
-        self.lock().clone()
-    }
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<OnlineVerify>> {
-        // A panic in the verify thread leaves a report that is at worst stale.
-        self.report.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Starts a verify of `engine`'s pair, reading the target through `target` (a duplicate of
-/// the target's descriptor, owned by the verify thread).
-pub fn start(engine: Arc<Engine>, target: OwnedFd) -> Result<()> {
+/// The verify thread, reading the target through `target` (a duplicate of the target's
+/// descriptor, owned by the thread).
+fn spawn(engine: &Arc<Engine>, target: OwnedFd) -> Result<()> {
     {
         let mut g = engine.verifier().lock();
-        if g.as_ref().is_some_and(|r| r.state == "running") {
+        if g.as_ref().is_some_and(|r| r.state == VerifyState::Running) {
             return Err(Error::config("a verify is already running: see `status`"));
         }
         *g = Some(OnlineVerify {
-            state: "running",
+            state: VerifyState::Running,
             regions: engine.size().div_ceil(engine.granularity()),
             granularity: engine.granularity(),
             ..Default::default()
@@ -83,9 +54,9 @@ pub fn start(engine: Arc<Engine>, target: OwnedFd) -> Result<()> {
             if let Some(rep) = g.as_mut() {
                 rep.elapsed_secs = t0.elapsed().as_secs_f64();
                 match r {
-                    Ok(()) => rep.state = "done",
+                    Ok(()) => rep.state = VerifyState::Done,
                     Err(err) => {
-                        rep.state = "failed";
+                        rep.state = VerifyState::Failed;
                         rep.error = Some(err.to_string());
                     }
                 }
@@ -228,14 +199,14 @@ enum Holes {
 /// hole only if it is one whole on both sides: it then reads as zeros on both, and there is
 /// nothing to compare. (A write landing after the probe makes the region dirty: it would have
 /// been skipped as busy all the same.)
-fn both_holes(source: &crate::backing::Backing, target: &OwnedFd, r: u64, gran: u64, size: u64) -> Result<Holes> {
+fn both_holes(source: &crate::io::backing::Backing, target: &OwnedFd, r: u64, gran: u64, size: u64) -> Result<Holes> {
     let pos = r * gran;
     let probe = |what: &str, got: std::io::Result<Option<(u64, u64)>>| {
         got.map_err(|e| Error::io(format!("verify: SEEK_DATA on the {what} at byte {pos}"), e))
     };
     let sides = [
         probe("source", source.next_data(pos, size))?,
-        probe("target", crate::backing::next_data(target.as_raw_fd(), pos, size))?,
+        probe("target", crate::io::backing::next_data(target.as_raw_fd(), pos, size))?,
     ];
     let data_at = sides.iter().map(|d| d.map_or(size, |d| d.0)).min().unwrap_or(size);
     let first = if data_at >= size { size.div_ceil(gran) } else { data_at / gran };

@@ -3,8 +3,8 @@
 //! target (NBD) implements the same trait with its own request/reply state machine on the same
 //! ring, and the mirror logic does not change.
 
-use crate::backing::{Backing, Kind};
-use crate::uring::{push, Owner, Ring};
+use crate::io::backing::{Backing, Kind};
+use crate::io::uring::{push, Owner, Ring};
 use io_uring::{opcode, types};
 use std::io;
 
@@ -90,8 +90,8 @@ const ZERO_CHUNK: usize = 1 << 20;
 /// The zeroes of zeroing writes: one buffer for the process, never freed (so that no write in
 /// flight can outlive it) and never written (its pages are the kernel's zero page: no memory).
 fn zero_chunk() -> *const u8 {
-    static ZERO: std::sync::OnceLock<crate::backing::AlignedBuf> = std::sync::OnceLock::new();
-    ZERO.get_or_init(|| crate::backing::AlignedBuf::new(ZERO_CHUNK)).as_ptr()
+    static ZERO: std::sync::OnceLock<crate::io::backing::AlignedBuf> = std::sync::OnceLock::new();
+    ZERO.get_or_init(|| crate::io::backing::AlignedBuf::new(ZERO_CHUNK)).as_ptr()
 }
 
 impl FileTarget {
@@ -275,25 +275,8 @@ fn result(res: i32) -> io::Result<u32> {
 /// A target the mirror thread owns.
 pub type BoxTarget = Box<dyn Target + Send>;
 
-/// True if `spec` names a network target (a URI) rather than a path.
-pub fn is_uri(spec: &std::path::Path) -> bool {
-    let s = spec.to_string_lossy();
-    s.starts_with("nbd://") || s.starts_with("nbd+unix://")
-}
-
-/// Opens a target: a file or block device path, or a network target URI.
-pub fn open_target(spec: &std::path::Path, direct: crate::backing::DirectMode) -> crate::Result<BoxTarget> {
-    if is_uri(spec) {
-        let uri = spec.to_str().ok_or_else(|| {
-            crate::Error::config(format!("target {}: an NBD URI must be valid UTF-8", spec.display()))
-        })?;
-        return Ok(Box::new(crate::nbd::NbdTarget::open(uri)?));
-    }
-    Ok(Box::new(open_file_target(spec, direct)?))
-}
-
 /// Opens a target path: a file or block device.
-pub fn open_file_target(path: &std::path::Path, direct: crate::backing::DirectMode) -> crate::Result<FileTarget> {
+pub fn open_file_target(path: &std::path::Path, direct: crate::io::backing::DirectMode) -> crate::Result<FileTarget> {
     let b = Backing::open(path, "target", true, direct)?;
     if b.kind == Kind::BlockDevice {
         log::debug!("target {} is a block device ({} bytes)", path.display(), b.size);

@@ -1,6 +1,8 @@
 //! The command line: clap definitions, shared by the binary, the man page and the completions.
 
-use crate::backing::DirectMode;
+pub mod manpage;
+
+use crate::io::backing::DirectMode;
 use crate::engine::{CopyMode, SyncMode};
 use crate::units::{parse_duration, parse_size};
 use clap::{Args, Parser, Subcommand};
@@ -258,7 +260,7 @@ pub struct AddArgs {
     /// workers that do its file I/O (rublk's and ublksrv's default); all: they float over the
     /// set, which lets a write-blocking mirror's two writes use two CPUs at once.
     #[arg(long, value_enum, default_value = "single")]
-    pub affinity: crate::admin::QueueAffinity,
+    pub affinity: crate::daemon::admin::QueueAffinity,
     /// Serve in this process instead of a daemon.
     #[arg(long)]
     pub foreground: bool,
@@ -422,7 +424,7 @@ mod tests {
     /// margin for its reply; it does not overflow.
     #[test]
     fn switchover_wait_is_bounded() {
-        use crate::control::switchover_reply_limit;
+        use crate::daemon::control::switchover_reply_limit;
         assert_eq!(switchover_reply_limit(60), std::time::Duration::from_secs(70));
         assert_eq!(switchover_reply_limit(u64::MAX), std::time::Duration::from_secs(3610));
         assert_eq!(switchover_reply_limit(0), std::time::Duration::from_secs(11));

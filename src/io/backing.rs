@@ -118,7 +118,7 @@ impl Backing {
                 std::io::Error::from_raw_os_error(libc::EINVAL),
             ));
         }
-        let identity = crate::bitmap::identity_of(path, &file, &meta);
+        let identity = crate::io::bitmap::identity_of(path, &file, &meta);
         Ok(Backing {
             file,
             path: path.to_path_buf(),

@@ -4,23 +4,23 @@
 //! Data plane (libublk 0.4.8, callback style): one thread and one io_uring per queue. Each
 //! completion on the queue's ring (a new request from the driver, or one of our operations)
 //! goes to the queue's [`Requests`], the same protocol code the engine tests drive on a ring of
-//! their own (crate::queue); what it finishes is committed back to the driver at once.
+//! their own (crate::engine::queue); what it finishes is committed back to the driver at once.
 //! Forwarding a read costs one SQE; a write whose bit is already durable one SQE, otherwise it
 //! first waits for a bitmap fdatasync on the same ring, shared by the queue's writes that
 //! arrive meanwhile (group commit). Source and target are plain descriptors taken from the
-//! engine per request (see [`crate::front`]): a switchover replaces them under live I/O and must
+//! engine per request (see [`crate::engine::front`]): a switchover replaces them under live I/O and must
 //! know when the old ones are no longer used (a fixed-file slot keeps its file open in the
 //! kernel until every request issued before its update has completed, and each idle ublk tag
 //! keeps one pending).
 
 use crate::engine::{CopyConfig, Engine, MirrorNext};
-use crate::mirror::{Mirror, RunUntil};
-use crate::queue::{Request, Requests, Sink};
-use crate::uring::Owner;
+use crate::engine::mirror::{Mirror, RunUntil};
+use crate::engine::queue::{Request, Requests, Sink};
+use crate::io::uring::Owner;
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDesc, BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, UblkError, UblkIORes, UblkUringData};
-use crate::policy::{Backoff, MAX_BACKOFF, MIN_BACKOFF};
+use crate::core::policy::{Backoff, MAX_BACKOFF, MIN_BACKOFF};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -233,7 +233,7 @@ pub fn params(engine: &Engine, max_io_buf_bytes: u32) -> sys::ublk_params {
 /// nothing of the old pair stays registered).
 pub fn spawn_mirror(
     engine: Arc<Engine>,
-    target: crate::target::BoxTarget,
+    target: crate::io::target::BoxTarget,
     cfg: CopyConfig,
 ) -> std::thread::JoinHandle<crate::Result<()>> {
     std::thread::Builder::new()
@@ -249,7 +249,7 @@ pub fn spawn_mirror(
 
 /// The mirror thread's body (see [`spawn_mirror`]). Returns at the stop: the last loop's error,
 /// if it ended with one.
-fn supervise(engine: Arc<Engine>, mut target: crate::target::BoxTarget, mut cfg: CopyConfig) -> crate::Result<()> {
+fn supervise(engine: Arc<Engine>, mut target: crate::io::target::BoxTarget, mut cfg: CopyConfig) -> crate::Result<()> {
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     loop {
         engine.set_mirror_running(true);

@@ -1,0 +1,17 @@
+//! The daemon of one device and its administration: the ublk device and its queues, the control
+//! socket, the metrics exporter, and the commands that start, list and stop daemons.
+//!
+//! - [`device`]: the ublk device: its queues run [`crate::engine::queue`] on libublk's rings,
+//!   and a supervisor thread runs the mirror loop;
+//! - [`control`]: the control socket (status, settings, pause, switchover, verify);
+//! - [`admin`]: `add`, `recover`, `del`, `list`, `up`, `down`: forking the daemon, its saved
+//!   configuration, udev names;
+//! - [`metrics`]: the Prometheus exposition of every device.
+
+pub mod admin;
+pub mod control;
+pub mod device;
+pub mod metrics;
+
+/// Where daemons keep their control sockets, event logs and logs.
+pub const RUN_DIR: &str = "/run/ublk-mirror";
