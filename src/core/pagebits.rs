@@ -58,6 +58,48 @@ pub struct PagedBits {
     ones: usize,
 }
 
+/// A page that bits `[s, e)` of a set touch: its number `p`, its first bit `base`, its length
+/// `plen` (the last page may be short), and the offsets `[a, b)` of those bits within it.
+#[derive(Clone, Copy)]
+struct PageSpan {
+    p: usize,
+    base: usize,
+    a: usize,
+    b: usize,
+    plen: usize,
+}
+
+/// The pages bits `[s, e)` of a set of `len` bits touch, in order.
+fn page_spans(len: usize, s: usize, e: usize) -> impl Iterator<Item = PageSpan> {
+    assert!(s <= e && e <= len, "range {s}..{e} of a set of {len}");
+    let mut at = s;
+    std::iter::from_fn(move || {
+        (at < e).then(|| {
+            let p = at / PAGE_BITS;
+            let base = p * PAGE_BITS;
+            let plen = (len - base).min(PAGE_BITS);
+            let span = PageSpan { p, base, a: at - base, b: (e - base).min(plen), plen };
+            at = base + span.b;
+            span
+        })
+    })
+}
+
+/// The words bits `[a, b)` of a page touch, in order: each word's index and the mask of those
+/// bits in it.
+fn word_spans(a: usize, b: usize) -> impl Iterator<Item = (usize, u64)> {
+    let mut i = a;
+    std::iter::from_fn(move || {
+        (i < b).then(|| {
+            let w = i / 64;
+            let hi = (b - w * 64).min(64);
+            let m = mask(i % 64, hi);
+            i = w * 64 + hi;
+            (w, m)
+        })
+    })
+}
+
 /// Bits `[a, b)` of a word (`a < b <= 64`).
 fn mask(a: usize, b: usize) -> u64 {
     debug_assert!(a < b && b <= 64);
@@ -257,14 +299,7 @@ impl PagedBits {
     /// Sets (`v`) or clears bits `[s, e)`. A page covered whole becomes uniform at the cost of
     /// one entry; a page covered in part changes only the words or list entries it covers.
     pub fn fill(&mut self, s: usize, e: usize, v: bool) {
-        assert!(s <= e && e <= self.len, "range {s}..{e} of a set of {}", self.len);
-        let mut at = s;
-        while at < e {
-            let p = at / PAGE_BITS;
-            let base = p * PAGE_BITS;
-            let plen = self.page_len(p);
-            let (a, b) = (at - base, (e - base).min(plen));
-            at = base + b;
+        for PageSpan { p, a, b, plen, .. } in page_spans(self.len, s, e) {
             let before = self.page_ones(p);
             if a == 0 && b == plen {
                 self.pages[p] = if v { Page::Full } else { Page::Empty };
@@ -293,16 +328,11 @@ impl PagedBits {
     fn fill_words(&mut self, p: usize, a: usize, b: usize, v: bool) -> isize {
         let (ones, words) = self.words_mut(p);
         let mut delta: isize = 0;
-        let mut i = a;
-        while i < b {
-            let w = i / 64;
-            let hi = (b - w * 64).min(64);
-            let m = mask(i % 64, hi);
+        for (w, m) in word_spans(a, b) {
             let old = words[w];
             let new = if v { old | m } else { old & !m };
             delta += new.count_ones() as isize - old.count_ones() as isize;
             words[w] = new;
-            i = w * 64 + hi;
         }
         *ones = (*ones as isize + delta) as usize;
         delta
@@ -319,30 +349,15 @@ impl PagedBits {
 
     /// Number of set bits in `[s, e)`.
     pub fn count_in(&self, s: usize, e: usize) -> usize {
-        assert!(s <= e && e <= self.len, "range {s}..{e} of a set of {}", self.len);
         let mut n = 0;
-        let mut at = s;
-        while at < e {
-            let p = at / PAGE_BITS;
-            let base = p * PAGE_BITS;
-            let plen = self.page_len(p);
-            let (a, b) = (at - base, (e - base).min(plen));
-            at = base + b;
+        for PageSpan { p, a, b, plen, .. } in page_spans(self.len, s, e) {
             n += match &self.pages[p] {
                 Page::Empty => 0,
                 Page::Full => b - a,
                 Page::Sparse(list) => rank(list, b) - rank(list, a),
                 Page::Mixed { ones, .. } if a == 0 && b == plen => *ones,
                 Page::Mixed { words, .. } => {
-                    let mut c = 0;
-                    let mut i = a;
-                    while i < b {
-                        let w = i / 64;
-                        let hi = (b - w * 64).min(64);
-                        c += (words[w] & mask(i % 64, hi)).count_ones() as usize;
-                        i = w * 64 + hi;
-                    }
-                    c
+                    word_spans(a, b).map(|(w, m)| (words[w] & m).count_ones() as usize).sum()
                 }
             };
         }
@@ -373,14 +388,7 @@ impl PagedBits {
     /// time within mixed ones, by binary search (a one) or along the list (a zero) in sparse
     /// ones.
     fn first(&self, s: usize, e: usize, v: bool) -> Option<usize> {
-        assert!(s <= e && e <= self.len, "range {s}..{e} of a set of {}", self.len);
-        let mut at = s;
-        while at < e {
-            let p = at / PAGE_BITS;
-            let base = p * PAGE_BITS;
-            let plen = self.page_len(p);
-            let (a, b) = (at - base, (e - base).min(plen));
-            at = base + b;
+        for PageSpan { p, base, a, b, .. } in page_spans(self.len, s, e) {
             match (&self.pages[p], v) {
                 (Page::Empty, false) | (Page::Full, true) => return Some(base + a),
                 (Page::Empty, true) | (Page::Full, false) => {}
@@ -404,16 +412,11 @@ impl PagedBits {
                     }
                 }
                 (Page::Mixed { words, .. }, _) => {
-                    let mut i = a;
-                    while i < b {
-                        let w = i / 64;
-                        let hi = (b - w * 64).min(64);
-                        let word = if v { words[w] } else { !words[w] };
-                        let hit = word & mask(i % 64, hi);
+                    for (w, m) in word_spans(a, b) {
+                        let hit = if v { words[w] } else { !words[w] } & m;
                         if hit != 0 {
                             return Some(base + w * 64 + hit.trailing_zeros() as usize);
                         }
-                        i = w * 64 + hi;
                     }
                 }
             }

@@ -437,27 +437,21 @@ impl Bitmap {
         if h.pair.target != expect.pair.target {
             return Err(mismatch("target", &h.pair.target, &expect.pair.target));
         }
+        let roles = [
+            ("source", (&h.pair.source, h.pair.source_fingerprint), (&expect.pair.source, expect.pair.source_fingerprint)),
+            ("target", (&h.pair.target, h.pair.target_fingerprint), (&expect.pair.target, expect.pair.target_fingerprint)),
+        ];
         let mut upgrade = false;
-        if h.pair.source_fingerprint != expect.pair.source_fingerprint
-            && !legacy_fingerprint_matches(h.pair.source_fingerprint, &expect.pair.source)
-        {
-            return Err(mismatch(
-                "source",
-                &format!("{} (file {:016x})", h.pair.source, h.pair.source_fingerprint),
-                &format!("{} (a different file, {:016x})", expect.pair.source, expect.pair.source_fingerprint),
-            ));
+        for (role, (path, recorded), (given, fingerprint)) in roles {
+            if recorded != fingerprint && !legacy_fingerprint_matches(recorded, given) {
+                return Err(mismatch(
+                    role,
+                    &format!("{path} (file {recorded:016x})"),
+                    &format!("{given} (a different file, {fingerprint:016x})"),
+                ));
+            }
+            upgrade |= recorded != fingerprint;
         }
-        upgrade |= h.pair.source_fingerprint != expect.pair.source_fingerprint;
-        if h.pair.target_fingerprint != expect.pair.target_fingerprint
-            && !legacy_fingerprint_matches(h.pair.target_fingerprint, &expect.pair.target)
-        {
-            return Err(mismatch(
-                "target",
-                &format!("{} (file {:016x})", h.pair.target, h.pair.target_fingerprint),
-                &format!("{} (a different file, {:016x})", expect.pair.target, expect.pair.target_fingerprint),
-            ));
-        }
-        upgrade |= h.pair.target_fingerprint != expect.pair.target_fingerprint;
         if h.device_size != expect.device_size {
             return Err(bad(
                 path,
@@ -577,30 +571,17 @@ impl Bitmap {
         Ok(Bitmap { path: path.to_path_buf(), file: Arc::new(file), map, header })
     }
 
-    /// Opens a bitmap read-only for inspection (`bitmap show`), even while a mirror uses it.
     /// Reads and checks a bitmap's header alone (its first 4 KiB), even while a mirror uses it:
     /// for deciding how to open it, without scanning its bits.
     pub fn read_header(path: &Path) -> Result<Header> {
-        let file = File::open(path).map_err(|e| Error::Open {
-            role: "bitmap",
-            path: path.to_path_buf(),
-            what: "cannot open".into(),
-            fix: "check the path and its permissions".into(),
-            source: e,
-        })?;
-        let len = file.metadata().map_err(|e| Error::io("stat bitmap", e))?.len();
+        let (file, len) = open_to_read(path)?;
         header_of(path, &file, len)
     }
 
+    /// Opens a bitmap read-only for inspection (`bitmap show`), even while a mirror uses it:
+    /// its header and its runs of set bits.
     pub fn inspect(path: &Path) -> Result<(Header, Vec<(u64, u64)>)> {
-        let file = File::open(path).map_err(|e| Error::Open {
-            role: "bitmap",
-            path: path.to_path_buf(),
-            what: "cannot open".into(),
-            fix: "check the path and its permissions".into(),
-            source: e,
-        })?;
-        let len = file.metadata().map_err(|e| Error::io("stat bitmap", e))?.len();
+        let (file, len) = open_to_read(path)?;
         let header = header_of(path, &file, len)?;
         // SAFETY: read-only shared mapping of the header and bits of a regular file at least
         // that long (checked by header_of); a live mirror may flip bits underneath, which only
@@ -886,6 +867,19 @@ impl crate::core::lifecycle::RecordSwitch for Bitmap {
             BitmapSwitch::Reverse(pair) => self.set_pair(pair),
         }
     }
+}
+
+/// A bitmap opened read-only, and its length.
+fn open_to_read(path: &Path) -> Result<(File, u64)> {
+    let file = File::open(path).map_err(|e| Error::Open {
+        role: "bitmap",
+        path: path.to_path_buf(),
+        what: "cannot open".into(),
+        fix: "check the path and its permissions".into(),
+        source: e,
+    })?;
+    let len = file.metadata().map_err(|e| Error::io("stat bitmap", e))?.len();
+    Ok((file, len))
 }
 
 /// The identity of a backing file for the bitmap header: its absolute path as given (not
