@@ -100,10 +100,9 @@ fn commit(q: &UblkQueue<'_>, bufs: &[IoBuf<u8>], tag: u16, res: i32) {
 }
 
 /// Keeps a tag's buffer on small pages. The buffers come from the allocator, which may place
-/// them in a heap region that transparent huge pages back (seen in the VM: 16 MiB of huge pages
-/// in an idle daemon), so that the first 4 KiB request of each tag faults in 2 MiB. With small
-/// pages a queue's resident memory follows the request sizes actually used. (This did not change
-/// the 4k throughput measured in the VM; see bench/README.md.)
+/// them in a heap region that transparent huge pages back, so that the first 4 KiB request of
+/// each tag would fault in 2 MiB. With small pages a queue's resident memory follows the request
+/// sizes actually used (measurements in bench/README.md).
 fn no_huge_pages(buf: &IoBuf<u8>) {
     use nix::sys::mman::{madvise, MmapAdvise};
     let len = buf.len();
@@ -162,8 +161,8 @@ pub fn queue_main(qid: u16, dev: &UblkDev, engine: Arc<Engine>) {
         Ok(x) => x,
         Err(e) => {
             log::error!("queue {qid}: setup failed: {e}");
-            // Without this, START_DEV would wait forever for this queue's buffers (and DEL would
-            // then hang); reporting a failed registration makes the start fail instead.
+            // START_DEV waits for every queue's buffers (and DEL would then hang): reporting the
+            // registration as failed makes the start fail instead.
             dev.notify_buffer_registration_complete(true);
             return;
         }

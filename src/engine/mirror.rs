@@ -427,8 +427,8 @@ impl<'t> Mirror<'t> {
 
     fn start_copies(&mut self) -> Result<()> {
         // The throttle's deadline wakes the loop only while copies may start (set again below
-        // when throttled): left from before a pause, a backoff or a give-up, a deadline in the
-        // past made every wait return at once, a spin for as long as that lasted.
+        // when throttled): one left from before a pause, a backoff or a give-up would be in the
+        // past and make every wait return at once.
         self.throttled_until = None;
         if !self.backoff.may_retry(Instant::now()) {
             return Ok(());
@@ -836,9 +836,9 @@ impl<'t> Mirror<'t> {
         let due = {
             let g = self.engine.lock();
             // A failed target is flushed again only once its backoff has passed and it was reset
-            // (start_copies does both), and never once mirroring gave up (it then never resets).
-            // Without this a clean device with a broken target re-issued its failing consistent
-            // flush in a tight loop, counting failures past max_retries. An offline copy that
+            // (start_copies does both), and never once mirroring gave up (it then never resets):
+            // a clean device with a broken target must not re-issue its failing consistent flush
+            // in a tight loop, counting failures past max_retries. An offline copy that
             // ends on an error still tries its draining checkpoint (its last chance to keep the
             // progress made; if the target is what failed, that flush fails too, harmlessly).
             if self.needs_reset && self.fatal.is_none() {
