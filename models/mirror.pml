@@ -50,7 +50,7 @@
  *                target, bitmap) and the media survive.  I/O the dead daemon had issued may
  *                still complete after the kill (see LATE_SRC, LATE_TGT).  The restart resumes
  *                from the bitmap: fsync of its directory, fdatasync of the bitmap, then the
- *                state is built from the bits (every set bit volatile-dirty and durable).
+ *                state is built from the bits (every set bit to-copy and durable).
  *   LATE_SRC=0|1 a source write the dead daemon issued (on a queue ring) lands in the source's
  *                cache 0: before the restart opens the bitmap (default), 1: at any moment, even
  *                after it (a negative control).
@@ -139,7 +139,7 @@ bit  bm_cache[NR];   bit  bm_med[NR];            /* persistent bit: bitmap page 
 bit  durable[NR];                                /* bit known durable on the medium */
 byte pend[NR];                                   /* set seq of a pending (set, not durable) bit; 0 none */
 byte set_seq; byte durable_seq;
-bit  vol[NR];  byte ndirty;                      /* volatile bits (to copy) and their count */
+bit  vol[NR];  byte ndirty;                      /* to-copy bits (to copy) and their count */
 bit  copying[NR]; byte ncopying;
 bit  copied[NR];
 byte inflight[NR];                               /* writes in flight per region */
@@ -238,7 +238,7 @@ inline disturb(r) {
   copied[r] = 0; eyoung[r] = 0; eold[r] = 0; fset[r] = 0
 }
 
-inline mark_volatile(r) {
+inline mark_to_copy(r) {
   if :: !vol[r] -> vol[r] = 1; ndirty++ :: else -> skip fi
 }
 
@@ -436,7 +436,7 @@ end_idle:
 #endif
        inflight[r]--;
        disturb(r);
-       mark_volatile(r);
+       mark_to_copy(r);
        changed = 1;
        if :: ok && myver > acked[r] -> acked[r] = myver :: else -> skip fi;
 #if LIFE
@@ -522,7 +522,7 @@ end_idle:
        if :: taint[r] -> ok = 0; taint[r] = 0 :: else -> skip fi;
 #endif
        if
-       :: !ok -> mark_volatile(r)
+       :: !ok -> mark_to_copy(r)
        :: ok && !vol[r] && inflight[r] == 0 -> copied[r] = 1
        :: else -> skip
        fi;
@@ -605,14 +605,14 @@ end_idle:
 #endif
              :: else -> skip
              fi
-          :: !ok && fset[i] -> mark_volatile(i)
+          :: !ok && fset[i] -> mark_to_copy(i)
           :: else -> skip
           fi;
 #if TFIX
           /* a failed target fdatasync may have dropped any page written since the last
              successful flush started: recopy every region copied since then */
           if
-          :: !ok && (ftw[i] || twr[i]) -> disturb(i); mark_volatile(i); twr[i] = 0
+          :: !ok && (ftw[i] || twr[i]) -> disturb(i); mark_to_copy(i); twr[i] = 0
           :: else -> skip
           fi;
           if :: !ok && copying[i] -> taint[i] = 1; twr[i] = 1 :: else -> skip fi;
@@ -851,7 +851,7 @@ restart:
        new descriptor only if no fdatasync of the dead daemon's saw it (errseq_sample) */
     if :: tgt_err = 0 :: skip fi;
 #endif
-    /* MirrorState::new: every set bit is volatile-dirty and durable */
+    /* MirrorState::new: every set bit is to-copy and durable */
     i = 0;
     do
     :: i < NR -> if :: bm_cache[i] -> durable[i] = 1; vol[i] = 1; ndirty++ :: else -> skip fi; i++

@@ -8,7 +8,7 @@ use ublk_mirror::daemon::admin::{self, AddOptions};
 use ublk_mirror::cli::{AddArgs, BitmapCmd, Cli, Cmd, CopyArgs, SyncArgs, VerifyArgs};
 use ublk_mirror::io::bitmap::Bitmap;
 use ublk_mirror::engine::{CopyConfig, PairOptions, Settings, Status, SyncMode};
-use ublk_mirror::engine::mirror::Hooks;
+use ublk_mirror::engine::mirror::TestHooks;
 use ublk_mirror::offline::{self, VerifyOptions};
 use ublk_mirror::units::human;
 
@@ -201,7 +201,7 @@ fn copy_config(a: &CopyArgs) -> CopyConfig {
 
 fn add_options(a: AddArgs) -> AddOptions {
     let mut copy = copy_config(&a.copy);
-    copy.on_consistent = a.on_consistent.map(|command| ublk_mirror::engine::Hook {
+    copy.on_consistent = a.on_consistent.map(|command| ublk_mirror::engine::OnConsistentCommand {
         command,
         interval: a.on_consistent_interval,
         timeout: a.on_consistent_timeout,
@@ -490,7 +490,7 @@ fn cmd_sync(a: SyncArgs) -> CliResult {
         let (done, line) = progress_line(s, t);
         progress.show(done, t, line);
     };
-    let r = offline::sync(&pair, &copy, Hooks::default(), Some((&mut show, every)));
+    let r = offline::sync(&pair, &copy, TestHooks::default(), Some((&mut show, every)));
     progress.finish();
     let r = r?;
     if a.json {

@@ -5,7 +5,7 @@ use crate::io::backing::{AlignedBuf, Backing, DirectMode};
 use crate::io::bitmap::{Bitmap, PairIdentity};
 use crate::engine::{CopyConfig, Engine, OpenReport, PairOptions, Status};
 use crate::error::{Error, Result};
-use crate::engine::mirror::{Hooks, Mirror, RunUntil};
+use crate::engine::mirror::{TestHooks, Mirror, RunUntil};
 use crate::io::target::{BoxTarget, TargetDone, TargetOp};
 use crate::io::{is_uri, open_target};
 use crate::io::uring::{self, push, Owner};
@@ -32,7 +32,7 @@ pub struct SyncReport {
 pub type ProgressReport<'a> = Option<(&'a mut dyn FnMut(&Status), Duration)>;
 
 /// Brings the target in step with the source. On success the bitmap is clean and durable.
-pub fn sync(pair: &PairOptions, copy: &CopyConfig, hooks: Hooks, progress: ProgressReport<'_>) -> Result<SyncReport> {
+pub fn sync(pair: &PairOptions, copy: &CopyConfig, hooks: TestHooks, progress: ProgressReport<'_>) -> Result<SyncReport> {
     let (engine, mut target, open) = Engine::open(pair)?;
     let engine = Arc::new(engine);
     let gran = engine.granularity();

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use ublk_mirror::io::bitmap::Bitmap;
 use ublk_mirror::engine::{CopyConfig, Engine, PairOptions, SyncMode};
 use ublk_mirror::error::BitmapProblem;
-use ublk_mirror::engine::mirror::Hooks;
+use ublk_mirror::engine::mirror::TestHooks;
 use ublk_mirror::offline;
 
 const MIB: u64 = 1 << 20;
@@ -17,7 +17,7 @@ const MIB: u64 = 1 << 20;
 fn synced_pair() -> Files {
     let f = files(8 * MIB);
     fill_random(&f.source, 0, MIB as usize, 21);
-    offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("initial sync");
+    offline::sync(&f.pair(None, None), &CopyConfig::default(), TestHooks::default(), None).expect("initial sync");
     f
 }
 
@@ -204,7 +204,7 @@ fn bitmap_in_use_by_another_mirror() {
 fn explicit_full_rebuilds_a_damaged_bitmap() {
     let f = synced_pair();
     corrupt(&f.bitmap, 0, b"NOTMINE!");
-    let r = offline::sync(&f.pair(Some(SyncMode::Full), None), &CopyConfig::default(), Hooks::default(), None)
+    let r = offline::sync(&f.pair(Some(SyncMode::Full), None), &CopyConfig::default(), TestHooks::default(), None)
         .expect("--full rebuilds");
     assert!(r.open.created_bitmap);
     assert_eq!(r.bytes_copied + r.bytes_zeroed, 8 * MIB);

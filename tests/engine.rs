@@ -9,7 +9,7 @@ use std::time::Duration;
 use ublk_mirror::io::backing::{AlignedBuf, DirectMode};
 use ublk_mirror::io::bitmap::Bitmap;
 use ublk_mirror::engine::{CopyConfig, Engine, SyncMode};
-use ublk_mirror::engine::mirror::{Hooks, Mirror, RunUntil};
+use ublk_mirror::engine::mirror::{TestHooks, Mirror, RunUntil};
 use ublk_mirror::engine::queue::{Completion, EngineQueue, Op, Requests, RingSink, Sink};
 use ublk_mirror::io::uring::Owner;
 use ublk_mirror::offline::{self, VerifyOptions};
@@ -138,7 +138,7 @@ fn random_concurrent_io_while_mirroring_converges() {
 }
 
 /// A write that lands between the copy's source read and its target write must be copied
-/// again: the volatile bit was cleared before the copy, the write sets it again.
+/// again: the to_copy bit was cleared before the copy, the write sets it again.
 #[test]
 fn region_written_during_its_own_copy_is_copied_again() {
     const G: u64 = 64 << 10;
@@ -154,7 +154,7 @@ fn region_written_during_its_own_copy_is_copied_again() {
     rand::rngs::StdRng::seed_from_u64(99).fill(&mut new_data[..]);
     let expected = new_data.to_vec();
     let mut pending = Some(new_data);
-    m.set_hooks(Hooks {
+    m.set_hooks(TestHooks {
         after_read: Some(Box::new(move |ext| {
             if ext.start == 5 {
                 if let Some(data) = pending.take() {
@@ -188,7 +188,7 @@ fn interrupted_full_sync_resumes_without_recopying() {
         checkpoint_interval: Duration::from_secs(3600),
         ..Default::default()
     };
-    let hooks = Hooks { stop_after_bytes: Some(32 * MIB), ..Default::default() };
+    let hooks = TestHooks { stop_after_bytes: Some(32 * MIB), ..Default::default() };
     let first = offline::sync(&f.pair(None, None), &cfg, hooks, None).expect("first sync");
     assert!(first.interrupted);
     // No copy starts past the limit: at most the copies in flight at that moment add to it.
@@ -202,7 +202,7 @@ fn interrupted_full_sync_resumes_without_recopying() {
     assert!(dirty <= SIZE - 4 * MIB, "no progress was kept: {dirty} bytes dirty");
     assert!(dirty >= SIZE - first.bytes_copied, "bits of uncopied regions must be set");
 
-    let second = offline::sync(&f.pair(None, None), &cfg, Hooks::default(), None).expect("resume");
+    let second = offline::sync(&f.pair(None, None), &cfg, TestHooks::default(), None).expect("resume");
     assert_eq!(second.open.mode, SyncMode::Resume);
     assert_eq!(second.bytes_copied, dirty, "the resume copies exactly the dirty regions");
     assert!(second.bytes_copied < SIZE, "the resume did not copy everything again");
@@ -221,7 +221,7 @@ fn sparse_source_gives_sparse_target() {
     fill_random(&f.target, 0, SIZE as usize, 5);
     fill_random(&f.source, 3 * MIB, (2 * MIB) as usize, 6);
     fill_random(&f.source, 40 * MIB + 4096, 8192, 8);
-    let r = offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("sync");
+    let r = offline::sync(&f.pair(None, None), &CopyConfig::default(), TestHooks::default(), None).expect("sync");
     assert!(r.bytes_copied <= 3 * MIB, "copied {} bytes for 2 MiB of data", r.bytes_copied);
     assert_eq!(r.bytes_copied + r.bytes_zeroed, SIZE);
     assert_eq!(first_difference(&read_all(&f.source), &read_all(&f.target)), None);
@@ -236,7 +236,7 @@ fn resync_copies_only_dirty_regions() {
     const G: u64 = 64 << 10;
     let f = files(SIZE);
     fill_random(&f.source, 0, SIZE as usize, 11);
-    offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("full");
+    offline::sync(&f.pair(None, None), &CopyConfig::default(), TestHooks::default(), None).expect("full");
     let (engine, _target, open) = Engine::open(&f.pair(None, None)).expect("reopen");
     assert_eq!(open.dirty_regions, 0);
     write_regions_and_close(engine, G, &[3, 4, 100, 400]);
@@ -244,7 +244,7 @@ fn resync_copies_only_dirty_regions() {
     let v = offline::verify(&verify_opts(&f)).expect("verify");
     assert_eq!(v.differing, vec![(3, 2), (100, 1), (400, 1)]);
     assert!(v.differing_clean.is_empty(), "written regions are marked dirty");
-    let r = offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("resync");
+    let r = offline::sync(&f.pair(None, None), &CopyConfig::default(), TestHooks::default(), None).expect("resync");
     assert_eq!(r.bytes_copied, 4 * G);
     assert!(offline::verify(&verify_opts(&f)).expect("verify").identical());
 }
@@ -261,7 +261,7 @@ fn source_on_tmpfs_syncs() {
     std::fs::File::create(&src).and_then(|x| x.set_len(4 * MIB)).expect("create");
     fill_random(&src, 0, MIB as usize, 2);
     f.source = src;
-    let r = offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("auto");
+    let r = offline::sync(&f.pair(None, None), &CopyConfig::default(), TestHooks::default(), None).expect("auto");
     assert!(r.open.target_direct);
     assert_eq!(r.bytes_copied, MIB);
     assert_eq!(first_difference(&read_all(&f.source), &read_all(&f.target)), None);
@@ -528,7 +528,7 @@ fn write_zeroes_work_on_every_source_kind() {
             f.source = d.path().join("source.img");
             std::fs::File::create(&f.source).and_then(|x| x.set_len(4 * MIB)).expect("create");
             fill_random(&f.source, 0, (4 * MIB) as usize, 9);
-            offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("full sync");
+            offline::sync(&f.pair(None, None), &CopyConfig::default(), TestHooks::default(), None).expect("full sync");
             let (engine, _t, _) = Engine::open(&f.pair(None, None)).expect("open");
             let engine = Arc::new(engine);
             let mut q = EngineQueue::new(engine.clone(), 4).expect("queue");
@@ -543,7 +543,7 @@ fn write_zeroes_work_on_every_source_kind() {
             let src = read_all(&f.source);
             assert!(src[off as usize..(off + len) as usize].iter().all(|&b| b == 0));
             assert!(src[..off as usize].iter().any(|&b| b != 0), "the zeroing went too far");
-            offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("resync");
+            offline::sync(&f.pair(None, None), &CopyConfig::default(), TestHooks::default(), None).expect("resync");
             assert_eq!(first_difference(&src, &read_all(&f.target)), None, "{dir}, unmap {unmap}: the target differs");
         }
     }
@@ -579,7 +579,7 @@ fn write_zeroes_fall_back_to_writing_zeroes() {
     use io_uring::opcode;
     let f = files(4 * MIB);
     fill_random(&f.source, 0, (4 * MIB) as usize, 11);
-    offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("full sync");
+    offline::sync(&f.pair(None, None), &CopyConfig::default(), TestHooks::default(), None).expect("full sync");
     let (engine, _t, _) = Engine::open(&f.pair(None, None)).expect("open");
     let engine = Arc::new(engine);
     for (i, unmap) in [false, true].into_iter().enumerate() {
@@ -621,7 +621,7 @@ fn write_zeroes_fall_back_to_writing_zeroes() {
     }
     engine.close().expect("close");
     drop(engine);
-    offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("resync");
+    offline::sync(&f.pair(None, None), &CopyConfig::default(), TestHooks::default(), None).expect("resync");
     assert_eq!(first_difference(&read_all(&f.source), &read_all(&f.target)), None, "the target differs");
 }
 

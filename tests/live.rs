@@ -330,7 +330,7 @@ fn failing_bitmap_flushes_back_off_and_do_not_hold_the_stop() {
     let mirror = std::thread::spawn(move || {
         let cfg = CopyConfig { clear_delay: Duration::from_millis(100), ..Default::default() };
         let mut m = Mirror::new(me, target.as_mut(), cfg).expect("mirror");
-        m.set_hooks(ublk_mirror::engine::mirror::Hooks {
+        m.set_hooks(ublk_mirror::engine::mirror::TestHooks {
             bitmap_flush_result: Some(Box::new(move |_| {
                 seen.fetch_add(1, Ordering::SeqCst);
                 -libc::EIO
@@ -465,7 +465,7 @@ fn a_target_failing_during_a_switchover_releases_the_writes() {
     let mirror = std::thread::spawn(move || {
         let mut m = Mirror::new(me, &mut flaky, CopyConfig::default()).expect("mirror");
         // The copy of the write below fails only after the switchover has begun holding writes.
-        m.set_hooks(ublk_mirror::engine::mirror::Hooks {
+        m.set_hooks(ublk_mirror::engine::mirror::TestHooks {
             after_read: Some(Box::new(move |_| {
                 if hook_broken.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(300));
@@ -1061,7 +1061,7 @@ fn on_consistent_command_sees_a_still_target() {
     let hold = dir.path().join("hold");
     let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
     let engine = Arc::new(engine);
-    let hook = ublk_mirror::engine::Hook {
+    let hook = ublk_mirror::engine::OnConsistentCommand {
         command: format!(
             "cp \"$UBLK_MIRROR_TARGET\" {s}.tmp && mv {s}.tmp {s} && echo $UBLK_MIRROR_CONSISTENT_SEQ >> {q} && \
              i=0; while [ -e {h} ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done",
@@ -1119,7 +1119,7 @@ fn a_stop_kills_an_on_consistent_command_after_the_grace() {
     let pidfile = dir.path().join("pid");
     let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
     let engine = Arc::new(engine);
-    let hook = ublk_mirror::engine::Hook {
+    let hook = ublk_mirror::engine::OnConsistentCommand {
         // The shell waits for a child of its own: killing the shell alone would leave it.
         command: format!("sleep 120 & echo $! > {p}.tmp && mv {p}.tmp {p}; wait", p = pidfile.display()),
         interval: Duration::ZERO,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ublk_mirror::io::backing::{AlignedBuf, DirectMode};
 use ublk_mirror::engine::{CopyConfig, Engine, PairOptions, SyncMode};
-use ublk_mirror::engine::mirror::Hooks;
+use ublk_mirror::engine::mirror::TestHooks;
 use ublk_mirror::io::nbd::NbdTarget;
 use ublk_mirror::engine::queue::{EngineQueue, Op};
 use ublk_mirror::offline::{self, VerifyOptions};
@@ -220,8 +220,8 @@ fn assert_same_files(a: &Path, b: &Path) {
 
 /// Runs `sync` in a thread and fails the test if it takes longer than `limit`.
 #[allow(clippy::result_large_err)] // the crate's error type, as returned by sync
-fn sync_bounded(p: &PairOptions, cfg: &CopyConfig, hooks: Hooks, limit: Duration) -> ublk_mirror::Result<offline::SyncReport> {
-    // Hooks are not Send; they are built by the caller on this thread, so the sync runs here and
+fn sync_bounded(p: &PairOptions, cfg: &CopyConfig, hooks: TestHooks, limit: Duration) -> ublk_mirror::Result<offline::SyncReport> {
+    // TestHooks are not Send; they are built by the caller on this thread, so the sync runs here and
     // a watchdog thread aborts the process on a hang (a panic there would not stop this thread).
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let d = done.clone();
@@ -320,7 +320,7 @@ fn err_text(r: &io::Result<u32>) -> String {
 // Real servers
 
 fn sync_and_check(f: &Files, uri: &str, size: u64) -> offline::SyncReport {
-    let r = sync_bounded(&pair(f, uri), &CopyConfig::default(), Hooks::default(), LIMIT).expect("sync");
+    let r = sync_bounded(&pair(f, uri), &CopyConfig::default(), TestHooks::default(), LIMIT).expect("sync");
     assert_eq!(r.bytes_copied + r.bytes_zeroed, size, "every byte is copied or zeroed");
     let v = verify(f, uri);
     assert!(v.identical(), "verify: {:?}", v.differing);
@@ -342,7 +342,7 @@ fn sync_to_qemu_nbd_over_tcp_and_unix() {
         assert_same_files(&f.source, &f.target);
         // A second sync, the server restarted at the same place, finds nothing to do.
         srv.start();
-        let r = sync_bounded(&pair(&f, &srv.uri), &CopyConfig::default(), Hooks::default(), LIMIT).expect("resync");
+        let r = sync_bounded(&pair(&f, &srv.uri), &CopyConfig::default(), TestHooks::default(), LIMIT).expect("resync");
         assert_eq!((r.bytes_copied, r.bytes_zeroed), (0, 0));
     }
 }
@@ -432,13 +432,13 @@ fn a_minimum_block_size_the_copies_cannot_respect_is_refused_at_open() {
     // 4 KiB copy buffers, 64 KiB blocks (the granularity is fine): refused as the copy starts.
     p.granularity = None;
     let cfg = CopyConfig { buf_size: 4096, ..CopyConfig::default() };
-    match sync_bounded(&p, &cfg, Hooks::default(), LIMIT) {
+    match sync_bounded(&p, &cfg, TestHooks::default(), LIMIT) {
         Ok(_) => panic!("synced with 4 KiB buffers"),
         Err(e) => check(e.to_string(), "--buffer 64K"),
     }
     // With 64 KiB regions and buffers it syncs, the source's 4 KiB holes and data rounded out
     // to whole 64 KiB blocks.
-    sync_bounded(&p, &CopyConfig::default(), Hooks::default(), LIMIT).expect("sync with 64 KiB blocks");
+    sync_bounded(&p, &CopyConfig::default(), TestHooks::default(), LIMIT).expect("sync with 64 KiB blocks");
     assert!(verify(&f, &srv.uri).identical());
     drop(srv);
     assert_same_files(&f.source, &f.target);
@@ -458,7 +458,7 @@ fn resync_after_changes_copies_only_dirty_regions() {
     fill_random(&f.source, 0, SIZE as usize, 11);
     let srv = Server::qemu(f.dir.path(), &f.target, Transport::Tcp, &[]);
     let p = pair(&f, &srv.uri);
-    sync_bounded(&p, &CopyConfig::default(), Hooks::default(), LIMIT).expect("full sync");
+    sync_bounded(&p, &CopyConfig::default(), TestHooks::default(), LIMIT).expect("full sync");
     // Writes through the engine, as the device makes them: they set the bits.
     let (engine, target, open) = Engine::open(&p).expect("reopen");
     assert_eq!(open.dirty_regions, 0);
@@ -467,7 +467,7 @@ fn resync_after_changes_copies_only_dirty_regions() {
     let v = verify(&f, &srv.uri);
     assert_eq!(v.differing, vec![(3, 2), (100, 1), (400, 1)]);
     assert!(v.differing_clean.is_empty(), "written regions are marked dirty");
-    let r = sync_bounded(&p, &CopyConfig::default(), Hooks::default(), LIMIT).expect("resync");
+    let r = sync_bounded(&p, &CopyConfig::default(), TestHooks::default(), LIMIT).expect("resync");
     assert_eq!(r.bytes_copied, 4 * G, "only the dirty regions are copied");
     assert!(verify(&f, &srv.uri).identical());
     drop(srv);
@@ -479,7 +479,7 @@ fn export_smaller_than_source_is_refused() {
     let f = files(32 * MIB);
     std::fs::File::options().write(true).open(&f.target).and_then(|t| t.set_len(16 * MIB)).expect("shrink");
     let srv = Server::qemu(f.dir.path(), &f.target, Transport::Unix, &[]);
-    let e = sync_bounded(&pair(&f, &srv.uri), &CopyConfig::default(), Hooks::default(), LIMIT)
+    let e = sync_bounded(&pair(&f, &srv.uri), &CopyConfig::default(), TestHooks::default(), LIMIT)
         .expect_err("a smaller export must be refused")
         .to_string();
     assert!(e.contains("smaller than the source") && e.contains("nbd+unix:///exp?socket="), "{e}");
@@ -491,7 +491,7 @@ fn export_smaller_than_source_is_refused() {
 fn read_only_export_is_refused() {
     let f = files(8 * MIB);
     let srv = Server::qemu(f.dir.path(), &f.target, Transport::Tcp, &["-r"]);
-    let e = sync_bounded(&pair(&f, &srv.uri), &CopyConfig::default(), Hooks::default(), LIMIT)
+    let e = sync_bounded(&pair(&f, &srv.uri), &CopyConfig::default(), TestHooks::default(), LIMIT)
         .expect_err("a read-only export must be refused")
         .to_string();
     assert!(e.contains("read-only") && e.contains(&srv.uri), "{e}");
@@ -503,22 +503,22 @@ fn unreachable_server_and_unknown_export_fail_clearly() {
     let f = files(MIB);
     let port = free_port();
     let uri = format!("nbd://127.0.0.1:{port}/x");
-    let e = offline::sync(&pair(&f, &uri), &CopyConfig::default(), Hooks::default(), None).expect_err("no server");
+    let e = offline::sync(&pair(&f, &uri), &CopyConfig::default(), TestHooks::default(), None).expect_err("no server");
     let e = e.to_string();
     assert!(e.contains("cannot connect") && e.contains(&format!("127.0.0.1:{port}")), "{e}");
     let srv = Server::qemu(f.dir.path(), &f.target, Transport::Unix, &[]);
     let other = srv.uri.replace("/exp?", "/nosuch?");
-    let e = offline::sync(&pair(&f, &other), &CopyConfig::default(), Hooks::default(), None).expect_err("no export");
+    let e = offline::sync(&pair(&f, &other), &CopyConfig::default(), TestHooks::default(), None).expect_err("no export");
     assert!(e.to_string().contains("\"nosuch\""), "{e}");
-    let e = offline::sync(&pair(&f, "nbd://h:99999/x"), &CopyConfig::default(), Hooks::default(), None).expect_err("bad uri");
+    let e = offline::sync(&pair(&f, "nbd://h:99999/x"), &CopyConfig::default(), TestHooks::default(), None).expect_err("bad uri");
     assert!(e.to_string().contains("bad port"), "{e}");
     assert!(!f.bitmap.exists());
 }
 
 /// Kills the server from the mirror's thread after `after` copies were read.
-fn kill_hook(pid: u32, after: usize) -> Hooks {
+fn kill_hook(pid: u32, after: usize) -> TestHooks {
     let mut n = 0;
-    Hooks {
+    TestHooks {
         after_read: Some(Box::new(move |_| {
             n += 1;
             if n == after {
@@ -540,7 +540,7 @@ fn server_killed_during_resync_then_resume() {
     fill_random(&f.source, 0, SIZE as usize, 21);
     let mut srv = Server::qemu(f.dir.path(), &f.target, Transport::Unix, &[]);
     let p = pair(&f, &srv.uri);
-    sync_bounded(&p, &CopyConfig::default(), Hooks::default(), LIMIT).expect("full sync");
+    sync_bounded(&p, &CopyConfig::default(), TestHooks::default(), LIMIT).expect("full sync");
     // Dirty 128 scattered regions (8 MiB of the 32).
     let (engine, target, _) = Engine::open(&p).expect("reopen");
     let engine = Arc::new(engine);
@@ -560,7 +560,7 @@ fn server_killed_during_resync_then_resume() {
     assert!(e.contains(&format!("NBD server {}", srv.uri)), "the error names the server: {e}");
     srv.kill();
     srv.start();
-    let r = sync_bounded(&p, &cfg, Hooks::default(), LIMIT).expect("resume");
+    let r = sync_bounded(&p, &cfg, TestHooks::default(), LIMIT).expect("resume");
     assert_eq!(r.open.mode, SyncMode::Resume);
     assert!(r.bytes_copied <= 128 * G && r.bytes_copied > 0, "copied {}", r.bytes_copied);
     assert!(r.bytes_copied < SIZE);
@@ -586,7 +586,7 @@ fn server_killed_during_full_sync_then_rerun() {
     assert!(e.contains(&srv.uri), "the error names the server: {e}");
     srv.kill();
     srv.start();
-    let r = sync_bounded(&p, &cfg, Hooks::default(), LIMIT).expect("rerun");
+    let r = sync_bounded(&p, &cfg, TestHooks::default(), LIMIT).expect("rerun");
     assert_eq!(r.open.mode, SyncMode::Resume);
     assert_eq!(r.bytes_copied, SIZE, "no checkpoint to an NBD target: everything is copied again");
     assert!(verify(&f, &srv.uri).identical());
@@ -923,7 +923,7 @@ fn hostile_handshakes_fail_open_clearly() {
     // Through sync: nothing created.
     let f = files(MIB);
     let uri = fake_server(Fault::AbsurdSize, 0);
-    let e = offline::sync(&pair(&f, &uri), &CopyConfig::default(), Hooks::default(), None).expect_err("absurd");
+    let e = offline::sync(&pair(&f, &uri), &CopyConfig::default(), TestHooks::default(), None).expect_err("absurd");
     assert!(e.to_string().contains("absurd export size"), "{e}");
     assert!(!f.bitmap.exists());
 }
@@ -1009,7 +1009,7 @@ fn hostile_server_under_sync() {
     for fault in [Fault::BadMagic, Fault::WrongCookie, Fault::EofMidHeader] {
         let _ = std::fs::remove_file(&f.bitmap);
         let uri = fake_server(fault, 5);
-        let e = sync_bounded(&pair(&f, &uri), &CopyConfig::default(), Hooks::default(), LIMIT)
+        let e = sync_bounded(&pair(&f, &uri), &CopyConfig::default(), TestHooks::default(), LIMIT)
             .expect_err("the sync must fail")
             .to_string();
         assert!(e.contains(&format!("NBD server {uri}")), "{fault:?}: {e}");

@@ -8,7 +8,7 @@ use common::*;
 use std::time::{Duration, Instant};
 use ublk_mirror::io::bitmap::Bitmap;
 use ublk_mirror::engine::{CopyConfig, Engine, SyncMode};
-use ublk_mirror::engine::mirror::Hooks;
+use ublk_mirror::engine::mirror::TestHooks;
 use ublk_mirror::offline::{self, VerifyOptions};
 
 const MIB: u64 = 1 << 20;
@@ -38,7 +38,7 @@ fn a_16_tib_sparse_pair_syncs_resyncs_and_verifies() {
     let data = offsets.len() as u64 * MIB;
 
     let t0 = Instant::now();
-    let full = offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("full sync");
+    let full = offline::sync(&f.pair(None, None), &CopyConfig::default(), TestHooks::default(), None).expect("full sync");
     let took = t0.elapsed();
     assert_eq!(full.open.mode, SyncMode::Full);
     // 64 KiB regions would make a 32 MiB bitmap: the default granularity grows with the device.
@@ -63,7 +63,7 @@ fn a_16_tib_sparse_pair_syncs_resyncs_and_verifies() {
     assert_eq!(runs, written.iter().map(|&r| (r, 1)).collect::<Vec<_>>());
 
     let t0 = Instant::now();
-    let re = offline::sync(&f.pair(None, None), &CopyConfig::default(), Hooks::default(), None).expect("resync");
+    let re = offline::sync(&f.pair(None, None), &CopyConfig::default(), TestHooks::default(), None).expect("resync");
     assert_eq!(re.open.mode, SyncMode::Resume);
     assert_eq!(re.bytes_copied + re.bytes_zeroed, written.len() as u64 * g, "a resync copies the dirty regions only");
     assert!(t0.elapsed() < Duration::from_secs(60), "resync of 3 regions took {:?}", t0.elapsed());

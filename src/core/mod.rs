@@ -191,7 +191,7 @@ pub struct MirrorState<P: PersistentBits> {
     nregions: u64,
     pbits: P,
     /// Regions written since their last copy started (the mirror's to-do list).
-    volatile: PagedBits,
+    to_copy: PagedBits,
     dirty: u64,
     copying: PagedBits,
     copying_count: u64,
@@ -244,16 +244,16 @@ impl<P: PersistentBits> MirrorState<P> {
         // Every set bit is durable (the caller's guarantee) and work to do. Loaded in pieces:
         // the set keeps whole pages of set or clear bits as one entry each, and a copy of the
         // whole bitmap would cost its full size at once.
-        let mut volatile = PagedBits::new(nregions as usize);
+        let mut to_copy = PagedBits::new(nregions as usize);
         for s in (0..nregions).step_by(RUN_PIECE) {
             let e = (s + RUN_PIECE as u64).min(nregions);
-            volatile.or_bits_at(s as usize, &pbits.load(s, e));
+            to_copy.or_bits_at(s as usize, &pbits.load(s, e));
         }
-        let dirty = volatile.count_ones() as u64;
+        let dirty = to_copy.count_ones() as u64;
         MirrorState {
             pcount: dirty,
             nregions,
-            volatile,
+            to_copy,
             pbits,
             dirty,
             copying: PagedBits::new(nregions as usize),
@@ -301,8 +301,8 @@ impl<P: PersistentBits> MirrorState<P> {
     pub fn counters(&self) -> CoreCounters {
         self.counters
     }
-    pub fn is_volatile_dirty(&self, r: u64) -> bool {
-        self.volatile.get(r as usize)
+    pub fn needs_copy(&self, r: u64) -> bool {
+        self.to_copy.get(r as usize)
     }
     pub fn has_write_in_flight(&self, r: u64) -> bool {
         self.inflight.contains_key(&r)
@@ -323,9 +323,9 @@ impl<P: PersistentBits> MirrorState<P> {
         self.active.values().any(|w| w.tainted)
     }
 
-    fn mark_volatile(&mut self, r: u64) {
-        if !self.volatile.get(r as usize) {
-            self.volatile.set(r as usize, true);
+    fn mark_to_copy(&mut self, r: u64) {
+        if !self.to_copy.get(r as usize) {
+            self.to_copy.set(r as usize, true);
             self.dirty += 1;
         }
     }
@@ -427,7 +427,7 @@ impl<P: PersistentBits> MirrorState<P> {
                 None => debug_assert!(false, "end_write without begin_write on region {r}"),
             }
             self.disturb(r);
-            self.mark_volatile(r);
+            self.mark_to_copy(r);
         }
         self.changed = true;
         was_idle && self.dirty > 0
@@ -443,7 +443,7 @@ impl<P: PersistentBits> MirrorState<P> {
     /// makes durable must not receive writes that started after it).
     pub fn begin_active_write(&mut self, ext: Extent, off: u64, len: u64) -> (Intent, ActivePlan) {
         let (s, e) = (ext.start as usize, ext.end() as usize);
-        let clean = !self.volatile.any_in(s, e) && !self.copying.any_in(s, e) && !self.poisoned.any_in(s, e);
+        let clean = !self.to_copy.any_in(s, e) && !self.copying.any_in(s, e) && !self.poisoned.any_in(s, e);
         let consistent_flush = matches!(self.flush, Some(TargetFlush { kind: FlushKind::Consistent, .. }));
         let end = off + len;
         let mut overlap = false;
@@ -483,7 +483,7 @@ impl<P: PersistentBits> MirrorState<P> {
         let mirrored = source_ok
             && target_ok
             && !w.tainted
-            && !self.volatile.any_in(ext.start as usize, ext.end() as usize)
+            && !self.to_copy.any_in(ext.start as usize, ext.end() as usize)
             && !self.copying.any_in(ext.start as usize, ext.end() as usize);
         if !mirrored {
             return self.end_write(ext);
@@ -521,7 +521,7 @@ impl<P: PersistentBits> MirrorState<P> {
     /// [`Self::verify_end`].
     pub fn verify_begin(&mut self, r: u64) -> bool {
         let i = r as usize;
-        let busy = self.volatile.get(i)
+        let busy = self.to_copy.get(i)
             || self.copying.get(i)
             || self.poisoned.get(i)
             || self.inflight.contains_key(&r)
@@ -535,7 +535,7 @@ impl<P: PersistentBits> MirrorState<P> {
     pub fn verify_end(&mut self, r: u64) -> bool {
         let still = self.watched.get(r as usize);
         self.watched.set(r as usize, false);
-        still && !self.volatile.get(r as usize)
+        still && !self.to_copy.get(r as usize)
     }
 
     /// Active writes in flight (for status).
@@ -544,7 +544,7 @@ impl<P: PersistentBits> MirrorState<P> {
     }
 
     /// Picks the next run of dirty regions to copy (at most `max` regions), starting after the
-    /// previous pick so that a hot region cannot starve the rest. Clears their volatile bits
+    /// previous pick so that a hot region cannot starve the rest. Clears their to-copy bits
     /// *before* the copy: a write landing during the copy sets them again and they are recopied.
     /// A region already being copied is skipped, so two copies of one region are never in flight
     /// (their target writes could complete in the wrong order).
@@ -564,10 +564,10 @@ impl<P: PersistentBits> MirrorState<P> {
         // and updated a word at a time (a copy of a source's hole may cover millions of regions).
         let lim = start.saturating_add(max).min(self.nregions) as usize;
         let s = start as usize;
-        let e = self.volatile.first_zero(s, lim).unwrap_or(lim);
+        let e = self.to_copy.first_zero(s, lim).unwrap_or(lim);
         let e = self.copying.first_one(s, e).unwrap_or(e);
         let end = e as u64;
-        self.volatile.fill(s, e, false);
+        self.to_copy.fill(s, e, false);
         self.copying.fill(s, e, true);
         self.written.fill(s, e, true);
         self.disturb_range(s, e);
@@ -597,9 +597,9 @@ impl<P: PersistentBits> MirrorState<P> {
     fn find_copyable(&self, from: u64, to: u64) -> Option<u64> {
         let (mut at, to) = (from as usize, to as usize);
         loop {
-            let d = self.volatile.first_one(at, to)?;
+            let d = self.to_copy.first_one(at, to)?;
             match self.copying.first_zero(d, to) {
-                Some(c) if self.volatile.get(c) => return Some(c as u64),
+                Some(c) if self.to_copy.get(c) => return Some(c as u64),
                 Some(c) => at = c,
                 None => return None,
             }
@@ -615,7 +615,7 @@ impl<P: PersistentBits> MirrorState<P> {
             // where a write made the region dirty again or is still in flight.
             self.copying.fill(s, e, false);
             self.copied.fill(s, e, true);
-            let again: Vec<usize> = self.volatile.ones_in(s, e).collect();
+            let again: Vec<usize> = self.to_copy.ones_in(s, e).collect();
             for i in again {
                 self.copied.set(i, false);
             }
@@ -637,8 +637,8 @@ impl<P: PersistentBits> MirrorState<P> {
             self.poisoned.set(r as usize, false);
             failed |= !ok;
             if !ok {
-                self.mark_volatile(r);
-            } else if !self.volatile.get(r as usize) && !self.inflight.contains_key(&r) {
+                self.mark_to_copy(r);
+            } else if !self.to_copy.get(r as usize) && !self.inflight.contains_key(&r) {
                 self.copied.set(r as usize, true);
             }
         }
@@ -700,7 +700,7 @@ impl<P: PersistentBits> MirrorState<P> {
         if ok {
             // Run by run, a word at a time: after a full sync the set covers the device.
             for (s, e) in flush.regions.runs(RUN_PIECE) {
-                debug_assert!(!self.volatile.any_in(s, e));
+                debug_assert!(!self.to_copy.any_in(s, e));
                 debug_assert!(!self.inflight.keys().any(|&r| (s as u64..e as u64).contains(&r)));
                 if self.lazy {
                     // Eligible only where the bit is set: loaded from a word boundary, so that
@@ -731,11 +731,11 @@ impl<P: PersistentBits> MirrorState<P> {
             lost.or_assign(&flush.written);
             lost.or_assign(&self.written);
             for (s, e) in lost.runs(RUN_PIECE) {
-                let fresh = (e - s - self.volatile.count_in(s, e)) as u64;
+                let fresh = (e - s - self.to_copy.count_in(s, e)) as u64;
                 out.redirtied += fresh;
                 self.dirty += fresh;
                 self.disturb_range(s, e);
-                self.volatile.fill(s, e, true);
+                self.to_copy.fill(s, e, true);
             }
             self.poisoned.or_assign(&self.copying);
             for w in self.active.values_mut() {
@@ -779,7 +779,7 @@ impl<P: PersistentBits> MirrorState<P> {
         for (s, e) in old.runs(RUN_PIECE) {
             // Eligible regions are untouched since their copy was flushed to the target:
             // disturb() removes any region a write or a copy touches.
-            debug_assert!(!self.volatile.any_in(s, e));
+            debug_assert!(!self.to_copy.any_in(s, e));
             n += self.clear_bits(s, e);
         }
         self.eligible_old = std::mem::replace(&mut self.eligible_young, PagedBits::new(self.nregions as usize));
@@ -808,7 +808,7 @@ impl<P: PersistentBits> MirrorState<P> {
                 self.pending.insert(r, self.set_seq);
             }
             self.disturb(r);
-            self.mark_volatile(r);
+            self.mark_to_copy(r);
         }
         self.changed = true;
     }
@@ -820,9 +820,9 @@ impl<P: PersistentBits> MirrorState<P> {
 
     /// Self-check of the internal invariants (tests and debug builds).
     pub fn check_invariants(&self) -> Result<(), String> {
-        let dirty = self.volatile.count_ones() as u64;
+        let dirty = self.to_copy.count_ones() as u64;
         if dirty != self.dirty {
-            return Err(format!("dirty count {} != volatile bits {}", self.dirty, dirty));
+            return Err(format!("dirty count {} != to-copy bits {}", self.dirty, dirty));
         }
         if self.copying.count_ones() as u64 != self.copying_count {
             return Err("copying count drifted".into());
@@ -834,8 +834,8 @@ impl<P: PersistentBits> MirrorState<P> {
         for r in 0..self.nregions {
             let i = r as usize;
             let p = self.pbits.get(r);
-            if self.volatile.get(i) && !p {
-                return Err(format!("region {r}: volatile-dirty but persistent bit clear"));
+            if self.to_copy.get(i) && !p {
+                return Err(format!("region {r}: to-copy but persistent bit clear"));
             }
             if self.copying.get(i) && !p {
                 return Err(format!("region {r}: being copied but persistent bit clear"));
@@ -1135,7 +1135,7 @@ mod tests {
         s.target_flush_started();
         s.target_flush_done(false);
         s.copy_done(a, true);
-        assert!(s.is_volatile_dirty(a.start));
+        assert!(s.needs_copy(a.start));
         s.check_invariants().unwrap();
     }
 
@@ -1176,7 +1176,7 @@ mod tests {
         let ActivePlan::Target { id } = plan else { panic!() };
         durable(&mut s);
         s.end_active_write(id, true, false);
-        assert!(s.is_volatile_dirty(5));
+        assert!(s.needs_copy(5));
         s.check_invariants().unwrap();
     }
 
@@ -1190,7 +1190,7 @@ mod tests {
         durable(&mut s);
         s.end_write(ext(2, 1));
         s.end_active_write(id, true, true);
-        assert!(s.is_volatile_dirty(2), "order of the two on source and target may differ");
+        assert!(s.needs_copy(2), "order of the two on source and target may differ");
         // Non-overlapping writes to one region both stay mirrored.
         let mut s = state(8);
         let (_, a) = s.begin_active_write(ext(2, 1), 8192, 512);
@@ -1219,7 +1219,7 @@ mod tests {
         assert_eq!(s.target_flush_started(), FlushKind::Checkpoint);
         s.target_flush_done(true);
         s.end_active_write(id, true, true);
-        assert!(s.is_volatile_dirty(4), "copied again after the stale target write");
+        assert!(s.needs_copy(4), "copied again after the stale target write");
         assert!(s.pbits().get(4));
         s.check_invariants().unwrap();
     }

@@ -200,7 +200,7 @@ pub struct SavedHook {
 }
 
 impl SavedHook {
-    fn new(h: &crate::engine::Hook) -> SavedHook {
+    fn new(h: &crate::engine::OnConsistentCommand) -> SavedHook {
         SavedHook {
             command: h.command.clone(),
             interval_ms: h.interval.as_millis() as u64,
@@ -327,7 +327,7 @@ fn prepare_recover(
     };
     let mut settings = saved.settings;
     if let (Some(s), Some(h)) = (settings.as_mut(), saved.on_consistent) {
-        s.hook = Some(crate::engine::Hook {
+        s.hook = Some(crate::engine::OnConsistentCommand {
             command: h.command,
             interval: Duration::from_millis(h.interval_ms),
             timeout: Duration::from_millis(h.timeout_ms),

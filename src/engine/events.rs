@@ -12,11 +12,11 @@ const RECENT: usize = 32;
 
 #[derive(Default)]
 pub struct EventLog {
-    inner: Mutex<Inner>,
+    inner: Mutex<LockedState>,
 }
 
 #[derive(Default)]
-struct Inner {
+struct LockedState {
     file: Option<std::fs::File>,
     recent: VecDeque<serde_json::Value>,
     seq: u64,
@@ -41,7 +41,7 @@ impl EventLog {
         Ok(())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LockedState> {
         // A panic while holding this lock can only have happened mid-append: the log is still
         // usable (at worst one line is cut).
         self.inner.lock().unwrap_or_else(|p| p.into_inner())

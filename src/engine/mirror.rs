@@ -66,7 +66,7 @@ const TGT_FIXED: u32 = 1;
 
 /// Test hooks: deterministic interference with a running loop.
 #[derive(Default)]
-pub struct Hooks {
+pub struct TestHooks {
     /// Called after a copy's source read completed, before its target write is issued.
     pub after_read: Option<Box<dyn FnMut(Extent)>>,
     /// Simulate an interruption (a crash of the daemon): start no copy once this many bytes were
@@ -106,7 +106,7 @@ pub struct Mirror<'t> {
     /// Retries after failures of the target (copies, flushes, resets).
     backoff: Backoff,
     fatal: Option<Error>,
-    hooks: Hooks,
+    hooks: TestHooks,
     done: Vec<TargetDone>,
     /// Offline run: the first error ends it instead of being retried.
     offline: bool,
@@ -190,7 +190,7 @@ impl<'t> Mirror<'t> {
             checkpoints: Checkpoints::new(now),
             backoff: Backoff::new(policy::MIN_BACKOFF, MAX_BACKOFF),
             fatal: None,
-            hooks: Hooks::default(),
+            hooks: TestHooks::default(),
             done: Vec::new(),
             offline: false,
             needs_reset: false,
@@ -205,7 +205,7 @@ impl<'t> Mirror<'t> {
         }
     }
 
-    pub fn set_hooks(&mut self, hooks: Hooks) {
+    pub fn set_hooks(&mut self, hooks: TestHooks) {
         self.hooks = hooks;
     }
 

@@ -171,10 +171,10 @@ pub struct Settings {
     pub max_retries: u32,
     /// Only carried from the saved configuration to a recovered daemon (not a live setting).
     #[serde(skip)]
-    pub hook: Option<Hook>,
+    pub hook: Option<OnConsistentCommand>,
 }
 
-pub struct Inner {
+pub struct LockedState {
     pub state: MirrorState<Bitmap>,
     pub progress: Progress,
     /// Switchover in progress: new writes wait (checked under this lock together with
@@ -314,7 +314,7 @@ pub struct Status {
 }
 
 pub struct Engine {
-    inner: Mutex<Inner>,
+    inner: Mutex<LockedState>,
     /// The device's data (swapped with the target by `switchover --reverse`).
     source: std::sync::RwLock<Arc<Backing>>,
     /// The target's backing (a duplicate of the mirror's), when the front end can reach it:
@@ -374,7 +374,7 @@ pub enum MirrorNext {
     Target(BoxTarget),
 }
 
-fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+fn lock_recovering<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded values are replaced whole, never left half-changed: a panic elsewhere while
     // one was held leaves it usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -550,7 +550,7 @@ impl Engine {
             mirror_next: Mutex::new(None),
             bitmap_path: bitmap.to_path_buf(),
             bitmap_fd,
-            inner: Mutex::new(Inner {
+            inner: Mutex::new(LockedState {
                 state,
                 progress: Progress::new(dirty),
                 write_barrier: false,
@@ -590,7 +590,7 @@ impl Engine {
 
     /// The lock over the shared state. A poisoned lock means a thread panicked while changing
     /// the state; continuing could clear a bit that must stay, so the process stops instead.
-    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+    pub fn lock(&self) -> MutexGuard<'_, LockedState> {
         match self.inner.lock() {
             Ok(g) => g,
             Err(_) => {
@@ -700,13 +700,13 @@ impl Engine {
     /// `limit`) for requests on the previous descriptors; false if some still hold them.
     fn set_front_target(&self, target: Arc<Backing>, limit: Duration) -> bool {
         let fds = Fds { source: self.source().fd(), target: target.fd() };
-        *relock(&self.front_target) = Some(target);
+        *lock_recovering(&self.front_target) = Some(target);
         self.front.publish(fds, limit)
     }
 
     /// The front end can write the target itself (see [`Self::attach_target`]).
     pub fn front_has_target(&self) -> bool {
-        relock(&self.front_target).is_some()
+        lock_recovering(&self.front_target).is_some()
     }
 
     /// The descriptors for one front-end request, held until [`Self::front_exit`]. A read or
@@ -724,11 +724,11 @@ impl Engine {
     /// the target's descriptor, under the lock a switchover takes: a verify never begins while
     /// the pair is being switched, and a switchover refuses while a verify runs.
     pub fn with_target_for_verify(&self, start: impl FnOnce(std::os::fd::OwnedFd) -> Result<()>) -> Result<()> {
-        let _one = relock(&self.switching);
+        let _one = lock_recovering(&self.switching);
         if self.serving_target() {
             return Err(Error::config("the device was switched over: there is no pair to verify"));
         }
-        let Some(t) = relock(&self.front_target).clone() else {
+        let Some(t) = lock_recovering(&self.front_target).clone() else {
             return Err(Error::config(
                 "online verify reads the target directly: it needs a file or block device target \
                  (use the offline `verify` for others)",
@@ -791,12 +791,12 @@ impl Engine {
     /// serves the target. With `reverse` the old source becomes the mirror's target instead of
     /// being released. Bounded by `limit`; on failure writes resume on the source.
     pub fn switchover(&self, limit: Duration, reverse: bool) -> Result<()> {
-        let _one = relock(&self.switching);
+        let _one = lock_recovering(&self.switching);
         let t0 = Instant::now();
         if self.serving_target() {
             return Err(Error::config("the device serves its target already"));
         }
-        let Some(new_data) = relock(&self.front_target).clone() else {
+        let Some(new_data) = lock_recovering(&self.front_target).clone() else {
             return Err(Error::config(
                 "switchover needs a target the device can serve (a file or block device)",
             ));
@@ -904,7 +904,7 @@ impl Engine {
         // A "same" left by an earlier attempt whose loop never returned (it saw the restart
         // called off in time) must not restart this one's loop before the pair is swapped. No
         // loop waits in mirror_next now: it only waits while a restart is asked for.
-        *relock(&self.mirror_next) = None;
+        *lock_recovering(&self.mirror_next) = None;
         // The mirror stops using the old pair (and its ring's reference to it) before anything
         // changes; it is synced, so parking it loses nothing.
         self.mirror_restart.store(true, Ordering::SeqCst);
@@ -914,7 +914,7 @@ impl Engine {
         // loop that returned just after the give-up found no next step and no restart asked,
         // and the mirror thread ended for good while the device kept serving.
         let resume_same = |why: String| {
-            *relock(&self.mirror_next) = Some(MirrorNext::Same);
+            *lock_recovering(&self.mirror_next) = Some(MirrorNext::Same);
             self.mirror_restart.store(false, Ordering::SeqCst);
             why
         };
@@ -939,7 +939,7 @@ impl Engine {
             // Nothing was closed: a request still on the old set reads a file that holds the same data.
             log::warn!("switchover --reverse: a request held the old descriptors for 10 s");
         }
-        *relock(&self.mirror_next) = Some(MirrorNext::Target(Box::new(crate::io::target::FileTarget::new(new_target))));
+        *lock_recovering(&self.mirror_next) = Some(MirrorNext::Target(Box::new(crate::io::target::FileTarget::new(new_target))));
         self.mirror_restart.store(false, Ordering::SeqCst);
         self.lock().write_barrier = false;
         self.wake();
@@ -985,7 +985,7 @@ impl Engine {
             if self.stop_requested() {
                 return MirrorNext::Stop;
             }
-            if let Some(n) = relock(&self.mirror_next).take() {
+            if let Some(n) = lock_recovering(&self.mirror_next).take() {
                 return n;
             }
             if !self.mirror_restart.load(Ordering::SeqCst) {
@@ -1096,7 +1096,7 @@ impl Engine {
     /// [`Engine::update_active`] under the caller's lock: begin_request reads `active_now` under
     /// that lock, so a change of its inputs and of `active_now` made in one critical section is
     /// one step for every write (none sees max-lag's mode on but still goes the background way).
-    pub fn update_active_locked(&self, g: &Inner) {
+    pub fn update_active_locked(&self, g: &LockedState) {
         let wanted = self.controls.write_blocking.load(Ordering::SeqCst) || g.progress.lag_forced;
         let healthy = g.progress.degraded_since.is_none()
             && g.progress.gave_up.is_none()
@@ -1225,12 +1225,12 @@ impl Engine {
 
     /// Tests: make the mirror loop fail while `path` exists (None: never).
     pub fn set_mirror_fault(&self, path: Option<PathBuf>) {
-        *relock(&self.mirror_fault) = path;
+        *lock_recovering(&self.mirror_fault) = path;
     }
 
     /// The test fault of [`MIRROR_FAULT_ENV`] is in force.
     pub fn mirror_fault_injected(&self) -> bool {
-        relock(&self.mirror_fault).as_ref().is_some_and(|p| p.exists())
+        lock_recovering(&self.mirror_fault).as_ref().is_some_and(|p| p.exists())
     }
 
     /// The mirror loop ended with `err` (not asked to): the pair is degraded and the state
@@ -1331,14 +1331,14 @@ pub struct CopyConfig {
     /// at once.
     pub clear_delay: Duration,
     /// A command to run after consistent points (live mirrors).
-    pub on_consistent: Option<Hook>,
+    pub on_consistent: Option<OnConsistentCommand>,
 }
 
 /// `--on-consistent CMD`: run through `sh -c` after a consistent point, at most once per
 /// `interval`, with the target untouched while it runs (no copies, no write-blocking writes),
 /// so that it can snapshot the replica. Killed after `timeout`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Hook {
+pub struct OnConsistentCommand {
     pub command: String,
     pub interval: Duration,
     pub timeout: Duration,
