@@ -17,6 +17,7 @@ use crate::core::policy::{
 use crate::io::target::{Target, TargetDone, TargetOp};
 use crate::io::uring::{self, push, Owner, Ring};
 use io_uring::{opcode, types};
+use slab::Slab;
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -90,7 +91,8 @@ pub struct Mirror<'t> {
     cfg: CopyConfig,
     bufs: Vec<AlignedBuf>,
     free_bufs: Vec<usize>,
-    jobs: Vec<Option<Job>>,
+    /// The copies in flight, by slot: the slot travels in their operations' user_data.
+    jobs: Slab<Job>,
     running: usize,
     target_flush: Option<FlushKind>,
     /// Parts of the pair flush still outstanding (target and source), and the first error.
@@ -174,7 +176,7 @@ impl<'t> Mirror<'t> {
             ring,
             free_bufs: Vec::new(),
             bufs: Vec::new(),
-            jobs: (0..cfg.max_copies).map(|_| None).collect(),
+            jobs: Slab::with_capacity(cfg.max_copies),
             running: 0,
             engine,
             target,
@@ -478,11 +480,7 @@ impl<'t> Mirror<'t> {
             };
             let (a, b) = self.engine.byte_range(ext);
             self.bucket.spend(b - a);
-            let slot = self.jobs.iter().position(|j| j.is_none()).unwrap_or(self.jobs.len());
-            if slot == self.jobs.len() {
-                self.jobs.push(None);
-            }
-            self.jobs[slot] = Some(Job { ext, pos: a, end: b, phase: Phase::Read, chunk: 0, done: 0, buf });
+            let slot = self.jobs.insert(Job { ext, pos: a, end: b, phase: Phase::Read, chunk: 0, done: 0, buf });
             self.running += 1;
             self.advance(slot)?;
         }
@@ -491,7 +489,7 @@ impl<'t> Mirror<'t> {
 
     /// Issues the next operation of job `slot`, or finishes it.
     fn advance(&mut self, slot: usize) -> Result<()> {
-        let Some(job) = self.jobs[slot].as_mut() else { return Ok(()) };
+        let Some(job) = self.jobs.get_mut(slot) else { return Ok(()) };
         if job.pos >= job.end {
             return self.finish(slot, true);
         }
@@ -505,7 +503,7 @@ impl<'t> Mirror<'t> {
         let r = match next_step(job.pos, job.end, seg, self.cfg.buf_size as u64, block) {
             Step::Zero(len) => self.issue_zero(slot, len),
             Step::Read(chunk) => {
-                if let Some(job) = self.jobs[slot].as_mut() {
+                if let Some(job) = self.jobs.get_mut(slot) {
                     job.phase = Phase::Read;
                     job.chunk = chunk;
                     job.done = 0;
@@ -517,7 +515,7 @@ impl<'t> Mirror<'t> {
     }
 
     fn issue_zero(&mut self, slot: usize, len: u64) -> io::Result<()> {
-        let Some(job) = self.jobs[slot].as_mut() else { return Ok(()) };
+        let Some(job) = self.jobs.get_mut(slot) else { return Ok(()) };
         job.phase = Phase::Zero;
         job.chunk = len;
         job.done = 0;
@@ -527,7 +525,7 @@ impl<'t> Mirror<'t> {
     }
 
     fn issue_read(&mut self, slot: usize) -> io::Result<()> {
-        let Some(job) = self.jobs[slot].as_ref() else { return Ok(()) };
+        let Some(job) = self.jobs.get(slot) else { return Ok(()) };
         let off = job.pos + job.done;
         let len = (job.chunk - job.done) as u32;
         // SAFETY: `job.done < job.chunk <= buf_size`, so the pointer stays inside the job's
@@ -541,7 +539,7 @@ impl<'t> Mirror<'t> {
     }
 
     fn issue_write(&mut self, slot: usize) -> io::Result<()> {
-        let Some(job) = self.jobs[slot].as_ref() else { return Ok(()) };
+        let Some(job) = self.jobs.get(slot) else { return Ok(()) };
         let off = job.pos + job.done;
         let len = (job.chunk - job.done) as u32;
         // SAFETY: as in issue_read.
@@ -551,7 +549,7 @@ impl<'t> Mirror<'t> {
     }
 
     fn finish(&mut self, slot: usize, ok: bool) -> Result<()> {
-        let Some(job) = self.jobs[slot].take() else { return Ok(()) };
+        let Some(job) = self.jobs.try_remove(slot) else { return Ok(()) };
         self.free_bufs.push(job.buf);
         self.running -= 1;
         // The backoff is reset by a good pair flush (target_ok) only: with a target whose
@@ -561,7 +559,7 @@ impl<'t> Mirror<'t> {
     }
 
     fn copy_failed(&mut self, slot: usize, what: &str, err: io::Error) -> Result<()> {
-        let msg = match self.jobs[slot].as_ref() {
+        let msg = match self.jobs.get(slot) {
             Some(j) => format!("{what} at byte {}: {err}", j.pos + j.done),
             None => format!("{what}: {err}"),
         };
@@ -770,7 +768,7 @@ impl<'t> Mirror<'t> {
         if self.draining {
             return self.finish(slot, false);
         }
-        let Some(job) = self.jobs[slot].as_mut() else { return Ok(()) };
+        let Some(job) = self.jobs.get_mut(slot) else { return Ok(()) };
         if res <= 0 {
             let e = if res == 0 {
                 io::Error::new(io::ErrorKind::UnexpectedEof, "source read returned no data")
@@ -800,7 +798,7 @@ impl<'t> Mirror<'t> {
         if self.draining {
             return self.finish(slot, false);
         }
-        let Some(job) = self.jobs[slot].as_mut() else { return Ok(()) };
+        let Some(job) = self.jobs.get_mut(slot) else { return Ok(()) };
         match (job.phase, r) {
             (Phase::Zero, Ok(_)) => {
                 let n = job.chunk;

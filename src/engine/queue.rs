@@ -17,6 +17,7 @@ use crate::core::{ActivePlan, Extent, GroupCommit, Intent};
 use crate::engine::{Engine, Gate};
 use crate::io::uring::{self, push, Owner, Ring};
 use io_uring::{opcode, squeue, types};
+use slab::Slab;
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -189,8 +190,8 @@ struct NapTimer {
 /// completion that cannot come.
 pub struct Requests {
     engine: Arc<Engine>,
-    reqs: Vec<Option<Req>>,
-    free: Vec<u16>,
+    /// The requests in flight, by slot: the slot travels in their operations' user_data.
+    reqs: Slab<Req>,
     gc: GroupCommit<usize>,
     flush_seq: u64,
     out: Vec<Completion>,
@@ -213,8 +214,7 @@ impl Requests {
         let has_target = engine.front_has_target();
         Ok(Requests {
             engine,
-            reqs: Vec::new(),
-            free: Vec::new(),
+            reqs: Slab::new(),
             gc: GroupCommit::default(),
             flush_seq: 0,
             out: Vec::new(),
@@ -225,7 +225,7 @@ impl Requests {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.reqs.len() - self.free.len()
+        self.reqs.len()
     }
 
     /// Queues a request with its own data; its completion comes from [`Self::completions`].
@@ -288,16 +288,7 @@ impl Requests {
             held: None,
         };
         // Slots fit in 16 bits (checked above): they travel in completions' user_data.
-        let slot = match self.free.pop() {
-            Some(i) => {
-                self.reqs[i as usize] = Some(r);
-                i as usize
-            }
-            None => {
-                self.reqs.push(Some(r));
-                self.reqs.len() - 1
-            }
-        };
+        let slot = self.reqs.insert(r);
         if ext.is_none() {
             self.issue(sink, slot)
         } else {
@@ -307,7 +298,7 @@ impl Requests {
 
     /// Asks the engine whether the write in `slot` may begin, and begins it if so.
     fn gate(&mut self, sink: &mut impl Sink, slot: usize) {
-        let Some(r) = self.reqs[slot].as_mut() else { return };
+        let Some(r) = self.reqs.get_mut(slot) else { return };
         let (Some(ext), Some((off, len))) = (r.ext, r.req.range()) else { return };
         let may_wait = r.deferred_since.is_none_or(|t| t.elapsed() < MAX_DEFER);
         let mirror_ok = matches!(r.req, Request::Write { .. }) && self.has_target;
@@ -405,7 +396,7 @@ impl Requests {
 
     fn issue(&mut self, sink: &mut impl Sink, slot: usize) {
         let engine = &self.engine;
-        let Some(r) = self.reqs[slot].as_mut() else { return };
+        let Some(r) = self.reqs.get_mut(slot) else { return };
         // Descriptors first, then for a read or flush the question which one: a request that
         // still sees the source here is waited for by a switchover before the source goes
         // away (a read that began on the source just before the switch returns the same data:
@@ -482,7 +473,6 @@ impl Requests {
         }
         log::error!("{n} requests still in flight on a queue that stops: their buffers are leaked");
         std::mem::forget(std::mem::take(&mut self.reqs));
-        self.free.clear();
         self.deferred.clear();
         self.gc = GroupCommit::default();
         if self.nap.pending {
@@ -524,7 +514,7 @@ impl Requests {
                 }
             }
             Owner::Front => {
-                let Some(r) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) else { return };
+                let Some(r) = self.reqs.get_mut(slot) else { return };
                 if res == -libc::EOPNOTSUPP {
                     // A discard is a hint the source may not take: the data stays as it was,
                     // which a discard allows (the device does not promise zeroes after one).
@@ -553,7 +543,7 @@ impl Requests {
                 self.finish(slot, result);
             }
             Owner::Target => {
-                let Some(r) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) else { return };
+                let Some(r) = self.reqs.get_mut(slot) else { return };
                 r.tgt_pending = false;
                 // A short target write counts as failed: the region is copied instead.
                 r.tgt_ok = res >= 0 && res as u32 == r.req.transfer();
@@ -573,7 +563,7 @@ impl Requests {
     /// fdatasync only, and the mirror's own fdatasync may be the one that took it (see the
     /// engine).
     fn result_of(&self, slot: usize, res: i32) -> io::Result<u32> {
-        let Some(r) = self.reqs[slot].as_ref() else { return Ok(0) };
+        let Some(r) = self.reqs.get(slot) else { return Ok(0) };
         if r.req == Request::Flush && r.file == SRC {
             if res < 0 {
                 self.engine.set_source_flush_failed();
@@ -590,14 +580,13 @@ impl Requests {
     }
 
     fn finish(&mut self, slot: usize, result: io::Result<u32>) {
-        if let Some(r) = self.reqs[slot].as_mut() {
+        if let Some(r) = self.reqs.get_mut(slot) {
             if r.tgt_pending {
                 r.src_result = Some(result);
                 return;
             }
         }
-        let Some(r) = self.reqs[slot].take() else { return };
-        self.free.push(slot as u16);
+        let Some(r) = self.reqs.try_remove(slot) else { return };
         if let Some(h) = r.held {
             self.engine.front_exit(h);
         }

@@ -6,6 +6,7 @@
 use crate::io::backing::{Backing, Kind};
 use crate::io::uring::{push, Owner, Ring};
 use io_uring::{opcode, types};
+use slab::Slab;
 use std::io;
 
 /// One operation on the target. Buffers are owned by the mirror and stay valid and untouched
@@ -73,8 +74,9 @@ pub trait Target {
 pub struct FileTarget {
     backing: Backing,
     fixed: Option<u32>,
-    /// For zeroing where fallocate is refused: the pending zero writes (of [`zero_chunk`]).
-    zero_jobs: Vec<Option<ZeroJob>>,
+    /// For zeroing where fallocate is refused: the pending zero writes (of [`zero_chunk`]), by
+    /// slot (in their operations' user_data).
+    zero_jobs: Slab<ZeroJob>,
     /// Fallocate punch-hole is refused here; zero by writing.
     no_punch: bool,
 }
@@ -99,7 +101,7 @@ impl FileTarget {
         FileTarget {
             backing,
             fixed: None,
-            zero_jobs: Vec::new(),
+            zero_jobs: Slab::new(),
             no_punch: false,
         }
     }
@@ -119,7 +121,7 @@ impl FileTarget {
     }
 
     fn submit_zero_write(&mut self, ring: &mut Ring, idx: usize) -> io::Result<()> {
-        let Some(job) = self.zero_jobs[idx].as_ref() else { return Ok(()) };
+        let Some(job) = self.zero_jobs.get(idx) else { return Ok(()) };
         let len = (job.end - job.pos).min(ZERO_CHUNK as u64) as u32;
         let off = job.pos;
         let ptr = zero_chunk();
@@ -188,7 +190,7 @@ impl Target for FileTarget {
                     |f| opcode::Fallocate::new(f, len).offset(off).mode(mode).build(),
                     |f| opcode::Fallocate::new(f, len).offset(off).mode(mode).build(),
                 );
-                let idx = self.slot_for(ZeroJob { token, pos: off, end: off + len });
+                let idx = self.zero_jobs.insert(ZeroJob { token, pos: off, end: off + len });
                 // SAFETY: a fallocate refers to no memory.
                 return unsafe { push(ring, e, Owner::Target, SUB_PUNCH | idx as u64) };
             }
@@ -219,7 +221,7 @@ impl Target for FileTarget {
             }
             1 => {
                 let r = result(res);
-                let advance = match (&r, self.zero_jobs.get_mut(idx).and_then(|j| j.as_mut())) {
+                let advance = match (&r, self.zero_jobs.get_mut(idx)) {
                     (Ok(n), Some(job)) if *n > 0 => {
                         job.pos += *n as u64;
                         job.pos < job.end
@@ -244,21 +246,12 @@ impl Target for FileTarget {
 }
 
 impl FileTarget {
-    fn slot_for(&mut self, job: ZeroJob) -> usize {
-        if let Some(i) = self.zero_jobs.iter().position(|j| j.is_none()) {
-            self.zero_jobs[i] = Some(job);
-            i
-        } else {
-            self.zero_jobs.push(Some(job));
-            self.zero_jobs.len() - 1
-        }
-    }
     fn start_zero_writes(&mut self, ring: &mut Ring, token: u64, off: u64, len: u64) -> io::Result<()> {
-        let idx = self.slot_for(ZeroJob { token, pos: off, end: off + len });
+        let idx = self.zero_jobs.insert(ZeroJob { token, pos: off, end: off + len });
         self.submit_zero_write(ring, idx)
     }
     fn finish_zero(&mut self, idx: usize, r: io::Result<u32>, done: &mut Vec<TargetDone>) {
-        if let Some(job) = self.zero_jobs.get_mut(idx).and_then(|j| j.take()) {
+        if let Some(job) = self.zero_jobs.try_remove(idx) {
             done.push((job.token, r));
         }
     }

@@ -39,6 +39,7 @@ pub use handshake::Export;
 pub use uri::{NbdUri, UriError};
 
 use crate::error::Error;
+use slab::Slab;
 use crate::io::target::{Target, TargetDone, TargetOp};
 use crate::io::uring::{push, Owner, Ring};
 use handshake::Stream;
@@ -80,50 +81,6 @@ fn sub(kind: u64, gen: u32) -> u64 {
 /// The timer's period. A static: a timeout SQE refers to its timespec until it completes, and
 /// a static outlives any ring.
 static TICK: types::Timespec = types::Timespec::new().sec(1);
-
-/// Slots with stable indices.
-struct Slab<T> {
-    items: Vec<Option<T>>,
-    free: Vec<usize>,
-    live: usize,
-}
-
-impl<T> Slab<T> {
-    fn new() -> Self {
-        Slab { items: Vec::new(), free: Vec::new(), live: 0 }
-    }
-    fn insert(&mut self, t: T) -> usize {
-        self.live += 1;
-        match self.free.pop() {
-            Some(i) => {
-                self.items[i] = Some(t);
-                i
-            }
-            None => {
-                self.items.push(Some(t));
-                self.items.len() - 1
-            }
-        }
-    }
-    fn remove(&mut self, i: usize) -> Option<T> {
-        let t = self.items.get_mut(i)?.take()?;
-        self.live -= 1;
-        self.free.push(i);
-        Some(t)
-    }
-    fn get(&self, i: usize) -> Option<&T> {
-        self.items.get(i)?.as_ref()
-    }
-    fn get_mut(&mut self, i: usize) -> Option<&mut T> {
-        self.items.get_mut(i)?.as_mut()
-    }
-    fn len(&self) -> usize {
-        self.live
-    }
-    fn indices(&self) -> impl Iterator<Item = usize> + '_ {
-        self.items.iter().enumerate().filter(|(_, t)| t.is_some()).map(|(i, _)| i)
-    }
-}
 
 /// One target operation, maybe split into several requests.
 struct Op {
@@ -385,7 +342,7 @@ impl NbdTarget {
 
     fn add_req(&mut self, op: usize, cmd: u16, flags: u16, off: u64, len: u32, buf: *mut u8) {
         let Some(conn) = self.conn.as_mut() else { return };
-        if self.reqs.len() == 0 {
+        if self.reqs.is_empty() {
             // Idle time does not count against the request timeout.
             self.last_progress = Instant::now();
         }
@@ -433,7 +390,7 @@ impl NbdTarget {
         if conn.recv_posted.is_none() {
             post_recv(conn, reqs, ring)?;
         }
-        if !self.timer_posted && self.reqs.len() > 0 {
+        if !self.timer_posted && !self.reqs.is_empty() {
             // SAFETY: the timeout's timespec is a static.
             unsafe { push(ring, opcode::Timeout::new(&TICK).build(), Owner::Target, sub(K_TIMER, 0)) }?;
             self.timer_posted = true;
@@ -459,7 +416,7 @@ impl NbdTarget {
     }
 
     fn finish_req(&mut self, slot: usize, done: &mut Vec<TargetDone>) {
-        let Some(r) = self.reqs.remove(slot) else { return };
+        let Some(r) = self.reqs.try_remove(slot) else { return };
         let err = match r.reply {
             Some(code) if code != 0 => {
                 let os = io::Error::from_raw_os_error(errno(code));
@@ -477,7 +434,7 @@ impl NbdTarget {
         // Each request is counted in its operation once and finished once (it is removed here).
         op.parts = op.parts.saturating_sub(1);
         if op.parts == 0 {
-            if let Some(op) = self.ops.remove(r.op) {
+            if let Some(op) = self.ops.try_remove(r.op) {
                 done.push((op.token, op.err.map_or(Ok(op.result), Err)));
             }
         }
@@ -501,10 +458,10 @@ impl NbdTarget {
     /// On a broken connection: fails every operation whose buffers no SQE holds any more.
     fn fail_unpinned(&mut self, done: &mut Vec<TargetDone>) {
         let Some(msg) = self.broken.clone() else { return };
-        if self.ops.len() == 0 {
+        if self.ops.is_empty() {
             return;
         }
-        let mut pinned = vec![false; self.ops.items.len()];
+        let mut pinned = vec![false; self.ops.capacity()];
         if let Some(c) = self.conn.as_ref() {
             let mut pin = |slot: usize| {
                 if let Some(r) = self.reqs.get(slot) {
@@ -522,24 +479,25 @@ impl NbdTarget {
                 pin(slot);
             }
         }
-        let victims: Vec<usize> = self.ops.indices().filter(|&i| !pinned[i]).collect();
+        let victims: Vec<usize> = self.ops.iter().map(|(i, _)| i).filter(|&i| !pinned[i]).collect();
         if victims.is_empty() {
             return;
         }
-        let mut dead = vec![false; self.ops.items.len()];
+        let mut dead = vec![false; self.ops.capacity()];
         for &i in &victims {
             dead[i] = true;
         }
         let doomed: Vec<usize> = self
             .reqs
-            .indices()
+            .iter()
+            .map(|(s, _)| s)
             .filter(|&s| self.reqs.get(s).is_some_and(|r| dead.get(r.op).copied().unwrap_or(false)))
             .collect();
         for s in doomed {
-            self.reqs.remove(s);
+            self.reqs.try_remove(s);
         }
         for i in victims {
-            if let Some(op) = self.ops.remove(i) {
+            if let Some(op) = self.ops.try_remove(i) {
                 done.push((op.token, Err(self.error(io::ErrorKind::ConnectionAborted, &msg))));
             }
         }
@@ -715,7 +673,7 @@ impl NbdTarget {
 
     fn on_timer(&mut self, ring: &mut Ring, done: &mut Vec<TargetDone>) {
         self.timer_posted = false;
-        if self.broken.is_some() || self.reqs.len() == 0 {
+        if self.broken.is_some() || self.reqs.is_empty() {
             return;
         }
         let idle = self.last_progress.elapsed();
@@ -968,7 +926,7 @@ impl Target for NbdTarget {
         if self.broken.is_none() && self.conn.is_some() {
             return Ok(());
         }
-        if self.ops.len() > 0 {
+        if !self.ops.is_empty() {
             return Err(self.error(io::ErrorKind::Other, "cannot reconnect with operations in flight"));
         }
         if let Some(c) = self.conn.take() {
@@ -1045,23 +1003,5 @@ impl Drop for NbdTarget {
                 Box::leak(z);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slab_reuses_slots() {
-        let mut s = Slab::new();
-        let a = s.insert(1);
-        let b = s.insert(2);
-        assert_eq!(s.remove(a), Some(1));
-        assert_eq!(s.remove(a), None);
-        assert_eq!(s.insert(3), a);
-        assert_eq!(s.len(), 2);
-        assert_eq!(s.get(b), Some(&2));
-        assert_eq!(s.indices().collect::<Vec<_>>(), vec![0, 1]);
     }
 }
