@@ -69,7 +69,7 @@ fn main() {
         source,
         target,
         bitmap,
-        mode: Some(SyncMode::None),
+        mode: Some(SyncMode::AssumeIdentical),
         granularity: None,
         direct: DirectMode::Auto,
         source_writable: true,

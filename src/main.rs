@@ -467,7 +467,7 @@ fn cmd_sync(a: SyncArgs) -> CliResult {
     let mode = if a.full {
         Some(SyncMode::Full)
     } else if a.assume_synced {
-        Some(SyncMode::None)
+        Some(SyncMode::AssumeIdentical)
     } else {
         None
     };

@@ -316,7 +316,7 @@ fn next_completion(reqs: &mut Requests, sink: &mut Refusing) -> Completion {
 #[test]
 fn a_refused_operation_fails_its_request_and_ends_the_write() {
     let f = files(4 * MIB);
-    let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::None), Some(64 << 10))).expect("open");
+    let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), Some(64 << 10))).expect("open");
     let engine = Arc::new(engine);
     let before = read_all(&f.source);
     for allow in [0, 1] {
@@ -472,7 +472,7 @@ fn a_full_sync_bitmap_has_every_bit_set_when_it_gets_its_name() {
 fn a_first_write_to_a_clean_region_flushes_the_bitmap_once() {
     const G: u64 = 64 << 10;
     let f = files(4 * MIB);
-    let (engine, _t, open) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, _t, open) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
     assert_eq!(open.dirty_regions, 0);
     let engine = Arc::new(engine);
     assert_eq!(engine.status().bitmap_flushes, 0);

@@ -75,7 +75,7 @@ fn blocking() -> Settings {
 #[test]
 fn write_blocking_mirrors_writes_without_copying() {
     let f = files(8 * MIB);
-    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), Some(64 << 10))).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), Some(64 << 10))).expect("open");
     let engine = Arc::new(engine);
     engine.apply_settings(&blocking());
     engine.attach_target(target.as_ref()).expect("attach");
@@ -178,7 +178,7 @@ fn max_failures_in(secs: f64) -> u32 {
 #[test]
 fn a_loop_on_a_given_ring_refuses_bad_settings() {
     let f = files(MIB);
-    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
     let engine = Arc::new(engine);
     for cfg in [
         CopyConfig { max_copies: 0, ..Default::default() },
@@ -196,7 +196,7 @@ fn a_loop_on_a_given_ring_refuses_bad_settings() {
 #[test]
 fn failing_target_degrades_then_recovers_without_failing_writes() {
     let f = files(4 * MIB);
-    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), Some(64 << 10))).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), Some(64 << 10))).expect("open");
     let engine = Arc::new(engine);
     let broken = Arc::new(AtomicBool::new(true));
     let mut flaky = Flaky::new(target, broken.clone());
@@ -238,7 +238,7 @@ fn failing_target_degrades_then_recovers_without_failing_writes() {
 #[test]
 fn mirroring_gives_up_after_max_retries() {
     let f = files(2 * MIB);
-    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
     let engine = Arc::new(engine);
     engine.apply_settings(&Settings { max_retries: 2, ..Default::default() });
     let broken = Arc::new(AtomicBool::new(true));
@@ -275,7 +275,7 @@ fn mirroring_gives_up_after_max_retries() {
 fn a_failing_flush_of_a_clean_device_backs_off_and_gives_up() {
     for max_retries in [0, 2] {
         let f = files(2 * MIB);
-        let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+        let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
         let engine = Arc::new(engine);
         engine.apply_settings(&Settings { max_retries, ..Default::default() });
         let broken = Arc::new(AtomicBool::new(true));
@@ -322,7 +322,7 @@ fn a_failing_flush_of_a_clean_device_backs_off_and_gives_up() {
 #[test]
 fn failing_bitmap_flushes_back_off_and_do_not_hold_the_stop() {
     let f = files(2 * MIB);
-    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
     let engine = Arc::new(engine);
     let attempts = Arc::new(AtomicU64::new(0));
     let seen = attempts.clone();
@@ -367,7 +367,7 @@ fn failing_bitmap_flushes_back_off_and_do_not_hold_the_stop() {
 #[test]
 fn failing_flushes_back_off_although_copies_succeed() {
     let f = files(2 * MIB);
-    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
     let engine = Arc::new(engine);
     let broken = Arc::new(AtomicBool::new(true));
     let mut t = Flaky { flushes_only: true, ..Flaky::new(target, broken.clone()) };
@@ -455,7 +455,7 @@ fn a_pause_under_the_speed_limit_does_not_spin() {
 #[test]
 fn a_target_failing_during_a_switchover_releases_the_writes() {
     let f = files(2 * MIB);
-    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
     let engine = Arc::new(engine);
     engine.attach_target(target.as_ref()).expect("attach");
     let broken = Arc::new(AtomicBool::new(false));
@@ -496,7 +496,7 @@ fn a_target_failing_during_a_switchover_releases_the_writes() {
 #[test]
 fn pause_and_resume() {
     let f = files(4 * MIB);
-    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
     let engine = Arc::new(engine);
     engine.apply_settings(&Settings { paused: true, ..Default::default() });
     let mirror = spawn_loop(&engine, target, CopyConfig::default());
@@ -558,7 +558,7 @@ fn copied_while_busy(busy_speed: u64, burst: u32, gap: Duration, len: usize) -> 
     let f = files(16 * MIB);
     // Dense data: every copy moves whole regions (a hole would be skipped, not copied).
     fill_random(&f.source, 0, (16 * MIB) as usize, 21);
-    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
     let engine = Arc::new(engine);
     engine.apply_settings(&Settings { busy_speed, ..Default::default() });
     let mirror = spawn_loop(&engine, target, CopyConfig::default());
@@ -653,7 +653,7 @@ fn busy_device_holds_the_copy_to_busy_speed() {
 #[test]
 fn max_lag_switches_to_write_blocking() {
     let f = files(4 * MIB);
-    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
     let engine = Arc::new(engine);
     engine.apply_settings(&Settings { paused: true, max_lag_ms: 500, ..Default::default() });
     engine.attach_target(target.as_ref()).expect("attach");
@@ -687,7 +687,7 @@ fn control_requests() {
     use serde_json::json;
     use ublk_mirror::daemon::control::handle;
     let f = files(MIB);
-    let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
     let engine = Arc::new(engine);
     let info = json!({ "dev_id": 0 });
     let err = |req: serde_json::Value| {
@@ -719,7 +719,7 @@ fn control_requests() {
 #[test]
 fn write_blocking_reaches_consistent_points() {
     let f = files(4 * MIB);
-    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
     let engine = Arc::new(engine);
     engine.apply_settings(&blocking());
     engine.attach_target(target.as_ref()).expect("attach");
@@ -988,7 +988,7 @@ fn control_socket_survives_bad_clients() {
     use std::os::unix::net::UnixStream;
     use ublk_mirror::daemon::control;
     let f = files(MIB);
-    let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
     let engine = Arc::new(engine);
     let dir = tempfile::tempdir_in("/var/tmp").expect("dir");
     let path = dir.path().join("0.sock");
@@ -1030,7 +1030,7 @@ fn control_socket_answers_without_a_tick() {
     use serde_json::json;
     use ublk_mirror::daemon::control;
     let f = files(MIB);
-    let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
     let engine = Arc::new(engine);
     let dir = tempfile::tempdir_in("/var/tmp").expect("dir");
     let path = dir.path().join("0.sock");
@@ -1059,7 +1059,7 @@ fn on_consistent_command_sees_a_still_target() {
     // While this file exists a run of the command holds on (at most 20 s): the test decides
     // how long the command runs, not a sleep that a loaded machine could outlast.
     let hold = dir.path().join("hold");
-    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
     let engine = Arc::new(engine);
     let hook = ublk_mirror::engine::OnConsistentCommand {
         command: format!(
@@ -1117,7 +1117,7 @@ fn a_stop_kills_an_on_consistent_command_after_the_grace() {
     let f = files(2 * MIB);
     let dir = tempfile::tempdir_in("/var/tmp").expect("dir");
     let pidfile = dir.path().join("pid");
-    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::None), None)).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
     let engine = Arc::new(engine);
     let hook = ublk_mirror::engine::OnConsistentCommand {
         // The shell waits for a child of its own: killing the shell alone would leave it.

@@ -391,7 +391,7 @@ impl Sim {
             // An identical pair, declared so.
             1 => {
                 self.tgt.medium = self.src.medium.clone();
-                Some(SyncMode::None)
+                Some(SyncMode::AssumeIdentical)
             }
             // A pair with the bitmap of an earlier run: the regions that differ have their bit
             // set, and some others too.
@@ -459,7 +459,7 @@ impl Sim {
             if self.rng.gen() {
                 requested = None;
             }
-            if requested == Some(SyncMode::None) && !self.pair_identical {
+            if requested == Some(SyncMode::AssumeIdentical) && !self.pair_identical {
                 requested = None;
             }
             if requested == Some(SyncMode::Resume) && self.dir.cache.is_none() {

@@ -31,7 +31,10 @@ pub enum SyncMode {
     /// interrupted initial sync resumes where it stopped.
     Full,
     /// The user declares source and target identical: a new bitmap with every bit clear.
-    None,
+    // Spelt `none` on the command line and in saved state.
+    #[value(name = "none")]
+    #[serde(rename = "none")]
+    AssumeIdentical,
     /// Use the bitmap as found: copy only what it says is dirty.
     Resume,
 }
@@ -97,7 +100,7 @@ pub struct Opened<B: PersistentBits> {
 pub fn open_bitmap<F: BitmapFiles>(files: &mut F, mode: SyncMode) -> Result<Opened<F::Bits>> {
     let created = match mode {
         SyncMode::Resume => false,
-        SyncMode::Full | SyncMode::None => {
+        SyncMode::Full | SyncMode::AssumeIdentical => {
             let fill = if mode == SyncMode::Full { Fill::Dirty } else { Fill::Clean };
             let publish = |files: &mut F| -> Result<()> {
                 files.write_temp(fill)?;

@@ -1072,7 +1072,7 @@ mod tests {
         const N: u64 = 70_000;
         let expect = Expect { pair: &pair, device_size: N * 4096, granularity: None };
         let mut files = BitmapFiles::new(&path, pair.clone(), N * 4096, 4096, expect);
-        drop(open_bitmap(&mut files, SyncMode::None).expect("create"));
+        drop(open_bitmap(&mut files, SyncMode::AssumeIdentical).expect("create"));
         let need = file_len_for(N);
         OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(1 << 40)).expect("extend");
         let bm = Bitmap::open_unchecked(&path).expect("open");
@@ -1089,7 +1089,7 @@ mod tests {
         const N: u64 = 70_000; // bits past one 4 KiB block, a last word that is not whole
         let expect = Expect { pair: &pair, device_size: N * 4096, granularity: None };
         let mut files = BitmapFiles::new(&path, pair.clone(), N * 4096, 4096, expect);
-        let mut bm = open_bitmap(&mut files, SyncMode::None).expect("create").state;
+        let mut bm = open_bitmap(&mut files, SyncMode::AssumeIdentical).expect("create").state;
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut model = vec![false; N as usize];
         for _ in 0..3000 {
