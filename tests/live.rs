@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ublk_mirror::io::backing::AlignedBuf;
-use ublk_mirror::engine::{CopyConfig, CopyMode, Engine, Settings, SyncMode};
+use ublk_mirror::engine::{CopyConfig, CopyMode, Engine, Settings, StatusState, SyncMode};
 use ublk_mirror::engine::mirror::{Mirror, RunUntil, MAX_BACKOFF};
 use ublk_mirror::engine::queue::{EngineQueue, Op};
 use ublk_mirror::engine::verify_report::VerifyState;
@@ -262,7 +262,7 @@ fn mirroring_gives_up_after_max_retries() {
     // has passed that time (and been woken since) without trying again.
     wait_loop_pass(&engine, "a mirror loop pass after the retry would have been due", given_up + MAX_BACKOFF, 0, Duration::from_secs(20));
     let st = engine.status();
-    assert_eq!((st.state, st.target_failures), ("stopped", failures), "it kept retrying after giving up: {st:?}");
+    assert_eq!((st.state, st.target_failures), (StatusState::Stopped, failures), "it kept retrying after giving up: {st:?}");
     assert!(events(&engine).contains(&"stopped".to_string()));
     engine.request_stop();
     mirror.join().expect("mirror");
@@ -307,7 +307,7 @@ fn a_failing_flush_of_a_clean_device_backs_off_and_gives_up() {
             // Past the time of the retry the last failure scheduled (MAX_BACKOFF at the latest).
             wait_loop_pass(&engine, "a mirror loop pass after the retry would have been due", given_up + MAX_BACKOFF, 0, Duration::from_secs(20));
             let st = engine.status();
-            assert_eq!((st.state, st.target_failures), ("stopped", at_stop), "it kept flushing after giving up: {st:?}");
+            assert_eq!((st.state, st.target_failures), (StatusState::Stopped, at_stop), "it kept flushing after giving up: {st:?}");
         } else {
             wait_for("a retry", Duration::from_secs(20), || engine.status().target_failures >= 2);
         }
@@ -506,7 +506,7 @@ fn pause_and_resume() {
     // copy were it not paused.
     wait_loop_pass(&engine, "a mirror loop pass after the write", Instant::now(), 0, Duration::from_secs(20));
     let st = engine.status();
-    assert_eq!((st.state, st.bytes_copied, st.copying_bytes), ("paused", 0, 0), "{st:?}");
+    assert_eq!((st.state, st.bytes_copied, st.copying_bytes), (StatusState::Paused, 0, 0), "{st:?}");
     assert_eq!(st.dirty_bytes, 64 << 10);
     engine.apply_settings(&Settings::default());
     wait_for("synced after resume", Duration::from_secs(20), || engine.status().state == "synced");

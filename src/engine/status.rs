@@ -66,6 +66,43 @@ impl StatusMode {
     }
 }
 
+/// `status` and its JSON show a state by its name; tests and callers may compare it with one.
+impl serde::Serialize for StatusState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl PartialEq<&str> for StatusState {
+    fn eq(&self, name: &&str) -> bool {
+        self.name() == *name
+    }
+}
+
+impl std::fmt::Display for StatusState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl serde::Serialize for StatusMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl PartialEq<&str> for StatusMode {
+    fn eq(&self, name: &&str) -> bool {
+        self.name() == *name
+    }
+}
+
+impl std::fmt::Display for StatusMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Every value [`Status::state`] takes (the metrics export each, one-hot).
 pub const STATES: [&str; StatusState::ALL.len()] = {
     let mut names = [""; StatusState::ALL.len()];
@@ -91,7 +128,7 @@ pub const MODES: [&str; StatusMode::ALL.len()] = {
 /// A snapshot for status displays and tests.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Status {
-    pub state: &'static str,
+    pub state: StatusState,
     pub device_size: u64,
     pub granularity: u64,
     pub dirty_bytes: u64,
@@ -123,7 +160,7 @@ pub struct Status {
     pub eta_secs: Option<f64>,
     /// How long the target has been behind the source (0 when synced).
     pub lag_secs: f64,
-    pub mode: &'static str,
+    pub mode: StatusMode,
     pub speed: u64,
     pub busy_speed: u64,
     /// The copy is held to `busy_speed` now (the device serves I/O).
@@ -156,8 +193,7 @@ impl Engine {
             StatusState::Paused
         } else {
             StatusState::Syncing
-        }
-        .name();
+        };
         g.progress.sample_rate(true);
         let remaining = ((g.state.dirty() + g.state.copying()) * gran).min(self.size);
         let progress = if synced {
@@ -177,8 +213,7 @@ impl Engine {
             StatusMode::WriteBlocking
         } else {
             StatusMode::Background
-        }
-        .name();
+        };
         Status {
             episode_bytes: g.progress.episode_bytes,
             progress,
