@@ -20,7 +20,7 @@ use io_uring::{opcode, types};
 use slab::Slab;
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 pub use crate::core::policy::{BUSY_REQUESTS, BUSY_WINDOW, HOOK_STOP_GRACE, MAX_BACKOFF};
 
@@ -596,8 +596,7 @@ impl<'t> Mirror<'t> {
         self.backoff.succeeded();
         let recovered = {
             let mut g = self.engine.lock();
-            g.progress.target_failures = 0;
-            let recovered = g.progress.degraded_since.take().is_some();
+            let recovered = g.progress.target_recovered();
             self.engine.update_active_locked(&g);
             recovered
         };
@@ -910,14 +909,7 @@ impl<'t> Mirror<'t> {
 
     fn on_target_flush(&mut self, r: io::Result<u32>) -> Result<()> {
         let ok = r.is_ok();
-        let out = {
-            let mut g = self.engine.lock();
-            let out = g.state.target_flush_done(ok);
-            if out.consistent {
-                g.progress.last_consistent = Some(SystemTime::now());
-            }
-            out
-        };
+        let out = self.engine.lock().state.target_flush_done(ok);
         self.target_flush = None;
         if let Err(e) = r {
             log::warn!("target flush failed ({e}); {} regions are dirty again", out.redirtied);
@@ -931,17 +923,12 @@ impl<'t> Mirror<'t> {
         self.target_ok();
         if out.consistent {
             let mut g = self.engine.lock();
+            let synced = g.state.is_synced();
+            let (copied, forced) = g.progress.consistent_point(Instant::now(), synced);
             // The target caught up: worth an event if it had to copy to get here (in
             // write-blocking mode consistent points come every half second, with nothing
             // copied), or if this is the first.
-            let copied = g.progress.episode_bytes;
             let first = g.state.counters().consistent_points == 1;
-            // A new sync episode: progress restarts from the work found from now on.
-            g.progress.episode_bytes = 0;
-            g.progress.episode_progress = 0.0;
-            g.progress.unsynced_since = if g.state.is_synced() { None } else { Some(Instant::now()) };
-            // Max-lag's write-blocking lasts until the target has caught up: this instant.
-            let forced = std::mem::replace(&mut g.progress.lag_forced, false);
             if forced {
                 self.engine.update_active_locked(&g);
             }

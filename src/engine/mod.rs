@@ -107,6 +107,25 @@ impl Progress {
         }
     }
 
+    /// A consistent point was reached: the sync episode ends (progress restarts from the work
+    /// found from now on), the lag restarts (from now if writes already overtook the point),
+    /// and max-lag's write-blocking ends (it lasts until the target has caught up). Returns
+    /// the episode's bytes and whether max-lag's write-blocking was on.
+    pub fn consistent_point(&mut self, now: Instant, synced: bool) -> (u64, bool) {
+        let copied = std::mem::take(&mut self.episode_bytes);
+        self.episode_progress = 0.0;
+        self.last_consistent = Some(SystemTime::now());
+        self.unsynced_since = if synced { None } else { Some(now) };
+        (copied, std::mem::replace(&mut self.lag_forced, false))
+    }
+
+    /// A pair flush succeeded: the failure count restarts. Returns whether the pair was
+    /// degraded (and is no longer).
+    pub fn target_recovered(&mut self) -> bool {
+        self.target_failures = 0;
+        self.degraded_since.take().is_some()
+    }
+
     /// Bytes were copied (or zeroed) to the target.
     pub fn add_copied(&mut self, n: u64, zeroed: bool) {
         if zeroed {
