@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         Cmd::UdevSource { kernel, links, config_dir } => {
             // udev passes $links as one space-separated word list.
             let links: Vec<String> = links.iter().flat_map(|l| l.split_whitespace().map(String::from)).collect();
-            match admin::udev_source(&config_dir, &kernel, &links).first() {
+            match ublk_mirror::daemon::udev::udev_source(&config_dir, &kernel, &links).first() {
                 Some(n) => {
                     println!("{n}");
                     Ok(0)
@@ -42,7 +42,7 @@ fn main() -> ExitCode {
                 None => Ok(EXIT_ERROR),
             }
         }
-        Cmd::UdevName { kernel } => match admin::udev_name(&kernel) {
+        Cmd::UdevName { kernel } => match ublk_mirror::daemon::udev::udev_name(&kernel) {
             Some(n) => {
                 println!("{n}");
                 Ok(0)

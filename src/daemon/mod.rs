@@ -6,12 +6,16 @@
 //! - [`control`]: the control socket (status, settings, pause, switchover, verify);
 //! - [`admin`]: `add`, `recover`, `del`, `list`, `up`, `down`: forking the daemon, its saved
 //!   configuration, udev names;
+//! - [`saved`]: the configuration a daemon saves with the driver, and the entries `list` prints;
+//! - [`udev`]: names for udev rules;
 //! - [`metrics`]: the Prometheus exposition of every device.
 
 pub mod admin;
 pub mod control;
 pub mod device;
 pub mod metrics;
+pub mod saved;
+pub mod udev;
 
 /// Where daemons keep their control sockets, event logs and logs.
 pub const RUN_DIR: &str = "/run/ublk-mirror";
