@@ -23,10 +23,7 @@ use libublk::{sys, UblkError, UblkIORes, UblkUringData};
 use crate::core::policy::{Backoff, MAX_BACKOFF, MIN_BACKOFF};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-/// How often a failed mirror loop's supervisor looks for a stop while it waits to restart.
-const SUPERVISOR_POLL: Duration = Duration::from_millis(20);
+use std::time::Instant;
 
 /// Raw `op_flags` bits (tested in place, not shifted).
 pub const IO_F_FUA: u32 = 1 << 13;
@@ -271,9 +268,7 @@ fn supervise(engine: Arc<Engine>, mut target: crate::io::target::BoxTarget, mut 
             let until = Instant::now() + wait;
             // Until the retry is due (for ever once given up), unless asked to stop, or to
             // park for a switchover (whose decision is taken below).
-            while (!retry || Instant::now() < until) && !engine.mirror_should_return() {
-                std::thread::sleep(SUPERVISOR_POLL);
-            }
+            engine.wait_retry_or_park(retry.then_some(until));
             if engine.stop_requested() {
                 return Err(e);
             }

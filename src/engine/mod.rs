@@ -199,6 +199,11 @@ pub struct Engine {
     mirror_running: AtomicBool,
     /// What a parked mirror thread does next.
     mirror_next: Mutex<Option<MirrorNext>>,
+    /// Announces a change of the mirror thread's parking (`mirror_next`, `mirror_restart`,
+    /// `mirror_running`, the stop): each is changed and then announced with `mirror_next`'s
+    /// lock taken (see [`Engine::announce_parking`]), and each waiter checks them under that
+    /// lock, so no waiter misses a change.
+    parking: std::sync::Condvar,
     size: u64,
     shift: u32,
     bitmap_fd: std::sync::Arc<std::fs::File>,
@@ -240,6 +245,12 @@ pub enum MirrorNext {
     Same,
     Target(BoxTarget),
 }
+
+/// How often a switchover re-wakes a mirror loop it waits to see parked.
+const PARK_NUDGE: Duration = Duration::from_millis(50);
+/// The longest a parking waiter sleeps without a look at its conditions: every change is
+/// announced, so this only bounds the cost of a change that was not.
+const PARK_SAFETY: Duration = Duration::from_secs(1);
 
 fn lock_recovering<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded values are replaced whole, never left half-changed: a panic elsewhere while
@@ -415,6 +426,7 @@ impl Engine {
             mirror_restart: AtomicBool::new(false),
             mirror_running: AtomicBool::new(false),
             mirror_next: Mutex::new(None),
+            parking: std::sync::Condvar::new(),
             bitmap_path: bitmap.to_path_buf(),
             bitmap_fd,
             inner: Mutex::new(LockedState {
@@ -638,15 +650,42 @@ impl Engine {
 
     /// Waits until the mirror thread is not running its loop (parked or gone).
     fn wait_mirror_parked(&self, limit: Duration) -> bool {
-        let t0 = Instant::now();
+        let deadline = Instant::now() + limit;
+        let mut g = lock_recovering(&self.mirror_next);
         while self.mirror_running.load(Ordering::SeqCst) {
-            if t0.elapsed() > limit {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return false;
             }
+            // The loop may be waiting on its ring: it sees the restart once woken. Woken again
+            // every PARK_NUDGE in case it was mid-pass and waits again before seeing it.
             self.wake();
-            std::thread::sleep(Duration::from_millis(1));
+            g = self.parking.wait_timeout(g, left.min(PARK_NUDGE)).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
         }
         true
+    }
+
+    /// Wakes every waiter on the mirror thread's parking after a change of it (made before
+    /// this call, under `mirror_next`'s lock or not).
+    pub(crate) fn announce_parking(&self) {
+        drop(lock_recovering(&self.mirror_next));
+        self.parking.notify_all();
+    }
+
+    /// The mirror thread after a failed loop: waits until `until` (for ever with `None`), or
+    /// until it is asked to stop or to park for a switchover, whichever comes first.
+    pub fn wait_retry_or_park(&self, until: Option<Instant>) {
+        let mut g = lock_recovering(&self.mirror_next);
+        while !self.mirror_should_return() {
+            let left = match until {
+                Some(t) => t.saturating_duration_since(Instant::now()),
+                None => PARK_SAFETY,
+            };
+            if until.is_some() && left.is_zero() {
+                return;
+            }
+            g = self.parking.wait_timeout(g, left.min(PARK_SAFETY)).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
+        }
     }
 
     /// The mirror loop should return (to be parked for a target change, or to stop).
@@ -657,23 +696,25 @@ impl Engine {
     /// Called by the mirror thread around its loop.
     pub fn set_mirror_running(&self, yes: bool) {
         self.mirror_running.store(yes, Ordering::SeqCst);
+        self.announce_parking();
     }
 
     /// Called by the mirror thread after its loop returned: stop, or go on (with the same or
     /// a new target) once a switchover has decided.
     pub fn mirror_next(&self) -> MirrorNext {
+        let mut g = lock_recovering(&self.mirror_next);
         loop {
             if self.stop_requested() {
                 return MirrorNext::Stop;
             }
-            if let Some(n) = lock_recovering(&self.mirror_next).take() {
+            if let Some(n) = g.take() {
                 return n;
             }
             if !self.mirror_restart.load(Ordering::SeqCst) {
                 // The loop returned without being asked to park: nothing else to do.
                 return MirrorNext::Stop;
             }
-            std::thread::sleep(Duration::from_millis(1));
+            g = self.parking.wait_timeout(g, PARK_SAFETY).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
         }
     }
 
@@ -798,6 +839,7 @@ impl Engine {
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.wake();
+        self.announce_parking();
     }
     pub fn set_source_flush_failed(&self) {
         self.source_flush_failed.store(true, Ordering::SeqCst);

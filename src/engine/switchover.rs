@@ -127,6 +127,7 @@ impl Engine {
         // changes; it is synced, so parking it loses nothing.
         self.mirror_restart.store(true, Ordering::SeqCst);
         self.wake();
+        self.announce_parking();
         // Set before the restart flag is cleared: a loop that returns for the restart (now, or
         // late, after the wait below gave up) then carries on with the same pair. Without it a
         // loop that returned just after the give-up found no next step and no restart asked,
@@ -134,6 +135,7 @@ impl Engine {
         let resume_same = |why: String| {
             *lock_recovering(&self.mirror_next) = Some(MirrorNext::Same);
             self.mirror_restart.store(false, Ordering::SeqCst);
+            self.announce_parking();
             why
         };
         let left = limit.saturating_sub(t0.elapsed()).max(Duration::from_secs(1));
@@ -159,6 +161,7 @@ impl Engine {
         }
         *lock_recovering(&self.mirror_next) = Some(MirrorNext::Target(Box::new(crate::io::target::FileTarget::new(new_target))));
         self.mirror_restart.store(false, Ordering::SeqCst);
+        self.announce_parking();
         self.lock().write_barrier = false;
         self.wake();
         self.events.emit(
