@@ -155,7 +155,7 @@ pub fn verify_with_progress(opts: &VerifyOptions, mut progress: VerifyProgress<'
                 target: target_identity.0.clone(),
                 target_fingerprint: target_identity.1,
             };
-            if h.pair != pair || h.device_size != size {
+            if !crate::io::bitmap::same_pair(&h, &pair) || h.device_size != size {
                 return Err(Error::Bitmap {
                     path: p.clone(),
                     problem: crate::error::BitmapProblem::WrongPair {

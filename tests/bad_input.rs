@@ -96,31 +96,11 @@ fn another_pairs_bitmap() {
 
 #[test]
 fn same_path_but_a_different_file() {
-    use std::os::unix::fs::MetadataExt;
     let f = synced_pair();
-    // Replace the target by a new file at the same path, of the same size. ext4 (and
-    // xfs) hand the freed inode number straight back to the next file created: the new file
-    // must be told apart all the same (by its generation and birth time).
-    // ext4 gives a new file the lowest free number of its group, and other tests free
-    // numbers below ours: new files that get another number are kept aside (so the next one
-    // takes the next free number) until one gets ours; at most 10 s.
-    let ino = std::fs::metadata(&f.target).unwrap().ino();
-    let len = std::fs::metadata(&f.target).unwrap().len();
-    std::fs::remove_file(&f.target).unwrap();
-    let aside = tempfile::tempdir_in(f.target.parent().unwrap()).expect("dir");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let mut n = 0;
-    let reused = loop {
-        std::fs::File::create(&f.target).and_then(|t| t.set_len(len)).unwrap();
-        if std::fs::metadata(&f.target).unwrap().ino() == ino {
-            break true;
-        }
-        if std::time::Instant::now() > deadline {
-            break false;
-        }
-        n += 1;
-        std::fs::rename(&f.target, aside.path().join(n.to_string())).unwrap();
-    };
+    // Replace the target by a new file at the same path, of the same size. ext4 (and xfs)
+    // hand the freed inode number back to the next file created: the new file must be told
+    // apart all the same (by its generation and birth time).
+    let reused = replace_at_the_same_inode(&f);
     refused(&f, &f.pair(None, None), |p| matches!(p, BitmapProblem::WrongPair { role: "target", .. }));
     // The case that matters must have been exercised: a new file at the old inode number.
     assert!(reused, "the file system of {} gave the new file a new inode number: this test needs one that reuses them (ext4, xfs)", f.target.display());
@@ -135,10 +115,16 @@ fn inode_only_fingerprints_of_an_older_header_are_accepted_and_upgraded() {
     let full = Bitmap::read_header(&f.bitmap).expect("header").pair;
     let (sino, tino) = (std::fs::metadata(&f.source).unwrap().ino(), std::fs::metadata(&f.target).unwrap().ino());
     assert!(full.source_fingerprint != sino && full.target_fingerprint != tino, "no full fingerprints here: {full:?}");
-    corrupt(&f.bitmap, 72, &sino.to_le_bytes());
-    corrupt(&f.bitmap, 80, &tino.to_le_bytes());
-    let b = std::fs::read(&f.bitmap).unwrap();
-    corrupt(&f.bitmap, 2144, &crc32fast::hash(&b[..2144]).to_le_bytes());
+    inode_only_header(&f, None);
+    // verify --bitmap takes it for this pair too.
+    let opts = offline::VerifyOptions {
+        source: f.source.clone(),
+        target: f.target.clone(),
+        bitmap: Some(f.bitmap.clone()),
+        granularity: None,
+        direct: ublk_mirror::io::backing::DirectMode::Auto,
+    };
+    assert!(offline::verify(&opts).expect("verify --bitmap with an older header").identical());
     let (engine, _target, _) = Engine::open(&f.pair(None, None)).expect("an older header of the same pair opens");
     engine.close().expect("close");
     drop(engine);
@@ -254,4 +240,62 @@ fn bad_granularity() {
         assert!(m.contains("power of two from 4 KiB to 64 MiB"), "{m}");
     }
     assert!(!f.bitmap.exists());
+}
+
+/// Rewrites the bitmap's header as a version before full fingerprints wrote it: the inode
+/// numbers of source and target as their fingerprints; with `created`, that creation time.
+fn inode_only_header(f: &Files, created: Option<u64>) {
+    use std::os::unix::fs::MetadataExt;
+    let (sino, tino) = (std::fs::metadata(&f.source).unwrap().ino(), std::fs::metadata(&f.target).unwrap().ino());
+    corrupt(&f.bitmap, 72, &sino.to_le_bytes());
+    corrupt(&f.bitmap, 80, &tino.to_le_bytes());
+    if let Some(t) = created {
+        corrupt(&f.bitmap, 64, &t.to_le_bytes());
+    }
+    let b = std::fs::read(&f.bitmap).unwrap();
+    corrupt(&f.bitmap, 2144, &crc32fast::hash(&b[..2144]).to_le_bytes());
+}
+
+/// Replaces the target by a new file of the same size at the same path and the same inode
+/// number (ext4 and xfs give the lowest free number: new files that get another are kept
+/// aside until one gets it; at most 10 s). Returns whether it got it.
+fn replace_at_the_same_inode(f: &Files) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(&f.target).unwrap().ino();
+    let len = std::fs::metadata(&f.target).unwrap().len();
+    // The directory first: made after the removal, it could take the freed number itself.
+    let aside = tempfile::tempdir_in(f.target.parent().unwrap()).expect("dir");
+    std::fs::remove_file(&f.target).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut n = 0;
+    loop {
+        std::fs::File::create(&f.target).and_then(|t| t.set_len(len)).unwrap();
+        if std::fs::metadata(&f.target).unwrap().ino() == ino {
+            // The files kept aside go with `aside`; the target stays.
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        n += 1;
+        std::fs::rename(&f.target, aside.path().join(n.to_string())).unwrap();
+    }
+}
+
+/// An older header (inode-only fingerprints) does not let through a target made anew at the
+/// same inode number after the bitmap: the file's birth time is after the bitmap's creation.
+#[test]
+fn an_older_header_refuses_a_file_born_after_it_at_the_same_inode() {
+    let f = synced_pair();
+    let created = Bitmap::read_header(&f.bitmap).expect("header").created;
+    // The new file is born in a later second than the bitmap (its header counts in seconds).
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while now() <= created && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(now() > created, "the clock did not pass the bitmap's creation second");
+    assert!(replace_at_the_same_inode(&f), "the file system did not give the inode number back: this test needs ext4 or xfs");
+    inode_only_header(&f, None);
+    refused(&f, &f.pair(None, None), |p| matches!(p, BitmapProblem::WrongPair { role: "target", .. }));
 }

@@ -167,9 +167,10 @@ pub struct BusyDetector {
 }
 
 impl BusyDetector {
-    /// The first window starts at `now`, counted from a request count of 0.
-    pub fn new(now: Instant) -> Self {
-        BusyDetector { seen: 0, at: now, busy: false }
+    /// The first window starts at `now`, when the front end has begun `requests` requests (a
+    /// loop that starts late must not count those of before as one window's).
+    pub fn new(now: Instant, requests: u64) -> Self {
+        BusyDetector { seen: requests, at: now, busy: false }
     }
 
     /// The front end has begun `requests` requests so far (a count that only grows): is the
@@ -528,7 +529,7 @@ mod tests {
     #[test]
     fn busy_turns_on_after_writes_and_off_after_a_quiet_window() {
         let t0 = Instant::now();
-        let mut d = BusyDetector::new(t0);
+        let mut d = BusyDetector::new(t0, 0);
         let mut requests = 0u64;
         let mut now = t0;
         // 40 requests a window, checked every 10 ms.
@@ -546,9 +547,20 @@ mod tests {
         assert!(!d.observe(now, requests));
         // The threshold: 31 requests in a window are not busy, 32 are.
         for (n, busy) in [(31, false), (32, true)] {
-            let mut d = BusyDetector::new(t0);
+            let mut d = BusyDetector::new(t0, 0);
             assert_eq!(d.observe(t0 + BUSY_WINDOW, n), busy, "{n} requests");
         }
+    }
+
+    /// A detector made after many requests (a loop restarted by its supervisor, or after a
+    /// reverse switchover) counts only the requests from its start: 10,000 before it and
+    /// none since are not a busy first window.
+    #[test]
+    fn a_late_detector_counts_from_its_start() {
+        let t0 = Instant::now();
+        let mut d = BusyDetector::new(t0, 10_000);
+        assert!(!d.observe(t0 + BUSY_WINDOW, 10_000));
+        assert!(d.observe(t0 + BUSY_WINDOW * 2, 10_000 + BUSY_REQUESTS));
     }
 
     /// A window the loop slept through is judged by its rate: 40 requests over 2 s are a
@@ -556,7 +568,7 @@ mod tests {
     #[test]
     fn a_long_window_is_judged_by_its_rate() {
         let t0 = Instant::now();
-        let mut d = BusyDetector::new(t0);
+        let mut d = BusyDetector::new(t0, 0);
         assert!(!d.observe(t0 + Duration::from_secs(2), 40));
         assert!(d.observe(t0 + Duration::from_secs(4), 40 + 2 * 128 * 2));
     }

@@ -409,6 +409,20 @@ pub fn start(opts: &AddOptions, recover: Option<u32>) -> Result<Option<DeviceEnt
     }
     std::fs::create_dir_all(RUN_DIR).map_err(|e| Error::io(format!("creating {RUN_DIR}"), e))?;
     let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::io("pipe", e.into()))?;
+    // The child puts its stdio on 0 to 2: a caller that had one of them closed would get a pipe
+    // end there, and the child's dup2 would close its report channel (the parent then waiting
+    // for a daemon that never reports). Both ends move to 3 and above first.
+    let above_stdio = |fd: std::os::fd::OwnedFd| -> Result<std::os::fd::OwnedFd> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        if fd.as_raw_fd() > 2 {
+            return Ok(fd);
+        }
+        let moved = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
+            .map_err(|e| Error::io("moving the report pipe above stdio", e.into()))?;
+        // SAFETY: fcntl just returned this new descriptor, owned by nothing else.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(moved) })
+    };
+    let (r, w) = (above_stdio(r)?, above_stdio(w)?);
     // Fork before any ublk object or thread exists: START_DEV must come from the process that
     // serves the queues, and fork copies only the calling thread.
     // SAFETY: no other thread runs code of this process here: nothing before this point starts
@@ -463,6 +477,11 @@ fn daemon_stdio(log: &str) {
     if let Some(out) = log.or(null) {
         let _ = dup2(out, 1);
         let _ = dup2(out, 2);
+    }
+    // The originals above 2 are not passed on to the commands the daemon runs
+    // (--on-consistent): only 0 to 2 are theirs.
+    for fd in [null, log].into_iter().flatten().filter(|&fd| fd > 2) {
+        let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
     }
 }
 

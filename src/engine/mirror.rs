@@ -172,6 +172,7 @@ impl<'t> Mirror<'t> {
         // Buffers are made on first need: a resync of a few regions, or an idle live mirror,
         // does not pay for (or hold) max_copies x buf_size of memory.
         let now = Instant::now();
+        let requests = engine.front_requests();
         Mirror {
             ring,
             free_bufs: Vec::new(),
@@ -197,7 +198,7 @@ impl<'t> Mirror<'t> {
             offline: false,
             needs_reset: false,
             bucket: TokenBucket::new(now),
-            busy: BusyDetector::new(now),
+            busy: BusyDetector::new(now, requests),
             throttled_until: None,
             consistent_spacing: ConsistentSpacing::default(),
             consistent_after: None,

@@ -356,7 +356,7 @@ impl Engine {
         let granularity = opts.granularity.unwrap_or_else(|| {
             found
                 .as_ref()
-                .filter(|h| h.pair == pair && h.device_size == source.size)
+                .filter(|h| crate::io::bitmap::same_pair(h, &pair) && h.device_size == source.size)
                 .map(|h| h.granularity)
                 .unwrap_or_else(|| crate::io::bitmap::default_granularity(source.size))
         });

@@ -443,7 +443,7 @@ impl Bitmap {
         ];
         let mut upgrade = false;
         for (role, (path, recorded), (given, fingerprint)) in roles {
-            if recorded != fingerprint && !legacy_fingerprint_matches(recorded, given) {
+            if recorded != fingerprint && !legacy_fingerprint_matches(recorded, given, h.created) {
                 return Err(mismatch(
                     role,
                     &format!("{path} (file {recorded:016x})"),
@@ -492,7 +492,7 @@ impl Bitmap {
         if h.state != BitmapState::SwitchedOver {
             return Err(Error::config(format!("bitmap {}: the device was not switched over", path.display())));
         }
-        let same_file = h.pair.target_fingerprint == target.1 || legacy_fingerprint_matches(h.pair.target_fingerprint, &target.0);
+        let same_file = h.pair.target_fingerprint == target.1 || legacy_fingerprint_matches(h.pair.target_fingerprint, &target.0, h.created);
         if h.pair.target != target.0 || !same_file {
             return Err(bad(
                 path,
@@ -892,7 +892,9 @@ pub fn identity_of(path: &Path, file: &File, meta: &std::fs::Metadata) -> (Strin
     (abs.to_string_lossy().into_owned(), fp)
 }
 
-nix::ioctl_read!(fs_ioc_getversion, b'v', 1, libc::c_long);
+// FS_IOC_GETVERSION is numbered as _IOR('v', 1, long), but ext4, xfs and btrfs write an int
+// through its pointer: declared with the long's number and an int's buffer.
+nix::ioctl_read_bad!(fs_ioc_getversion, nix::request_code_read!(b'v', 1, std::mem::size_of::<libc::c_long>()), libc::c_int);
 
 /// What tells one regular file from another that later took its place: the inode number
 /// mixed with the inode's generation (FS_IOC_GETVERSION: drawn at random each time ext4 or
@@ -903,11 +905,11 @@ nix::ioctl_read!(fs_ioc_getversion, b'v', 1, libc::c_long);
 /// header written before fingerprints had them holds the inode number alone too;
 /// [`Bitmap::open`] accepts that for the same file (see [`legacy_fingerprint_matches`]).
 pub fn file_fingerprint(file: &File, meta: &std::fs::Metadata) -> u64 {
-    let mut generation: libc::c_long = 0;
-    // SAFETY: `file` is an open descriptor and `generation` a live, exclusively borrowed
-    // integer at least as large as what the ioctl writes (ext4 and xfs write an int).
+    let mut generation: libc::c_int = 0;
+    // SAFETY: `file` is an open descriptor and `generation` a live, exclusively borrowed int,
+    // the size the file systems write.
     let generation = match unsafe { fs_ioc_getversion(file.as_raw_fd(), &mut generation) } {
-        Ok(_) => generation as u64 & 0xffff_ffff,
+        Ok(_) => generation as u32 as u64,
         Err(_) => 0,
     };
     let born = meta
@@ -932,10 +934,29 @@ pub fn file_fingerprint(file: &File, meta: &std::fs::Metadata) -> u64 {
 }
 
 /// Whether `recorded`, a fingerprint from an older header (the inode number alone), names
-/// the regular file now at `path`. Weaker than the full fingerprint (a file at a reused inode
-/// number passes): only for headers written before it, which [`Bitmap::open`] then upgrades.
-fn legacy_fingerprint_matches(recorded: u64, path: &str) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.ino() == recorded)
+/// the regular file now at `path`: the same inode number, and a file born no later than the
+/// bitmap (`created`, seconds since the epoch), so that a file made anew at a reused number
+/// after the bitmap is refused. Where the file system keeps no birth time, the inode number
+/// alone decides. Only for headers written before full fingerprints, which [`Bitmap::open`]
+/// then upgrades.
+fn legacy_fingerprint_matches(recorded: u64, path: &str, created: u64) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| {
+        let born = m.created().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        m.is_file() && m.ino() == recorded && born.is_none_or(|b| b.as_secs() <= created)
+    })
+}
+
+/// Whether a header's pair (`h`) is the pair `given`: the same paths, and fingerprints equal
+/// or, for a header written before full fingerprints, naming the same files (see
+/// [`legacy_fingerprint_matches`]).
+pub fn same_pair(h: &Header, given: &PairIdentity) -> bool {
+    let same = |recorded: u64, fingerprint: u64, path: &str| {
+        recorded == fingerprint || legacy_fingerprint_matches(recorded, path, h.created)
+    };
+    h.pair.source == given.source
+        && h.pair.target == given.target
+        && same(h.pair.source_fingerprint, given.source_fingerprint, &given.source)
+        && same(h.pair.target_fingerprint, given.target_fingerprint, &given.target)
 }
 
 /// `path` made absolute against the current directory, not resolved (as the header records it).
