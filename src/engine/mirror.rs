@@ -910,7 +910,12 @@ impl<'t> Mirror<'t> {
 
     fn on_target_flush(&mut self, r: io::Result<u32>) -> Result<()> {
         let ok = r.is_ok();
-        let out = self.engine.lock().state.target_flush_done(ok);
+        let out = {
+            let mut g = self.engine.lock();
+            let out = g.state.target_flush_done(ok);
+            self.engine.announce_pair_change(&g);
+            out
+        };
         self.target_flush = None;
         if let Err(e) = r {
             log::warn!("target flush failed ({e}); {} regions are dirty again", out.redirtied);

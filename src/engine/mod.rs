@@ -204,6 +204,9 @@ pub struct Engine {
     /// lock taken (see [`Engine::announce_parking`]), and each waiter checks them under that
     /// lock, so no waiter misses a change.
     parking: std::sync::Condvar,
+    /// Announces, while a switchover holds writes, a change that can make the pair ready for
+    /// it or failed; paired with the engine's lock (see [`Engine::announce_pair_change`]).
+    pair_changed: std::sync::Condvar,
     size: u64,
     shift: u32,
     bitmap_fd: std::sync::Arc<std::fs::File>,
@@ -427,6 +430,7 @@ impl Engine {
             mirror_running: AtomicBool::new(false),
             mirror_next: Mutex::new(None),
             parking: std::sync::Condvar::new(),
+            pair_changed: std::sync::Condvar::new(),
             bitmap_path: bitmap.to_path_buf(),
             bitmap_fd,
             inner: Mutex::new(LockedState {
@@ -531,6 +535,7 @@ impl Engine {
         let mut g = self.lock();
         let wake = g.state.end_write(ext);
         g.progress.unsynced_since.get_or_insert_with(Instant::now);
+        self.announce_pair_change(&g);
         drop(g);
         if wake {
             self.wake();
@@ -639,6 +644,16 @@ impl Engine {
     pub fn set_hook_running(&self, yes: bool) {
         self.hook_running.store(yes, Ordering::SeqCst);
         self.update_active();
+        self.announce_pair_change(&self.lock());
+    }
+
+    /// Wakes a switchover waiting for the pair, if one holds writes (`write_barrier`): called
+    /// with the engine's lock held, after a change that can make the pair ready or failed. A
+    /// no-op otherwise, so the write path pays only a flag test.
+    pub(crate) fn announce_pair_change(&self, g: &LockedState) {
+        if g.write_barrier {
+            self.pair_changed.notify_all();
+        }
     }
     pub fn hook_running(&self) -> bool {
         self.hook_running.load(Ordering::SeqCst)
@@ -724,6 +739,7 @@ impl Engine {
         let mut g = self.lock();
         let wake = g.state.end_active_write(id, source_ok, target_ok);
         g.progress.unsynced_since.get_or_insert_with(Instant::now);
+        self.announce_pair_change(&g);
         drop(g);
         if wake {
             self.wake();
@@ -910,6 +926,7 @@ impl Engine {
             g.progress.gave_up = Some(format!("{} failures in a row; last: {msg}", g.progress.target_failures));
         }
         self.update_active_locked(&g);
+        self.announce_pair_change(&g);
         Failure { first, give_up, failures: g.progress.target_failures }
     }
 

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// The longest the switchover's wait sleeps without a look at the pair: every change that
+/// can make it ready is announced, so this only bounds the cost of one that was not.
+const PAIR_SAFETY: Duration = Duration::from_millis(100);
+
 impl Engine {
     /// Switchover (see [`crate::daemon::control`]): holds new writes, waits for the writes in flight
     /// and for a consistent point with nothing dirty, records the switch in the bitmap, then
@@ -51,17 +55,19 @@ impl Engine {
         // No write in flight, nothing dirty, the last consistent point current, and no
         // --on-consistent command looking at the target: the target holds every write
         // acknowledged so far, on its medium.
+        // The wait sleeps on `pair_changed`, which the places that can make the pair ready (or
+        // failed) announce while writes are held: the end of a write, a target flush done, the
+        // end of the command, a failure (see Engine::announce_pair_change).
+        let mut g = self.lock();
         loop {
             // hook_running under the lock: begin_hook sets it under the lock, and refuses once
             // write_barrier is set, so no command starts after this check finds none.
-            let (synced, failed) = {
-                let g = self.lock();
-                let synced = lifecycle::switchover_ready(&g.state) && !self.hook_running();
-                (synced, g.progress.degraded_since.is_some() || g.progress.gave_up.is_some())
-            };
+            let synced = lifecycle::switchover_ready(&g.state) && !self.hook_running();
+            let failed = g.progress.degraded_since.is_some() || g.progress.gave_up.is_some();
             // A target that fails while writes are held will not catch up soon: let them go
             // now rather than at the limit.
             if failed && !synced {
+                drop(g);
                 return release(
                     "the target failed during the switchover (writes were held meanwhile and now resume): \
                      switch over once it has recovered"
@@ -71,15 +77,18 @@ impl Engine {
             if synced {
                 break;
             }
-            if t0.elapsed() > limit {
+            let left = limit.saturating_sub(t0.elapsed());
+            if left.is_zero() {
+                drop(g);
                 return release(format!(
                     "the target did not catch up within {}s (writes were held meanwhile and now resume): \
                      try again when `status` says synced",
                     limit.as_secs()
                 ));
             }
-            std::thread::sleep(Duration::from_millis(2));
+            g = self.pair_changed.wait_timeout(g, left.min(PAIR_SAFETY)).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
         }
+        drop(g);
         if reverse {
             return match self.reverse_pair(new_data, t0, limit) {
                 Ok(()) => Ok(()),
