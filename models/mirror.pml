@@ -139,7 +139,7 @@ bit  bm_cache[NR];   bit  bm_med[NR];            /* persistent bit: bitmap page 
 bit  durable[NR];                                /* bit known durable on the medium */
 byte pend[NR];                                   /* set seq of a pending (set, not durable) bit; 0 none */
 byte set_seq; byte durable_seq;
-bit  vol[NR];  byte ndirty;                      /* to-copy bits (to copy) and their count */
+bit  vol[NR];  byte ndirty;                      /* the regions to copy, and their count */
 bit  copying[NR]; byte ncopying;
 bit  copied[NR];
 byte inflight[NR];                               /* writes in flight per region */
@@ -867,7 +867,7 @@ init {
   atomic {
 #if INIT_DIRTY && !CREATE
     /* Region 0 as after a crash: its bit is set on the medium (and so in the cache, durable,
-       volatile: MirrorState::new), the source holds a write the target never got. */
+       to-copy: MirrorState::new), the source holds a write the target never got. */
     bm_med[0] = 1; bm_cache[0] = 1; durable[0] = 1; vol[0] = 1; ndirty = 1;
     src_med[0] = 1; src_cache[0] = 1; acked[0] = 1;
 #endif
