@@ -201,14 +201,8 @@ fn copy_config(a: &CopyArgs) -> CopyConfig {
 
 fn add_options(a: AddArgs) -> AddOptions {
     let mut copy = copy_config(&a.copy);
-    copy.on_consistent = a.on_consistent.map(|command| ublk_mirror::engine::OnConsistentCommand {
-        command,
-        interval: a.on_consistent_interval,
-        timeout: a.on_consistent_timeout,
-        env: vec![
-            ("UBLK_MIRROR_SOURCE".into(), a.source.display().to_string()),
-            ("UBLK_MIRROR_TARGET".into(), a.target.display().to_string()),
-        ],
+    copy.on_consistent = a.on_consistent.map(|command| {
+        ublk_mirror::engine::OnConsistentCommand::new(command, a.on_consistent_interval, a.on_consistent_timeout, &a.source, &a.target)
     });
     AddOptions {
         name: a.name,

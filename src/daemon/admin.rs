@@ -138,15 +138,13 @@ fn prepare_recover(
     };
     let mut settings = saved.settings;
     if let (Some(s), Some(h)) = (settings.as_mut(), saved.on_consistent) {
-        s.hook = Some(crate::engine::OnConsistentCommand {
-            command: h.command,
-            interval: Duration::from_millis(h.interval_ms),
-            timeout: Duration::from_millis(h.timeout_ms),
-            env: vec![
-                ("UBLK_MIRROR_SOURCE".into(), source.display().to_string()),
-                ("UBLK_MIRROR_TARGET".into(), target.display().to_string()),
-            ],
-        });
+        s.hook = Some(crate::engine::OnConsistentCommand::new(
+            h.command,
+            Duration::from_millis(h.interval_ms),
+            Duration::from_millis(h.timeout_ms),
+            &source,
+            &target,
+        ));
     }
     let pair = PairOptions {
         source,
@@ -267,7 +265,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         copy.on_consistent = Some(h);
     }
     if let Some(h) = copy.on_consistent.as_mut() {
-        h.env.push(("UBLK_MIRROR_DEVICE".into(), id.to_string()));
+        h.set_device(id);
     }
     let saved = SavedConfig {
         name: Some(name.clone()),

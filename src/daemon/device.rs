@@ -283,13 +283,7 @@ fn supervise(engine: Arc<Engine>, mut target: crate::io::target::BoxTarget, mut 
                 target = t;
                 // The --on-consistent command's environment names the reversed pair.
                 if let Some(h) = cfg.on_consistent.as_mut() {
-                    for (k, _) in h.env.iter_mut() {
-                        match k.as_str() {
-                            "UBLK_MIRROR_SOURCE" => *k = "UBLK_MIRROR_TARGET".into(),
-                            "UBLK_MIRROR_TARGET" => *k = "UBLK_MIRROR_SOURCE".into(),
-                            _ => {}
-                        }
-                    }
+                    h.swap_pair();
                 }
             }
         }

@@ -2,6 +2,7 @@
 //! mirror takes (`Settings`, `CopyMode`), and the `--on-consistent` command.
 
 use crate::error::{Error, Result};
+use super::on_consistent::OnConsistentCommand;
 use std::time::Duration;
 
 /// How writes to the device reach the target.
@@ -50,18 +51,6 @@ pub struct CopyConfig {
     pub clear_delay: Duration,
     /// A command to run after consistent points (live mirrors).
     pub on_consistent: Option<OnConsistentCommand>,
-}
-
-/// `--on-consistent CMD`: run through `sh -c` after a consistent point, at most once per
-/// `interval`, with the target untouched while it runs (no copies, no write-blocking writes),
-/// so that it can snapshot the replica. Killed after `timeout`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OnConsistentCommand {
-    pub command: String,
-    pub interval: Duration,
-    pub timeout: Duration,
-    /// Extra environment (device id, paths).
-    pub env: Vec<(String, String)>,
 }
 
 impl Default for CopyConfig {

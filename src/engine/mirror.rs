@@ -9,10 +9,10 @@
 
 use crate::io::backing::AlignedBuf;
 use crate::core::{Extent, FlushKind};
-use crate::engine::{CopyConfig, Engine};
+use crate::engine::{on_consistent, CopyConfig, Engine};
 use crate::error::{Error, Result};
 use crate::core::policy::{
-    self, Backoff, BusyDetector, Checkpoints, ConsistentSpacing, HookKill, HookSchedule, LagSwitch, TokenBucket,
+    self, Backoff, BusyDetector, Checkpoints, ConsistentSpacing, LagSwitch, TokenBucket,
 };
 use crate::io::target::{Target, TargetDone, TargetOp};
 use crate::io::uring::{self, push, Owner, Ring};
@@ -120,10 +120,8 @@ pub struct Mirror<'t> {
     busy: BusyDetector,
     /// Copies wait for the budget until then.
     throttled_until: Option<Instant>,
-    /// The --on-consistent command running now, and its start.
-    hook: Option<(std::process::Child, Instant)>,
-    /// When the command may run, and when it is killed.
-    hook_schedule: HookSchedule,
+    /// The --on-consistent command: when it may run, the run in progress.
+    on_consistent: on_consistent::Runner,
     /// Consistent flushes are spaced out in write-blocking mode.
     consistent_spacing: ConsistentSpacing,
     /// The consistent flush that is due waits for its spacing until then.
@@ -173,6 +171,7 @@ impl<'t> Mirror<'t> {
         // does not pay for (or hold) max_copies x buf_size of memory.
         let now = Instant::now();
         let requests = engine.front_requests();
+        let on_consistent = on_consistent::Runner::new(cfg.on_consistent.clone());
         Mirror {
             ring,
             free_bufs: Vec::new(),
@@ -202,8 +201,7 @@ impl<'t> Mirror<'t> {
             throttled_until: None,
             consistent_spacing: ConsistentSpacing::default(),
             consistent_after: None,
-            hook: None,
-            hook_schedule: HookSchedule::default(),
+            on_consistent,
             draining: false,
         }
     }
@@ -276,7 +274,7 @@ impl<'t> Mirror<'t> {
             let stopping = until == RunUntil::Stopped && self.engine.mirror_should_return();
             if until == RunUntil::Stopped {
                 self.check_lag();
-                self.check_hook(stopping);
+                self.on_consistent.check(&self.engine, stopping);
             }
             // Past the hook's limit no copy starts (the checkpoint it waits for was started on
             // the way: one starts every checkpoint_bytes), so how much an interrupted run copied
@@ -305,7 +303,7 @@ impl<'t> Mirror<'t> {
                 self.post_wake()?;
             }
             // Wait for a completion, or for the backoff / throttle / checkpoint / lag timer.
-            let hook_poll = self.hook.as_ref().map(|_| Instant::now() + Duration::from_millis(50));
+            let hook_poll = self.on_consistent.running().then(|| Instant::now() + Duration::from_millis(50));
             // Only deadlines whose action can then be taken: one that cannot (copies while
             // stopping, a bitmap retry behind a flush in flight) would, once past, make every
             // wait return at once. Their blockers wake the loop when they go.
@@ -379,8 +377,8 @@ impl<'t> Mirror<'t> {
             return false;
         }
         if self.fatal.is_some() || stopping {
-            // A running --on-consistent command is waited for (check_hook bounds the wait).
-            return !self.bitmap_clears_pending && (self.hook.is_none() || self.fatal.is_some());
+            // A running --on-consistent command is waited for (its Runner::check bounds the wait).
+            return !self.bitmap_clears_pending && (!self.on_consistent.running() || self.fatal.is_some());
         }
         // Offline, clears still pending are left to the caller's Engine::close.
         until == RunUntil::Synced && self.engine.lock().state.is_synced()
@@ -603,84 +601,6 @@ impl<'t> Mirror<'t> {
         };
         if recovered && !self.offline {
             self.engine.events().emit("recovered", serde_json::json!({}));
-        }
-    }
-
-    /// Starts the --on-consistent command if one is configured, none is running and its interval
-    /// has passed. From now until it exits the target is left alone.
-    fn maybe_run_hook(&mut self) {
-        let Some(h) = self.cfg.on_consistent.clone() else { return };
-        // Not on the way out: the stop would have to wait for it (and Drop's drain, which may
-        // complete a consistent flush, must not leave a command behind).
-        if self.hook.is_some()
-            || self.draining
-            || self.engine.mirror_should_return()
-            || !self.hook_schedule.may_start(Instant::now(), h.interval)
-        {
-            return;
-        }
-        // No copy is in flight after a consistent flush (none may start during one), but a
-        // write-blocking write that began before it may still be landing: then the next point.
-        // From here on nothing writes the target until check_hook has reaped the command.
-        let Some(seq) = self.engine.begin_hook() else { return };
-        let now_ms = crate::engine::events::unix_ms();
-        let mut cmd = std::process::Command::new("/bin/sh");
-        cmd.arg("-c").arg(&h.command).stdin(std::process::Stdio::null());
-        cmd.env("UBLK_MIRROR_CONSISTENT_SEQ", seq.to_string()).env("UBLK_MIRROR_CONSISTENT_TIME_MS", now_ms.to_string());
-        for (k, v) in &h.env {
-            cmd.env(k, v);
-        }
-        // Its own process group, so that a kill reaches what the shell started too.
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        match cmd.spawn() {
-            Ok(child) => {
-                let now = Instant::now();
-                self.hook = Some((child, now));
-                self.hook_schedule.started(now);
-            }
-            Err(e) => {
-                // Counts as a run for the interval: a spawn failing for want of processes or
-                // memory would otherwise be retried, and logged, at every consistent point.
-                self.hook_schedule.started(Instant::now());
-                self.engine.set_hook_running(false);
-                log::warn!("--on-consistent: cannot run {:?}: {e}", h.command);
-                self.engine.events().emit("on-consistent", serde_json::json!({ "seq": seq, "error": e.to_string() }));
-            }
-        }
-    }
-
-    /// Reaps the --on-consistent command (killing it after its timeout) and lets copies resume.
-    fn check_hook(&mut self, stopping: bool) {
-        let timeout = self.cfg.on_consistent.as_ref().map(|h| h.timeout).unwrap_or(Duration::from_secs(60));
-        // A stop (del, daemon shutdown, switchover's restart) waits for a running command, but
-        // only HOOK_STOP_GRACE: `del` kills a daemon that takes 30 s, and a command left
-        // running would go on reading a target the daemon no longer owns. (A stop that is
-        // called off, a reverse switchover that timed out, starts no grace.)
-        let running = self.hook.as_ref().map(|&(_, started)| started);
-        let kill = self.hook_schedule.check(Instant::now(), running, stopping, timeout);
-        let Some((child, started)) = self.hook.as_mut() else { return };
-        let status = match child.try_wait() {
-            Ok(Some(st)) => Some(st.to_string()),
-            Ok(None) => match kill {
-                Some(HookKill::Timeout) => {
-                    kill_command(child);
-                    Some(format!("killed after {}s", timeout.as_secs()))
-                }
-                Some(HookKill::StopGrace) => {
-                    kill_command(child);
-                    Some(format!("killed {}s after the mirror was stopped", HOOK_STOP_GRACE.as_secs()))
-                }
-                None => None,
-            },
-            Err(e) => Some(format!("wait: {e}")),
-        };
-        if let Some(status) = status {
-            let secs = started.elapsed().as_secs_f64();
-            self.hook = None;
-            self.engine.set_hook_running(false);
-            let seq = self.engine.lock().state.counters().consistent_points;
-            self.engine.events().emit("on-consistent", serde_json::json!({ "seq": seq, "status": status, "secs": secs }));
-            self.engine.wake();
         }
     }
 
@@ -946,7 +866,10 @@ impl<'t> Mirror<'t> {
                 self.engine.events().emit("write-blocking-off", serde_json::json!({ "reason": "max-lag" }));
             }
             if !self.offline {
-                self.maybe_run_hook();
+                // Not on the way out: the stop would have to wait for it (and Drop's drain,
+                // which may complete a consistent flush, must not leave a command behind).
+                let leaving = self.draining || self.engine.mirror_should_return();
+                self.on_consistent.maybe_start(&self.engine, leaving);
             }
         }
         if out.consistent {
@@ -1030,23 +953,6 @@ fn injected_fault() -> Error {
 /// it; waits at most 2 s for the exit (a process in uninterruptible I/O on a hung target may not
 /// die at once: then it is left to be reaped by init once the daemon exits, rather than blocking
 /// the loop).
-fn kill_command(child: &mut std::process::Child) {
-    if let Ok(pid) = i32::try_from(child.id()) {
-        // The process group the command leads (process_group(0) at spawn); the child is not
-        // reaped yet, so its pid, and with it the group id, cannot be reused.
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    }
-    let _ = child.kill();
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(2) {
-        if !matches!(child.try_wait(), Ok(None)) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    log::warn!("--on-consistent command {} did not exit within 2 s of SIGKILL", child.id());
-}
-
 /// Sub-identifier of the source half of a pair flush (job slots are far below it).
 const SRC_FLUSH_SLOT: usize = (1 << 40) - 1;
 
@@ -1056,11 +962,7 @@ impl Drop for Mirror<'_> {
     /// regions dirty, as a crash would.
     fn drop(&mut self) {
         self.draining = true;
-        // Only an error leaves the loop with the command running (a stop waits for it): it is
-        // not left behind, reading a target nobody mirrors to any more.
-        if let Some((mut child, _)) = self.hook.take() {
-            log::warn!("mirror ended with the --on-consistent command running; killing it");
-            kill_command(&mut child);
+        if self.on_consistent.kill_running() {
             self.engine.set_hook_running(false);
         }
         if self.wake_posted {

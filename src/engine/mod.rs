@@ -10,6 +10,7 @@
 pub mod events;
 pub mod front;
 pub mod mirror;
+pub mod on_consistent;
 pub mod online_verify;
 pub mod queue;
 pub mod verify_report;
@@ -18,7 +19,8 @@ mod config;
 mod status;
 mod switchover;
 
-pub use config::{alignment_problem, CopyConfig, CopyMode, OnConsistentCommand, Settings};
+pub use config::{alignment_problem, CopyConfig, CopyMode, Settings};
+pub use on_consistent::OnConsistentCommand;
 pub use status::{Status, StatusMode, StatusState, MODES, STATES};
 
 use crate::io::backing::{Backing, DirectMode};
