@@ -10,7 +10,7 @@ use ublk_mirror::io::backing::{AlignedBuf, DirectMode};
 use ublk_mirror::io::bitmap::Bitmap;
 use ublk_mirror::engine::{CopyConfig, Engine, SyncMode};
 use ublk_mirror::engine::mirror::{TestHooks, Mirror, RunUntil};
-use ublk_mirror::engine::queue::{Completion, EngineQueue, Op, Requests, RingSink, Sink};
+use ublk_mirror::engine::queue::{Completion, EngineQueue, Op, QueueRequests, RingSink, Sink};
 use ublk_mirror::io::uring::Owner;
 use ublk_mirror::offline::{self, VerifyOptions};
 
@@ -286,7 +286,7 @@ impl Sink for Refusing {
 }
 
 /// Runs `reqs` on `sink` until a completion comes out (bounded).
-fn next_completion(reqs: &mut Requests, sink: &mut Refusing) -> Completion {
+fn next_completion(reqs: &mut QueueRequests, sink: &mut Refusing) -> Completion {
     let ts = io_uring::types::Timespec::new().nsec(100_000_000);
     // 30 s: a completion may wait for a real fdatasync of the bitmap on a loaded disk.
     let t0 = std::time::Instant::now();
@@ -322,7 +322,7 @@ fn a_refused_operation_fails_its_request_and_ends_the_write() {
     for allow in [0, 1] {
         // allow 0: the bitmap flush is refused; allow 1: the flush runs, the write is refused.
         let mut sink = Refusing { ring: ublk_mirror::io::uring::new_ring(16).expect("ring"), allow };
-        let mut reqs = Requests::new(engine.clone()).expect("requests");
+        let mut reqs = QueueRequests::new(engine.clone()).expect("requests");
         let off = (1 + allow as u64) * MIB;
         let mut data = AlignedBuf::new(4096);
         data.iter_mut().for_each(|b| *b = 0xa5);
@@ -338,7 +338,7 @@ fn a_refused_operation_fails_its_request_and_ends_the_write() {
     // never began, so it fails without being ended in the engine (ending it would be a bug too).
     engine.lock().write_barrier = true;
     let mut sink = Refusing { ring: ublk_mirror::io::uring::new_ring(16).expect("ring"), allow: 0 };
-    let mut reqs = Requests::new(engine.clone()).expect("requests");
+    let mut reqs = QueueRequests::new(engine.clone()).expect("requests");
     reqs.submit(&mut sink, 9, Op::Write { off: 3 * MIB, data: AlignedBuf::new(4096), len: 4096, fua: false });
     let c = next_completion(&mut reqs, &mut sink);
     assert_eq!(c.result.expect_err("held write without a timer").raw_os_error(), Some(libc::EIO));
@@ -584,7 +584,7 @@ fn write_zeroes_fall_back_to_writing_zeroes() {
     let engine = Arc::new(engine);
     for (i, unmap) in [false, true].into_iter().enumerate() {
         let mut sink = NoFallocate { ring: ublk_mirror::io::uring::new_ring(16).expect("ring"), refused: vec![], opcodes: vec![] };
-        let mut reqs = Requests::new(engine.clone()).expect("requests");
+        let mut reqs = QueueRequests::new(engine.clone()).expect("requests");
         let (off, len) = ((1 + i as u64) * MIB + 4096, 192 * 1024);
         reqs.submit(&mut sink, 5, Op::WriteZeroes { off, len, unmap });
         let ts = io_uring::types::Timespec::new().nsec(100_000_000);

@@ -3,7 +3,7 @@
 //!
 //! Data plane (libublk 0.4.8, callback style): one thread and one io_uring per queue. Each
 //! completion on the queue's ring (a new request from the driver, or one of our operations)
-//! goes to the queue's [`Requests`], the same protocol code the engine tests drive on a ring of
+//! goes to the queue's [`QueueRequests`], the same protocol code the engine tests drive on a ring of
 //! their own (crate::engine::queue); what it finishes is committed back to the driver at once.
 //! Forwarding a read costs one SQE; a write whose bit is already durable one SQE, otherwise it
 //! first waits for a bitmap fdatasync on the same ring, shared by the queue's writes that
@@ -15,7 +15,7 @@
 
 use crate::engine::{CopyConfig, Engine, MirrorNext};
 use crate::engine::mirror::{Mirror, RunUntil};
-use crate::engine::queue::{Request, Requests, Sink};
+use crate::engine::queue::{Request, QueueRequests, Sink};
 use crate::io::uring::Owner;
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDesc, BufDescList, UblkDev, UblkIOCtx, UblkQueue};
@@ -29,7 +29,7 @@ use std::time::Instant;
 pub const IO_F_FUA: u32 = 1 << 13;
 pub const IO_F_NOUNMAP: u32 = 1 << 15;
 
-/// The ublk queue's ring as the sink of its [`Requests`]. libublk routes a completion by its
+/// The ublk queue's ring as the sink of its [`QueueRequests`]. libublk routes a completion by its
 /// user_data: the low 16 bits are a tag, and the target-I/O bit sends it to our handler; the
 /// request's slot goes where libublk expects the tag (the handler does not read it as one) and
 /// the owner in the target-data bits.
@@ -115,7 +115,7 @@ fn no_huge_pages(buf: &IoBuf<u8>) {
 }
 
 /// One completion on the queue's ring: a new request from the driver, or one of our operations.
-fn on_cqe(q: &UblkQueue<'_>, bufs: &[IoBuf<u8>], reqs: &mut Requests, user_data: u64, res: i32) {
+fn on_cqe(q: &UblkQueue<'_>, bufs: &[IoBuf<u8>], reqs: &mut QueueRequests, user_data: u64, res: i32) {
     let mut sink = QueueSink(q);
     // Both kinds carry a 16-bit number in the low bits: the driver's tag, or our slot.
     let n = (user_data & 0xffff) as u16;
@@ -149,7 +149,7 @@ fn on_cqe(q: &UblkQueue<'_>, bufs: &[IoBuf<u8>], reqs: &mut Requests, user_data:
 pub fn queue_main(qid: u16, dev: &UblkDev, engine: Arc<Engine>) {
     let bufs = Rc::new(dev.alloc_queue_io_bufs());
     bufs.iter().for_each(no_huge_pages);
-    let setup = Requests::new(engine).map_err(|e| format!("{e}")).and_then(|reqs| {
+    let setup = QueueRequests::new(engine).map_err(|e| format!("{e}")).and_then(|reqs| {
         let q = UblkQueue::new(qid, dev).map_err(|e| format!("{e:?}"))?;
         let q = q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))).map_err(|e| format!("{e:?}"))?;
         Ok((q, reqs))

@@ -24,7 +24,7 @@ pub struct Fds {
 
 /// A request's hold on a set; give it back with [`FrontFds::exit`].
 #[derive(Debug)]
-pub struct Held {
+pub struct FdsHold {
     pub fds: Fds,
     parity: usize,
 }
@@ -61,7 +61,7 @@ impl FrontFds {
     }
 
     /// The current set, held until [`Self::exit`].
-    pub fn enter(&self) -> Held {
+    pub fn enter(&self) -> FdsHold {
         loop {
             let e = self.epoch.load(Ordering::SeqCst);
             let parity = (e & 1) as usize;
@@ -71,13 +71,13 @@ impl FrontFds {
             // sees our count and waits for us. Either way we never use a set being replaced
             // without being waited for.
             if self.epoch.load(Ordering::SeqCst) == e {
-                return Held { fds: self.load(parity), parity };
+                return FdsHold { fds: self.load(parity), parity };
             }
             self.users[parity].fetch_sub(1, Ordering::SeqCst);
         }
     }
 
-    pub fn exit(&self, h: Held) {
+    pub fn exit(&self, h: FdsHold) {
         self.users[h.parity].fetch_sub(1, Ordering::SeqCst);
     }
 

@@ -27,7 +27,7 @@ use crate::io::backing::{Backing, DirectMode};
 use crate::io::bitmap::{Bitmap, BitmapState, BitmapSwitch, Expect, PairIdentity};
 use crate::core::{ActivePlan, CoreCounters, Extent, Intent, MirrorState};
 use crate::error::{Error, Result};
-use crate::engine::front::{Fds, Held};
+use crate::engine::front::{Fds, FdsHold};
 use crate::core::lifecycle;
 use crate::core::policy::RateMeter;
 use crate::io::target::{open_file_target, BoxTarget};
@@ -147,7 +147,7 @@ impl Progress {
 
 /// What a front end does with a write-like request (see [`Engine::begin_request`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Gate {
+pub enum WriteAdmission {
     /// Issue it (after the intent), to the source, and to the target too if the plan says so.
     Go(Intent, ActivePlan),
     /// Held (switchover in progress, or a consistent flush in write-blocking mode): try again
@@ -547,25 +547,25 @@ impl Engine {
     /// The front end's entry point for a write, discard or write-zeroes of `[off, off+len)`:
     /// what to do now. `mirror_ok`: the request may be mirrored synchronously (a write, with
     /// the target reachable from the queue). `may_wait`: the caller can retry later.
-    pub fn begin_request(&self, ext: Extent, off: u64, len: u64, mirror_ok: bool, may_wait: bool) -> Gate {
+    pub fn begin_request(&self, ext: Extent, off: u64, len: u64, mirror_ok: bool, may_wait: bool) -> WriteAdmission {
         let mut g = self.lock();
         // Checked under the lock: a switchover sets serving_target before it lifts the barrier
         // under this lock, so a write that finds the barrier gone also finds the switch (checked
         // before taking the lock, it could go to the old source after the switch).
         if self.serving_target() {
-            return Gate::Target;
+            return WriteAdmission::Target;
         }
         if g.write_barrier {
-            return Gate::Wait;
+            return WriteAdmission::Wait;
         }
         if mirror_ok && self.write_blocking_now() {
             if may_wait && g.state.consistent_flush_running() {
-                return Gate::Wait;
+                return WriteAdmission::Wait;
             }
             let (i, p) = g.state.begin_active_write(ext, off, len);
-            return Gate::Go(i, p);
+            return WriteAdmission::Go(i, p);
         }
-        Gate::Go(g.state.begin_write(ext), ActivePlan::SourceOnly)
+        WriteAdmission::Go(g.state.begin_write(ext), ActivePlan::SourceOnly)
     }
 
     pub fn verifier(&self) -> &verify_report::Verifier {
@@ -598,11 +598,11 @@ impl Engine {
     /// The descriptors for one front-end request, held until [`Self::front_exit`]. A read or
     /// flush takes them first and then asks [`Self::serving_target`] which one to use; a write
     /// takes them after [`Self::begin_request`] let it go.
-    pub fn front_enter(&self) -> Held {
+    pub fn front_enter(&self) -> FdsHold {
         self.front_requests.fetch_add(1, Ordering::Relaxed);
         self.front.enter()
     }
-    pub fn front_exit(&self, h: Held) {
+    pub fn front_exit(&self, h: FdsHold) {
         self.front.exit(h)
     }
 

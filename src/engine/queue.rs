@@ -7,14 +7,14 @@
 //! `end_write`. Reads and flushes do not touch the bitmap: under write intent every bit a write
 //! needs was durable before the write was issued, so FLUSH is just an fdatasync of the source.
 //!
-//! The protocol lives in [`Requests`], which does not own a ring: it pushes its operations
+//! The protocol lives in [`QueueRequests`], which does not own a ring: it pushes its operations
 //! through a [`Sink`] and is handed their completions. The device (crate::daemon::device) runs it on
 //! the ublk queue's ring; [`EngineQueue`] runs it on a ring of its own, for the tests and tools
 //! that drive the engine without a kernel device. Both run the same code.
 
 use crate::io::backing::AlignedBuf;
 use crate::core::{ActivePlan, Extent, GroupCommit, Intent};
-use crate::engine::{Engine, Gate};
+use crate::engine::{Engine, WriteAdmission};
 use crate::io::uring::{self, push, Owner, Ring};
 use io_uring::{opcode, squeue, types};
 use slab::Slab;
@@ -77,7 +77,7 @@ enum Data {
     /// A read of an [`Op`]: allocated when first issued.
     None,
     Owned(AlignedBuf),
-    /// The caller's buffer (see [`Requests::submit_in_place`]).
+    /// The caller's buffer (see [`QueueRequests::submit_in_place`]).
     InPlace(*mut u8),
 }
 
@@ -118,15 +118,15 @@ fn zeroes_fallback(r: &mut Req) -> bool {
     true
 }
 
-/// Where [`Requests`] sends its operations. `owner` and `slot` come back with the completion
-/// (see [`Requests::complete`]).
+/// Where [`QueueRequests`] sends its operations. `owner` and `slot` come back with the completion
+/// (see [`QueueRequests::complete`]).
 pub trait Sink {
     /// Queues `entry` for the kernel.
     ///
     /// # Safety
     ///
     /// As [`crate::io::uring::push`]: what `entry` points at stays valid until its completion is
-    /// handed back (to [`Requests::complete`]), or is leaked.
+    /// handed back (to [`QueueRequests::complete`]), or is leaked.
     unsafe fn push(&mut self, entry: squeue::Entry, owner: Owner, slot: u16) -> io::Result<()>;
 }
 
@@ -160,7 +160,7 @@ struct Req {
     /// Which descriptor the request's data goes to (the target once switched over).
     file: u32,
     /// The engine's front-end descriptors, held from the first issue to the completion.
-    held: Option<crate::engine::front::Held>,
+    held: Option<crate::engine::front::FdsHold>,
 }
 
 const SRC: u32 = 0;
@@ -188,7 +188,7 @@ struct NapTimer {
 /// A failure to queue an operation (a broken ring, or a full one that cannot submit) fails the
 /// request it belongs to with EIO, after ending what the engine began for it: nothing is left waiting for a
 /// completion that cannot come.
-pub struct Requests {
+pub struct QueueRequests {
     engine: Arc<Engine>,
     /// The requests in flight, by slot: the slot travels in their operations' user_data.
     reqs: Slab<Req>,
@@ -205,14 +205,14 @@ fn eio() -> io::Error {
     io::Error::from_raw_os_error(libc::EIO)
 }
 
-impl Requests {
-    /// Requests on `engine`; they mirror writes synchronously in write-blocking mode when the
+impl QueueRequests {
+    /// A queue's requests on `engine`; they mirror writes synchronously in write-blocking mode when the
     /// engine has its target attached ([`Engine::attach_target`]).
     pub fn new(engine: Arc<Engine>) -> io::Result<Self> {
         use nix::sys::timerfd::{ClockId, TimerFd, TimerFlags};
         let fd = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_CLOEXEC).map_err(io::Error::from)?;
         let has_target = engine.front_has_target();
-        Ok(Requests {
+        Ok(QueueRequests {
             engine,
             reqs: Slab::new(),
             gc: GroupCommit::default(),
@@ -303,7 +303,7 @@ impl Requests {
         let may_wait = r.deferred_since.is_none_or(|t| t.elapsed() < MAX_DEFER);
         let mirror_ok = matches!(r.req, Request::Write { .. }) && self.has_target;
         match self.engine.begin_request(ext, off, len, mirror_ok, may_wait) {
-            Gate::Go(intent, plan) => {
+            WriteAdmission::Go(intent, plan) => {
                 r.plan = plan;
                 r.begun = true;
                 match intent {
@@ -315,12 +315,12 @@ impl Requests {
                     }
                 }
             }
-            Gate::Wait => {
+            WriteAdmission::Wait => {
                 r.deferred_since.get_or_insert_with(Instant::now);
                 self.deferred.push(slot);
                 self.arm_nap(sink)
             }
-            Gate::Target => {
+            WriteAdmission::Target => {
                 // Switched over: the write goes to the target alone, outside the protocol.
                 r.file = TGT;
                 r.ext = None;
@@ -605,10 +605,10 @@ impl Requests {
     }
 }
 
-/// [`Requests`] on a ring of its own: the engine's front end without a kernel device.
+/// [`QueueRequests`] on a ring of its own: the engine's front end without a kernel device.
 pub struct EngineQueue {
     ring: Ring,
-    reqs: Requests,
+    reqs: QueueRequests,
     cqes: Vec<(u64, i32)>,
     ready: Vec<Completion>,
 }
@@ -617,7 +617,7 @@ impl EngineQueue {
     /// A queue on `engine` with room for `depth` requests in flight (more are queued too).
     pub fn new(engine: Arc<Engine>, depth: u32) -> io::Result<Self> {
         let ring = uring::new_ring((depth * 4 + 4).next_power_of_two())?;
-        Ok(EngineQueue { ring, reqs: Requests::new(engine)?, cqes: Vec::new(), ready: Vec::new() })
+        Ok(EngineQueue { ring, reqs: QueueRequests::new(engine)?, cqes: Vec::new(), ready: Vec::new() })
     }
 
     pub fn in_flight(&self) -> usize {
