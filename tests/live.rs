@@ -978,6 +978,37 @@ fn online_verify_follows_a_lowered_speed_limit_and_stops() {
     mirror.join().expect("mirror");
 }
 
+/// A control socket served on a private path for an engine over a 1 MiB pair.
+struct ControlServer {
+    _files: Files,
+    dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    server: std::thread::JoinHandle<()>,
+}
+
+impl ControlServer {
+    fn start() -> Self {
+        let f = files(MIB);
+        let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
+        let engine = Arc::new(engine);
+        let dir = tempfile::tempdir_in("/var/tmp").expect("dir");
+        let path = dir.path().join("0.sock");
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = ublk_mirror::daemon::control::spawn_server_at(path.clone(), engine, serde_json::json!({ "dev_id": 0 }), stop.clone())
+            .expect("serve");
+        ControlServer { _files: f, dir, path, stop, server }
+    }
+
+    /// Stops the server and waits for its thread. Returns the socket's directory, which
+    /// lives on with the caller (so that whether the socket is left behind can be seen).
+    fn stop(self) -> tempfile::TempDir {
+        self.stop.store(true, Ordering::SeqCst);
+        self.server.join().expect("server");
+        self.dir
+    }
+}
+
 /// The control socket itself: mode 0600; malformed, oversized and silent clients get an error
 /// or a timeout and the next client is served.
 #[test]
@@ -987,13 +1018,8 @@ fn control_socket_survives_bad_clients() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::UnixStream;
     use ublk_mirror::daemon::control;
-    let f = files(MIB);
-    let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
-    let engine = Arc::new(engine);
-    let dir = tempfile::tempdir_in("/var/tmp").expect("dir");
-    let path = dir.path().join("0.sock");
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = control::spawn_server_at(path.clone(), engine.clone(), json!({ "dev_id": 0 }), stop.clone()).expect("serve");
+    let c = ControlServer::start();
+    let path = c.path.clone();
     let mode = std::fs::metadata(&path).expect("socket").permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let raw = |bytes: &[u8]| -> String {
@@ -1016,8 +1042,8 @@ fn control_socket_survives_bad_clients() {
     assert_eq!(r["ok"], json!(true));
     assert!(r["status"]["state"].is_string());
     drop(silent);
-    stop.store(true, Ordering::SeqCst);
-    server.join().expect("server");
+    let _dir = c.stop();
+    assert!(path.parent().is_some_and(|d| d.exists()), "the socket's directory is gone: the check below proves nothing");
     assert!(!path.exists(), "socket left behind");
 }
 
@@ -1029,13 +1055,8 @@ fn control_socket_survives_bad_clients() {
 fn control_socket_answers_without_a_tick() {
     use serde_json::json;
     use ublk_mirror::daemon::control;
-    let f = files(MIB);
-    let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
-    let engine = Arc::new(engine);
-    let dir = tempfile::tempdir_in("/var/tmp").expect("dir");
-    let path = dir.path().join("0.sock");
-    let stop = Arc::new(AtomicBool::new(false));
-    let server = control::spawn_server_at(path.clone(), engine.clone(), json!({ "dev_id": 0 }), stop.clone()).expect("serve");
+    let c = ControlServer::start();
+    let path = c.path.clone();
     let t0 = Instant::now();
     for _ in 0..40 {
         let r = control::request_at(&path, 0, &json!({ "cmd": "status" }), Duration::from_secs(10)).expect("status");
@@ -1044,8 +1065,7 @@ fn control_socket_answers_without_a_tick() {
     let took = t0.elapsed();
     // 40 local round trips: milliseconds; the bound leaves a loaded machine 50 ms each.
     assert!(took < Duration::from_secs(2), "40 status requests took {took:?}: the server answers late");
-    stop.store(true, Ordering::SeqCst);
-    server.join().expect("server");
+    let _dir = c.stop();
 }
 
 /// --on-consistent: the command runs after a consistent point with its sequence number, sees
