@@ -645,8 +645,9 @@ impl Engine {
     /// While an --on-consistent command runs, nothing writes the target.
     pub fn set_hook_running(&self, yes: bool) {
         self.hook_running.store(yes, Ordering::SeqCst);
-        self.update_active();
-        self.announce_pair_change(&self.lock());
+        let g = self.lock();
+        self.update_active_locked(&g);
+        self.announce_pair_change(&g);
     }
 
     /// Wakes a switchover waiting for the pair, if one holds writes (`write_barrier`): called

@@ -66,42 +66,32 @@ impl StatusMode {
     }
 }
 
-/// `status` and its JSON show a state by its name; tests and callers may compare it with one.
-impl serde::Serialize for StatusState {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
+/// `status` and its JSON show a state or mode by its name; tests and callers may compare one
+/// with a name.
+macro_rules! shown_by_name {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.serialize_str(self.name())
+            }
+        }
+
+        impl PartialEq<&str> for $t {
+            fn eq(&self, name: &&str) -> bool {
+                self.name() == *name
+            }
+        }
+
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
 }
 
-impl PartialEq<&str> for StatusState {
-    fn eq(&self, name: &&str) -> bool {
-        self.name() == *name
-    }
-}
-
-impl std::fmt::Display for StatusState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl serde::Serialize for StatusMode {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
-}
-
-impl PartialEq<&str> for StatusMode {
-    fn eq(&self, name: &&str) -> bool {
-        self.name() == *name
-    }
-}
-
-impl std::fmt::Display for StatusMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+shown_by_name!(StatusState);
+shown_by_name!(StatusMode);
 
 /// Every value [`Status::state`] takes (the metrics export each, one-hot).
 pub const STATES: [&str; StatusState::ALL.len()] = {
