@@ -443,7 +443,7 @@ impl Bitmap {
         ];
         let mut upgrade = false;
         for (role, (path, recorded), (given, fingerprint)) in roles {
-            if recorded != fingerprint && !legacy_fingerprint_matches(recorded, given, h.created) {
+            if !same_file(recorded, fingerprint, given, h.created) {
                 return Err(mismatch(
                     role,
                     &format!("{path} (file {recorded:016x})"),
@@ -492,8 +492,7 @@ impl Bitmap {
         if h.state != BitmapState::SwitchedOver {
             return Err(Error::config(format!("bitmap {}: the device was not switched over", path.display())));
         }
-        let same_file = h.pair.target_fingerprint == target.1 || legacy_fingerprint_matches(h.pair.target_fingerprint, &target.0, h.created);
-        if h.pair.target != target.0 || !same_file {
+        if h.pair.target != target.0 || !same_file(h.pair.target_fingerprint, target.1, &target.0, h.created) {
             return Err(bad(
                 path,
                 BitmapProblem::WrongPair { role: "target", recorded: h.pair.target.clone(), given: target.0.clone() },
@@ -950,13 +949,16 @@ fn legacy_fingerprint_matches(recorded: u64, path: &str, created: u64) -> bool {
 /// or, for a header written before full fingerprints, naming the same files (see
 /// [`legacy_fingerprint_matches`]).
 pub fn same_pair(h: &Header, given: &PairIdentity) -> bool {
-    let same = |recorded: u64, fingerprint: u64, path: &str| {
-        recorded == fingerprint || legacy_fingerprint_matches(recorded, path, h.created)
-    };
     h.pair.source == given.source
         && h.pair.target == given.target
-        && same(h.pair.source_fingerprint, given.source_fingerprint, &given.source)
-        && same(h.pair.target_fingerprint, given.target_fingerprint, &given.target)
+        && same_file(h.pair.source_fingerprint, given.source_fingerprint, &given.source, h.created)
+        && same_file(h.pair.target_fingerprint, given.target_fingerprint, &given.target, h.created)
+}
+
+/// Whether a header's `recorded` fingerprint names the file `fingerprint` (now at `path`):
+/// equal, or an older inode-only fingerprint of that file (see [`legacy_fingerprint_matches`]).
+fn same_file(recorded: u64, fingerprint: u64, path: &str, created: u64) -> bool {
+    recorded == fingerprint || legacy_fingerprint_matches(recorded, path, created)
 }
 
 /// `path` made absolute against the current directory, not resolved (as the header records it).
