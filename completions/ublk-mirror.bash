@@ -172,7 +172,7 @@ _ublk__mirror() {
             return 0
             ;;
         ublk__subcmd__mirror__subcmd__add)
-            opts="-s -t -b -g -n -q -d -h --source --target --bitmap --sync --granularity --name --number --queues --depth --affinity --foreground --direct --copies --buffer --checkpoint-bytes --checkpoint-secs --speed --busy-speed --mode --max-lag --max-retries --event-log --on-consistent --on-consistent-interval --on-consistent-timeout --help"
+            opts="-s -t -b -g -n -q -d -h --source --target --bitmap --sync --granularity --name --number --queues --depth --affinity --foreground --direct --copies --buffer --checkpoint-bytes --checkpoint-secs --speed --busy-speed --mode --async-buffer --max-lag --max-retries --event-log --on-consistent --on-consistent-interval --on-consistent-timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -275,7 +275,11 @@ _ublk__mirror() {
                     return 0
                     ;;
                 --mode)
-                    COMPREPLY=($(compgen -W "background write-blocking" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "background write-blocking async" -- "${cur}"))
+                    return 0
+                    ;;
+                --async-buffer)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --max-lag)
@@ -858,7 +862,7 @@ _ublk__mirror() {
             return 0
             ;;
         ublk__subcmd__mirror__subcmd__set)
-            opts="-n -h --number --speed --busy-speed --mode --max-lag --max-retries --help"
+            opts="-n -h --number --speed --busy-speed --mode --async-buffer --max-lag --max-retries --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -881,7 +885,11 @@ _ublk__mirror() {
                     return 0
                     ;;
                 --mode)
-                    COMPREPLY=($(compgen -W "background write-blocking" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "background write-blocking async" -- "${cur}"))
+                    return 0
+                    ;;
+                --async-buffer)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --max-lag)
@@ -1054,7 +1062,7 @@ _ublk__mirror() {
             return 0
             ;;
         ublk__subcmd__mirror__subcmd__up)
-            opts="-s -t -b -g -n -q -d -h --source --target --bitmap --sync --granularity --name --number --queues --depth --affinity --foreground --direct --copies --buffer --checkpoint-bytes --checkpoint-secs --speed --busy-speed --mode --max-lag --max-retries --event-log --on-consistent --on-consistent-interval --on-consistent-timeout --help"
+            opts="-s -t -b -g -n -q -d -h --source --target --bitmap --sync --granularity --name --number --queues --depth --affinity --foreground --direct --copies --buffer --checkpoint-bytes --checkpoint-secs --speed --busy-speed --mode --async-buffer --max-lag --max-retries --event-log --on-consistent --on-consistent-interval --on-consistent-timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1157,7 +1165,11 @@ _ublk__mirror() {
                     return 0
                     ;;
                 --mode)
-                    COMPREPLY=($(compgen -W "background write-blocking" -- "${cur}"))
+                    COMPREPLY=($(compgen -W "background write-blocking async" -- "${cur}"))
+                    return 0
+                    ;;
+                --async-buffer)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 --max-lag)

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use ublk_mirror::io::backing::DirectMode;
-use ublk_mirror::daemon::admin::{self, AddOptions};
+use ublk_mirror::daemon::admin;
+use ublk_mirror::daemon::saved::QueueAffinity;
+use ublk_mirror::daemon::start::{self, AddOptions};
 use ublk_mirror::cli::{AddArgs, BitmapCmd, Cli, Cmd, CopyArgs, SyncArgs, VerifyArgs};
 use ublk_mirror::io::bitmap::Bitmap;
 use ublk_mirror::engine::{CopyConfig, PairOptions, Settings, Status, SyncMode};
@@ -75,8 +77,8 @@ fn main() -> ExitCode {
         Cmd::Metrics => cmd_metrics(),
         Cmd::Recover { id, foreground } => cmd_recover(id, foreground),
         Cmd::Status { id, json, wait_synced, timeout, watch: true, interval } => cmd_watch(id, json, wait_synced, timeout, interval),
-        Cmd::Set { id, speed, busy_speed, mode, max_lag, max_retries } => {
-            cmd_set(id, speed, busy_speed, mode, max_lag, max_retries)
+        Cmd::Set { id, speed, busy_speed, mode, async_buffer, max_lag, max_retries } => {
+            cmd_set(id, speed, busy_speed, mode, async_buffer, max_lag, max_retries)
         }
         Cmd::Pause { id } => cmd_simple(id, "pause"),
         Cmd::Switchover { id, timeout, reverse } => {
@@ -226,6 +228,7 @@ fn add_options(a: AddArgs) -> AddOptions {
             busy_speed: a.busy_speed,
             paused: false,
             mode: Some(a.mode),
+            async_buffer: a.async_buffer,
             max_lag_ms: a.max_lag.map(|d| d.as_millis() as u64).unwrap_or(0),
             max_retries: a.max_retries,
             hook: None,
@@ -236,7 +239,7 @@ fn add_options(a: AddArgs) -> AddOptions {
 
 fn cmd_add(a: AddArgs, up: bool) -> CliResult {
     let opts = add_options(a);
-    let v = if up { admin::up(&opts)? } else { admin::start(&opts, None)? };
+    let v = if up { admin::up(&opts)? } else { start::start(&opts, None)? };
     if let Some(v) = v {
         println!("{}", serde_json::to_string_pretty(&v)?);
     }
@@ -261,21 +264,21 @@ fn cmd_recover(id: u32, foreground: bool) -> CliResult {
         queues: 1,
         depth: 128,
         // Taken from the device's saved configuration.
-        affinity: admin::QueueAffinity::Single,
+        affinity: QueueAffinity::Single,
         foreground,
         // The device's saved settings are used.
         settings: Settings::default(),
         event_log: None,
     };
-    if let Some(v) = admin::start(&opts, Some(id))? {
+    if let Some(v) = start::start(&opts, Some(id))? {
         println!("{}", serde_json::to_string_pretty(&v)?);
     }
     Ok(0)
 }
 
 fn cmd_list(json: bool) -> CliResult {
-    admin::check_environment()?;
-    let devs = admin::list();
+    start::check_environment()?;
+    let devs = ublk_mirror::daemon::saved::list();
     if json {
         println!("{}", serde_json::to_string_pretty(&devs)?);
     } else {
@@ -425,6 +428,7 @@ fn cmd_set(
     speed: Option<u64>,
     busy_speed: Option<u64>,
     mode: Option<ublk_mirror::engine::CopyMode>,
+    async_buffer: Option<u64>,
     max_lag: Option<Duration>,
     max_retries: Option<u32>,
 ) -> CliResult {
@@ -438,6 +442,9 @@ fn cmd_set(
     if let Some(m) = mode {
         req["mode"] = serde_json::to_value(m)?;
     }
+    if let Some(b) = async_buffer {
+        req["async_buffer"] = b.into();
+    }
     if let Some(l) = max_lag {
         req["max_lag_secs"] = l.as_secs_f64().into();
     }
@@ -445,7 +452,7 @@ fn cmd_set(
         req["max_retries"] = r.into();
     }
     if req.as_object().map(|o| o.len()).unwrap_or(0) == 1 {
-        return Err("nothing to set: give --speed, --busy-speed, --mode, --max-lag or --max-retries".into());
+        return Err("nothing to set: give --speed, --busy-speed, --mode, --async-buffer, --max-lag or --max-retries".into());
     }
     let v = ublk_mirror::daemon::control::request(id, &req)?;
     println!("{}", serde_json::to_string_pretty(&v["settings"])?);

@@ -118,7 +118,8 @@ impl Sim {
             let (intent, plan) = self.s.begin_active_write(ext, ext.start * 100, ext.count * 100);
             self.tgt_half.push(match plan {
                 ActivePlan::Target { id } => TgtHalf::Planned { id },
-                ActivePlan::SourceOnly => TgtHalf::No,
+                // begin_active_write never plans shipping (begin_shipped_write does).
+                ActivePlan::SourceOnly | ActivePlan::Ship { .. } => TgtHalf::No,
             });
             intent
         } else {

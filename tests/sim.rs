@@ -29,7 +29,19 @@
 //! - data acknowledged before a completed FLUSH is on the source's medium;
 //! - write intent: a write reaches the source only when its bit is on the bitmap's medium.
 //!
-//! At a consistent point the target's medium holds every write acknowledged before it. Each run
+//! At a consistent point the target's medium holds every write acknowledged before it (in async
+//! mode: before the last write of the shipped prefix; the queue's later writes are on their way).
+//!
+//! A run is in background, write-blocking or **async** mode. In async mode nearly every write is
+//! planned for shipping through the real [`MirrorState::begin_shipped_write`],
+//! `ship_source_done`, `ship_next`, `ship_landed` and the pair flush; FLUSHes close epochs; the
+//! buffer is small enough to fill (the queue falls behind, and resumes at a consistent point).
+//! While shipping with no copy since it resumed, every step also checks that whatever the OS
+//! writes back next, the target's medium is a crash image of the shipped history (no write of
+//! an epoch without every write of the earlier ones), and that no write of a later epoch is
+//! issued before the earlier one is flushed.
+//!
+//! Each run
 //! ends with a crash of a random kind and a recovery through the lifecycle code, which must
 //! converge to target == source.
 //!
@@ -44,6 +56,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::collections::HashMap;
+use ublk_mirror::core::ship::BehindReason;
 use ublk_mirror::core::{ActivePlan, Extent, FlushKind, GroupCommit, Intent, MirrorState, PersistentBits};
 use ublk_mirror::core::lifecycle::{self, BitmapFiles, Fill, SyncMode};
 
@@ -153,6 +167,16 @@ struct Write {
     /// An active (write-blocking) write: its id, and once its target half landed, whether it
     /// succeeded.
     active: Option<(u64, Option<bool>)>,
+    /// An async write planned for shipping: its id.
+    ship: Option<u64>,
+}
+
+/// A shipped write issued to the target, not yet landed.
+struct InShip {
+    seq: u64,
+    epoch: u64,
+    ext: Extent,
+    vers: Vec<u64>,
 }
 
 struct Copy {
@@ -164,7 +188,9 @@ enum Flush {
     Bitmap { q: usize, seq: u64, snap: Vec<bool>, file: FileRef },
     App { snap: Vec<u64>, acked: Vec<u64> },
     /// The mirror's flush of the pair: the target and the source (see mirror.rs).
-    Pair { kind: FlushKind, snap: Vec<u64>, src_snap: Vec<u64>, acked: Vec<u64> },
+    /// `acked`: what a consistent point must hold (in async mode, the writes acknowledged up to
+    /// the queue's shipped prefix); `ship_clean`: no shipped write was in flight at its start.
+    Pair { kind: FlushKind, snap: Vec<u64>, src_snap: Vec<u64>, acked: Vec<u64>, ship_clean: bool },
 }
 
 struct Sim {
@@ -186,6 +212,28 @@ struct Sim {
     consistent_points: u64,
     /// Write-blocking mode: most writes are active.
     active_mode: bool,
+    /// Async mode (never with write-blocking): most writes are planned for shipping, with a
+    /// replication buffer of `ship_cap` bytes (a region is 100 bytes here).
+    async_mode: bool,
+    ship_cap: u64,
+    /// Async: the bytes of queued writes by handle (their regions and versions).
+    ship_data: HashMap<u64, (Extent, Vec<u64>)>,
+    next_handle: u64,
+    /// Async: shipped writes in flight to the target.
+    ships: Vec<InShip>,
+    /// Async: what was acknowledged when each queued write was acknowledged, by queue seq.
+    ship_acked: HashMap<u64, Vec<u64>>,
+    /// Async: shipping since the last resume with no copy started since: the target's medium
+    /// must then always be a crash image of the shipped history (see check_ship_image): its
+    /// content at the last clean ship flush (`ship_base`) and the writes issued since.
+    pure: bool,
+    ship_base: Vec<u64>,
+    ship_issued: Vec<InShip>,
+    /// Async: crash images checked, and times shipping resumed.
+    ship_images: u64,
+    ship_resumes: u64,
+    /// Async: the epoch of the writes issued since the last clean ship flush.
+    ship_unflushed: Option<u64>,
     /// Crashes still allowed in the middle of the run, and inside opening the bitmap.
     crashes_left: u32,
     open_crashes_left: u32,
@@ -322,6 +370,8 @@ impl Sim {
         let mut rng = StdRng::seed_from_u64(seed);
         let placeholder = MirrorState::new(N, SimBits(new_file(vec![false; N as usize], vec![false; N as usize], false)));
         let active_mode = rng.gen_ratio(1, 2);
+        let async_mode = !active_mode && rng.gen_ratio(2, 3);
+        let ship_cap = rng.gen_range(100..=600);
         let crashes_left = rng.gen_range(0..=2);
         let open_crashes_left = rng.gen_range(0..=2);
         let switchovers_left = rng.gen_range(0..=2);
@@ -343,6 +393,18 @@ impl Sim {
             steps: 0,
             consistent_points: 0,
             active_mode,
+            async_mode,
+            ship_cap,
+            ship_data: HashMap::new(),
+            next_handle: 0,
+            ships: Vec::new(),
+            ship_acked: HashMap::new(),
+            pure: false,
+            ship_base: vec![0; N as usize],
+            ship_issued: Vec::new(),
+            ship_images: 0,
+            ship_resumes: 0,
+            ship_unflushed: None,
             crashes_left,
             open_crashes_left,
             open_crash_in: None,
@@ -419,6 +481,35 @@ impl Sim {
         self.check_media();
         self.open(requested);
         self.s.set_lazy_clearing(self.rng.gen());
+        self.start_shipping();
+    }
+
+    /// Async mode: the daemon applies its settings at start; shipping begins at the first
+    /// consistent point.
+    fn start_shipping(&mut self) {
+        if !self.async_mode {
+            return;
+        }
+        let freed = self.s.set_shipping(Some(self.ship_cap));
+        assert!(freed.is_empty(), "a new daemon's queue held writes");
+        if self.s.ship().is_some_and(|q| q.shipping()) {
+            self.resumed();
+        }
+    }
+
+    /// Shipping (re)starts: the target's medium is the source's as of now.
+    fn resumed(&mut self) {
+        self.ship_resumes += 1;
+        self.pure = true;
+        self.ship_base = self.tgt.medium.clone();
+        self.ship_issued.clear();
+    }
+
+    /// Frees the buffers the state handed back.
+    fn free(&mut self, handles: &[u64]) {
+        for h in handles {
+            self.ship_data.remove(h);
+        }
     }
 
     /// Opens the bitmap through the real lifecycle code, as `add`, `up` or `recover` do, until it
@@ -497,6 +588,13 @@ impl Sim {
                         }
                     }
                 }
+                for sh in std::mem::take(&mut self.ships) {
+                    if self.rng.gen() {
+                        for (r, v) in sh.ext.regions().zip(sh.vers) {
+                            self.tgt.cache[r as usize] = v;
+                        }
+                    }
+                }
                 for w in self.writes.iter().flatten() {
                     if w.state == WState::Issued && matches!(w.active, Some((_, None))) && self.rng.gen() {
                         for (i, r) in w.ext.regions().enumerate() {
@@ -529,6 +627,12 @@ impl Sim {
         self.writes.clear();
         self.copies.clear();
         self.evs.clear();
+        self.ships.clear();
+        self.ship_data.clear();
+        self.ship_acked.clear();
+        self.ship_issued.clear();
+        self.ship_unflushed = None;
+        self.pure = false;
         self.switching = None;
         self.gc = (0..QUEUES).map(|_| GroupCommit::default()).collect();
         self.target_flush_pending = false;
@@ -543,6 +647,7 @@ impl Sim {
         let requested = if self.rng.gen_ratio(1, 4) { Some(SyncMode::Full) } else { None };
         self.open(requested);
         self.s.set_lazy_clearing(self.rng.gen());
+        self.start_shipping();
     }
 
     fn fail_p(&mut self) -> bool {
@@ -590,23 +695,113 @@ impl Sim {
         let vers = Vec::new();
         let q = self.rng.gen_range(0..QUEUES);
         let w = self.writes.len();
-        let active = self.active_mode && self.rng.gen_ratio(3, 4);
+        // In async mode nearly every write is shipped, so that shipping runs long between the
+        // copies that interrupt its checks (see check_ship_image).
+        let planned = (self.active_mode && self.rng.gen_ratio(3, 4)) || (self.async_mode && self.rng.gen_ratio(15, 16));
         // Byte ranges are whole regions: two writes to one region overlap.
-        let (intent, plan) = if active {
+        let (intent, plan) = if planned && self.active_mode {
             self.s.begin_active_write(ext, start * 100, count * 100)
+        } else if planned {
+            self.s.begin_shipped_write(ext, start * 100, count * 100)
         } else {
             (self.s.begin_write(ext), ActivePlan::SourceOnly)
         };
-        let active = match plan {
-            ActivePlan::Target { id } => Some((id, None)),
-            ActivePlan::SourceOnly => None,
+        let (active, ship) = match plan {
+            ActivePlan::Target { id } => (Some((id, None)), None),
+            ActivePlan::Ship { id } => (None, Some(id)),
+            ActivePlan::SourceOnly => (None, None),
         };
-        self.writes.push(Some(Write { ext, vers, state: WState::Waiting, active }));
+        self.writes.push(Some(Write { ext, vers, state: WState::Waiting, active, ship }));
         match intent {
             Intent::Ready => self.issue(w),
             Intent::Wait { seq } => {
                 if self.gc[q].wait(seq, w) {
                     self.start_bitmap_flush(q);
+                }
+            }
+        }
+    }
+
+    /// Async: the loop issues the next shipped write the queue allows, or one in flight lands
+    /// (or fails), in any order.
+    fn ship_step(&mut self) {
+        if self.rng.gen() && self.ships.len() < 2 {
+            let hold = self.rng.gen_ratio(1, 4);
+            let Some(sh) = self.s.ship_next(2, hold) else { return };
+            let (ext, vers) = self.ship_data.get(&sh.handle).cloned().expect("a queued write's data");
+            assert_eq!(ext.start * 100, sh.off, "the queue's write is not the one buffered");
+            // Rule 1 of the shipping order, seen from outside: nothing of a later epoch is issued
+            // while an earlier one is not durable on the target.
+            if let Some(e) = self.ship_unflushed {
+                assert!(sh.epoch <= e, "shipping: write {} of epoch {} issued before epoch {e} was flushed", sh.seq, sh.epoch);
+            }
+            self.ship_unflushed = Some(sh.epoch);
+            let w = InShip { seq: sh.seq, epoch: sh.epoch, ext, vers };
+            if self.pure {
+                self.ship_issued.push(InShip { seq: w.seq, epoch: w.epoch, ext: w.ext, vers: w.vers.clone() });
+            }
+            self.ships.push(w);
+            return;
+        }
+        if self.ships.is_empty() {
+            return;
+        }
+        let i = self.rng.gen_range(0..self.ships.len());
+        let sh = self.ships.swap_remove(i);
+        let ok = !self.fail_p();
+        if ok {
+            for (r, v) in sh.ext.regions().zip(&sh.vers) {
+                self.tgt.cache[r as usize] = *v;
+            }
+        }
+        let out = self.s.ship_landed(sh.seq, ok);
+        self.free(&out.freed);
+        if out.fell_behind.is_some() {
+            self.pure = false;
+        }
+    }
+
+    /// Async, shipping with no copy since it resumed: whatever the OS writes back next, the
+    /// target's medium must be a crash image of the shipped history. Each region may reach the
+    /// medium with its cached or its current medium content; each must be the content of the
+    /// last clean ship flush or of a write issued since; and no choice may show a write of one
+    /// epoch while missing (holding older content than) a write of an earlier epoch issued
+    /// since, in another region.
+    fn check_ship_image(&mut self) {
+        if !self.live || !self.pure || !self.s.ship().is_some_and(|q| q.shipping()) {
+            return;
+        }
+        self.ship_images += 1;
+        // For each region, what it may show: None for the base content, else (seq, epoch).
+        let mut cands: Vec<Vec<Option<(u64, u64)>>> = vec![Vec::new(); N as usize];
+        for r in 0..N as usize {
+            for m in [self.tgt.medium[r], self.tgt.cache[r]] {
+                let from = self.ship_issued.iter().find(|w| w.ext.regions().zip(&w.vers).any(|(x, &v)| x as usize == r && v == m));
+                match from {
+                    Some(w) => cands[r].push(Some((w.seq, w.epoch))),
+                    None => {
+                        assert_eq!(
+                            m, self.ship_base[r],
+                            "shipping: region {r} of the target holds {m}, neither its content at the last ship flush nor a write issued since"
+                        );
+                        cands[r].push(None);
+                    }
+                }
+            }
+        }
+        for w in &self.ship_issued {
+            for r in w.ext.regions().map(|r| r as usize) {
+                let can_miss = cands[r].iter().any(|c| c.is_none_or(|(seq, _)| seq < w.seq));
+                if !can_miss {
+                    continue;
+                }
+                for (r2, cs) in cands.iter().enumerate() {
+                    if r2 != r && cs.iter().flatten().any(|&(_, e)| e > w.epoch) {
+                        panic!(
+                            "shipping: the target may hold region {r2} from epoch > {} without write {} (epoch {}) in region {r}: not a crash image",
+                            w.epoch, w.seq, w.epoch
+                        );
+                    }
                 }
             }
         }
@@ -635,6 +830,27 @@ impl Sim {
     }
 
     fn end(&mut self, wr: Write, source_ok: bool) {
+        if let Some(id) = wr.ship {
+            // Async: the source write completed; queue a copy of its data (or, failed, end it).
+            let handle = self.next_handle;
+            self.next_handle += 1;
+            if source_ok {
+                self.ship_data.insert(handle, (wr.ext, wr.vers.clone()));
+            }
+            let out = self.s.ship_source_done(id, source_ok, handle);
+            if !out.queued {
+                self.ship_data.remove(&handle);
+            }
+            self.free(&out.freed);
+            if out.fell_behind.is_some() {
+                self.pure = false;
+            }
+            if let Some(seq) = out.seq {
+                // The write is acknowledged right after (complete_write updates acked first).
+                self.ship_acked.insert(seq, self.acked.clone());
+            }
+            return;
+        }
         match wr.active {
             Some((id, done)) => {
                 self.s.end_active_write(id, source_ok, done.unwrap_or(false));
@@ -698,7 +914,7 @@ impl Sim {
                     }
                 }
             }
-            Flush::Pair { kind, snap, src_snap, acked } => {
+            Flush::Pair { kind, snap, src_snap, acked, ship_clean } => {
                 if ok {
                     flush_lands(&mut self.rng, &self.tgt.cache, &mut self.tgt.medium, &snap);
                     flush_lands(&mut self.rng, &self.src.cache, &mut self.src.medium, &src_snap);
@@ -713,6 +929,24 @@ impl Sim {
                 }
                 let out = self.s.target_flush_done(ok);
                 self.target_flush_pending = false;
+                if !ok {
+                    // The loop treats a failed pair flush as a target failure.
+                    let (freed, _) = self.s.ship_fall_behind(BehindReason::TargetFailed);
+                    self.free(&freed);
+                    self.pure = false;
+                }
+                if ok && ship_clean {
+                    self.ship_unflushed = None;
+                }
+                if ok && self.pure && ship_clean {
+                    // Nothing was issued during it and no copy ran: the medium is the snapshot.
+                    assert_eq!(self.tgt.medium, snap, "a clean ship flush left the medium other than its start");
+                    self.ship_base = snap.clone();
+                    self.ship_issued.clear();
+                }
+                if out.resumed {
+                    self.resumed();
+                }
                 if ok && kind == FlushKind::Consistent {
                     assert!(out.consistent);
                     self.consistent_points += 1;
@@ -766,6 +1000,9 @@ impl Sim {
                 let max = self.rng.gen_range(1..=3);
                 if let Some(ext) = self.s.next_copy(max) {
                     self.copies.push(Copy { ext, read: None });
+                    // A copy reads the source as it is now: the shipped history alone no longer
+                    // describes the target until shipping resumes.
+                    self.pure = false;
                 }
             }
             1 if !self.copies.is_empty() => {
@@ -788,14 +1025,28 @@ impl Sim {
                     self.s.copy_done(c.ext, ok);
                 }
             }
-            3 if !self.target_flush_pending && (self.s.consistent_point_due() || self.s.checkpoint_possible()) => {
+            3 if !self.target_flush_pending
+                && (self.s.consistent_point_due() || self.s.checkpoint_possible() || self.s.ship_flush_due(self.rng.gen())) =>
+            {
                 let kind = self.s.target_flush_started();
                 self.target_flush_pending = true;
+                // Async: a consistent point holds what was acknowledged up to the shipped
+                // prefix (the queue's writes after it are on their way); everything else
+                // acknowledged was copied (nothing is dirty at a consistent point).
+                let acked = match self.s.ship().filter(|q| q.queued() > 0) {
+                    Some(q) => q
+                        .prefix_end()
+                        .checked_sub(1)
+                        .and_then(|p| self.ship_acked.get(&p).cloned())
+                        .unwrap_or_else(|| self.ship_base.clone()),
+                    None => self.acked.clone(),
+                };
                 self.evs.push(Flush::Pair {
                     kind,
                     snap: self.tgt.cache.clone(),
                     src_snap: self.src.cache.clone(),
-                    acked: self.acked.clone(),
+                    acked,
+                    ship_clean: self.ships.is_empty(),
                 });
             }
             4 => {
@@ -812,9 +1063,12 @@ impl Sim {
             7 if self.active_mode => self.land_target_half(),
             3 | 4 => self.complete_event(),
             5 => self.writeback(),
-            6 if self.rng.gen_ratio(1, 3) => {
+            6 if self.rng.gen_ratio(1, if self.async_mode { 2 } else { 3 }) => {
+                // A FLUSH arriving at the device closes the async epoch.
+                self.s.ship_device_flush();
                 self.evs.push(Flush::App { snap: self.src.cache.clone(), acked: self.acked.clone() })
             }
+            7 if self.async_mode => self.ship_step(),
             8 if self.crashes_left > 0 && self.rng.gen_ratio(1, 30) => {
                 self.crashes_left -= 1;
                 self.crash_and_restart();
@@ -829,6 +1083,7 @@ impl Sim {
         self.try_switchover();
         self.steps += 1;
         self.check_media();
+        self.check_ship_image();
     }
 
     /// A switchover waiting for the pair (new writes held, see new_write) goes once the real
@@ -950,6 +1205,9 @@ struct RunStats {
     crashes: Vec<(Crash, &'static str)>,
     /// Switchovers: reverse, plain.
     switched: (u32, u32),
+    /// Async: crash images of the shipped history checked, times shipping resumed.
+    ship_images: u64,
+    ship_resumes: u64,
 }
 
 fn run(seed: u64, steps: u64) -> RunStats {
@@ -965,7 +1223,14 @@ fn run(seed: u64, steps: u64) -> RunStats {
     if !sim.over {
         sim.crash_and_recover();
     }
-    RunStats { steps: sim.steps, consistent: sim.consistent_points, crashes: sim.crashes, switched: sim.switched }
+    RunStats {
+        steps: sim.steps,
+        consistent: sim.consistent_points,
+        crashes: sim.crashes,
+        switched: sim.switched,
+        ship_images: sim.ship_images,
+        ship_resumes: sim.ship_resumes,
+    }
 }
 
 #[test]
@@ -983,6 +1248,7 @@ fn crashes_anywhere_are_recoverable() {
     let mut kinds = std::collections::BTreeMap::<String, u64>::new();
     let mut kill_then_power = 0u64;
     let (mut reversed, mut switched_over) = (0u64, 0u64);
+    let (mut ship_images, mut ship_resumes) = (0u64, 0u64);
     for i in 0..runs {
         let seed = base + i;
         match std::panic::catch_unwind(|| run(seed, 400)) {
@@ -991,6 +1257,8 @@ fn crashes_anywhere_are_recoverable() {
                 consistent += st.consistent;
                 reversed += st.switched.0 as u64;
                 switched_over += st.switched.1 as u64;
+                ship_images += st.ship_images;
+                ship_resumes += st.ship_resumes;
                 for (k, at) in &st.crashes {
                     *kinds.entry(format!("{k:?} while {at}")).or_default() += 1;
                 }
@@ -1013,6 +1281,7 @@ fn crashes_anywhere_are_recoverable() {
     );
     println!("sim: crashes: {}; runs with a kill then a power loss: {kill_then_power}", kinds_text.join(", "));
     println!("sim: switchovers: {reversed} reverse, {switched_over} plain (a plain one is followed by a crash at once)");
+    println!("sim: async: shipping resumed {ship_resumes} times, {ship_images} target media checked as crash images of the shipped history");
     assert!(points >= runs, "runs did nothing");
     assert!(consistent > 0, "no run reached a consistent point: the simulation is not exercising the mirror");
     // Every kind of crash, at every place, must have happened (with enough runs to expect it).
@@ -1022,5 +1291,6 @@ fn crashes_anywhere_are_recoverable() {
         }
         assert!(kill_then_power > 0, "no run had a daemon kill followed by a power loss");
         assert!(reversed > 0 && switched_over > 0, "no switchover of each kind: {reversed} reverse, {switched_over} plain");
+        assert!(ship_resumes > 0 && ship_images > runs, "async mode hardly exercised: {ship_resumes} resumes, {ship_images} images");
     }
 }

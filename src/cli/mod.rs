@@ -5,6 +5,16 @@ pub mod manpage;
 use crate::io::backing::DirectMode;
 use crate::engine::{CopyMode, SyncMode};
 use crate::units::{parse_duration, parse_size};
+
+/// An async replication buffer size: at least 4 MiB (a few of the largest requests), at most
+/// 16 GiB (it is memory).
+fn parse_async_buffer(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if !(4 << 20..=16 << 30).contains(&n) {
+        return Err(format!("{s}: the async buffer must be between 4M and 16G"));
+    }
+    Ok(n)
+}
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -144,9 +154,14 @@ pub enum Cmd {
         /// applications).
         #[arg(long, value_parser = parse_size)]
         busy_speed: Option<u64>,
-        /// background, or write-blocking (writes complete once on source and target).
+        /// background; write-blocking (writes complete once on source and target); async
+        /// (writes complete once on the source and in the replication buffer, shipped to the
+        /// target in order).
         #[arg(long, value_enum)]
         mode: Option<CopyMode>,
+        /// Async mode's replication buffer (K/M/G suffixes, 4M to 16G).
+        #[arg(long, value_parser = parse_async_buffer)]
+        async_buffer: Option<u64>,
         /// Switch to write-blocking while the target has been behind for longer than this
         /// (e.g. 30s, 5m; 0 = never).
         #[arg(long, value_parser = parse_duration)]
@@ -260,7 +275,7 @@ pub struct AddArgs {
     /// workers that do its file I/O (rublk's and ublksrv's default); all: they float over the
     /// set, which lets a write-blocking mirror's two writes use two CPUs at once.
     #[arg(long, value_enum, default_value = "single")]
-    pub affinity: crate::daemon::admin::QueueAffinity,
+    pub affinity: crate::daemon::saved::QueueAffinity,
     /// Serve in this process instead of a daemon.
     #[arg(long)]
     pub foreground: bool,
@@ -276,9 +291,17 @@ pub struct AddArgs {
     #[arg(long, value_parser = parse_size, default_value = "4M")]
     pub busy_speed: u64,
     /// background: writes complete on the source and the mirror copies behind them;
-    /// write-blocking: writes complete once on source and target (file and block device targets).
+    /// write-blocking: writes complete once on source and target (file and block device targets);
+    /// async: writes complete once on the source and in a replication buffer, and are shipped
+    /// to the target in order of the device's flushes, so the target is a crash image of the
+    /// source at every consistent point (DRBD's protocol A); behind (buffer full, target
+    /// failing) it falls back to background and resumes once caught up.
     #[arg(long, value_enum, default_value = "background")]
     pub mode: CopyMode,
+    /// Async mode's replication buffer: memory for the writes not yet on the target (K/M/G
+    /// suffixes, 4M to 16G). `set` changes it.
+    #[arg(long, value_parser = parse_async_buffer, default_value = "64M")]
+    pub async_buffer: u64,
     /// Switch to write-blocking while the target has been behind for longer than this (e.g.
     /// 30s, 5m), back to background once synced.
     #[arg(long, value_parser = parse_duration)]

@@ -24,9 +24,11 @@
 pub mod lifecycle;
 pub mod pagebits;
 pub mod policy;
+pub mod ship;
 
 use crate::core::pagebits::PagedBits;
 use bitvec::prelude::*;
+use crate::core::ship::{BehindReason, ShipQueue, Shipment};
 use std::collections::HashMap;
 
 /// A set of `n` regions, all clear. Its memory comes zeroed from the allocator (for large sets,
@@ -140,6 +142,8 @@ pub struct FlushOutcome {
     pub deferred: u64,
     /// Regions made dirty again because the flush failed.
     pub redirtied: u64,
+    /// Async mode: shipping resumed at this consistent point (it was behind).
+    pub resumed: bool,
 }
 
 /// What an active (write-blocking) write does besides writing the source.
@@ -152,6 +156,10 @@ pub enum ActivePlan {
     /// this one, or a consistent flush is running. The write is an ordinary one (the region
     /// becomes dirty and the mirror copies it); end it with [`MirrorState::end_write`].
     SourceOnly,
+    /// Async mode: once on the source, the write is queued for the target
+    /// ([`MirrorState::ship_source_done`]); the mirror loop ships it in order
+    /// ([`crate::core::ship`]). If it is shipped and lands, its regions need no copy.
+    Ship { id: u64 },
 }
 
 #[derive(Debug)]
@@ -217,8 +225,18 @@ pub struct MirrorState<P: PersistentBits> {
     /// Regions an online verify is reading; any write, copy or redirtying removes them (then
     /// the comparison proves nothing and the region is skipped).
     watched: PagedBits,
-    /// Active (write-blocking) writes in flight that also go to the target, by id.
+    /// Active (write-blocking) writes in flight that also go to the target, and async writes
+    /// not yet landed on the target, by id.
     active: HashMap<u64, ActiveWrite>,
+    /// How many of `active` are tainted.
+    tainted: usize,
+    /// Async mode: the replication queue (created when the mode is first asked for).
+    ship: Option<ShipQueue>,
+    /// Async mode is on: the queue may resume after falling behind.
+    ship_on: bool,
+    /// Async writes whose source write is in flight, by id: their byte ranges (a write that
+    /// overlaps one of them could be applied in either order by the source).
+    ship_src: HashMap<u64, (u64, u64)>,
     next_active: u64,
     /// Regions whose bit was set in the cache but is not yet known durable, with the sequence
     /// number of that set. A bit is durable exactly when it is set and not in this map.
@@ -232,6 +250,38 @@ pub struct MirrorState<P: PersistentBits> {
     /// A write completed or a copy finished since the last consistent flush started.
     changed: bool,
     counters: CoreCounters,
+}
+
+/// Marks an active write as untrustworthy for the target, counting it once.
+fn taint(w: &mut ActiveWrite, tainted: &mut usize) {
+    if !w.tainted {
+        w.tainted = true;
+        *tainted += 1;
+    }
+}
+
+/// What [`MirrorState::ship_source_done`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ShipPush {
+    /// The write is queued: its buffer is the queue's until it lands. Otherwise the caller frees
+    /// it (the write ended as an ordinary one).
+    pub queued: bool,
+    /// Its place in the queue, if queued.
+    pub seq: Option<u64>,
+    /// The queue fell behind: these buffers are no longer queued and are freed by the caller.
+    pub freed: Vec<u64>,
+    pub fell_behind: Option<BehindReason>,
+    /// The mirror had nothing to do and should be woken.
+    pub wake: bool,
+}
+
+/// What [`MirrorState::ship_landed`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ShipLanded {
+    /// Buffers to free (the landed write's, and the queue's if it fell behind).
+    pub freed: Vec<u64>,
+    pub fell_behind: Option<BehindReason>,
+    pub wake: bool,
 }
 
 impl<P: PersistentBits> MirrorState<P> {
@@ -267,6 +317,10 @@ impl<P: PersistentBits> MirrorState<P> {
             eligible_old: PagedBits::new(nregions as usize),
             inflight: HashMap::new(),
             active: HashMap::new(),
+            tainted: 0,
+            ship: None,
+            ship_on: false,
+            ship_src: HashMap::new(),
             next_active: 0,
             watched: PagedBits::new(nregions as usize),
             pending: HashMap::new(),
@@ -313,14 +367,19 @@ impl<P: PersistentBits> MirrorState<P> {
     /// Nothing dirty, nothing copying, no target flush pending and the last consistent point is
     /// still current.
     pub fn is_synced(&self) -> bool {
-        self.dirty == 0 && self.copying_count == 0 && !self.changed && self.flush.is_none() && !self.stale_target_writes()
+        self.dirty == 0
+            && self.copying_count == 0
+            && !self.changed
+            && self.flush.is_none()
+            && !self.stale_target_writes()
+            && self.ship.as_ref().is_none_or(|q| q.idle())
     }
 
     /// A tainted active write is in flight: its target write may still land over newer data
     /// (an overlapping write that completed since, or a copy), so the target cannot be called
     /// consistent until it ends (and its region is copied again).
     fn stale_target_writes(&self) -> bool {
-        self.active.values().any(|w| w.tainted)
+        self.tainted > 0
     }
 
     fn mark_to_copy(&mut self, r: u64) {
@@ -451,7 +510,7 @@ impl<P: PersistentBits> MirrorState<P> {
             if w.off < end && off < w.end {
                 // Both end as ordinary writes: their order on the source and on the target may
                 // differ.
-                w.tainted = true;
+                taint(w, &mut self.tainted);
                 overlap = true;
             }
         }
@@ -479,6 +538,10 @@ impl<P: PersistentBits> MirrorState<P> {
             debug_assert!(false, "end_active_write of unknown write {id}");
             return false;
         };
+        if w.tainted {
+            self.tainted -= 1;
+        }
+        self.ship_src.remove(&id);
         let ext = w.ext;
         let mirrored = source_ok
             && target_ok
@@ -508,6 +571,156 @@ impl<P: PersistentBits> MirrorState<P> {
         let was_unchanged = !self.changed;
         self.changed = true;
         was_unchanged
+    }
+
+    /// Async mode on or off, with a replication buffer of `capacity` bytes. Off, the queue
+    /// falls behind for good: the writes it held end as ordinary writes. On, shipping starts at
+    /// the next consistent point reached with nothing dirty. Returns the buffer handles to free.
+    pub fn set_shipping(&mut self, capacity: Option<u64>) -> Vec<u64> {
+        match capacity {
+            Some(c) => {
+                self.ship_on = true;
+                self.ship.get_or_insert_with(|| ShipQueue::new(c)).set_capacity(c);
+                // Already consistent: no need to wait for the next point.
+                if self.is_synced() {
+                    if let Some(q) = self.ship.as_mut() {
+                        q.resume();
+                    }
+                }
+                Vec::new()
+            }
+            None => {
+                self.ship_on = false;
+                self.ship_fall_behind(BehindReason::Stopped).0
+            }
+        }
+    }
+
+    /// The replication queue, if async mode was ever on.
+    pub fn ship(&self) -> Option<&ShipQueue> {
+        self.ship.as_ref()
+    }
+    /// Async mode: the device received a FLUSH or completed a FUA write: the open epoch closes
+    /// ([`ShipQueue::device_flush`]).
+    pub fn ship_device_flush(&mut self) {
+        if let Some(q) = self.ship.as_mut() {
+            q.device_flush();
+        }
+    }
+
+    /// Async mode: a write of bytes `[off, off+len)` covering regions `ext` is about to be issued
+    /// to the source. Does everything [`Self::begin_write`] does, and decides whether it will be
+    /// shipped: only if shipping (not behind), every region is clean and not being copied, and no
+    /// other shipped write whose source write is in flight overlaps its bytes (the source could
+    /// apply the two in either order; both then end as ordinary writes).
+    pub fn begin_shipped_write(&mut self, ext: Extent, off: u64, len: u64) -> (Intent, ActivePlan) {
+        let (s, e) = (ext.start as usize, ext.end() as usize);
+        let clean = !self.to_copy.any_in(s, e) && !self.copying.any_in(s, e) && !self.poisoned.any_in(s, e);
+        let shipping = self.ship.as_ref().is_some_and(|q| q.shipping());
+        let end = off + len;
+        let mut overlap = false;
+        for (id, &(o, oe)) in &self.ship_src {
+            if o < end && off < oe {
+                overlap = true;
+                if let Some(w) = self.active.get_mut(id) {
+                    taint(w, &mut self.tainted);
+                }
+            }
+        }
+        let intent = self.begin_write(ext);
+        if !clean || !shipping || overlap {
+            return (intent, ActivePlan::SourceOnly);
+        }
+        let id = self.next_active;
+        self.next_active += 1;
+        // A target flush that starts from now on may be followed by this write's target write.
+        self.written.fill(s, e, true);
+        self.active.insert(id, ActiveWrite { ext, off, end, tainted: false });
+        self.ship_src.insert(id, (off, end));
+        (intent, ActivePlan::Ship { id })
+    }
+
+    /// Async mode: the source write of shipped write `id` completed (`ok`: in full), its bytes
+    /// held under `handle`. Queues it for the target; or, if it failed, was tainted, or the
+    /// queue is behind or full, ends it as an ordinary write (its regions dirty). See
+    /// [`ShipPush`] for what the caller does next.
+    pub fn ship_source_done(&mut self, id: u64, ok: bool, handle: u64) -> ShipPush {
+        let mut out = ShipPush::default();
+        let Some(&(off, end)) = self.ship_src.get(&id) else {
+            debug_assert!(false, "ship_source_done of unknown write {id}");
+            return out;
+        };
+        self.ship_src.remove(&id);
+        let tainted = self.active.get(&id).is_none_or(|w| w.tainted);
+        let pushed = match self.ship.as_mut() {
+            Some(q) if ok && !tainted => q.push(id, off, end - off, handle),
+            _ => Err(None),
+        };
+        match pushed {
+            Ok(seq) => {
+                out.queued = true;
+                out.seq = Some(seq);
+            }
+            Err(why) => {
+                if let Some(why) = why {
+                    let (freed, _) = self.ship_fall_behind(why);
+                    out.freed = freed;
+                    out.fell_behind = Some(why);
+                }
+                out.wake |= self.end_active_write(id, ok, false);
+            }
+        }
+        out
+    }
+
+    /// Async mode: the next buffered write to issue to the target (see [`ShipQueue::next`]).
+    pub fn ship_next(&mut self, max_in_flight: usize, hold: bool) -> Option<Shipment> {
+        self.ship.as_mut()?.next(max_in_flight, hold)
+    }
+
+    /// Async mode: the target write of queue entry `seq` completed. Ends the write: mirrored
+    /// (its regions eligible for clearing at the next pair flush) if it landed in full and was
+    /// not abandoned; otherwise as an ordinary write, and a failure makes the queue fall behind.
+    pub fn ship_landed(&mut self, seq: u64, ok: bool) -> ShipLanded {
+        let mut out = ShipLanded::default();
+        let Some(l) = self.ship.as_mut().and_then(|q| q.landed(seq, ok)) else {
+            debug_assert!(false, "ship_landed of unknown entry {seq}");
+            return out;
+        };
+        out.freed.push(l.handle);
+        if !ok && self.ship.as_ref().is_some_and(|q| q.shipping()) {
+            let (freed, _) = self.ship_fall_behind(BehindReason::TargetFailed);
+            out.freed.extend(freed);
+            out.fell_behind = Some(BehindReason::TargetFailed);
+        }
+        out.wake = self.end_active_write(l.id, true, l.mirrored);
+        out
+    }
+
+    /// Async mode: is a target flush due for the shipped writes (see [`ShipQueue::flush_due`])?
+    pub fn ship_flush_due(&self, hold: bool) -> bool {
+        self.flush.is_none() && self.ship.as_ref().is_some_and(|q| q.flush_due(hold))
+    }
+
+    /// Makes the queue fall behind (a target failure, a full buffer, async mode switched off):
+    /// the queued writes end as ordinary writes, those in flight are tainted (their target writes
+    /// may land over newer data: no consistent point until they landed). Returns the buffer
+    /// handles to free and whether the queue was shipping.
+    pub fn ship_fall_behind(&mut self, why: BehindReason) -> (Vec<u64>, bool) {
+        let Some(q) = self.ship.as_mut() else { return (Vec::new(), false) };
+        let was = q.shipping();
+        let (dropped, flying) = q.fall_behind(why);
+        for id in flying {
+            if let Some(w) = self.active.get_mut(&id) {
+                taint(w, &mut self.tainted);
+            }
+        }
+        let mut freed = Vec::with_capacity(dropped.len());
+        for d in dropped {
+            freed.push(d.handle);
+            self.end_active_write(d.id, true, false);
+        }
+        (freed, was)
     }
 
     /// A consistent flush is running: an active write that starts now may not write the target
@@ -575,8 +788,11 @@ impl<P: PersistentBits> MirrorState<P> {
         // after that write's target write: the active write cannot vouch for the target.
         for w in self.active.values_mut() {
             if w.ext.start < end && start < w.ext.end() {
-                w.tainted = true;
+                taint(w, &mut self.tainted);
             }
+        }
+        if let Some(q) = self.ship.as_mut() {
+            q.copy_started();
         }
         self.dirty -= end - start;
         self.copying_count += end - start;
@@ -670,7 +886,11 @@ impl<P: PersistentBits> MirrorState<P> {
     /// being copied at this instant, otherwise a checkpoint.
     pub fn target_flush_started(&mut self) -> FlushKind {
         debug_assert!(self.flush.is_none(), "two target flushes in flight");
-        let kind = if self.dirty == 0 && self.copying_count == 0 && !self.stale_target_writes() {
+        let shipped_prefix = self.ship.as_ref().is_none_or(|q| q.prefix_consistent());
+        if let Some(q) = self.ship.as_mut() {
+            q.flush_started();
+        }
+        let kind = if self.dirty == 0 && self.copying_count == 0 && !self.stale_target_writes() && shipped_prefix {
             self.changed = false;
             FlushKind::Consistent
         } else {
@@ -697,6 +917,9 @@ impl<P: PersistentBits> MirrorState<P> {
             return FlushOutcome::default();
         };
         let mut out = FlushOutcome::default();
+        if let Some(q) = self.ship.as_mut() {
+            q.flush_done(ok);
+        }
         if ok {
             // Run by run, a word at a time: after a full sync the set covers the device.
             for (s, e) in flush.regions.runs(RUN_PIECE) {
@@ -719,6 +942,11 @@ impl<P: PersistentBits> MirrorState<P> {
                 FlushKind::Consistent => {
                     out.consistent = true;
                     self.counters.consistent_points += 1;
+                    // Behind, shipping resumes at a consistent point reached with nothing left
+                    // to copy: the target then equals the source.
+                    if self.ship_on && self.dirty == 0 && self.copying_count == 0 && !self.stale_target_writes() {
+                        out.resumed = self.ship.as_mut().is_some_and(|q| q.resume());
+                    }
                 }
                 FlushKind::Checkpoint => self.counters.checkpoints += 1,
             }
@@ -739,7 +967,7 @@ impl<P: PersistentBits> MirrorState<P> {
             }
             self.poisoned.or_assign(&self.copying);
             for w in self.active.values_mut() {
-                w.tainted = true;
+                taint(w, &mut self.tainted);
             }
             // They stay in `written` until a flush that starts after their recopy succeeds.
             self.written.or_assign(&flush.written);
@@ -846,6 +1074,15 @@ impl<P: PersistentBits> MirrorState<P> {
             if self.pending.contains_key(&r) && !p {
                 return Err(format!("region {r}: pending but persistent bit clear"));
             }
+        }
+        if self.active.values().filter(|w| w.tainted).count() != self.tainted {
+            return Err("tainted count drifted".into());
+        }
+        if self.ship_src.keys().any(|id| !self.active.contains_key(id)) {
+            return Err("a shipped write's source half outlived the write".into());
+        }
+        if let Some(q) = &self.ship {
+            q.check()?;
         }
         Ok(())
     }

@@ -16,6 +16,11 @@
 use std::time::{Duration, Instant};
 
 /// The first wait before a retry after a failure (of a copy, a flush or the loop itself).
+/// Async mode: while writes stream into one long epoch (the device is not flushed), the loop
+/// stops issuing this long after the last shipped point and flushes, so that the target gets a
+/// consistent point at least this often (plus a round trip) under a sustained load.
+pub const SHIP_POINT_EVERY: Duration = Duration::from_millis(250);
+
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait between retries after failures: a target that comes back is used again
 /// within seconds.

@@ -204,8 +204,14 @@ fn set(req: &Value, engine: &Engine) -> std::result::Result<Value, String> {
             }
             "mode" => {
                 s.mode = Some(serde_json::from_value::<CopyMode>(v.clone()).map_err(|_| {
-                    "mode: \"background\" or \"write-blocking\"".to_string()
+                    "mode: \"background\", \"write-blocking\" or \"async\"".to_string()
                 })?)
+            }
+            "async_buffer" => {
+                s.async_buffer = v
+                    .as_u64()
+                    .filter(|n| (4 << 20..=16 << 30).contains(n))
+                    .ok_or("async_buffer: bytes, from 4 MiB to 16 GiB")?
             }
             "max_lag_secs" => {
                 let secs = v.as_f64().filter(|x| x.is_finite() && *x >= 0.0).ok_or("max_lag_secs: seconds >= 0 (0 = off)")?;
@@ -217,7 +223,7 @@ fn set(req: &Value, engine: &Engine) -> std::result::Result<Value, String> {
                     .and_then(|n| u32::try_from(n).ok())
                     .ok_or("max_retries: a whole number (0 = retry for ever)")?
             }
-            other => return Err(format!("set: unknown setting {other:?} (speed, busy_speed, mode, max_lag_secs, max_retries)")),
+            other => return Err(format!("set: unknown setting {other:?} (speed, busy_speed, mode, async_buffer, max_lag_secs, max_retries)")),
         }
     }
     let before = engine.settings();

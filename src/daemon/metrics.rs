@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::fmt::Write as _;
 
-/// States of a device in the ublk driver ([`crate::daemon::admin::UblkState`], lower case).
+/// States of a device in the ublk driver ([`crate::daemon::saved::UblkState`], lower case).
 pub const UBLK_STATES: [&str; 3] = ["live", "quiesced", "dead"];
 
 /// The fields of [`crate::engine::Status`] that become metrics, read back from its JSON (the
@@ -69,7 +69,7 @@ pub struct Device {
 }
 
 impl Device {
-    /// A device from its entry in [`crate::daemon::admin::list`] and its daemon's reply to `status`
+    /// A device from its entry in [`crate::daemon::saved::list`] and its daemon's reply to `status`
     /// (the reply's pair wins: a reverse switchover swaps it). A reply without a readable
     /// status counts as no answer; the error says why.
     pub fn from_replies(listed: &Value, reply: std::result::Result<&Value, String>) -> (Device, Option<String>) {
@@ -255,8 +255,8 @@ pub fn render(devices: &[Device]) -> String {
 /// Every ublk-mirror device, sorted by id, with its daemon's status where it answers, and a
 /// message for each that does not. Errors only when the devices cannot be listed at all.
 pub fn collect() -> Result<(Vec<Device>, Vec<String>)> {
-    crate::daemon::admin::check_environment()?;
-    let mut listed = crate::daemon::admin::list();
+    crate::daemon::start::check_environment()?;
+    let mut listed = crate::daemon::saved::list();
     listed.sort_by_key(|d| d.dev_id);
     let mut devices = Vec::new();
     let mut problems = Vec::new();

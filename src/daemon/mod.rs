@@ -4,8 +4,8 @@
 //! - [`device`]: the ublk device: its queues run [`crate::engine::queue`] on libublk's rings,
 //!   and a supervisor thread runs the mirror loop;
 //! - [`control`]: the control socket (status, settings, pause, switchover, verify);
-//! - [`admin`]: `add`, `recover`, `del`, `list`, `up`, `down`: forking the daemon, its saved
-//!   configuration, udev names;
+//! - [`start`]: `add` and `recover`: forking the daemon, its report to the caller, serving;
+//! - [`admin`]: `status`, `del`, `list`, `up`, `down`: finding, waiting for and stopping daemons;
 //! - [`saved`]: the configuration a daemon saves with the driver, and the entries `list` prints;
 //! - [`udev`]: names for udev rules;
 //! - [`metrics`]: the Prometheus exposition of every device.
@@ -15,6 +15,7 @@ pub mod control;
 pub mod device;
 pub mod metrics;
 pub mod saved;
+pub mod start;
 pub mod udev;
 
 /// Where daemons keep their control sockets, event logs and logs.

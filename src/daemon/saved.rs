@@ -222,3 +222,137 @@ pub fn check_name(name: &str) -> Result<()> {
         )))
     }
 }
+/// All ublk-mirror devices (those with a bitmap in their saved configuration).
+pub fn list() -> Vec<DeviceEntry> {
+    let out = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let o = out.clone();
+    UblkCtrl::for_each_dev_id(move |id| {
+        if let Ok(c) = UblkCtrl::new_simple(id as i32) {
+            let d = DeviceEntry::of(&c);
+            if d.bitmap.is_some() {
+                o.borrow_mut().push(d);
+            }
+        }
+    });
+    let v = out.borrow().clone();
+    v
+}
+
+/// The ublk-mirror device with this name, if any.
+pub fn find_by_name(name: &str) -> Option<DeviceEntry> {
+    list().into_iter().find(|d| d.name.as_deref() == Some(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::path::Path;
+
+    /// The device JSON as it was built before [`DeviceEntry`] (a `json!` object over the
+    /// untyped saved configuration): the reference for the printed shape.
+    fn untyped_entry(i: &sys::ublksrv_ctrl_dev_info, bdev: &str, data: &serde_json::Value, log: Option<&str>) -> String {
+        let mut v = json!({
+            "dev_id": i.dev_id,
+            "bdev": bdev,
+            "name": data["name"],
+            "state": UblkState::from_driver(i.state).name(),
+            "source": data["source"], "target": data["target"], "bitmap": data["bitmap"],
+            "queues": i.nr_hw_queues, "depth": i.queue_depth, "pid": i.ublksrv_pid,
+        });
+        if let Some(log) = log {
+            v["log"] = json!(log);
+        }
+        serde_json::to_string_pretty(&v).expect("a JSON value prints")
+    }
+
+    fn dev_info(state: u32) -> sys::ublksrv_ctrl_dev_info {
+        sys::ublksrv_ctrl_dev_info {
+            nr_hw_queues: 2,
+            queue_depth: 128,
+            state: state as u16,
+            dev_id: 7,
+            ublksrv_pid: 4242,
+            ..Default::default()
+        }
+    }
+
+    /// The configuration `serve` saves, as it wrote it before [`SavedConfig`].
+    fn saved_now() -> serde_json::Value {
+        json!({
+            "name": "disk", "source": "/dev/sda", "target": "/srv/disk.img", "bitmap": "/var/lib/m/disk.bitmap",
+            "settings": Settings { speed: 5, busy_speed: 1, paused: false, mode: None, max_lag_ms: 0, max_retries: 3, async_buffer: 0, hook: None },
+            "on_consistent": { "command": "snap", "interval_ms": 1000, "timeout_ms": 2000 },
+            "affinity": QueueAffinity::All,
+        })
+    }
+
+    #[test]
+    fn device_entry_prints_as_the_untyped_json_did() {
+        let older = json!({ "source": "/a", "target": "/b", "bitmap": "/c" });
+        let foreign = json!({ "backing_file": "/x", "direct_io": 1 });
+        for data in [saved_now(), older, foreign, serde_json::Value::Null] {
+            let saved: SavedConfig = serde_json::from_value(data.clone()).unwrap_or_default();
+            for state in [sys::UBLK_S_DEV_LIVE, sys::UBLK_S_DEV_QUIESCED, sys::UBLK_S_DEV_DEAD, 3] {
+                let i = dev_info(state);
+                let mut d = DeviceEntry::from_parts(&i, "/dev/ublkb7".into(), saved.clone());
+                let printed = serde_json::to_string_pretty(&d).expect("prints");
+                assert_eq!(printed, untyped_entry(&i, "/dev/ublkb7", &data, None), "{data}");
+                assert_eq!(serde_json::to_string_pretty(&d.to_json()).expect("prints"), printed);
+                d.log = Some("/run/ublk-mirror/daemon-9.log".into());
+                let printed = serde_json::to_string_pretty(&d).expect("prints");
+                assert_eq!(printed, untyped_entry(&i, "/dev/ublkb7", &data, Some("/run/ublk-mirror/daemon-9.log")));
+                // What the VM scenarios grep for.
+                assert!(printed.contains(&format!("\"state\": \"{}\"", d.state)) && printed.contains("\"pid\": 4242"));
+            }
+        }
+        let list = vec![DeviceEntry::from_parts(&dev_info(1), "/dev/ublkb7".into(), serde_json::from_value(saved_now()).expect("parses"))];
+        let untyped = json!([serde_json::from_str::<serde_json::Value>(&untyped_entry(&dev_info(1), "/dev/ublkb7", &saved_now(), None)).expect("json")]);
+        assert_eq!(serde_json::to_string_pretty(&list).expect("prints"), serde_json::to_string_pretty(&untyped).expect("prints"));
+    }
+
+    #[test]
+    fn ublk_states_keep_their_names() {
+        let names: Vec<String> = (0..5).map(|s| UblkState::from_driver(s).to_string()).collect();
+        assert_eq!(names, ["DEAD", "LIVE", "QUIESCED", "UNKNOWN", "UNKNOWN"]);
+        assert_eq!(UblkState::from_driver(3), UblkState::Unknown(3));
+        assert_eq!(json!(UblkState::Quiesced), json!("QUIESCED"));
+    }
+
+    #[test]
+    fn saved_configuration_reads_every_version_and_writes_the_same_json() {
+        let v = saved_now();
+        let saved: SavedConfig = serde_json::from_value(v.clone()).expect("current format");
+        assert_eq!(saved.name.as_deref(), Some("disk"));
+        assert_eq!(saved.bitmap.as_deref(), Some(Path::new("/var/lib/m/disk.bitmap")));
+        assert_eq!(saved.settings.as_ref().map(|s| (s.speed, s.max_retries)), Some((5, 3)));
+        assert_eq!(saved.on_consistent, Some(SavedHook { command: "snap".into(), interval_ms: 1000, timeout_ms: 2000 }));
+        assert_eq!(saved.affinity, Some(QueueAffinity::All));
+        assert_eq!(serde_json::to_value(&saved).expect("writes"), v, "the file serve writes is unchanged");
+        let none = SavedConfig { on_consistent: None, ..saved.clone() };
+        assert_eq!(serde_json::to_value(&none).expect("writes")["on_consistent"], serde_json::Value::Null);
+
+        // Older files: no name, settings, hook or affinity; settings without busy_speed.
+        let old: SavedConfig = serde_json::from_value(json!({ "source": "/a", "target": "/b", "bitmap": "/c" })).expect("old");
+        assert_eq!((old.name, old.settings, old.on_consistent, old.affinity), (None, None, None, None));
+        let s = json!({ "speed": 1, "paused": true, "mode": null, "max_lag_ms": 0, "max_retries": 0 });
+        let old: SavedConfig = serde_json::from_value(json!({ "source": "/a", "target": "/b", "bitmap": "/c", "settings": s })).expect("old");
+        assert_eq!(old.settings.map(|s| (s.busy_speed, s.paused)), Some((0, true)));
+
+        // An unreadable setting falls back to its default instead of failing the file.
+        let odd = json!({ "source": "/a", "target": "/b", "bitmap": "/c", "settings": 5, "affinity": "some",
+                          "on_consistent": { "command": "c", "interval_ms": "soon" } });
+        let odd: SavedConfig = serde_json::from_value(odd).expect("odd settings");
+        assert_eq!((odd.settings, odd.affinity), (None, None));
+        assert_eq!(odd.on_consistent, Some(SavedHook { command: "c".into(), interval_ms: 60_000, timeout_ms: 60_000 }));
+        let no_command: SavedConfig = serde_json::from_value(json!({ "on_consistent": { "interval_ms": 5 } })).expect("parses");
+        assert_eq!(no_command.on_consistent, None);
+
+        // libublk's whole file, as udev_name reads it.
+        let file = json!({ "dev_info": { "dev_id": 7 }, "target": { "tgt_type": "ublk-mirror" }, "target_data": v });
+        let exported: ExportedDevice = serde_json::from_value(file).expect("file");
+        assert_eq!(exported.target_data.and_then(|t| t.name).as_deref(), Some("disk"));
+        let exported: ExportedDevice = serde_json::from_value(json!({ "dev_info": {} })).expect("no target data");
+        assert!(exported.target_data.is_none());
+    }
+}

@@ -14,7 +14,15 @@ pub enum CopyMode {
     /// Writes complete once on the source and the target (QEMU's write-blocking active mirror):
     /// regions written stay clean, the dirty set only drains.
     WriteBlocking,
+    /// Writes complete once on the source and in the replication buffer; the mirror ships them
+    /// to the target in order, one flush epoch at a time (DRBD's protocol A), and falls back to
+    /// the background copy when the buffer is full or the target fails.
+    Async,
 }
+
+/// The replication buffer of async mode when none is set: 64 MiB, about half a second of a fast
+/// SSD's random writes, a few seconds of a disk's.
+pub const DEFAULT_ASYNC_BUFFER: u64 = 64 << 20;
 
 /// Live settings as a whole (for `add` and the status).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -28,6 +36,10 @@ pub struct Settings {
     pub mode: Option<CopyMode>,
     pub max_lag_ms: u64,
     pub max_retries: u32,
+    /// Async mode's replication buffer in bytes (`--async-buffer`); 0: the default
+    /// ([`DEFAULT_ASYNC_BUFFER`]). Absent in older saved configurations.
+    #[serde(default)]
+    pub async_buffer: u64,
     /// Only carried from the saved configuration to a recovered daemon (not a live setting).
     #[serde(skip)]
     pub hook: Option<OnConsistentCommand>,

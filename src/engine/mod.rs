@@ -19,11 +19,11 @@ mod config;
 mod status;
 mod switchover;
 
-pub use config::{alignment_problem, CopyConfig, CopyMode, Settings};
+pub use config::{alignment_problem, CopyConfig, CopyMode, Settings, DEFAULT_ASYNC_BUFFER};
 pub use on_consistent::OnConsistentCommand;
 pub use status::{Status, StatusMode, StatusState, MODES, STATES};
 
-use crate::io::backing::{Backing, DirectMode};
+use crate::io::backing::{AlignedBuf, Backing, DirectMode};
 use crate::io::bitmap::{Bitmap, BitmapState, BitmapSwitch, Expect, PairIdentity};
 use crate::core::{ActivePlan, CoreCounters, Extent, Intent, MirrorState};
 use crate::error::{Error, Result};
@@ -157,6 +157,19 @@ pub enum WriteAdmission {
     Target,
 }
 
+/// What kind of modifying request asks [`Engine::begin_request`] to begin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteKind {
+    /// A write whose data the front end holds, with the target reachable from the front end:
+    /// write-blocking mode may mirror it; async mode may ship it.
+    MirrorableWrite,
+    /// A write whose data the front end holds (async mode may ship it; the front end cannot
+    /// reach the target: an NBD target).
+    Write,
+    /// A discard or write-zeroes: the background copy takes their regions.
+    Other,
+}
+
 /// Settings that can change while the mirror runs (`set`, `pause`, `resume`).
 #[derive(Debug, Default)]
 pub struct Controls {
@@ -166,6 +179,10 @@ pub struct Controls {
     busy_speed: AtomicU64,
     paused: AtomicBool,
     write_blocking: AtomicBool,
+    /// Async mode is set (shipping may still be behind).
+    async_mode: AtomicBool,
+    /// Async mode's replication buffer in bytes (0: the default).
+    async_buffer: AtomicU64,
     /// `--max-lag` in milliseconds; 0 = off.
     max_lag_ms: AtomicU64,
     /// Give up mirroring after this many failed retries in a row; 0 = retry for ever.
@@ -180,6 +197,10 @@ pub struct LockedState {
     /// Switchover in progress: new writes wait (checked under this lock together with
     /// `begin_write`, so a write is either counted in flight or held).
     pub write_barrier: bool,
+    /// Async mode: the bytes of the writes in the replication queue, by the handle the queue
+    /// carries ([`crate::core::ship`]). A buffer leaves only when its write is no longer queued
+    /// nor in flight to the target.
+    pub ship_bufs: slab::Slab<AlignedBuf>,
 }
 
 pub struct Engine {
@@ -439,6 +460,7 @@ impl Engine {
                 state,
                 progress: Progress::new(dirty),
                 write_barrier: false,
+                ship_bufs: slab::Slab::new(),
             }),
             wake,
             stop: AtomicBool::new(false),
@@ -547,7 +569,7 @@ impl Engine {
     /// The front end's entry point for a write, discard or write-zeroes of `[off, off+len)`:
     /// what to do now. `mirror_ok`: the request may be mirrored synchronously (a write, with
     /// the target reachable from the queue). `may_wait`: the caller can retry later.
-    pub fn begin_request(&self, ext: Extent, off: u64, len: u64, mirror_ok: bool, may_wait: bool) -> WriteAdmission {
+    pub fn begin_request(&self, ext: Extent, off: u64, len: u64, write: WriteKind, may_wait: bool) -> WriteAdmission {
         let mut g = self.lock();
         // Checked under the lock: a switchover sets serving_target before it lifts the barrier
         // under this lock, so a write that finds the barrier gone also finds the switch (checked
@@ -558,11 +580,15 @@ impl Engine {
         if g.write_barrier {
             return WriteAdmission::Wait;
         }
-        if mirror_ok && self.write_blocking_now() {
+        if write == WriteKind::MirrorableWrite && self.write_blocking_now() {
             if may_wait && g.state.consistent_flush_running() {
                 return WriteAdmission::Wait;
             }
             let (i, p) = g.state.begin_active_write(ext, off, len);
+            return WriteAdmission::Go(i, p);
+        }
+        if write != WriteKind::Other && !self.write_blocking_now() && g.state.ship().is_some_and(|q| q.shipping()) {
+            let (i, p) = g.state.begin_shipped_write(ext, off, len);
             return WriteAdmission::Go(i, p);
         }
         WriteAdmission::Go(g.state.begin_write(ext), ActivePlan::SourceOnly)
@@ -738,6 +764,11 @@ impl Engine {
 
     /// Ends a write begun with [`Self::begin_request`].
     pub fn end_write_planned(&self, ext: Extent, plan: ActivePlan, source_ok: bool, target_ok: bool) {
+        if let ActivePlan::Ship { id } = plan {
+            // A shipped write that ends here was not buffered (it failed, or its data could
+            // not be taken): an ordinary write.
+            return self.ship_written(id, source_ok, None);
+        }
         let ActivePlan::Target { id } = plan else { return self.end_write(ext) };
         let mut g = self.lock();
         let wake = g.state.end_active_write(id, source_ok, target_ok);
@@ -747,6 +778,42 @@ impl Engine {
         if wake {
             self.wake();
         }
+    }
+
+    /// Async mode: the source write of shipped write `id` completed (`source_ok`), with a copy
+    /// of its bytes (`None`: no copy, it ends as an ordinary write). Queues it for the target
+    /// (see [`MirrorState::ship_source_done`]); the request may complete once this returns.
+    pub fn ship_written(&self, id: u64, source_ok: bool, data: Option<AlignedBuf>) {
+        let mut g = self.lock();
+        let (ok, handle) = match data {
+            Some(b) if source_ok => (true, g.ship_bufs.insert(b) as u64),
+            _ => (false, u64::MAX),
+        };
+        let was_empty = g.state.ship().is_none_or(|q| q.queued() == 0);
+        let out = g.state.ship_source_done(id, ok, handle);
+        if !out.queued && ok {
+            g.ship_bufs.try_remove(handle as usize);
+        }
+        for h in &out.freed {
+            g.ship_bufs.try_remove(*h as usize);
+        }
+        g.progress.unsynced_since.get_or_insert_with(Instant::now);
+        self.announce_pair_change(&g);
+        drop(g);
+        if let Some(why) = out.fell_behind {
+            log::info!("async: shipping fell behind ({}); the background copy takes over", why.name());
+            self.events.emit("async-behind", serde_json::json!({ "reason": why.name() }));
+        }
+        // The loop ships what it finds queued after each completion: it needs waking only
+        // when the queue was empty.
+        if out.wake || (out.queued && was_empty) || out.fell_behind.is_some() {
+            self.wake();
+        }
+    }
+
+    /// Async mode: the device received a FLUSH, or completed a FUA write: the epoch closes.
+    pub fn ship_device_flush(&self) {
+        self.lock().state.ship_device_flush();
     }
 
     pub fn controls(&self) -> &Controls {
@@ -763,7 +830,10 @@ impl Engine {
         c.paused.store(s.paused, Ordering::SeqCst);
         if let Some(m) = s.mode {
             c.write_blocking.store(m == CopyMode::WriteBlocking, Ordering::SeqCst);
+            c.async_mode.store(m == CopyMode::Async, Ordering::SeqCst);
         }
+        c.async_buffer.store(s.async_buffer, Ordering::SeqCst);
+        self.update_shipping();
         c.max_lag_ms.store(s.max_lag_ms, Ordering::SeqCst);
         c.max_retries.store(s.max_retries, Ordering::SeqCst);
         self.update_active();
@@ -775,12 +845,57 @@ impl Engine {
             speed: c.speed.load(Ordering::SeqCst),
             busy_speed: c.busy_speed.load(Ordering::SeqCst),
             paused: c.paused.load(Ordering::SeqCst),
-            mode: Some(if c.write_blocking.load(Ordering::SeqCst) { CopyMode::WriteBlocking } else { CopyMode::Background }),
+            mode: Some(self.mode()),
+            async_buffer: c.async_buffer.load(Ordering::SeqCst),
             max_lag_ms: c.max_lag_ms.load(Ordering::SeqCst),
             max_retries: c.max_retries.load(Ordering::SeqCst),
             hook: None,
         }
     }
+    /// The copy mode set (max-lag may force write-blocking on top of it).
+    pub fn mode(&self) -> CopyMode {
+        let c = &self.controls;
+        if c.write_blocking.load(Ordering::SeqCst) {
+            CopyMode::WriteBlocking
+        } else if c.async_mode.load(Ordering::SeqCst) {
+            CopyMode::Async
+        } else {
+            CopyMode::Background
+        }
+    }
+
+    /// Async mode's replication buffer in bytes.
+    pub fn async_buffer(&self) -> u64 {
+        match self.controls.async_buffer.load(Ordering::SeqCst) {
+            0 => DEFAULT_ASYNC_BUFFER,
+            n => n,
+        }
+    }
+
+    /// Starts or stops the replication queue as the mode says (see
+    /// [`MirrorState::set_shipping`]); records the fall-back of a queue that was shipping.
+    fn update_shipping(&self) {
+        let on = self.controls.async_mode.load(Ordering::SeqCst) && !self.controls.write_blocking.load(Ordering::SeqCst);
+        let mut g = self.lock();
+        if !on && g.state.ship().is_none() {
+            return;
+        }
+        let was = g.state.ship().is_some_and(|q| q.shipping());
+        let freed = g.state.set_shipping(on.then(|| self.async_buffer()));
+        for h in freed {
+            g.ship_bufs.try_remove(h as usize);
+        }
+        let now = g.state.ship().is_some_and(|q| q.shipping());
+        self.announce_pair_change(&g);
+        drop(g);
+        if was && !on {
+            self.events.emit("async-behind", serde_json::json!({ "reason": "stopped" }));
+        } else if !was && now {
+            // Set on an already synced pair: shipping starts at once.
+            self.events.emit("async-resumed", serde_json::json!({}));
+        }
+    }
+
     pub fn speed(&self) -> u64 {
         self.controls.speed.load(Ordering::SeqCst)
     }

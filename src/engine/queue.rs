@@ -14,7 +14,7 @@
 
 use crate::io::backing::AlignedBuf;
 use crate::core::{ActivePlan, Extent, GroupCommit, Intent};
-use crate::engine::{Engine, WriteAdmission};
+use crate::engine::{Engine, WriteAdmission, WriteKind};
 use crate::io::uring::{self, push, Owner, Ring};
 use io_uring::{opcode, squeue, types};
 use slab::Slab;
@@ -201,6 +201,23 @@ pub struct QueueRequests {
     nap: NapTimer,
 }
 
+/// A copy of a finished write's `len` bytes, for the replication queue.
+fn copy_out(d: &Data, len: u32) -> Option<AlignedBuf> {
+    let src = match d {
+        Data::Owned(o) => o.as_ptr(),
+        Data::InPlace(p) => *p as *const u8,
+        // Not for a write (submit gives Owned, submit_in_place InPlace): nothing to ship.
+        Data::None => return None,
+    };
+    let mut b = AlignedBuf::new(len as usize);
+    // SAFETY: the write's buffer holds at least `len` bytes (checked in submit for an owned
+    // buffer, submit_in_place's contract for the caller's) and stays valid until the request's
+    // completion is handed out, which happens after this copy; `b` is a fresh allocation of
+    // `len` bytes, so the two do not overlap.
+    unsafe { std::ptr::copy_nonoverlapping(src, b.as_mut_ptr(), len as usize) };
+    Some(b)
+}
+
 fn eio() -> io::Error {
     io::Error::from_raw_os_error(libc::EIO)
 }
@@ -272,6 +289,11 @@ impl QueueRequests {
             return;
         }
         let ext = if req.modifies() { range.map(|(o, l)| self.engine.extent(o, l)) } else { None };
+        if req == Request::Flush {
+            // Async mode: the writes completed before this FLUSH arrived form an epoch; those
+            // completing from now on belong to the next.
+            self.engine.ship_device_flush();
+        }
         let r = Req {
             tag,
             req,
@@ -301,8 +323,12 @@ impl QueueRequests {
         let Some(r) = self.reqs.get_mut(slot) else { return };
         let (Some(ext), Some((off, len))) = (r.ext, r.req.range()) else { return };
         let may_wait = r.deferred_since.is_none_or(|t| t.elapsed() < MAX_DEFER);
-        let mirror_ok = matches!(r.req, Request::Write { .. }) && self.has_target;
-        match self.engine.begin_request(ext, off, len, mirror_ok, may_wait) {
+        let kind = match r.req {
+            Request::Write { .. } if self.has_target => WriteKind::MirrorableWrite,
+            Request::Write { .. } => WriteKind::Write,
+            _ => WriteKind::Other,
+        };
+        match self.engine.begin_request(ext, off, len, kind, may_wait) {
             WriteAdmission::Go(intent, plan) => {
                 r.plan = plan;
                 r.begun = true;
@@ -590,9 +616,23 @@ impl QueueRequests {
         if let Some(h) = r.held {
             self.engine.front_exit(h);
         }
-        if let (true, Some(ext)) = (r.begun, r.ext) {
+        match (r.begun, r.ext, r.plan) {
+            (true, Some(_), ActivePlan::Ship { id }) => {
+                // Queued for the target before the write completes: the application may count on
+                // it from the completion on. The bytes are copied (the request's buffer goes back
+                // to the driver with the completion).
+                let data = match (&result, r.req, &r.data) {
+                    (Ok(_), Request::Write { len, .. }, d) => copy_out(d, len),
+                    _ => None,
+                };
+                self.engine.ship_written(id, result.is_ok(), data);
+                if let (Ok(_), Request::Write { fua: true, .. }) = (&result, r.req) {
+                    self.engine.ship_device_flush();
+                }
+            }
             // Whatever happened (even a write that failed halfway), the region may have changed.
-            self.engine.end_write_planned(ext, r.plan, result.is_ok(), r.tgt_ok);
+            (true, Some(ext), plan) => self.engine.end_write_planned(ext, plan, result.is_ok(), r.tgt_ok),
+            _ => {}
         }
         if let (Err(e), Some((off, len))) = (&result, r.req.range()) {
             log::warn!("{} error at byte {off} (+{len}): {e}", if r.file == TGT { "target" } else { "source" });

@@ -50,18 +50,26 @@ impl StatusState {
 pub enum StatusMode {
     Background,
     WriteBlocking,
-    /// Write-blocking because the lag passed --max-lag (the mode set is background).
+    /// Write-blocking because the lag passed --max-lag (the mode set is background or async).
     MaxLag,
+    /// Async: writes are shipped to the target in order.
+    Async,
+    /// Async, fallen behind (buffer full, target failing, or not caught up yet): the background
+    /// copy runs until a consistent point, then shipping resumes.
+    AsyncBehind,
 }
 
 impl StatusMode {
-    pub const ALL: [StatusMode; 3] = [StatusMode::Background, StatusMode::WriteBlocking, StatusMode::MaxLag];
+    pub const ALL: [StatusMode; 5] =
+        [StatusMode::Background, StatusMode::WriteBlocking, StatusMode::MaxLag, StatusMode::Async, StatusMode::AsyncBehind];
 
     pub const fn name(self) -> &'static str {
         match self {
             StatusMode::Background => "background",
             StatusMode::WriteBlocking => "write-blocking",
             StatusMode::MaxLag => "write-blocking (max-lag)",
+            StatusMode::Async => "async",
+            StatusMode::AsyncBehind => "async (behind)",
         }
     }
 }
@@ -161,6 +169,27 @@ pub struct Status {
     pub degraded_secs: Option<f64>,
     /// Passes the mirror loop has begun since the daemon started (see [`Engine::loop_passes`]).
     pub loop_passes: u64,
+    /// Async mode (absent otherwise): the replication buffer and what went through it.
+    pub shipping: Option<ShipStatus>,
+}
+
+/// Async mode's figures in [`Status::shipping`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ShipStatus {
+    pub buffer_bytes: u64,
+    pub buffer_used_bytes: u64,
+    pub buffer_peak_bytes: u64,
+    /// Writes waiting in the queue, and in flight to the target.
+    pub queued_writes: usize,
+    pub in_flight_writes: usize,
+    pub shipped_writes: u64,
+    pub shipped_bytes: u64,
+    /// Epochs (device flushes with shipped writes before them).
+    pub epochs: u64,
+    /// Times shipping fell behind and resumed, and why it is behind now.
+    pub fell_behind: u64,
+    pub resumed: u64,
+    pub behind_reason: Option<&'static str>,
 }
 
 impl Engine {
@@ -197,19 +226,50 @@ impl Engine {
             p
         };
         let rate = g.progress.rate.rate();
+        let shipping_on = self.mode() == super::CopyMode::Async;
+        let behind = g.state.ship().is_some_and(|q| !q.shipping());
         let mode = if !self.controls.write_blocking.load(Ordering::SeqCst) && g.progress.lag_forced {
             StatusMode::MaxLag
         } else if self.controls.write_blocking.load(Ordering::SeqCst) {
             StatusMode::WriteBlocking
+        } else if shipping_on && behind {
+            StatusMode::AsyncBehind
+        } else if shipping_on {
+            StatusMode::Async
         } else {
             StatusMode::Background
         };
+        let shipping = g.state.ship().filter(|_| shipping_on).map(|q| {
+            let k = q.counters();
+            ShipStatus {
+                buffer_bytes: q.capacity(),
+                buffer_used_bytes: q.used(),
+                buffer_peak_bytes: q.peak(),
+                queued_writes: q.queued(),
+                in_flight_writes: q.in_flight(),
+                shipped_writes: k.shipped_writes,
+                shipped_bytes: k.shipped_bytes,
+                epochs: k.epochs,
+                fell_behind: k.fell_behind,
+                resumed: k.resumed,
+                behind_reason: q.behind().map(|b| b.name()),
+            }
+        });
+        // Shipping, the target is as far behind as its last consistent point: it holds the
+        // source as of then (the queue's writes since are on their way).
+        let ship_lag = (mode == StatusMode::Async && !synced)
+            .then(|| g.progress.last_consistent.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64()))
+            .flatten();
         Status {
             episode_bytes: g.progress.episode_bytes,
             progress,
             rate,
             eta_secs: (!synced && rate > 1.0 && !self.paused()).then(|| remaining as f64 / rate),
-            lag_secs: if synced { 0.0 } else { g.progress.unsynced_since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0) },
+            lag_secs: if synced {
+                0.0
+            } else {
+                ship_lag.unwrap_or_else(|| g.progress.unsynced_since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0))
+            },
             mode,
             speed: self.speed(),
             busy_speed: self.busy_speed(),
@@ -219,6 +279,7 @@ impl Engine {
             target_failures: g.progress.target_failures,
             degraded_secs: g.progress.degraded_since.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64()),
             loop_passes: self.loop_passes(),
+            shipping,
             state,
             device_size: self.size,
             granularity: gran,
@@ -274,6 +335,8 @@ mod tests {
             StatusMode::Background => 0,
             StatusMode::WriteBlocking => 1,
             StatusMode::MaxLag => 2,
+            StatusMode::Async => 3,
+            StatusMode::AsyncBehind => 4,
         };
         for (i, m) in StatusMode::ALL.into_iter().enumerate() {
             assert_eq!(place(m), i, "{m:?}");

@@ -1,0 +1,467 @@
+//! Ordered asynchronous shipping (`--mode async`, DRBD's protocol A): the replication queue's
+//! decisions, with no I/O and no data in them.
+//!
+//! A write that is shipped completes to the application once it is on the source and its bytes
+//! are in the replication buffer (the engine holds them, under a handle this queue carries). The
+//! mirror loop then writes the buffered writes to the target in the order of their **epochs**:
+//! the writes that completed between two flushes of the device (a FLUSH, or after a FUA write)
+//! form an epoch, and
+//!
+//! 1. no write of a later epoch is issued to the target before every write of the earlier ones
+//!    is durable there (written, and covered by a target flush that started after it completed);
+//! 2. within an epoch, a write that overlaps one still in flight to the target waits for it (the
+//!    source applied them in that order: the second began after the first completed);
+//! 3. nothing is issued while a target flush is in flight.
+//!
+//! So at any instant the target's medium holds every write of the epochs before some epoch `e`
+//! and a subset of `e`'s: the state of a disk that lost power after flush `e - 1` (a crash
+//! image). A target flush issued with nothing in flight makes a prefix of the queue durable: a
+//! consistent point (the target then equals the source as of the moment the last shipped write
+//! completed, writes then in flight on the source excluded, which a crash allows).
+//!
+//! **Behind.** When the buffer is full, a target write or flush fails, or shipping is switched
+//! off, the queue falls behind: every queued write is handed back to be ended as an ordinary
+//! write (its regions are dirty in the bitmap anyway, and the background copy takes them), and
+//! writes go unshipped until the background copy has caught up (the next consistent point
+//! reached with nothing dirty); then shipping resumes.
+//!
+//! **Copies beside shipping.** A background copy reads the source as it is *now*, while queued
+//! writes still describe the past: a target holding both is not a crash image until the queue
+//! has shipped every write that was queued when the copy started. [`ShipQueue::copy_started`]
+//! records that point, and [`ShipQueue::prefix_consistent`] says when it has passed.
+
+use std::collections::VecDeque;
+
+/// Why shipping fell behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BehindReason {
+    /// The replication buffer had no room for a write.
+    BufferFull,
+    /// A target write or flush failed.
+    TargetFailed,
+    /// The mode was switched away from async, or the queue was started behind.
+    Stopped,
+}
+
+impl BehindReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            BehindReason::BufferFull => "buffer-full",
+            BehindReason::TargetFailed => "target-failed",
+            BehindReason::Stopped => "stopped",
+        }
+    }
+}
+
+/// A write waiting in the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shipment {
+    /// Order of completion on the source (the queue's order).
+    pub seq: u64,
+    /// The write's id in [`crate::core::MirrorState`]'s active writes.
+    pub id: u64,
+    pub off: u64,
+    pub len: u64,
+    pub epoch: u64,
+    /// The engine's handle on the buffered bytes.
+    pub handle: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct InFlight {
+    seq: u64,
+    id: u64,
+    off: u64,
+    end: u64,
+    len: u64,
+    handle: u64,
+    /// Issued before the queue fell behind: its result no longer counts as mirrored.
+    abandoned: bool,
+}
+
+/// What became of a shipped write whose target write completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Landed {
+    pub id: u64,
+    pub handle: u64,
+    /// The target holds the write: end it as mirrored. Otherwise end it as an ordinary write.
+    pub mirrored: bool,
+}
+
+/// Counters for status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShipCounters {
+    pub shipped_writes: u64,
+    pub shipped_bytes: u64,
+    /// Epochs closed by a device flush that held at least one shipped write.
+    pub epochs: u64,
+    pub fell_behind: u64,
+    pub resumed: u64,
+}
+
+/// The replication queue of one mirror in async mode.
+#[derive(Debug)]
+pub struct ShipQueue {
+    capacity: u64,
+    /// Bytes buffered: queued and in flight to the target.
+    used: u64,
+    /// The most bytes ever buffered at once.
+    peak: u64,
+    behind: Option<BehindReason>,
+    /// The epoch writes completing now join.
+    open_epoch: u64,
+    /// The open epoch holds a shipped write (for counting epochs).
+    open_used: bool,
+    queue: VecDeque<Shipment>,
+    inflight: Vec<InFlight>,
+    /// The epoch of the writes issued since the last flush that made them all durable.
+    unflushed_epoch: Option<u64>,
+    /// A target flush is in flight; `Some(true)` if nothing was in flight when it started.
+    flushing: Option<bool>,
+    next_seq: u64,
+    /// Writes queued before this seq must have landed before the target is a crash image again
+    /// (see the module's "Copies beside shipping").
+    copy_barrier: u64,
+    counters: ShipCounters,
+}
+
+impl ShipQueue {
+    /// A queue holding at most `capacity` bytes. It starts behind: shipping begins at the first
+    /// consistent point (before it, the target is not known to equal the source).
+    pub fn new(capacity: u64) -> Self {
+        ShipQueue {
+            capacity,
+            used: 0,
+            peak: 0,
+            behind: Some(BehindReason::Stopped),
+            open_epoch: 0,
+            open_used: false,
+            queue: VecDeque::new(),
+            inflight: Vec::new(),
+            unflushed_epoch: None,
+            flushing: None,
+            next_seq: 0,
+            copy_barrier: 0,
+            counters: ShipCounters::default(),
+        }
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+    pub fn set_capacity(&mut self, capacity: u64) {
+        self.capacity = capacity;
+    }
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+    pub fn peak(&self) -> u64 {
+        self.peak
+    }
+    pub fn behind(&self) -> Option<BehindReason> {
+        self.behind
+    }
+    pub fn counters(&self) -> ShipCounters {
+        self.counters
+    }
+    /// Writes queued, not yet issued to the target.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+    /// Nothing buffered and nothing written to the target that a flush has not made durable.
+    pub fn idle(&self) -> bool {
+        self.queue.is_empty() && self.inflight.is_empty() && self.unflushed_epoch.is_none() && self.flushing.is_none()
+    }
+    /// Whether a new write may be shipped (the caller also checks that its regions are clean).
+    pub fn shipping(&self) -> bool {
+        self.behind.is_none()
+    }
+
+    /// A write of `len` bytes completed on the source: queue it in the open epoch. Refused when
+    /// behind, or when the buffer has no room (which makes the queue fall behind: the caller then
+    /// ends the write as an ordinary one, and ends the writes [`Self::fall_behind`] returns).
+    pub fn push(&mut self, id: u64, off: u64, len: u64, handle: u64) -> Result<u64, Option<BehindReason>> {
+        if self.behind.is_some() {
+            return Err(None);
+        }
+        if self.used.saturating_add(len) > self.capacity {
+            return Err(Some(BehindReason::BufferFull));
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.used += len;
+        self.peak = self.peak.max(self.used);
+        self.open_used = true;
+        self.queue.push_back(Shipment { seq, id, off, len, epoch: self.open_epoch, handle });
+        Ok(seq)
+    }
+
+    /// The device received a FLUSH (or completed a FUA write): the open epoch closes. Writes
+    /// that complete from now on belong to the next one.
+    pub fn device_flush(&mut self) {
+        if self.open_used {
+            self.counters.epochs += 1;
+            self.open_used = false;
+            self.open_epoch += 1;
+        }
+    }
+
+    /// The next write to issue to the target, if rules 1 to 3 allow one now and fewer than
+    /// `max_in_flight` are in flight. `hold`: issue nothing more (the caller wants a flush soon,
+    /// to make a consistent point within a long epoch).
+    pub fn next(&mut self, max_in_flight: usize, hold: bool) -> Option<Shipment> {
+        // Holding stops adding to writes not yet flushed; with none, there is nothing to hold.
+        let holding = hold && self.unflushed_epoch.is_some();
+        if holding || self.behind.is_some() || self.flushing.is_some() || self.inflight.len() >= max_in_flight {
+            return None;
+        }
+        let head = *self.queue.front()?;
+        if self.unflushed_epoch.is_some_and(|e| head.epoch > e) {
+            return None;
+        }
+        let end = head.off + head.len;
+        if self.inflight.iter().any(|w| w.off < end && head.off < w.end) {
+            return None;
+        }
+        self.queue.pop_front();
+        self.unflushed_epoch = Some(head.epoch);
+        self.inflight.push(InFlight {
+            seq: head.seq,
+            id: head.id,
+            off: head.off,
+            end,
+            len: head.len,
+            handle: head.handle,
+            abandoned: false,
+        });
+        Some(head)
+    }
+
+    /// The target write of `seq` completed (`ok`: in full). A failure makes the queue fall
+    /// behind; the caller then ends the writes [`Self::fall_behind`] hands back.
+    pub fn landed(&mut self, seq: u64, ok: bool) -> Option<Landed> {
+        let i = self.inflight.iter().position(|w| w.seq == seq)?;
+        let w = self.inflight.swap_remove(i);
+        self.used -= w.len;
+        let mirrored = ok && !w.abandoned;
+        if mirrored {
+            self.counters.shipped_writes += 1;
+            self.counters.shipped_bytes += w.len;
+        }
+        Some(Landed { id: w.id, handle: w.handle, mirrored })
+    }
+
+    /// Is a target flush due? When something was written since the last one, nothing is in
+    /// flight, and the queue is empty, or its head belongs to a later epoch (rule 1), or the
+    /// caller holds the queue to make a point.
+    pub fn flush_due(&self, hold: bool) -> bool {
+        let Some(e) = self.unflushed_epoch else { return false };
+        self.flushing.is_none()
+            && self.inflight.is_empty()
+            && (hold || self.queue.front().is_none_or(|h| h.epoch > e))
+    }
+
+    /// A target flush is starting (whatever made it due).
+    pub fn flush_started(&mut self) {
+        self.flushing = Some(self.inflight.is_empty());
+    }
+
+    /// The target flush completed. On success, if nothing was in flight when it started, the
+    /// writes issued so far are durable: the next epoch may go. A failure is a target failure
+    /// (the caller makes the queue fall behind).
+    pub fn flush_done(&mut self, ok: bool) {
+        let clean = self.flushing.take().unwrap_or(false);
+        if ok && clean {
+            self.unflushed_epoch = None;
+        }
+    }
+
+    /// A background copy is starting: until every write queued before now has landed, the
+    /// target is not a crash image (see the module's doc).
+    pub fn copy_started(&mut self) {
+        self.copy_barrier = self.next_seq;
+    }
+
+    /// The queue's writes before this sequence number have all been issued (landed, if
+    /// nothing is in flight); it and those after are still queued.
+    pub fn prefix_end(&self) -> u64 {
+        self.queue.front().map(|s| s.seq).unwrap_or(self.next_seq)
+    }
+
+    /// Every write queued before the last copy started has landed, and nothing is in flight to
+    /// the target: with nothing dirty or being copied, a flush now makes a crash image.
+    pub fn prefix_consistent(&self) -> bool {
+        self.inflight.is_empty() && self.prefix_end() >= self.copy_barrier
+    }
+
+    /// Falls behind: hands back every queued write (to be ended as ordinary writes, their
+    /// buffers freed), marks those in flight as no longer mirrored (their buffers are freed when
+    /// they land), and refuses new writes until [`Self::resume`]. Returns the writes handed back
+    /// and the ids of those in flight.
+    pub fn fall_behind(&mut self, why: BehindReason) -> (Vec<Shipment>, Vec<u64>) {
+        if self.behind.is_none() {
+            self.counters.fell_behind += 1;
+        }
+        self.behind = Some(why);
+        for w in &mut self.inflight {
+            w.abandoned = true;
+        }
+        let dropped: Vec<Shipment> = self.queue.drain(..).collect();
+        self.used -= dropped.iter().map(|s| s.len).sum::<u64>();
+        (dropped, self.inflight.iter().map(|w| w.id).collect())
+    }
+
+    /// Shipping resumes (the caller saw a consistent point with nothing dirty). Returns false if
+    /// it was not behind.
+    pub fn resume(&mut self) -> bool {
+        if self.behind.take().is_none() {
+            return false;
+        }
+        self.counters.resumed += 1;
+        // The resume point is a consistent point: the next epoch starts clean.
+        self.open_epoch += 1;
+        self.open_used = false;
+        true
+    }
+
+    /// Checks the queue's own invariants (tests and the simulator).
+    pub fn check(&self) -> Result<(), String> {
+        let bytes: u64 = self.queue.iter().map(|s| s.len).sum::<u64>() + self.inflight.iter().map(|w| w.len).sum::<u64>();
+        if bytes != self.used {
+            return Err(format!("buffer accounting: {} counted, {bytes} held", self.used));
+        }
+        if self.used > self.capacity.max(self.peak) {
+            return Err("buffer over capacity".into());
+        }
+        if self.behind.is_some() && !self.queue.is_empty() {
+            return Err("writes queued while behind".into());
+        }
+        let epochs: Vec<u64> = self.queue.iter().map(|s| s.epoch).collect();
+        if epochs.windows(2).any(|w| w[0] > w[1]) {
+            return Err("queue out of epoch order".into());
+        }
+        if let (Some(e), Some(h)) = (self.unflushed_epoch, self.queue.front()) {
+            if h.epoch < e {
+                return Err(format!("a write of epoch {} queued behind epoch {e} in flight", h.epoch));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shipping(cap: u64) -> ShipQueue {
+        let mut q = ShipQueue::new(cap);
+        assert!(q.resume());
+        q
+    }
+
+    #[test]
+    fn starts_behind_until_resumed() {
+        let mut q = ShipQueue::new(1 << 20);
+        assert_eq!(q.push(0, 0, 4096, 0), Err(None));
+        assert!(q.resume());
+        assert!(q.push(0, 0, 4096, 0).is_ok());
+    }
+
+    /// Rule 1: a write of the next epoch waits until the previous epoch is flushed.
+    #[test]
+    fn epochs_are_flushed_in_order() {
+        let mut q = shipping(1 << 20);
+        q.push(1, 0, 4096, 10).unwrap();
+        q.push(2, 8192, 4096, 11).unwrap();
+        q.device_flush();
+        q.push(3, 16384, 4096, 12).unwrap();
+        let a = q.next(8, false).unwrap();
+        let b = q.next(8, false).unwrap();
+        assert_eq!((a.id, b.id), (1, 2));
+        assert_eq!(q.next(8, false), None, "epoch 1 waits for epoch 0's flush");
+        assert!(!q.flush_due(false), "writes still in flight");
+        q.landed(a.seq, true).unwrap();
+        q.landed(b.seq, true).unwrap();
+        assert_eq!(q.next(8, false), None);
+        assert!(q.flush_due(false));
+        q.flush_started();
+        assert_eq!(q.next(8, false), None, "nothing issued during a flush");
+        q.flush_done(true);
+        assert_eq!(q.next(8, false).unwrap().id, 3);
+        assert_eq!(q.counters().epochs, 1);
+    }
+
+    /// A failed flush keeps the barrier: the next epoch still waits.
+    #[test]
+    fn a_failed_flush_keeps_the_barrier() {
+        let mut q = shipping(1 << 20);
+        q.push(1, 0, 4096, 0).unwrap();
+        q.device_flush();
+        q.push(2, 4096, 4096, 1).unwrap();
+        let a = q.next(8, false).unwrap();
+        q.landed(a.seq, true);
+        q.flush_started();
+        q.flush_done(false);
+        assert_eq!(q.next(8, false), None);
+        assert!(q.flush_due(false));
+    }
+
+    /// Rule 2: overlapping writes go to the target one after the other, in queue order.
+    #[test]
+    fn overlapping_writes_are_serialized() {
+        let mut q = shipping(1 << 20);
+        q.push(1, 0, 8192, 0).unwrap();
+        q.push(2, 4096, 4096, 1).unwrap();
+        let a = q.next(8, false).unwrap();
+        assert_eq!(q.next(8, false), None);
+        q.landed(a.seq, true);
+        assert_eq!(q.next(8, false).unwrap().id, 2);
+    }
+
+    #[test]
+    fn a_full_buffer_refuses_and_falling_behind_hands_back_the_queue() {
+        let mut q = shipping(8192);
+        q.push(1, 0, 4096, 0).unwrap();
+        let a = q.next(8, false).unwrap();
+        q.push(2, 4096, 4096, 1).unwrap();
+        assert_eq!(q.push(3, 8192, 4096, 2), Err(Some(BehindReason::BufferFull)));
+        let (back, flying) = q.fall_behind(BehindReason::BufferFull);
+        assert_eq!(flying, vec![1]);
+        assert_eq!(back.iter().map(|s| s.id).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(q.used(), 4096, "the write in flight keeps its buffer");
+        let l = q.landed(a.seq, true).unwrap();
+        assert!(!l.mirrored, "issued before falling behind: no longer counts");
+        assert_eq!(q.used(), 0);
+        assert_eq!(q.push(4, 0, 4096, 3), Err(None));
+        q.check().unwrap();
+    }
+
+    #[test]
+    fn copies_hold_consistency_until_the_older_writes_landed() {
+        let mut q = shipping(1 << 20);
+        q.push(1, 0, 4096, 0).unwrap();
+        q.copy_started();
+        assert!(!q.prefix_consistent());
+        q.push(2, 4096, 4096, 1).unwrap();
+        let a = q.next(8, false).unwrap();
+        assert!(!q.prefix_consistent(), "in flight");
+        q.landed(a.seq, true);
+        assert!(q.prefix_consistent(), "write 2 was queued after the copy started");
+    }
+
+    #[test]
+    fn hold_stops_issuing_and_makes_a_flush_due() {
+        let mut q = shipping(1 << 20);
+        q.push(1, 0, 4096, 0).unwrap();
+        q.push(2, 4096, 4096, 1).unwrap();
+        let a = q.next(8, true).unwrap();
+        assert_eq!(a.id, 1, "nothing unflushed: holding holds nothing");
+        assert_eq!(q.next(8, true), None);
+        q.landed(a.seq, true);
+        assert!(!q.flush_due(false), "same epoch queued: no boundary yet");
+        assert!(q.flush_due(true));
+    }
+}

@@ -1,0 +1,152 @@
+//! Async mode's shipping: the loop issues the writes of the replication queue to the target in
+//! the order [`crate::core::ship`] allows, and reports each landing to the engine's state. The
+//! flushes at epoch boundaries are the pair flushes of `flush`, made due by
+//! [`crate::core::MirrorState::ship_flush_due`].
+
+use super::Mirror;
+use crate::core::policy;
+use crate::core::ship::BehindReason;
+use crate::error::{Error, Result};
+use crate::io::target::TargetOp;
+use std::io;
+use std::time::Instant;
+
+/// Target tokens of shipped writes: this bit set, the queue's sequence number in the bits below
+/// (copy jobs' slots stay far below it, and the pair flush's token is above every such value).
+pub(super) const SHIP_TOKEN: u64 = 1 << 39;
+const SEQ_MASK: u64 = SHIP_TOKEN - 1;
+
+/// A shipped write in flight to the target.
+pub(super) struct ShipJob {
+    seq: u64,
+    off: u64,
+    len: u64,
+    /// Bytes the target took so far (a file may take a write in parts).
+    done: u64,
+    /// The buffered bytes: the engine's `ship_bufs` keeps them until the write landed.
+    buf: *const u8,
+    pub(super) handle: u64,
+}
+
+impl Mirror<'_> {
+    /// Issues the queued writes that may go now. Nothing is shipped while the target waits
+    /// for its reset or its backoff (the queue has fallen behind then anyway), nor while the
+    /// mirror is paused (the queue fills, and falls behind when full).
+    pub(super) fn start_shipping(&mut self) -> Result<()> {
+        if self.needs_reset || self.backoff.retry_at().is_some() || self.draining || self.engine.paused() {
+            return Ok(());
+        }
+        let hold = self.ship_hold();
+        loop {
+            let next = {
+                let mut g = self.engine.lock();
+                let Some(s) = g.state.ship_next(self.cfg.max_copies, hold) else { break };
+                // A queued write's buffer stays in ship_bufs until it lands (ship_landed).
+                let buf = g.ship_bufs.get(s.handle as usize).map(|b| b.as_ptr());
+                (s, buf)
+            };
+            let (s, Some(buf)) = next else {
+                // Cannot happen (the queue and ship_bufs change together under the lock); if it
+                // did, the write ends as an ordinary one (copied later).
+                log::error!("async: queued write {} has no buffer", next.0.seq);
+                self.ship_done(next.0.seq, false);
+                continue;
+            };
+            let token = SHIP_TOKEN | (s.seq & SEQ_MASK);
+            self.ships.insert(token, ShipJob { seq: s.seq, off: s.off, len: s.len, done: 0, buf, handle: s.handle });
+            self.issue_ship(token).map_err(|e| Error::io("submitting a shipped write", e))?;
+        }
+        Ok(())
+    }
+
+    /// Whether to stop issuing so that a flush makes a consistent point: one has been due for
+    /// [`policy::SHIP_POINT_EVERY`] (a long epoch, the device never flushed).
+    fn ship_hold(&self) -> bool {
+        self.last_ship_point.elapsed() >= policy::SHIP_POINT_EVERY
+    }
+
+    fn issue_ship(&mut self, token: u64) -> io::Result<()> {
+        let Some(j) = self.ships.get(&token) else { return Ok(()) };
+        // SAFETY: done < len, so the pointer stays inside the buffered write.
+        let buf = unsafe { j.buf.add(j.done as usize) };
+        let op = TargetOp::Write { off: j.off + j.done, buf, len: (j.len - j.done) as u32 };
+        // SAFETY: the buffer is the engine's (ship_bufs) until this write landed: the queue
+        // frees it only in ship_landed, after the completion, and Drop leaks it if the write
+        // is still in flight when the loop goes.
+        unsafe { self.target.submit(&mut self.ring, op, token) }
+    }
+
+    /// A shipped write's target operation completed.
+    pub(super) fn on_shipped(&mut self, token: u64, r: io::Result<u32>) -> Result<()> {
+        let Some(j) = self.ships.get_mut(&token) else { return Ok(()) };
+        match r {
+            Ok(n) if n > 0 && j.done + (n as u64) < j.len => {
+                j.done += n as u64;
+                self.issue_ship(token).map_err(|e| Error::io("submitting a shipped write", e))
+            }
+            Ok(n) if n > 0 => {
+                let seq = j.seq;
+                self.ships.remove(&token);
+                self.ship_done(seq, true);
+                Ok(())
+            }
+            r => {
+                let seq = j.seq;
+                let msg = match r {
+                    Err(e) => format!("target write of a shipped write at byte {}: {e}", j.off),
+                    Ok(_) => format!("target write of a shipped write at byte {}: wrote nothing", j.off),
+                };
+                self.ships.remove(&token);
+                self.ship_done(seq, false);
+                self.target_failed(&msg);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reports a landing (or a failure) to the state and frees what it no longer holds.
+    fn ship_done(&mut self, seq: u64, ok: bool) {
+        let out = {
+            let mut g = self.engine.lock();
+            let out = g.state.ship_landed(seq, ok);
+            for h in &out.freed {
+                g.ship_bufs.try_remove(*h as usize);
+            }
+            self.engine.announce_pair_change(&g);
+            out
+        };
+        if let Some(why) = out.fell_behind {
+            self.ship_fell_behind(why);
+        }
+    }
+
+    /// Makes the queue fall behind (a target failure); records it once.
+    pub(super) fn ship_fall_behind(&mut self, why: BehindReason) {
+        let was = {
+            let mut g = self.engine.lock();
+            let (freed, was) = g.state.ship_fall_behind(why);
+            for h in freed {
+                g.ship_bufs.try_remove(h as usize);
+            }
+            was
+        };
+        if was {
+            self.ship_fell_behind(why);
+        }
+    }
+
+    fn ship_fell_behind(&self, why: BehindReason) {
+        log::info!("async: shipping fell behind ({}); the background copy takes over", why.name());
+        self.engine.events().emit("async-behind", serde_json::json!({ "reason": why.name() }));
+    }
+
+    /// A pair flush made shipped writes durable (or resumed shipping): the next point is due
+    /// [`policy::SHIP_POINT_EVERY`] from now.
+    pub(super) fn ship_point(&mut self, resumed: bool) {
+        self.last_ship_point = Instant::now();
+        if resumed {
+            log::info!("async: caught up; shipping resumes");
+            self.engine.events().emit("async-resumed", serde_json::json!({}));
+        }
+    }
+}

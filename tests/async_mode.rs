@@ -1,0 +1,205 @@
+//! Async mode (ordered shipping) on real files: writes reach the target from the replication
+//! buffer instead of being copied, every consistent point is an image of the source as of some
+//! moment, and a full buffer falls back to the background copy and resumes once caught up.
+
+mod common;
+use common::*;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use ublk_mirror::engine::mirror::{Mirror, RunUntil, TestHooks};
+use ublk_mirror::engine::queue::{EngineQueue, Op};
+use ublk_mirror::engine::{CopyConfig, CopyMode, Engine, Settings, SyncMode};
+use ublk_mirror::io::backing::AlignedBuf;
+
+const MIB: u64 = 1 << 20;
+const BLOCK: usize = 4096;
+
+fn async_settings(buffer: u64) -> Settings {
+    Settings { mode: Some(CopyMode::Async), async_buffer: buffer, ..Default::default() }
+}
+
+fn block_data(seed: u64) -> AlignedBuf {
+    let mut b = AlignedBuf::new(BLOCK);
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (8 * (i % 8))) as u8 ^ (i / 8) as u8;
+    }
+    b
+}
+
+fn write_block(q: &mut EngineQueue, blk: u64, seed: u64) -> AlignedBuf {
+    let data = block_data(seed);
+    let copy = block_data(seed);
+    q.execute(Op::Write { off: blk * BLOCK as u64, data, len: BLOCK as u32, fua: false }).expect("write");
+    copy
+}
+
+/// A live loop on its own thread with `hooks`, until the engine is stopped.
+fn spawn_loop(engine: &Arc<Engine>, f: &Files, hooks: impl FnOnce() -> TestHooks + Send + 'static) -> std::thread::JoinHandle<()> {
+    let engine = engine.clone();
+    let target = f.target.clone();
+    std::thread::spawn(move || {
+        let mut t = ublk_mirror::io::target::open_file_target(&target, ublk_mirror::io::backing::DirectMode::Auto)
+            .expect("target");
+        let cfg = CopyConfig { max_copies: 8, buf_size: 256 << 10, ..Default::default() };
+        let mut m = Mirror::new(engine, &mut t, cfg).expect("mirror");
+        m.set_hooks(hooks());
+        m.run(RunUntil::Stopped, None).expect("run");
+    })
+}
+
+fn mode(engine: &Engine) -> String {
+    engine.status().mode.to_string()
+}
+
+fn open_async(f: &Files, buffer: u64) -> Arc<Engine> {
+    let (engine, _target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), Some(64 << 10))).expect("open");
+    let engine = Arc::new(engine);
+    engine.apply_settings(&async_settings(buffer));
+    engine
+}
+
+/// Writes reach the target from the buffer: nothing is copied, every byte written is shipped,
+/// each flush of the device closes an epoch, and the pair ends identical.
+#[test]
+fn async_ships_writes_in_place_of_copies() {
+    let f = files(8 * MIB);
+    let engine = open_async(&f, 16 * MIB);
+    let mirror = spawn_loop(&engine, &f, TestHooks::default);
+    // Shipping starts at the first consistent point (the loop makes one at once).
+    wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    for i in 0..256u64 {
+        write_block(&mut q, (i * 7919) % 2048, i);
+        if i % 16 == 15 {
+            q.execute(Op::Flush).expect("flush");
+        }
+    }
+    wait_for("synced", Duration::from_secs(20), || engine.status().state == "synced");
+    let s = engine.status();
+    let ship = s.shipping.clone().expect("async figures");
+    assert_eq!(s.bytes_copied, 0, "a region was copied instead of shipped: {s:?}");
+    assert_eq!(ship.shipped_bytes, 256 * BLOCK as u64, "{ship:?}");
+    assert_eq!(ship.epochs, 16, "{ship:?}");
+    assert_eq!(ship.fell_behind, 0, "{ship:?}");
+    assert_eq!(ship.buffer_used_bytes, 0);
+    assert!(ship.buffer_peak_bytes > 0 && ship.buffer_peak_bytes <= 16 * MIB);
+    assert!(s.consistent_points >= 2, "{s:?}");
+    drop(q);
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    assert_eq!(read_all(&f.source), read_all(&f.target));
+}
+
+/// A fingerprint of a device image made of 4 KiB blocks that can be updated a block at a time:
+/// the XOR of a hash of each block with its index.
+fn block_hash(blk: u64, data: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    blk.hash(&mut h);
+    data.hash(&mut h);
+    h.finish()
+}
+
+fn image_hash(bytes: &[u8]) -> u64 {
+    bytes.chunks(BLOCK).enumerate().fold(0, |acc, (i, b)| acc ^ block_hash(i as u64, b))
+}
+
+/// At every consistent point the target equals the source as it was after some number of the
+/// (sequential) writes, and that number never goes back: the order of the writes is kept on the
+/// target. Device flushes every few writes make epochs; some writes overwrite blocks written
+/// just before (rule 2 of the shipping order).
+#[test]
+fn every_consistent_point_is_a_past_state_of_the_source() {
+    const SIZE: u64 = MIB;
+    let nblocks = SIZE / BLOCK as u64;
+    let f = files(SIZE);
+    let engine = open_async(&f, 4 * MIB);
+    let seen = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let (s2, path) = (seen.clone(), f.target.clone());
+    let mirror = spawn_loop(&engine, &f, move || TestHooks {
+        at_consistent_point: Some(Box::new(move || {
+            let h = image_hash(&std::fs::read(&path).expect("read target"));
+            s2.lock().unwrap().push(h);
+        })),
+        ..Default::default()
+    });
+    wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
+    let points_before = seen.lock().unwrap().len();
+    // The model: the source after k writes, by fingerprint.
+    let mut blocks = vec![vec![0u8; BLOCK]; nblocks as usize];
+    let mut h = image_hash(&vec![0u8; SIZE as usize]);
+    let mut states = std::collections::HashMap::new();
+    states.insert(h, 0usize);
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    let mut x = 12345u64;
+    for k in 1..=3000usize {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        // Often the block just written again, else anywhere.
+        let blk = if x % 4 == 0 { (x >> 20) % 4 } else { (x >> 20) % nblocks };
+        let data = write_block(&mut q, blk, x);
+        h ^= block_hash(blk, &blocks[blk as usize]) ^ block_hash(blk, &data);
+        blocks[blk as usize].copy_from_slice(&data);
+        states.insert(h, k);
+        if k % 7 == 0 {
+            q.execute(Op::Flush).expect("flush");
+        }
+    }
+    wait_for("synced", Duration::from_secs(60), || engine.status().state == "synced");
+    drop(q);
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    let seen = seen.lock().unwrap().clone();
+    let points = &seen[points_before..];
+    assert!(points.len() >= 5, "only {} consistent points while shipping", points.len());
+    let mut last = 0;
+    for (i, p) in points.iter().enumerate() {
+        let k = *states.get(p).unwrap_or_else(|| panic!("consistent point {i}: the target matches no past state of the source"));
+        assert!(k >= last, "consistent point {i}: the target went back from write {last} to {k}");
+        last = k;
+    }
+    assert_eq!(last, 3000, "the last consistent point holds every write");
+    assert_eq!(read_all(&f.source), read_all(&f.target));
+    let s = engine.status();
+    assert_eq!(s.bytes_copied, 0, "{s:?}");
+}
+
+/// A buffer too small for the writes made while the mirror is paused falls behind (the
+/// background copy takes the regions), and shipping resumes once the copy has caught up.
+#[test]
+fn a_full_buffer_falls_behind_and_resumes() {
+    let f = files(8 * MIB);
+    let engine = open_async(&f, 64 << 10);
+    let mirror = spawn_loop(&engine, &f, TestHooks::default);
+    wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
+    engine.apply_settings(&Settings { paused: true, ..async_settings(64 << 10) });
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    for i in 0..32u64 {
+        write_block(&mut q, i * 16, i);
+    }
+    let s = engine.status();
+    assert_eq!(s.mode, "async (behind)", "{s:?}");
+    let ship = s.shipping.clone().expect("async figures");
+    assert_eq!(ship.behind_reason, Some("buffer-full"));
+    assert_eq!(ship.fell_behind, 1);
+    assert_eq!(ship.buffer_used_bytes, 0, "the queue was handed back to the bitmap");
+    assert!(s.dirty_bytes > 0);
+    engine.apply_settings(&async_settings(64 << 10));
+    wait_for("shipping to resume", Duration::from_secs(20), || mode(&engine) == "async");
+    wait_for("synced", Duration::from_secs(20), || engine.status().state == "synced");
+    let s = engine.status();
+    assert!(s.bytes_copied > 0, "the background copy took the regions: {s:?}");
+    assert_eq!(s.shipping.clone().map(|x| x.resumed), Some(2), "{s:?}");
+    // Shipping again: a new write is shipped, not copied.
+    let copied = s.bytes_copied;
+    write_block(&mut q, 5, 99);
+    wait_for("synced", Duration::from_secs(20), || engine.status().state == "synced");
+    assert_eq!(engine.status().bytes_copied, copied);
+    drop(q);
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    assert_eq!(read_all(&f.source), read_all(&f.target));
+    let ev: Vec<String> = engine.events().recent().iter().map(|e| e.to_string()).collect();
+    let has = |what: &str| ev.iter().any(|e| e.contains(what));
+    assert!(has("\"async-behind\"") && has("buffer-full") && has("\"async-resumed\""), "{ev:?}");
+}
