@@ -114,7 +114,8 @@ fn every_consistent_point_is_a_past_state_of_the_source() {
     const SIZE: u64 = MIB;
     let nblocks = SIZE / BLOCK as u64;
     let f = files(SIZE);
-    let engine = open_async(&f, 4 * MIB);
+    // Larger than all the writes (12 MiB): the queue never falls behind, whatever the pace.
+    let engine = open_async(&f, 16 * MIB);
     let seen = Arc::new(Mutex::new(Vec::<u64>::new()));
     let (s2, path) = (seen.clone(), f.target.clone());
     let mirror = spawn_loop(&engine, &f, move || TestHooks {
@@ -202,4 +203,63 @@ fn a_full_buffer_falls_behind_and_resumes() {
     let ev: Vec<String> = engine.events().recent().iter().map(|e| e.to_string()).collect();
     let has = |what: &str| ev.iter().any(|e| e.contains(what));
     assert!(has("\"async-behind\"") && has("buffer-full") && has("\"async-resumed\""), "{ev:?}");
+}
+
+/// An --on-consistent command sees the target hold still in async mode too: a write made while
+/// it runs stays queued (not shipped) until it has ended, and its snapshot is the image of its
+/// consistent point.
+#[test]
+fn shipping_waits_for_the_on_consistent_command() {
+    let f = files(4 * MIB);
+    let dir = tempfile::tempdir_in("/var/tmp").expect("dir");
+    let snap = dir.path().join("snap");
+    // While this file exists a run of the command holds on (at most 20 s).
+    let hold = dir.path().join("hold");
+    let engine = open_async(&f, 16 * MIB);
+    let hook = ublk_mirror::engine::OnConsistentCommand {
+        command: format!(
+            "cp \"$UBLK_MIRROR_TARGET\" {s}.tmp && mv {s}.tmp {s} && \
+             i=0; while [ -e {h} ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done",
+            s = snap.display(),
+            h = hold.display()
+        ),
+        interval: Duration::ZERO,
+        timeout: Duration::from_secs(20),
+        env: vec![("UBLK_MIRROR_TARGET".into(), f.target.display().to_string())],
+    };
+    let e2 = engine.clone();
+    let target = f.target.clone();
+    let mirror = std::thread::spawn(move || {
+        let mut t = ublk_mirror::io::target::open_file_target(&target, ublk_mirror::io::backing::DirectMode::Auto)
+            .expect("target");
+        let cfg = CopyConfig { on_consistent: Some(hook), ..Default::default() };
+        let mut m = Mirror::new(e2, &mut t, cfg).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
+    wait_for("the first run to end", Duration::from_secs(20), || snap.exists() && !engine.hook_running());
+    std::fs::remove_file(&snap).expect("rm");
+    std::fs::write(&hold, b"").expect("hold");
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    let a = write_block(&mut q, 256, 0x41);
+    wait_for("a run after A", Duration::from_secs(20), || snap.exists());
+    assert!(engine.hook_running());
+    let shipped = engine.status().shipping.expect("async").shipped_bytes;
+    let b = write_block(&mut q, 512, 0x42);
+    wait_loop_pass(&engine, "a mirror loop pass after B", std::time::Instant::now(), 0, Duration::from_secs(20));
+    let st = engine.status();
+    let ship = st.shipping.clone().expect("async");
+    assert!(engine.hook_running(), "the command ended early: {st:?}");
+    assert_eq!(ship.shipped_bytes, shipped, "shipped while the command ran: {st:?}");
+    assert_eq!(ship.queued_writes, 1, "{st:?}");
+    let image = read_all(&snap);
+    assert_eq!(&image[256 * BLOCK..257 * BLOCK], &a[..], "the snapshot lacks A");
+    assert!(image[512 * BLOCK..513 * BLOCK].iter().all(|&x| x == 0), "the snapshot has B");
+    std::fs::remove_file(&hold).expect("rm hold");
+    wait_for("synced after the command", Duration::from_secs(20), || engine.status().state == "synced");
+    assert_eq!(&read_all(&f.target)[512 * BLOCK..513 * BLOCK], &b[..]);
+    assert_eq!(engine.status().bytes_copied, 0);
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    drop(q);
 }

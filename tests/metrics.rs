@@ -125,6 +125,7 @@ fn degraded() -> Snapshot {
         max_lag_secs: Some(30.0),
         target_failures: 19,
         degraded_secs: Some(61.0),
+        shipping: None,
     }
 }
 

@@ -569,6 +569,53 @@ fn server_killed_during_resync_then_resume() {
     assert_same_files(&f.source, &f.target);
 }
 
+/// Async mode over NBD: the writes reach the export from the replication buffer (pipelined,
+/// FLUSH only at epoch boundaries), nothing is copied, and the export ends identical.
+#[test]
+fn async_mode_ships_writes_to_an_nbd_export() {
+    use ublk_mirror::engine::mirror::{Mirror, RunUntil};
+    use ublk_mirror::engine::{CopyMode, Settings};
+    const SIZE: u64 = 16 * MIB;
+    let f = files(SIZE);
+    fill_random(&f.source, 0, SIZE as usize, 31);
+    let srv = Server::qemu(f.dir.path(), &f.target, Transport::Unix, &[]);
+    let p = pair(&f, &srv.uri);
+    sync_bounded(&p, &CopyConfig::default(), TestHooks::default(), LIMIT).expect("full sync");
+    let (engine, mut target, _) = Engine::open(&p).expect("reopen");
+    let engine = Arc::new(engine);
+    engine.apply_settings(&Settings { mode: Some(CopyMode::Async), async_buffer: 16 * MIB, ..Default::default() });
+    let e2 = engine.clone();
+    let mirror = std::thread::spawn(move || {
+        let cfg = CopyConfig { max_copies: 8, buf_size: G as usize, ..Default::default() };
+        let mut m = Mirror::new(e2, target.as_mut(), cfg).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    wait_for("shipping", LIMIT, || engine.status().mode == "async");
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    for i in 0..256u64 {
+        let mut data = AlignedBuf::new(4096);
+        data.fill((i as u8) ^ 0xa5);
+        q.execute(Op::Write { off: (i * 7919 % 4096) * 4096, data, len: 4096, fua: i % 32 == 31 }).expect("write");
+        if i % 16 == 15 {
+            q.execute(Op::Flush).expect("flush");
+        }
+    }
+    wait_for("synced", LIMIT, || engine.status().state == "synced");
+    let s = engine.status();
+    let ship = s.shipping.clone().expect("async figures");
+    assert_eq!(s.bytes_copied, 0, "copied instead of shipped: {s:?}");
+    assert_eq!(ship.shipped_bytes, 256 * 4096, "{ship:?}");
+    assert_eq!(ship.epochs, 16, "a flush or a FUA write closes an epoch: {ship:?}");
+    drop(q);
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    engine.close().expect("close");
+    drop(engine);
+    assert!(verify(&f, &srv.uri).identical());
+    drop(srv);
+    assert_same_files(&f.source, &f.target);
+}
+
 /// The server dies in the middle of the initial full sync. An NBD target publishes its flushes
 /// (flush_publishes), so the mirror makes no checkpoint flushes and no bit was cleared: the
 /// next sync copies everything again, and completes.

@@ -1026,7 +1026,7 @@ impl Sim {
                 }
             }
             3 if !self.target_flush_pending
-                && (self.s.consistent_point_due() || self.s.checkpoint_possible() || self.s.ship_flush_due(self.rng.gen())) =>
+                && (self.s.consistent_point_due() || self.s.checkpoint_possible() || self.s.ship_flush_due(self.rng.gen(), self.rng.gen())) =>
             {
                 let kind = self.s.target_flush_started();
                 self.target_flush_pending = true;

@@ -698,8 +698,13 @@ impl<P: PersistentBits> MirrorState<P> {
     }
 
     /// Async mode: is a target flush due for the shipped writes (see [`ShipQueue::flush_due`])?
-    pub fn ship_flush_due(&self, hold: bool) -> bool {
-        self.flush.is_none() && self.ship.as_ref().is_some_and(|q| q.flush_due(hold))
+    pub fn ship_flush_due(&self, hold: bool, idle: bool) -> bool {
+        self.flush.is_none() && self.ship.as_ref().is_some_and(|q| q.flush_due(hold, idle))
+    }
+
+    /// Async mode: the shipped writes wait for an idle flush (see [`ShipQueue::awaits_idle_flush`]).
+    pub fn ship_awaits_idle_flush(&self) -> bool {
+        self.flush.is_none() && self.ship.as_ref().is_some_and(|q| q.awaits_idle_flush())
     }
 
     /// Makes the queue fall behind (a target failure, a full buffer, async mode switched off):

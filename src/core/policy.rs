@@ -21,6 +21,12 @@ use std::time::{Duration, Instant};
 /// consistent point at least this often (plus a round trip) under a sustained load.
 pub const SHIP_POINT_EVERY: Duration = Duration::from_millis(250);
 
+/// Async mode: a queue that has shipped everything is flushed (a consistent point) once this
+/// long has passed since the last point, not at once: under a load that the loop keeps up with,
+/// the queue empties after nearly every batch, and a pair flush each time would put a flush of
+/// the source and of the target behind every few writes.
+pub const SHIP_IDLE_GAP: Duration = Duration::from_millis(100);
+
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait between retries after failures: a target that comes back is used again
 /// within seconds.

@@ -255,13 +255,20 @@ impl ShipQueue {
     }
 
     /// Is a target flush due? When something was written since the last one, nothing is in
-    /// flight, and the queue is empty, or its head belongs to a later epoch (rule 1), or the
-    /// caller holds the queue to make a point.
-    pub fn flush_due(&self, hold: bool) -> bool {
+    /// flight, and the queue's head belongs to a later epoch (rule 1), or the caller holds the
+    /// queue to make a point, or the queue is empty and the caller lets an idle queue flush
+    /// (`idle`: spaced, so that a queue that keeps emptying does not flush the pair each time).
+    pub fn flush_due(&self, hold: bool, idle: bool) -> bool {
         let Some(e) = self.unflushed_epoch else { return false };
         self.flushing.is_none()
             && self.inflight.is_empty()
-            && (hold || self.queue.front().is_none_or(|h| h.epoch > e))
+            && (hold || self.queue.front().map_or(idle, |h| h.epoch > e))
+    }
+
+    /// Everything queued has landed but is not flushed yet: the flush waits for the caller's
+    /// idle spacing (see [`Self::flush_due`]), which the caller must wake up for.
+    pub fn awaits_idle_flush(&self) -> bool {
+        self.unflushed_epoch.is_some() && self.queue.is_empty() && self.inflight.is_empty() && self.flushing.is_none()
     }
 
     /// A target flush is starting (whatever made it due).
@@ -382,11 +389,11 @@ mod tests {
         let b = q.next(8, false).unwrap();
         assert_eq!((a.id, b.id), (1, 2));
         assert_eq!(q.next(8, false), None, "epoch 1 waits for epoch 0's flush");
-        assert!(!q.flush_due(false), "writes still in flight");
+        assert!(!q.flush_due(false, true), "writes still in flight");
         q.landed(a.seq, true).unwrap();
         q.landed(b.seq, true).unwrap();
         assert_eq!(q.next(8, false), None);
-        assert!(q.flush_due(false));
+        assert!(q.flush_due(false, false), "an epoch boundary needs no idle time");
         q.flush_started();
         assert_eq!(q.next(8, false), None, "nothing issued during a flush");
         q.flush_done(true);
@@ -406,7 +413,7 @@ mod tests {
         q.flush_started();
         q.flush_done(false);
         assert_eq!(q.next(8, false), None);
-        assert!(q.flush_due(false));
+        assert!(q.flush_due(false, true));
     }
 
     /// Rule 2: overlapping writes go to the target one after the other, in queue order.
@@ -453,6 +460,16 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_queue_flushes_only_when_let() {
+        let mut q = shipping(1 << 20);
+        q.push(1, 0, 4096, 0).unwrap();
+        let a = q.next(8, false).unwrap();
+        q.landed(a.seq, true);
+        assert!(!q.flush_due(false, false));
+        assert!(q.flush_due(false, true));
+    }
+
+    #[test]
     fn hold_stops_issuing_and_makes_a_flush_due() {
         let mut q = shipping(1 << 20);
         q.push(1, 0, 4096, 0).unwrap();
@@ -461,7 +478,7 @@ mod tests {
         assert_eq!(a.id, 1, "nothing unflushed: holding holds nothing");
         assert_eq!(q.next(8, true), None);
         q.landed(a.seq, true);
-        assert!(!q.flush_due(false), "same epoch queued: no boundary yet");
-        assert!(q.flush_due(true));
+        assert!(!q.flush_due(false, true), "same epoch queued: no boundary yet");
+        assert!(q.flush_due(true, false));
     }
 }

@@ -52,6 +52,19 @@ pub struct Snapshot {
     pub max_lag_secs: Option<f64>,
     pub target_failures: u64,
     pub degraded_secs: Option<f64>,
+    /// Async mode's figures (absent in other modes, and from older daemons).
+    #[serde(default)]
+    pub shipping: Option<ShipSnapshot>,
+}
+
+/// The fields of [`crate::engine::ShipStatus`] that become metrics.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ShipSnapshot {
+    pub buffer_bytes: u64,
+    pub buffer_used_bytes: u64,
+    pub shipped_bytes: u64,
+    pub epochs: u64,
+    pub fell_behind: u64,
 }
 
 /// One device as `metrics` reports it.
@@ -215,12 +228,12 @@ pub fn render(devices: &[Device]) -> String {
         &mut out,
         "ublk_mirror_copy_mode",
         Kind::Gauge,
-        "How writes reach the target, 1 for the current mode: background (copied behind the source), write-blocking (written to both before completing), write-blocking (max-lag) (switched on by --max-lag).",
+        "How writes reach the target, 1 for the current mode: background (copied behind the source), write-blocking (written to both before completing), write-blocking (max-lag) (switched on by --max-lag), async (shipped to the target in order from a replication buffer), async (behind) (fell back to the background copy until caught up).",
         live().flat_map(|(d, s)| one_hot(d, "mode", &crate::engine::MODES, &s.mode)),
     );
     // Families of one value per answering device; None leaves the device's sample out.
     type Get = fn(&Snapshot) -> Option<Num>;
-    let plain: [(&str, Kind, &str, Get); 24] = [
+    let plain: [(&str, Kind, &str, Get); 29] = [
         ("ublk_mirror_device_size_bytes", Kind::Gauge, "Size of the device (and of the mirrored part of the target).", |s| Some(Num::U(s.device_size))),
         ("ublk_mirror_bitmap_granularity_bytes", Kind::Gauge, "Size of the region one bit of the dirty bitmap stands for.", |s| Some(Num::U(s.granularity))),
         ("ublk_mirror_dirty_bytes", Kind::Gauge, "Bytes in regions written on the source and not yet copied to the target (not counting those being copied).", |s| Some(Num::U(s.dirty_bytes))),
@@ -245,6 +258,11 @@ pub fn render(devices: &[Device]) -> String {
         ("ublk_mirror_busy_speed_limit_bytes_per_second", Kind::Gauge, "Copy bandwidth limit while the device serves I/O, --busy-speed (0: none).", |s| Some(Num::U(s.busy_speed))),
         ("ublk_mirror_yielding", Kind::Gauge, "1 while the copy is held to --busy-speed because the device serves I/O.", |s| Some(Num::U(s.yielding as u64))),
         ("ublk_mirror_max_lag_seconds", Kind::Gauge, "--max-lag: write-blocking goes on when the target is behind for longer (absent when off).", |s| s.max_lag_secs.map(Num::F)),
+        ("ublk_mirror_async_buffer_bytes", Kind::Gauge, "Async mode: size of the replication buffer, --async-buffer (absent in other modes).", |s| s.shipping.as_ref().map(|x| Num::U(x.buffer_bytes))),
+        ("ublk_mirror_async_buffer_used_bytes", Kind::Gauge, "Async mode: bytes of writes in the replication buffer, not yet on the target.", |s| s.shipping.as_ref().map(|x| Num::U(x.buffer_used_bytes))),
+        ("ublk_mirror_shipped_bytes_total", Kind::Counter, "Async mode: bytes of writes shipped to the target from the replication buffer since the daemon started.", |s| s.shipping.as_ref().map(|x| Num::U(x.shipped_bytes))),
+        ("ublk_mirror_async_epochs_total", Kind::Counter, "Async mode: epochs (writes between two flushes of the device) since the daemon started.", |s| s.shipping.as_ref().map(|x| Num::U(x.epochs))),
+        ("ublk_mirror_async_fell_behind_total", Kind::Counter, "Async mode: times shipping fell back to the background copy (buffer full, target failing).", |s| s.shipping.as_ref().map(|x| Num::U(x.fell_behind))),
     ];
     for (name, kind, help, get) in plain {
         family(&mut out, name, kind, help, live().filter_map(|(d, s)| get(s).map(|v| (labels(d, None), v))));
@@ -301,7 +319,43 @@ mod tests {
             max_lag_secs: None,
             target_failures: 0,
             degraded_secs: None,
+            shipping: None,
         }
+    }
+
+    /// Async mode's figures are exported from a real status (read back through its JSON, as
+    /// the control socket sends it), and absent in other modes.
+    #[test]
+    fn async_figures_become_metrics_only_in_async_mode() {
+        let f = tempfile::tempdir().expect("dir");
+        let (src, tgt) = (f.path().join("s"), f.path().join("t"));
+        for p in [&src, &tgt] {
+            std::fs::File::create(p).and_then(|x| x.set_len(1 << 20)).expect("file");
+        }
+        let pair = crate::engine::PairOptions {
+            source: src,
+            target: tgt,
+            bitmap: f.path().join("b"),
+            mode: Some(crate::engine::SyncMode::AssumeIdentical),
+            granularity: None,
+            direct: crate::io::backing::DirectMode::Auto,
+            source_writable: true,
+        };
+        let (engine, _t, _) = crate::engine::Engine::open(&pair).expect("open");
+        let read = |e: &crate::engine::Engine| -> Snapshot {
+            serde_json::from_value(serde_json::to_value(e.status()).expect("json")).expect("snapshot")
+        };
+        let out = render(&[device(0, Some(read(&engine)))]);
+        assert!(!out.lines().any(|l| l.starts_with("ublk_mirror_async_buffer_bytes{")), "{out}");
+        engine.apply_settings(&crate::engine::Settings {
+            mode: Some(crate::engine::CopyMode::Async),
+            async_buffer: 8 << 20,
+            ..Default::default()
+        });
+        let out = render(&[device(0, Some(read(&engine)))]);
+        assert!(out.contains("ublk_mirror_async_buffer_bytes{device=\"ublkb0\",name=\"d\",source=\"/s\",target=\"/t\"} 8388608\n"), "{out}");
+        assert!(out.lines().any(|l| l.starts_with("ublk_mirror_shipped_bytes_total{") && l.ends_with(" 0")), "{out}");
+        assert!(out.lines().any(|l| l.starts_with("ublk_mirror_copy_mode{") && l.contains("mode=\"async (behind)\"") && l.ends_with(" 1")), "{out}");
     }
 
     fn device(id: u32, status: Option<Snapshot>) -> Device {

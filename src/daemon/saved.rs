@@ -80,6 +80,10 @@ pub struct SavedConfig {
     /// `None` (from before `--affinity`): [`QueueAffinity::Single`], what such devices had.
     #[serde(default, deserialize_with = "lenient")]
     pub affinity: Option<QueueAffinity>,
+    /// Where the daemon writes its event log (`add --event-log`, or the default), so that a
+    /// recovered daemon goes on writing there. `None` (from before it was saved): the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_log: Option<PathBuf>,
 }
 
 impl SavedConfig {
@@ -354,5 +358,18 @@ mod tests {
         assert_eq!(exported.target_data.and_then(|t| t.name).as_deref(), Some("disk"));
         let exported: ExportedDevice = serde_json::from_value(json!({ "dev_info": {} })).expect("no target data");
         assert!(exported.target_data.is_none());
+    }
+
+    /// The event log's path is saved, so that a recovered daemon writes on where `add` said;
+    /// a configuration from before it was saved reads as the default (None).
+    #[test]
+    fn the_event_log_path_is_kept_for_recovery() {
+        let v = json!({ "source": "/a", "target": "/b", "bitmap": "/c", "event_log": "/var/log/m.events" });
+        let saved: SavedConfig = serde_json::from_value(v).expect("parses");
+        assert_eq!(saved.event_log.as_deref(), Some(Path::new("/var/log/m.events")));
+        let back = serde_json::to_value(&saved).expect("writes");
+        assert_eq!(back["event_log"], "/var/log/m.events");
+        let old: SavedConfig = serde_json::from_value(json!({ "source": "/a", "target": "/b", "bitmap": "/c" })).expect("old");
+        assert_eq!(old.event_log, None);
     }
 }

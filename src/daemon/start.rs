@@ -93,11 +93,22 @@ pub(crate) fn ublk_number(id: u32) -> Result<i32> {
         .map_err(|_| Error::config(format!("{id} is not a device id: ublk device ids are 0 to {}", i32::MAX)))
 }
 
+/// What a daemon serves: the device, the pair, and what `add` chose for it (a recovered daemon
+/// takes them from the device's saved configuration).
+struct Serving {
+    ctrl: UblkCtrl,
+    pair: PairOptions,
+    name: String,
+    /// `None`: the settings `add` was given.
+    settings: Option<Settings>,
+    switched: bool,
+    affinity: QueueAffinity,
+    /// `None`: the default under RUN_DIR.
+    event_log: Option<PathBuf>,
+}
+
 /// Opens the device to recover and reads the pair it was serving from its saved configuration.
-fn prepare_recover(
-    id: u32,
-    direct: crate::io::backing::DirectMode,
-) -> Result<(UblkCtrl, PairOptions, String, Option<Settings>, bool, QueueAffinity)> {
+fn prepare_recover(id: u32, direct: crate::io::backing::DirectMode) -> Result<Serving> {
     let number = ublk_number(id)?;
     let old = UblkCtrl::new_simple(number)
         .map_err(|_| Error::config(format!("no ublk device {id} (see `ublk-mirror list`)")))?;
@@ -172,14 +183,14 @@ fn prepare_recover(
         .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV | affinity.dev_flags())
         .build()
         .map_err(uerr("recover"))?;
-    Ok((ctrl, pair, name, settings, switched, affinity))
+    Ok(Serving { ctrl, pair, name, settings, switched, affinity, event_log: saved.event_log })
 }
 
 
 /// Runs in the daemon: opens the pair, adds (or recovers) the device and serves it until it is
 /// stopped. Returns when the device is gone.
 fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result<()> {
-    let (ctrl, pair, name, saved, switched, affinity) = match recover {
+    let Serving { ctrl, pair, name, settings: saved, switched, affinity, event_log } = match recover {
         Some(id) => prepare_recover(id, opts.pair.direct)?,
         None => {
             let name = opts.name.clone().unwrap_or_else(|| default_name(&opts.pair.source));
@@ -225,7 +236,15 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
                     };
                     Error::config(format!("cannot add the device{hint}: {e:?}"))
                 })?;
-            (ctrl, pair, name, None, false, opts.affinity)
+            Serving {
+                ctrl,
+                pair,
+                name,
+                settings: None,
+                switched: false,
+                affinity: opts.affinity,
+                event_log: opts.event_log.clone(),
+            }
         }
     };
     // A recovered daemon serves with the settings the device was added with.
@@ -249,7 +268,8 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
     let engine = Arc::new(engine);
     engine.apply_settings(&settings);
     let events_path = Path::new(RUN_DIR).join(format!("{id}.events"));
-    if let Err(e) = engine.events().open(opts.event_log.as_deref().unwrap_or(&events_path)) {
+    let event_log = event_log.unwrap_or(events_path);
+    if let Err(e) = engine.events().open(&event_log) {
         log::warn!("event log: {e}");
     }
     let started = match &target {
@@ -274,6 +294,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         settings: Some(settings.clone()),
         on_consistent: copy.on_consistent.as_ref().map(SavedHook::new),
         affinity: Some(affinity),
+        event_log: Some(event_log.clone()),
     };
     // Fails only for a path that is not UTF-8 (JSON has no other way to hold it).
     let data = serde_json::to_value(&saved).map_err(|e| Error::config(format!("saving the device's configuration: {e}")))?;
@@ -283,7 +304,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
     let info = serde_json::json!({
         "dev_id": id, "bdev": format!("/dev/ublkb{id}"), "name": name,
         "source": pair.source, "target": pair.target, "bitmap": pair.bitmap,
-        "event_log": opts.event_log.clone().unwrap_or(events_path.clone()),
+        "event_log": event_log,
     });
     let control = crate::daemon::control::spawn_server(id, engine.clone(), info, stop_control.clone());
     let control = match control {

@@ -21,7 +21,7 @@ mod switchover;
 
 pub use config::{alignment_problem, CopyConfig, CopyMode, Settings, DEFAULT_ASYNC_BUFFER};
 pub use on_consistent::OnConsistentCommand;
-pub use status::{Status, StatusMode, StatusState, MODES, STATES};
+pub use status::{ShipStatus, Status, StatusMode, StatusState, MODES, STATES};
 
 use crate::io::backing::{AlignedBuf, Backing, DirectMode};
 use crate::io::bitmap::{Bitmap, BitmapState, BitmapSwitch, Expect, PairIdentity};

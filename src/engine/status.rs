@@ -255,21 +255,13 @@ impl Engine {
                 behind_reason: q.behind().map(|b| b.name()),
             }
         });
-        // Shipping, the target is as far behind as its last consistent point: it holds the
-        // source as of then (the queue's writes since are on their way).
-        let ship_lag = (mode == StatusMode::Async && !synced)
-            .then(|| g.progress.last_consistent.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64()))
-            .flatten();
+
         Status {
             episode_bytes: g.progress.episode_bytes,
             progress,
             rate,
             eta_secs: (!synced && rate > 1.0 && !self.paused()).then(|| remaining as f64 / rate),
-            lag_secs: if synced {
-                0.0
-            } else {
-                ship_lag.unwrap_or_else(|| g.progress.unsynced_since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0))
-            },
+            lag_secs: if synced { 0.0 } else { g.progress.unsynced_since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0) },
             mode,
             speed: self.speed(),
             busy_speed: self.busy_speed(),

@@ -31,7 +31,10 @@ impl Mirror<'_> {
             // progress made; if the target is what failed, that flush fails too, harmlessly).
             if self.needs_reset && self.fatal.is_none() {
                 false
-            } else if !self.offline && g.state.ship_flush_due(self.last_ship_point.elapsed() >= crate::core::policy::SHIP_POINT_EVERY) {
+            } else if !self.offline && {
+                let since = self.last_ship_point.elapsed();
+                g.state.ship_flush_due(since >= crate::core::policy::SHIP_POINT_EVERY, since >= crate::core::policy::SHIP_IDLE_GAP)
+            } {
                 // Async mode: an epoch (or a held part of one) is on the target: make it durable.
                 true
             } else if g.state.consistent_point_due() {

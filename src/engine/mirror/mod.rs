@@ -327,7 +327,14 @@ impl<'t> Mirror<'t> {
             .bitmap_retry
             .retry_at()
             .filter(|_| self.bitmap_clears_pending && self.bitmap_flush.is_none() && self.target_flush.is_none());
-        let timer = [retry_at, throttled_until, self.consistent_after, hook_poll, bitmap_retry]
+        // Async: the flush of a queue that has shipped everything waits for its spacing.
+        let ship_idle = self
+            .engine
+            .lock()
+            .state
+            .ship_awaits_idle_flush()
+            .then(|| self.last_ship_point + policy::SHIP_IDLE_GAP);
+        let timer = [retry_at, throttled_until, self.consistent_after, hook_poll, bitmap_retry, ship_idle]
             .into_iter()
             .flatten()
             .min();

@@ -31,9 +31,15 @@ pub(super) struct ShipJob {
 impl Mirror<'_> {
     /// Issues the queued writes that may go now. Nothing is shipped while the target waits
     /// for its reset or its backoff (the queue has fallen behind then anyway), nor while the
-    /// mirror is paused (the queue fills, and falls behind when full).
+    /// mirror is paused or an --on-consistent command runs (it sees the target hold still; the
+    /// queue fills meanwhile, and falls behind when full).
     pub(super) fn start_shipping(&mut self) -> Result<()> {
-        if self.needs_reset || self.backoff.retry_at().is_some() || self.draining || self.engine.paused() {
+        if self.needs_reset
+            || self.backoff.retry_at().is_some()
+            || self.draining
+            || self.engine.paused()
+            || self.engine.hook_running()
+        {
             return Ok(());
         }
         let hold = self.ship_hold();
