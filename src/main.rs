@@ -345,6 +345,23 @@ fn cmd_status(id: u32, json: bool) -> CliResult {
         u("consistent_points"),
         f("last_consistent_age_secs").map(|a| format!("{a:.1}s ago")).unwrap_or_else(|| "never".into())
     );
+    let ship = &s["shipping"];
+    if ship.is_object() {
+        let n = |k: &str| ship[k].as_u64().unwrap_or(0);
+        println!(
+            "shipping     buffer {} of {} (peak {}), {} writes queued, {} shipped in {} epochs{}",
+            human(n("buffer_used_bytes")),
+            human(n("buffer_bytes")),
+            human(n("buffer_peak_bytes")),
+            n("queued_writes"),
+            human(n("shipped_bytes")),
+            n("epochs"),
+            match ship["behind_reason"].as_str() {
+                Some(r) => format!("; behind ({r}), fell behind {} times", n("fell_behind")),
+                None => String::new(),
+            }
+        );
+    }
     let speed = u("speed");
     let busy = u("busy_speed");
     println!(

@@ -32,6 +32,8 @@ shipped=$(sed -n 's/.*"shipped_bytes": \([0-9]*\).*/\1/p' /tmp/st.json)
 epochs=$(sed -n 's/.*"epochs": \([0-9]*\).*/\1/p' /tmp/st.json)
 [ "${shipped:-0}" -ge $((20 * 21 / 2 * 65536)) ] || fail "only ${shipped:-no} bytes shipped: $(cat /tmp/st.json)"
 [ "${epochs:-0}" -ge 20 ] || fail "only ${epochs:-no} epochs for 20 fsynced files: $(cat /tmp/st.json)"
+ublk-mirror status -n 0 > /tmp/st.txt || fail "status"
+grep -q "^shipping .* shipped in [0-9]* epochs" /tmp/st.txt || fail "status does not show the shipping: $(cat /tmp/st.txt)"
 run_timeout 120 e2fsck -fn $T > /tmp/fsck2.out 2>&1 || fail "e2fsck on the target: $(cat /tmp/fsck2.out)"
 mount -o ro,loop $T /mnt/tgt || fail "mount target"
 (cd /mnt/tgt && md5sum -c /tmp/sums > /dev/null) || fail "target files differ"

@@ -8,12 +8,7 @@
 # shellcheck source=/dev/null
 . /vm/lib.sh
 S=/tmp/src.img B=/tmp/bm DEV=/dev/ublkb0
-modprobe dm-mod || fail "modprobe dm-mod"
-wait_for 5 "/dev/mapper/control" test -c /dev/mapper/control
-TGT=$(disk_dev tgt)
-SECT=$(blockdev --getsz "$TGT")
-dmsetup create tgt --table "0 $SECT linear $TGT 0" || fail "dmsetup create"
-T=/dev/mapper/tgt
+dm_target tgt
 dd if=/dev/urandom of=$S bs=1M count=128 status=none
 EV=/tmp/events.jsonl
 shipping() { ublk-mirror status -n 0 --json | grep -q '"mode": "async"'; }
@@ -50,13 +45,10 @@ mirror_status 0
 BASE=$(jnum shipped_bytes < /tmp/st.json)
 fio_async_bg f 48M 64M
 wait_for 60 "more writes shipped under fio" shipped $((BASE + 4194304))
-expected "the kernel logs I/O errors of the target's device (dm-error) until it comes back"
-dmsetup suspend tgt && dmsetup load tgt --table "0 $SECT error" && dmsetup resume tgt || fail "switch to dm-error"
-log "target now fails every I/O"
+dm_target_error
 wait_for 30 "async (behind)" sh -c 'ublk-mirror status -n 0 --json | grep -q "\"mode\": \"async (behind)\""'
 sleep 3
-dmsetup suspend tgt && dmsetup load tgt --table "0 $SECT linear $TGT 0" && dmsetup resume tgt || fail "switch back"
-log "target back"
+dm_target_back
 wait_fio $FIO /tmp/fio.out
 run_timeout 180 ublk-mirror status -n 0 --wait-synced --timeout 180 > /dev/null || fail "no convergence after the target came back"
 wait_for 10 "shipping again" shipping

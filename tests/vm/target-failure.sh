@@ -10,12 +10,7 @@
 # shellcheck source=/dev/null
 . /vm/lib.sh
 S=/tmp/src.img B=/tmp/bm DEV=/dev/ublkb0
-modprobe dm-mod || fail "modprobe dm-mod"
-wait_for 5 "/dev/mapper/control" test -c /dev/mapper/control
-TGT=$(disk_dev tgt)
-SECT=$(blockdev --getsz "$TGT")
-dmsetup create tgt --table "0 $SECT linear $TGT 0" || fail "dmsetup create"
-T=/dev/mapper/tgt
+dm_target tgt
 dd if=/dev/urandom of=$S bs=1M count=128 status=none
 EV=/tmp/events.jsonl
 
@@ -25,16 +20,13 @@ add_synced $S $T $B --event-log $EV
 step "fio verify on the device while the target fails"
 fio_verify_bg tf 96M
 sleep 2
-expected "the kernel logs I/O errors of the target's device (dm-error) until it comes back"
-dmsetup suspend tgt && dmsetup load tgt --table "0 $SECT error" && dmsetup resume tgt || fail "switch to dm-error"
-log "target now fails every I/O"
+dm_target_error
 wait_for 30 "degraded" sh -c 'ublk-mirror status -n 0 --json | grep -q "\"state\": \"degraded\""'
 mirror_status 0
 log "status: $(jstr state < /tmp/st.json), failures $(jnum target_failures < /tmp/st.json), last error: $(jstr last_error < /tmp/st.json)"
 [ "$(jnum dirty_bytes < /tmp/st.json)" -gt 0 ] || fail "nothing dirty while the target fails"
 sleep 5
-dmsetup suspend tgt && dmsetup load tgt --table "0 $SECT linear $TGT 0" && dmsetup resume tgt || fail "switch back"
-log "target back"
+dm_target_back
 wait_fio $FIO /tmp/fio.out
 run_timeout 180 ublk-mirror status -n 0 --wait-synced --timeout 180 > /dev/null || fail "no convergence after the target came back"
 cat $EV

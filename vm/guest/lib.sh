@@ -127,6 +127,26 @@ add_synced() {
     wait_for 10 /dev/ublkb0 test -b /dev/ublkb0
     run_timeout 120 ublk-mirror status -n 0 --wait-synced --timeout 120 > /dev/null || fail "initial sync"
 }
+# dm_target DISK: /dev/mapper/tgt, a linear device-mapper target over the VM's disk DISK (its
+# path in $T, the disk in $TGT and its size in sectors in $SECT), which dm_target_error and
+# dm_target_back switch to failing every I/O and back.
+dm_target() {
+    modprobe dm-mod || fail "modprobe dm-mod"
+    wait_for 5 "/dev/mapper/control" test -c /dev/mapper/control
+    TGT=$(disk_dev "$1")
+    SECT=$(blockdev --getsz "$TGT")
+    dmsetup create tgt --table "0 $SECT linear $TGT 0" || fail "dmsetup create"
+    T=/dev/mapper/tgt
+}
+dm_target_error() {
+    expected "the kernel logs I/O errors of the target's device (dm-error) until it comes back"
+    dmsetup suspend tgt && dmsetup load tgt --table "0 $SECT error" && dmsetup resume tgt || fail "switch to dm-error"
+    log "target now fails every I/O"
+}
+dm_target_back() {
+    dmsetup suspend tgt && dmsetup load tgt --table "0 $SECT linear $TGT 0" && dmsetup resume tgt || fail "switch back"
+    log "target back"
+}
 # queue_cpus PID: the CPU list (Cpus_allowed_list) of each queue thread of daemon PID, one a
 # line (queue threads: named like the process, other than its main thread).
 queue_cpus() {
