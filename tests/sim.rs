@@ -190,7 +190,8 @@ enum Flush {
     /// The mirror's flush of the pair: the target and the source (see mirror.rs).
     /// `acked`: what a consistent point must hold (in async mode, the writes acknowledged up to
     /// the queue's shipped prefix); `ship_clean`: no shipped write was in flight at its start.
-    Pair { kind: FlushKind, snap: Vec<u64>, src_snap: Vec<u64>, acked: Vec<u64>, ship_clean: bool },
+    /// `src_snap`: None for a flush of the target alone (async mode's epoch flushes).
+    Pair { kind: FlushKind, snap: Vec<u64>, src_snap: Option<Vec<u64>>, acked: Vec<u64>, ship_clean: bool },
 }
 
 struct Sim {
@@ -576,7 +577,9 @@ impl Sim {
                         Flush::App { snap, .. } => flush_lands(&mut self.rng, &self.src.cache, &mut self.src.medium, &snap),
                         Flush::Pair { snap, src_snap, .. } => {
                             flush_lands(&mut self.rng, &self.tgt.cache, &mut self.tgt.medium, &snap);
-                            flush_lands(&mut self.rng, &self.src.cache, &mut self.src.medium, &src_snap);
+                            if let Some(src_snap) = src_snap {
+                                flush_lands(&mut self.rng, &self.src.cache, &mut self.src.medium, &src_snap);
+                            }
                         }
                     }
                     self.check_media();
@@ -917,7 +920,9 @@ impl Sim {
             Flush::Pair { kind, snap, src_snap, acked, ship_clean } => {
                 if ok {
                     flush_lands(&mut self.rng, &self.tgt.cache, &mut self.tgt.medium, &snap);
-                    flush_lands(&mut self.rng, &self.src.cache, &mut self.src.medium, &src_snap);
+                    if let Some(src_snap) = &src_snap {
+                        flush_lands(&mut self.rng, &self.src.cache, &mut self.src.medium, src_snap);
+                    }
                 } else {
                     // Linux drops pages whose writeback failed and reports the error once: any
                     // target page not yet on the medium may be gone for good.
@@ -1028,7 +1033,10 @@ impl Sim {
             3 if !self.target_flush_pending
                 && (self.s.consistent_point_due() || self.s.checkpoint_possible() || self.s.ship_flush_due(self.rng.gen(), self.rng.gen())) =>
             {
-                let kind = self.s.target_flush_started();
+                // Async mode flushes the target alone at most epoch boundaries; the core must
+                // stay safe whichever flush goes without the source, so any may here.
+                let with_source = !self.async_mode || self.rng.gen();
+                let kind = if with_source { self.s.target_flush_started() } else { self.s.target_only_flush_started() };
                 self.target_flush_pending = true;
                 // Async: a consistent point holds what was acknowledged up to the shipped
                 // prefix (the queue's writes after it are on their way); everything else
@@ -1044,7 +1052,7 @@ impl Sim {
                 self.evs.push(Flush::Pair {
                     kind,
                     snap: self.tgt.cache.clone(),
-                    src_snap: self.src.cache.clone(),
+                    src_snap: with_source.then(|| self.src.cache.clone()),
                     acked,
                     ship_clean: self.ships.is_empty(),
                 });

@@ -887,9 +887,23 @@ impl<P: PersistentBits> MirrorState<P> {
         self.flush.is_none() && self.copied.any()
     }
 
-    /// A target flush is about to be issued. Returns its kind: consistent if nothing is dirty or
-    /// being copied at this instant, otherwise a checkpoint.
+    /// A pair flush (the target's flush with the source's fdatasync) is about to be issued.
+    /// Returns its kind: consistent if nothing is dirty or being copied at this instant,
+    /// otherwise a checkpoint.
     pub fn target_flush_started(&mut self) -> FlushKind {
+        self.start_target_flush(true)
+    }
+
+    /// A flush of the target alone is about to be issued (async mode's epoch flushes, most of
+    /// which need no fdatasync of the source). It makes what was written to the target durable
+    /// and may mark a consistent point like a pair flush, but clears no bit: a region's bit may
+    /// go only once the source holds its data durably too, so the finished copies and landed
+    /// writes it could clear wait for the next pair flush.
+    pub fn target_only_flush_started(&mut self) -> FlushKind {
+        self.start_target_flush(false)
+    }
+
+    fn start_target_flush(&mut self, with_source: bool) -> FlushKind {
         debug_assert!(self.flush.is_none(), "two target flushes in flight");
         let shipped_prefix = self.ship.as_ref().is_none_or(|q| q.prefix_consistent());
         if let Some(q) = self.ship.as_mut() {
@@ -901,7 +915,11 @@ impl<P: PersistentBits> MirrorState<P> {
         } else {
             FlushKind::Checkpoint
         };
-        let regions = std::mem::replace(&mut self.copied, PagedBits::new(self.nregions as usize));
+        let regions = if with_source {
+            std::mem::replace(&mut self.copied, PagedBits::new(self.nregions as usize))
+        } else {
+            PagedBits::new(self.nregions as usize)
+        };
         // Copies still in flight may write after this flush started: they stay in `written`
         // for the next one.
         let mut still = self.copying.clone();

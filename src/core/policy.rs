@@ -21,6 +21,12 @@ use std::time::{Duration, Instant};
 /// consistent point at least this often (plus a round trip) under a sustained load.
 pub const SHIP_POINT_EVERY: Duration = Duration::from_millis(250);
 
+/// Async mode: most flushes at epoch boundaries go to the target alone; one at least this
+/// often is a pair flush (with the source's fdatasync), which clears the bits of what was
+/// shipped. A shorter time clears bits sooner (less to recopy after a crash) and costs a flush
+/// of the source more often.
+pub const SHIP_CLEAR_EVERY: Duration = Duration::from_secs(1);
+
 /// Async mode: a queue that has shipped everything is flushed (a consistent point) once this
 /// long has passed since the last point, not at once: under a load that the loop keeps up with,
 /// the queue empties after nearly every batch, and a pair flush each time would put a flush of

@@ -21,6 +21,7 @@ impl Mirror<'_> {
             return Ok(());
         }
         self.consistent_after = None;
+        let mut ship_due = false;
         let due = {
             let g = self.engine.lock();
             // A failed target is flushed again only once its backoff has passed and it was reset
@@ -36,6 +37,7 @@ impl Mirror<'_> {
                 g.state.ship_flush_due(since >= crate::core::policy::SHIP_POINT_EVERY, since >= crate::core::policy::SHIP_IDLE_GAP)
             } {
                 // Async mode: an epoch (or a held part of one) is on the target: make it durable.
+                ship_due = true;
                 true
             } else if g.state.consistent_point_due() {
                 // Spaced out in write-blocking mode (see ConsistentSpacing).
@@ -61,8 +63,20 @@ impl Mirror<'_> {
             }
             return Ok(());
         }
-        let kind = self.engine.lock().state.target_flush_started();
+        // Async mode's epoch flushes need the source's fdatasync only to clear bits: most go to
+        // the target alone, one at least every SHIP_CLEAR_EVERY (and the one when stopping)
+        // with the source, and clears what the others made durable.
+        let with_source = !ship_due || stopping || self.last_pair_flush.elapsed() >= crate::core::policy::SHIP_CLEAR_EVERY;
+        let kind = {
+            let mut g = self.engine.lock();
+            if with_source {
+                g.state.target_flush_started()
+            } else {
+                g.state.target_only_flush_started()
+            }
+        };
         self.target_flush = Some(kind);
+        self.flush_with_source = with_source;
         let now = Instant::now();
         if kind == FlushKind::Consistent {
             self.consistent_spacing.started(now);
@@ -73,11 +87,14 @@ impl Mirror<'_> {
         // but lose the (never flushed) write on the source, and with the bit clear the pair
         // would stay different for good. The copies read the source before this flush starts,
         // so this fdatasync covers what they read.
-        self.flush_parts = 2;
+        self.flush_parts = if with_source { 2 } else { 1 };
         self.flush_error = None;
         // SAFETY: a flush refers to no memory; the source is a fixed file of this ring.
         unsafe { self.target.submit(&mut self.ring, TargetOp::Flush, FLUSH_TOKEN) }
             .map_err(|e| Error::io("submitting a target flush", e))?;
+        if !with_source {
+            return Ok(());
+        }
         let e = opcode::Fsync::new(types::Fixed(SRC_FIXED)).flags(types::FsyncFlags::DATASYNC).build();
         // SAFETY: as above.
         unsafe { push(&mut self.ring, e, Owner::Source, SRC_FLUSH_SLOT as u64) }
@@ -123,6 +140,9 @@ impl Mirror<'_> {
             return Ok(());
         }
         self.target_ok();
+        if self.flush_with_source {
+            self.last_pair_flush = Instant::now();
+        }
         self.ship_point(out.resumed);
         if out.consistent {
             if let Some(h) = self.hooks.at_consistent_point.as_mut() {

@@ -126,6 +126,10 @@ pub struct Mirror<'t> {
     ships: std::collections::HashMap<u64, ShipJob>,
     /// Async mode: the last pair flush that made shipped writes durable.
     last_ship_point: Instant,
+    /// The flush in flight includes the source's fdatasync (a pair flush), and when the last
+    /// such flush succeeded (async mode's flushes of the target alone wait for one to clear).
+    flush_with_source: bool,
+    last_pair_flush: Instant,
 }
 
 impl<'t> Mirror<'t> {
@@ -203,6 +207,8 @@ impl<'t> Mirror<'t> {
             draining: false,
             ships: std::collections::HashMap::new(),
             last_ship_point: now,
+            flush_with_source: true,
+            last_pair_flush: now,
         }
     }
 
