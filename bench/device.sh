@@ -4,6 +4,15 @@
 # driver and dm-raid1, interleaved in rounds; prints medians and ratios against the plain ublk
 # loop measured in the same boot.
 #   bench/device.sh            (env: BENCH_SIZE=256M BENCH_RUNTIME=6 BENCH_ROUNDS=3)
+# BENCH_PROFILE=io: the I/O-bound profile instead (bench/guest-device-io.sh): every device on a
+# null_blk device with latency (source, target and the bitmap's ext4 each on its own; the plain
+# ublk loop on one of the same kind), the ublk-mirror modes of BENCH_MODES against the plain
+# loop, and a sustained-load test with an application flush every 100 ms. About 13 minutes:
+#   BENCH_PROFILE=io bench/device.sh   (env: BENCH_SIZE=256M BENCH_RUNTIME=8 BENCH_ROUNDS=5
+#       BENCH_LAT_US=5000 (per request and per flush)
+#       BENCH_MODES=background,write-blocking (comma-separated; each must be a value of
+#       `ublk-mirror add --mode`, or the run fails) BENCH_SUSTAIN_SECS=60 BENCH_FLUSH_MS=100
+#       BENCH_SUSTAIN_ROUNDS=1 BENCH_MIRROR_ARGS (commas for spaces))
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${UBLK_MIRROR_VM_CACHE:-$HOME/.cache/ublk-mirror-vm}
@@ -17,6 +26,35 @@ cargo build --locked --release
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD) host: $(nproc) cores, $(uname -r)"
+case ${BENCH_PROFILE:-cpu} in
+    cpu) ;;
+    io)
+        # The modes to measure: each must be a value `ublk-mirror add --mode` offers. clap lists
+        # them in the --mode block of `add --help`, as "- NAME: ..." lines (or, in the short
+        # form, "[possible values: A, B]"). A mode named but missing fails the run here, before
+        # the boot; the guest checks the same again with the binary it runs.
+        modes=${BENCH_MODES:-background,write-blocking}
+        offered=$(target/release/ublk-mirror add --help | sed -n '/--mode <MODE>/,/^ *--[a-z]/p' |
+            sed -n -e 's/^ *- \([a-z0-9-]*\):.*/\1/p' -e 's/.*\[possible values: \([^]]*\)\].*/\1/p' | tr ',\n' '  ')
+        [ -n "${offered// /}" ] || { echo "FAIL: found no values of --mode in 'ublk-mirror add --help'" >&2; exit 1; }
+        for m in ${modes//,/ }; do
+            case " $offered " in
+                *" $m "*) ;;
+                *) echo "FAIL: BENCH_MODES names mode '$m', which this ublk-mirror does not offer (add --mode takes: $offered)" >&2; exit 1 ;;
+            esac
+        done
+        # The application flush of the sustained-load test: a static binary (the guest has no libc for it).
+        tmp=$(mktemp -d)
+        trap 'rm -f "$log"; rm -rf "$tmp"' EXIT
+        cc -O2 -static -Wall -o "$tmp/flush-every" bench/flush-every.c
+        echo "== profile io: size ${BENCH_SIZE:-256M}, ${BENCH_ROUNDS:-5} rounds of ${BENCH_RUNTIME:-8} s, ${BENCH_LAT_US:-5000} us per request, modes $modes, sustained ${BENCH_SUSTAIN_SECS:-60} s x ${BENCH_SUSTAIN_ROUNDS:-1} with a flush every ${BENCH_FLUSH_MS:-100} ms; load $(cut -d' ' -f1-3 /proc/loadavg)"
+        vm/run.sh -t 2400 -r 3 -m 4G -b target/release/ublk-mirror -b "$CACHE/rublk-$RUBLK_VERSION/bin/rublk" -b "$tmp/flush-every" \
+            -a "BENCH_SIZE=${BENCH_SIZE:-256M} BENCH_RUNTIME=${BENCH_RUNTIME:-8} BENCH_ROUNDS=${BENCH_ROUNDS:-5} BENCH_LAT_US=${BENCH_LAT_US:-5000} BENCH_MODES=$modes BENCH_SUSTAIN_SECS=${BENCH_SUSTAIN_SECS:-60} BENCH_FLUSH_MS=${BENCH_FLUSH_MS:-100} BENCH_SUSTAIN_ROUNDS=${BENCH_SUSTAIN_ROUNDS:-1} BENCH_MIRROR_ARGS=${BENCH_MIRROR_ARGS:-} softlockup_panic=1" \
+            bench/guest-device-io.sh | tee "$log" | grep -a '^RESULT\|^DEVCHECK\|FAIL\|PASS\|MODE-MISSING\|sustained:\|status answers\|null_blk:\|devices:'
+        grep -a '^RESULT' "$log" | python3 bench/device-table.py
+        exit 0 ;;
+    *) echo "BENCH_PROFILE must be cpu (default) or io, got '$BENCH_PROFILE'" >&2; exit 2 ;;
+esac
 vm/run.sh -t 2400 -r 3 -m 4G -b target/release/ublk-mirror -b "$CACHE/rublk-$RUBLK_VERSION/bin/rublk" \
     -a "BENCH_SIZE=${BENCH_SIZE:-256M} BENCH_RUNTIME=${BENCH_RUNTIME:-6} BENCH_ROUNDS=${BENCH_ROUNDS:-3} BENCH_MIRROR_ARGS=${BENCH_MIRROR_ARGS:-}" \
     bench/guest-device.sh | tee "$log" | grep -a '^RESULT\|FAIL\|PASS'
