@@ -1,11 +1,15 @@
 //! The engine: one mirror's shared state (decisions in [`crate::core`], the bitmap, the source)
 //! and the entry points the front ends (ublk queues, tests, offline tools) call around their I/O.
 //!
-//! Threads: each front-end queue has its own io_uring and calls [`Engine::begin_write`] /
-//! [`Engine::end_write`] around its source writes; the mirror loop ([`crate::engine::mirror`]) runs on
+//! Threads: each front-end queue has its own io_uring and calls [`Engine::begin_request`] /
+//! [`Engine::end_write_planned`] around its source writes (`write_path`); the mirror loop ([`crate::engine::mirror`]) runs on
 //! its own thread and ring. All of them share one lock over [`MirrorState`]; nothing under the
 //! lock blocks on I/O (bitmap bits are set in the mapped page cache, the flush is issued later
 //! on a ring).
+//!
+//! Around the engine's state: `write_path` (the front ends' entry points), `controls` (live
+//! settings), `supervision` (the mirror thread's parking, failures and restarts), `progress`
+//! (the figures status shows), `status`, `switchover`, `config`.
 
 pub mod events;
 pub mod front;
@@ -16,26 +20,34 @@ pub mod queue;
 pub mod verify_report;
 
 mod config;
+mod controls;
+mod progress;
+mod ship_pool;
 mod status;
+mod supervision;
 mod switchover;
+mod write_path;
 
 pub use config::{alignment_problem, CopyConfig, CopyMode, Settings, DEFAULT_ASYNC_BUFFER};
+pub use controls::Controls;
+pub use progress::Progress;
+pub use supervision::{Failure, MirrorNext};
+pub use write_path::{WriteAdmission, WriteKind};
 pub use on_consistent::OnConsistentCommand;
 pub use status::{ShipStatus, Status, StatusMode, StatusState, MODES, STATES};
 
 use crate::io::backing::{AlignedBuf, Backing, DirectMode};
 use crate::io::bitmap::{Bitmap, BitmapState, BitmapSwitch, Expect, PairIdentity};
-use crate::core::{ActivePlan, CoreCounters, Extent, Intent, MirrorState};
+use crate::core::{CoreCounters, Extent, MirrorState};
 use crate::error::{Error, Result};
 use crate::engine::front::{Fds, FdsHold};
 use crate::core::lifecycle;
-use crate::core::policy::RateMeter;
 use crate::io::target::{open_file_target, BoxTarget};
 use crate::io::{is_uri, open_target};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 pub use crate::core::lifecycle::SyncMode;
 
@@ -54,143 +66,6 @@ pub struct PairOptions {
     pub source_writable: bool,
 }
 
-/// Progress figures kept beside the decision state, under the same lock.
-#[derive(Clone, Debug)]
-pub struct Progress {
-    pub started: Instant,
-    pub bytes_copied: u64,
-    pub bytes_zeroed: u64,
-    pub last_consistent: Option<SystemTime>,
-    pub last_error: Option<String>,
-    pub initial_dirty_regions: u64,
-    /// Since when the target has been behind (the first write after the state was synced, or
-    /// the consistent point that writes overtook). `None` while synced.
-    pub unsynced_since: Option<Instant>,
-    /// Bytes copied or zeroed since the current sync episode began (see [`Status::progress`]).
-    pub episode_bytes: u64,
-    /// The progress figure last reported in this episode: it never goes backwards.
-    pub episode_progress: f64,
-    /// Rate estimate of the bytes copied and zeroed.
-    rate: RateMeter,
-    /// Target failures in a row (copies or flushes), and since when the pair is degraded.
-    pub target_failures: u32,
-    pub degraded_since: Option<SystemTime>,
-    /// Mirroring gave up after too many failed retries (`--max-retries`): the reason.
-    pub gave_up: Option<String>,
-    /// The mirror loop itself ended with this error and waits to be restarted (state `failed`;
-    /// the pair is degraded too). Cleared when a new loop starts.
-    pub loop_failed: Option<String>,
-    /// Write-blocking mode was switched on by `--max-lag` (and goes off at the next synced).
-    pub lag_forced: bool,
-    /// The copy runs at `--busy-speed` now because the device serves I/O.
-    pub yielding: bool,
-}
-
-impl Progress {
-    fn new(initial_dirty_regions: u64) -> Self {
-        let now = Instant::now();
-        Progress {
-            started: now,
-            bytes_copied: 0,
-            bytes_zeroed: 0,
-            last_consistent: None,
-            last_error: None,
-            initial_dirty_regions,
-            unsynced_since: (initial_dirty_regions > 0).then_some(now),
-            episode_bytes: 0,
-            episode_progress: 0.0,
-            rate: RateMeter::new(now),
-            target_failures: 0,
-            degraded_since: None,
-            gave_up: None,
-            loop_failed: None,
-            lag_forced: false,
-            yielding: false,
-        }
-    }
-
-    /// A consistent point was reached: the sync episode ends (progress restarts from the work
-    /// found from now on), the lag restarts (from now if writes already overtook the point),
-    /// and max-lag's write-blocking ends (it lasts until the target has caught up). Returns
-    /// the episode's bytes and whether max-lag's write-blocking was on.
-    pub fn consistent_point(&mut self, now: Instant, synced: bool) -> (u64, bool) {
-        let copied = std::mem::take(&mut self.episode_bytes);
-        self.episode_progress = 0.0;
-        self.last_consistent = Some(SystemTime::now());
-        self.unsynced_since = if synced { None } else { Some(now) };
-        (copied, std::mem::replace(&mut self.lag_forced, false))
-    }
-
-    /// A pair flush succeeded: the failure count restarts. Returns whether the pair was
-    /// degraded (and is no longer).
-    pub fn target_recovered(&mut self) -> bool {
-        self.target_failures = 0;
-        self.degraded_since.take().is_some()
-    }
-
-    /// Bytes were copied (or zeroed) to the target.
-    pub fn add_copied(&mut self, n: u64, zeroed: bool) {
-        if zeroed {
-            self.bytes_zeroed += n;
-        } else {
-            self.bytes_copied += n;
-        }
-        self.episode_bytes += n;
-        self.sample_rate(false);
-    }
-
-    /// Refreshes the rate estimate (see [`RateMeter::sample`]; `force`: for a status request).
-    fn sample_rate(&mut self, force: bool) {
-        self.rate.sample(Instant::now(), self.bytes_copied + self.bytes_zeroed, force);
-    }
-}
-
-/// What a front end does with a write-like request (see [`Engine::begin_request`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WriteAdmission {
-    /// Issue it (after the intent), to the source, and to the target too if the plan says so.
-    Go(Intent, ActivePlan),
-    /// Held (switchover in progress, or a consistent flush in write-blocking mode): try again
-    /// in a moment.
-    Wait,
-    /// The device serves the target now: issue it there, with no intent and no mirroring.
-    Target,
-}
-
-/// What kind of modifying request asks [`Engine::begin_request`] to begin.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WriteKind {
-    /// A write whose data the front end holds, with the target reachable from the front end:
-    /// write-blocking mode may mirror it; async mode may ship it.
-    MirrorableWrite,
-    /// A write whose data the front end holds (async mode may ship it; the front end cannot
-    /// reach the target: an NBD target).
-    Write,
-    /// A discard or write-zeroes: the background copy takes their regions.
-    Other,
-}
-
-/// Settings that can change while the mirror runs (`set`, `pause`, `resume`).
-#[derive(Debug, Default)]
-pub struct Controls {
-    /// Copy bandwidth limit in bytes/s; 0 = unlimited.
-    speed: AtomicU64,
-    /// Copy bandwidth limit while the device serves I/O; 0 = none (the copy competes).
-    busy_speed: AtomicU64,
-    paused: AtomicBool,
-    write_blocking: AtomicBool,
-    /// Async mode is set (shipping may still be behind).
-    async_mode: AtomicBool,
-    /// Async mode's replication buffer in bytes (0: the default).
-    async_buffer: AtomicU64,
-    /// `--max-lag` in milliseconds; 0 = off.
-    max_lag_ms: AtomicU64,
-    /// Give up mirroring after this many failed retries in a row; 0 = retry for ever.
-    max_retries: AtomicU32,
-    /// Write-blocking is in force now (set by the mode or by max-lag, off while degraded).
-    active_now: AtomicBool,
-}
-
 pub struct LockedState {
     pub state: MirrorState<Bitmap>,
     pub progress: Progress,
@@ -205,6 +80,8 @@ pub struct LockedState {
 
 pub struct Engine {
     inner: Mutex<LockedState>,
+    /// Async mode: buffers for the bytes of shipped writes, kept for reuse.
+    ship_pool: ship_pool::ShipPool,
     /// The device's data (swapped with the target by `switchover --reverse`).
     source: std::sync::RwLock<Arc<Backing>>,
     /// The target's backing (a duplicate of the mirror's), when the front end can reach it:
@@ -252,33 +129,11 @@ pub struct Engine {
     mirror_fault: Mutex<Option<PathBuf>>,
 }
 
-/// What [`Engine::record_failure`] found.
-pub struct Failure {
-    /// The first failure after a healthy period (the pair just became degraded).
-    pub first: bool,
-    /// This failure made mirroring give up.
-    pub give_up: bool,
-    /// Failures in a row.
-    pub failures: u32,
-}
-
 /// The environment variable naming the fault file of [`Engine::mirror_fault_injected`].
 pub const MIRROR_FAULT_ENV: &str = "UBLK_MIRROR_TEST_FAIL_MIRROR_WHILE";
 
-/// What the mirror thread does after its loop returned.
-pub enum MirrorNext {
-    Stop,
-    Same,
-    Target(BoxTarget),
-}
 
-/// How often a switchover re-wakes a mirror loop it waits to see parked.
-const PARK_NUDGE: Duration = Duration::from_millis(50);
-/// The longest a parking waiter sleeps without a look at its conditions: every change is
-/// announced, so this only bounds the cost of a change that was not.
-const PARK_SAFETY: Duration = Duration::from_secs(1);
-
-fn lock_recovering<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock_recovering<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded values are replaced whole, never left half-changed: a panic elsewhere while
     // one was held leaves it usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -462,6 +317,7 @@ impl Engine {
                 write_barrier: false,
                 ship_bufs: slab::Slab::new(),
             }),
+            ship_pool: ship_pool::ShipPool::default(),
             wake,
             stop: AtomicBool::new(false),
             source_flush_failed: AtomicBool::new(false),
@@ -542,56 +398,6 @@ impl Engine {
         let a = ext.start << self.shift;
         let b = (ext.end() << self.shift).min(self.size);
         (a, b)
-    }
-
-    pub fn intent_durable(&self, seq: u64) -> bool {
-        self.lock().state.intent_durable(seq)
-    }
-    /// Call just before issuing an fdatasync of the bitmap; pass the result to
-    /// [`Self::bitmap_flush_done`].
-    pub fn bitmap_flush_start(&self) -> u64 {
-        self.lock().state.bitmap_flush_started()
-    }
-    pub fn bitmap_flush_done(&self, seq: u64, ok: bool) {
-        self.lock().state.bitmap_flush_done(seq, ok)
-    }
-    pub fn end_write(&self, ext: Extent) {
-        let mut g = self.lock();
-        let wake = g.state.end_write(ext);
-        g.progress.unsynced_since.get_or_insert_with(Instant::now);
-        self.announce_pair_change(&g);
-        drop(g);
-        if wake {
-            self.wake();
-        }
-    }
-
-    /// The front end's entry point for a write, discard or write-zeroes of `[off, off+len)`:
-    /// what to do now. `mirror_ok`: the request may be mirrored synchronously (a write, with
-    /// the target reachable from the queue). `may_wait`: the caller can retry later.
-    pub fn begin_request(&self, ext: Extent, off: u64, len: u64, write: WriteKind, may_wait: bool) -> WriteAdmission {
-        let mut g = self.lock();
-        // Checked under the lock: a switchover sets serving_target before it lifts the barrier
-        // under this lock, so a write that finds the barrier gone also finds the switch (checked
-        // before taking the lock, it could go to the old source after the switch).
-        if self.serving_target() {
-            return WriteAdmission::Target;
-        }
-        if g.write_barrier {
-            return WriteAdmission::Wait;
-        }
-        if write == WriteKind::MirrorableWrite && self.write_blocking_now() {
-            if may_wait && g.state.consistent_flush_running() {
-                return WriteAdmission::Wait;
-            }
-            let (i, p) = g.state.begin_active_write(ext, off, len);
-            return WriteAdmission::Go(i, p);
-        }
-        if write != WriteKind::Other && !self.write_blocking_now() && g.state.ship().is_some_and(|q| q.shipping()) {
-            let (i, p) = g.state.begin_shipped_write(ext, off, len);
-            return WriteAdmission::Go(i, p);
-        }
-        WriteAdmission::Go(g.state.begin_write(ext), ActivePlan::SourceOnly)
     }
 
     pub fn verifier(&self) -> &verify_report::Verifier {
@@ -692,216 +498,10 @@ impl Engine {
         self.serving_target.load(Ordering::SeqCst)
     }
 
-    /// Waits until the mirror thread is not running its loop (parked or gone).
-    fn wait_mirror_parked(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        let mut g = lock_recovering(&self.mirror_next);
-        while self.mirror_running.load(Ordering::SeqCst) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            // The loop may be waiting on its ring: it sees the restart once woken. Woken again
-            // every PARK_NUDGE in case it was mid-pass and waits again before seeing it.
-            self.wake();
-            g = self.parking.wait_timeout(g, left.min(PARK_NUDGE)).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
-        }
-        true
-    }
-
-    /// Wakes every waiter on the mirror thread's parking after a change of it (made before
-    /// this call, under `mirror_next`'s lock or not).
-    pub(crate) fn announce_parking(&self) {
-        drop(lock_recovering(&self.mirror_next));
-        self.parking.notify_all();
-    }
-
-    /// The mirror thread after a failed loop: waits until `until` (for ever with `None`), or
-    /// until it is asked to stop or to park for a switchover, whichever comes first.
-    pub fn wait_retry_or_park(&self, until: Option<Instant>) {
-        let mut g = lock_recovering(&self.mirror_next);
-        while !self.mirror_should_return() {
-            let left = match until {
-                Some(t) => t.saturating_duration_since(Instant::now()),
-                None => PARK_SAFETY,
-            };
-            if until.is_some() && left.is_zero() {
-                return;
-            }
-            g = self.parking.wait_timeout(g, left.min(PARK_SAFETY)).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
-        }
-    }
-
-    /// The mirror loop should return (to be parked for a target change, or to stop).
-    pub fn mirror_should_return(&self) -> bool {
-        self.stop_requested() || self.mirror_restart.load(Ordering::SeqCst)
-    }
-
-    /// Called by the mirror thread around its loop.
-    pub fn set_mirror_running(&self, yes: bool) {
-        self.mirror_running.store(yes, Ordering::SeqCst);
-        self.announce_parking();
-    }
-
-    /// Called by the mirror thread after its loop returned: stop, or go on (with the same or
-    /// a new target) once a switchover has decided.
-    pub fn mirror_next(&self) -> MirrorNext {
-        let mut g = lock_recovering(&self.mirror_next);
-        loop {
-            if self.stop_requested() {
-                return MirrorNext::Stop;
-            }
-            if let Some(n) = g.take() {
-                return n;
-            }
-            if !self.mirror_restart.load(Ordering::SeqCst) {
-                // The loop returned without being asked to park: nothing else to do.
-                return MirrorNext::Stop;
-            }
-            g = self.parking.wait_timeout(g, PARK_SAFETY).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
-        }
-    }
-
-    /// Ends a write begun with [`Self::begin_request`].
-    pub fn end_write_planned(&self, ext: Extent, plan: ActivePlan, source_ok: bool, target_ok: bool) {
-        if let ActivePlan::Ship { id } = plan {
-            // A shipped write that ends here was not buffered (it failed, or its data could
-            // not be taken): an ordinary write.
-            return self.ship_written(id, source_ok, None);
-        }
-        let ActivePlan::Target { id } = plan else { return self.end_write(ext) };
-        let mut g = self.lock();
-        let wake = g.state.end_active_write(id, source_ok, target_ok);
-        g.progress.unsynced_since.get_or_insert_with(Instant::now);
-        self.announce_pair_change(&g);
-        drop(g);
-        if wake {
-            self.wake();
-        }
-    }
-
-    /// Async mode: the source write of shipped write `id` completed (`source_ok`), with a copy
-    /// of its bytes (`None`: no copy, it ends as an ordinary write). Queues it for the target
-    /// (see [`MirrorState::ship_source_done`]); the request may complete once this returns.
-    pub fn ship_written(&self, id: u64, source_ok: bool, data: Option<AlignedBuf>) {
-        let mut g = self.lock();
-        let (ok, handle) = match data {
-            Some(b) if source_ok => (true, g.ship_bufs.insert(b) as u64),
-            _ => (false, u64::MAX),
-        };
-        let was_empty = g.state.ship().is_none_or(|q| q.queued() == 0);
-        let out = g.state.ship_source_done(id, ok, handle);
-        if !out.queued && ok {
-            g.ship_bufs.try_remove(handle as usize);
-        }
-        for h in &out.freed {
-            g.ship_bufs.try_remove(*h as usize);
-        }
-        g.progress.unsynced_since.get_or_insert_with(Instant::now);
-        self.announce_pair_change(&g);
-        drop(g);
-        if let Some(why) = out.fell_behind {
-            log::info!("async: shipping fell behind ({}); the background copy takes over", why.name());
-            self.events.emit("async-behind", serde_json::json!({ "reason": why.name() }));
-        }
-        // The loop ships what it finds queued after each completion: it needs waking only
-        // when the queue was empty.
-        if out.wake || (out.queued && was_empty) || out.fell_behind.is_some() {
-            self.wake();
-        }
-    }
-
-    /// Async mode: the device received a FLUSH, or completed a FUA write: the epoch closes.
-    pub fn ship_device_flush(&self) {
-        self.lock().state.ship_device_flush();
-    }
-
-    pub fn controls(&self) -> &Controls {
-        &self.controls
-    }
     pub fn events(&self) -> &crate::engine::events::EventLog {
         &self.events
     }
-    /// Applies `s` (at start, or from `set`); records what changed in the event log.
-    pub fn apply_settings(&self, s: &Settings) {
-        let c = &self.controls;
-        c.speed.store(s.speed, Ordering::SeqCst);
-        c.busy_speed.store(s.busy_speed, Ordering::SeqCst);
-        c.paused.store(s.paused, Ordering::SeqCst);
-        if let Some(m) = s.mode {
-            c.write_blocking.store(m == CopyMode::WriteBlocking, Ordering::SeqCst);
-            c.async_mode.store(m == CopyMode::Async, Ordering::SeqCst);
-        }
-        c.async_buffer.store(s.async_buffer, Ordering::SeqCst);
-        self.update_shipping();
-        c.max_lag_ms.store(s.max_lag_ms, Ordering::SeqCst);
-        c.max_retries.store(s.max_retries, Ordering::SeqCst);
-        self.update_active();
-        self.wake();
-    }
-    pub fn settings(&self) -> Settings {
-        let c = &self.controls;
-        Settings {
-            speed: c.speed.load(Ordering::SeqCst),
-            busy_speed: c.busy_speed.load(Ordering::SeqCst),
-            paused: c.paused.load(Ordering::SeqCst),
-            mode: Some(self.mode()),
-            async_buffer: c.async_buffer.load(Ordering::SeqCst),
-            max_lag_ms: c.max_lag_ms.load(Ordering::SeqCst),
-            max_retries: c.max_retries.load(Ordering::SeqCst),
-            hook: None,
-        }
-    }
-    /// The copy mode set (max-lag may force write-blocking on top of it).
-    pub fn mode(&self) -> CopyMode {
-        let c = &self.controls;
-        if c.write_blocking.load(Ordering::SeqCst) {
-            CopyMode::WriteBlocking
-        } else if c.async_mode.load(Ordering::SeqCst) {
-            CopyMode::Async
-        } else {
-            CopyMode::Background
-        }
-    }
 
-    /// Async mode's replication buffer in bytes.
-    pub fn async_buffer(&self) -> u64 {
-        match self.controls.async_buffer.load(Ordering::SeqCst) {
-            0 => DEFAULT_ASYNC_BUFFER,
-            n => n,
-        }
-    }
-
-    /// Starts or stops the replication queue as the mode says (see
-    /// [`MirrorState::set_shipping`]); records the fall-back of a queue that was shipping.
-    fn update_shipping(&self) {
-        let on = self.controls.async_mode.load(Ordering::SeqCst) && !self.controls.write_blocking.load(Ordering::SeqCst);
-        let mut g = self.lock();
-        if !on && g.state.ship().is_none() {
-            return;
-        }
-        let was = g.state.ship().is_some_and(|q| q.shipping());
-        let freed = g.state.set_shipping(on.then(|| self.async_buffer()));
-        for h in freed {
-            g.ship_bufs.try_remove(h as usize);
-        }
-        let now = g.state.ship().is_some_and(|q| q.shipping());
-        self.announce_pair_change(&g);
-        drop(g);
-        if was && !on {
-            self.events.emit("async-behind", serde_json::json!({ "reason": "stopped" }));
-        } else if !was && now {
-            // Set on an already synced pair: shipping starts at once.
-            self.events.emit("async-resumed", serde_json::json!({}));
-        }
-    }
-
-    pub fn speed(&self) -> u64 {
-        self.controls.speed.load(Ordering::SeqCst)
-    }
-    pub fn busy_speed(&self) -> u64 {
-        self.controls.busy_speed.load(Ordering::SeqCst)
-    }
     /// Requests the front end has begun (reads, writes, flushes...): the mirror watches it to
     /// tell whether the device is busy.
     pub fn front_requests(&self) -> u64 {
@@ -924,40 +524,6 @@ impl Engine {
     pub(crate) fn count_loop_pass(&self) {
         // SeqCst (a release): what the previous pass did is seen by whoever reads the new value.
         self.loop_passes.fetch_add(1, Ordering::SeqCst);
-    }
-    pub fn paused(&self) -> bool {
-        self.controls.paused.load(Ordering::SeqCst)
-    }
-    pub fn max_lag(&self) -> Option<Duration> {
-        match self.controls.max_lag_ms.load(Ordering::SeqCst) {
-            0 => None,
-            ms => Some(Duration::from_millis(ms)),
-        }
-    }
-    pub fn max_retries(&self) -> u32 {
-        self.controls.max_retries.load(Ordering::SeqCst)
-    }
-    /// Are writes to be mirrored synchronously right now?
-    pub fn write_blocking_now(&self) -> bool {
-        self.controls.active_now.load(Ordering::SeqCst)
-    }
-    /// Recomputes whether write-blocking is in force: asked for (by the mode or by max-lag),
-    /// and the target healthy (a failing target must not slow every write down) and mirroring
-    /// not given up.
-    pub fn update_active(&self) {
-        let g = self.lock();
-        self.update_active_locked(&g);
-    }
-
-    /// [`Engine::update_active`] under the caller's lock: begin_request reads `active_now` under
-    /// that lock, so a change of its inputs and of `active_now` made in one critical section is
-    /// one step for every write (none sees max-lag's mode on but still goes the background way).
-    pub fn update_active_locked(&self, g: &LockedState) {
-        let wanted = self.controls.write_blocking.load(Ordering::SeqCst) || g.progress.lag_forced;
-        let healthy = g.progress.degraded_since.is_none()
-            && g.progress.gave_up.is_none()
-            && !self.hook_running.load(Ordering::SeqCst);
-        self.controls.active_now.store(wanted && healthy, Ordering::SeqCst);
     }
 
     /// Wakes the mirror loop (new dirty regions, or a stop request).
@@ -992,77 +558,6 @@ impl Engine {
 
     pub fn counters(&self) -> CoreCounters {
         self.lock().state.counters()
-    }
-
-    /// Tests: make the mirror loop fail while `path` exists (None: never).
-    pub fn set_mirror_fault(&self, path: Option<PathBuf>) {
-        *lock_recovering(&self.mirror_fault) = path;
-    }
-
-    /// The test fault of [`MIRROR_FAULT_ENV`] is in force.
-    pub fn mirror_fault_injected(&self) -> bool {
-        lock_recovering(&self.mirror_fault).as_ref().is_some_and(|p| p.exists())
-    }
-
-    /// The mirror loop ended with `err` (not asked to): the pair is degraded and the state
-    /// `failed` until a new loop starts. It counts as a failure toward `--max-retries`, like a
-    /// failed copy. Returns false once mirroring has given up.
-    pub fn mirror_loop_failed(&self, err: &Error, retry_in: Duration) -> bool {
-        let msg = format!("mirror loop: {err}");
-        let Failure { first, give_up, failures } = self.record_failure(&msg, true);
-        log::error!("{msg}; {}", if give_up { "giving up".to_string() } else { format!("restarting in {retry_in:?}") });
-        if first {
-            self.events.emit("degraded", serde_json::json!({ "error": msg }));
-        }
-        self.events.emit(
-            "mirror-failed",
-            serde_json::json!({ "error": msg, "failures": failures, "retry_in_secs": retry_in.as_secs_f64() }),
-        );
-        if give_up {
-            self.events.emit("stopped", serde_json::json!({ "error": msg, "failures": failures }));
-        }
-        self.lock().progress.gave_up.is_none()
-    }
-
-    /// Records a failure of the mirroring (a copy, a flush, or the loop itself, `loop_failed`)
-    /// under one lock: the error, the failures in a row, degraded since the first, given up
-    /// past `--max-retries`; write-blocking stops in the same step (see update_active_locked).
-    pub fn record_failure(&self, msg: &str, loop_failed: bool) -> Failure {
-        let max = self.max_retries();
-        let mut g = self.lock();
-        g.progress.last_error = Some(msg.to_string());
-        if loop_failed {
-            g.progress.loop_failed = Some(msg.to_string());
-        }
-        g.progress.target_failures = g.progress.target_failures.saturating_add(1);
-        let first = g.progress.degraded_since.is_none();
-        if first {
-            g.progress.degraded_since = Some(SystemTime::now());
-        }
-        let give_up = crate::core::policy::gives_up(max, g.progress.target_failures) && g.progress.gave_up.is_none();
-        if give_up {
-            g.progress.gave_up = Some(format!("{} failures in a row; last: {msg}", g.progress.target_failures));
-        }
-        self.update_active_locked(&g);
-        self.announce_pair_change(&g);
-        Failure { first, give_up, failures: g.progress.target_failures }
-    }
-
-    /// A mirror loop is set up and about to run. After a failed one: the state leaves `failed`,
-    /// and a consistent point is asked for, whose flush tells whether the target works again
-    /// (it clears `degraded`; see the mirror's target_ok).
-    pub fn mirror_loop_started(&self) {
-        let restarted = {
-            let mut g = self.lock();
-            let was = g.progress.loop_failed.take();
-            if was.is_some() {
-                g.state.request_consistent_point();
-            }
-            was
-        };
-        if let Some(e) = restarted {
-            self.events.emit("mirror-restarted", serde_json::json!({ "after": e }));
-        }
     }
 
     /// Orderly close: the bitmap is made durable (with the bits cleared so far) and marked

@@ -202,18 +202,19 @@ pub struct QueueRequests {
 }
 
 /// A copy of a finished write's `len` bytes, for the replication queue.
-fn copy_out(d: &Data, len: u32) -> Option<AlignedBuf> {
+fn copy_out(engine: &Engine, d: &Data, len: u32) -> Option<AlignedBuf> {
     let src = match d {
         Data::Owned(o) => o.as_ptr(),
         Data::InPlace(p) => *p as *const u8,
         // Not for a write (submit gives Owned, submit_in_place InPlace): nothing to ship.
         Data::None => return None,
     };
-    let mut b = AlignedBuf::new(len as usize);
+    let mut b = engine.ship_buffer(len as usize);
     // SAFETY: the write's buffer holds at least `len` bytes (checked in submit for an owned
     // buffer, submit_in_place's contract for the caller's) and stays valid until the request's
-    // completion is handed out, which happens after this copy; `b` is a fresh allocation of
-    // `len` bytes, so the two do not overlap.
+    // completion is handed out, which happens after this copy; `b` is a buffer of at least
+    // `len` bytes that nothing else holds (taken from the pool or allocated), so the two do not
+    // overlap.
     unsafe { std::ptr::copy_nonoverlapping(src, b.as_mut_ptr(), len as usize) };
     Some(b)
 }
@@ -622,7 +623,7 @@ impl QueueRequests {
                 // it from the completion on. The bytes are copied (the request's buffer goes back
                 // to the driver with the completion).
                 let data = match (&result, r.req, &r.data) {
-                    (Ok(_), Request::Write { len, .. }, d) => copy_out(d, len),
+                    (Ok(_), Request::Write { len, .. }, d) => copy_out(&self.engine, d, len),
                     _ => None,
                 };
                 self.engine.ship_written(id, result.is_ok(), data);

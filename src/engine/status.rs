@@ -179,6 +179,9 @@ pub struct ShipStatus {
     pub buffer_bytes: u64,
     pub buffer_used_bytes: u64,
     pub buffer_peak_bytes: u64,
+    /// Memory kept for reuse by the buffers of writes that landed (at most a quarter of
+    /// `buffer_bytes`): async mode's memory is at most `buffer_bytes` plus this.
+    pub pool_bytes: u64,
     /// Writes waiting in the queue, and in flight to the target.
     pub queued_writes: usize,
     pub in_flight_writes: usize,
@@ -245,6 +248,7 @@ impl Engine {
                 buffer_bytes: q.capacity(),
                 buffer_used_bytes: q.used(),
                 buffer_peak_bytes: q.peak(),
+                pool_bytes: self.ship_pool.bytes(),
                 queued_writes: q.queued(),
                 in_flight_writes: q.in_flight(),
                 shipped_writes: k.shipped_writes,

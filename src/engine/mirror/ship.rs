@@ -115,9 +115,7 @@ impl Mirror<'_> {
         let out = {
             let mut g = self.engine.lock();
             let out = g.state.ship_landed(seq, ok);
-            for h in &out.freed {
-                g.ship_bufs.try_remove(*h as usize);
-            }
+            self.engine.free_ship_bufs(&mut g, out.freed.iter().copied());
             self.engine.announce_pair_change(&g);
             out
         };
@@ -131,9 +129,7 @@ impl Mirror<'_> {
         let was = {
             let mut g = self.engine.lock();
             let (freed, was) = g.state.ship_fall_behind(why);
-            for h in freed {
-                g.ship_bufs.try_remove(h as usize);
-            }
+            self.engine.free_ship_bufs(&mut g, freed);
             was
         };
         if was {

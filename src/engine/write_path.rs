@@ -1,0 +1,154 @@
+//! The write path's entry points: what a front end (a ublk queue, a test, a tool) asks the engine
+//! around each write: may it begin, and with which plan ([`Engine::begin_request`]); the bitmap
+//! flush it waits for; its end, as an ordinary, write-blocking or shipped write.
+
+use super::Engine;
+use crate::core::{ActivePlan, Extent, Intent};
+use crate::io::backing::AlignedBuf;
+use std::time::Instant;
+
+/// What a front end does with a write-like request (see [`Engine::begin_request`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteAdmission {
+    /// Issue it (after the intent), to the source, and to the target too if the plan says so.
+    Go(Intent, ActivePlan),
+    /// Held (switchover in progress, or a consistent flush in write-blocking mode): try again
+    /// in a moment.
+    Wait,
+    /// The device serves the target now: issue it there, with no intent and no mirroring.
+    Target,
+}
+
+/// What kind of modifying request asks [`Engine::begin_request`] to begin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteKind {
+    /// A write whose data the front end holds, with the target reachable from the front end:
+    /// write-blocking mode may mirror it; async mode may ship it.
+    MirrorableWrite,
+    /// A write whose data the front end holds (async mode may ship it; the front end cannot
+    /// reach the target: an NBD target).
+    Write,
+    /// A discard or write-zeroes: the background copy takes their regions.
+    Other,
+}
+
+impl Engine {
+    pub fn intent_durable(&self, seq: u64) -> bool {
+        self.lock().state.intent_durable(seq)
+    }
+
+    /// Call just before issuing an fdatasync of the bitmap; pass the result to
+    /// [`Self::bitmap_flush_done`].
+    pub fn bitmap_flush_start(&self) -> u64 {
+        self.lock().state.bitmap_flush_started()
+    }
+
+    pub fn bitmap_flush_done(&self, seq: u64, ok: bool) {
+        self.lock().state.bitmap_flush_done(seq, ok)
+    }
+
+    pub fn end_write(&self, ext: Extent) {
+        let mut g = self.lock();
+        let wake = g.state.end_write(ext);
+        g.progress.unsynced_since.get_or_insert_with(Instant::now);
+        self.announce_pair_change(&g);
+        drop(g);
+        if wake {
+            self.wake();
+        }
+    }
+
+    /// The front end's entry point for a write, discard or write-zeroes of `[off, off+len)`:
+    /// what to do now. `mirror_ok`: the request may be mirrored synchronously (a write, with
+    /// the target reachable from the queue). `may_wait`: the caller can retry later.
+    pub fn begin_request(&self, ext: Extent, off: u64, len: u64, write: WriteKind, may_wait: bool) -> WriteAdmission {
+        let mut g = self.lock();
+        // Checked under the lock: a switchover sets serving_target before it lifts the barrier
+        // under this lock, so a write that finds the barrier gone also finds the switch (checked
+        // before taking the lock, it could go to the old source after the switch).
+        if self.serving_target() {
+            return WriteAdmission::Target;
+        }
+        if g.write_barrier {
+            return WriteAdmission::Wait;
+        }
+        if write == WriteKind::MirrorableWrite && self.write_blocking_now() {
+            if may_wait && g.state.consistent_flush_running() {
+                return WriteAdmission::Wait;
+            }
+            let (i, p) = g.state.begin_active_write(ext, off, len);
+            return WriteAdmission::Go(i, p);
+        }
+        if write != WriteKind::Other && !self.write_blocking_now() && g.state.ship().is_some_and(|q| q.shipping()) {
+            let (i, p) = g.state.begin_shipped_write(ext, off, len);
+            return WriteAdmission::Go(i, p);
+        }
+        WriteAdmission::Go(g.state.begin_write(ext), ActivePlan::SourceOnly)
+    }
+
+    /// Ends a write begun with [`Self::begin_request`].
+    pub fn end_write_planned(&self, ext: Extent, plan: ActivePlan, source_ok: bool, target_ok: bool) {
+        if let ActivePlan::Ship { id } = plan {
+            // A shipped write that ends here was not buffered (it failed, or its data could
+            // not be taken): an ordinary write.
+            return self.ship_written(id, source_ok, None);
+        }
+        let ActivePlan::Target { id } = plan else { return self.end_write(ext) };
+        let mut g = self.lock();
+        let wake = g.state.end_active_write(id, source_ok, target_ok);
+        g.progress.unsynced_since.get_or_insert_with(Instant::now);
+        self.announce_pair_change(&g);
+        drop(g);
+        if wake {
+            self.wake();
+        }
+    }
+
+    /// Async mode: the source write of shipped write `id` completed (`source_ok`), with a copy
+    /// of its bytes (`None`: no copy, it ends as an ordinary write). Queues it for the target
+    /// (see [`MirrorState::ship_source_done`]); the request may complete once this returns.
+    pub fn ship_written(&self, id: u64, source_ok: bool, data: Option<AlignedBuf>) {
+        let mut g = self.lock();
+        let (ok, handle) = match data {
+            Some(b) if source_ok => (true, g.ship_bufs.insert(b) as u64),
+            _ => (false, u64::MAX),
+        };
+        let was_empty = g.state.ship().is_none_or(|q| q.queued() == 0);
+        let out = g.state.ship_source_done(id, ok, handle);
+        let unqueued = (!out.queued && ok).then_some(handle);
+        self.free_ship_bufs(&mut g, unqueued.into_iter().chain(out.freed.iter().copied()));
+        g.progress.unsynced_since.get_or_insert_with(Instant::now);
+        self.announce_pair_change(&g);
+        drop(g);
+        if let Some(why) = out.fell_behind {
+            log::info!("async: shipping fell behind ({}); the background copy takes over", why.name());
+            self.events.emit("async-behind", serde_json::json!({ "reason": why.name() }));
+        }
+        // The loop ships what it finds queued after each completion: it needs waking only
+        // when the queue was empty.
+        if out.wake || (out.queued && was_empty) || out.fell_behind.is_some() {
+            self.wake();
+        }
+    }
+
+    /// Async mode: a buffer for a copy of a shipped write's `len` bytes (from the pool).
+    pub fn ship_buffer(&self, len: usize) -> AlignedBuf {
+        self.ship_pool.take(len)
+    }
+
+    /// Frees the buffers of shipped writes the state handed back (`handles`), into the pool,
+    /// which keeps up to a quarter of the replication buffer's size for reuse.
+    pub(crate) fn free_ship_bufs(&self, g: &mut super::LockedState, handles: impl IntoIterator<Item = u64>) {
+        let limit = self.async_buffer() / 4;
+        for h in handles {
+            if let Some(b) = g.ship_bufs.try_remove(h as usize) {
+                self.ship_pool.give(b, limit);
+            }
+        }
+    }
+
+    /// Async mode: the device received a FLUSH, or completed a FUA write: the epoch closes.
+    pub fn ship_device_flush(&self) {
+        self.lock().state.ship_device_flush();
+    }
+}
