@@ -85,7 +85,12 @@ fn async_ships_writes_in_place_of_copies() {
     assert_eq!(ship.fell_behind, 0, "{ship:?}");
     assert_eq!(ship.buffer_used_bytes, 0);
     assert!(ship.buffer_peak_bytes > 0 && ship.buffer_peak_bytes <= 16 * MIB);
-    assert!(s.consistent_points >= 2, "{s:?}");
+    // Points come at epoch boundaries (and at most one per SHIP_IDLE_GAP of 100 ms besides, when
+    // the queue empties within an epoch), not after every landing: each would be a flush of the
+    // pair, and one after every few writes holds the shipping back (38 to 48 points for these 16
+    // epochs when landings made points due).
+    let idle_points = (s.elapsed_secs / 0.1).ceil() as u64;
+    assert!(s.consistent_points >= 2 && s.consistent_points <= ship.epochs + 2 + idle_points, "{s:?}");
     drop(q);
     engine.request_stop();
     mirror.join().expect("mirror");

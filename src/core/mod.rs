@@ -534,6 +534,14 @@ impl<P: PersistentBits> MirrorState<P> {
     /// flush, exactly like regions whose copy just finished. Otherwise it ends as an ordinary
     /// write (dirty, copied later): a failed target write never fails the application.
     pub fn end_active_write(&mut self, id: u64, source_ok: bool, target_ok: bool) -> bool {
+        self.end_active(id, source_ok, target_ok, true)
+    }
+
+    /// [`Self::end_active_write`]; `point_due`: a mirrored end makes a consistent point due
+    /// (write-blocking writes). A shipped write's landing does not: the queue's own schedule
+    /// ([`Self::ship_flush_due`]: epoch boundaries, holds, the idle gap) makes its points, and
+    /// until one has flushed it the queue is not idle, so the state is not synced either.
+    fn end_active(&mut self, id: u64, source_ok: bool, target_ok: bool, point_due: bool) -> bool {
         let Some(w) = self.active.remove(&id) else {
             debug_assert!(false, "end_active_write of unknown write {id}");
             return false;
@@ -565,6 +573,9 @@ impl<P: PersistentBits> MirrorState<P> {
             if !self.inflight.contains_key(&r) {
                 self.copied.set(r as usize, true);
             }
+        }
+        if !point_due {
+            return false;
         }
         // Nothing to copy, but a consistent point (and clearing) is now due: the first such
         // write after a consistent point wakes the mirror.
@@ -693,7 +704,7 @@ impl<P: PersistentBits> MirrorState<P> {
             out.freed.extend(freed);
             out.fell_behind = Some(BehindReason::TargetFailed);
         }
-        out.wake = self.end_active_write(l.id, true, l.mirrored);
+        out.wake = self.end_active(l.id, true, l.mirrored, false);
         out
     }
 
