@@ -124,6 +124,9 @@ pub struct Mirror<'t> {
     draining: bool,
     /// Async mode: shipped writes in flight to the target, by token.
     ships: std::collections::HashMap<u64, ShipJob>,
+    /// Async mode: shipped writes landed (or failed) in the current batch of completions, not
+    /// yet reported to the state (`report_landed`).
+    landed: Vec<(u64, bool)>,
     /// Async mode: the last pair flush that made shipped writes durable.
     last_ship_point: Instant,
     /// The flush in flight includes the source's fdatasync (a pair flush), and when the last
@@ -206,6 +209,7 @@ impl<'t> Mirror<'t> {
             on_consistent,
             draining: false,
             ships: std::collections::HashMap::new(),
+            landed: Vec::new(),
             last_ship_point: now,
             flush_with_source: true,
             last_pair_flush: now,
@@ -293,6 +297,7 @@ impl<'t> Mirror<'t> {
             for &(ud, res) in &cqes {
                 self.dispatch(ud, res)?;
             }
+            self.report_landed();
             if let Some((f, every)) = progress.as_mut() {
                 if last_progress.elapsed() >= *every {
                     f(&self.engine);
@@ -544,6 +549,8 @@ impl Drop for Mirror<'_> {
     /// regions dirty, as a crash would.
     fn drop(&mut self) {
         self.draining = true;
+        // Landings an early return of the loop left unreported.
+        self.report_landed();
         if self.on_consistent.kill_running() {
             self.engine.set_hook_running(false);
         }
@@ -570,6 +577,7 @@ impl Drop for Mirror<'_> {
             for &(ud, res) in &cqes {
                 let _ = self.dispatch(ud, res);
             }
+            self.report_landed();
         }
         if !self.ships.is_empty() {
             // The target may still read these after the ring is closed: leak them.

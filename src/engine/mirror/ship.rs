@@ -43,19 +43,24 @@ impl Mirror<'_> {
             return Ok(());
         }
         let hold = self.ship_hold();
-        loop {
-            let next = {
-                let mut g = self.engine.lock();
-                let Some(s) = g.state.ship_next(self.cfg.max_copies, hold) else { break };
+        // What may go now, taken under one lock (the front end's queues take it for every write).
+        let batch: Vec<_> = {
+            let mut g = self.engine.lock();
+            let mut v = Vec::new();
+            while let Some(s) = g.state.ship_next(self.cfg.max_copies, hold) {
                 // A queued write's buffer stays in ship_bufs until it lands (ship_landed).
                 let buf = g.ship_bufs.get(s.handle as usize).map(|b| b.as_ptr());
-                (s, buf)
-            };
+                v.push((s, buf));
+            }
+            v
+        };
+        for next in batch {
             let (s, Some(buf)) = next else {
                 // Cannot happen (the queue and ship_bufs change together under the lock); if it
                 // did, the write ends as an ordinary one (copied later).
                 log::error!("async: queued write {} has no buffer", next.0.seq);
-                self.ship_done(next.0.seq, false);
+                self.landed.push((next.0.seq, false));
+                self.report_landed();
                 continue;
             };
             let token = SHIP_TOKEN | (s.seq & SEQ_MASK);
@@ -93,7 +98,8 @@ impl Mirror<'_> {
             Ok(n) if n > 0 => {
                 let seq = j.seq;
                 self.ships.remove(&token);
-                self.ship_done(seq, true);
+                // Reported with the others of this batch of completions (report_landed).
+                self.landed.push((seq, true));
                 Ok(())
             }
             r => {
@@ -103,23 +109,32 @@ impl Mirror<'_> {
                     Ok(_) => format!("target write of a shipped write at byte {}: wrote nothing", j.off),
                 };
                 self.ships.remove(&token);
-                self.ship_done(seq, false);
+                self.landed.push((seq, false));
+                self.report_landed();
                 self.target_failed(&msg);
                 Ok(())
             }
         }
     }
 
-    /// Reports a landing (or a failure) to the state and frees what it no longer holds.
-    fn ship_done(&mut self, seq: u64, ok: bool) {
-        let out = {
+    /// Reports the landings (and failures) collected since the last call to the state, under
+    /// one lock, and frees what it no longer holds. The loop calls it after each batch of
+    /// completions, before it looks at what to ship or flush next.
+    pub(super) fn report_landed(&mut self) {
+        if self.landed.is_empty() {
+            return;
+        }
+        let mut fell = None;
+        {
             let mut g = self.engine.lock();
-            let out = g.state.ship_landed(seq, ok);
-            self.engine.free_ship_bufs(&mut g, out.freed.iter().copied());
+            for (seq, ok) in self.landed.drain(..) {
+                let out = g.state.ship_landed(seq, ok);
+                self.engine.free_ship_bufs(&mut g, out.freed.iter().copied());
+                fell = fell.or(out.fell_behind);
+            }
             self.engine.announce_pair_change(&g);
-            out
-        };
-        if let Some(why) = out.fell_behind {
+        }
+        if let Some(why) = fell {
             self.ship_fell_behind(why);
         }
     }
