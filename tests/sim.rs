@@ -1114,9 +1114,18 @@ impl Sim {
             return;
         }
         if reverse {
+            // The engine fdatasyncs the old source before it becomes the target (async mode's
+            // last consistent point may have flushed the target alone).
+            self.src.medium = self.src.cache.clone();
             // From now on the old target is the device's data and the old source the mirror's
             // target: both hold the same data (ready), and the bitmap says so.
             std::mem::swap(&mut self.src, &mut self.tgt);
+            // The queue is idle (ready): the shipped history starts again on the new target.
+            if self.pure {
+                self.ship_base = self.tgt.medium.clone();
+                self.ship_issued.clear();
+                self.ship_unflushed = None;
+            }
             self.reversed = !self.reversed;
             self.switched.0 += 1;
             return;

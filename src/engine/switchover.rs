@@ -151,6 +151,13 @@ impl Engine {
         if !self.wait_mirror_parked(left) {
             return Err(resume_same("the mirror loop did not pause in time; writes resume on the source".into()));
         }
+        // The old source becomes the target: what it holds must be on its medium first. In
+        // async mode the last consistent point may have flushed the target alone (clearing
+        // nothing), so the old source's last writes may be in its page cache only; the new
+        // target's medium is then a crash image of the new source from the start.
+        if let Err(e) = nix::unistd::fdatasync(old_source.fd()) {
+            return Err(resume_same(format!("flushing the old source before it becomes the target: {}", std::io::Error::from(e))));
+        }
         let h = self.pair();
         let swapped = PairIdentity {
             source: h.target,
