@@ -121,14 +121,19 @@ impl Engine {
         self.announce_pair_change(&g);
         drop(g);
         if let Some(why) = out.fell_behind {
-            log::info!("async: shipping fell behind ({}); the background copy takes over", why.name());
-            self.events.emit("async-behind", serde_json::json!({ "reason": why.name() }));
+            self.ship_fell_behind(why);
         }
         // The loop ships what it finds queued after each completion: it needs waking only
         // when the queue was empty.
         if out.wake || (out.queued && was_empty) || out.fell_behind.is_some() {
             self.wake();
         }
+    }
+
+    /// Async mode: the queue fell behind (the background copy takes over): logged and evented.
+    pub(crate) fn ship_fell_behind(&self, why: crate::core::ship::BehindReason) {
+        log::info!("async: shipping fell behind ({}); the background copy takes over", why.name());
+        self.events.emit("async-behind", serde_json::json!({ "reason": why.name() }));
     }
 
     /// Async mode: a buffer for a copy of a shipped write's `len` bytes (from the pool).
@@ -148,7 +153,11 @@ impl Engine {
     }
 
     /// Async mode: the device received a FLUSH, or completed a FUA write: the epoch closes.
+    /// In the other modes every FLUSH would take the engine's lock for nothing: a queue that is
+    /// not in async mode ships nothing, and shipping starts again in a new epoch (resume).
     pub fn ship_device_flush(&self) {
-        self.lock().state.ship_device_flush();
+        if self.mode() == super::CopyMode::Async {
+            self.lock().state.ship_device_flush();
+        }
     }
 }

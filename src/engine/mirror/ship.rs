@@ -135,7 +135,7 @@ impl Mirror<'_> {
             self.engine.announce_pair_change(&g);
         }
         if let Some(why) = fell {
-            self.ship_fell_behind(why);
+            self.engine.ship_fell_behind(why);
         }
     }
 
@@ -148,13 +148,8 @@ impl Mirror<'_> {
             was
         };
         if was {
-            self.ship_fell_behind(why);
+            self.engine.ship_fell_behind(why);
         }
-    }
-
-    fn ship_fell_behind(&self, why: BehindReason) {
-        log::info!("async: shipping fell behind ({}); the background copy takes over", why.name());
-        self.engine.events().emit("async-behind", serde_json::json!({ "reason": why.name() }));
     }
 
     /// A pair flush made shipped writes durable (or resumed shipping): the next point is due
