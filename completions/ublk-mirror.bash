@@ -172,7 +172,7 @@ _ublk__mirror() {
             return 0
             ;;
         ublk__subcmd__mirror__subcmd__add)
-            opts="-s -t -b -g -n -q -d -h --source --target --bitmap --sync --granularity --name --number --queues --depth --affinity --foreground --direct --copies --buffer --checkpoint-bytes --checkpoint-secs --speed --busy-speed --mode --async-buffer --max-lag --max-retries --event-log --on-consistent --on-consistent-interval --on-consistent-timeout --help"
+            opts="-s -t -b -g -n -q -d -h --source --target --bitmap --sync --granularity --name --number --queues --depth --affinity --foreground --direct --copies --buffer --checkpoint-bytes --checkpoint-secs --tls-ca --tls-cert --tls-key --speed --busy-speed --mode --async-buffer --max-lag --max-retries --event-log --on-consistent --on-consistent-interval --on-consistent-timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -263,6 +263,18 @@ _ublk__mirror() {
                     return 0
                     ;;
                 --checkpoint-secs)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-ca)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-key)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -964,7 +976,7 @@ _ublk__mirror() {
             return 0
             ;;
         ublk__subcmd__mirror__subcmd__sync)
-            opts="-s -t -b -g -h --source --target --bitmap --full --assume-synced --granularity --direct --copies --buffer --checkpoint-bytes --checkpoint-secs --json --help"
+            opts="-s -t -b -g -h --source --target --bitmap --full --assume-synced --granularity --direct --copies --buffer --checkpoint-bytes --checkpoint-secs --tls-ca --tls-cert --tls-key --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1022,6 +1034,18 @@ _ublk__mirror() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --tls-ca)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -1062,7 +1086,7 @@ _ublk__mirror() {
             return 0
             ;;
         ublk__subcmd__mirror__subcmd__up)
-            opts="-s -t -b -g -n -q -d -h --source --target --bitmap --sync --granularity --name --number --queues --depth --affinity --foreground --direct --copies --buffer --checkpoint-bytes --checkpoint-secs --speed --busy-speed --mode --async-buffer --max-lag --max-retries --event-log --on-consistent --on-consistent-interval --on-consistent-timeout --help"
+            opts="-s -t -b -g -n -q -d -h --source --target --bitmap --sync --granularity --name --number --queues --depth --affinity --foreground --direct --copies --buffer --checkpoint-bytes --checkpoint-secs --tls-ca --tls-cert --tls-key --speed --busy-speed --mode --async-buffer --max-lag --max-retries --event-log --on-consistent --on-consistent-interval --on-consistent-timeout --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1156,6 +1180,18 @@ _ublk__mirror() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --tls-ca)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --speed)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -1204,7 +1240,7 @@ _ublk__mirror() {
             return 0
             ;;
         ublk__subcmd__mirror__subcmd__verify)
-            opts="-n -s -t -b -g -h --number --source --target --bitmap --granularity --direct --json --help"
+            opts="-n -s -t -b -g -h --number --source --target --bitmap --granularity --direct --tls-ca --tls-cert --tls-key --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -1252,6 +1288,18 @@ _ublk__mirror() {
                     ;;
                 --direct)
                     COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
+                    return 0
+                    ;;
+                --tls-ca)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-cert)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --tls-key)
+                    COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
                 *)

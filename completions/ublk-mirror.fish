@@ -51,7 +51,7 @@ complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand man" -l conf
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand man" -l conf-example -d 'The example config file instead'
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand man" -s h -l help -d 'Print help'
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -s s -l source -d 'Source file or block device (read only)' -r -F
-complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -s t -l target -d 'Target file or block device, at least as large as the source' -r -F
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -s t -l target -d 'Target, at least as large as the source: a file, a block device or an NBD URI (as for add)' -r -F
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -s b -l bitmap -d 'Dirty bitmap file; created (with a full sync) if absent' -r -F
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -s g -l granularity -d 'Region size for a new bitmap: a power of two from 4K to 64M [default: 64K up to 4 TiB, doubled above until the bitmap has at most 64 Mi regions]' -r
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -l direct -d 'O_DIRECT use: auto falls back to buffered I/O where the filesystem refuses it (tmpfs)' -r -f -a "auto\t'O_DIRECT, or buffered I/O with a warning where the filesystem refuses it (tmpfs)'
@@ -61,18 +61,24 @@ complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -l copies 
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -l buffer -d 'Size of each copy buffer (memory used: copies x buffer)' -r
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -l checkpoint-bytes -d 'Make progress durable (target flush, bitmap update) after this much data...' -r
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -l checkpoint-secs -d '...or this many seconds, so an interrupted sync resumes near where it stopped' -r
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -l tls-ca -d 'nbds target: the CA certificate(s), PEM, that signed the server\'s certificate [default: the system\'s trust store]' -r -F
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -l tls-cert -d 'nbds target: this client\'s certificate, PEM, for a server that asks for one (mutual TLS)' -r -F
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -l tls-key -d 'nbds target: the private key of --tls-cert, PEM; refused if other users may read it' -r -F
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -l full -d 'Copy everything, rebuilding the bitmap (whatever it held)'
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -l assume-synced -d 'Declare source and target identical: clear the bitmap, copy nothing'
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -l json -d 'Print the summary as JSON'
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand sync" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand verify" -s n -l number -d 'Verify a live device instead (online: dirty and busy regions are skipped; throttled like the copy)' -r
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand verify" -s s -l source -d 'Source file or block device' -r -F
-complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand verify" -s t -l target -d 'Target file or block device' -r -F
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand verify" -s t -l target -d 'Target: a file, a block device or an NBD URI (as for add)' -r -F
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand verify" -s b -l bitmap -d 'The pair\'s bitmap: differing regions whose bit is clear are reported as a bug' -r -F
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand verify" -s g -l granularity -d 'Region size for the report without a bitmap [default: 64K]' -r
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand verify" -l direct -d 'O_DIRECT use, as for sync' -r -f -a "auto\t'O_DIRECT, or buffered I/O with a warning where the filesystem refuses it (tmpfs)'
 always\t'O_DIRECT or an error'
 never\t'Buffered I/O through the page cache (flushes still make data durable)'"
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand verify" -l tls-ca -d 'nbds target: the CA certificate(s), PEM, that signed the server\'s certificate [default: the system\'s trust store]' -r -F
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand verify" -l tls-cert -d 'nbds target: this client\'s certificate, PEM, for a server that asks for one (mutual TLS)' -r -F
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand verify" -l tls-key -d 'nbds target: the private key of --tls-cert, PEM; refused if other users may read it' -r -F
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand verify" -l json -d 'Print the report as JSON'
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand verify" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand bitmap; and not __fish_seen_subcommand_from show help" -s h -l help -d 'Print help'
@@ -83,7 +89,7 @@ complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand bitmap; and __fi
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand bitmap; and __fish_seen_subcommand_from help" -f -a "show" -d 'Header fields, dirty regions and bytes'
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand bitmap; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -s s -l source -d 'Source file or block device: the device\'s data lives here' -r -F
-complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -s t -l target -d 'Target file or block device, at least as large as the source' -r -F
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -s t -l target -d 'Target, at least as large as the source: a file, a block device, or an NBD export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH; nbds:// and nbds+unix:// over TLS, see --tls-ca)' -r -F
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -s b -l bitmap -d 'Dirty bitmap file (created if absent)' -r -F
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -l sync -d 'Initial sync: full (default for a new bitmap), none (declare the pair identical), resume (default for an existing bitmap: copy only what it marks dirty)' -r -f -a "full\t'Copy everything: a new bitmap with every bit set, durable before the first copy, so an interrupted initial sync resumes where it stopped'
 none\t'The user declares source and target identical: a new bitmap with every bit clear'
@@ -102,6 +108,9 @@ complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -l copies -
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -l buffer -d 'Size of each copy buffer (memory used: copies x buffer)' -r
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -l checkpoint-bytes -d 'Make progress durable (target flush, bitmap update) after this much data...' -r
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -l checkpoint-secs -d '...or this many seconds, so an interrupted sync resumes near where it stopped' -r
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -l tls-ca -d 'nbds target: the CA certificate(s), PEM, that signed the server\'s certificate [default: the system\'s trust store]' -r -F
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -l tls-cert -d 'nbds target: this client\'s certificate, PEM, for a server that asks for one (mutual TLS)' -r -F
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -l tls-key -d 'nbds target: the private key of --tls-cert, PEM; refused if other users may read it' -r -F
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -l speed -d 'Copy bandwidth limit in bytes per second (K/M/G suffixes; 0 = unlimited); `set` changes it' -r
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -l busy-speed -d 'While applications use the device (at least 128 requests/s) the background copy yields: it runs at most this fast (K/M/G suffixes), like md\'s speed_limit_min or DRBD\'s c-min-rate; at full --speed otherwise. 0 = never yield (the copy competes with applications for CPU and disk). `set` changes it' -r
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -l mode -d 'background: writes complete on the source and the mirror copies behind them; write-blocking: writes complete once on source and target (file and block device targets); async: writes complete once on the source and in a replication buffer, and are shipped to the target in order of the device\'s flushes, so the target is a crash image of the source at every consistent point (DRBD\'s protocol A); behind (buffer full, target failing) it falls back to background and resumes once caught up' -r -f -a "background\t'Writes complete once on the source; the mirror copies dirty regions behind them'
@@ -117,7 +126,7 @@ complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -l on-consi
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -l foreground -d 'Serve in this process instead of a daemon'
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand add" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand up" -s s -l source -d 'Source file or block device: the device\'s data lives here' -r -F
-complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand up" -s t -l target -d 'Target file or block device, at least as large as the source' -r -F
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand up" -s t -l target -d 'Target, at least as large as the source: a file, a block device, or an NBD export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH; nbds:// and nbds+unix:// over TLS, see --tls-ca)' -r -F
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand up" -s b -l bitmap -d 'Dirty bitmap file (created if absent)' -r -F
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand up" -l sync -d 'Initial sync: full (default for a new bitmap), none (declare the pair identical), resume (default for an existing bitmap: copy only what it marks dirty)' -r -f -a "full\t'Copy everything: a new bitmap with every bit set, durable before the first copy, so an interrupted initial sync resumes where it stopped'
 none\t'The user declares source and target identical: a new bitmap with every bit clear'
@@ -136,6 +145,9 @@ complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand up" -l copies -d
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand up" -l buffer -d 'Size of each copy buffer (memory used: copies x buffer)' -r
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand up" -l checkpoint-bytes -d 'Make progress durable (target flush, bitmap update) after this much data...' -r
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand up" -l checkpoint-secs -d '...or this many seconds, so an interrupted sync resumes near where it stopped' -r
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand up" -l tls-ca -d 'nbds target: the CA certificate(s), PEM, that signed the server\'s certificate [default: the system\'s trust store]' -r -F
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand up" -l tls-cert -d 'nbds target: this client\'s certificate, PEM, for a server that asks for one (mutual TLS)' -r -F
+complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand up" -l tls-key -d 'nbds target: the private key of --tls-cert, PEM; refused if other users may read it' -r -F
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand up" -l speed -d 'Copy bandwidth limit in bytes per second (K/M/G suffixes; 0 = unlimited); `set` changes it' -r
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand up" -l busy-speed -d 'While applications use the device (at least 128 requests/s) the background copy yields: it runs at most this fast (K/M/G suffixes), like md\'s speed_limit_min or DRBD\'s c-min-rate; at full --speed otherwise. 0 = never yield (the copy competes with applications for CPU and disk). `set` changes it' -r
 complete -c ublk-mirror -n "__fish_ublk_mirror_using_subcommand up" -l mode -d 'background: writes complete on the source and the mirror copies behind them; write-blocking: writes complete once on source and target (file and block device targets); async: writes complete once on the source and in a replication buffer, and are shipped to the target in order of the device\'s flushes, so the target is a crash image of the source at every consistent point (DRBD\'s protocol A); behind (buffer full, target failing) it falls back to background and resumes once caught up' -r -f -a "background\t'Writes complete once on the source; the mirror copies dirty regions behind them'

@@ -73,6 +73,7 @@ fn main() {
         granularity: None,
         direct: DirectMode::Auto,
         source_writable: true,
+        tls: Default::default(),
     };
     let (engine, mut tgt, _) = Engine::open(&pair).expect("open the pair");
     let engine = Arc::new(engine);

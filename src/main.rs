@@ -216,6 +216,7 @@ fn add_options(a: AddArgs) -> AddOptions {
             granularity: a.granularity,
             direct: a.copy.direct,
             source_writable: true,
+            tls: a.tls.files(),
         },
         copy,
         id: a.id,
@@ -258,6 +259,8 @@ fn cmd_recover(id: u32, foreground: bool) -> CliResult {
             granularity: None,
             direct: DirectMode::Auto,
             source_writable: true,
+            // Taken from the device's saved configuration.
+            tls: Default::default(),
         },
         copy: CopyConfig::default(),
         id: number,
@@ -497,6 +500,7 @@ fn cmd_sync(a: SyncArgs) -> CliResult {
         granularity: a.granularity,
         direct: a.copy.direct,
         source_writable: false,
+        tls: a.tls.files(),
     };
     let copy = copy_config(&a.copy);
     let mut progress = Progress::new("sync", a.json);
@@ -565,7 +569,14 @@ fn cmd_verify(a: VerifyArgs) -> CliResult {
     let (Some(source), Some(target)) = (a.source, a.target) else {
         return Err("give --source and --target (or -n ID for a live device)".into());
     };
-    let opts = VerifyOptions { source, target, bitmap: a.bitmap.clone(), granularity: a.granularity, direct: a.direct };
+    let opts = VerifyOptions {
+        source,
+        target,
+        bitmap: a.bitmap.clone(),
+        granularity: a.granularity,
+        direct: a.direct,
+        tls: a.tls.files(),
+    };
     let mut progress = Progress::new("verify", a.json);
     let every = progress.every();
     let t0 = std::time::Instant::now();

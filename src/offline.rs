@@ -74,6 +74,8 @@ pub struct VerifyOptions {
     /// Region size for the report when there is no bitmap.
     pub granularity: Option<u64>,
     pub direct: DirectMode,
+    /// TLS files for an `nbds://` target.
+    pub tls: crate::io::nbd::tls::TlsFiles,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -130,8 +132,9 @@ pub type VerifyProgress<'a> = Option<(&'a mut dyn FnMut(&VerifyReport), Duration
 pub fn verify_with_progress(opts: &VerifyOptions, mut progress: VerifyProgress<'_>) -> Result<VerifyReport> {
     let source = Backing::open(&opts.source, "source", false, opts.direct)?;
     let mut target = if is_uri(&opts.target) {
-        VerifyTarget::Other(open_target(&opts.target, opts.direct)?)
+        VerifyTarget::Other(open_target(&opts.target, opts.direct, &opts.tls)?)
     } else {
+        crate::io::check_no_tls(&opts.target, &opts.tls)?;
         VerifyTarget::File(Backing::open(&opts.target, "target", false, opts.direct)?)
     };
     let (target_size, target_identity) = match &target {

@@ -123,6 +123,7 @@ fn inode_only_fingerprints_of_an_older_header_are_accepted_and_upgraded() {
         bitmap: Some(f.bitmap.clone()),
         granularity: None,
         direct: ublk_mirror::io::backing::DirectMode::Auto,
+        tls: Default::default(),
     };
     assert!(offline::verify(&opts).expect("verify --bitmap with an older header").identical());
     let (engine, _target, _) = Engine::open(&f.pair(None, None)).expect("an older header of the same pair opens");

@@ -23,6 +23,7 @@ fn verify_opts(f: &Files) -> VerifyOptions {
         bitmap: Some(f.bitmap.clone()),
         granularity: None,
         direct: DirectMode::Auto,
+        tls: Default::default(),
     }
 }
 

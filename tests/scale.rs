@@ -75,6 +75,7 @@ fn a_16_tib_sparse_pair_syncs_resyncs_and_verifies() {
         bitmap: Some(f.bitmap.clone()),
         granularity: None,
         direct: ublk_mirror::io::backing::DirectMode::Auto,
+        tls: Default::default(),
     })
     .expect("verify");
     assert!(v.identical(), "{:?}", v.differing);

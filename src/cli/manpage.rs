@@ -126,6 +126,7 @@ pub fn render() -> String {
     section(&mut roff, "EXAMPLES");
     let examples = [
         ("Mirror a disk to an image file on another disk (a full sync first):", "ublk-mirror add --source /dev/sdb --target /backup/sdb.img --bitmap /var/lib/ublk-mirror/sdb.bitmap"),
+        ("Mirror it to a remote machine over TLS, its NBD server checked against your CA (on the remote: qemu-nbd --object tls-creds-x509,id=t0,dir=/etc/pki/qemu,endpoint=server --tls-creds t0 -x disk1 -f raw /srv/disk1.img):", "ublk-mirror add -s /dev/sdb -t nbds://backup.example/disk1 -b /var/lib/ublk-mirror/sdb.bitmap --tls-ca /etc/ublk-mirror/tls/ca.pem"),
         ("Watch it, then remove it once the target is a consistent copy:", "ublk-mirror status -n 0; ublk-mirror del -n 0 --wait-synced"),
         ("After the daemon died (the device waits, I/O blocks):", "ublk-mirror recover -n 0"),
         ("Bring a copy up to date offline, then check it:", "ublk-mirror sync -s disk.img -t copy.img -b disk.bitmap && ublk-mirror verify -s disk.img -t copy.img -b disk.bitmap"),
@@ -154,7 +155,7 @@ pub fn render() -> String {
 /// `systemd/` and the `ublk-mirror.conf(5)` page are both made from this list.
 pub const CONF_KEYS: &[(&str, &str, &str)] = &[
     ("SOURCE", "The device's data: a block device (prefer a stable path under /dev/disk/by-id, by-uuid or by-partuuid: the udev rules match it when the disk appears) or a file.", "/dev/disk/by-id/ata-EXAMPLE-SERIAL"),
-    ("TARGET", "The mirror, at least as large as the source: a block device or a file.", "/srv/mirrors/example.img"),
+    ("TARGET", "The mirror, at least as large as the source: a block device, a file, or an NBD export (nbd://HOST[:PORT]/EXPORT; nbds://... over TLS, with --tls-ca, --tls-cert and --tls-key in OPTIONS).", "/srv/mirrors/example.img"),
     ("BITMAP", "The persistent dirty bitmap, created with a full sync on the first start. Keep it on a local, journaled file system.", "/var/lib/ublk-mirror/example.bitmap"),
     ("OPTIONS", "Further options of ublk-mirror add, for example queues, depth, granularity, copy speed, copy mode and max lag (see ublk-mirror(8)).", "-q 2 --speed 200M --max-lag 30s"),
     ("STOP_TIMEOUT", "Seconds that stopping the unit waits for a consistent point before removing the device anyway.", "120"),

@@ -237,7 +237,9 @@ pub struct AddArgs {
     /// Source file or block device: the device's data lives here.
     #[arg(long, short = 's')]
     pub source: PathBuf,
-    /// Target file or block device, at least as large as the source.
+    /// Target, at least as large as the source: a file, a block device, or an NBD export
+    /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH; nbds:// and nbds+unix:// over
+    /// TLS, see --tls-ca).
     #[arg(long, short = 't')]
     pub target: PathBuf,
     /// Dirty bitmap file (created if absent).
@@ -281,6 +283,8 @@ pub struct AddArgs {
     pub foreground: bool,
     #[command(flatten)]
     pub copy: CopyArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Copy bandwidth limit in bytes per second (K/M/G suffixes; 0 = unlimited); `set` changes it.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     pub speed: u64,
@@ -331,7 +335,7 @@ pub struct SyncArgs {
     /// Source file or block device (read only).
     #[arg(long, short = 's')]
     pub source: PathBuf,
-    /// Target file or block device, at least as large as the source.
+    /// Target, at least as large as the source: a file, a block device or an NBD URI (as for add).
     #[arg(long, short = 't')]
     pub target: PathBuf,
     /// Dirty bitmap file; created (with a full sync) if absent.
@@ -349,9 +353,34 @@ pub struct SyncArgs {
     pub granularity: Option<u64>,
     #[command(flatten)]
     pub copy: CopyArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// TLS for an `nbds://` (or `nbds+unix://`) target.
+#[derive(Args, Clone, Debug, Default)]
+pub struct TlsArgs {
+    /// nbds target: the CA certificate(s), PEM, that signed the server's certificate [default:
+    /// the system's trust store].
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// nbds target: this client's certificate, PEM, for a server that asks for one (mutual TLS).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// nbds target: the private key of --tls-cert, PEM; refused if other users may read it.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The files, as absolute paths (the daemon does not keep the caller's directory).
+    pub fn files(&self) -> crate::io::nbd::tls::TlsFiles {
+        let abs = |p: &Option<PathBuf>| p.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+        crate::io::nbd::tls::TlsFiles { ca: abs(&self.tls_ca), cert: abs(&self.tls_cert), key: abs(&self.tls_key) }
+    }
 }
 
 #[derive(Args)]
@@ -382,7 +411,7 @@ pub struct VerifyArgs {
     /// Source file or block device.
     #[arg(long, short = 's', required_unless_present = "id")]
     pub source: Option<PathBuf>,
-    /// Target file or block device.
+    /// Target: a file, a block device or an NBD URI (as for add).
     #[arg(long, short = 't', required_unless_present = "id")]
     pub target: Option<PathBuf>,
     /// The pair's bitmap: differing regions whose bit is clear are reported as a bug.
@@ -394,6 +423,8 @@ pub struct VerifyArgs {
     /// O_DIRECT use, as for sync.
     #[arg(long, value_enum, default_value = "auto")]
     pub direct: DirectMode,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

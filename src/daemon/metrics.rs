@@ -340,6 +340,7 @@ mod tests {
             granularity: None,
             direct: crate::io::backing::DirectMode::Auto,
             source_writable: true,
+            tls: Default::default(),
         };
         let (engine, _t, _) = crate::engine::Engine::open(&pair).expect("open");
         let read = |e: &crate::engine::Engine| -> Snapshot {

@@ -84,6 +84,9 @@ pub struct SavedConfig {
     /// recovered daemon goes on writing there. `None` (from before it was saved): the default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_log: Option<PathBuf>,
+    /// The TLS files of an `nbds://` target, for the recovered daemon's connections.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "lenient")]
+    pub tls: Option<crate::io::nbd::tls::TlsFiles>,
 }
 
 impl SavedConfig {

@@ -164,6 +164,7 @@ fn prepare_recover(id: u32, direct: crate::io::backing::DirectMode) -> Result<Se
         granularity: None,
         direct,
         source_writable: true,
+        tls: saved.tls.unwrap_or_default(),
     };
     let r = old.start_user_recover().map_err(uerr("start recovery"))?;
     if r < 0 {
@@ -295,6 +296,7 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         on_consistent: copy.on_consistent.as_ref().map(SavedHook::new),
         affinity: Some(affinity),
         event_log: Some(event_log.clone()),
+        tls: (!pair.tls.is_empty()).then(|| pair.tls.clone()),
     };
     // Fails only for a path that is not UTF-8 (JSON has no other way to hold it).
     let data = serde_json::to_value(&saved).map_err(|e| Error::config(format!("saving the device's configuration: {e}")))?;

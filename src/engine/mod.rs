@@ -64,6 +64,8 @@ pub struct PairOptions {
     pub direct: DirectMode,
     /// Open the source for writing (the device does; offline sync and verify do not).
     pub source_writable: bool,
+    /// TLS files for an `nbds://` target.
+    pub tls: crate::io::nbd::tls::TlsFiles,
 }
 
 pub struct LockedState {
@@ -166,8 +168,9 @@ impl Engine {
         // Files and block devices are checked against the source here; a network target
         // checks what it can at connect time.
         let (target, target_hint): (BoxTarget, String) = if is_uri(&opts.target) {
-            (open_target(&opts.target, opts.direct)?, "use a larger export".to_string())
+            (open_target(&opts.target, opts.direct, &opts.tls)?, "use a larger export".to_string())
         } else {
+            crate::io::check_no_tls(&opts.target, &opts.tls)?;
             let t = open_file_target(&opts.target, opts.direct)?;
             let tb = t.backing();
             if same_file(&source, tb) {

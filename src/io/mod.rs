@@ -18,17 +18,34 @@ pub mod uring;
 /// True if `spec` names a network target (a URI) rather than a path.
 pub fn is_uri(spec: &std::path::Path) -> bool {
     let s = spec.to_string_lossy();
-    s.starts_with("nbd://") || s.starts_with("nbd+unix://")
+    ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"].iter().any(|p| s.starts_with(p))
 }
 
-/// Opens a target: a file or block device path, or a network target URI.
-pub fn open_target(spec: &std::path::Path, direct: backing::DirectMode) -> crate::Result<target::BoxTarget> {
+/// Opens a target: a file or block device path, or a network target URI (over TLS with
+/// `tls`'s files if it asks for TLS).
+pub fn open_target(
+    spec: &std::path::Path,
+    direct: backing::DirectMode,
+    tls: &nbd::tls::TlsFiles,
+) -> crate::Result<target::BoxTarget> {
     if is_uri(spec) {
         let uri = spec.to_str().ok_or_else(|| {
             crate::Error::config(format!("target {}: an NBD URI must be valid UTF-8", spec.display()))
         })?;
-        return Ok(Box::new(nbd::NbdTarget::open(uri)?));
+        return Ok(Box::new(nbd::NbdTarget::open(uri, tls)?));
     }
+    check_no_tls(spec, tls)?;
     Ok(Box::new(target::open_file_target(spec, direct)?))
+}
+
+/// Refuses TLS files with a target that is a path: they would be ignored.
+pub fn check_no_tls(spec: &std::path::Path, tls: &nbd::tls::TlsFiles) -> crate::Result<()> {
+    if tls.is_empty() {
+        return Ok(());
+    }
+    Err(crate::Error::config(format!(
+        "target {}: TLS files (--tls-ca, --tls-cert, --tls-key) only apply to an nbds:// target",
+        spec.display()
+    )))
 }
 

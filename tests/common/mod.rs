@@ -37,6 +37,7 @@ impl Files {
             granularity,
             direct: DirectMode::Auto,
             source_writable: true,
+            tls: Default::default(),
         }
     }
 }

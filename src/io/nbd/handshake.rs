@@ -5,9 +5,17 @@
 //! servers that do not know `NBD_OPT_GO`. Simple replies only: structured replies are not
 //! negotiated, so the server answers every request with one 16-byte header (plus the data of
 //! a successful read).
+//!
+//! With TLS, `NBD_OPT_STARTTLS` is the first option: a server that does not acknowledge it
+//! ends the attempt (no fall back to clear text: nothing but the greeting and that option has
+//! crossed the wire), and the rest, `NBD_OPT_GO` included, goes through TLS. There is no
+//! `NBD_OPT_EXPORT_NAME` fallback over TLS (the protocol's advice: its zero padding depends on
+//! a flag sent in clear, which a man in the middle could change).
 
 use super::proto::*;
+use super::tls::{explain_io, TlsClient, TlsProblem};
 use super::uri::{Endpoint, NbdUri};
+use rustls::ClientConnection;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -191,12 +199,43 @@ fn set_keepalive(fd: RawFd) {
     set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
 }
 
+/// What the handshake talks through: the socket, or TLS over it.
+pub trait Chan: Read + Write {
+    fn sock(&self) -> &Stream;
+    fn is_tls(&self) -> bool {
+        false
+    }
+}
+
+impl Chan for Stream {
+    fn sock(&self) -> &Stream {
+        self
+    }
+}
+
+impl Chan for rustls::Stream<'_, ClientConnection, Stream> {
+    fn sock(&self) -> &Stream {
+        self.sock
+    }
+    fn is_tls(&self) -> bool {
+        true
+    }
+}
+
+/// An I/O error of the handshake, with what it was doing; a TLS error explained.
+fn io_context(s: &impl Chan, e: io::Error, what: &str) -> io::Error {
+    if let Some(e) = s.is_tls().then(|| explain_io(&e)).flatten() {
+        return e;
+    }
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
 /// Reads exactly `buf.len()` bytes before `deadline` (each read waits at most the time left).
-fn read_by(s: &mut Stream, buf: &mut [u8], deadline: Instant, what: &str) -> io::Result<()> {
+fn read_by(s: &mut impl Chan, buf: &mut [u8], deadline: Instant, what: &str) -> io::Result<()> {
     let mut got = 0;
     while got < buf.len() {
         let t = left(deadline).map_err(|_| timeout(what))?;
-        s.set_read_timeout(Some(t))?;
+        s.sock().set_read_timeout(Some(t))?;
         match s.read(&mut buf[got..]) {
             Ok(0) => {
                 return Err(io::Error::new(
@@ -209,7 +248,7 @@ fn read_by(s: &mut Stream, buf: &mut [u8], deadline: Instant, what: &str) -> io:
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 return Err(timeout(what))
             }
-            Err(e) => return Err(io::Error::new(e.kind(), format!("reading {what}: {e}"))),
+            Err(e) => return Err(io_context(s, e, &format!("reading {what}"))),
         }
     }
     Ok(())
@@ -219,9 +258,11 @@ fn timeout(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, format!("no answer from the server in time (waiting for {what})"))
 }
 
-fn write_by(s: &mut Stream, buf: &[u8], deadline: Instant, what: &str) -> io::Result<()> {
-    s.set_write_timeout(Some(left(deadline).map_err(|_| timeout(what))?))?;
-    s.write_all(buf).map_err(|e| io::Error::new(e.kind(), format!("sending {what}: {e}")))
+fn write_by(s: &mut impl Chan, buf: &[u8], deadline: Instant, what: &str) -> io::Result<()> {
+    s.sock().set_write_timeout(Some(left(deadline).map_err(|_| timeout(what))?))?;
+    // (Over TLS, flush sends what the write encrypted.)
+    let r = s.write_all(buf).and_then(|_| s.flush());
+    r.map_err(|e| io_context(s, e, &format!("sending {what}")))
 }
 
 fn u16_at(b: &[u8], i: usize) -> u16 {
@@ -246,9 +287,15 @@ fn printable(b: &[u8]) -> String {
     s.trim().to_string()
 }
 
-/// Negotiates `export` on a fresh connection; on success the stream is in the transmission
-/// phase with simple replies.
-pub fn handshake(s: &mut Stream, export: &str, deadline: Instant) -> io::Result<Export> {
+/// Negotiates `export` on a fresh connection, over TLS if `tls` is given; on success the
+/// stream is in the transmission phase with simple replies, and the TLS connection, if any, is
+/// returned for it.
+pub fn handshake(
+    s: &mut Stream,
+    export: &str,
+    deadline: Instant,
+    tls: Option<&TlsClient>,
+) -> io::Result<(Export, Option<ClientConnection>)> {
     let mut b = [0u8; 18];
     read_by(s, &mut b, deadline, "the greeting")?;
     if u64_at(&b, 0) != NBDMAGIC {
@@ -271,7 +318,46 @@ pub fn handshake(s: &mut Stream, export: &str, deadline: Instant) -> io::Result<
     let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
     let cflags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
     write_by(s, &cflags.to_be_bytes(), deadline, "the client flags")?;
+    let Some(tls) = tls else {
+        return go(s, export, Some(no_zeroes), deadline).map(|e| (e, None));
+    };
+    send_option(s, OPT_STARTTLS, &[], deadline)?;
+    let (rtype, payload) = read_option_reply(s, OPT_STARTTLS, deadline)?;
+    if rtype != REP_ACK {
+        let msg = printable(&payload);
+        let extra = if msg.is_empty() { String::new() } else { format!(": {msg}") };
+        let why = if rtype & REP_ERR_BIT != 0 { rep_err_name(rtype).to_string() } else { format!("reply type {rtype:#x}") };
+        return Err(TlsProblem::io(
+            format!("the server does not offer TLS ({why}{extra}); nothing was sent in clear"),
+            "enable TLS on the server (qemu-nbd --tls-creds, nbdkit --tls=require), or use nbd:// to connect without it",
+        ));
+    }
+    let mut conn = tls.connection()?;
+    tls_handshake(&mut conn, s, deadline)?;
+    let e = go(&mut rustls::Stream::new(&mut conn, s), export, None, deadline)?;
+    Ok((e, Some(conn)))
+}
 
+/// Runs the TLS handshake over `s` before `deadline`.
+fn tls_handshake(conn: &mut ClientConnection, s: &mut Stream, deadline: Instant) -> io::Result<()> {
+    const WHAT: &str = "the TLS handshake";
+    while conn.is_handshaking() {
+        let t = left(deadline).map_err(|_| timeout(WHAT))?;
+        s.set_read_timeout(Some(t))?;
+        s.set_write_timeout(Some(t))?;
+        match conn.complete_io(s) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Err(timeout(WHAT)),
+            Err(e) => return Err(explain_io(&e).unwrap_or_else(|| io::Error::new(e.kind(), format!("{WHAT}: {e}")))),
+        }
+    }
+    Ok(())
+}
+
+/// `NBD_OPT_GO` for `export`; `fallback`: `NBD_OPT_EXPORT_NAME` may replace it, the server
+/// having offered (`Some(true)`) or not `NBD_FLAG_NO_ZEROES`.
+fn go(s: &mut impl Chan, export: &str, fallback: Option<bool>, deadline: Instant) -> io::Result<Export> {
     // NBD_OPT_GO: name length, name, 2 information requests.
     let name = export.as_bytes();
     let mut data = Vec::with_capacity(name.len() + 10);
@@ -308,7 +394,15 @@ pub fn handshake(s: &mut Stream, export: &str, deadline: Instant) -> io::Result<
                     _ => {}
                 }
             }
-            REP_ERR_UNSUP => return export_name(s, export, no_zeroes, deadline),
+            REP_ERR_UNSUP if fallback.is_some() => {
+                return export_name(s, export, fallback == Some(true), deadline)
+            }
+            REP_ERR_TLS_REQD => {
+                return Err(TlsProblem::io(
+                    format!("the server requires TLS for export {export:?}"),
+                    "connect with nbds://... (and --tls-ca FILE, the CA that signed the server's certificate)",
+                ))
+            }
             t if t & REP_ERR_BIT != 0 => {
                 let msg = printable(&payload);
                 let extra = if msg.is_empty() { String::new() } else { format!(": {msg}") };
@@ -323,7 +417,7 @@ pub fn handshake(s: &mut Stream, export: &str, deadline: Instant) -> io::Result<
     Err(proto_err(format!("more than {MAX_OPTION_REPLIES} replies to one option")))
 }
 
-fn send_option(s: &mut Stream, opt: u32, data: &[u8], deadline: Instant) -> io::Result<()> {
+fn send_option(s: &mut impl Chan, opt: u32, data: &[u8], deadline: Instant) -> io::Result<()> {
     let mut m = Vec::with_capacity(16 + data.len());
     m.extend_from_slice(&IHAVEOPT.to_be_bytes());
     m.extend_from_slice(&opt.to_be_bytes());
@@ -332,7 +426,7 @@ fn send_option(s: &mut Stream, opt: u32, data: &[u8], deadline: Instant) -> io::
     write_by(s, &m, deadline, "an option")
 }
 
-fn read_option_reply(s: &mut Stream, opt: u32, deadline: Instant) -> io::Result<(u32, Vec<u8>)> {
+fn read_option_reply(s: &mut impl Chan, opt: u32, deadline: Instant) -> io::Result<(u32, Vec<u8>)> {
     let mut h = [0u8; 20];
     read_by(s, &mut h, deadline, "an option reply")?;
     if u64_at(&h, 0) != OPT_REPLY_MAGIC {
@@ -351,7 +445,7 @@ fn read_option_reply(s: &mut Stream, opt: u32, deadline: Instant) -> io::Result<
 }
 
 /// The old way in, for servers without NBD_OPT_GO: no error replies, no size constraints.
-fn export_name(s: &mut Stream, export: &str, no_zeroes: bool, deadline: Instant) -> io::Result<Export> {
+fn export_name(s: &mut impl Chan, export: &str, no_zeroes: bool, deadline: Instant) -> io::Result<Export> {
     send_option(s, OPT_EXPORT_NAME, export.as_bytes(), deadline)?;
     let mut b = [0u8; 10 + 124];
     let n = if no_zeroes { 10 } else { b.len() };
@@ -497,7 +591,7 @@ mod tests {
         s.extend(opt_reply(OPT_GO, REP_INFO, &p));
         s.extend(opt_reply(OPT_GO, REP_INFO, &[0, 2, b'h', b'i'])); // a description: ignored
         s.extend(opt_reply(OPT_GO, REP_ACK, &[]));
-        let e = handshake(&mut scripted(s), "x", soon()).unwrap();
+        let e = handshake(&mut scripted(s), "x", soon(), None).unwrap().0;
         assert_eq!(e, Export { size: 1 << 20, flags: 0x4d, min_block: 512, preferred_block: 4096, max_payload: 1 << 20 });
     }
 
@@ -536,7 +630,7 @@ mod tests {
             ([greeting(1), opt_reply(OPT_GO, 77, &[])].concat(), "unexpected option reply type"),
         ];
         for (script, want) in cases {
-            let e = handshake(&mut scripted(script), "x", soon()).unwrap_err();
+            let e = handshake(&mut scripted(script), "x", soon(), None).unwrap_err();
             assert!(e.to_string().contains(want), "want {want:?}, got: {e}");
         }
     }
@@ -545,7 +639,7 @@ mod tests {
     fn silent_server_times_out() {
         let (a, _b) = UnixStream::pair().unwrap();
         let t0 = Instant::now();
-        let e = handshake(&mut Stream::Unix(a), "x", Instant::now() + Duration::from_millis(200)).unwrap_err();
+        let e = handshake(&mut Stream::Unix(a), "x", Instant::now() + Duration::from_millis(200), None).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
         // The 200 ms deadline, with room for a loaded machine (without it: for ever).
         assert!(t0.elapsed() < Duration::from_secs(5));
@@ -558,7 +652,7 @@ mod tests {
         s.extend_from_slice(&(1u64 << 20).to_be_bytes());
         s.extend_from_slice(&5u16.to_be_bytes());
         s.extend_from_slice(&[0u8; 124]);
-        let e = handshake(&mut scripted(s), "", soon()).unwrap();
+        let e = handshake(&mut scripted(s), "", soon(), None).unwrap().0;
         assert_eq!((e.size, e.flags, e.min_block), (1 << 20, 5, 1));
     }
 }

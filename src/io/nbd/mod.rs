@@ -26,13 +26,20 @@
 //!   Operations submitted while broken fail through a NOP SQE (the mirror only hears from the
 //!   target through completions). A one-second timer SQE runs while requests are in flight and
 //!   breaks the connection when nothing moved for [`NbdTarget::set_request_timeout`].
+//! - **TLS** ([`tls`], `nbds://`): the handshake runs blocking, like the rest of the
+//!   negotiation; in the transmission phase the rustls connection is driven from the ring: a
+//!   batch's pieces are encrypted into one ciphertext buffer, sent by the same one-SQE-at-a-time
+//!   logic, and its requests count as sent when all of it has left; every receive goes into a
+//!   ciphertext buffer, whose decrypted bytes feed the same reply parser (read data is decrypted
+//!   straight into the caller's buffer when no reply header is pending).
 //! - **Reconnecting.** [`Target::reset`] on a broken connection connects and negotiates again
-//!   (one second at most). The old connection's SQEs may still be in flight: the connection is
+//!   (one second at most; over TLS with a full handshake and certificate check). The old connection's SQEs may still be in flight: the connection is
 //!   kept, with its buffers, until they complete. SQEs carry a connection generation, so their
 //!   completions are never taken for the new connection's.
 
 mod handshake;
 mod proto;
+pub mod tls;
 pub mod uri;
 
 pub use handshake::Export;
@@ -43,10 +50,12 @@ use slab::Slab;
 use crate::io::target::{Target, TargetDone, TargetOp};
 use crate::io::uring::{push, Owner, Ring};
 use handshake::Stream;
+use rustls::ClientConnection;
+use tls::{TlsClient, TlsFiles};
 use io_uring::{opcode, types};
 use proto::*;
 use std::collections::VecDeque;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
@@ -67,6 +76,11 @@ const MAX_IOV: usize = 64;
 const MAX_ZERO_REQUEST: u32 = 1 << 30;
 /// Zero buffer for servers without WRITE_ZEROES.
 const ZERO_BUF: u32 = 1 << 20;
+/// TLS: ciphertext receive buffer (a few TLS records).
+const CRX_SIZE: usize = 256 << 10;
+/// TLS: a send batch stops taking requests once it holds this many bytes (its ciphertext is
+/// one buffer).
+const TLS_BATCH: usize = 4 << 20;
 
 // Kinds of SQE, in the high bits of `sub`; the low 32 bits carry the connection generation.
 const K_RECV: u64 = 1;
@@ -123,6 +137,8 @@ enum RxState {
 enum RecvInto {
     /// The receive buffer.
     Rx,
+    /// TLS: the ciphertext buffer.
+    Cipher,
     /// The data buffer of the read in this request slot.
     Payload(usize),
 }
@@ -138,6 +154,8 @@ struct SendBatch {
     /// bytes left.
     reqs: Vec<(usize, usize)>,
     rfirst: usize,
+    /// TLS: the batch's ciphertext (the one piece sent), not touched while a send is posted.
+    cipher: Vec<u8>,
 }
 
 impl SendBatch {
@@ -151,6 +169,7 @@ impl SendBatch {
             msg: unsafe { std::mem::zeroed() },
             reqs: Vec::with_capacity(MAX_IOV),
             rfirst: 0,
+            cipher: Vec::new(),
         })
     }
 }
@@ -168,11 +187,17 @@ struct Conn {
     send_posted: bool,
     /// Request slots waiting to be sent, in order.
     sendq: VecDeque<usize>,
+    /// TLS: the session, and the ciphertext receive buffer (empty without TLS).
+    tls: Option<Box<ClientConnection>>,
+    crx: Box<[u8]>,
 }
 
 impl Conn {
-    fn new(stream: Stream, gen: u32) -> Conn {
+    fn new(stream: Stream, gen: u32, tls: Option<ClientConnection>) -> Conn {
+        let crx = if tls.is_some() { vec![0u8; CRX_SIZE].into_boxed_slice() } else { Box::default() };
         Conn {
+            tls: tls.map(Box::new),
+            crx,
             gen,
             stream,
             rx: vec![0u8; RX_SIZE].into_boxed_slice(),
@@ -194,6 +219,8 @@ impl Conn {
 /// A target behind an NBD server.
 pub struct NbdTarget {
     uri: NbdUri,
+    /// TLS (`nbds`): the client every (re)connection negotiates with.
+    tls: Option<TlsClient>,
     /// The normalized URI: the target's name in messages and its identity.
     name: String,
     addrs: Vec<SocketAddr>,
@@ -245,10 +272,22 @@ fn check_usable(e: &Export) -> Result<(), (io::Error, &'static str)> {
 }
 
 impl NbdTarget {
-    /// Connects to the export named by `uri` and negotiates (at most [`OPEN_TIMEOUT`]).
-    pub fn open(uri: &str) -> crate::Result<NbdTarget> {
+    /// Connects to the export named by `uri` and negotiates (at most [`OPEN_TIMEOUT`]), over
+    /// TLS with `tls`'s files if the URI asks for it (`nbds`).
+    pub fn open(uri: &str, tls: &TlsFiles) -> crate::Result<NbdTarget> {
         let parsed = NbdUri::parse(uri).map_err(|e| Error::config(format!("target: {e}")))?;
         let name = parsed.normalized();
+        let tls = match (parsed.tls, parsed.tls_name()) {
+            (true, Some(host)) => Some(TlsClient::new(tls, host).map_err(|e| Error::config(format!("target {name}: {e}")))?),
+            (true, None) => return Err(Error::config(format!("target {name}: no name to check the certificate for: add &tls-hostname=NAME"))),
+            (false, _) if !tls.is_empty() => {
+                return Err(Error::config(format!(
+                    "target {name}: TLS files given (--tls-ca, --tls-cert, --tls-key) but the URI \
+                     does not ask for TLS: write nbds://... (or nbds+unix://...)"
+                )))
+            }
+            (false, _) => None,
+        };
         let fail = |what: &str, fix: String, source: io::Error| Error::Open {
             role: "target",
             path: PathBuf::from(&name),
@@ -266,12 +305,12 @@ impl NbdTarget {
                 e,
             )
         })?;
-        let export = handshake::handshake(&mut stream, &parsed.export, deadline).map_err(|e| {
-            fail(
-                &format!("NBD handshake with {} failed", parsed.server()),
-                "check that the URI names an NBD server (fixed newstyle) and an export it has".into(),
-                e,
-            )
+        let (export, session) = handshake::handshake(&mut stream, &parsed.export, deadline, tls.as_ref()).map_err(|e| {
+            let what = format!("NBD handshake with {} failed", parsed.server());
+            match tls::TlsProblem::of(&e) {
+                Some(p) => fail(&what, p.fix.clone(), io::Error::new(e.kind(), p.problem.clone())),
+                None => fail(&what, "check that the URI names an NBD server (fixed newstyle) and an export it has".into(), e),
+            }
         })?;
         check_usable(&export).map_err(|(e, fix)| fail("cannot use this export", fix.into(), e))?;
         // Transmission goes through the ring, which never blocks on the socket; the handshake
@@ -288,11 +327,12 @@ impl NbdTarget {
         );
         Ok(NbdTarget {
             uri: parsed,
+            tls,
             name,
             addrs,
             open_block: export.min_block.max(512),
             export,
-            conn: Some(Conn::new(stream, 1)),
+            conn: Some(Conn::new(stream, 1, session)),
             gen: 1,
             retired: Vec::new(),
             broken: None,
@@ -381,8 +421,15 @@ impl NbdTarget {
         }
         let NbdTarget { conn, reqs, .. } = self;
         let Some(conn) = conn.as_mut() else { return Ok(()) };
-        if !conn.send_posted && !conn.sendq.is_empty() {
+        let tls_wants = conn.tls.as_ref().is_some_and(|t| t.wants_write());
+        if !conn.send_posted && (!conn.sendq.is_empty() || tls_wants) {
             fill_batch(conn, reqs);
+            if let Some(t) = conn.tls.as_mut() {
+                // SAFETY: the batch's pieces were just filled from live requests (headers in
+                // boxed requests, payloads lent until the reply), and nothing posted uses the
+                // batch (send_posted is false).
+                unsafe { encrypt_batch(&mut conn.send, t) }?;
+            }
             if conn.send.n > 0 {
                 post_send(conn, ring)?;
             }
@@ -533,8 +580,17 @@ impl NbdTarget {
                 n = 0;
             }
         }
+        let more = b.first < b.n;
         let mut n = res as usize;
         let mut finished = Vec::new();
+        if conn.tls.is_some() {
+            // The bytes sent are ciphertext: the batch's requests are sent with its last byte.
+            if !more {
+                finished.extend(b.reqs[b.rfirst..].iter().map(|&(slot, _)| slot));
+                b.rfirst = b.reqs.len();
+            }
+            n = 0;
+        }
         while n > 0 && b.rfirst < b.reqs.len() {
             let (slot, left) = &mut b.reqs[b.rfirst];
             let k = n.min(*left);
@@ -545,7 +601,6 @@ impl NbdTarget {
                 b.rfirst += 1;
             }
         }
-        let more = b.first < b.n;
         if more {
             post_send(conn, ring).map_err(|e| format!("submitting a send: {e}"))?;
         }
@@ -586,6 +641,11 @@ impl NbdTarget {
         self.last_progress = Instant::now();
         let n = res as usize;
         match into {
+            Some(RecvInto::Cipher) => {
+                self.on_cipher(n.min(CRX_SIZE), done)?;
+                // (kick: TLS may have an answer to send, e.g. to a key update.)
+                return self.kick(ring).map_err(|e| format!("submitting to the ring: {e}"));
+            }
             Some(RecvInto::Rx) => conn.rx_end = (conn.rx_end + n).min(conn.rx.len()),
             Some(RecvInto::Payload(slot)) => {
                 let r = self.reqs.get_mut(slot).ok_or("internal: read data for a request that is gone")?;
@@ -603,6 +663,87 @@ impl NbdTarget {
             post_recv(conn, reqs, ring).map_err(|e| format!("submitting a receive: {e}"))?;
         }
         Ok(())
+    }
+
+    /// TLS: `n` bytes of ciphertext arrived in the connection's `crx`: decrypts them and parses
+    /// what they carry.
+    fn on_cipher(&mut self, n: usize, done: &mut Vec<TargetDone>) -> Result<(), String> {
+        let mut off = 0;
+        let mut stalls = 0;
+        loop {
+            let conn = self.conn.as_mut().ok_or("internal: no connection")?;
+            let tls = conn.tls.as_mut().ok_or("internal: ciphertext without TLS")?;
+            if off < n {
+                let k = tls.read_tls(&mut &conn.crx[off..n]).map_err(|e| format!("TLS: {e}"))?;
+                off += k;
+                stalls = if k == 0 { stalls + 1 } else { 0 };
+                if stalls > 2 {
+                    return Err("internal: TLS takes no more ciphertext".into());
+                }
+            }
+            let state = tls.process_new_packets().map_err(|e| tls::explain(&e).to_string())?;
+            let closed = state.peer_has_closed();
+            self.drain_plaintext(done)?;
+            if closed {
+                let waiting = self.reqs.len();
+                return Err(format!("the server ended the TLS session (close_notify) with {waiting} requests waiting"));
+            }
+            if off >= n {
+                return Ok(());
+            }
+        }
+    }
+
+    /// TLS: hands the decrypted bytes to the reply parser: read data straight into the
+    /// caller's buffer when no header is pending, everything else through the receive buffer.
+    fn drain_plaintext(&mut self, done: &mut Vec<TargetDone>) -> Result<(), String> {
+        loop {
+            let NbdTarget { conn, reqs, .. } = self;
+            let conn = conn.as_mut().ok_or("internal: no connection")?;
+            let tls = conn.tls.as_mut().ok_or("internal: plaintext without TLS")?;
+            let got = match conn.rx_state {
+                RxState::Payload(slot) if conn.rx_start == conn.rx_end => {
+                    let r = reqs.get_mut(slot).ok_or("internal: read data for a request that is gone")?;
+                    // SAFETY: `r.buf` is the destination of a read in flight, valid for `r.len`
+                    // bytes until the operation completes (TargetOp::Read's contract), and
+                    // `r.got < r.len` in this state; no SQE writes there (TLS receives go to
+                    // `crx`).
+                    let dst = unsafe { std::slice::from_raw_parts_mut(r.buf.add(r.got as usize), (r.len - r.got) as usize) };
+                    match tls.reader().read(dst) {
+                        Ok(k) if k > 0 => {
+                            r.got += k as u32;
+                            if r.got == r.len {
+                                conn.rx_state = RxState::Header;
+                                self.replied(slot, 0, done);
+                            }
+                            continue;
+                        }
+                        r => r,
+                    }
+                }
+                _ => {
+                    if conn.rx_start > 0 {
+                        conn.rx.copy_within(conn.rx_start..conn.rx_end, 0);
+                        conn.rx_end -= conn.rx_start;
+                        conn.rx_start = 0;
+                    }
+                    match tls.reader().read(&mut conn.rx[conn.rx_end..]) {
+                        Ok(k) if k > 0 => {
+                            conn.rx_end += k;
+                            self.process_rx(done)?;
+                            continue;
+                        }
+                        r => r,
+                    }
+                }
+            };
+            return match got {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                // Ok(0): the session ended (close_notify): on_cipher reports it.
+                Ok(_) => Ok(()),
+                Err(e) => Err(format!("TLS: {e}")),
+            };
+        }
     }
 
     /// Parses what the receive buffer holds: reply headers and the read data after them.
@@ -695,14 +836,19 @@ impl NbdTarget {
     }
 }
 
-/// Moves requests from the send queue into a new batch.
+/// Moves requests from the send queue into a new batch (over TLS, up to [`TLS_BATCH`] bytes).
 fn fill_batch(conn: &mut Conn, reqs: &Slab<Box<Req>>) {
+    let cap = if conn.tls.is_some() { TLS_BATCH } else { usize::MAX };
+    let mut total = 0;
     let b = &mut *conn.send;
     b.first = 0;
     b.n = 0;
     b.reqs.clear();
     b.rfirst = 0;
     while let Some(&slot) = conn.sendq.front() {
+        if total >= cap {
+            break;
+        }
         let Some(r) = reqs.get(slot) else {
             conn.sendq.pop_front();
             continue;
@@ -720,8 +866,38 @@ fn fill_batch(conn: &mut Conn, reqs: &Slab<Box<Req>>) {
             b.n += 1;
             bytes += r.len as usize;
         }
+        total += bytes;
         b.reqs.push((slot, bytes));
     }
+}
+
+/// TLS: encrypts the batch's pieces into its ciphertext buffer, which becomes its one piece
+/// (with whatever else the session has to send). The requests stay listed in the batch: they
+/// are sent when the ciphertext is.
+///
+/// # Safety
+/// The batch's iovecs must point at live memory of their lengths, and no posted SQE may use the
+/// batch.
+unsafe fn encrypt_batch(b: &mut SendBatch, tls: &mut ClientConnection) -> io::Result<()> {
+    b.cipher.clear();
+    for v in &b.iov[b.first..b.n] {
+        // SAFETY: the caller's contract: the piece is live for its length.
+        let piece = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+        tls.writer().write_all(piece)?;
+        while tls.wants_write() {
+            tls.write_tls(&mut b.cipher)?;
+        }
+    }
+    while tls.wants_write() {
+        tls.write_tls(&mut b.cipher)?;
+    }
+    b.first = 0;
+    b.n = 0;
+    if !b.cipher.is_empty() {
+        b.iov[0] = libc::iovec { iov_base: b.cipher.as_mut_ptr() as *mut libc::c_void, iov_len: b.cipher.len() };
+        b.n = 1;
+    }
+    Ok(())
 }
 
 /// Posts a sendmsg of the current batch's remaining pieces.
@@ -746,6 +922,10 @@ fn post_send(conn: &mut Conn, ring: &mut Ring) -> io::Result<()> {
 fn post_recv(conn: &mut Conn, reqs: &mut Slab<Box<Req>>, ring: &mut Ring) -> io::Result<()> {
     let fd = types::Fd(conn.stream.as_raw_fd());
     let (e, into) = match conn.rx_state {
+        _ if conn.tls.is_some() => {
+            let e = opcode::Recv::new(fd, conn.crx.as_mut_ptr(), conn.crx.len() as u32).build();
+            (e, RecvInto::Cipher)
+        }
         RxState::Payload(slot) if conn.rx_start == conn.rx_end => {
             let r = reqs
                 .get_mut(slot)
@@ -766,8 +946,8 @@ fn post_recv(conn: &mut Conn, reqs: &mut Slab<Box<Req>>, ring: &mut Ring) -> io:
             (e, RecvInto::Rx)
         }
     };
-    // SAFETY: the receive writes into `conn.rx` (boxed, leaked by Drop while a receive is
-    // posted) or into the caller's read buffer, valid until the request completes (Target::
+    // SAFETY: the receive writes into `conn.rx` or `conn.crx` (boxed, leaked by Drop while a
+    // receive is posted) or into the caller's read buffer, valid until the request completes (Target::
     // submit's contract); recv_posted keeps a second receive off both until this one completes.
     unsafe { push(ring, e, Owner::Target, sub(K_RECV, conn.gen)) }?;
     conn.recv_posted = Some(into);
@@ -786,10 +966,11 @@ impl Target for NbdTarget {
     fn block_size(&self) -> u32 {
         self.export.min_block.max(512)
     }
-    /// The normalized URI and the export size: a bitmap made for another export (or this one
-    /// after a resize) is refused.
+    /// The normalized URI (without TLS: the same export over TLS or not is the same data) and
+    /// the export size: a bitmap made for another export (or this one after a resize) is
+    /// refused.
     fn identity(&self) -> (String, u64) {
-        (self.name.clone(), self.export.size)
+        (self.uri.identity(), self.export.size)
     }
     /// The server may take a snapshot at each flush.
     fn flush_publishes(&self) -> bool {
@@ -938,7 +1119,7 @@ impl Target for NbdTarget {
         let deadline = Instant::now() + RESET_TIMEOUT;
         let mut s = handshake::connect(&self.uri, &self.addrs, deadline)
             .map_err(|e| self.error(e.kind(), &format!("reconnecting: {e}")))?;
-        let export = handshake::handshake(&mut s, &self.uri.export, deadline)
+        let (export, session) = handshake::handshake(&mut s, &self.uri.export, deadline, self.tls.as_ref())
             .map_err(|e| self.error(e.kind(), &format!("handshake after reconnecting: {e}")))?;
         if export.size != self.export.size {
             return Err(self.error(
@@ -968,7 +1149,7 @@ impl Target for NbdTarget {
         s.set_read_timeout(None)?;
         s.set_write_timeout(None)?;
         self.gen = self.gen.wrapping_add(1);
-        self.conn = Some(Conn::new(s, self.gen));
+        self.conn = Some(Conn::new(s, self.gen, session));
         self.export = export;
         self.broken = None;
         log::info!("NBD server {}: reconnected", self.name);
@@ -982,7 +1163,21 @@ impl Drop for NbdTarget {
             // A polite goodbye, when no request is half sent. Best effort, bounded.
             if self.broken.is_none() && !c.send_posted {
                 let _ = c.stream.set_write_timeout(Some(Duration::from_secs(1)));
-                let _ = c.stream.write_all(&request(CMD_DISC, 0, 0, 0, 0));
+                let disc = request(CMD_DISC, 0, 0, 0, 0);
+                match c.tls.as_mut() {
+                    Some(t) => {
+                        let _ = t.writer().write_all(&disc);
+                        t.send_close_notify();
+                        while t.wants_write() {
+                            if t.write_tls(&mut c.stream).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    None => {
+                        let _ = c.stream.write_all(&disc);
+                    }
+                }
             }
             c.stream.shutdown();
         }
@@ -994,6 +1189,7 @@ impl Drop for NbdTarget {
         for c in self.conn.iter_mut().chain(self.retired.iter_mut()) {
             if c.busy() {
                 Box::leak(std::mem::take(&mut c.rx));
+                Box::leak(std::mem::take(&mut c.crx));
                 Box::leak(std::mem::replace(&mut c.send, SendBatch::boxed()));
                 leak_zero |= c.send_posted;
             }

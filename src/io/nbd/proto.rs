@@ -12,6 +12,7 @@ pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
 pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
 pub const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_GO: u32 = 7;
 
 pub const REP_ACK: u32 = 1;

@@ -2,18 +2,24 @@
 //!
 //! - `nbd://HOST[:PORT]/EXPORT` (TCP; the port defaults to 10809, an IPv6 address is written
 //!   `[addr]`, the export may be empty: `nbd://HOST` or `nbd://HOST/`);
-//! - `nbd+unix:///EXPORT?socket=PATH` (a Unix domain socket; the authority must be empty).
+//! - `nbd+unix:///EXPORT?socket=PATH` (a Unix domain socket; the authority must be empty);
+//! - `nbds://...` and `nbds+unix://...`: the same over TLS, which must then be negotiated (the
+//!   NBD URI specification's schemes). Their query may carry the specification's TLS
+//!   parameters: `tls-hostname=NAME` (the name the server's certificate must carry; needed over
+//!   a Unix socket), `tls-type=x509` (the only kind supported) and `tls-verify-peer=1` (the
+//!   server is always verified).
 //!
 //! The export and the socket path may be percent-encoded. [`NbdUri::normalized`] is the
-//! canonical spelling (explicit port, absolute socket path), used to name the target and as
-//! its identity in the bitmap.
+//! canonical spelling (explicit port, absolute socket path), used to name the target;
+//! [`NbdUri::identity`], the same without TLS, is its identity in the bitmap (a mirror may
+//! move to TLS and back without a new full sync).
 
 use std::fmt;
 use std::path::PathBuf;
 
 pub const DEFAULT_PORT: u16 = 10809;
 
-const FORMS: &str = "expected nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH";
+const FORMS: &str = "expected nbd[s]://HOST[:PORT]/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -27,6 +33,10 @@ pub enum Endpoint {
 pub struct NbdUri {
     pub endpoint: Endpoint,
     pub export: String,
+    /// TLS is required (`nbds`, `nbds+unix`).
+    pub tls: bool,
+    /// The name the server's certificate must carry, when it is not the URI's host.
+    pub tls_hostname: Option<String>,
 }
 
 /// A URI that cannot be used, with the reason.
@@ -51,10 +61,11 @@ impl NbdUri {
     pub fn parse(uri: &str) -> Result<NbdUri, UriError> {
         let bad = |problem: String| UriError { uri: uri.to_string(), problem };
         let (scheme, rest) = uri.split_once("://").ok_or_else(|| bad("no scheme".into()))?;
-        let unix = match scheme.to_ascii_lowercase().as_str() {
-            "nbd" => false,
-            "nbd+unix" => true,
-            "nbds" | "nbds+unix" => return Err(bad("TLS (nbds) is not supported".into())),
+        let (unix, tls) = match scheme.to_ascii_lowercase().as_str() {
+            "nbd" => (false, false),
+            "nbd+unix" => (true, false),
+            "nbds" => (false, true),
+            "nbds+unix" => (true, true),
             s => return Err(bad(format!("unsupported scheme {s:?}"))),
         };
         if rest.contains('#') {
@@ -72,24 +83,66 @@ impl NbdUri {
         if export.len() > 4096 {
             return Err(bad("export name longer than 4096 bytes".into()));
         }
+        let mut socket = None;
+        let mut tls_hostname = None;
+        for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let v = decode(v).map_err(|p| bad(format!("{k}: {p}")))?;
+            let once = |seen: bool| if seen { Err(bad(format!("{k} given twice"))) } else { Ok(()) };
+            if k.starts_with("tls-") && !tls {
+                return Err(bad(format!("{k} is a TLS parameter: use the nbds or nbds+unix scheme")));
+            }
+            match k {
+                "socket" => {
+                    once(socket.is_some())?;
+                    socket = Some(v);
+                }
+                "tls-hostname" => {
+                    once(tls_hostname.is_some())?;
+                    if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':')) {
+                        return Err(bad(format!("tls-hostname {v:?} is not a host name or address")));
+                    }
+                    tls_hostname = Some(v.to_ascii_lowercase());
+                }
+                "tls-type" => match v.as_str() {
+                    "x509" => {}
+                    "psk" => {
+                        return Err(bad(
+                            "tls-type=psk: pre-shared keys are not supported (the TLS library, rustls, has no \
+                             external PSK); give the server an X.509 certificate"
+                                .into(),
+                        ))
+                    }
+                    "anon" => {
+                        return Err(bad(
+                            "tls-type=anon: anonymous TLS authenticates nobody and is refused; give the \
+                             server an X.509 certificate"
+                                .into(),
+                        ))
+                    }
+                    _ => return Err(bad(format!("tls-type {v:?} (only x509)"))),
+                },
+                "tls-verify-peer" => match v.as_str() {
+                    "1" | "true" => {}
+                    _ => {
+                        return Err(bad(format!(
+                            "tls-verify-peer={v}: the server's certificate is always verified; give the \
+                             CA that signed it with --tls-ca"
+                        )))
+                    }
+                },
+                _ => {
+                    return Err(bad(format!(
+                        "unknown query parameter {kv:?} (socket=PATH, tls-hostname=NAME, tls-type=x509, tls-verify-peer=1)"
+                    )))
+                }
+            }
+        }
         let endpoint = if unix {
             if !authority.is_empty() {
                 return Err(bad(format!(
                     "nbd+unix takes no host ({authority:?}): write three slashes, nbd+unix:///EXPORT?socket=PATH"
                 )));
-            }
-            let query = query.ok_or_else(|| bad("no socket: add ?socket=PATH".into()))?;
-            let mut socket = None;
-            for kv in query.split('&').filter(|s| !s.is_empty()) {
-                match kv.split_once('=') {
-                    Some(("socket", v)) => {
-                        if socket.is_some() {
-                            return Err(bad("socket given twice".into()));
-                        }
-                        socket = Some(decode(v).map_err(|p| bad(format!("socket path: {p}")))?);
-                    }
-                    _ => return Err(bad(format!("unknown query parameter {kv:?} (only socket=PATH)"))),
-                }
             }
             let socket = socket.ok_or_else(|| bad("no socket: add ?socket=PATH".into()))?;
             if socket.is_empty() {
@@ -109,8 +162,8 @@ impl NbdUri {
             }
             Endpoint::Unix(path)
         } else {
-            if query.is_some() {
-                return Err(bad("a query (?...) is only allowed with nbd+unix".into()));
+            if socket.is_some() {
+                return Err(bad("socket=PATH is only allowed with nbd+unix (or nbds+unix)".into()));
             }
             if authority.contains('@') {
                 return Err(bad("user information (...@) is not supported".into()));
@@ -150,18 +203,48 @@ impl NbdUri {
             };
             Endpoint::Tcp { host, port }
         };
-        Ok(NbdUri { endpoint, export })
+        if unix && tls && tls_hostname.is_none() {
+            return Err(bad(
+                "nbds+unix needs the name in the server's certificate: add &tls-hostname=NAME".into(),
+            ));
+        }
+        Ok(NbdUri { endpoint, export, tls, tls_hostname })
     }
 
-    /// The canonical spelling: same server and export <=> same string.
+    /// The canonical spelling: same server, export and TLS <=> same string.
     pub fn normalized(&self) -> String {
+        let mut s = self.spelled(self.tls);
+        if let Some(h) = &self.tls_hostname {
+            s.push(if s.contains('?') { '&' } else { '?' });
+            s.push_str(&format!("tls-hostname={}", encode(h)));
+        }
+        s
+    }
+
+    /// [`Self::normalized`] without TLS: the export's identity (the same data whether it is
+    /// reached over TLS or not).
+    pub fn identity(&self) -> String {
+        self.spelled(false)
+    }
+
+    fn spelled(&self, tls: bool) -> String {
+        let s = if tls { "s" } else { "" };
         let export = encode(&self.export);
         match &self.endpoint {
-            Endpoint::Tcp { host, port } if host.contains(':') => format!("nbd://[{host}]:{port}/{export}"),
-            Endpoint::Tcp { host, port } => format!("nbd://{host}:{port}/{export}"),
+            Endpoint::Tcp { host, port } if host.contains(':') => format!("nbd{s}://[{host}]:{port}/{export}"),
+            Endpoint::Tcp { host, port } => format!("nbd{s}://{host}:{port}/{export}"),
             Endpoint::Unix(p) => {
-                format!("nbd+unix:///{export}?socket={}", encode(&p.to_string_lossy()))
+                format!("nbd{s}+unix:///{export}?socket={}", encode(&p.to_string_lossy()))
             }
+        }
+    }
+
+    /// The name the server's certificate must carry: `tls-hostname`, or the URI's host.
+    pub fn tls_name(&self) -> Option<&str> {
+        match (&self.tls_hostname, &self.endpoint) {
+            (Some(h), _) => Some(h),
+            (None, Endpoint::Tcp { host, .. }) => Some(host),
+            (None, Endpoint::Unix(_)) => None,
         }
     }
 
@@ -217,7 +300,7 @@ mod tests {
     use super::*;
 
     fn tcp(host: &str, port: u16, export: &str) -> NbdUri {
-        NbdUri { endpoint: Endpoint::Tcp { host: host.into(), port }, export: export.into() }
+        NbdUri { endpoint: Endpoint::Tcp { host: host.into(), port }, export: export.into(), tls: false, tls_hostname: None }
     }
 
     #[test]
@@ -265,11 +348,38 @@ mod tests {
     }
 
     #[test]
+    fn tls_forms() {
+        let u = NbdUri::parse("nbds://Host:1234/e").unwrap();
+        assert!(u.tls && u.tls_hostname.is_none());
+        assert_eq!(u.tls_name(), Some("host"));
+        assert_eq!(u.normalized(), "nbds://host:1234/e");
+        assert_eq!(u.identity(), "nbd://host:1234/e");
+        assert_eq!(u.identity(), NbdUri::parse("nbd://host:1234/e").unwrap().normalized());
+        let u = NbdUri::parse("nbds://127.0.0.1/e?tls-hostname=Server.Example&tls-type=x509&tls-verify-peer=1").unwrap();
+        assert_eq!(u.tls_name(), Some("server.example"));
+        assert_eq!(u.normalized(), "nbds://127.0.0.1:10809/e?tls-hostname=server.example");
+        let u = NbdUri::parse("NBDS+UNIX:///e?socket=/s&tls-hostname=srv").unwrap();
+        assert_eq!(u.normalized(), "nbds+unix:///e?socket=/s&tls-hostname=srv");
+        assert_eq!(u.identity(), "nbd+unix:///e?socket=/s");
+        for s in ["nbds://h:5/a", "nbds://h:5/a?tls-hostname=x.y", "nbds+unix:///x?socket=/t&tls-hostname=n"] {
+            let u = NbdUri::parse(s).unwrap();
+            assert_eq!(NbdUri::parse(&u.normalized()).unwrap(), u);
+        }
+        assert!(!NbdUri::parse("nbd://h/e").unwrap().tls);
+    }
+
+    #[test]
     fn bad_uris_say_why() {
         for (uri, why) in [
             ("nbd:/x", "no scheme"),
             ("http://h/x", "unsupported scheme"),
-            ("nbds://h/x", "TLS"),
+            ("nbds+unix:///x?socket=/s", "tls-hostname=NAME"),
+            ("nbd://h/x?tls-hostname=a", "use the nbds"),
+            ("nbds://h/x?tls-type=psk", "pre-shared keys are not supported"),
+            ("nbds://h/x?tls-type=anon", "authenticates nobody"),
+            ("nbds://h/x?tls-verify-peer=0", "always verified"),
+            ("nbds://h/x?tls-hostname=a&tls-hostname=b", "twice"),
+            ("nbds://h/x?tls-hostname=a%20b", "not a host name"),
             ("nbd:///x", "no host"),
             ("nbd://h:0/x", "bad port"),
             ("nbd://h:70000/x", "bad port"),
@@ -280,6 +390,7 @@ mod tests {
             ("nbd://[zz]/x", "not an IPv6"),
             ("nbd://[::1]x/", "unexpected"),
             ("nbd://h/x?socket=/s", "only allowed with nbd+unix"),
+            ("nbd://h/x?sock=/s", "unknown query"),
             ("nbd://u@h/x", "user information"),
             ("nbd://h/x#f", "fragment"),
             ("nbd://h/%zz", "percent-escape"),
@@ -294,7 +405,7 @@ mod tests {
             let e = NbdUri::parse(uri).expect_err(uri);
             let msg = e.to_string();
             assert!(msg.contains(why), "{uri}: {msg}");
-            assert!(msg.contains("nbd+unix:///EXPORT?socket=PATH"), "{uri}: {msg}");
+            assert!(msg.contains("nbd[s]+unix:///EXPORT?socket=PATH"), "{uri}: {msg}");
         }
         let long = format!("nbd+unix:///x?socket=/{}", "a".repeat(200));
         assert!(NbdUri::parse(&long).unwrap_err().to_string().contains("at most 107"));
