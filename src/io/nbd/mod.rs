@@ -81,6 +81,8 @@ const CRX_SIZE: usize = 256 << 10;
 /// TLS: a send batch stops taking requests once it holds this many bytes (its ciphertext is
 /// one buffer).
 const TLS_BATCH: usize = 4 << 20;
+/// TLS: the most plaintext one record carries.
+const TLS_RECORD: usize = 16 << 10;
 
 // Kinds of SQE, in the high bits of `sub`; the low 32 bits carry the connection generation.
 const K_RECV: u64 = 1;
@@ -883,9 +885,13 @@ unsafe fn encrypt_batch(b: &mut SendBatch, tls: &mut ClientConnection) -> io::Re
     for v in &b.iov[b.first..b.n] {
         // SAFETY: the caller's contract: the piece is live for its length.
         let piece = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
-        tls.writer().write_all(piece)?;
-        while tls.wants_write() {
-            tls.write_tls(&mut b.cipher)?;
+        // A record's worth at a time, drained at once: rustls then holds one record, whose
+        // memory the allocator reuses, instead of a batch's worth freshly faulted in.
+        for chunk in piece.chunks(TLS_RECORD) {
+            tls.writer().write_all(chunk)?;
+            while tls.wants_write() {
+                tls.write_tls(&mut b.cipher)?;
+            }
         }
     }
     while tls.wants_write() {
