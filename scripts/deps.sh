@@ -5,6 +5,9 @@
 #                 target is tested against (tests/nbd.rs) and benchmarked with (bench/nbd.sh);
 #   nbdkit        a second NBD server for tests/nbd.rs, with the filters that take WRITE_ZEROES
 #                 away and impose block size limits (paths qemu-nbd never exercises);
+#   openssl       makes the certificates of the TLS VM scenario (tests/vm/device-nbd-tls.sh, which
+#                 also copies it into the guest) and of bench/nbd-tls.sh (tests/nbd_tls.rs makes
+#                 its own with rcgen);
 #   spin          the Promela model check (models/);
 #   procps, e2fsprogs  pgrep and mkfs.ext4 for the host-driven VM scenarios;
 #   systemd       systemd-analyze, to verify the unit file;
@@ -21,7 +24,7 @@
 #   cargo-deb     (cargo install, pinned below) builds the package from Cargo.toml's metadata;
 # The VM harness (vm/setup.sh) installs its own packages (qemu, busybox, kernel image...).
 set -euo pipefail
-PKGS=(libclang-dev qemu-utils nbdkit spin procps e2fsprogs systemd udev dpkg-dev binutils lintian mmdebstrap)
+PKGS=(libclang-dev qemu-utils nbdkit openssl spin procps e2fsprogs systemd udev dpkg-dev binutils lintian mmdebstrap)
 # Installed without recommends.
 LEAN_PKGS=(prometheus python3-prometheus-client)
 missing=() lean=()
