@@ -133,6 +133,9 @@ pub struct Mirror<'t> {
     /// such flush succeeded (async mode's flushes of the target alone wait for one to clear).
     flush_with_source: bool,
     last_pair_flush: Instant,
+    /// The last data segment of the source that SEEK_DATA/SEEK_HOLE found, `[start, end)`
+    /// (see [`Mirror::source_data`]).
+    data_seg: std::cell::Cell<Option<(u64, u64)>>,
 }
 
 impl<'t> Mirror<'t> {
@@ -213,6 +216,7 @@ impl<'t> Mirror<'t> {
             last_ship_point: now,
             flush_with_source: true,
             last_pair_flush: now,
+            data_seg: std::cell::Cell::new(None),
         }
     }
 
