@@ -375,4 +375,20 @@ mod tests {
         let old: SavedConfig = serde_json::from_value(json!({ "source": "/a", "target": "/b", "bitmap": "/c" })).expect("old");
         assert_eq!(old.event_log, None);
     }
+
+    /// The TLS files of an nbds:// target are kept for the recovered daemon's connections; a
+    /// configuration without them (older, or a plain target) has none, and writes none.
+    #[test]
+    fn tls_files_are_kept_for_recovery() {
+        let v = json!({ "source": "/a", "target": "nbds://h/e", "bitmap": "/c",
+                        "tls": { "ca": "/etc/t/ca.pem", "cert": "/etc/t/c.pem", "key": "/etc/t/k.pem" } });
+        let saved: SavedConfig = serde_json::from_value(v.clone()).expect("parses");
+        let tls = saved.tls.clone().expect("tls");
+        assert_eq!(tls.ca.as_deref(), Some(Path::new("/etc/t/ca.pem")));
+        assert_eq!(tls.key.as_deref(), Some(Path::new("/etc/t/k.pem")));
+        assert_eq!(serde_json::to_value(&saved).expect("writes")["tls"], v["tls"]);
+        let old: SavedConfig = serde_json::from_value(json!({ "source": "/a", "target": "/b", "bitmap": "/c" })).expect("old");
+        assert_eq!(old.tls, None);
+        assert!(serde_json::to_value(&old).expect("writes").get("tls").is_none());
+    }
 }
