@@ -1,19 +1,23 @@
 #!/bin/sh
 # vm-args: -m 2G -d src=128M -d tgt=128M
-# switchover --reverse under fio verify (issue 5): the device moves onto its target and the old
-# source becomes the mirror's target; fio sees no error; new writes reach the old source through
-# the mirror. The bitmap records the reversed pair: a daemon killed afterwards is recovered on the
-# reversed pair, `del` + `add` in the old order is refused and in the new order copies nothing.
+# switchover --reverse under fio verify (issue 5), in async mode (issue 17: the writes are shipped
+# to the target when the switchover holds them; the old source is made durable before it becomes
+# the target): the device moves onto its target and the old source becomes the mirror's target;
+# fio sees no error; new writes reach the old source through the mirror, shipped. The bitmap
+# records the reversed pair: a daemon killed afterwards is recovered on the reversed pair (in
+# async mode still), `del` + `add` in the old order is refused and in the new order copies
+# nothing. (tests/vm/switchover.sh covers the forward switchover in the default mode.)
 # shellcheck source=/dev/null
 . /vm/lib.sh
 B=/tmp/bm DEV=/dev/ublkb0 EV=/tmp/events.jsonl
 S=$(disk_dev src) T=$(disk_dev tgt)
 dd if=/dev/urandom of=$S bs=1M count=128 oflag=direct status=none || fail "fill the source"
-add_synced $S $T $B --event-log $EV
+add_synced $S $T $B --event-log $EV --mode async --async-buffer 32M
 
-step "fio verify; switchover --reverse in the middle"
+step "fio verify, shipped in async mode; switchover --reverse in the middle"
 fio_verify_bg rev 128M
-sleep 4
+wait_for 30 "writes shipped in async mode" sh -c "ublk-mirror status -n 0 --json | grep -q '\"shipped_bytes\": [1-9]'"
+sleep 2
 run_timeout 90 ublk-mirror switchover -n 0 --reverse --timeout 60 2> /tmp/so.err || fail "switchover --reverse: $(cat /tmp/so.err)"
 log "reversed"
 mirror_status 0
@@ -21,6 +25,7 @@ mirror_status 0
 [ "$(jstr target < /tmp/st.json)" = "$S" ] || fail "the target is not the old source: $(cat /tmp/st.json)"
 [ "$(jstr state < /tmp/st.json)" != switched-over ] || fail "a reverse switchover must keep mirroring: $(cat /tmp/st.json)"
 grep -q '"reverse":true' $EV || fail "no reverse switched-over event: $(cat $EV)"
+grep -q '"mode": "async' /tmp/st.json || fail "not in async mode after the reverse: $(cat /tmp/st.json)"
 
 step "SIGKILL of the daemon during fio; recover continues on the reversed pair"
 sleep 2
@@ -31,6 +36,7 @@ run_timeout 90 ublk-mirror recover -n 0 > /tmp/rec.json 2>/tmp/rec.err || fail "
 mirror_status 0
 [ "$(jstr source < /tmp/st.json)" = "$T" ] || fail "recover did not keep the reversed pair: $(cat /tmp/st.json)"
 wait_fio $FIO /tmp/fio.out
+grep -q '"mode": "async' /tmp/st.json || fail "the recovered daemon is not in async mode: $(cat /tmp/st.json)"
 run_timeout 120 ublk-mirror status -n 0 --wait-synced --timeout 120 > /dev/null || fail "convergence after the reverse"
 dd if=$DEV of=/tmp/dev.img bs=1M iflag=direct status=none || fail "reading the device"
 cmp /tmp/dev.img $T || fail "the device does not read what the new source (old target) holds"
