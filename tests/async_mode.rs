@@ -100,6 +100,49 @@ fn async_ships_writes_in_place_of_copies() {
     assert_eq!(read_all(&f.source), read_all(&f.target));
 }
 
+/// Discards and write-zeroes are shipped too, as zeroings in their epochs: nothing is copied,
+/// they hold no buffer bytes (a discard far larger than the buffer does not make it fall
+/// behind), the zeroed ranges (written before, and holding garbage on the target) read as
+/// zeroes there, and the pair ends identical.
+#[test]
+fn discards_and_write_zeroes_are_shipped_as_zeroings() {
+    let f = files(8 * MIB);
+    // Garbage on the target where the source is zero (the pair is declared identical): only a
+    // zeroing shipped to the target makes it equal again.
+    fill_random(&f.target, 0, (8 * MIB) as usize, 7);
+    fill_random(&f.source, 0, (8 * MIB) as usize, 7);
+    let engine = open_async(&f, MIB);
+    let mirror = spawn_loop(&engine, &f, TestHooks::default);
+    wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    for i in 0..64u64 {
+        write_block(&mut q, i * 16, i);
+    }
+    q.execute(Op::Flush).expect("flush");
+    // 4 MiB discarded (four times the buffer), then 1 MiB zeroed, then writes over both.
+    q.execute(Op::Discard { off: 2 * MIB, len: 4 * MIB }).expect("discard");
+    q.execute(Op::WriteZeroes { off: 0, len: MIB, unmap: false }).expect("write-zeroes");
+    q.execute(Op::Flush).expect("flush");
+    for i in 0..8u64 {
+        write_block(&mut q, 512 + i * 64, 1000 + i);
+    }
+    q.execute(Op::Flush).expect("flush");
+    wait_for("synced", Duration::from_secs(20), || engine.status().state == "synced");
+    let s = engine.status();
+    let ship = s.shipping.clone().expect("async figures");
+    assert_eq!(s.bytes_copied, 0, "a region was copied instead of shipped: {s:?}");
+    assert_eq!(ship.fell_behind, 0, "a zeroing filled the buffer: {ship:?}");
+    assert_eq!(ship.shipped_writes, 64 + 2 + 8, "{ship:?}");
+    assert_eq!(ship.epochs, 3, "{ship:?}");
+    drop(q);
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    let (src, tgt) = (read_all(&f.source), read_all(&f.target));
+    // (The writes after the discard went to 2 MiB to 3.75 MiB.)
+    assert!(src[4 * MIB as usize..6 * MIB as usize].iter().all(|&b| b == 0), "the discard did not zero the source");
+    assert_eq!(first_difference(&src, &tgt), None, "source and target differ");
+}
+
 /// A fingerprint of a device image made of 4 KiB blocks that can be updated a block at a time:
 /// the XOR of a hash of each block with its index.
 fn block_hash(blk: u64, data: &[u8]) -> u64 {

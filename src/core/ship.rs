@@ -29,8 +29,25 @@
 //! writes still describe the past: a target holding both is not a crash image until the queue
 //! has shipped every write that was queued when the copy started. [`ShipQueue::copy_started`]
 //! records that point, and [`ShipQueue::prefix_consistent`] says when it has passed.
+//!
+//! **Zeroings.** A discard or write-zeroes that the source carried out (its range reads as
+//! zeroes after it) is shipped like a write, in its epoch and order, under the handle
+//! [`ZEROES`]: it holds no bytes in the buffer, and the target's range is zeroed.
 
 use std::collections::VecDeque;
+
+/// The handle of a shipped zeroing (a discard or write-zeroes): no bytes are buffered; the
+/// loop zeroes the range on the target.
+pub const ZEROES: u64 = u64::MAX;
+
+/// The buffer bytes a queued entry holds.
+fn held(len: u64, handle: u64) -> u64 {
+    if handle == ZEROES {
+        0
+    } else {
+        len
+    }
+}
 
 /// Why shipping fell behind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,19 +197,21 @@ impl ShipQueue {
         self.behind.is_none()
     }
 
-    /// A write of `len` bytes completed on the source: queue it in the open epoch. Refused when
-    /// behind, or when the buffer has no room (which makes the queue fall behind: the caller then
-    /// ends the write as an ordinary one, and ends the writes [`Self::fall_behind`] returns).
+    /// A write of `len` bytes completed on the source (or a zeroing: `handle` [`ZEROES`]): queue
+    /// it in the open epoch. Refused when behind, or when the buffer has no room (which makes
+    /// the queue fall behind: the caller then ends the write as an ordinary one, and ends the
+    /// writes [`Self::fall_behind`] returns).
     pub fn push(&mut self, id: u64, off: u64, len: u64, handle: u64) -> Result<u64, Option<BehindReason>> {
         if self.behind.is_some() {
             return Err(None);
         }
-        if self.used.saturating_add(len) > self.capacity {
+        let bytes = held(len, handle);
+        if self.used.saturating_add(bytes) > self.capacity {
             return Err(Some(BehindReason::BufferFull));
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.used += len;
+        self.used += bytes;
         self.peak = self.peak.max(self.used);
         self.open_used = true;
         self.queue.push_back(Shipment { seq, id, off, len, epoch: self.open_epoch, handle });
@@ -245,7 +264,7 @@ impl ShipQueue {
     pub fn landed(&mut self, seq: u64, ok: bool) -> Option<Landed> {
         let i = self.inflight.iter().position(|w| w.seq == seq)?;
         let w = self.inflight.swap_remove(i);
-        self.used -= w.len;
+        self.used -= held(w.len, w.handle);
         let mirrored = ok && !w.abandoned;
         if mirrored {
             self.counters.shipped_writes += 1;
@@ -317,7 +336,7 @@ impl ShipQueue {
             w.abandoned = true;
         }
         let dropped: Vec<Shipment> = self.queue.drain(..).collect();
-        self.used -= dropped.iter().map(|s| s.len).sum::<u64>();
+        self.used -= dropped.iter().map(|s| held(s.len, s.handle)).sum::<u64>();
         (dropped, self.inflight.iter().map(|w| w.id).collect())
     }
 
@@ -336,7 +355,8 @@ impl ShipQueue {
 
     /// Checks the queue's own invariants (tests and the simulator).
     pub fn check(&self) -> Result<(), String> {
-        let bytes: u64 = self.queue.iter().map(|s| s.len).sum::<u64>() + self.inflight.iter().map(|w| w.len).sum::<u64>();
+        let bytes: u64 = self.queue.iter().map(|s| held(s.len, s.handle)).sum::<u64>()
+            + self.inflight.iter().map(|w| held(w.len, w.handle)).sum::<u64>();
         if bytes != self.used {
             return Err(format!("buffer accounting: {} counted, {bytes} held", self.used));
         }
@@ -480,5 +500,30 @@ mod tests {
         q.landed(a.seq, true);
         assert!(!q.flush_due(false, true), "same epoch queued: no boundary yet");
         assert!(q.flush_due(true, false));
+    }
+
+    /// A zeroing holds no buffer bytes (a 1 GiB discard does not fill a 64 KiB buffer), and is
+    /// ordered like a write: in its epoch, after an overlapping write in flight.
+    #[test]
+    fn zeroings_hold_no_bytes_and_keep_their_order() {
+        let mut q = ShipQueue::new(8192);
+        assert!(q.resume());
+        q.push(1, 0, 4096, 0).unwrap();
+        q.push(2, 0, 1 << 30, ZEROES).unwrap();
+        assert_eq!(q.used(), 4096);
+        q.check().unwrap();
+        let a = q.next(8, false).unwrap();
+        assert_eq!(a.id, 1);
+        assert!(q.next(8, false).is_none(), "the zeroing overlaps the write in flight");
+        q.landed(a.seq, true).unwrap();
+        let z = q.next(8, false).unwrap();
+        assert_eq!((z.id, z.handle), (2, ZEROES));
+        q.landed(z.seq, true).unwrap();
+        assert_eq!(q.used(), 0);
+        q.check().unwrap();
+        q.push(3, 0, 1 << 30, ZEROES).unwrap();
+        q.fall_behind(BehindReason::Stopped);
+        assert_eq!(q.used(), 0);
+        q.check().unwrap();
     }
 }

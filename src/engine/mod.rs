@@ -32,7 +32,7 @@ pub use config::{alignment_problem, CopyConfig, CopyMode, Settings, DEFAULT_ASYN
 pub use controls::Controls;
 pub use progress::Progress;
 pub use supervision::{Failure, MirrorNext};
-pub use write_path::{WriteAdmission, WriteKind};
+pub use write_path::{Shipped, WriteAdmission, WriteKind};
 pub use on_consistent::OnConsistentCommand;
 pub use status::{ShipStatus, Status, StatusMode, StatusState, MODES, STATES};
 

@@ -14,7 +14,7 @@
 
 use crate::io::backing::AlignedBuf;
 use crate::core::{ActivePlan, Extent, GroupCommit, Intent};
-use crate::engine::{Engine, WriteAdmission, WriteKind};
+use crate::engine::{Engine, Shipped, WriteAdmission, WriteKind};
 use crate::io::uring::{self, push, Owner, Ring};
 use io_uring::{opcode, squeue, types};
 use slab::Slab;
@@ -161,6 +161,9 @@ struct Req {
     file: u32,
     /// The engine's front-end descriptors, held from the first issue to the completion.
     held: Option<crate::engine::front::FdsHold>,
+    /// A discard the source refused: it completes, but the data stayed as it was (async mode
+    /// must not ship it as a zeroing).
+    unchanged: bool,
 }
 
 const SRC: u32 = 0;
@@ -309,6 +312,7 @@ impl QueueRequests {
             begun: false,
             file: SRC,
             held: None,
+            unchanged: false,
         };
         // Slots fit in 16 bits (checked above): they travel in completions' user_data.
         let slot = self.reqs.insert(r);
@@ -546,6 +550,7 @@ impl QueueRequests {
                     // A discard is a hint the source may not take: the data stays as it was,
                     // which a discard allows (the device does not promise zeroes after one).
                     if matches!(r.req, Request::Discard { .. }) {
+                        r.unchanged = true;
                         return self.finish(slot, Ok(0));
                     }
                     if zeroes_fallback(r) {
@@ -622,9 +627,12 @@ impl QueueRequests {
                 // Queued for the target before the write completes: the application may count on
                 // it from the completion on. The bytes are copied (the request's buffer goes back
                 // to the driver with the completion).
+                // A discard or write-zeroes that took effect leaves zeroes: shipped as a zeroing.
                 let data = match (&result, r.req, &r.data) {
-                    (Ok(_), Request::Write { len, .. }, d) => copy_out(&self.engine, d, len),
-                    _ => None,
+                    (Ok(_), Request::Write { len, .. }, d) => copy_out(&self.engine, d, len).map_or(Shipped::Nothing, Shipped::Bytes),
+                    (Ok(_), Request::Discard { .. }, _) if !r.unchanged => Shipped::Zeroes,
+                    (Ok(_), Request::WriteZeroes { .. }, _) => Shipped::Zeroes,
+                    _ => Shipped::Nothing,
                 };
                 self.engine.ship_written(id, result.is_ok(), data);
                 if let (Ok(_), Request::Write { fua: true, .. }) = (&result, r.req) {

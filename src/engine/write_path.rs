@@ -28,8 +28,22 @@ pub enum WriteKind {
     /// A write whose data the front end holds (async mode may ship it; the front end cannot
     /// reach the target: an NBD target).
     Write,
-    /// A discard or write-zeroes: the background copy takes their regions.
+    /// A discard or write-zeroes: async mode may ship it as a zeroing (see [`Shipped`]); in the
+    /// other modes the background copy takes its regions.
     Other,
+}
+
+/// What a shipped write's completion hands to the replication queue
+/// ([`Engine::ship_written`]).
+pub enum Shipped {
+    /// A copy of the bytes written.
+    Bytes(AlignedBuf),
+    /// A discard or write-zeroes that the source carried out: its range reads as zeroes, and
+    /// the target's range is zeroed in its turn (no bytes buffered).
+    Zeroes,
+    /// Nothing to ship (it failed, its data could not be taken, or a discard the source
+    /// refused left the data as it was): it ends as an ordinary write, its regions dirty.
+    Nothing,
 }
 
 impl Engine {
@@ -79,7 +93,7 @@ impl Engine {
             let (i, p) = g.state.begin_active_write(ext, off, len);
             return WriteAdmission::Go(i, p);
         }
-        if write != WriteKind::Other && !self.write_blocking_now() && g.state.ship().is_some_and(|q| q.shipping()) {
+        if !self.write_blocking_now() && g.state.ship().is_some_and(|q| q.shipping()) {
             let (i, p) = g.state.begin_shipped_write(ext, off, len);
             return WriteAdmission::Go(i, p);
         }
@@ -91,7 +105,7 @@ impl Engine {
         if let ActivePlan::Ship { id } = plan {
             // A shipped write that ends here was not buffered (it failed, or its data could
             // not be taken): an ordinary write.
-            return self.ship_written(id, source_ok, None);
+            return self.ship_written(id, source_ok, Shipped::Nothing);
         }
         let ActivePlan::Target { id } = plan else { return self.end_write(ext) };
         let mut g = self.lock();
@@ -104,14 +118,15 @@ impl Engine {
         }
     }
 
-    /// Async mode: the source write of shipped write `id` completed (`source_ok`), with a copy
-    /// of its bytes (`None`: no copy, it ends as an ordinary write). Queues it for the target
-    /// (see [`MirrorState::ship_source_done`]); the request may complete once this returns.
-    pub fn ship_written(&self, id: u64, source_ok: bool, data: Option<AlignedBuf>) {
+    /// Async mode: the source write of shipped write `id` completed (`source_ok`), with what to
+    /// ship (see [`Shipped`]). Queues it for the target (see [`MirrorState::ship_source_done`]);
+    /// the request may complete once this returns.
+    pub fn ship_written(&self, id: u64, source_ok: bool, data: Shipped) {
         let mut g = self.lock();
         let (ok, handle) = match data {
-            Some(b) if source_ok => (true, g.ship_bufs.insert(b) as u64),
-            _ => (false, u64::MAX),
+            Shipped::Bytes(b) if source_ok => (true, g.ship_bufs.insert(b) as u64),
+            Shipped::Zeroes if source_ok => (true, crate::core::ship::ZEROES),
+            _ => (false, crate::core::ship::ZEROES),
         };
         let was_empty = g.state.ship().is_none_or(|q| q.queued() == 0);
         let out = g.state.ship_source_done(id, ok, handle);

@@ -5,7 +5,7 @@
 
 use super::Mirror;
 use crate::core::policy;
-use crate::core::ship::BehindReason;
+use crate::core::ship::{BehindReason, ZEROES};
 use crate::error::{Error, Result};
 use crate::io::target::TargetOp;
 use std::io;
@@ -23,7 +23,8 @@ pub(super) struct ShipJob {
     len: u64,
     /// Bytes the target took so far (a file may take a write in parts).
     done: u64,
-    /// The buffered bytes: the engine's `ship_bufs` keeps them until the write landed.
+    /// The buffered bytes: the engine's `ship_bufs` keeps them until the write landed (null
+    /// for a zeroing: `handle` is [`ZEROES`]).
     buf: *const u8,
     pub(super) handle: u64,
 }
@@ -48,8 +49,13 @@ impl Mirror<'_> {
             let mut g = self.engine.lock();
             let mut v = Vec::new();
             while let Some(s) = g.state.ship_next(self.cfg.max_copies, hold) {
-                // A queued write's buffer stays in ship_bufs until it lands (ship_landed).
-                let buf = g.ship_bufs.get(s.handle as usize).map(|b| b.as_ptr());
+                // A queued write's buffer stays in ship_bufs until it lands (ship_landed); a
+                // zeroing has none.
+                let buf = if s.handle == ZEROES {
+                    Some(std::ptr::null())
+                } else {
+                    g.ship_bufs.get(s.handle as usize).map(|b| b.as_ptr())
+                };
                 v.push((s, buf));
             }
             v
@@ -78,6 +84,11 @@ impl Mirror<'_> {
 
     fn issue_ship(&mut self, token: u64) -> io::Result<()> {
         let Some(j) = self.ships.get(&token) else { return Ok(()) };
+        if j.handle == ZEROES {
+            let op = TargetOp::Zero { off: j.off, len: j.len };
+            // SAFETY: a zeroing refers to no buffer.
+            return unsafe { self.target.submit(&mut self.ring, op, token) };
+        }
         // SAFETY: done < len, so the pointer stays inside the buffered write.
         let buf = unsafe { j.buf.add(j.done as usize) };
         let op = TargetOp::Write { off: j.off + j.done, buf, len: (j.len - j.done) as u32 };
@@ -90,7 +101,15 @@ impl Mirror<'_> {
     /// A shipped write's target operation completed.
     pub(super) fn on_shipped(&mut self, token: u64, r: io::Result<u32>) -> Result<()> {
         let Some(j) = self.ships.get_mut(&token) else { return Ok(()) };
+        // A zeroing succeeds whole (its result counts no bytes).
+        let whole = j.handle == ZEROES && r.is_ok();
         match r {
+            _ if whole => {
+                let seq = j.seq;
+                self.ships.remove(&token);
+                self.landed.push((seq, true));
+                Ok(())
+            }
             Ok(n) if n > 0 && j.done + (n as u64) < j.len => {
                 j.done += n as u64;
                 self.issue_ship(token).map_err(|e| Error::io("submitting a shipped write", e))
