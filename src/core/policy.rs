@@ -7,6 +7,8 @@
 //!   `busy_speed` while the device serves I/O);
 //! - [`max_lag`]: when `--max-lag` switches write-blocking on, and off;
 //! - [`ConsistentSpacing`] and [`Checkpoints`]: how far apart target flushes are;
+//! - [`ShipSpacing`]: async mode's flushes: points within long epochs, idle queues, and which
+//!   flushes take the source's fdatasync;
 //! - [`HookSchedule`]: when the `--on-consistent` command may run, and when it is killed;
 //! - [`RateMeter`]: the copy rate that status reports.
 //!
@@ -15,7 +17,6 @@
 
 use std::time::{Duration, Instant};
 
-/// The first wait before a retry after a failure (of a copy, a flush or the loop itself).
 /// Async mode: while writes stream into one long epoch (the device is not flushed), the loop
 /// stops issuing this long after the last shipped point and flushes, so that the target gets a
 /// consistent point at least this often (plus a round trip) under a sustained load.
@@ -33,6 +34,7 @@ pub const SHIP_CLEAR_EVERY: Duration = Duration::from_secs(1);
 /// the source and of the target behind every few writes.
 pub const SHIP_IDLE_GAP: Duration = Duration::from_millis(100);
 
+/// The first wait before a retry after a failure (of a copy, a flush or the loop itself).
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait between retries after failures: a target that comes back is used again
 /// within seconds.
@@ -278,6 +280,60 @@ impl ConsistentSpacing {
     }
 }
 
+/// Async mode's flush timing. The queue decides *whether* a flush may make a point (an epoch
+/// boundary, everything issued has landed: `ShipQueue::flush_due`); this decides *when*, from
+/// the times of the last flushes:
+///
+/// - **hold**: [`SHIP_POINT_EVERY`] after the last flush, the loop stops issuing so that a
+///   flush makes a point within a long epoch (a device that is never flushed);
+/// - **idle**: a queue that has shipped everything is flushed [`SHIP_IDLE_GAP`] after the last
+///   flush, not at once (under a load the loop keeps up with, the queue empties after nearly
+///   every batch);
+/// - **with the source**: a flush made for shipping goes to the target alone, except at least
+///   one every [`SHIP_CLEAR_EVERY`] and the one when stopping, which take the source's
+///   fdatasync too (a pair flush: only those clear bits). Other flushes are always pair flushes.
+#[derive(Clone, Debug)]
+pub struct ShipSpacing {
+    last_flush: Instant,
+    last_pair: Instant,
+}
+
+impl ShipSpacing {
+    /// Counted from `now` (as if both kinds of flush had just completed).
+    pub fn new(now: Instant) -> Self {
+        ShipSpacing { last_flush: now, last_pair: now }
+    }
+
+    /// Whether to stop issuing shipped writes, so that a flush makes a point.
+    pub fn hold(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_flush) >= SHIP_POINT_EVERY
+    }
+
+    /// When a queue that has shipped everything may be flushed.
+    pub fn idle_flush_at(&self) -> Instant {
+        self.last_flush + SHIP_IDLE_GAP
+    }
+
+    /// Whether a queue that has shipped everything may be flushed at `now`.
+    pub fn idle_flush(&self, now: Instant) -> bool {
+        now >= self.idle_flush_at()
+    }
+
+    /// Whether a flush starting at `now` takes the source's fdatasync: `ship`, it is made for
+    /// shipping; `stopping`, the loop is stopping.
+    pub fn with_source(&self, now: Instant, ship: bool, stopping: bool) -> bool {
+        !ship || stopping || now.saturating_duration_since(self.last_pair) >= SHIP_CLEAR_EVERY
+    }
+
+    /// A flush completed successfully at `now`; `pair`: it took the source's fdatasync.
+    pub fn flushed(&mut self, now: Instant, pair: bool) {
+        self.last_flush = now;
+        if pair {
+            self.last_pair = now;
+        }
+    }
+}
+
 /// When a checkpoint (a target flush in the middle of a sync, so that an interruption does not
 /// recopy finished work) is due: `interval` after the last target flush started, or once
 /// `bytes` were copied since.
@@ -396,6 +452,65 @@ impl RateMeter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The three rules of ShipSpacing, each at its edge.
+    #[test]
+    fn ship_spacing_edges() {
+        let t0 = Instant::now();
+        let mut s = ShipSpacing::new(t0);
+        assert!(!s.hold(t0 + ms(249)) && s.hold(t0 + SHIP_POINT_EVERY));
+        assert!(!s.idle_flush(t0 + ms(99)) && s.idle_flush(t0 + SHIP_IDLE_GAP));
+        assert_eq!(s.idle_flush_at(), t0 + SHIP_IDLE_GAP);
+        assert!(!s.with_source(t0 + ms(999), true, false));
+        assert!(s.with_source(t0 + SHIP_CLEAR_EVERY, true, false));
+        assert!(s.with_source(t0 + ms(1), true, true), "the flush when stopping clears");
+        assert!(s.with_source(t0 + ms(1), false, false), "a flush not made for shipping is a pair flush");
+        // A target-only flush restarts the point timers, not the clearing one.
+        s.flushed(t0 + ms(600), false);
+        assert!(!s.hold(t0 + ms(800)) && s.hold(t0 + ms(850)));
+        assert!(s.with_source(t0 + ms(1000), true, false));
+        s.flushed(t0 + ms(1000), true);
+        assert!(!s.with_source(t0 + ms(1999), true, false));
+    }
+
+    /// A sustained load in one long epoch, on a target whose flush takes `flush` (simulated
+    /// time, 1 ms steps): the loop holds and flushes as ShipSpacing says. Points come at least
+    /// every SHIP_POINT_EVERY plus a flush, pair flushes at least every SHIP_CLEAR_EVERY plus
+    /// a point's time, and no more than one pair flush in three while points are frequent.
+    #[test]
+    fn ship_spacing_under_a_sustained_load() {
+        for flush in [ms(1), ms(5), ms(40)] {
+            let t0 = Instant::now();
+            let mut s = ShipSpacing::new(t0);
+            let (mut points, mut pairs) = (Vec::new(), Vec::new());
+            let mut in_flight: Option<(Instant, bool)> = None;
+            let mut now = t0;
+            while now < t0 + Duration::from_secs(10) {
+                match in_flight {
+                    Some((done, pair)) if now >= done => {
+                        s.flushed(now, pair);
+                        points.push(now);
+                        if pair {
+                            pairs.push(now);
+                        }
+                        in_flight = None;
+                    }
+                    None if s.hold(now) => in_flight = Some((now + flush, s.with_source(now, true, false))),
+                    _ => {}
+                }
+                now += ms(1);
+            }
+            let gaps = |v: &[Instant]| v.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+            assert!(gaps(&points) <= SHIP_POINT_EVERY + flush + ms(1), "{flush:?}: points {:?} apart", gaps(&points));
+            assert!(
+                gaps(&pairs) <= SHIP_CLEAR_EVERY + SHIP_POINT_EVERY + flush + ms(1),
+                "{flush:?}: pair flushes {:?} apart",
+                gaps(&pairs)
+            );
+            assert!(pairs.len() * 3 <= points.len() + 3, "{flush:?}: {} pair flushes for {} points", pairs.len(), points.len());
+            assert!(points.len() >= 30, "{flush:?}: only {} points in 10 s", points.len());
+        }
+    }
 
     const MIB: u64 = 1 << 20;
 

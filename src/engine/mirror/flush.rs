@@ -33,8 +33,8 @@ impl Mirror<'_> {
             if self.needs_reset && self.fatal.is_none() {
                 false
             } else if !self.offline && {
-                let since = self.last_ship_point.elapsed();
-                g.state.ship_flush_due(since >= crate::core::policy::SHIP_POINT_EVERY, since >= crate::core::policy::SHIP_IDLE_GAP)
+                let now = Instant::now();
+                g.state.ship_flush_due(self.ship_spacing.hold(now), self.ship_spacing.idle_flush(now))
             } {
                 // Async mode: an epoch (or a held part of one) is on the target: make it durable.
                 ship_due = true;
@@ -63,10 +63,9 @@ impl Mirror<'_> {
             }
             return Ok(());
         }
-        // Async mode's epoch flushes need the source's fdatasync only to clear bits: most go to
-        // the target alone, one at least every SHIP_CLEAR_EVERY (and the one when stopping)
-        // with the source, and clears what the others made durable.
-        let with_source = !ship_due || stopping || self.last_pair_flush.elapsed() >= crate::core::policy::SHIP_CLEAR_EVERY;
+        // Async mode's epoch flushes need the source's fdatasync only to clear bits (see
+        // ShipSpacing): most go to the target alone.
+        let with_source = self.ship_spacing.with_source(Instant::now(), ship_due, stopping);
         let kind = {
             let mut g = self.engine.lock();
             if with_source {
@@ -140,9 +139,7 @@ impl Mirror<'_> {
             return Ok(());
         }
         self.target_ok();
-        if self.flush_with_source {
-            self.last_pair_flush = Instant::now();
-        }
+        self.ship_spacing.flushed(Instant::now(), self.flush_with_source);
         self.ship_point(out.resumed);
         if out.consistent {
             if let Some(h) = self.hooks.at_consistent_point.as_mut() {

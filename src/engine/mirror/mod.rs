@@ -127,12 +127,10 @@ pub struct Mirror<'t> {
     /// Async mode: shipped writes landed (or failed) in the current batch of completions, not
     /// yet reported to the state (`report_landed`).
     landed: Vec<(u64, bool)>,
-    /// Async mode: the last pair flush that made shipped writes durable.
-    last_ship_point: Instant,
-    /// The flush in flight includes the source's fdatasync (a pair flush), and when the last
-    /// such flush succeeded (async mode's flushes of the target alone wait for one to clear).
+    /// Async mode: when flushes make points and clear bits.
+    ship_spacing: policy::ShipSpacing,
+    /// The flush in flight includes the source's fdatasync (a pair flush).
     flush_with_source: bool,
-    last_pair_flush: Instant,
     /// The last data segment of the source that SEEK_DATA/SEEK_HOLE found, `[start, end)`
     /// (see [`Mirror::source_data`]).
     data_seg: std::cell::Cell<Option<(u64, u64)>>,
@@ -213,9 +211,8 @@ impl<'t> Mirror<'t> {
             draining: false,
             ships: std::collections::HashMap::new(),
             landed: Vec::new(),
-            last_ship_point: now,
+            ship_spacing: policy::ShipSpacing::new(now),
             flush_with_source: true,
-            last_pair_flush: now,
             data_seg: std::cell::Cell::new(None),
         }
     }
@@ -348,7 +345,7 @@ impl<'t> Mirror<'t> {
             .lock()
             .state
             .ship_awaits_idle_flush()
-            .then(|| self.last_ship_point + policy::SHIP_IDLE_GAP);
+            .then(|| self.ship_spacing.idle_flush_at());
         let timer = [retry_at, throttled_until, self.consistent_after, hook_poll, bitmap_retry, ship_idle]
             .into_iter()
             .flatten()

@@ -4,7 +4,6 @@
 //! [`crate::core::MirrorState::ship_flush_due`].
 
 use super::Mirror;
-use crate::core::policy;
 use crate::core::ship::{BehindReason, ZEROES};
 use crate::error::{Error, Result};
 use crate::io::target::TargetOp;
@@ -43,7 +42,7 @@ impl Mirror<'_> {
         {
             return Ok(());
         }
-        let hold = self.ship_hold();
+        let hold = self.ship_spacing.hold(Instant::now());
         // What may go now, taken under one lock (the front end's queues take it for every write).
         let batch: Vec<_> = {
             let mut g = self.engine.lock();
@@ -74,12 +73,6 @@ impl Mirror<'_> {
             self.issue_ship(token).map_err(|e| Error::io("submitting a shipped write", e))?;
         }
         Ok(())
-    }
-
-    /// Whether to stop issuing so that a flush makes a consistent point: one has been due for
-    /// [`policy::SHIP_POINT_EVERY`] (a long epoch, the device never flushed).
-    fn ship_hold(&self) -> bool {
-        self.last_ship_point.elapsed() >= policy::SHIP_POINT_EVERY
     }
 
     fn issue_ship(&mut self, token: u64) -> io::Result<()> {
@@ -171,10 +164,9 @@ impl Mirror<'_> {
         }
     }
 
-    /// A pair flush made shipped writes durable (or resumed shipping): the next point is due
-    /// [`policy::SHIP_POINT_EVERY`] from now.
+    /// A flush completed (the spacing counts from it: `ShipSpacing::flushed`); it may have
+    /// resumed shipping.
     pub(super) fn ship_point(&mut self, resumed: bool) {
-        self.last_ship_point = Instant::now();
         if resumed {
             log::info!("async: caught up; shipping resumes");
             self.engine.events().emit("async-resumed", serde_json::json!({}));
