@@ -159,11 +159,7 @@ while [ "$r" -le "$ROUNDS" ]; do
     # Rotate the device order by one each round: no device always runs first or last.
     order=$(echo $DEVS | awk -v k=$(( (r - 1) % ndev )) '{ for (j = 0; j < NF; j++) printf "%s ", $((j + k) % NF + 1) }')
     for job in randread randwrite seqwrite; do
-        case $job in
-            randread) a="--rw=randread --bs=4k --iodepth=32";;
-            randwrite) a="--rw=randwrite --bs=4k --iodepth=32";;
-            seqwrite) a="--rw=write --bs=1M --iodepth=8";;
-        esac
+        a=$(bench_fio_args "$job")
         for d in $order; do
             synced "before $job on ${d%%:*}"
             drain

@@ -46,11 +46,7 @@ done
 r=1
 while [ $r -le "$ROUNDS" ]; do
     for job in randread randwrite seqwrite; do
-        case $job in
-            randread) a="--rw=randread --bs=4k --iodepth=32";;
-            randwrite) a="--rw=randwrite --bs=4k --iodepth=32";;
-            seqwrite) a="--rw=write --bs=1M --iodepth=8";;
-        esac
+        a=$(bench_fio_args "$job")
         for d in $DEVS; do
             # The background mirror copies what the previous jobs dirtied: let it finish first, or
             # its copying would load the (emulated, CPU-bound) machine during the next device's run.

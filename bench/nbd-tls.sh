@@ -70,10 +70,7 @@ cp "$C/server/ca-cert.pem" "$C/client/ca-cert.pem"
 CA=$C/client/ca-cert.pem
 
 S=$W/src; B=$W/bitmap
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 cpu_of() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; }
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {printf "%.4f", (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-drop_caches() { timeout "$T_SMALL" sh -c 'sync; echo 3 > /proc/sys/vm/drop_caches'; }
 
 declare -A PORT SPID URI SRVOPTS UMOPTS QIOPTS DROP
 start_server() {  # start_server SETTING KIND(plain|tls) FILE
@@ -175,8 +172,6 @@ for k in "${ORDER[@]}"; do
 done
 echo
 echo "=== RATIOS (throughput) ==="
-ratio() { printf '%.3f' "$(echo "$1 / $2" | bc -l)"; }
-verdict() { if [ "$(echo "$1" | bc -l)" = 1 ]; then echo MET; else echo "NOT MET"; fi; }
 for st in "${SETTINGS[@]}"; do
   r=$(ratio "${M[$st um-plain]}" "${M[$st um-tls]}")
   printf '%-44s %7s   >= 0.8: %s\n' "$st: ublk-mirror TLS / ublk-mirror plain" "$r" "$(verdict "$r >= 0.8")"

@@ -73,7 +73,6 @@ cleanup() {
 trap cleanup EXIT
 
 S=$W/src; B=$W/bitmap; JSON=$W/last.json
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 declare -A URI TGT LISTEN SRVOPTS UMOPTS QIOPTS DROP
 for st in "${SETTINGS[@]}"; do
   set_=${st%%:*}; tr=${st#*:}
@@ -94,8 +93,6 @@ for st in "${SETTINGS[@]}"; do
 done
 
 getjson() { timeout "$T_SMALL" python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$1" "$2"; }
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {printf "%.4f", (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-drop_caches() { timeout "$T_SMALL" sh -c 'sync; echo 3 > /proc/sys/vm/drop_caches'; }
 
 # timed SECONDS_VAR DROP cmd... : drops the caches if DROP=1, runs cmd under timeout, stores the
 # wall time
@@ -217,8 +214,6 @@ for k in "${ORDER[@]}"; do
   # shellcheck disable=SC2086
   M[$k]=$(median ${R[$k]})
 done
-ratio() { printf '%.3f' "$(echo "$1 / $2" | bc -l)"; }
-verdict() { if [ "$(echo "$1" | bc -l)" = 1 ]; then echo MET; else echo "NOT MET"; fi; }
 
 echo "=== RESULTS (median of $REPEAT runs; wall-clock time of the whole command; disk: page cache dropped before each, mem: source cached) ==="
 printf '%-46s %9s %9s %10s %10s  %s\n' "measurement" "data MiB" "median s" "MiB/s" "internal s" "runs (s)"

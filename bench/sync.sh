@@ -114,7 +114,6 @@ elif cmd == "median":
 EOF
 py() { timeout "$T_SMALL" python3 "$H" "$@"; }
 
-drop_caches() { timeout "$T_SMALL" sh -c 'sync; echo 3 > /proc/sys/vm/drop_caches'; }
 
 # timed SECONDS_VAR cmd... : drops the caches, runs cmd under timeout, stores the wall time
 timed() {
@@ -308,7 +307,6 @@ data_mib() {
 }
 declare -A M
 for k in "${ORDER[@]}"; do M[$k]=$(med "$k"); done
-ratio() { printf '%.3f' "$(echo "$1 / $2" | bc -l)"; }
 
 echo "=== RESULTS (median of $REPEAT runs; wall-clock time of the whole command, page cache dropped before each) ==="
 printf '%-44s %9s %9s %10s %10s  %s\n' "measurement" "data MiB" "median s" "MiB/s" "internal s" "runs (s)"
@@ -320,7 +318,6 @@ done
 echo "(internal s = median of the \"seconds\" ublk-mirror reports in --json: the copy loop only, without process start, open and final close)"
 echo "(MiB/s = data actually copied / time: $SIZE_MIB MiB for A, $NEXTENTS MiB for B, $(data_mib resync_um | xargs printf '%.1f') MiB for C)"
 echo
-verdict() { if [ "$(echo "$1" | bc -l)" = 1 ]; then echo MET; else echo "NOT MET"; fi; }
 r_dd=$(ratio "${M[dense_dd]}" "${M[dense_um]}")      # throughput ratio = inverse time ratio
 r_ddf=$(ratio "${M[dense_ddf]}" "${M[dense_um]}")
 r_q=$(ratio "${M[dense_qemu]}" "${M[dense_um]}")

@@ -359,6 +359,29 @@ fn target_operations_through_tls() {
     }
 }
 
+/// A session that can encrypt no more (TLS 1.2's record limit, say) breaks the connection, not
+/// the ring: the operations fail through their completions, and a reset connects a new session
+/// that works.
+#[test]
+fn an_encryption_failure_breaks_the_connection_only() {
+    let f = files(8 * MIB);
+    let pki = Pki::new(&f.dir.path().join("pki"));
+    let srv = qemu_tls(&f, Transport::Unix, &pki.good, false);
+    let mut d = Driver::new(NbdTarget::open(&srv.uri, &pki.files()).expect("open"));
+    let data = vec![0x3cu8; 64 << 10];
+    d.t.fail_next_encryption();
+    let r = d.run(&[write(0, &data), TargetOp::Flush], LIMIT);
+    assert!(r.iter().all(|x| x.is_err()), "{r:?}");
+    assert!(err_text(&r[0]).contains("encrypting requests failed"), "{}", err_text(&r[0]));
+    assert!(d.t.broken().is_some());
+    d.t.reset().expect("a new session");
+    let r = d.run(&[write(0, &data), TargetOp::Flush], LIMIT);
+    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
+    let mut back = vec![0u8; 64 << 10];
+    let r = d.run(&[read(0, &mut back)], LIMIT);
+    assert!(r[0].is_ok() && back == data, "{r:?}");
+}
+
 /// A reconnect runs the whole handshake again and checks the certificate again: the server
 /// restarted with a certificate from another CA is refused (the target stays broken), and once
 /// it serves the right one again the target reconnects and the data is there.

@@ -174,3 +174,13 @@ wait_fio() {
     wait "$1" || fail "fio failed: $(cat "$2")"
     grep -q "err= 0" "$2" || fail "fio saw errors: $(cat "$2")"
 }
+# bench_fio_args JOB: the fio options of the device benchmark's rounds (bench/guest-device.sh,
+# bench/guest-device-io.sh): randread, randwrite (4k QD32), seqwrite (1M QD8).
+bench_fio_args() {
+    case $1 in
+        randread) echo "--rw=randread --bs=4k --iodepth=32" ;;
+        randwrite) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+        seqwrite) echo "--rw=write --bs=1M --iodepth=8" ;;
+        *) fail "bench_fio_args: unknown job $1" ;;
+    esac
+}

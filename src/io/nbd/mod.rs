@@ -248,6 +248,8 @@ pub struct NbdTarget {
     /// Last time bytes moved (or the first request went in flight after an idle time).
     last_progress: Instant,
     zero: Option<Box<[u8]>>,
+    /// Tests: the next encryption of a send batch fails (see [`NbdTarget::fail_next_encryption`]).
+    fail_encryption: bool,
 }
 
 // SAFETY: the raw pointers inside (request buffers, iovecs, msghdr) point into buffers the
@@ -347,7 +349,15 @@ impl NbdTarget {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             last_progress: Instant::now(),
             zero: None,
+            fail_encryption: false,
         })
+    }
+
+    /// Tests: makes the next encryption of a send batch fail, as a TLS session that reached
+    /// its record limit does.
+    #[doc(hidden)]
+    pub fn fail_next_encryption(&mut self) {
+        self.fail_encryption = true;
     }
 
     /// What the server told about the export at the last handshake.
@@ -421,6 +431,7 @@ impl NbdTarget {
         if self.broken.is_some() {
             return Ok(());
         }
+        let fault = std::mem::take(&mut self.fail_encryption);
         let NbdTarget { conn, reqs, .. } = self;
         let Some(conn) = conn.as_mut() else { return Ok(()) };
         let tls_wants = conn.tls.as_ref().is_some_and(|t| t.wants_write());
@@ -430,7 +441,18 @@ impl NbdTarget {
                 // SAFETY: the batch's pieces were just filled from live requests (headers in
                 // boxed requests, payloads lent until the reply), and nothing posted uses the
                 // batch (send_posted is false).
-                unsafe { encrypt_batch(&mut conn.send, t) }?;
+                let r = if fault { Err(io::Error::other("injected")) } else { unsafe { encrypt_batch(&mut conn.send, t) } };
+                if let Err(e) = r {
+                    // The session is done for (rustls keeps the error; TLS 1.2's record limit,
+                    // say): the connection is, not the ring. Its requests fail through
+                    // completions, and the next reset connects a new session.
+                    let mut failed = Vec::new();
+                    self.break_conn(format!("TLS: encrypting requests failed: {e}"), &mut failed);
+                    for (token, r) in failed {
+                        self.complete_later(ring, token, r)?;
+                    }
+                    return Ok(());
+                }
             }
             if conn.send.n > 0 {
                 post_send(conn, ring)?;
@@ -645,7 +667,8 @@ impl NbdTarget {
         match into {
             Some(RecvInto::Cipher) => {
                 self.on_cipher(n.min(CRX_SIZE), done)?;
-                // (kick: TLS may have an answer to send, e.g. to a key update.)
+                // (kick: TLS may have something of its own to send, e.g. a refusal of a TLS 1.2
+                // renegotiation; a TLS 1.3 key update's answer goes with the next data.)
                 return self.kick(ring).map_err(|e| format!("submitting to the ring: {e}"));
             }
             Some(RecvInto::Rx) => conn.rx_end = (conn.rx_end + n).min(conn.rx.len()),
@@ -875,24 +898,34 @@ fn fill_batch(conn: &mut Conn, reqs: &Slab<Box<Req>>) {
 
 /// TLS: encrypts the batch's pieces into its ciphertext buffer, which becomes its one piece
 /// (with whatever else the session has to send). The requests stay listed in the batch: they
-/// are sent when the ciphertext is.
+/// are sent when the ciphertext is. The pieces are taken a record's worth at a time across
+/// their boundaries (a request's header and the start of its payload share a record), each
+/// record drained at once: rustls then holds one record, whose memory the allocator reuses.
 ///
 /// # Safety
 /// The batch's iovecs must point at live memory of their lengths, and no posted SQE may use the
 /// batch.
 unsafe fn encrypt_batch(b: &mut SendBatch, tls: &mut ClientConnection) -> io::Result<()> {
     b.cipher.clear();
+    let mut window: Vec<io::IoSlice<'_>> = Vec::with_capacity(4);
+    let mut in_window = 0;
     for v in &b.iov[b.first..b.n] {
         // SAFETY: the caller's contract: the piece is live for its length.
-        let piece = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
-        // A record's worth at a time, drained at once: rustls then holds one record, whose
-        // memory the allocator reuses, instead of a batch's worth freshly faulted in.
-        for chunk in piece.chunks(TLS_RECORD) {
-            tls.writer().write_all(chunk)?;
-            while tls.wants_write() {
-                tls.write_tls(&mut b.cipher)?;
+        let mut piece = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+        while !piece.is_empty() {
+            let take = piece.len().min(TLS_RECORD - in_window);
+            window.push(io::IoSlice::new(&piece[..take]));
+            in_window += take;
+            piece = &piece[take..];
+            if in_window == TLS_RECORD {
+                seal(tls, &window, &mut b.cipher)?;
+                window.clear();
+                in_window = 0;
             }
         }
+    }
+    if in_window > 0 {
+        seal(tls, &window, &mut b.cipher)?;
     }
     while tls.wants_write() {
         tls.write_tls(&mut b.cipher)?;
@@ -902,6 +935,20 @@ unsafe fn encrypt_batch(b: &mut SendBatch, tls: &mut ClientConnection) -> io::Re
     if !b.cipher.is_empty() {
         b.iov[0] = libc::iovec { iov_base: b.cipher.as_mut_ptr() as *mut libc::c_void, iov_len: b.cipher.len() };
         b.n = 1;
+    }
+    Ok(())
+}
+
+/// Encrypts `window` (at most a record's worth) and appends the records to `out`.
+fn seal(tls: &mut ClientConnection, window: &[io::IoSlice<'_>], out: &mut Vec<u8>) -> io::Result<()> {
+    let want: usize = window.iter().map(|w| w.len()).sum();
+    // The buffer limit is off (TlsClient::connection): rustls takes all of it, or fails.
+    let n = tls.writer().write_vectored(window)?;
+    if n != want {
+        return Err(io::Error::other(format!("TLS took {n} of {want} bytes")));
+    }
+    while tls.wants_write() {
+        tls.write_tls(out)?;
     }
     Ok(())
 }
@@ -916,8 +963,10 @@ fn post_send(conn: &mut Conn, ring: &mut Ring) -> io::Result<()> {
     // SAFETY: the message and its iovecs live in the boxed batch, which is not touched again
     // until this send completes (send_posted) and is leaked by Drop if it never does; the
     // iovecs point at request headers in boxed requests and at the caller's write buffers,
-    // which stay until the request's reply (Target::submit's contract); the socket belongs to
-    // `conn`, whose descriptor is kept open while a send or receive is posted.
+    // which stay until the request's reply (Target::submit's contract), or, over TLS, at the
+    // batch's own ciphertext buffer (changed only by encrypt_batch, never while a send is
+    // posted); the socket belongs to `conn`, whose descriptor is kept open while a send or
+    // receive is posted.
     unsafe { push(ring, e, Owner::Target, sub(K_SEND, conn.gen)) }?;
     conn.send_posted = true;
     Ok(())

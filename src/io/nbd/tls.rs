@@ -1,6 +1,6 @@
 //! TLS for the NBD target: the client side of `NBD_OPT_STARTTLS`, with rustls.
 //!
-//! rustls (with the *ring* provider) rather than OpenSSL bindings or kernel TLS: it is memory
+//! rustls (with the aws-lc-rs provider) rather than OpenSSL bindings or kernel TLS: it is memory
 //! safe, needs no system library, and its connection is a plain state machine (bytes in,
 //! bytes out), which the target drives from its own io_uring exactly as it drives the bare
 //! socket. Kernel TLS would keep the data path in the kernel, but it needs `CONFIG_TLS`, which
