@@ -388,6 +388,29 @@ fn reset_reconnects_and_checks_the_export() {
     assert!(e.to_string().contains("size changed"), "{e}");
 }
 
+/// The mirror loop restarts on a new ring with the same target (the supervisor does, after a
+/// loop failure): what the target had posted on the old ring (its receive, its timer) will
+/// never complete, so it drops the connection and the reset reconnects; operations on the new
+/// ring complete. A target on whose ring nothing was posted yet keeps its connection.
+#[test]
+fn a_new_ring_gets_a_new_connection() {
+    let f = files(8 * MIB);
+    let srv = Server::qemu(f.dir.path(), &f.target, Transport::Unix, &[]);
+    let mut d = Driver::new(NbdTarget::open(&srv.uri, &TlsFiles::default()).expect("open"));
+    let data = vec![9u8; 64 << 10];
+    let r = d.run(&[write(0, &data), TargetOp::Flush], LIMIT);
+    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
+    d.ring = ublk_mirror::io::uring::new_ring(64).expect("ring");
+    assert!(d.t.ring_changed(), "the receive posted on the old ring is lost: the target must reconnect");
+    d.t.reset().expect("reconnect");
+    let mut back = vec![0u8; 64 << 10];
+    // Without the reconnect the read is never answered (no receive posted): the Driver aborts.
+    let r = d.run(&[read(0, &mut back)], Duration::from_secs(20));
+    assert!(r[0].is_ok() && back == data, "{r:?}");
+    let mut fresh = NbdTarget::open(&srv.uri, &TlsFiles::default()).expect("open");
+    assert!(!fresh.ring_changed(), "a fresh target reconnected for nothing");
+}
+
 /// A reconnect to an export whose minimum block size grew is refused (the copies were laid out
 /// for the old one); a smaller one is taken.
 #[test]

@@ -68,6 +68,12 @@ pub trait Target {
     fn reset(&mut self) -> io::Result<()> {
         Ok(())
     }
+    /// A mirror loop starts on a new ring (the supervisor restarts a failed loop with the same
+    /// target): nothing the target posted on an earlier ring completes on this one. Returns
+    /// true if the target dropped state for that and must be [`Self::reset`] before use.
+    fn ring_changed(&mut self) -> bool {
+        false
+    }
 }
 
 /// A regular file or block device, through io_uring.
@@ -242,6 +248,12 @@ impl Target for FileTarget {
             }
             _ => debug_assert!(false, "unknown target completion kind {kind}"),
         }
+    }
+    /// The zeroing jobs of an earlier ring's loop will not complete here (the zero buffer
+    /// they write is static).
+    fn ring_changed(&mut self) -> bool {
+        self.zero_jobs.clear();
+        false
     }
 }
 

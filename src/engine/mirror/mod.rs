@@ -173,6 +173,8 @@ impl<'t> Mirror<'t> {
     }
 
     fn on_ring(ring: Ring, engine: Arc<Engine>, target: &'t mut dyn Target, cfg: CopyConfig) -> Self {
+        // A restarted loop: what the target posted on the old ring is gone with it.
+        let needs_reset = target.ring_changed();
         // Buffers are made on first need: a resync of a few regions, or an idle live mirror,
         // does not pay for (or hold) max_copies x buf_size of memory.
         let now = Instant::now();
@@ -201,7 +203,7 @@ impl<'t> Mirror<'t> {
             hooks: TestHooks::default(),
             done: Vec::new(),
             offline: false,
-            needs_reset: false,
+            needs_reset,
             bucket: TokenBucket::new(now),
             busy: BusyDetector::new(now, requests),
             throttled_until: None,

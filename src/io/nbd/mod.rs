@@ -1158,6 +1158,35 @@ impl Target for NbdTarget {
         }
     }
 
+    /// Everything posted on the earlier ring (the receive, a send, the timer, a NOP) is lost
+    /// with it: the operations were the old loop's (it waited for them or leaked their
+    /// buffers), and the connection, its stream position unknown, is dropped (its buffers
+    /// leaked: the old ring's teardown may still be cancelling SQEs that use them). The next
+    /// reset connects anew. A target on whose ring nothing was ever posted keeps its connection.
+    fn ring_changed(&mut self) -> bool {
+        let posted = self.nop_posted || self.timer_posted || self.conn.as_ref().is_some_and(|c| c.busy());
+        if !posted && self.ops.is_empty() && self.retired.is_empty() {
+            return false;
+        }
+        self.ops.clear();
+        self.reqs.clear();
+        self.ready.clear();
+        self.nop_posted = false;
+        self.timer_posted = false;
+        let mut leak_zero = false;
+        for mut c in self.conn.take().into_iter().chain(self.retired.drain(..)) {
+            c.stream.shutdown();
+            leak_zero |= leak_if_busy(&mut c);
+        }
+        if leak_zero {
+            if let Some(z) = self.zero.take() {
+                Box::leak(z);
+            }
+        }
+        self.broken = Some("the mirror loop restarted on a new ring: reconnecting".into());
+        true
+    }
+
     fn reset(&mut self) -> io::Result<()> {
         if self.broken.is_none() && self.conn.is_some() {
             return Ok(());
@@ -1212,6 +1241,18 @@ impl Target for NbdTarget {
     }
 }
 
+/// Leaks the buffers of a connection with SQEs in flight (they may still use them); returns
+/// whether a send was in flight (which may use the shared zero buffer too).
+fn leak_if_busy(c: &mut Conn) -> bool {
+    if !c.busy() {
+        return false;
+    }
+    Box::leak(std::mem::take(&mut c.rx));
+    Box::leak(std::mem::take(&mut c.crx));
+    Box::leak(std::mem::replace(&mut c.send, SendBatch::boxed()));
+    c.send_posted
+}
+
 impl Drop for NbdTarget {
     fn drop(&mut self) {
         if let Some(c) = self.conn.as_mut() {
@@ -1242,12 +1283,7 @@ impl Drop for NbdTarget {
         // waits for its operations before it goes.
         let mut leak_zero = false;
         for c in self.conn.iter_mut().chain(self.retired.iter_mut()) {
-            if c.busy() {
-                Box::leak(std::mem::take(&mut c.rx));
-                Box::leak(std::mem::take(&mut c.crx));
-                Box::leak(std::mem::replace(&mut c.send, SendBatch::boxed()));
-                leak_zero |= c.send_posted;
-            }
+            leak_zero |= leak_if_busy(c);
         }
         if leak_zero {
             if let Some(z) = self.zero.take() {
