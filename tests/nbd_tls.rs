@@ -324,10 +324,49 @@ fn nothing_is_sent_in_clear_when_the_server_refuses_tls() {
             Err(e) => panic!("the client neither closed nor sent anything more: {e}"),
         }
     });
-    let e = open_err(&format!("nbds://127.0.0.1:{port}/secret-export"), &TlsFiles::default());
+    let dir = tempfile::tempdir().expect("dir");
+    let e = open_err(&format!("nbds://127.0.0.1:{port}/secret-export"), &Pki::new(dir.path()).files());
     assert!(e.contains("does not offer TLS") && e.contains("refused by the server's policy"), "{e}");
     let after = server.join().expect("server");
     assert!(after.is_empty(), "sent in clear after the refusal: {:?}", String::from_utf8_lossy(&after));
+}
+
+/// A peer that trickles its TLS handshake (a record header announcing 16 KiB, then a byte every
+/// 100 ms) cannot hold the negotiation past its deadline (10 s at open): every socket read is
+/// checked against it.
+#[test]
+fn a_trickling_handshake_times_out() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        let mut greeting = b"NBDMAGICIHAVEOPT".to_vec();
+        greeting.extend_from_slice(&1u16.to_be_bytes());
+        s.write_all(&greeting).expect("greeting");
+        let mut head = [0u8; 4 + 16];
+        s.read_exact(&mut head).expect("client flags and STARTTLS");
+        let mut ack = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+        ack.extend_from_slice(&5u32.to_be_bytes());
+        ack.extend_from_slice(&1u32.to_be_bytes()); // NBD_REP_ACK
+        ack.extend_from_slice(&0u32.to_be_bytes());
+        s.write_all(&ack).expect("ack");
+        // A handshake record of 16 KiB, sent a byte at a time, until the client hangs up.
+        if s.write_all(&[0x16, 0x03, 0x03, 0x40, 0x00]).is_err() {
+            return;
+        }
+        for _ in 0..16384 {
+            std::thread::sleep(Duration::from_millis(100));
+            if s.write_all(&[0]).is_err() {
+                return;
+            }
+        }
+    });
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = Pki::new(dir.path());
+    let t0 = Instant::now();
+    let e = open_err(&format!("nbds://127.0.0.1:{port}/x"), &pki.files());
+    assert!(t0.elapsed() < Duration::from_secs(15), "the handshake took {:?}", t0.elapsed());
+    assert!(e.contains("in time") && e.contains("TLS handshake"), "{e}");
 }
 
 /// The data path through TLS: writes split by the batch limit, many reads in flight whose data

@@ -213,7 +213,74 @@ impl Chan for Stream {
     }
 }
 
-impl Chan for rustls::Stream<'_, ClientConnection, Stream> {
+/// TLS over the socket, for the blocking negotiation. Every socket read or write waits at
+/// most the time left before `deadline`, checked before each one: rustls's own `Stream` loops
+/// over socket reads without a clock, so a peer that trickles bytes could hold it past any
+/// deadline (and a reset of the mirror's target must not block for more than about a second).
+pub struct TlsChan<'a> {
+    conn: &'a mut ClientConnection,
+    sock: &'a mut Stream,
+    deadline: Instant,
+}
+
+impl<'a> TlsChan<'a> {
+    pub fn new(conn: &'a mut ClientConnection, sock: &'a mut Stream, deadline: Instant) -> Self {
+        TlsChan { conn, sock, deadline }
+    }
+
+    /// Sends what the session has to send.
+    fn flush_tls(&mut self) -> io::Result<()> {
+        while self.conn.wants_write() {
+            self.sock.set_write_timeout(Some(left(self.deadline)?))?;
+            self.conn.write_tls(self.sock)?;
+        }
+        Ok(())
+    }
+
+    /// One step of the session: what it has to send, then one socket read, processed.
+    fn step(&mut self) -> io::Result<()> {
+        self.flush_tls()?;
+        self.sock.set_read_timeout(Some(left(self.deadline)?))?;
+        if self.conn.read_tls(self.sock)? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection"));
+        }
+        // The rustls error stays inside (explain_io finds it).
+        self.conn.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        Ok(())
+    }
+
+    /// Runs the handshake to its end.
+    fn handshake(&mut self) -> io::Result<()> {
+        while self.conn.is_handshaking() {
+            self.step()?;
+        }
+        self.flush_tls()
+    }
+}
+
+impl Read for TlsChan<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.conn.reader().read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.step()?,
+                r => return r,
+            }
+        }
+    }
+}
+
+impl Write for TlsChan<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.conn.writer().write(buf)?;
+        self.flush_tls()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_tls()
+    }
+}
+
+impl Chan for TlsChan<'_> {
     fn sock(&self) -> &Stream {
         self.sock
     }
@@ -333,26 +400,13 @@ pub fn handshake(
         ));
     }
     let mut conn = tls.connection()?;
-    tls_handshake(&mut conn, s, deadline)?;
-    let e = go(&mut rustls::Stream::new(&mut conn, s), export, None, deadline)?;
+    let mut chan = TlsChan::new(&mut conn, s, deadline);
+    chan.handshake().map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timeout("the TLS handshake"),
+        _ => explain_io(&e).unwrap_or_else(|| io::Error::new(e.kind(), format!("the TLS handshake: {e}"))),
+    })?;
+    let e = go(&mut chan, export, None, deadline)?;
     Ok((e, Some(conn)))
-}
-
-/// Runs the TLS handshake over `s` before `deadline`.
-fn tls_handshake(conn: &mut ClientConnection, s: &mut Stream, deadline: Instant) -> io::Result<()> {
-    const WHAT: &str = "the TLS handshake";
-    while conn.is_handshaking() {
-        let t = left(deadline).map_err(|_| timeout(WHAT))?;
-        s.set_read_timeout(Some(t))?;
-        s.set_write_timeout(Some(t))?;
-        match conn.complete_io(s) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Err(timeout(WHAT)),
-            Err(e) => return Err(explain_io(&e).unwrap_or_else(|| io::Error::new(e.kind(), format!("{WHAT}: {e}")))),
-        }
-    }
-    Ok(())
 }
 
 /// `NBD_OPT_GO` for `export`; `fallback`: `NBD_OPT_EXPORT_NAME` may replace it, the server
