@@ -53,19 +53,36 @@ impl std::fmt::Debug for TlsClient {
     }
 }
 
-/// Refuses a private key that others than its owner and group may read or write.
-pub fn check_key_permissions(key: &Path) -> Result<(), String> {
-    let m = std::fs::metadata(key).map_err(|e| format!("TLS key {}: {e}", key.display()))?;
+/// Reads a private key file, refusing one that other users may access or its group may write,
+/// or that belongs to another user than root or the one this process runs as. The checks are
+/// made on the opened file (fstat), so the file read is the file checked.
+pub fn read_key(key: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let mut f = std::fs::File::open(key).map_err(|e| format!("TLS key {}: {e}", key.display()))?;
+    let m = f.metadata().map_err(|e| format!("TLS key {}: {e}", key.display()))?;
     let mode = m.permissions().mode() & 0o777;
-    if mode & 0o007 != 0 {
+    if mode & 0o027 != 0 {
         return Err(format!(
-            "TLS key {} is open to other users (mode {mode:04o}): a private key must not be; \
-             fix it with: chmod o-rwx {}",
+            "TLS key {} is open to other users or writable by its group (mode {mode:04o}): a private \
+             key must not be; fix it with: chmod o-rwx,g-w {}",
             key.display(),
             key.display()
         ));
     }
-    Ok(())
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid() != 0 && m.uid() != me {
+        return Err(format!(
+            "TLS key {} belongs to user {}: a private key must belong to root or to the user the \
+             daemon runs as ({me}); fix it with: chown {me} {}",
+            key.display(),
+            m.uid(),
+            key.display()
+        ));
+    }
+    let mut pem = Vec::new();
+    f.read_to_end(&mut pem).map_err(|e| format!("TLS key {}: {e}", key.display()))?;
+    Ok(pem)
 }
 
 fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -110,9 +127,9 @@ impl TlsClient {
             .with_root_certificates(roots);
         let mut config = match (&files.cert, &files.key) {
             (Some(cert), Some(key)) => {
-                check_key_permissions(key)?;
+                let pem = read_key(key)?;
                 let chain = read_certs(cert, "TLS client certificate")?;
-                let key_der = PrivateKeyDer::from_pem_file(key)
+                let key_der = PrivateKeyDer::from_pem_slice(&pem)
                     .map_err(|e| format!("TLS key {}: not a PEM private key: {e}", key.display()))?;
                 builder.with_client_auth_cert(chain, key_der).map_err(|e| {
                     format!(
@@ -229,4 +246,33 @@ pub fn explain_io(e: &io::Error) -> Option<io::Error> {
             "if it requires a client certificate, give one signed by a CA it trusts with --tls-cert FILE --tls-key FILE",
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key is taken at 0600 and 0640, refused when others may touch it or its group write
+    /// it, and when another user than root or this process's owns it.
+    #[test]
+    fn key_permissions() {
+        let dir = tempfile::tempdir().expect("dir");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").expect("write");
+        let chmod = |m: u32| std::fs::set_permissions(&key, std::fs::Permissions::from_mode(m)).expect("chmod");
+        for ok in [0o600, 0o640, 0o400] {
+            chmod(ok);
+            assert!(read_key(&key).is_ok(), "{ok:o} refused");
+        }
+        for bad in [0o604, 0o620, 0o666, 0o601] {
+            chmod(bad);
+            let e = read_key(&key).expect_err("refused");
+            assert!(e.contains("chmod o-rwx,g-w"), "{bad:o}: {e}");
+        }
+        chmod(0o600);
+        // (Needs root, as the test suite does: another owner is made with chown.)
+        nix::unistd::chown(&key, Some(nix::unistd::Uid::from_raw(54321)), None).expect("chown (run the tests as root)");
+        let e = read_key(&key).expect_err("another user's key");
+        assert!(e.contains("belongs to user 54321"), "{e}");
+    }
 }
