@@ -200,6 +200,31 @@ fn sync_and_verify_through_qemu_nbd_over_tls() {
     }
 }
 
+/// TLS 1.2 (qemu-nbd limited to it by a GnuTLS priority string): negotiated as such, and the
+/// same sync and verify through it. (The other tests get TLS 1.3.)
+#[test]
+fn sync_over_tls_1_2() {
+    const SIZE: u64 = 16 * MIB;
+    let f = sparse_pair(SIZE, 6);
+    let pki = Pki::new(&f.dir.path().join("pki"));
+    let creds = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=no,priority=NORMAL:-VERS-TLS1.3",
+        pki.good.display()
+    );
+    let mut srv = Server::qemu(f.dir.path(), &f.target, Transport::Tcp, &["--object", &creds, "--tls-creds", "tls0"]);
+    srv.uri = tls_uri(&srv.uri);
+    let t = NbdTarget::open(&srv.uri, &pki.files()).expect("open");
+    assert!(t.tls_info().is_some_and(|i| i.contains("TLSv1_2")), "{:?}", t.tls_info());
+    drop(t);
+    sync_tls_and_check(&f, &srv.uri, &pki.files(), SIZE);
+    drop(srv);
+    assert_same_files(&f.source, &f.target);
+    // Without the priority string: TLS 1.3.
+    let srv = qemu_tls(&f, Transport::Unix, &pki.good, false);
+    let t = NbdTarget::open(&srv.uri, &pki.files()).expect("open");
+    assert!(t.tls_info().is_some_and(|i| i.contains("TLSv1_3")), "{:?}", t.tls_info());
+}
+
 /// nbdkit with `--tls=require`: the same through TLS; and plain `nbd://` to it is refused with
 /// the fix (use nbds).
 #[test]
@@ -296,6 +321,23 @@ fn bad_tls_fails_clearly_and_creates_nothing() {
     assert!(e.contains("expired") && e.contains("renew"), "{e}");
 }
 
+/// A fake server's side of the negotiation up to the client's first option, which must be
+/// NBD_OPT_STARTTLS; it answers with reply type `reply` (NBD_REP_ACK, or an error).
+fn fake_starttls(s: &mut std::net::TcpStream, reply: u32) {
+    let mut greeting = b"NBDMAGICIHAVEOPT".to_vec();
+    greeting.extend_from_slice(&1u16.to_be_bytes()); // fixed newstyle
+    s.write_all(&greeting).expect("greeting");
+    let mut head = [0u8; 4 + 16];
+    s.read_exact(&mut head).expect("client flags and an option");
+    assert_eq!(&head[4..12], b"IHAVEOPT");
+    assert_eq!(u32::from_be_bytes([head[12], head[13], head[14], head[15]]), 5, "STARTTLS comes first");
+    let mut r = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+    r.extend_from_slice(&5u32.to_be_bytes());
+    r.extend_from_slice(&reply.to_be_bytes());
+    r.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&r).expect("option reply");
+}
+
 /// A server that answers NBD_OPT_STARTTLS with an error: the client gives up and sends nothing
 /// more (the export's name, the first thing the negotiation would reveal, never crosses).
 #[test]
@@ -305,18 +347,7 @@ fn nothing_is_sent_in_clear_when_the_server_refuses_tls() {
     let server = std::thread::spawn(move || -> Vec<u8> {
         let (mut s, _) = l.accept().expect("accept");
         s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
-        let mut greeting = b"NBDMAGICIHAVEOPT".to_vec();
-        greeting.extend_from_slice(&1u16.to_be_bytes()); // fixed newstyle
-        s.write_all(&greeting).expect("greeting");
-        let mut head = [0u8; 4 + 16];
-        s.read_exact(&mut head).expect("client flags and an option");
-        assert_eq!(&head[4..12], b"IHAVEOPT");
-        assert_eq!(u32::from_be_bytes([head[12], head[13], head[14], head[15]]), 5, "STARTTLS comes first");
-        let mut reply = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
-        reply.extend_from_slice(&5u32.to_be_bytes());
-        reply.extend_from_slice(&((1u32 << 31) | 2).to_be_bytes()); // NBD_REP_ERR_POLICY
-        reply.extend_from_slice(&0u32.to_be_bytes());
-        s.write_all(&reply).expect("reply");
+        fake_starttls(&mut s, (1 << 31) | 2); // NBD_REP_ERR_POLICY
         // Whatever comes now, until the client closes (or the timeout, which fails below).
         let mut rest = Vec::new();
         match s.read_to_end(&mut rest) {
@@ -340,16 +371,7 @@ fn a_trickling_handshake_times_out() {
     let port = l.local_addr().expect("addr").port();
     std::thread::spawn(move || {
         let (mut s, _) = l.accept().expect("accept");
-        let mut greeting = b"NBDMAGICIHAVEOPT".to_vec();
-        greeting.extend_from_slice(&1u16.to_be_bytes());
-        s.write_all(&greeting).expect("greeting");
-        let mut head = [0u8; 4 + 16];
-        s.read_exact(&mut head).expect("client flags and STARTTLS");
-        let mut ack = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
-        ack.extend_from_slice(&5u32.to_be_bytes());
-        ack.extend_from_slice(&1u32.to_be_bytes()); // NBD_REP_ACK
-        ack.extend_from_slice(&0u32.to_be_bytes());
-        s.write_all(&ack).expect("ack");
+        fake_starttls(&mut s, 1); // NBD_REP_ACK
         // A handshake record of 16 KiB, sent a byte at a time, until the client hangs up.
         if s.write_all(&[0x16, 0x03, 0x03, 0x40, 0x00]).is_err() {
             return;

@@ -250,6 +250,15 @@ pub struct NbdTarget {
     zero: Option<Box<[u8]>>,
     /// Tests: the next encryption of a send batch fails (see [`NbdTarget::fail_next_encryption`]).
     fail_encryption: bool,
+    /// The TLS version and cipher suite of the connection (see [`NbdTarget::tls_info`]).
+    tls_info: Option<String>,
+}
+
+/// The TLS version and cipher suite a session negotiated, for messages.
+fn session_info(c: &ClientConnection) -> String {
+    let version = c.protocol_version().map_or("?".to_string(), |v| format!("{v:?}"));
+    let suite = c.negotiated_cipher_suite().map_or("?".to_string(), |s| format!("{:?}", s.suite()));
+    format!("{version}, {suite}")
 }
 
 // SAFETY: the raw pointers inside (request buffers, iovecs, msghdr) point into buffers the
@@ -329,6 +338,10 @@ impl NbdTarget {
             export.preferred_block,
             export.max_payload
         );
+        let tls_info = session.as_ref().map(session_info);
+        if let Some(t) = &tls_info {
+            log::info!("NBD target {name}: TLS ({t})");
+        }
         Ok(NbdTarget {
             uri: parsed,
             tls,
@@ -336,7 +349,6 @@ impl NbdTarget {
             addrs,
             open_block: export.min_block.max(512),
             export,
-            conn: Some(Conn::new(stream, 1, session)),
             gen: 1,
             retired: Vec::new(),
             broken: None,
@@ -350,7 +362,14 @@ impl NbdTarget {
             last_progress: Instant::now(),
             zero: None,
             fail_encryption: false,
+            tls_info,
+            conn: Some(Conn::new(stream, 1, session)),
         })
+    }
+
+    /// The TLS version and cipher suite of the current connection (None: no TLS).
+    pub fn tls_info(&self) -> Option<&str> {
+        self.tls_info.as_deref()
     }
 
     /// Tests: makes the next encryption of a send batch fail, as a TLS session that reached
@@ -1233,6 +1252,7 @@ impl Target for NbdTarget {
         s.set_read_timeout(None)?;
         s.set_write_timeout(None)?;
         self.gen = self.gen.wrapping_add(1);
+        self.tls_info = session.as_ref().map(session_info);
         self.conn = Some(Conn::new(s, self.gen, session));
         self.export = export;
         self.broken = None;
