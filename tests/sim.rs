@@ -57,7 +57,7 @@ use rand::{Rng, SeedableRng};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::collections::HashMap;
-use ublk_mirror::core::ship::BehindReason;
+use ublk_mirror::core::ship::{BehindReason, ZEROES};
 use ublk_mirror::core::{ActivePlan, Extent, FlushKind, GroupCommit, Intent, MirrorState, PersistentBits};
 use ublk_mirror::core::lifecycle::{self, BitmapFiles, Fill, SyncMode};
 
@@ -220,6 +220,9 @@ struct Sim {
     /// Async: the bytes of queued writes by handle (their regions and versions).
     ship_data: HashMap<u64, (Extent, Vec<u64>)>,
     next_handle: u64,
+    /// Async: queued zeroings (a discard or write-zeroes: handle ZEROES, no buffered bytes) by
+    /// queue seq, with what they leave (in this model, a version like any write's).
+    zero_data: HashMap<u64, (Extent, Vec<u64>)>,
     /// Async: shipped writes in flight to the target.
     ships: Vec<InShip>,
     /// Async: what was acknowledged when each queued write was acknowledged, by queue seq.
@@ -398,6 +401,7 @@ impl Sim {
             ship_cap,
             ship_data: HashMap::new(),
             next_handle: 0,
+            zero_data: HashMap::new(),
             ships: Vec::new(),
             ship_acked: HashMap::new(),
             pure: false,
@@ -632,6 +636,7 @@ impl Sim {
         self.evs.clear();
         self.ships.clear();
         self.ship_data.clear();
+        self.zero_data.clear();
         self.ship_acked.clear();
         self.ship_issued.clear();
         self.ship_unflushed = None;
@@ -731,7 +736,8 @@ impl Sim {
         if self.rng.gen() && self.ships.len() < 2 {
             let hold = self.rng.gen_ratio(1, 4);
             let Some(sh) = self.s.ship_next(2, hold) else { return };
-            let (ext, vers) = self.ship_data.get(&sh.handle).cloned().expect("a queued write's data");
+            let data = if sh.handle == ZEROES { self.zero_data.remove(&sh.seq) } else { self.ship_data.get(&sh.handle).cloned() };
+            let (ext, vers) = data.expect("a queued write's data");
             assert_eq!(ext.start * 100, sh.off, "the queue's write is not the one buffered");
             // Rule 1 of the shipping order, seen from outside: nothing of a later epoch is issued
             // while an earlier one is not durable on the target.
@@ -835,14 +841,21 @@ impl Sim {
     fn end(&mut self, wr: Write, source_ok: bool) {
         if let Some(id) = wr.ship {
             // Async: the source write completed; queue a copy of its data (or, failed, end it).
-            let handle = self.next_handle;
-            self.next_handle += 1;
-            if source_ok {
-                self.ship_data.insert(handle, (wr.ext, wr.vers.clone()));
+            // One in eight is a zeroing (a discard or write-zeroes): no buffered bytes.
+            let zeroing = self.rng.gen_ratio(1, 8);
+            let handle = if zeroing { ZEROES } else { self.next_handle };
+            if !zeroing {
+                self.next_handle += 1;
+                if source_ok {
+                    self.ship_data.insert(handle, (wr.ext, wr.vers.clone()));
+                }
             }
             let out = self.s.ship_source_done(id, source_ok, handle);
-            if !out.queued {
+            if !out.queued && !zeroing {
                 self.ship_data.remove(&handle);
+            }
+            if let (true, Some(seq)) = (zeroing, out.seq) {
+                self.zero_data.insert(seq, (wr.ext, wr.vers.clone()));
             }
             self.free(&out.freed);
             if out.fell_behind.is_some() {
