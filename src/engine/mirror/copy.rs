@@ -119,7 +119,10 @@ impl Mirror<'_> {
                 return Ok(());
             }
             if let Err(e) = self.target.reset() {
-                self.target_failed(&format!("target {}: {e}", self.target.describe()));
+                // (A network target's errors name it already.)
+                let (name, e) = (self.target.describe(), e.to_string());
+                let msg = if e.contains(&name) { e } else { format!("target {name}: {e}") };
+                self.target_failed(&msg);
                 return Ok(());
             }
             self.needs_reset = false;
