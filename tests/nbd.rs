@@ -321,6 +321,57 @@ fn async_mode_ships_writes_to_an_nbd_export() {
     assert_same_files(&f.source, &f.target);
 }
 
+/// Async mode to an export with a 4 KiB minimum block size, under a device whose blocks are
+/// smaller: a 512-byte write cannot be shipped (the server would refuse it, failing the queue),
+/// so it goes to the copy; aligned writes are shipped; the queue never falls behind and the
+/// pair ends identical.
+#[test]
+fn async_mode_leaves_writes_the_target_cannot_take_to_the_copy() {
+    use ublk_mirror::engine::mirror::{Mirror, RunUntil};
+    use ublk_mirror::engine::{CopyMode, Settings};
+    const SIZE: u64 = 8 * MIB;
+    let f = files(SIZE);
+    fill_random(&f.source, 0, SIZE as usize, 33);
+    let tgt = f.target.display().to_string();
+    let args = ["--filter=blocksize-policy", "file", tgt.as_str(), "blocksize-error-policy=error", "blocksize-minimum=4096", "blocksize-preferred=65536"];
+    let srv = Server::nbdkit(f.dir.path(), Transport::Unix, &args);
+    let p = pair(&f, &srv.uri);
+    sync_bounded(&p, &CopyConfig::default(), TestHooks::default(), LIMIT).expect("full sync");
+    let (engine, mut target, _) = Engine::open(&p).expect("reopen");
+    assert_eq!(target.block_size(), 4096);
+    let engine = Arc::new(engine);
+    engine.apply_settings(&Settings { mode: Some(CopyMode::Async), async_buffer: 4 * MIB, ..Default::default() });
+    let e2 = engine.clone();
+    let mirror = std::thread::spawn(move || {
+        let cfg = CopyConfig { max_copies: 8, buf_size: G as usize, ..Default::default() };
+        let mut m = Mirror::new(e2, target.as_mut(), cfg).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    wait_for("shipping", LIMIT, || engine.status().mode == "async");
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    for i in 0..16u64 {
+        let mut data = AlignedBuf::new(4096);
+        data.fill(i as u8 ^ 0x77);
+        // Every other write is 512 bytes at a 512-byte offset inside a 4 KiB block.
+        let (off, len) = if i % 2 == 0 { (i * 65536, 4096) } else { (i * 65536 + 512, 512) };
+        q.execute(Op::Write { off, data, len, fua: false }).expect("write");
+        q.execute(Op::Flush).expect("flush");
+    }
+    wait_for("synced", LIMIT, || engine.status().state == "synced");
+    let s = engine.status();
+    let ship = s.shipping.clone().expect("async figures");
+    assert_eq!(ship.fell_behind, 0, "a write the target refuses was shipped: {s:?}");
+    assert_eq!(ship.shipped_writes, 8, "{ship:?}");
+    assert!(s.bytes_copied >= 8 * 4096, "the unaligned writes' regions were not copied: {s:?}");
+    drop(q);
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    engine.close().expect("close");
+    drop(engine);
+    drop(srv);
+    assert_same_files(&f.source, &f.target);
+}
+
 /// The server dies in the middle of the initial full sync. An NBD target publishes its flushes
 /// (flush_publishes), so the mirror makes no checkpoint flushes and no bit was cleared: the
 /// next sync copies everything again, and completes.

@@ -111,6 +111,10 @@ pub struct Engine {
     pair_changed: std::sync::Condvar,
     size: u64,
     shift: u32,
+    /// Async mode ships only requests whose offset and length are multiples of this (the
+    /// target's block size at open; the device's own blocks may be smaller): the target would
+    /// refuse the others, failing the queue. They go to the copy instead.
+    ship_block: u64,
     bitmap_fd: std::sync::Arc<std::fs::File>,
     bitmap_path: PathBuf,
     wake: nix::sys::eventfd::EventFd,
@@ -283,11 +287,11 @@ impl Engine {
             source_direct: source.direct,
             target_direct: target.direct(),
         };
-        let engine = Self::assemble(source, state, &opts.bitmap, dirty)?;
+        let engine = Self::assemble(source, state, &opts.bitmap, dirty, u64::from(target.block_size()).max(1))?;
         Ok((engine, target, report))
     }
 
-    fn assemble(source: Backing, state: MirrorState<Bitmap>, bitmap: &Path, dirty: u64) -> Result<Engine> {
+    fn assemble(source: Backing, state: MirrorState<Bitmap>, bitmap: &Path, dirty: u64, ship_block: u64) -> Result<Engine> {
         let bitmap_fd = state.pbits().file();
         let shift = state.pbits().granularity().trailing_zeros();
         // The bitmap's device size: the source's (checked at open), or after a switchover the
@@ -301,6 +305,7 @@ impl Engine {
         Ok(Engine {
             size,
             shift,
+            ship_block,
             front: crate::engine::front::FrontFds::new(Fds { source: source.fd(), target: -1 }),
             source: std::sync::RwLock::new(Arc::new(source)),
             front_target: Mutex::new(None),
@@ -348,7 +353,7 @@ impl Engine {
             )));
         }
         let state = lifecycle::trusted_state(bm, |b| b.sync())?;
-        let e = Self::assemble(data, state, bitmap, 0)?;
+        let e = Self::assemble(data, state, bitmap, 0, 1)?;
         e.set_front_target(e.source(), Duration::from_secs(1));
         e.serving_target.store(true, Ordering::SeqCst);
         Ok(e)

@@ -110,6 +110,7 @@ fn zeroes_fallback(r: &mut Req) -> bool {
         Request::WriteZeroes { off, len, unmap: true } if len <= u32::MAX as u64 => {
             r.req = Request::Write { off, len: len as u32, fua: false };
             r.data = Data::None;
+            r.zeroes_written = true;
         }
         _ => return false,
     }
@@ -164,6 +165,9 @@ struct Req {
     /// A discard the source refused: it completes, but the data stayed as it was (async mode
     /// must not ship it as a zeroing).
     unchanged: bool,
+    /// A write-zeroes the source refused, carried out as a write of zeroes (async mode ships
+    /// it as a zeroing, not as a copy of up to 1 GiB of zeroes).
+    zeroes_written: bool,
 }
 
 const SRC: u32 = 0;
@@ -313,6 +317,7 @@ impl QueueRequests {
             file: SRC,
             held: None,
             unchanged: false,
+            zeroes_written: false,
         };
         // Slots fit in 16 bits (checked above): they travel in completions' user_data.
         let slot = self.reqs.insert(r);
@@ -629,6 +634,7 @@ impl QueueRequests {
                 // to the driver with the completion).
                 // A discard or write-zeroes that took effect leaves zeroes: shipped as a zeroing.
                 let data = match (&result, r.req, &r.data) {
+                    (Ok(_), Request::Write { .. }, _) if r.zeroes_written => Shipped::Zeroes,
                     (Ok(_), Request::Write { len, .. }, d) => copy_out(&self.engine, d, len).map_or(Shipped::Nothing, Shipped::Bytes),
                     (Ok(_), Request::Discard { .. }, _) if !r.unchanged => Shipped::Zeroes,
                     (Ok(_), Request::WriteZeroes { .. }, _) => Shipped::Zeroes,

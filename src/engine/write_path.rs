@@ -93,7 +93,8 @@ impl Engine {
             let (i, p) = g.state.begin_active_write(ext, off, len);
             return WriteAdmission::Go(i, p);
         }
-        if !self.write_blocking_now() && g.state.ship().is_some_and(|q| q.shipping()) {
+        let aligned = off % self.ship_block == 0 && len % self.ship_block == 0;
+        if aligned && !self.write_blocking_now() && g.state.ship().is_some_and(|q| q.shipping()) {
             let (i, p) = g.state.begin_shipped_write(ext, off, len);
             return WriteAdmission::Go(i, p);
         }

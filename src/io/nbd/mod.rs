@@ -1183,12 +1183,13 @@ impl Target for NbdTarget {
     /// leaked: the old ring's teardown may still be cancelling SQEs that use them). The next
     /// reset connects anew. A target on whose ring nothing was ever posted keeps its connection.
     fn ring_changed(&mut self) -> bool {
+        // (Completions waiting for a NOP count: one whose NOP could not be posted would
+        // otherwise be handed to the new loop, whose tokens mean other operations.)
         let posted = self.nop_posted || self.timer_posted || self.conn.as_ref().is_some_and(|c| c.busy());
-        if !posted && self.ops.is_empty() && self.retired.is_empty() {
+        if !posted && self.ops.is_empty() && self.retired.is_empty() && self.ready.is_empty() {
             return false;
         }
         self.ops.clear();
-        self.reqs.clear();
         self.ready.clear();
         self.nop_posted = false;
         self.timer_posted = false;
@@ -1197,6 +1198,11 @@ impl Target for NbdTarget {
             c.stream.shutdown();
             leak_zero |= leak_if_busy(&mut c);
         }
+        if leak_zero {
+            // A send in flight may still read the request headers its iovecs point at.
+            std::mem::forget(std::mem::take(&mut self.reqs));
+        }
+        self.reqs.clear();
         if leak_zero {
             if let Some(z) = self.zero.take() {
                 Box::leak(z);
@@ -1309,6 +1315,8 @@ impl Drop for NbdTarget {
             if let Some(z) = self.zero.take() {
                 Box::leak(z);
             }
+            // The send's iovecs point at request headers too.
+            std::mem::forget(std::mem::take(&mut self.reqs));
         }
     }
 }
