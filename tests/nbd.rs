@@ -274,21 +274,16 @@ fn server_killed_during_resync_then_resume() {
     assert_same_files(&f.source, &f.target);
 }
 
-/// Async mode over NBD: the writes reach the export from the replication buffer (pipelined,
-/// FLUSH only at epoch boundaries), nothing is copied, and the export ends identical.
-#[test]
-fn async_mode_ships_writes_to_an_nbd_export() {
+/// Opens `p` in async mode with a replication buffer of `buffer` bytes, runs its mirror loop on
+/// a thread, and waits for shipping to start. Returns the engine, the loop's thread and the
+/// target's block size.
+fn start_async_mirror(p: &PairOptions, buffer: u64) -> (Arc<Engine>, std::thread::JoinHandle<()>, u32) {
     use ublk_mirror::engine::mirror::{Mirror, RunUntil};
     use ublk_mirror::engine::{CopyMode, Settings};
-    const SIZE: u64 = 16 * MIB;
-    let f = files(SIZE);
-    fill_random(&f.source, 0, SIZE as usize, 31);
-    let srv = Server::qemu(f.dir.path(), &f.target, Transport::Unix, &[]);
-    let p = pair(&f, &srv.uri);
-    sync_bounded(&p, &CopyConfig::default(), TestHooks::default(), LIMIT).expect("full sync");
-    let (engine, mut target, _) = Engine::open(&p).expect("reopen");
+    let (engine, mut target, _) = Engine::open(p).expect("reopen");
+    let block = target.block_size();
     let engine = Arc::new(engine);
-    engine.apply_settings(&Settings { mode: Some(CopyMode::Async), async_buffer: 16 * MIB, ..Default::default() });
+    engine.apply_settings(&Settings { mode: Some(CopyMode::Async), async_buffer: buffer, ..Default::default() });
     let e2 = engine.clone();
     let mirror = std::thread::spawn(move || {
         let cfg = CopyConfig { max_copies: 8, buf_size: G as usize, ..Default::default() };
@@ -296,6 +291,27 @@ fn async_mode_ships_writes_to_an_nbd_export() {
         m.run(RunUntil::Stopped, None).expect("run");
     });
     wait_for("shipping", LIMIT, || engine.status().mode == "async");
+    (engine, mirror, block)
+}
+
+/// Stops the loop [`start_async_mirror`] started and closes the engine.
+fn stop_async_mirror(engine: Arc<Engine>, mirror: std::thread::JoinHandle<()>) {
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    engine.close().expect("close");
+}
+
+/// Async mode over NBD: the writes reach the export from the replication buffer (pipelined,
+/// FLUSH only at epoch boundaries), nothing is copied, and the export ends identical.
+#[test]
+fn async_mode_ships_writes_to_an_nbd_export() {
+    const SIZE: u64 = 16 * MIB;
+    let f = files(SIZE);
+    fill_random(&f.source, 0, SIZE as usize, 31);
+    let srv = Server::qemu(f.dir.path(), &f.target, Transport::Unix, &[]);
+    let p = pair(&f, &srv.uri);
+    sync_bounded(&p, &CopyConfig::default(), TestHooks::default(), LIMIT).expect("full sync");
+    let (engine, mirror, _) = start_async_mirror(&p, 16 * MIB);
     let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
     for i in 0..256u64 {
         let mut data = AlignedBuf::new(4096);
@@ -312,10 +328,7 @@ fn async_mode_ships_writes_to_an_nbd_export() {
     assert_eq!(ship.shipped_bytes, 256 * 4096, "{ship:?}");
     assert_eq!(ship.epochs, 16, "a flush or a FUA write closes an epoch: {ship:?}");
     drop(q);
-    engine.request_stop();
-    mirror.join().expect("mirror");
-    engine.close().expect("close");
-    drop(engine);
+    stop_async_mirror(engine, mirror);
     assert!(verify(&f, &srv.uri).identical());
     drop(srv);
     assert_same_files(&f.source, &f.target);
@@ -327,8 +340,6 @@ fn async_mode_ships_writes_to_an_nbd_export() {
 /// pair ends identical.
 #[test]
 fn async_mode_leaves_writes_the_target_cannot_take_to_the_copy() {
-    use ublk_mirror::engine::mirror::{Mirror, RunUntil};
-    use ublk_mirror::engine::{CopyMode, Settings};
     const SIZE: u64 = 8 * MIB;
     let f = files(SIZE);
     fill_random(&f.source, 0, SIZE as usize, 33);
@@ -337,17 +348,8 @@ fn async_mode_leaves_writes_the_target_cannot_take_to_the_copy() {
     let srv = Server::nbdkit(f.dir.path(), Transport::Unix, &args);
     let p = pair(&f, &srv.uri);
     sync_bounded(&p, &CopyConfig::default(), TestHooks::default(), LIMIT).expect("full sync");
-    let (engine, mut target, _) = Engine::open(&p).expect("reopen");
-    assert_eq!(target.block_size(), 4096);
-    let engine = Arc::new(engine);
-    engine.apply_settings(&Settings { mode: Some(CopyMode::Async), async_buffer: 4 * MIB, ..Default::default() });
-    let e2 = engine.clone();
-    let mirror = std::thread::spawn(move || {
-        let cfg = CopyConfig { max_copies: 8, buf_size: G as usize, ..Default::default() };
-        let mut m = Mirror::new(e2, target.as_mut(), cfg).expect("mirror");
-        m.run(RunUntil::Stopped, None).expect("run");
-    });
-    wait_for("shipping", LIMIT, || engine.status().mode == "async");
+    let (engine, mirror, block) = start_async_mirror(&p, 4 * MIB);
+    assert_eq!(block, 4096);
     let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
     for i in 0..16u64 {
         let mut data = AlignedBuf::new(4096);
@@ -364,10 +366,7 @@ fn async_mode_leaves_writes_the_target_cannot_take_to_the_copy() {
     assert_eq!(ship.shipped_writes, 8, "{ship:?}");
     assert!(s.bytes_copied >= 8 * 4096, "the unaligned writes' regions were not copied: {s:?}");
     drop(q);
-    engine.request_stop();
-    mirror.join().expect("mirror");
-    engine.close().expect("close");
-    drop(engine);
+    stop_async_mirror(engine, mirror);
     drop(srv);
     assert_same_files(&f.source, &f.target);
 }
