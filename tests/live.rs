@@ -190,6 +190,53 @@ fn a_loop_on_a_given_ring_refuses_bad_settings() {
     }
 }
 
+/// Intent extents in a live mirror: the first write to a clean 256 KiB extent (four 64 KiB
+/// regions) pays one bitmap flush for all four bits; writes to the other three pay none; the
+/// next extent pays its own. Only the regions written are copied, and every bit, written or
+/// extra, clears once the mirror is synced and the regions are left alone.
+#[test]
+fn a_live_mirror_takes_write_intent_an_extent_at_a_time() {
+    let f = files(2 * MIB);
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), Some(64 << 10))).expect("open");
+    let engine = Arc::new(engine);
+    let me = engine.clone();
+    let cfg = CopyConfig { clear_delay: Duration::from_millis(200), intent_extent: 256 << 10, ..Default::default() };
+    let mirror = std::thread::spawn(move || {
+        let ring = ublk_mirror::io::uring::new_ring(64).expect("ring");
+        ring.submitter().register_files(&[me.source().fd()]).expect("register");
+        let mut m = Mirror::with_ring(ring, me, target.as_mut(), cfg).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    // The loop sets the extent size as it starts.
+    wait_loop_pass(&engine, "the mirror loop's start", Instant::now(), 1, Duration::from_secs(10));
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    let flushes = || engine.status().bitmap_flushes;
+    let done = || {
+        let st = engine.status();
+        st.bytes_copied + st.bytes_zeroed
+    };
+    let done0 = done();
+    write(&mut q, 4096, 4096, 1);
+    assert_eq!(flushes(), 1, "the first write to a clean extent");
+    assert_eq!(engine.status().persistent_dirty_regions, 4, "its whole extent's bits");
+    for r in 1..4u64 {
+        write(&mut q, r * (64 << 10) + 8192, 4096, r as u8);
+    }
+    assert_eq!(flushes(), 1, "writes to the extent's other regions waited for no flush");
+    write(&mut q, 4 * (64 << 10), 4096, 9);
+    assert_eq!(flushes(), 2, "the next extent pays its own flush");
+    assert_eq!(engine.status().persistent_dirty_regions, 8);
+    wait_for("synced, every bit cleared", Duration::from_secs(20), || {
+        let st = engine.status();
+        st.state == "synced" && st.persistent_dirty_regions == 0
+    });
+    assert_eq!(done() - done0, 5 * (64 << 10), "only the five regions written were copied (or zeroed: holes)");
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    drop(q);
+    assert_eq!(read_all(&f.source), read_all(&f.target));
+}
+
 /// A failing target: the application's writes all succeed, the mirror reports degraded and
 /// retries with backoff (resetting the target first), and converges by itself once the target
 /// works again.

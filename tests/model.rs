@@ -67,9 +67,10 @@ struct Sim {
 }
 
 impl Sim {
-    fn new(lazy: bool, active_mode: bool) -> Self {
+    fn new(lazy: bool, active_mode: bool, intent_extent: u64) -> Self {
         let mut s = MirrorState::new(N, MemBits::new(N));
         s.set_lazy_clearing(lazy);
+        s.set_intent_extent(intent_extent);
         Sim {
             s,
             gc: GroupCommit::default(),
@@ -351,9 +352,10 @@ proptest! {
     fn core_keeps_the_invariants(
         lazy in any::<bool>(),
         active in any::<bool>(),
+        extent_log in 0u32..3,
         ops in prop::collection::vec((any::<u8>(), any::<u8>(), any::<u8>()), 1..300),
     ) {
-        let mut sim = Sim::new(lazy, active);
+        let mut sim = Sim::new(lazy, active, 1 << extent_log);
         for (op, a, b) in ops {
             sim.step(op, a, b);
         }

@@ -485,8 +485,16 @@ impl Sim {
         self.flushed_acked = self.src.medium.clone();
         self.check_media();
         self.open(requested);
-        self.s.set_lazy_clearing(self.rng.gen());
+        self.clearing_policy();
         self.start_shipping();
+    }
+
+    /// The daemon's clearing policy, drawn at each start: lazy clearing or not, and intent
+    /// extents of 1 (none), 2 or 4 regions (independently: the engine pairs extents with lazy
+    /// clearing, but the rules hold for any combination).
+    fn clearing_policy(&mut self) {
+        self.s.set_lazy_clearing(self.rng.gen());
+        self.s.set_intent_extent([1, 2, 4][self.rng.gen_range(0..3)]);
     }
 
     /// Async mode: the daemon applies its settings at start; shipping begins at the first
@@ -654,7 +662,7 @@ impl Sim {
         self.crash(kind);
         let requested = if self.rng.gen_ratio(1, 4) { Some(SyncMode::Full) } else { None };
         self.open(requested);
-        self.s.set_lazy_clearing(self.rng.gen());
+        self.clearing_policy();
         self.start_shipping();
     }
 

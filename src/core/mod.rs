@@ -211,6 +211,12 @@ pub struct MirrorState<P: PersistentBits> {
     /// write or copy touches the region first. Without it, a region written every few seconds
     /// would pay a bitmap flush on every write, as the mirror keeps catching up with it.
     lazy: bool,
+    /// Regions per intent extent (a power of two; 1: none). A write that finds its region's bit
+    /// clear sets the bits of the whole aligned extent in the same bitmap flush, so that the
+    /// extent's other regions take writes without a flush of their own (DRBD's activity-log
+    /// extents, md's large bitmap chunks). Those extra bits are stale from the start: they go to
+    /// `copied`, and the next target flush makes them eligible for clearing.
+    intent_extent: u64,
     /// Regions a copy may have written to the target since the start of the last successful
     /// target flush (or of the current one). A failed fdatasync may have dropped any of those
     /// pages for good (Linux reports a writeback error once, then forgets the pages), so a
@@ -311,6 +317,7 @@ impl<P: PersistentBits> MirrorState<P> {
             copied: PagedBits::new(nregions as usize),
             flush: None,
             lazy: false,
+            intent_extent: 1,
             written: PagedBits::new(nregions as usize),
             poisoned: PagedBits::new(nregions as usize),
             eligible_young: PagedBits::new(nregions as usize),
@@ -431,10 +438,10 @@ impl<P: PersistentBits> MirrorState<P> {
                 continue;
             } else {
                 // Clear in the cache (a set bit that is not durable is always in `pending`).
-                self.pbits.set(r);
-                self.pcount += 1;
-                self.set_seq += 1;
-                self.pending.insert(r, self.set_seq);
+                self.set_intent(r);
+                if self.intent_extent > 1 {
+                    self.set_extent_intent(r, &ext);
+                }
                 need = need.max(self.set_seq);
             }
         }
@@ -443,6 +450,40 @@ impl<P: PersistentBits> MirrorState<P> {
         } else {
             Intent::Ready
         }
+    }
+
+    /// Sets `r`'s bit in the cache, pending until the next bitmap flush that starts.
+    fn set_intent(&mut self, r: u64) {
+        self.pbits.set(r);
+        self.pcount += 1;
+        self.set_seq += 1;
+        self.pending.insert(r, self.set_seq);
+    }
+
+    /// Sets the bits of the intent extent around `r` (clear ones, outside the write `ext`, which
+    /// sets its own). A clear bit means the region is idle and the target holds it (nothing in
+    /// flight, to copy or copying has its bit clear), so setting it is only a stale bit: the
+    /// region goes to `copied`, for the next target flush to clear like a copied one. A write
+    /// that reaches it before that finds the bit set and waits only if it is still pending.
+    fn set_extent_intent(&mut self, r: u64, ext: &Extent) {
+        let a = r / self.intent_extent * self.intent_extent;
+        let e = (a + self.intent_extent).min(self.nregions);
+        let bits = self.pbits.load(a, e);
+        for i in bits.iter_zeros() {
+            let x = a + i as u64;
+            if ext.regions().contains(&x) {
+                continue;
+            }
+            debug_assert!(!self.to_copy.get(x as usize) && !self.inflight.contains_key(&x));
+            self.set_intent(x);
+            self.copied.set(x as usize, true);
+        }
+    }
+
+    /// Regions per intent extent (rounded down to a power of two; 0 or 1: none). Takes effect
+    /// for the next first write to a clean region.
+    pub fn set_intent_extent(&mut self, regions: u64) {
+        self.intent_extent = if regions <= 1 { 1 } else { 1 << regions.ilog2() };
     }
 
     /// Has a bitmap flush covering sequence `seq` completed?
@@ -1378,6 +1419,45 @@ mod tests {
         s.end_write(ext(1, 1));
         assert_eq!(s.clear_tick(), 3);
         assert!(s.pbits().get(1));
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn an_intent_extent_shares_one_flush_and_its_stale_bits_clear_lazily() {
+        let mut s = state(12);
+        s.set_lazy_clearing(true);
+        s.set_intent_extent(4);
+        // The first write to region 5 sets 4..8 with one flush; region 6, written before that
+        // flush ends, waits for it; after it, region 7 needs none.
+        let Intent::Wait { seq } = s.begin_write(ext(5, 1)) else { panic!("first write must wait") };
+        assert!((4..8).all(|r| s.pbits().get(r)) && !s.pbits().get(3) && !s.pbits().get(8));
+        assert_eq!(s.persistent_count(), 4);
+        assert!(matches!(s.begin_write(ext(6, 1)), Intent::Wait { seq: w } if w <= seq));
+        let f = s.bitmap_flush_started();
+        s.bitmap_flush_done(f, true);
+        assert_eq!(s.begin_write(ext(7, 1)), Intent::Ready);
+        // A write across the extent's end sets the next extent's bits too.
+        assert!(matches!(s.begin_write(ext(7, 2)), Intent::Wait { .. }));
+        assert!((8..12).all(|r| s.pbits().get(r)));
+        let f = s.bitmap_flush_started();
+        s.bitmap_flush_done(f, true);
+        for e in [ext(5, 1), ext(6, 1), ext(7, 1), ext(7, 2)] {
+            s.end_write(e);
+        }
+        assert_eq!(s.dirty(), 4, "only the regions written are to copy");
+        s.check_invariants().unwrap();
+        while let Some(c) = s.next_copy(8) {
+            s.copy_done(c, true);
+        }
+        s.target_flush_started();
+        let out = s.target_flush_done(true);
+        assert_eq!(out.deferred, 8, "written and extra bits alike wait for lazy clearing");
+        assert_eq!(s.clear_tick(), 0);
+        // A write to an extra region before the bit clears needs no flush and keeps it.
+        assert_eq!(s.begin_write(ext(10, 1)), Intent::Ready);
+        s.end_write(ext(10, 1));
+        assert_eq!(s.clear_tick(), 7);
+        assert!(s.pbits().get(10) && s.persistent_count() == 1);
         s.check_invariants().unwrap();
     }
 

@@ -56,11 +56,18 @@ pub struct CopyConfig {
     pub checkpoint_bytes: u64,
     /// ...or after this long, whichever comes first.
     pub checkpoint_interval: Duration,
-    /// Live mirrors clear a region's bit only once it has stayed untouched this long after its
-    /// copy reached the target (between 1x and 2x this), so that a region written again soon
-    /// does not pay another bitmap flush (md's bitmap daemon does the same). Offline syncs clear
-    /// at once.
+    /// Live mirrors clear a region's bit only once it has stayed untouched for half this to this
+    /// long after its copy reached the target (two ticks of half this), so that a region written
+    /// again soon does not pay another bitmap flush (md's bitmap daemon does the same). Offline
+    /// syncs clear at once.
     pub clear_delay: Duration,
+    /// Live mirrors set the write intent of a whole aligned extent of this many bytes at the
+    /// first write to any of its regions (one bitmap flush for all of them), so that writes
+    /// spread over an extent wait for one flush instead of one per region, at the price of
+    /// copying up to this much per recently written extent after a crash (DRBD's activity-log
+    /// extent is 4 MiB too). The extra bits clear lazily like any stale bit. At or below the
+    /// region size: none.
+    pub intent_extent: u64,
     /// A command to run after consistent points (live mirrors).
     pub on_consistent: Option<OnConsistentCommand>,
 }
@@ -73,6 +80,7 @@ impl Default for CopyConfig {
             checkpoint_bytes: 1 << 30,
             checkpoint_interval: Duration::from_secs(10),
             clear_delay: Duration::from_secs(5),
+            intent_extent: 4 << 20,
             on_consistent: None,
         }
     }

@@ -239,7 +239,14 @@ impl<'t> Mirror<'t> {
         let mut last_progress = Instant::now();
         // Lazy clearing for a live mirror (see CopyConfig::clear_delay).
         let tick = (until == RunUntil::Stopped && !self.cfg.clear_delay.is_zero()).then(|| self.cfg.clear_delay / 2);
-        self.engine.lock().state.set_lazy_clearing(tick.is_some());
+        {
+            let mut g = self.engine.lock();
+            g.state.set_lazy_clearing(tick.is_some());
+            // Intent extents only with lazy clearing: without it their stale bits would be
+            // cleared at the next target flush and set again by the next write.
+            let extent = if tick.is_some() { self.cfg.intent_extent / g.state.pbits().granularity().max(1) } else { 1 };
+            g.state.set_intent_extent(extent);
+        }
         let mut next_tick = tick.map(|t| Instant::now() + t);
         let mut cqes = Vec::new();
         let mut interrupted = false;
