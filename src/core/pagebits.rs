@@ -71,6 +71,9 @@ struct PageSpan {
 
 /// The pages bits `[s, e)` of a set of `len` bits touch, in order.
 fn page_spans(len: usize, s: usize, e: usize) -> impl Iterator<Item = PageSpan> {
+    // Callers pass ranges within the set: request extents are bounded by the device's size
+    // (QueueRequests::start), everything else comes from the state's own nregions. A bad one
+    // is a bug, stopped here rather than turned into wrong bits.
     assert!(s <= e && e <= len, "range {s}..{e} of a set of {len}");
     let mut at = s;
     std::iter::from_fn(move || {
@@ -230,6 +233,7 @@ impl PagedBits {
     }
 
     pub fn get(&self, i: usize) -> bool {
+        // Region numbers are within the set (see page_spans).
         assert!(i < self.len, "bit {i} of a set of {}", self.len);
         let o = i % PAGE_BITS;
         match &self.pages[i / PAGE_BITS] {
@@ -449,6 +453,7 @@ impl PagedBits {
 
     /// Sets every bit of `other` here (same length).
     pub fn or_assign(&mut self, other: &PagedBits) {
+        // Every set of a MirrorState has its nregions bits.
         assert_eq!(self.len, other.len, "union of sets of different lengths");
         for p in 0..other.pages.len() {
             match &other.pages[p] {
@@ -515,6 +520,7 @@ impl PagedBits {
     /// callers load persistent bits in aligned pieces), which lets it go a word at a time.
     pub fn or_bits_at(&mut self, at: usize, b: &BitSlice<u64, Lsb0>) {
         assert!(at % 64 == 0, "or_bits_at at {at}, not a word boundary");
+        // Callers load persistent bits [a, e) with e <= nregions into a set of nregions bits.
         assert!(at + b.len() <= self.len, "{} bits at {at} past a set of {}", b.len(), self.len);
         let mut k = 0;
         while k < b.len() {

@@ -171,6 +171,7 @@ pub fn handle(req: &Value, engine: &Arc<Engine>, info: &Value) -> Value {
     };
     match r {
         Ok(mut v) => {
+            // Every command above answers with a JSON object (IndexMut panics on anything else).
             v["ok"] = json!(true);
             v
         }
@@ -179,6 +180,7 @@ pub fn handle(req: &Value, engine: &Arc<Engine>, info: &Value) -> Value {
 }
 
 pub fn status_value(engine: &Engine, info: &Value) -> Value {
+    // `info` is the object start::serve builds (IndexMut panics on anything else).
     let mut v = info.clone();
     v["pid"] = json!(std::process::id());
     // The pair as it is now (a reverse switchover swaps it).

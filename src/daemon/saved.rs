@@ -234,7 +234,8 @@ pub fn list() -> Vec<DeviceEntry> {
     let out = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
     let o = out.clone();
     UblkCtrl::for_each_dev_id(move |id| {
-        if let Ok(c) = UblkCtrl::new_simple(id as i32) {
+        // (libublk asserts a non-negative id: ublk_number refuses what would wrap.)
+        if let Some(c) = crate::daemon::start::ublk_number(id).ok().and_then(|n| UblkCtrl::new_simple(n).ok()) {
             let d = DeviceEntry::of(&c);
             if d.bitmap.is_some() {
                 o.borrow_mut().push(d);

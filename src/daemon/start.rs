@@ -197,9 +197,25 @@ fn prepare_recover(id: u32, direct: crate::io::backing::DirectMode) -> Result<Se
 }
 
 
+/// A panic in any thread of the daemon ends the process, as a kill does: the device then waits,
+/// quiesced, for `recover`, which resumes from the bitmap (docs/crash-safety.md). Unwinding
+/// would end only the thread, and a process whose mirror thread or a queue thread is gone goes
+/// on serving, silently not mirroring or with requests that never complete. (The state lock
+/// aborts on poisoning for the same reason: Engine::lock.) The message and backtrace are
+/// logged first by the default hook.
+fn fail_stop_on_panic() {
+    let log_it = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        log_it(info);
+        log::error!("panic in the daemon ({info}); aborting: the device waits for `ublk-mirror recover`");
+        std::process::abort();
+    }));
+}
+
 /// Runs in the daemon: opens the pair, adds (or recovers) the device and serves it until it is
 /// stopped. Returns when the device is gone.
 fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result<()> {
+    fail_stop_on_panic();
     let Serving { ctrl, pair, name, settings: saved, switched, affinity, event_log } = match recover {
         Some(id) => prepare_recover(id, opts.pair.direct)?,
         None => {
@@ -419,7 +435,7 @@ fn wait_live(child: Pid, mut pipe: File, recover: bool) -> Result<u32> {
             // A failed add leaves nothing behind; a failed recover leaves the device QUIESCED
             // so that it can be retried.
             if let (false, Some(id)) = (recover, id) {
-                if let Ok(c) = UblkCtrl::new_simple(id as i32) {
+                if let Some(c) = ublk_number(id).ok().and_then(|n| UblkCtrl::new_simple(n).ok()) {
                     let _ = c.kill_dev();
                     let _ = c.del_dev();
                 }
@@ -480,7 +496,7 @@ pub fn start(opts: &AddOptions, recover: Option<u32>) -> Result<Option<DeviceEnt
             // Our copy of the write end goes, so that EOF means the daemon died.
             drop(w);
             let id = wait_live(child, File::from(r), recover.is_some())?;
-            let c = UblkCtrl::new_simple(id as i32).map_err(uerr("open device"))?;
+            let c = UblkCtrl::new_simple(ublk_number(id)?).map_err(uerr("open device"))?;
             let mut d = DeviceEntry::of(&c);
             d.log = Some(format!("{RUN_DIR}/daemon-{child}.log"));
             Ok(Some(d))

@@ -146,6 +146,7 @@ pub(crate) fn lock_recovering<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn write_lock<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    // As lock_recovering: the writer (a reverse switchover) replaces the value whole.
     m.write().unwrap_or_else(|p| p.into_inner())
 }
 

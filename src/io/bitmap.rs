@@ -193,6 +193,8 @@ fn encode_header(h: &Header) -> [u8; HEADER_SIZE as usize] {
     b[64..72].copy_from_slice(&h.created.to_le_bytes());
     b[72..80].copy_from_slice(&h.pair.source_fingerprint.to_le_bytes());
     b[80..88].copy_from_slice(&h.pair.target_fingerprint.to_le_bytes());
+    // Both at most PATH_MAX bytes: decode_header refuses longer ones (and paths that are not
+    // UTF-8, which a lossy decoding would lengthen), and a new bitmap refuses longer ones.
     let s = h.pair.source.as_bytes();
     let t = h.pair.target.as_bytes();
     b[88..90].copy_from_slice(&(s.len() as u16).to_le_bytes());
@@ -339,7 +341,18 @@ fn decode_header(path: &Path, b: &[u8], file_len: u64) -> Result<Header> {
             ))
         }
     };
-    let text = |o: usize, l: usize| String::from_utf8_lossy(&b[o..o + l]).into_owned();
+    // Paths are stored as UTF-8 (a path that is not is stored lossily): anything else is damage,
+    // and a lossy decoding here could grow a path past its field when the header is rewritten.
+    let text = |o: usize, l: usize, which: &str| {
+        std::str::from_utf8(&b[o..o + l]).map(str::to_owned).map_err(|_| {
+            bad(
+                path,
+                BitmapProblem::Corrupt(format!("{which} path not UTF-8")),
+                format!("the header's {which} path is not valid UTF-8"),
+                FIX_REBUILD,
+            )
+        })
+    };
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&b[16..32]);
     Ok(Header {
@@ -351,9 +364,9 @@ fn decode_header(path: &Path, b: &[u8], file_len: u64) -> Result<Header> {
         state,
         created: u64_at(b, 64),
         pair: PairIdentity {
-            source: text(96, slen),
+            source: text(96, slen, "source")?,
             source_fingerprint: u64_at(b, 72),
-            target: text(1120, tlen),
+            target: text(1120, tlen, "target")?,
             target_fingerprint: u64_at(b, 80),
         },
     })
@@ -1056,6 +1069,26 @@ mod tests {
                 assert!(msg.contains(what) && msg.contains("fix:"), "size {size}: {msg}");
             }
         }
+    }
+
+    /// A header whose path bytes are not UTF-8 (never written by ublk-mirror, which stores paths
+    /// as UTF-8) is refused as corrupt, naming the field: decoded lossily, 1000 such bytes would
+    /// have grown to 3000 and overrun the header when it is next rewritten.
+    #[test]
+    fn a_header_path_that_is_not_utf8_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("bm");
+        crafted(&p, 1 << 20, 4096);
+        let mut b = std::fs::read(&p).expect("read");
+        b[90..92].copy_from_slice(&1000u16.to_le_bytes());
+        b[1120..2120].fill(0xff);
+        let crc = crc32fast::hash(&b[..CHECKED_LEN]);
+        b[CHECKED_LEN..CHECKED_LEN + 4].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&p, &b).expect("write");
+        let e = Bitmap::read_header(&p).expect_err("a header with a non-UTF-8 path was accepted");
+        assert!(matches!(e.bitmap_problem(), Some(BitmapProblem::Corrupt(_))), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("target path is not valid UTF-8") && msg.contains("fix:"), "{msg}");
     }
 
     /// An explicit granularity that would give more regions than a bitmap may have is refused

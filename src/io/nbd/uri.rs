@@ -264,7 +264,8 @@ fn decode(s: &str) -> Result<String, String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            // Two hex digits exactly (from_str_radix alone would take "+f").
+            let hex = b.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit)).and_then(|h| std::str::from_utf8(h).ok());
             match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                 Some(v) => out.push(v),
                 None => return Err(format!("bad percent-escape at byte {i}")),
@@ -394,6 +395,7 @@ mod tests {
             ("nbd://u@h/x", "user information"),
             ("nbd://h/x#f", "fragment"),
             ("nbd://h/%zz", "percent-escape"),
+            ("nbd://h/%+f", "percent-escape"),
             ("nbd://h/%00", "NUL"),
             ("nbd://h w/x", "not a host"),
             ("nbd+unix://h/x?socket=/s", "takes no host"),
