@@ -133,10 +133,15 @@ pub struct Engine {
     /// Tests only: while this file exists, the mirror loop fails (at its setup, and at its next
     /// wake-up when running). From UBLK_MIRROR_TEST_FAIL_MIRROR_WHILE; see docs/operations.md.
     mirror_fault: Mutex<Option<PathBuf>>,
+    /// Tests only: while this file exists, the mirror loop panics at its next wake-up (the
+    /// daemon's fail-stop). From UBLK_MIRROR_TEST_PANIC_WHILE; see docs/operations.md.
+    panic_fault: Option<PathBuf>,
 }
 
 /// The environment variable naming the fault file of [`Engine::mirror_fault_injected`].
 pub const MIRROR_FAULT_ENV: &str = "UBLK_MIRROR_TEST_FAIL_MIRROR_WHILE";
+/// The environment variable naming the fault file of [`Engine::panic_injected`].
+pub const PANIC_FAULT_ENV: &str = "UBLK_MIRROR_TEST_PANIC_WHILE";
 
 
 pub(crate) fn lock_recovering<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -336,6 +341,7 @@ impl Engine {
             hook_running: AtomicBool::new(false),
             verifier: Default::default(),
             mirror_fault: Mutex::new(std::env::var_os(MIRROR_FAULT_ENV).map(PathBuf::from)),
+            panic_fault: std::env::var_os(PANIC_FAULT_ENV).map(PathBuf::from),
         })
     }
 

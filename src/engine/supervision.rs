@@ -112,6 +112,11 @@ impl Engine {
         lock_recovering(&self.mirror_fault).as_ref().is_some_and(|p| p.exists())
     }
 
+    /// The test fault of [`crate::engine::PANIC_FAULT_ENV`] is in force.
+    pub fn panic_injected(&self) -> bool {
+        self.panic_fault.as_ref().is_some_and(|p| p.exists())
+    }
+
     /// The mirror loop ended with `err` (not asked to): the pair is degraded and the state
     /// `failed` until a new loop starts. It counts as a failure toward `--max-retries`, like a
     /// failed copy. Returns false once mirroring has given up.

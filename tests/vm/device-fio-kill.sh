@@ -3,7 +3,8 @@
 # verify run and `recover`: no I/O error reaches fio, its verify passes, the mirror converges and
 # source == target (scenarios 3 and 4 of the device issue). Before that, SIGSTOP/SIGCONT of the
 # daemon under fio: the device keeps serving. Two queues, so that writers on two
-# rings share the bitmap and the recovery restarts both.
+# rings share the bitmap and the recovery restarts both. Last, a panic in the daemon (a test
+# fault) under fio: the daemon aborts as a whole, and recover resumes as after a kill.
 # shellcheck source=/dev/null
 . /vm/lib.sh
 S=/tmp/src.img T=/tmp/tgt.img B=/tmp/bm DEV=/dev/ublkb0
@@ -49,4 +50,27 @@ run_timeout 120 ublk-mirror status -n 0 --wait-synced --timeout 120 > /dev/null 
 run_timeout 90 ublk-mirror del -n 0 --wait-synced --timeout 60 || fail "del"
 cmp $S $T || fail "source and target differ"
 run_timeout 60 ublk-mirror verify -s $S -t $T -b $B || fail "verify"
+
+step "a panic in the daemon (test fault) ends it as a kill does: the device waits, recover resumes"
+rm -f $B /tmp/panic
+# The daemon inherits the variable from add: once /tmp/panic exists, its mirror loop panics at
+# its next wake-up, and the daemon's panic hook aborts the whole process.
+UBLK_MIRROR_TEST_PANIC_WHILE=/tmp/panic run_timeout 60 ublk-mirror add -q 2 -s $S -t $T -b $B --sync none > /dev/null || fail "add"
+wait_for 10 "$DEV" test -b $DEV
+PID=$(ublk-mirror list --json | jnum pid)
+$FIO --name=p --rw=randwrite --verify=crc32c --do_verify=1 --output=/tmp/fio3.out &
+FIO_PID=$!
+sleep 2
+expected "the daemon's log shows the injected panic and its backtrace"
+touch /tmp/panic
+wait_for 30 "the daemon to end" sh -c "! kill -0 $PID 2> /dev/null"
+wait_for 20 "the device to wait for a new daemon" sh -c "ublk-mirror list --json | grep -q QUIESCED"
+grep -q "panic in the daemon" /run/ublk-mirror/daemon-$PID.log || fail "the daemon's log does not report the panic: $(tail -5 /run/ublk-mirror/daemon-$PID.log)"
+log "daemon $PID: $(grep -m1 'panic in the daemon' /run/ublk-mirror/daemon-$PID.log)"
+rm /tmp/panic
+run_timeout 90 ublk-mirror recover -n 0 > /tmp/rec.json 2>/tmp/rec.err || fail "recover after the panic: $(cat /tmp/rec.err)"
+wait_fio $FIO_PID /tmp/fio3.out
+run_timeout 120 ublk-mirror status -n 0 --wait-synced --timeout 120 > /dev/null || fail "convergence after the panic"
+run_timeout 90 ublk-mirror del -n 0 --wait-synced --timeout 60 || fail "del"
+cmp $S $T || fail "source and target differ after the panic and recover"
 log ok

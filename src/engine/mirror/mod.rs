@@ -253,6 +253,9 @@ impl<'t> Mirror<'t> {
         loop {
             // One increment a pass: see Engine::loop_passes.
             self.engine.count_loop_pass();
+            if until == RunUntil::Stopped && self.engine.panic_injected() {
+                panic!("injected panic: the file {} names exists", crate::engine::PANIC_FAULT_ENV);
+            }
             if until == RunUntil::Stopped && self.engine.mirror_fault_injected() {
                 return Err(injected_fault());
             }
