@@ -43,7 +43,7 @@ def key_of(job):
 
 
 def devices(vals):
-    known = ["mirror", "mirror-compete", "mirror-wb", "ublk", "ublk-async", "loop", "raid1"]
+    known = ["mirror", "mirror-compete", "mirror-wb", "mirror-async", "ublk", "ublk-async", "loop", "raid1"]
     seen = []
     for dev, _ in vals:
         if dev not in seen:

@@ -3,7 +3,8 @@
 # ublk-mirror (while mirroring), a plain ublk loop (rublk, built from crates.io), the kernel loop
 # driver and dm-raid1, interleaved in rounds; prints medians and ratios against the plain ublk
 # loop measured in the same boot.
-#   bench/device.sh            (env: BENCH_SIZE=256M BENCH_RUNTIME=6 BENCH_ROUNDS=3)
+#   bench/device.sh            (env: BENCH_SIZE=256M BENCH_RUNTIME=6 BENCH_ROUNDS=3; the mirror in
+#                              background, write-blocking and async mode)
 # BENCH_PROFILE=io: the I/O-bound profile instead (bench/guest-device-io.sh): every device on a
 # null_blk device with latency (source, target and the bitmap's ext4 each on its own; the plain
 # ublk loop on one of the same kind), the ublk-mirror modes of BENCH_MODES against the plain
@@ -55,7 +56,7 @@ case ${BENCH_PROFILE:-cpu} in
         exit 0 ;;
     *) echo "BENCH_PROFILE must be cpu (default) or io, got '$BENCH_PROFILE'" >&2; exit 2 ;;
 esac
-vm/run.sh -t 2400 -r 3 -m 4G -b target/release/ublk-mirror -b "$CACHE/rublk-$RUBLK_VERSION/bin/rublk" \
+vm/run.sh -t 2400 -r 3 -m 5G -b target/release/ublk-mirror -b "$CACHE/rublk-$RUBLK_VERSION/bin/rublk" \
     -a "BENCH_SIZE=${BENCH_SIZE:-256M} BENCH_RUNTIME=${BENCH_RUNTIME:-6} BENCH_ROUNDS=${BENCH_ROUNDS:-3} BENCH_MIRROR_ARGS=${BENCH_MIRROR_ARGS:-}" \
     bench/guest-device.sh | tee "$log" | grep -a '^RESULT\|FAIL\|PASS'
 grep -a '^RESULT' "$log" | python3 bench/device-table.py

@@ -184,7 +184,10 @@ dirty_max() {
 status_num() { run_timeout 20 ublk-mirror status -n "$1" --json > /tmp/st.json 2> /tmp/st.err || fail "status -n $1: $(cat /tmp/st.err)"; jnum "$2" < /tmp/st.json; }
 sr=1
 while [ "$sr" -le "$SUSTAIN_ROUNDS" ]; do
-    for d in $DEVS; do
+    # Rotated like the rounds: with BENCH_SUSTAIN_ROUNDS a multiple of the devices, each runs
+    # at every place once (the machine's state late in a run, its memory, differs from early).
+    order=$(echo $DEVS | awk -v k=$(( (sr - 1) % ndev )) '{ for (j = 0; j < NF; j++) printf "%s ", $((j + k) % NF + 1) }')
+    for d in $order; do
         name=${d%%:*} n=${d#*:}
         synced "before the sustained test on $name"
         drain
