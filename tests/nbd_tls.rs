@@ -420,6 +420,54 @@ fn target_operations_through_tls() {
     }
 }
 
+/// A thread interrupted again and again while it connects (a signal whose handler does not ask
+/// for restarts; io_uring's task work for a ring the thread owns does the same to a socket call
+/// with a timeout, which then fails with EINTR instead of restarting) still connects, over TCP
+/// and over a Unix socket: an interrupted socket call is made again.
+#[test]
+fn an_interrupted_handshake_goes_on() {
+    extern "C" fn nothing(_: libc::c_int) {}
+    // SAFETY: a handler that does nothing, for SIGUSR1, which nothing else in this test process
+    // uses; sa_flags 0: no SA_RESTART, so blocking calls return EINTR.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = nothing as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0, "sigaction");
+    }
+    let f = files(4 * MIB);
+    let pki = Pki::new(&f.dir.path().join("pki"));
+    for t in [Transport::Tcp, Transport::Unix] {
+        let srv = qemu_tls(&f, t, &pki.good, false);
+        let mut signals = 0u64;
+        for _ in 0..10 {
+            let (uri, tls) = (srv.uri.clone(), pki.files());
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (tx, rx) = std::sync::mpsc::channel();
+            let d = done.clone();
+            let h = std::thread::spawn(move || {
+                // SAFETY: pthread_self has no preconditions.
+                let _ = tx.send(unsafe { libc::pthread_self() });
+                let r = NbdTarget::open(&uri, &tls).map(drop).map_err(|e| e.to_string());
+                d.store(true, std::sync::atomic::Ordering::SeqCst);
+                r
+            });
+            let thread = rx.recv_timeout(LIMIT).expect("the connecting thread's id");
+            let t0 = Instant::now();
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                assert!(t0.elapsed() < LIMIT, "the connection did not end within {LIMIT:?}");
+                // SAFETY: the thread is not joined yet (join comes after this loop), so its id
+                // is valid even if it has just returned.
+                unsafe { libc::pthread_kill(thread, libc::SIGUSR1) };
+                signals += 1;
+                std::thread::sleep(Duration::from_micros(20));
+            }
+            h.join().expect("thread").expect("connecting while interrupted");
+        }
+        assert!(signals > 100, "too few signals to interrupt anything: {signals}");
+    }
+}
+
 /// A session that can encrypt no more (TLS 1.2's record limit, say) breaks the connection, not
 /// the ring: the operations fail through their completions, and a reset connects a new session
 /// that works.

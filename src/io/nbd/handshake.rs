@@ -229,19 +229,34 @@ impl<'a> TlsChan<'a> {
     }
 
     /// Sends what the session has to send.
+    ///
+    /// A socket call with a timeout fails with EINTR instead of restarting when the thread is
+    /// interrupted, by a signal or by io_uring's task work for a ring this thread owns (the
+    /// mirror thread reconnects with its ring live): such a call is made again, and the deadline
+    /// still bounds the whole.
     fn flush_tls(&mut self) -> io::Result<()> {
         while self.conn.wants_write() {
             self.sock.set_write_timeout(Some(left(self.deadline)?))?;
-            self.conn.write_tls(self.sock)?;
+            match self.conn.write_tls(self.sock) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => {
+                    r?;
+                }
+            }
         }
         Ok(())
     }
 
-    /// One step of the session: what it has to send, then one socket read, processed.
+    /// One step of the session: what it has to send, then one socket read, processed (an
+    /// interrupted read is a step that read nothing: the caller steps again).
     fn step(&mut self) -> io::Result<()> {
         self.flush_tls()?;
         self.sock.set_read_timeout(Some(left(self.deadline)?))?;
-        if self.conn.read_tls(self.sock)? == 0 {
+        let n = match self.conn.read_tls(self.sock) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            r => r?,
+        };
+        if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection"));
         }
         // The rustls error stays inside (explain_io finds it).
