@@ -90,6 +90,22 @@ pub struct SavedConfig {
 }
 
 impl SavedConfig {
+    /// The saved configuration of device `id` for its recovery, from its JSON. One that does not
+    /// parse is another program's (the default: nothing). TLS settings that do not parse must
+    /// not become "no TLS files", which would verify the server against the system's trust store
+    /// instead of the CA the mirror was added with: refused.
+    pub(super) fn for_recovery(id: u32, data: serde_json::Value) -> Result<SavedConfig> {
+        let tls_saved = data.get("tls").is_some_and(|v| !v.is_null());
+        let saved: SavedConfig = serde_json::from_value(data).unwrap_or_default();
+        if tls_saved && saved.tls.is_none() {
+            return Err(Error::config(format!(
+                "device {id}: its saved TLS settings cannot be read: remove it (ublk-mirror del -n {id}) and add \
+                 it again with its --tls-ca, --tls-cert and --tls-key"
+            )));
+        }
+        Ok(saved)
+    }
+
     /// The saved configuration of device `c`; the default (nothing) when it has none or it is
     /// not one ublk-mirror can read.
     pub(super) fn of(c: &UblkCtrl) -> SavedConfig {
@@ -391,5 +407,27 @@ mod tests {
         let old: SavedConfig = serde_json::from_value(json!({ "source": "/a", "target": "/b", "bitmap": "/c" })).expect("old");
         assert_eq!(old.tls, None);
         assert!(serde_json::to_value(&old).expect("writes").get("tls").is_none());
+    }
+
+    /// Recovery refuses saved TLS settings it cannot read (they must not fall back to the
+    /// system's trust store), and takes good ones, none, or a configuration of another program.
+    #[test]
+    fn recovery_refuses_unreadable_tls_settings() {
+        let base = json!({ "source": "/a", "target": "nbds://h/e", "bitmap": "/c" });
+        for bad in [json!("/etc/t/ca.pem"), json!({ "ca": 7 }), json!([1, 2])] {
+            let mut v = base.clone();
+            v["tls"] = bad.clone();
+            let e = SavedConfig::for_recovery(3, v).expect_err(&format!("unreadable TLS settings {bad} accepted")).to_string();
+            assert!(e.contains("saved TLS settings cannot be read") && e.contains("del -n 3"), "{e}");
+        }
+        let mut v = base.clone();
+        v["tls"] = json!({ "ca": "/etc/t/ca.pem" });
+        let tls = SavedConfig::for_recovery(3, v).expect("good TLS settings").tls.expect("tls");
+        assert_eq!(tls.ca.as_deref(), Some(Path::new("/etc/t/ca.pem")));
+        assert_eq!(SavedConfig::for_recovery(3, base.clone()).expect("no TLS").tls, None);
+        let mut v = base;
+        v["tls"] = serde_json::Value::Null;
+        assert_eq!(SavedConfig::for_recovery(3, v).expect("null TLS").tls, None);
+        assert_eq!(SavedConfig::for_recovery(3, json!({ "x": 1 })).expect("another program's"), SavedConfig::default());
     }
 }

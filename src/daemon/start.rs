@@ -125,17 +125,7 @@ fn prepare_recover(id: u32, direct: crate::io::backing::DirectMode) -> Result<Se
     let data = old
         .get_target_data_from_json()
         .ok_or_else(|| Error::config(format!("device {id}: its saved configuration is missing")))?;
-    // TLS settings that do not parse must not become "no TLS files" (the system's trust store
-    // instead of the CA the mirror was added with): refused.
-    let tls_saved = data.get("tls").is_some_and(|v| !v.is_null());
-    // A configuration that does not parse is another program's.
-    let saved: SavedConfig = serde_json::from_value(data).unwrap_or_default();
-    if tls_saved && saved.tls.is_none() {
-        return Err(Error::config(format!(
-            "device {id}: its saved TLS settings cannot be read: remove it (ublk-mirror del -n {id}) and add \
-             it again with its --tls-ca, --tls-cert and --tls-key"
-        )));
-    }
+    let saved = SavedConfig::for_recovery(id, data)?;
     let (Some(source), Some(target), Some(bitmap)) = (saved.source, saved.target, saved.bitmap) else {
         return Err(Error::config(format!("device {id} is not a ublk-mirror device")));
     };
