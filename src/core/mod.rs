@@ -931,7 +931,20 @@ impl<P: PersistentBits> MirrorState<P> {
     /// Is a consistent point due? True when nothing is dirty or being copied, no target flush is
     /// pending, and something changed since the last consistent point (or there has been none).
     pub fn consistent_point_due(&self) -> bool {
-        self.flush.is_none() && self.dirty == 0 && self.copying_count == 0 && self.changed && !self.stale_target_writes()
+        self.flush.is_none() && self.changed && self.point_possible()
+    }
+
+    /// Would a target flush starting now make a consistent point? Nothing is dirty or being
+    /// copied, no stale target write is in flight, and the shipped writes form a prefix of the
+    /// queue that covers every write queued before the last copy started. Under async shipping
+    /// the last condition is false most of the time (writes are in flight to the target):
+    /// the queue's own schedule then makes the point ([`Self::ship_flush_due`]), and a flush
+    /// made only because something changed would be a checkpoint, due again at once.
+    fn point_possible(&self) -> bool {
+        self.dirty == 0
+            && self.copying_count == 0
+            && !self.stale_target_writes()
+            && self.ship.as_ref().is_none_or(|q| q.prefix_consistent())
     }
 
     /// Are there finished copies whose bits a checkpoint flush could clear?
@@ -957,11 +970,11 @@ impl<P: PersistentBits> MirrorState<P> {
 
     fn start_target_flush(&mut self, with_source: bool) -> FlushKind {
         debug_assert!(self.flush.is_none(), "two target flushes in flight");
-        let shipped_prefix = self.ship.as_ref().is_none_or(|q| q.prefix_consistent());
+        let possible = self.point_possible();
         if let Some(q) = self.ship.as_mut() {
             q.flush_started();
         }
-        let kind = if self.dirty == 0 && self.copying_count == 0 && !self.stale_target_writes() && shipped_prefix {
+        let kind = if possible {
             self.changed = false;
             FlushKind::Consistent
         } else {
@@ -1572,6 +1585,35 @@ mod tests {
         s.end_active_write(id, true, true);
         assert!(s.needs_copy(4), "copied again after the stale target write");
         assert!(s.pbits().get(4));
+        s.check_invariants().unwrap();
+    }
+
+    /// A copy made while shipped writes are queued: the target is a crash image again only once
+    /// those writes have landed. Until then no point is due, however much changed: a flush would
+    /// be a checkpoint and leave the point due, and the loop would flush the pair on every pass.
+    #[test]
+    fn no_point_is_due_while_writes_shipped_before_a_copy_are_in_flight() {
+        let mut s = state(8);
+        s.set_shipping(Some(1 << 20));
+        // Shipping starts at the first consistent point.
+        assert_eq!(s.target_flush_started(), FlushKind::Consistent);
+        assert!(s.target_flush_done(true).resumed);
+        let (_, plan) = s.begin_shipped_write(ext(1, 1), 4096, 4096);
+        let ActivePlan::Ship { id } = plan else { panic!("not shipped: {plan:?}") };
+        durable(&mut s);
+        assert!(s.ship_source_done(id, true, 7).queued);
+        let sh = s.ship_next(8, false).expect("the shipped write is issued");
+        // An ordinary write elsewhere, copied while the shipped write is in flight.
+        s.begin_write(ext(5, 1));
+        durable(&mut s);
+        s.end_write(ext(5, 1));
+        let c = s.next_copy(1).unwrap();
+        s.copy_done(c, true);
+        assert!(!s.consistent_point_due(), "due with a write queued before the copy in flight");
+        s.ship_landed(sh.seq, true);
+        assert!(s.consistent_point_due());
+        assert_eq!(s.target_flush_started(), FlushKind::Consistent);
+        s.target_flush_done(true);
         s.check_invariants().unwrap();
     }
 
