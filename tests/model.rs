@@ -7,9 +7,9 @@
 //!    relied on to hold. Checked after every step: write intent (no write issued before its
 //!    bit is durable), the clear-bit invariant, the consistent-point guarantee; at the end,
 //!    convergence.
-//! 2. The engine on real files through io_uring: random writes, discards, write-zeroes and
-//!    flushes against an in-memory disk; reads must match it, and after the mirror converges
-//!    source and target equal it.
+//! 2. The engine on real files through io_uring, in each copy mode (background, write-blocking,
+//!    async): random writes, discards, write-zeroes and flushes against an in-memory disk;
+//!    reads must match it, and after the mirror converges source and target equal it.
 
 #![allow(clippy::needless_range_loop)] // regions index several parallel model arrays
 
@@ -400,20 +400,27 @@ mod engine_vs_memory {
         #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
 
         #[test]
-        fn engine_matches_an_in_memory_disk(blocking in any::<bool>(), reqs in prop::collection::vec(req(), 1..60)) {
+        fn engine_matches_an_in_memory_disk(
+            mode in prop_oneof![Just(CopyMode::Background), Just(CopyMode::WriteBlocking), Just(CopyMode::Async)],
+            reqs in prop::collection::vec(req(), 1..60),
+        ) {
             let f = files(BLOCKS * BLK);
             let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::Full), Some(8192))).expect("open");
             let engine = Arc::new(engine);
-            // Write-blocking: writes also go to the target from the queue's ring.
-            if blocking {
+            // Write-blocking: writes also go to the target from the queue's ring. Async: they
+            // are shipped from the replication buffer once the first sync is done.
+            if mode == CopyMode::WriteBlocking {
                 engine.attach_target(target.as_ref()).expect("attach");
-                engine.apply_settings(&Settings { mode: Some(CopyMode::WriteBlocking), ..Default::default() });
             }
+            engine.apply_settings(&Settings { mode: Some(mode), ..Default::default() });
             let me = engine.clone();
             let mirror = std::thread::spawn(move || {
                 let cfg = CopyConfig { max_copies: 2, buf_size: 16384, ..Default::default() };
                 Mirror::new(me, target.as_mut(), cfg).expect("mirror").run(RunUntil::Stopped, None).expect("run")
             });
+            if mode == CopyMode::Async {
+                wait_for("shipping to start", Duration::from_secs(30), || engine.status().mode.to_string() == "async");
+            }
             let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
             let mut model = vec![0u8; (BLOCKS * BLK) as usize];
             for r in &reqs {
@@ -444,6 +451,11 @@ mod engine_vs_memory {
             }
             drop(q);
             wait_for("convergence", Duration::from_secs(30), || engine.status().state == "synced");
+            // The first modifying request finds every region clean: in async mode it is shipped.
+            if mode == CopyMode::Async && reqs.iter().any(|r| !matches!(r, Req::Flush | Req::Read { .. })) {
+                let shipped = engine.status().shipping.map_or(0, |s| s.shipped_writes);
+                prop_assert!(shipped > 0, "async mode shipped nothing");
+            }
             engine.request_stop();
             mirror.join().expect("mirror thread");
             prop_assert!(read_all(&f.source) == model, "source differs from the model");
