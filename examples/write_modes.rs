@@ -40,6 +40,8 @@ fn fail(what: &str, e: impl std::fmt::Display) -> ! {
 }
 
 /// A mode under test: its engine and mirror loop, or the plain file.
+// One value per mode for the whole run: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Setup {
     Plain { file: std::fs::File, ring: io_uring::IoUring },
     Mirrored { engine: Arc<Engine>, queue: EngineQueue, mirror: Option<std::thread::JoinHandle<()>> },

@@ -369,7 +369,7 @@ mod engine_vs_memory {
     use std::sync::Arc;
     use std::time::Duration;
     use ublk_mirror::io::backing::AlignedBuf;
-    use ublk_mirror::engine::{CopyConfig, CopyMode, Engine, Settings, SyncMode};
+    use ublk_mirror::engine::{CopyConfig, CopyMode, Engine, Settings, StatusMode, SyncMode};
     use ublk_mirror::engine::mirror::{Mirror, RunUntil};
     use ublk_mirror::engine::queue::{EngineQueue, Op};
 
@@ -419,7 +419,7 @@ mod engine_vs_memory {
                 Mirror::new(me, target.as_mut(), cfg).expect("mirror").run(RunUntil::Stopped, None).expect("run")
             });
             if mode == CopyMode::Async {
-                wait_for("shipping to start", Duration::from_secs(30), || engine.status().mode.to_string() == "async");
+                wait_for("shipping to start", Duration::from_secs(30), || engine.status().mode == StatusMode::Async);
             }
             let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
             let mut model = vec![0u8; (BLOCKS * BLK) as usize];
