@@ -51,7 +51,7 @@ case ${BENCH_PROFILE:-cpu} in
         echo "== profile io: size ${BENCH_SIZE:-256M}, ${BENCH_ROUNDS:-5} rounds of ${BENCH_RUNTIME:-8} s, ${BENCH_LAT_US:-5000} us per request, modes $modes, sustained ${BENCH_SUSTAIN_SECS:-60} s x ${BENCH_SUSTAIN_ROUNDS:-1} with a flush every ${BENCH_FLUSH_MS:-100} ms; load $(cut -d' ' -f1-3 /proc/loadavg)"
         vm/run.sh -t 2400 -r 3 -m 4G -b target/release/ublk-mirror -b "$CACHE/rublk-$RUBLK_VERSION/bin/rublk" -b "$tmp/flush-every" \
             -a "BENCH_SIZE=${BENCH_SIZE:-256M} BENCH_RUNTIME=${BENCH_RUNTIME:-8} BENCH_ROUNDS=${BENCH_ROUNDS:-5} BENCH_LAT_US=${BENCH_LAT_US:-5000} BENCH_MODES=$modes BENCH_SUSTAIN_SECS=${BENCH_SUSTAIN_SECS:-60} BENCH_FLUSH_MS=${BENCH_FLUSH_MS:-100} BENCH_SUSTAIN_ROUNDS=${BENCH_SUSTAIN_ROUNDS:-1} BENCH_MIRROR_ARGS=${BENCH_MIRROR_ARGS:-} softlockup_panic=1" \
-            bench/guest-device-io.sh | tee "$log" | grep -a '^RESULT\|^DEVCHECK\|FAIL\|PASS\|MODE-MISSING\|sustained:\|status answers\|null_blk:\|devices:'
+            bench/guest-device-io.sh | tee "$log" | grep -a '^RESULT\|^CPU\|^DEVCHECK\|FAIL\|PASS\|MODE-MISSING\|sustained:\|status answers\|null_blk:\|devices:'
         grep -a '^RESULT' "$log" | python3 bench/device-table.py
         exit 0 ;;
     *) echo "BENCH_PROFILE must be cpu (default) or io, got '$BENCH_PROFILE'" >&2; exit 2 ;;

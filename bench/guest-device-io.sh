@@ -152,6 +152,41 @@ for d in $DEVS; do
 done
 synced "after the fill"
 
+# --- where the CPU goes: the guest is CPU-bound even here (TCG), so a mode's cost per write shows
+# as CPU time. Per job and device: the share of the guest's CPUs busy (/proc/stat), and the
+# serving process's CPU per 1000 requests, in total (/proc/PID/stat: exited threads included) and
+# by thread name (io_uring workers "iou-wrk-N" summed as "iou-wrk-"; ticks of USER_HZ = 100).
+# daemon_pid N: the process serving /dev/ublkbN (rublk for the plain loop, device 0).
+daemon_pid() {
+    if [ "$1" = 0 ]; then
+        for _p in /proc/[0-9]*; do [ "$(cat "$_p/comm" 2> /dev/null)" = rublk ] && { echo "${_p#/proc/}"; return; }; done
+    else
+        status_num "$1" pid
+    fi
+}
+# cpu_snap PID: "total T", "sys BUSY ALL" and "<thread name> T" lines (T: utime + stime ticks).
+cpu_snap() {
+    awk '{ print "sys", $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8; exit }' /proc/stat
+    s=$(cat "/proc/$1/stat") && echo "total $(echo "${s##*) }" | awk '{ print $12 + $13 }')"
+    for _t in /proc/$1/task/*; do
+        _s=$(cat "$_t/stat" 2> /dev/null) || continue
+        echo "$(cat "$_t/comm" 2> /dev/null) ${_s##*) }"
+    done | awk '{ n = $1; sub(/[0-9]+$/, "", n); t[n] += $13 + $14 } END { for (k in t) print k, t[k] }'
+}
+# reqs DEV: reads and writes the device completed (ramp included, as in the CPU times).
+reqs() { awk '{ print $1 + $5 }' "/sys/block/$1/stat"; }
+# cpu_line NAME JOB ROUND IOS BEFORE AFTER: the CPU line of one measurement.
+cpu_line() {
+    printf '%s\n%s\n' "$5" "$6" | awk -v n="$1" -v j="$2" -v r="$3" -v ios="$4" '
+        $1 == "sys" { snap++; if (snap == 1) { sb = $2; sa = $3 } else { busy = ($2 - sb) / ($3 - sa + 1e-9) }; next }
+        snap == 1 { a[$1] = $2; next }
+        { d[$1] = $2 - a[$1] }
+        END { per = ios > 0 ? 1000 * 10 / ios : 0
+              printf "CPU %s %s %d busy %.0f%% ms/1000req total %.1f", n, j, r, 100 * busy, d["total"] * per
+              for (k in d) if (k != "total" && d[k] > 0) printf " %s=%.1f", k, d[k] * per
+              printf "\n" }'
+}
+
 # --- rounds ---------------------------------------------------------------------------------------
 ndev=$(echo $DEVS | wc -w)
 r=1
@@ -163,10 +198,15 @@ while [ "$r" -le "$ROUNDS" ]; do
         for d in $order; do
             synced "before $job on ${d%%:*}"
             drain
+            pid=$(daemon_pid "${d#*:}")
+            [ -n "$pid" ] || fail "no serving process found for ${d%%:*}"
+            c0=$(cpu_snap "$pid") q0=$(reqs "ublkb${d#*:}")
             # shellcheck disable=SC2086
             out=$(run_timeout $((RT + 60)) fio --name=b --filename=/dev/ublkb${d#*:} $a --ioengine=io_uring --direct=1 --size=$SIZE \
                 --time_based --runtime=$RT --ramp_time=1 --output-format=terse --terse-version=3) || fail "fio $job on ${d%%:*}"
+            c1=$(cpu_snap "$pid") q1=$(reqs "ublkb${d#*:}")
             echo "$out" | awk -F';' -v n="${d%%:*}" -v j=$job -v r=$r '{ printf "RESULT %s %s %d %d %d\n", n, j, r, $8 + $49, $7 + $48 }'
+            cpu_line "${d%%:*}" "$job" "$r" $((q1 - q0)) "$c0" "$c1"
         done
     done
     r=$((r + 1))
