@@ -156,6 +156,8 @@ synced "after the fill"
 # as CPU time. Per job and device: the share of the guest's CPUs busy (/proc/stat), and the
 # serving process's CPU per 1000 requests, in total (/proc/PID/stat: exited threads included) and
 # by thread name (io_uring workers "iou-wrk-N" summed as "iou-wrk-"; ticks of USER_HZ = 100).
+# status_num N KEY: the number KEY of mirror N's status.
+status_num() { run_timeout 20 ublk-mirror status -n "$1" --json > /tmp/st.json 2> /tmp/st.err || fail "status -n $1: $(cat /tmp/st.err)"; jnum "$2" < /tmp/st.json; }
 # daemon_pid N: the process serving /dev/ublkbN (rublk for the plain loop, device 0).
 daemon_pid() {
     if [ "$1" = 0 ]; then
@@ -175,15 +177,19 @@ cpu_snap() {
 }
 # reqs DEV: reads and writes the device completed (ramp included, as in the CPU times).
 reqs() { awk '{ print $1 + $5 }' "/sys/block/$1/stat"; }
-# cpu_line NAME JOB ROUND IOS BEFORE AFTER: the CPU line of one measurement.
+# lock_waits N: mirror N's lock_waits (its state lock found held; "-" for the plain loop).
+lock_waits() { if [ "$1" = 0 ]; then echo 0; else status_num "$1" lock_waits; fi; }
+# cpu_line NAME JOB ROUND IOS BEFORE AFTER WAITS: the CPU line of one measurement (WAITS: the
+# mirror's lock waits meanwhile, printed per 1000 requests).
 cpu_line() {
-    printf '%s\n%s\n' "$5" "$6" | awk -v n="$1" -v j="$2" -v r="$3" -v ios="$4" '
+    printf '%s\n%s\n' "$5" "$6" | awk -v n="$1" -v j="$2" -v r="$3" -v ios="$4" -v waits="$7" '
         $1 == "sys" { snap++; if (snap == 1) { sb = $2; sa = $3 } else { busy = ($2 - sb) / ($3 - sa + 1e-9) }; next }
         snap == 1 { a[$1] = $2; next }
         { d[$1] = $2 - a[$1] }
         END { per = ios > 0 ? 1000 * 10 / ios : 0
               printf "CPU %s %s %d busy %.0f%% ms/1000req total %.1f", n, j, r, 100 * busy, d["total"] * per
               for (k in d) if (k != "total" && d[k] > 0) printf " %s=%.1f", k, d[k] * per
+              if (ios > 0) printf " lock-waits/1000req %.0f", 1000 * waits / ios
               printf "\n" }'
 }
 
@@ -200,13 +206,13 @@ while [ "$r" -le "$ROUNDS" ]; do
             drain
             pid=$(daemon_pid "${d#*:}")
             [ -n "$pid" ] || fail "no serving process found for ${d%%:*}"
-            c0=$(cpu_snap "$pid") q0=$(reqs "ublkb${d#*:}")
+            w0=$(lock_waits "${d#*:}") c0=$(cpu_snap "$pid") q0=$(reqs "ublkb${d#*:}")
             # shellcheck disable=SC2086
             out=$(run_timeout $((RT + 60)) fio --name=b --filename=/dev/ublkb${d#*:} $a --ioengine=io_uring --direct=1 --size=$SIZE \
                 --time_based --runtime=$RT --ramp_time=1 --output-format=terse --terse-version=3) || fail "fio $job on ${d%%:*}"
-            c1=$(cpu_snap "$pid") q1=$(reqs "ublkb${d#*:}")
+            c1=$(cpu_snap "$pid") q1=$(reqs "ublkb${d#*:}") w1=$(lock_waits "${d#*:}")
             echo "$out" | awk -F';' -v n="${d%%:*}" -v j=$job -v r=$r '{ printf "RESULT %s %s %d %d %d\n", n, j, r, $8 + $49, $7 + $48 }'
-            cpu_line "${d%%:*}" "$job" "$r" $((q1 - q0)) "$c0" "$c1"
+            cpu_line "${d%%:*}" "$job" "$r" $((q1 - q0)) "$c0" "$c1" $((w1 - w0))
         done
     done
     r=$((r + 1))
@@ -221,7 +227,6 @@ dirty_max() {
         d = $0; sub(/.*"dirty_bytes":/, "", d); c = $0; sub(/.*"copying_bytes":/, "", c)
         v = (d + 0) + (c + 0); if (v > m) m = v } END { printf "%d\n", m }' "$1"
 }
-status_num() { run_timeout 20 ublk-mirror status -n "$1" --json > /tmp/st.json 2> /tmp/st.err || fail "status -n $1: $(cat /tmp/st.err)"; jnum "$2" < /tmp/st.json; }
 sr=1
 while [ "$sr" -le "$SUSTAIN_ROUNDS" ]; do
     # Rotated like the rounds: with BENCH_SUSTAIN_ROUNDS a multiple of the devices, each runs

@@ -96,6 +96,8 @@ pub struct Engine {
     front_requests: AtomicU64,
     /// Passes of the mirror loop (see [`Engine::loop_passes`]).
     loop_passes: AtomicU64,
+    /// Times [`Engine::lock`] found the lock held (see [`Engine::lock_waits`]).
+    lock_waits: AtomicU64,
     /// The mirror thread is asked to park (its target is being replaced), and whether it runs.
     mirror_restart: AtomicBool,
     mirror_running: AtomicBool,
@@ -318,6 +320,7 @@ impl Engine {
             switching: Mutex::new(()),
             front_requests: AtomicU64::new(0),
             loop_passes: AtomicU64::new(0),
+            lock_waits: AtomicU64::new(0),
             mirror_restart: AtomicBool::new(false),
             mirror_running: AtomicBool::new(false),
             mirror_next: Mutex::new(None),
@@ -369,7 +372,15 @@ impl Engine {
     /// The lock over the shared state. A poisoned lock means a thread panicked while changing
     /// the state; continuing could clear a bit that must stay, so the process stops instead.
     pub fn lock(&self) -> MutexGuard<'_, LockedState> {
-        match self.inner.lock() {
+        let r = match self.inner.try_lock() {
+            Ok(g) => Ok(g),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.lock_waits.fetch_add(1, Ordering::Relaxed);
+                self.inner.lock()
+            }
+            Err(std::sync::TryLockError::Poisoned(p)) => Err(p),
+        };
+        match r {
             Ok(g) => g,
             Err(_) => {
                 log::error!("mirror state lock poisoned by a panic; aborting to keep the bitmap safe");
@@ -531,6 +542,13 @@ impl Engine {
     /// done then (a retry whose time had come, a copy of a region dirty by then) it has done, or
     /// begun. Tests wait on it to see that something did not happen; an operator sees a stuck
     /// loop (not moving while work is due) or a spinning one (racing while idle).
+    /// How many times a thread (a queue, the mirror loop, a status request) found the state's
+    /// lock held by another and waited for it: contention between the front end and the loop,
+    /// whose cost on a busy device is a sleep and a wake-up of the waiting thread.
+    pub fn lock_waits(&self) -> u64 {
+        self.lock_waits.load(Ordering::Relaxed)
+    }
+
     pub fn loop_passes(&self) -> u64 {
         self.loop_passes.load(Ordering::SeqCst)
     }

@@ -169,6 +169,8 @@ pub struct Status {
     pub degraded_secs: Option<f64>,
     /// Passes the mirror loop has begun since the daemon started (see [`Engine::loop_passes`]).
     pub loop_passes: u64,
+    /// Times a thread waited for the engine's lock (see [`Engine::lock_waits`]).
+    pub lock_waits: u64,
     /// Async mode (absent otherwise): the replication buffer and what went through it.
     pub shipping: Option<ShipStatus>,
 }
@@ -275,6 +277,7 @@ impl Engine {
             target_failures: g.progress.target_failures,
             degraded_secs: g.progress.degraded_since.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64()),
             loop_passes: self.loop_passes(),
+            lock_waits: self.lock_waits(),
             shipping,
             state,
             device_size: self.size,

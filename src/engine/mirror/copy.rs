@@ -110,8 +110,21 @@ impl Mirror<'_> {
         if !self.backoff.may_retry(Instant::now()) {
             return Ok(());
         }
-        if self.engine.paused() || self.engine.hook_running() || self.engine.lock().progress.gave_up.is_some() {
+        if self.engine.paused() || self.engine.hook_running() {
             return Ok(());
+        }
+        {
+            let mut g = self.engine.lock();
+            if g.progress.gave_up.is_some() {
+                return Ok(());
+            }
+            // Nothing to copy (async mode shipping, or in sync): no rate to work out, no region
+            // to look for, and no more locks this pass. A target to reset is reset all the same
+            // (a flush waits for it).
+            if g.state.dirty() == 0 && !self.needs_reset {
+                g.progress.yielding = false;
+                return Ok(());
+            }
         }
         if self.needs_reset {
             // A target is reset with nothing of its in flight.

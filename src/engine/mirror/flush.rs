@@ -17,6 +17,8 @@ pub(super) const SRC_FLUSH_SLOT: usize = (1 << 40) - 1;
 
 impl Mirror<'_> {
     pub(super) fn maybe_flush(&mut self, stopping: bool) -> Result<()> {
+        // With a flush in flight the state's is in flight too: nothing awaits an idle flush.
+        self.ship_idle_wait = false;
         if self.target_flush.is_some() {
             return Ok(());
         }
@@ -24,6 +26,9 @@ impl Mirror<'_> {
         let mut ship_due = false;
         let due = {
             let g = self.engine.lock();
+            // For next_timeout, this pass (nothing changes the state in between): asked here,
+            // under this lock, rather than under one more.
+            self.ship_idle_wait = g.state.ship_awaits_idle_flush();
             // A failed target is flushed again only once its backoff has passed and it was reset
             // (start_copies does both), and never once mirroring gave up (it then never resets):
             // a clean device with a broken target must not re-issue its failing consistent flush
@@ -63,6 +68,8 @@ impl Mirror<'_> {
             }
             return Ok(());
         }
+        // The flush that starts now is the one awaited, if any.
+        self.ship_idle_wait = false;
         // Async mode's epoch flushes need the source's fdatasync only to clear bits (see
         // ShipSpacing): most go to the target alone.
         let with_source = self.ship_spacing.with_source(Instant::now(), ship_due, stopping);

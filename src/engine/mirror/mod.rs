@@ -131,6 +131,13 @@ pub struct Mirror<'t> {
     ship_spacing: policy::ShipSpacing,
     /// The flush in flight includes the source's fdatasync (a pair flush).
     flush_with_source: bool,
+    /// Async mode: the shipped writes wait for an idle flush (`ship_awaits_idle_flush`), as
+    /// maybe_flush found under its lock this pass: next_timeout's deadline for it.
+    ship_idle_wait: bool,
+    /// Max-lag's write-blocking may be on (`progress.lag_forced`): only check_lag turns it
+    /// on, so with no --max-lag and this false there is nothing to check. True at first: a
+    /// loop before this one may have left it on.
+    lag_maybe_forced: bool,
     /// The last data segment of the source that SEEK_DATA/SEEK_HOLE found, `[start, end)`
     /// (see [`Mirror::source_data`]).
     data_seg: std::cell::Cell<Option<(u64, u64)>>,
@@ -215,6 +222,8 @@ impl<'t> Mirror<'t> {
             landed: Vec::new(),
             ship_spacing: policy::ShipSpacing::new(now),
             flush_with_source: true,
+            ship_idle_wait: false,
+            lag_maybe_forced: true,
             data_seg: std::cell::Cell::new(None),
         }
     }
@@ -352,12 +361,7 @@ impl<'t> Mirror<'t> {
             .retry_at()
             .filter(|_| self.bitmap_clears_pending && self.bitmap_flush.is_none() && self.target_flush.is_none());
         // Async: the flush of a queue that has shipped everything waits for its spacing.
-        let ship_idle = self
-            .engine
-            .lock()
-            .state
-            .ship_awaits_idle_flush()
-            .then(|| self.ship_spacing.idle_flush_at());
+        let ship_idle = self.ship_idle_wait.then(|| self.ship_spacing.idle_flush_at());
         let timer = [retry_at, throttled_until, self.consistent_after, hook_poll, bitmap_retry, ship_idle]
             .into_iter()
             .flatten()
@@ -465,10 +469,17 @@ impl<'t> Mirror<'t> {
     /// Max-lag: switch write-blocking on when the target has been behind for too long, and off
     /// again once synced. Also records synced/unsynced transitions.
     fn check_lag(&mut self) {
+        // Without a limit and not forced, policy::max_lag keeps things as they are: no need to
+        // take the lock (the loop passes once per shipped write in async mode).
+        let limit = self.engine.max_lag();
+        if limit.is_none() && !self.lag_maybe_forced {
+            return;
+        }
         let switch = {
             let g = self.engine.lock();
             let (synced, since, forced) = (g.state.is_synced(), g.progress.unsynced_since, g.progress.lag_forced);
-            policy::max_lag(Instant::now(), self.engine.max_lag(), forced, synced, since)
+            self.lag_maybe_forced = forced;
+            policy::max_lag(Instant::now(), limit, forced, synced, since)
         };
         let (turn_on, lag) = match switch {
             LagSwitch::Keep => return,
@@ -478,6 +489,7 @@ impl<'t> Mirror<'t> {
         {
             let mut g = self.engine.lock();
             g.progress.lag_forced = turn_on;
+            self.lag_maybe_forced = turn_on;
             self.engine.update_active_locked(&g);
         }
         let secs = lag.map(|d| d.as_secs_f64()).unwrap_or(0.0);
