@@ -132,10 +132,12 @@ impl Engine {
         let was_empty = g.state.ship().is_none_or(|q| q.queued() == 0);
         let out = g.state.ship_source_done(id, ok, handle);
         let unqueued = (!out.queued && ok).then_some(handle);
-        self.free_ship_bufs(&mut g, unqueued.into_iter().chain(out.freed.iter().copied()));
+        let mut bufs = Vec::new();
+        Self::take_ship_bufs(&mut g, unqueued.into_iter().chain(out.freed.iter().copied()), &mut bufs);
         g.progress.unsynced_since.get_or_insert_with(Instant::now);
         self.announce_pair_change(&g);
         drop(g);
+        self.recycle_ship_bufs(bufs);
         if let Some(why) = out.fell_behind {
             self.ship_fell_behind(why);
         }
@@ -160,11 +162,25 @@ impl Engine {
     /// Frees the buffers of shipped writes the state handed back (`handles`), into the pool,
     /// which keeps up to a quarter of the replication buffer's size for reuse.
     pub(crate) fn free_ship_bufs(&self, g: &mut super::LockedState, handles: impl IntoIterator<Item = u64>) {
+        let mut bufs = Vec::new();
+        Self::take_ship_bufs(g, handles, &mut bufs);
+        self.recycle_ship_bufs(bufs);
+    }
+
+    /// Takes the buffers of shipped writes the state handed back (`handles`) out of
+    /// `ship_bufs` into `out`, for [`Self::recycle_ship_bufs`] once the lock is released: the
+    /// paths that run for every shipped write keep the pool's lock (and a buffer's release)
+    /// out of the state lock, which the device's queues wait for.
+    pub(crate) fn take_ship_bufs(g: &mut super::LockedState, handles: impl IntoIterator<Item = u64>, out: &mut Vec<AlignedBuf>) {
+        out.extend(handles.into_iter().filter_map(|h| g.ship_bufs.try_remove(h as usize)));
+    }
+
+    /// Gives buffers taken by [`Self::take_ship_bufs`] to the pool, which keeps up to a
+    /// quarter of the replication buffer's size for reuse (and frees the rest).
+    pub(crate) fn recycle_ship_bufs(&self, bufs: impl IntoIterator<Item = AlignedBuf>) {
         let limit = self.async_buffer() / 4;
-        for h in handles {
-            if let Some(b) = g.ship_bufs.try_remove(h as usize) {
-                self.ship_pool.give(b, limit);
-            }
+        for b in bufs {
+            self.ship_pool.give(b, limit);
         }
     }
 

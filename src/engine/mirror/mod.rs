@@ -127,6 +127,9 @@ pub struct Mirror<'t> {
     /// Async mode: shipped writes landed (or failed) in the current batch of completions, not
     /// yet reported to the state (`report_landed`).
     landed: Vec<(u64, bool)>,
+    /// Async mode: report_landed's buffers on their way back to the pool (kept for its
+    /// allocation, empty between calls).
+    landed_bufs: Vec<AlignedBuf>,
     /// Async mode: when flushes make points and clear bits.
     ship_spacing: policy::ShipSpacing,
     /// The flush in flight includes the source's fdatasync (a pair flush).
@@ -220,6 +223,7 @@ impl<'t> Mirror<'t> {
             draining: false,
             ships: std::collections::HashMap::new(),
             landed: Vec::new(),
+            landed_bufs: Vec::new(),
             ship_spacing: policy::ShipSpacing::new(now),
             flush_with_source: true,
             ship_idle_wait: false,

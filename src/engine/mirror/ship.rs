@@ -137,15 +137,18 @@ impl Mirror<'_> {
             return;
         }
         let mut fell = None;
+        let mut bufs = std::mem::take(&mut self.landed_bufs);
         {
             let mut g = self.engine.lock();
             for (seq, ok) in self.landed.drain(..) {
                 let out = g.state.ship_landed(seq, ok);
-                self.engine.free_ship_bufs(&mut g, out.freed.iter().copied());
+                crate::engine::Engine::take_ship_bufs(&mut g, out.freed.iter().copied(), &mut bufs);
                 fell = fell.or(out.fell_behind);
             }
             self.engine.announce_pair_change(&g);
         }
+        self.engine.recycle_ship_bufs(bufs.drain(..));
+        self.landed_bufs = bufs;
         if let Some(why) = fell {
             self.engine.ship_fell_behind(why);
         }
