@@ -491,6 +491,34 @@ fn a_first_write_to_a_clean_region_flushes_the_bitmap_once() {
     assert_eq!(runs, vec![(3, 1)]);
 }
 
+/// `lock_waits` (status) counts a wait for the state lock: a thread that finds it held by
+/// another counts one, an uncontended lock counts none.
+#[test]
+fn a_wait_for_the_state_lock_is_counted() {
+    let f = files(4 * MIB);
+    let (engine, _t, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
+    let engine = Arc::new(engine);
+    let before = engine.lock_waits();
+    drop(engine.lock());
+    assert_eq!(engine.lock_waits(), before, "an uncontended lock counted as a wait");
+    let held = engine.lock();
+    let other = engine.clone();
+    let waiter = std::thread::spawn(move || {
+        drop(other.lock());
+    });
+    // The waiter counts before it blocks; the lock is held until the count shows (or 10 s),
+    // and released before any assertion: a panic while holding it would poison it, and the
+    // engine aborts on a poisoned lock.
+    let t0 = std::time::Instant::now();
+    while engine.lock_waits() != before + 1 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(held);
+    waiter.join().expect("waiter");
+    assert_eq!(engine.lock_waits(), before + 1, "a wait for the held lock was not counted");
+    assert_eq!(engine.status().lock_waits, before + 1, "status reports the count");
+}
+
 /// What the daemon-kill barrier rests on (docs/crash-safety.md): a file registered on an
 /// io_uring keeps its open file description, and so the flock on it, after the process closed
 /// its own descriptor, until the ring is gone. The device's queue rings and the mirror's ring
