@@ -143,6 +143,41 @@ fn discards_and_write_zeroes_are_shipped_as_zeroings() {
     assert_eq!(first_difference(&src, &tgt), None, "source and target differ");
 }
 
+/// A write-zeroes the source refuses (tmpfs has no FALLOC_FL_ZERO_RANGE) falls back to
+/// punching a hole (queue.rs, zeroes_fallback), and is still shipped as a zeroing: the target's
+/// range, garbage before, reads as zeroes, and nothing is copied.
+#[test]
+fn a_write_zeroes_that_fell_back_is_shipped_as_a_zeroing() {
+    let shm = std::path::Path::new("/dev/shm");
+    assert!(shm.is_dir(), "/dev/shm (tmpfs) is missing on this machine: this test needs it");
+    let dir = tempfile::tempdir_in(shm).expect("tmpfs dir");
+    let mut f = files(4 * MIB);
+    let src = dir.path().join("source.img");
+    std::fs::File::create(&src).and_then(|x| x.set_len(4 * MIB)).expect("create");
+    f.source = src;
+    // Declared identical, and identical: the same data on both sides.
+    fill_random(&f.source, 0, (4 * MIB) as usize, 11);
+    fill_random(&f.target, 0, (4 * MIB) as usize, 11);
+    let engine = open_async(&f, MIB);
+    let mirror = spawn_loop(&engine, &f, TestHooks::default);
+    wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    q.execute(Op::WriteZeroes { off: MIB, len: MIB, unmap: false }).expect("write-zeroes on tmpfs");
+    q.execute(Op::Flush).expect("flush");
+    wait_for("synced", Duration::from_secs(20), || engine.status().state == "synced");
+    let s = engine.status();
+    let ship = s.shipping.clone().expect("async figures");
+    // (A copy of the range would zero the target: a hole on the source is copied as a zeroing.)
+    assert_eq!((s.bytes_copied, s.bytes_zeroed), (0, 0), "the zeroed range was copied instead of shipped: {s:?}");
+    assert_eq!((ship.shipped_writes, ship.fell_behind), (1, 0), "{ship:?}");
+    drop(q);
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    let (src, tgt) = (read_all(&f.source), read_all(&f.target));
+    assert!(src[MIB as usize..2 * MIB as usize].iter().all(|&b| b == 0), "the fallback did not zero the source");
+    assert_eq!(first_difference(&src, &tgt), None, "source and target differ");
+}
+
 /// A fingerprint of a device image made of 4 KiB blocks that can be updated a block at a time:
 /// the XOR of a hash of each block with its index.
 fn block_hash(blk: u64, data: &[u8]) -> u64 {
