@@ -152,8 +152,8 @@ for d in $DEVS; do
 done
 synced "after the fill"
 
-# --- where the CPU goes: the guest is CPU-bound even here (TCG), so a mode's cost per write shows
-# as CPU time. Per job and device: the share of the guest's CPUs busy (/proc/stat), and the
+# --- where the CPU goes: under TCG a mode's cost per write shows as CPU time, and CPU time on
+# the path of a request as latency. Per job and device: the share of the guest's CPUs busy (/proc/stat), and the
 # serving process's CPU per 1000 requests, in total (/proc/PID/stat: exited threads included) and
 # by thread name (io_uring workers "iou-wrk-N" summed as "iou-wrk-"; ticks of USER_HZ = 100).
 # status_num N KEY: the number KEY of mirror N's status.
@@ -169,7 +169,7 @@ daemon_pid() {
 # cpu_snap PID: "total T", "sys BUSY ALL" and "<thread name> T" lines (T: utime + stime ticks).
 cpu_snap() {
     awk '{ print "sys", $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8; exit }' /proc/stat
-    s=$(cat "/proc/$1/stat") && echo "total $(echo "${s##*) }" | awk '{ print $12 + $13 }')"
+    _ps=$(cat "/proc/$1/stat") && echo "total $(echo "${_ps##*) }" | awk '{ print $12 + $13 }')"
     for _t in /proc/$1/task/*; do
         _s=$(cat "$_t/stat" 2> /dev/null) || continue
         echo "$(cat "$_t/comm" 2> /dev/null) ${_s##*) }"
@@ -177,7 +177,7 @@ cpu_snap() {
 }
 # reqs DEV: reads and writes the device completed (ramp included, as in the CPU times).
 reqs() { awk '{ print $1 + $5 }' "/sys/block/$1/stat"; }
-# lock_waits N: mirror N's lock_waits (its state lock found held; "-" for the plain loop).
+# lock_waits N: mirror N's lock_waits (its state lock found held; 0 for the plain loop).
 lock_waits() { if [ "$1" = 0 ]; then echo 0; else status_num "$1" lock_waits; fi; }
 # cpu_line NAME JOB ROUND IOS BEFORE AFTER WAITS: the CPU line of one measurement (WAITS: the
 # mirror's lock waits meanwhile, printed per 1000 requests).

@@ -148,13 +148,7 @@ fn discards_and_write_zeroes_are_shipped_as_zeroings() {
 /// range, garbage before, reads as zeroes, and nothing is copied.
 #[test]
 fn a_write_zeroes_that_fell_back_is_shipped_as_a_zeroing() {
-    let shm = std::path::Path::new("/dev/shm");
-    assert!(shm.is_dir(), "/dev/shm (tmpfs) is missing on this machine: this test needs it");
-    let dir = tempfile::tempdir_in(shm).expect("tmpfs dir");
-    let mut f = files(4 * MIB);
-    let src = dir.path().join("source.img");
-    std::fs::File::create(&src).and_then(|x| x.set_len(4 * MIB)).expect("create");
-    f.source = src;
+    let (_shm, f) = files_with_source_on_tmpfs(4 * MIB);
     // Declared identical, and identical: the same data on both sides.
     fill_random(&f.source, 0, (4 * MIB) as usize, 11);
     fill_random(&f.target, 0, (4 * MIB) as usize, 11);

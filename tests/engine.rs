@@ -254,14 +254,8 @@ fn resync_copies_only_dirty_regions() {
 /// unit test in backing.rs) mirrors to a disk file.
 #[test]
 fn source_on_tmpfs_syncs() {
-    let shm = std::path::Path::new("/dev/shm");
-    assert!(shm.is_dir(), "/dev/shm (tmpfs) is missing on this machine: this test needs it");
-    let dir = tempfile::tempdir_in(shm).expect("tmpfs dir");
-    let mut f = files(4 * MIB);
-    let src = dir.path().join("source.img");
-    std::fs::File::create(&src).and_then(|x| x.set_len(4 * MIB)).expect("create");
-    fill_random(&src, 0, MIB as usize, 2);
-    f.source = src;
+    let (_shm, f) = files_with_source_on_tmpfs(4 * MIB);
+    fill_random(&f.source, 0, MIB as usize, 2);
     let r = offline::sync(&f.pair(None, None), &CopyConfig::default(), TestHooks::default(), None).expect("auto");
     assert!(r.open.target_direct);
     assert_eq!(r.bytes_copied, MIB);

@@ -534,6 +534,13 @@ impl Engine {
         self.front_requests.load(Ordering::Relaxed)
     }
 
+    /// How many times a thread (a queue, the mirror loop, a status request) found the state's
+    /// lock held by another and waited for it: contention between the front end and the loop,
+    /// whose cost on a busy device is a sleep and a wake-up of the waiting thread.
+    pub fn lock_waits(&self) -> u64 {
+        self.lock_waits.load(Ordering::Relaxed)
+    }
+
     /// How many passes the mirror loop (every run of it, restarts included) has begun: it only
     /// grows, by one each time the loop looks at the state and does what is due (copies,
     /// flushes, retries, timers), that is at each wake-up. Each pass's work happens before the
@@ -542,13 +549,6 @@ impl Engine {
     /// done then (a retry whose time had come, a copy of a region dirty by then) it has done, or
     /// begun. Tests wait on it to see that something did not happen; an operator sees a stuck
     /// loop (not moving while work is due) or a spinning one (racing while idle).
-    /// How many times a thread (a queue, the mirror loop, a status request) found the state's
-    /// lock held by another and waited for it: contention between the front end and the loop,
-    /// whose cost on a busy device is a sleep and a wake-up of the waiting thread.
-    pub fn lock_waits(&self) -> u64 {
-        self.lock_waits.load(Ordering::Relaxed)
-    }
-
     pub fn loop_passes(&self) -> u64 {
         self.loop_passes.load(Ordering::SeqCst)
     }

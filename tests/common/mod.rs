@@ -27,6 +27,19 @@ pub fn files(size: u64) -> Files {
     Files { dir, source, target, bitmap }
 }
 
+/// Files as [`files`], the source on tmpfs (/dev/shm: no O_DIRECT, no FALLOC_FL_ZERO_RANGE).
+/// The returned directory holds the source: keep it as long as the files.
+pub fn files_with_source_on_tmpfs(size: u64) -> (tempfile::TempDir, Files) {
+    let shm = std::path::Path::new("/dev/shm");
+    assert!(shm.is_dir(), "/dev/shm (tmpfs) is missing on this machine: this test needs it");
+    let dir = tempfile::tempdir_in(shm).expect("tmpfs dir");
+    let mut f = files(size);
+    let src = dir.path().join("source.img");
+    std::fs::File::create(&src).and_then(|x| x.set_len(size)).expect("create");
+    f.source = src;
+    (dir, f)
+}
+
 impl Files {
     pub fn pair(&self, mode: Option<SyncMode>, granularity: Option<u64>) -> PairOptions {
         PairOptions {
