@@ -19,6 +19,9 @@
 #
 # Prints:
 #   RESULT <device> <job> <round> <iops> <KiB/s>
+#   LAT <device> <job> <round> clat-us mean M p50 A p99 B p99.9 C   (fio's completion latency)
+#   CPU <device> <job> <round> ...: guest busy share, CPU per 1000 requests by thread, the
+#       mirror's lock waits and bitmap flushes per 1000 requests
 #   RESULT-SUSTAIN <device> <round> <iops> <KiB/s> <max lag s> <max dirty MiB> <consistent
 #       points/min> <target bytes per app byte, at fio's end> <the same, once synced again>
 #       <flushes the device served> <s to synced after fio>       ("-" where it does not apply)
@@ -177,19 +180,24 @@ cpu_snap() {
 }
 # reqs DEV: reads and writes the device completed (ramp included, as in the CPU times).
 reqs() { awk '{ print $1 + $5 }' "/sys/block/$1/stat"; }
-# lock_waits N: mirror N's lock_waits (its state lock found held; 0 for the plain loop).
-lock_waits() { if [ "$1" = 0 ]; then echo 0; else status_num "$1" lock_waits; fi; }
-# cpu_line NAME JOB ROUND IOS BEFORE AFTER WAITS: the CPU line of one measurement (WAITS: the
-# mirror's lock waits meanwhile, printed per 1000 requests).
+# counters N: "LOCK_WAITS BITMAP_FLUSHES" of mirror N (its state lock found held; fdatasyncs of
+# its bitmap, each an intent some write waited for or a bit cleared); "0 0" for the plain loop.
+counters() {
+    if [ "$1" = 0 ]; then echo "0 0"; return; fi
+    status_num "$1" lock_waits > /dev/null
+    echo "$(jnum lock_waits < /tmp/st.json) $(jnum bitmap_flushes < /tmp/st.json)"
+}
+# cpu_line NAME JOB ROUND IOS BEFORE AFTER WAITS FLUSHES: the CPU line of one measurement
+# (WAITS, FLUSHES: the mirror's lock waits and bitmap flushes meanwhile, per 1000 requests).
 cpu_line() {
-    printf '%s\n%s\n' "$5" "$6" | awk -v n="$1" -v j="$2" -v r="$3" -v ios="$4" -v waits="$7" '
+    printf '%s\n%s\n' "$5" "$6" | awk -v n="$1" -v j="$2" -v r="$3" -v ios="$4" -v waits="$7" -v bmf="$8" '
         $1 == "sys" { snap++; if (snap == 1) { sb = $2; sa = $3 } else { busy = ($2 - sb) / ($3 - sa + 1e-9) }; next }
         snap == 1 { a[$1] = $2; next }
         { d[$1] = $2 - a[$1] }
         END { per = ios > 0 ? 1000 * 10 / ios : 0
               printf "CPU %s %s %d busy %.0f%% ms/1000req total %.1f", n, j, r, 100 * busy, d["total"] * per
               for (k in d) if (k != "total" && d[k] > 0) printf " %s=%.1f", k, d[k] * per
-              if (ios > 0) printf " lock-waits/1000req %.0f", 1000 * waits / ios
+              if (ios > 0) printf " lock-waits/1000req %.0f bitmap-flushes/1000req %.1f", 1000 * waits / ios, 1000 * bmf / ios
               printf "\n" }'
 }
 
@@ -206,13 +214,19 @@ while [ "$r" -le "$ROUNDS" ]; do
             drain
             pid=$(daemon_pid "${d#*:}")
             [ -n "$pid" ] || fail "no serving process found for ${d%%:*}"
-            w0=$(lock_waits "${d#*:}") c0=$(cpu_snap "$pid") q0=$(reqs "ublkb${d#*:}")
+            k0=$(counters "${d#*:}") c0=$(cpu_snap "$pid") q0=$(reqs "ublkb${d#*:}")
             # shellcheck disable=SC2086
             out=$(run_timeout $((RT + 60)) fio --name=b --filename=/dev/ublkb${d#*:} $a --ioengine=io_uring --direct=1 --size=$SIZE \
                 --time_based --runtime=$RT --ramp_time=1 --output-format=terse --terse-version=3) || fail "fio $job on ${d%%:*}"
-            c1=$(cpu_snap "$pid") q1=$(reqs "ublkb${d#*:}") w1=$(lock_waits "${d#*:}")
+            c1=$(cpu_snap "$pid") q1=$(reqs "ublkb${d#*:}") k1=$(counters "${d#*:}")
             echo "$out" | awk -F';' -v n="${d%%:*}" -v j=$job -v r=$r '{ printf "RESULT %s %s %d %d %d\n", n, j, r, $8 + $49, $7 + $48 }'
-            cpu_line "${d%%:*}" "$job" "$r" $((q1 - q0)) "$c0" "$c1" $((w1 - w0))
+            # Completion latency of the job's direction (terse v3: clat from field 14 for reads,
+            # 55 for writes: min, max, mean, deviation, then the percentiles as "P%=usec").
+            echo "$out" | awk -F';' -v n="${d%%:*}" -v j=$job -v r=$r '{
+                b = (j == "randread") ? 14 : 55
+                split($(b + 10), p50, "="); split($(b + 16), p99, "="); split($(b + 18), p999, "=")
+                printf "LAT %s %s %d clat-us mean %.0f p50 %s p99 %s p99.9 %s\n", n, j, r, $(b + 2), p50[2], p99[2], p999[2] }'
+            cpu_line "${d%%:*}" "$job" "$r" $((q1 - q0)) "$c0" "$c1" $((${k1% *} - ${k0% *})) $((${k1#* } - ${k0#* }))
         done
     done
     r=$((r + 1))
