@@ -471,7 +471,8 @@ impl<'t> Mirror<'t> {
     }
 
     /// Max-lag: switch write-blocking on when the target has been behind for too long, and off
-    /// again once synced. Also records synced/unsynced transitions.
+    /// again once synced (with a `write-blocking-on`/`-off` event). The lag itself is kept by
+    /// the write path and the consistent points (`Progress::unsynced_since`), not here.
     fn check_lag(&mut self) {
         // Without a limit and not forced, policy::max_lag keeps things as they are: no need to
         // take the lock (the loop passes once per shipped write in async mode).
