@@ -18,6 +18,8 @@ pub enum BitmapProblem {
     GranularityMismatch { recorded: u64, requested: u64 },
     Corrupt(String),
     SwitchedOver,
+    /// The file shrank or became unreadable while a mirror used it (see `crate::io::sigbus`).
+    Lost,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -513,6 +513,48 @@ fn a_wait_for_the_state_lock_is_counted() {
     assert_eq!(engine.status().lock_waits, before + 1, "status reports the count");
 }
 
+/// The bitmap file truncated by another process while the mirror uses it: the daemon survives
+/// (without `io::sigbus` the next access to the truncated pages of the mapping raises SIGBUS,
+/// whose default action ends the process, this test's too), writes keep completing, the loss is
+/// reported (a `bitmap-lost` event, `last_error`), the mirror still brings the target level with
+/// the source from its state in memory, and the file is marked so that no later open trusts it.
+#[test]
+fn a_bitmap_truncated_in_use_is_survived_and_never_trusted_again() {
+    let f = files(8 * MIB);
+    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), Some(64 << 10))).expect("open");
+    let engine = Arc::new(engine);
+    let me = engine.clone();
+    let mirror = std::thread::spawn(move || {
+        let mut m = Mirror::new(me, target.as_mut(), CopyConfig::default()).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    });
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    let write = |q: &mut EngineQueue, blk: u64, v: u8| {
+        let mut d = AlignedBuf::new(4096);
+        d.fill(v);
+        q.execute(Op::Write { off: blk * 4096, data: d, len: 4096, fua: false }).expect("a write failed");
+    };
+    write(&mut q, 0, 1);
+    std::fs::OpenOptions::new().write(true).open(&f.bitmap).and_then(|b| b.set_len(0)).expect("truncate the bitmap");
+    // Writes to other regions: each sets its bit through the mapping, past the file's new end.
+    for i in 1..64u64 {
+        write(&mut q, i * 16, i as u8);
+    }
+    let reported = || engine.events().recent().iter().any(|e| e.to_string().contains("\"bitmap-lost\""));
+    wait_for("the loss to be reported", Duration::from_secs(10), reported);
+    let s = engine.status();
+    assert!(s.last_error.as_deref().is_some_and(|e| e.contains("shrank or became unreadable")), "{s:?}");
+    wait_for("synced", Duration::from_secs(20), || engine.status().state == "synced");
+    drop(q);
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    assert_eq!(engine.events().recent().iter().filter(|e| e.to_string().contains("\"bitmap-lost\"")).count(), 1);
+    drop(engine);
+    assert_eq!(first_difference(&read_all(&f.source), &read_all(&f.target)), None, "source and target differ");
+    let e = Engine::open(&f.pair(None, None)).err().expect("a lost bitmap was opened");
+    assert!(e.to_string().contains("while a mirror used it") && e.to_string().contains("--full"), "{e}");
+}
+
 /// What the daemon-kill barrier rests on (docs/crash-safety.md): a file registered on an
 /// io_uring keeps its open file description, and so the flock on it, after the process closed
 /// its own descriptor, until the ring is gone. The device's queue rings and the mirror's ring

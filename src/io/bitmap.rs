@@ -271,6 +271,16 @@ fn decode_header(path: &Path, b: &[u8], file_len: u64) -> Result<Header> {
             FIX_REBUILD,
         ));
     }
+    if u32_at(b, 56) == STATE_LOST {
+        return Err(bad(
+            path,
+            BitmapProblem::Lost,
+            "the file shrank or became unreadable while a mirror used it (another process \
+             truncated it, or its disk failed): its bits are incomplete"
+                .into(),
+            FIX_REBUILD,
+        ));
+    }
     let granularity = u64_at(b, 32);
     let device_size = u64_at(b, 40);
     let nregions = u64_at(b, 48);
@@ -376,9 +386,15 @@ fn decode_header(path: &Path, b: &[u8], file_len: u64) -> Result<Header> {
 pub struct Bitmap {
     path: PathBuf,
     file: Arc<File>,
+    /// Before `map`: dropped (unregistered) before the mapping goes.
+    watch: Option<crate::io::sigbus::Watch>,
     map: MmapMut,
     header: Header,
 }
+
+/// The header state of a bitmap that was lost while in use ([`Bitmap::mark_lost`]): not a
+/// [`BitmapState`], since no open accepts it.
+const STATE_LOST: u32 = 3;
 
 /// What `Bitmap::open` must find in the header.
 pub struct Expect<'a> {
@@ -575,12 +591,16 @@ impl Bitmap {
         // ours), and decode_header checked that the file holds them.
         let need = file_len_for(header.nregions);
         // SAFETY: the file is a regular file we hold an exclusive flock on, so no cooperating
-        // process maps it concurrently; it is at least `need` bytes long (checked above) and is
-        // not truncated while mapped (we never truncate an open bitmap). All access goes through
-        // bounds-checked slices of the map.
+        // process maps it concurrently; it is at least `need` bytes long (checked above) and we
+        // never truncate an open bitmap. All access goes through bounds-checked slices of the
+        // map. (If another process truncates it anyway, an access past the new end raises
+        // SIGBUS, a signal, not a stray memory access: crate::io::sigbus answers it.)
         let map = unsafe { MmapOptions::new().len(need as usize).map_mut(&file) }
             .map_err(|e| unreadable(e, "the bitmap must be on a filesystem that supports mmap"))?;
-        Ok(Bitmap { path: path.to_path_buf(), file: Arc::new(file), map, header })
+        // Another process may still shrink the file (flock is advisory): a SIGBUS on the map
+        // is then survived and reported (Self::lost) instead of ending the daemon.
+        let watch = crate::io::sigbus::watch(map.as_ptr(), map.len());
+        Ok(Bitmap { path: path.to_path_buf(), file: Arc::new(file), watch, map, header })
     }
 
     /// Reads and checks a bitmap's header alone (its first 4 KiB), even while a mirror uses it:
@@ -601,6 +621,8 @@ impl Bitmap {
         // here).
         let map = unsafe { MmapOptions::new().len(file_len_for(header.nregions) as usize).map(&file) }
             .map_err(|e| Error::io("mmap bitmap", e))?;
+        // A file shrunk meanwhile reads as zeroes past its end instead of ending the process.
+        let _watch = crate::io::sigbus::watch(map.as_ptr(), map.len());
         // Runs found a word at a time (bit r is bit r % 8 of byte r / 8).
         let bits = bitvec::slice::BitSlice::<u8, bitvec::order::Lsb0>::from_slice(&map[HEADER_SIZE as usize..]);
         let bits = &bits[..(header.nregions as usize).min(bits.len())];
@@ -638,6 +660,10 @@ impl Bitmap {
     /// Rewrites the header with a new state and makes it durable. Used at open and close only,
     /// never on the I/O path, so a blocking fdatasync is fine here.
     pub fn set_state(&mut self, state: BitmapState) -> Result<()> {
+        if self.lost() {
+            // The file keeps the state mark_lost gave it: nothing may make it look usable.
+            return Ok(());
+        }
         self.header.state = state;
         let h = encode_header(&self.header);
         self.map[..HEADER_SIZE as usize].copy_from_slice(&h);
@@ -654,9 +680,33 @@ impl Bitmap {
     /// Rewrites the header with a new state without making it durable: for the informational
     /// states (clean, active), which the next fdatasync of the bitmap carries along.
     pub fn set_state_lazy(&mut self, state: BitmapState) {
+        if self.lost() {
+            return;
+        }
         self.header.state = state;
         let h = encode_header(&self.header);
         self.map[..HEADER_SIZE as usize].copy_from_slice(&h);
+    }
+
+    /// Part of the mapping no longer reaches the file: it shrank under the mirror, or its pages
+    /// could not be read (see [`crate::io::sigbus`]). Bits written since may not be in the file.
+    pub fn lost(&self) -> bool {
+        self.watch.as_ref().is_some_and(|w| w.lost())
+    }
+
+    /// Marks the file as lost ([`Self::lost`]), so that no later open trusts it: the header,
+    /// with the state "lost", written through the file (not the mapping, which may no longer
+    /// reach it) and made durable.
+    pub fn mark_lost(&self) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut b = encode_header(&self.header);
+        b[56..60].copy_from_slice(&STATE_LOST.to_le_bytes());
+        let crc = crc32fast::hash(&b[..CHECKED_LEN]);
+        b[CHECKED_LEN..CHECKED_LEN + 4].copy_from_slice(&crc.to_le_bytes());
+        self.file
+            .write_all_at(&b, 0)
+            .map_err(|e| Error::io(format!("marking bitmap {} lost", self.path.display()), e))?;
+        self.sync()
     }
 
     /// Blocking fdatasync (start-up, shutdown, offline tools).

@@ -5,6 +5,7 @@
 //! - [`uring`]: ring set-up and the encoding of who owns a completion;
 //! - [`backing`]: a source or target file or block device (size, block sizes, O_DIRECT, holes);
 //! - [`bitmap`]: the persistent dirty bitmap file, memory-mapped, with its header;
+//! - [`sigbus`]: surviving a mapped bitmap file that shrinks under the daemon;
 //! - [`target`]: the target interface, and its file and block-device implementation;
 //! - [`nbd`]: a target behind an NBD server, on the same ring;
 //! - [`open_target`]: the target a user names, a path or an NBD URI (here, above both kinds).
@@ -12,6 +13,7 @@
 pub mod backing;
 pub mod bitmap;
 pub mod nbd;
+pub mod sigbus;
 pub mod target;
 pub mod uring;
 
