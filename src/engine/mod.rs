@@ -98,8 +98,8 @@ pub struct Engine {
     loop_passes: AtomicU64,
     /// Times [`Engine::lock`] found the lock held (see [`Engine::lock_waits`]).
     lock_waits: AtomicU64,
-    /// The loss of the bitmap file was reported (see [`Engine::note_bitmap_lost`]).
-    bitmap_lost_reported: AtomicBool,
+    /// The bitmap file was marked lost (see [`Engine::check_bitmap_lost`]).
+    bitmap_lost_marked: AtomicBool,
     /// The mirror thread is asked to park (its target is being replaced), and whether it runs.
     mirror_restart: AtomicBool,
     mirror_running: AtomicBool,
@@ -323,7 +323,7 @@ impl Engine {
             front_requests: AtomicU64::new(0),
             loop_passes: AtomicU64::new(0),
             lock_waits: AtomicU64::new(0),
-            bitmap_lost_reported: AtomicBool::new(false),
+            bitmap_lost_marked: AtomicBool::new(false),
             mirror_restart: AtomicBool::new(false),
             mirror_running: AtomicBool::new(false),
             mirror_next: Mutex::new(None),
@@ -451,29 +451,38 @@ impl Engine {
         self.front.publish(fds, limit)
     }
 
-    /// The bitmap file shrank or became unreadable under the mirror ([`Bitmap::lost`]): the
-    /// first time, it is marked in the file so that no later start trusts it
-    /// ([`Bitmap::mark_lost`]), logged and recorded as `last_error`; returns the message for the
-    /// caller's `bitmap-lost` event (emitted once the lock is released). The mirror goes on
-    /// from its state in memory, which stays right while the daemon lives (writes keep their
-    /// intent there; consistent points are still true); what is gone is crash safety: after a
-    /// crash or a stop the pair needs a full sync with a new bitmap.
-    pub(crate) fn note_bitmap_lost(&self, g: &mut LockedState) -> Option<String> {
-        if !g.state.pbits().lost() || self.bitmap_lost_reported.swap(true, Ordering::SeqCst) {
-            return None;
+    /// Whether the bitmap file can be counted on (`.0`), asked before a bitmap flush counts.
+    /// When its mapping lost pages ([`Bitmap::lost`]: it shrank or became unreadable under
+    /// the mirror), the file is first marked so that no later start trusts it
+    /// ([`Bitmap::mark_lost`], tried again at each flush until it succeeds); the flush counts
+    /// only once it is. The first time, the loss is logged and recorded as `last_error`, and
+    /// `.1` is the message for the caller's `bitmap-lost` event (emitted once the lock is
+    /// released). The mark is I/O under the engine's lock, once: the loss is rare and
+    /// everything waits for it anyway (no write may count on its intent before it). The mirror
+    /// goes on from its state in memory, which is conservative (lost pages read as dirty);
+    /// what is gone is crash safety: after a crash or a stop the pair needs a full sync with a
+    /// new bitmap.
+    pub(crate) fn check_bitmap_lost(&self, g: &mut LockedState) -> (bool, Option<String>) {
+        if !g.state.pbits().lost() || self.bitmap_lost_marked.load(Ordering::SeqCst) {
+            return (true, None);
         }
         let path = g.state.pbits().path().display().to_string();
         let mut msg = format!(
             "the bitmap file {path} shrank or became unreadable while in use (truncated by another process, \
-             or a failing disk): the mirror goes on, but not crash-safe; after a stop or crash, \
-             re-create the pair with a new bitmap and --sync full"
+             or a failing disk): the mirror goes on from memory, but is not crash-safe; after a stop or \
+             crash, re-create the pair with a new bitmap and --sync full"
         );
-        if let Err(e) = g.state.pbits().mark_lost() {
-            msg.push_str(&format!(" (marking the file failed too: {e})"));
+        let marked = g.state.pbits().mark_lost();
+        if let Err(e) = &marked {
+            msg.push_str(&format!("; marking the file failed ({e}): writes that need a new bit fail until it works"));
         }
-        log::error!("{msg}");
-        g.progress.last_error = Some(msg.clone());
-        Some(msg)
+        let first = g.progress.last_error.as_deref() != Some(msg.as_str());
+        if first {
+            log::error!("{msg}");
+            g.progress.last_error = Some(msg.clone());
+        }
+        self.bitmap_lost_marked.store(marked.is_ok(), Ordering::SeqCst);
+        (marked.is_ok(), first.then_some(msg))
     }
 
     /// The front end can write the target itself (see [`Self::attach_target`]).

@@ -58,7 +58,15 @@ impl Engine {
     }
 
     pub fn bitmap_flush_done(&self, seq: u64, ok: bool) {
-        self.lock().state.bitmap_flush_done(seq, ok)
+        let mut g = self.lock();
+        // A bitmap whose mapping lost pages (crate::io::sigbus) did not make their bits durable:
+        // the flush counts only once the file is marked so that no later start trusts it.
+        let (trusted, lost) = self.check_bitmap_lost(&mut g);
+        g.state.bitmap_flush_done(seq, ok && trusted);
+        drop(g);
+        if let Some(error) = lost {
+            self.events.emit("bitmap-lost", serde_json::json!({ "error": error }));
+        }
     }
 
     pub fn end_write(&self, ext: Extent) {

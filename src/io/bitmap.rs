@@ -233,6 +233,20 @@ fn check_header_len(path: &Path, len: u64) -> Result<()> {
 }
 
 /// Reads and checks the header of `file`, whose length is `len`.
+/// The file holds the header and the bits of `nregions` regions.
+fn check_bits_len(path: &Path, file_len: u64, nregions: u64) -> Result<()> {
+    let need = file_len_for(nregions);
+    if file_len < need {
+        return Err(bad(
+            path,
+            BitmapProblem::Truncated { len: file_len, need },
+            format!("the file is truncated: {file_len} bytes, its header needs {need}"),
+            FIX_REBUILD,
+        ));
+    }
+    Ok(())
+}
+
 fn header_of(path: &Path, file: &File, len: u64) -> Result<Header> {
     // Checked before reading: a short file would get a vaguer error.
     check_header_len(path, len)?;
@@ -329,15 +343,6 @@ fn decode_header(path: &Path, b: &[u8], file_len: u64) -> Result<Header> {
             FIX_REBUILD,
         ));
     }
-    let need = file_len_for(nregions);
-    if file_len < need {
-        return Err(bad(
-            path,
-            BitmapProblem::Truncated { len: file_len, need },
-            format!("the file is truncated: {file_len} bytes, its header needs {need}"),
-            FIX_REBUILD,
-        ));
-    }
     let state = match u32_at(b, 56) {
         0 => BitmapState::Clean,
         1 => BitmapState::Active,
@@ -351,6 +356,11 @@ fn decode_header(path: &Path, b: &[u8], file_len: u64) -> Result<Header> {
             ))
         }
     };
+    // After the state: a switched-over bitmap whose bits were cut off still says where the
+    // data is (its bits are never used again; what maps them checks the length itself).
+    if state != BitmapState::SwitchedOver {
+        check_bits_len(path, file_len, nregions)?;
+    }
     // Paths are stored as UTF-8 (a path that is not is stored lossily): anything else is damage,
     // and a lossy decoding here could grow a path past its field when the header is rewritten.
     let text = |o: usize, l: usize, which: &str| {
@@ -587,8 +597,9 @@ impl Bitmap {
         }
         let len = file.metadata().map_err(|e| unreadable(e, "check the file"))?.len();
         let header = header_of(path, &file, len)?;
+        check_bits_len(path, len, header.nregions)?;
         // Exactly the header and the bits are mapped (whatever follows them in the file is not
-        // ours), and decode_header checked that the file holds them.
+        // ours), and the file holds them (checked just above).
         let need = file_len_for(header.nregions);
         // SAFETY: the file is a regular file we hold an exclusive flock on, so no cooperating
         // process maps it concurrently; it is at least `need` bytes long (checked above) and we
@@ -599,7 +610,8 @@ impl Bitmap {
             .map_err(|e| unreadable(e, "the bitmap must be on a filesystem that supports mmap"))?;
         // Another process may still shrink the file (flock is advisory): a SIGBUS on the map
         // is then survived and reported (Self::lost) instead of ending the daemon.
-        let watch = crate::io::sigbus::watch(map.as_ptr(), map.len());
+        // SAFETY: the map is this Bitmap's alone, and `watch` is dropped before it (field order).
+        let watch = unsafe { crate::io::sigbus::watch(map.as_ptr(), map.len()) };
         Ok(Bitmap { path: path.to_path_buf(), file: Arc::new(file), watch, map, header })
     }
 
@@ -615,14 +627,16 @@ impl Bitmap {
     pub fn inspect(path: &Path) -> Result<(Header, Vec<(u64, u64)>)> {
         let (file, len) = open_to_read(path)?;
         let header = header_of(path, &file, len)?;
+        check_bits_len(path, len, header.nregions)?;
         // SAFETY: read-only shared mapping of the header and bits of a regular file at least
-        // that long (checked by header_of); a live mirror may flip bits underneath, which only
+        // that long (checked just above); a live mirror may flip bits underneath, which only
         // makes the snapshot slightly stale (bytes are read whole, no invariant depends on them
         // here).
         let map = unsafe { MmapOptions::new().len(file_len_for(header.nregions) as usize).map(&file) }
             .map_err(|e| Error::io("mmap bitmap", e))?;
-        // A file shrunk meanwhile reads as zeroes past its end instead of ending the process.
-        let _watch = crate::io::sigbus::watch(map.as_ptr(), map.len());
+        // A file shrunk meanwhile reads as all dirty past its end instead of ending the process.
+        // SAFETY: the map is this function's alone; `_watch`, declared after it, is dropped first.
+        let _watch = unsafe { crate::io::sigbus::watch(map.as_ptr(), map.len()) };
         // Runs found a word at a time (bit r is bit r % 8 of byte r / 8).
         let bits = bitvec::slice::BitSlice::<u8, bitvec::order::Lsb0>::from_slice(&map[HEADER_SIZE as usize..]);
         let bits = &bits[..(header.nregions as usize).min(bits.len())];
@@ -661,8 +675,9 @@ impl Bitmap {
     /// never on the I/O path, so a blocking fdatasync is fine here.
     pub fn set_state(&mut self, state: BitmapState) -> Result<()> {
         if self.lost() {
-            // The file keeps the state mark_lost gave it: nothing may make it look usable.
-            return Ok(());
+            // Through the mapping the header no longer reaches the file, and the file keeps
+            // what mark_lost wrote: a state change (a switchover, a clean close) is refused.
+            return Err(self.lost_error());
         }
         self.header.state = state;
         let h = encode_header(&self.header);
@@ -694,19 +709,38 @@ impl Bitmap {
         self.watch.as_ref().is_some_and(|w| w.lost())
     }
 
+    fn lost_error(&self) -> Error {
+        bad(
+            &self.path,
+            BitmapProblem::Lost,
+            "the file shrank or became unreadable while this mirror used it".into(),
+            FIX_REBUILD,
+        )
+    }
+
     /// Marks the file as lost ([`Self::lost`]), so that no later open trusts it: the header,
     /// with the state "lost", written through the file (not the mapping, which may no longer
-    /// reach it) and made durable.
+    /// reach it) and made durable; if that fails (a failing disk, a full file system), the file
+    /// is cut to nothing instead (metadata only), which every open refuses too. A switched-over
+    /// bitmap is left as it is: its state already refuses every use of its pair, and says
+    /// where the data is, which "lost" would not.
     pub fn mark_lost(&self) -> Result<()> {
         use std::os::unix::fs::FileExt;
+        if self.header.state == BitmapState::SwitchedOver {
+            return Ok(());
+        }
         let mut b = encode_header(&self.header);
         b[56..60].copy_from_slice(&STATE_LOST.to_le_bytes());
         let crc = crc32fast::hash(&b[..CHECKED_LEN]);
         b[CHECKED_LEN..CHECKED_LEN + 4].copy_from_slice(&crc.to_le_bytes());
-        self.file
-            .write_all_at(&b, 0)
-            .map_err(|e| Error::io(format!("marking bitmap {} lost", self.path.display()), e))?;
-        self.sync()
+        let written = self.file.write_all_at(&b, 0).map_err(|e| Error::io(format!("marking bitmap {} lost", self.path.display()), e));
+        match written.and_then(|()| self.sync()) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let cut = self.file.set_len(0).and_then(|()| self.file.sync_all());
+                cut.map_err(|_| e)
+            }
+        }
     }
 
     /// Blocking fdatasync (start-up, shutdown, offline tools).
@@ -1184,6 +1218,46 @@ mod tests {
         let bm = Bitmap::open_unchecked(&path).expect("open");
         assert_eq!(bm.map.len() as u64, need);
         assert_eq!(bm.nregions(), N);
+    }
+
+    /// A bitmap file truncated under its open Bitmap (crate::io::sigbus): the access survives,
+    /// the lost page reads as all dirty, a state change (a switchover's record) is refused, and
+    /// once marked lost no open trusts the file. A switched-over bitmap keeps its state.
+    #[test]
+    fn a_truncated_bitmap_is_lost_reads_dirty_and_is_refused_after() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bm");
+        let pair = test_pair();
+        const N: u64 = 70_000; // 8750 bytes of bits: three pages of the mapping
+        let expect = Expect { pair: &pair, device_size: N * 4096, granularity: None };
+        let mut files = BitmapFiles::new(&path, pair.clone(), N * 4096, 4096, expect);
+        let mut bm = open_bitmap(&mut files, SyncMode::AssumeIdentical).expect("create").state;
+        assert!(!bm.pbits().lost());
+        bm.pbits_mut().set(5);
+        OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(0)).expect("truncate");
+        // Past the file's end now: without the watch, SIGBUS would end this test's process.
+        assert!(bm.pbits().get(5));
+        assert!(bm.pbits().get(40_000), "a lost page reads as dirty, not clean");
+        assert!(bm.pbits().lost());
+        let e = bm.pbits_mut().set_state(BitmapState::SwitchedOver).expect_err("a state change on a lost bitmap");
+        assert!(e.to_string().contains("while this mirror used it"), "{e}");
+        bm.pbits().mark_lost().expect("mark");
+        drop(bm);
+        let expect = Expect { pair: &pair, device_size: N * 4096, granularity: None };
+        let e = Bitmap::open(&path, &expect).err().expect("a lost bitmap was opened");
+        assert!(e.to_string().contains("while a mirror used it") && e.to_string().contains("--full"), "{e}");
+
+        // Switched over first: mark_lost leaves the state that says where the data is.
+        let path2 = dir.path().join("bm2");
+        let expect = Expect { pair: &pair, device_size: N * 4096, granularity: None };
+        let mut files = BitmapFiles::new(&path2, pair.clone(), N * 4096, 4096, expect);
+        let mut bm = open_bitmap(&mut files, SyncMode::AssumeIdentical).expect("create").state;
+        bm.pbits_mut().set_state(BitmapState::SwitchedOver).expect("switch");
+        OpenOptions::new().write(true).open(&path2).and_then(|f| f.set_len(HEADER_SIZE)).expect("truncate the bits");
+        assert!(bm.pbits().get(1));
+        bm.pbits().mark_lost().expect("mark");
+        assert_eq!(Bitmap::read_header(&path2).expect("header").state, BitmapState::SwitchedOver);
+        assert!(Bitmap::open_unchecked(&path2).is_err(), "a bitmap whose bits were cut off was mapped");
     }
 
     /// The word-at-a-time range operations agree with the bit-by-bit ones, at every alignment.

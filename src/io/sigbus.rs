@@ -5,16 +5,19 @@
 //! disk, the next access to a page past the new end of the file raises SIGBUS, whose default
 //! action kills the daemon, and with it every application using the device.
 //!
-//! [`watch`] registers a mapping. A SIGBUS whose fault address lies in a registered mapping is
-//! answered by mapping a private zero page over the faulting page (the access then completes on
-//! memory that no longer reaches the file) and by raising the mapping's "lost" flag; any other
-//! SIGBUS goes to the handler that was installed before (Rust's own, or the default action:
-//! death, as without this module). The owner of the mapping polls [`Watch::lost`] and stops
-//! trusting the file: what it writes to those pages reaches nothing durable.
+//! [`watch`] registers a mapping. A fault (SIGBUS raised by the kernel for an access) whose
+//! address lies in a registered mapping is answered by mapping private memory over the faulting
+//! page, filled with ones (for a bitmap: every region of the page reads as dirty, so that
+//! whatever reads it copies too much rather than too little), and by raising the mapping's
+//! "lost" flag; the access then completes on memory that no longer reaches the file. Any other
+//! SIGBUS goes to the handler that was installed before (Rust's own), or gets the default action
+//! (death), as without this module. The owner of the mapping checks [`Watch::lost`] before it
+//! counts on the file (a bitmap flush) and stops trusting it.
 //!
-//! The handler only reads atomics and makes one `mmap` system call, both safe in a signal
-//! handler (mmap is a plain system call; it is not in POSIX's list of async-signal-safe
-//! functions, but Linux's implementation takes no lock a user-space thread could hold).
+//! The handler reads atomics and makes `mmap`, `memset`-like stores and, for a signal it does not
+//! take, `sigaction`/`raise`: system calls and memory stores (mmap is not in POSIX's list of
+//! async-signal-safe functions, but Linux's is a plain system call that takes no lock a
+//! user-space thread could hold).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -66,7 +69,12 @@ impl Drop for Watch {
 
 /// Watches the mapping `[start, start + len)` (see the module's doc). `None` if the handler
 /// cannot be installed or every slot is taken: the mapping then works as before, unwatched.
-pub fn watch(start: *const u8, len: usize) -> Option<Watch> {
+///
+/// # Safety
+///
+/// `[start, start + len)` is a mapping of the caller's that stays mapped, and that nothing but
+/// the caller uses, until the returned [`Watch`] is dropped: the handler maps over its pages.
+pub unsafe fn watch(start: *const u8, len: usize) -> Option<Watch> {
     let installed = INSTALLED.get_or_init(install);
     if let Err(e) = installed {
         log::warn!("cannot install the SIGBUS handler ({e}): a truncated bitmap file would end the daemon");
@@ -95,16 +103,31 @@ fn install() -> Result<Installed, nix::Error> {
     Ok(Installed { page, previous })
 }
 
+/// The default action for a SIGBUS this module does not take: restored, and the signal raised
+/// again if it was sent (a fault raises it again by itself when the access is retried).
+fn default_action(sent: bool) {
+    // SAFETY: restoring the default disposition and raising a signal have no preconditions.
+    unsafe {
+        libc::signal(libc::SIGBUS, libc::SIG_DFL);
+        if sent {
+            libc::raise(libc::SIGBUS);
+        }
+    }
+}
+
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // (Installed before the handler: a SIGBUS cannot arrive here before it is set.)
-    let Some(Ok(inst)) = INSTALLED.get() else { return };
-    // SAFETY: the kernel hands an SA_SIGINFO handler a valid siginfo; for SIGBUS, si_addr is
-    // the fault address.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    for s in &TABLE {
+    // SAFETY: the kernel hands an SA_SIGINFO handler a valid siginfo.
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    // si_code > 0: raised by the kernel for a fault, at si_addr; otherwise sent (kill, raise).
+    let fault = code > 0;
+    // The handler is set inside INSTALLED's initialisation, before the value is stored: a
+    // signal in that window (or after a failed installation) gets the default action.
+    let Some(Ok(inst)) = INSTALLED.get() else { return default_action(!fault) };
+    for s in TABLE.iter().filter(|_| fault) {
         let len = s.len.load(Ordering::SeqCst);
         let start = s.start.load(Ordering::SeqCst);
-        if len == 0 || addr < start || addr - start >= len {
+        // A slot being emptied or refilled meanwhile shows len 0 (cleared first, set last).
+        if len == 0 || addr < start || addr - start >= len || s.len.load(Ordering::SeqCst) != len {
             continue;
         }
         let page = addr & !(inst.page - 1);
@@ -122,6 +145,8 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
             )
         };
         if p != libc::MAP_FAILED {
+            // SAFETY: `p` is the page just mapped, readable and writable, inst.page bytes long.
+            unsafe { std::ptr::write_bytes(p as *mut u8, 0xff, inst.page) };
             s.lost.store(true, Ordering::SeqCst);
             return;
         }
@@ -133,11 +158,8 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         // Installed for SIGBUS with SA_SIGINFO: it takes these arguments.
         SigHandler::SigAction(f) => f(sig, info, ctx),
         SigHandler::Handler(f) => f(sig),
-        SigHandler::SigIgn | SigHandler::SigDfl => {
-            // The default action: back to it, and the faulting access, executed again on
-            // return, raises SIGBUS once more and ends the process as it would have.
-            // SAFETY: restoring the default disposition has no preconditions.
-            unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
-        }
+        // The default action: restored, and a fault, executed again on return, raises SIGBUS
+        // once more and ends the process as it would have; a sent signal is raised again.
+        SigHandler::SigIgn | SigHandler::SigDfl => default_action(!fault),
     }
 }

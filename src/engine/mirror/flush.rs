@@ -24,10 +24,8 @@ impl Mirror<'_> {
         }
         self.consistent_after = None;
         let mut ship_due = false;
-        let lost;
         let due = {
-            let mut g = self.engine.lock();
-            lost = self.engine.note_bitmap_lost(&mut g);
+            let g = self.engine.lock();
             // For next_timeout, this pass (nothing changes the state in between): asked here,
             // under this lock, rather than under one more.
             self.ship_idle_wait = g.state.ship_awaits_idle_flush();
@@ -64,9 +62,6 @@ impl Mirror<'_> {
                 false
             }
         };
-        if let Some(error) = lost {
-            self.engine.events().emit("bitmap-lost", serde_json::json!({ "error": error }));
-        }
         if !due {
             if self.bitmap_clears_pending && self.bitmap_retry_due() && self.bitmap_flush.is_none() && self.target_flush.is_none() {
                 self.flush_bitmap()?;
