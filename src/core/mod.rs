@@ -1071,7 +1071,9 @@ impl<P: PersistentBits> MirrorState<P> {
             return 0;
         }
         self.pbits.clear_range(s as u64, e as u64);
-        self.pcount -= n;
+        // Saturating: a page of the bitmap lost in use (crate::io::sigbus) reads as all ones,
+        // more bits than were ever counted set; the count is only reported after that.
+        self.pcount = self.pcount.saturating_sub(n);
         if !self.pending.is_empty() {
             self.pending.retain(|&r, _| !(s as u64..e as u64).contains(&r));
         }
