@@ -290,12 +290,15 @@ fn an_older_header_refuses_a_file_born_after_it_at_the_same_inode() {
     let f = synced_pair();
     let created = Bitmap::read_header(&f.bitmap).expect("header").created;
     // The new file is born in a later second than the bitmap (its header counts in seconds).
-    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    // 50 ms into that second: a file's birth time comes from the kernel's coarse clock, which
+    // may lag the clock read here by a tick, and would then still be in the bitmap's second.
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let after = (created + 1) as f64 + 0.05;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    while now() <= created && std::time::Instant::now() < deadline {
+    while now() < after && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert!(now() > created, "the clock did not pass the bitmap's creation second");
+    assert!(now() >= after, "the clock did not pass the bitmap's creation second");
     assert!(replace_at_the_same_inode(&f), "the file system did not give the inode number back: this test needs ext4 or xfs");
     inode_only_header(&f, None);
     refused(&f, &f.pair(None, None), |p| matches!(p, BitmapProblem::WrongPair { role: "target", .. }));
