@@ -521,13 +521,9 @@ fn a_wait_for_the_state_lock_is_counted() {
 #[test]
 fn a_bitmap_truncated_in_use_is_survived_and_never_trusted_again() {
     let f = files(8 * MIB);
-    let (engine, mut target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), Some(64 << 10))).expect("open");
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), Some(64 << 10))).expect("open");
     let engine = Arc::new(engine);
-    let me = engine.clone();
-    let mirror = std::thread::spawn(move || {
-        let mut m = Mirror::new(me, target.as_mut(), CopyConfig::default()).expect("mirror");
-        m.run(RunUntil::Stopped, None).expect("run");
-    });
+    let mirror = spawn_loop(&engine, target, CopyConfig::default());
     let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
     let write = |q: &mut EngineQueue, blk: u64, v: u8| {
         let mut d = AlignedBuf::new(4096);

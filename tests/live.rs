@@ -50,15 +50,6 @@ fn spawn_writer<T: Send + 'static>(
     })
 }
 
-/// Runs a live mirror loop over `target` on its own thread, until the engine is stopped.
-fn spawn_loop(engine: &Arc<Engine>, mut target: BoxTarget, cfg: CopyConfig) -> std::thread::JoinHandle<()> {
-    let engine = engine.clone();
-    std::thread::spawn(move || {
-        let mut m = Mirror::new(engine, target.as_mut(), cfg).expect("mirror");
-        m.run(RunUntil::Stopped, None).expect("run");
-    })
-}
-
 /// Stops the mirror loop and checks that it left source and target identical.
 fn stop_and_compare(engine: &Engine, mirror: std::thread::JoinHandle<()>, f: &Files) {
     engine.request_stop();

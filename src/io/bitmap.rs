@@ -175,6 +175,17 @@ regions are in sync: if you are sure this is the right file, pass --full to rebu
 the whole device; otherwise give the path of this pair's bitmap";
 
 fn encode_header(h: &Header) -> [u8; HEADER_SIZE as usize] {
+    let st: u32 = match h.state {
+        BitmapState::Clean => 0,
+        BitmapState::Active => 1,
+        BitmapState::SwitchedOver => 2,
+    };
+    encode_header_state(h, st)
+}
+
+/// [`encode_header`] with the state field's raw value `st` (also [`STATE_LOST`], which no
+/// [`BitmapState`] has).
+fn encode_header_state(h: &Header, st: u32) -> [u8; HEADER_SIZE as usize] {
     let mut b = [0u8; HEADER_SIZE as usize];
     b[0..8].copy_from_slice(MAGIC);
     b[8..12].copy_from_slice(&h.version.to_le_bytes());
@@ -184,11 +195,6 @@ fn encode_header(h: &Header) -> [u8; HEADER_SIZE as usize] {
     b[32..40].copy_from_slice(&h.granularity.to_le_bytes());
     b[40..48].copy_from_slice(&h.device_size.to_le_bytes());
     b[48..56].copy_from_slice(&h.nregions.to_le_bytes());
-    let st: u32 = match h.state {
-        BitmapState::Clean => 0,
-        BitmapState::Active => 1,
-        BitmapState::SwitchedOver => 2,
-    };
     b[56..60].copy_from_slice(&st.to_le_bytes());
     b[64..72].copy_from_slice(&h.created.to_le_bytes());
     b[72..80].copy_from_slice(&h.pair.source_fingerprint.to_le_bytes());
@@ -729,10 +735,7 @@ impl Bitmap {
         if self.header.state == BitmapState::SwitchedOver {
             return Ok(());
         }
-        let mut b = encode_header(&self.header);
-        b[56..60].copy_from_slice(&STATE_LOST.to_le_bytes());
-        let crc = crc32fast::hash(&b[..CHECKED_LEN]);
-        b[CHECKED_LEN..CHECKED_LEN + 4].copy_from_slice(&crc.to_le_bytes());
+        let b = encode_header_state(&self.header, STATE_LOST);
         let written = self.file.write_all_at(&b, 0).map_err(|e| Error::io(format!("marking bitmap {} lost", self.path.display()), e));
         match written.and_then(|()| self.sync()) {
             Ok(()) => Ok(()),

@@ -1,8 +1,7 @@
 //! Surviving a mapped bitmap file that shrinks under the daemon.
 //!
 //! The bitmap is a shared mapping of a file. If another process truncates that file (a mistaken
-//! `truncate`, `> file`, a tool rewriting it) or its pages cannot be read back from a failing
-//! disk, the next access to a page past the new end of the file raises SIGBUS, whose default
+//! `truncate`, `> file`) or its pages cannot be read back from a failing disk, the next access to a page past the new end of the file raises SIGBUS, whose default
 //! action kills the daemon, and with it every application using the device.
 //!
 //! [`watch`] registers a mapping. A fault (SIGBUS raised by the kernel for an access) whose

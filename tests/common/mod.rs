@@ -7,6 +7,20 @@ use std::time::{Duration, Instant};
 use ublk_mirror::io::backing::DirectMode;
 use ublk_mirror::engine::{PairOptions, SyncMode};
 
+/// Runs a live mirror loop over `target` on its own thread, until the engine is stopped.
+pub fn spawn_loop(
+    engine: &std::sync::Arc<ublk_mirror::engine::Engine>,
+    mut target: ublk_mirror::io::target::BoxTarget,
+    cfg: ublk_mirror::engine::CopyConfig,
+) -> std::thread::JoinHandle<()> {
+    use ublk_mirror::engine::mirror::{Mirror, RunUntil};
+    let engine = engine.clone();
+    std::thread::spawn(move || {
+        let mut m = Mirror::new(engine, target.as_mut(), cfg).expect("mirror");
+        m.run(RunUntil::Stopped, None).expect("run");
+    })
+}
+
 pub struct Files {
     pub dir: tempfile::TempDir,
     pub source: PathBuf,
