@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! write_modes [DIR [SECS [ROUNDS [SIZE_MIB]]]]   (defaults: /dev/shm, 4 s, 5 rounds, 1024 MiB)
-//! WRITE_MODES=plain,background,write-blocking,async   (the default: all four)
+//! WRITE_MODES=plain,background,write-blocking,async   (the default; also async-loop)
 //! ```
 //!
 //! One thread writes 4 KiB at random offsets, 32 in flight, for SECS per phase, as a ublk queue
@@ -86,10 +86,13 @@ fn setup(dir: &std::path::Path, mode: &str, size: u64) -> Setup {
     let copy_mode = match mode {
         "background" => CopyMode::Background,
         "write-blocking" => CopyMode::WriteBlocking,
-        "async" => CopyMode::Async,
-        other => fail("unknown mode (plain, background, write-blocking, async)", other),
+        "async" | "async-loop" => CopyMode::Async,
+        other => fail("unknown mode (plain, background, write-blocking, async, async-loop)", other),
     };
-    if copy_mode == CopyMode::WriteBlocking {
+    // As the daemon does for a file target: write-blocking writes, and async mode's shipped
+    // writes when the order lets them go at once, leave from the queue. `async-loop` leaves
+    // every shipped write to the mirror loop (as for an NBD target).
+    if mode == "write-blocking" || mode == "async" {
         engine.attach_target(tgt.as_ref()).unwrap_or_else(|e| fail("attaching the target", e));
     }
     engine.apply_settings(&Settings { mode: Some(copy_mode), ..Default::default() });
@@ -107,6 +110,7 @@ fn setup(dir: &std::path::Path, mode: &str, size: u64) -> Setup {
 }
 
 fn wait_synced(engine: &Engine, mode: &str) {
+    let mode = mode.strip_suffix("-loop").unwrap_or(mode);
     let t0 = Instant::now();
     while engine.status().state != "synced" || engine.status().mode != mode {
         if t0.elapsed() > Duration::from_secs(120) {
@@ -165,7 +169,14 @@ fn phase(s: &mut Setup, rng: &mut rand::rngs::StdRng, size: u64, secs: u64) -> u
                     queue.submit(tag, Op::Write { off, data, len: BLOCK as u32, fua: false }).unwrap_or_else(|e| fail("submitting", e));
                     tag += 1;
                 }
-                if queue.in_flight() == 0 && stop {
+                if stop {
+                    // What is left in flight: the last requests, and shipped writes the queue
+                    // issued (no completion of a request comes for those).
+                    queue.settle(Duration::from_secs(60)).unwrap_or_else(|e| fail("settling", e));
+                    for c in queue.wait(0, Duration::ZERO).unwrap_or_else(|e| fail("waiting", e)) {
+                        c.result.unwrap_or_else(|e| fail("a write", e));
+                        done += 1;
+                    }
                     return done;
                 }
                 for c in queue.wait(1, Duration::from_secs(60)).unwrap_or_else(|e| fail("waiting", e)) {

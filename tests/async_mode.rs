@@ -60,12 +60,51 @@ fn open_async(f: &Files, buffer: u64) -> Arc<Engine> {
     engine
 }
 
+/// Who issues the shipped writes to the target.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Issuer {
+    /// The mirror loop (the front end cannot reach the target, as with an NBD target).
+    Loop,
+    /// The front end's queue, when the order lets a write go at once (a file or block device
+    /// target attached to the engine, as the daemon does); the loop issues the rest.
+    Queue,
+}
+
+/// [`open_async`], with the target attached to the front end for [`Issuer::Queue`].
+fn open_async_issued_by(f: &Files, buffer: u64, who: Issuer) -> Arc<Engine> {
+    let engine = open_async(f, buffer);
+    if who == Issuer::Queue {
+        let t = ublk_mirror::io::target::open_file_target(&f.target, ublk_mirror::io::backing::DirectMode::Auto).expect("target");
+        engine.attach_target(&t).expect("attach");
+    }
+    engine
+}
+
+/// The writes the queues issued, against who should have issued them: all by the loop, or
+/// (queue) at least one by the queue.
+fn check_issuer(engine: &Engine, who: Issuer) {
+    let ship = engine.status().shipping.expect("async figures");
+    match who {
+        Issuer::Loop => assert_eq!(ship.issued_by_queues, 0, "a queue without the target issued writes: {ship:?}"),
+        Issuer::Queue => assert!(ship.issued_by_queues > 0, "the queue issued no write itself: {ship:?}"),
+    }
+}
+
 /// Writes reach the target from the buffer: nothing is copied, every byte written is shipped,
 /// each flush of the device closes an epoch, and the pair ends identical.
 #[test]
 fn async_ships_writes_in_place_of_copies() {
+    ships_writes_in_place_of_copies(Issuer::Loop);
+}
+
+#[test]
+fn async_ships_writes_in_place_of_copies_from_the_queue() {
+    ships_writes_in_place_of_copies(Issuer::Queue);
+}
+
+fn ships_writes_in_place_of_copies(who: Issuer) {
     let f = files(8 * MIB);
-    let engine = open_async(&f, 16 * MIB);
+    let engine = open_async_issued_by(&f, 16 * MIB, who);
     let mirror = spawn_loop(&engine, &f, TestHooks::default);
     // Shipping starts at the first consistent point (the loop makes one at once).
     wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
@@ -76,6 +115,7 @@ fn async_ships_writes_in_place_of_copies() {
             q.execute(Op::Flush).expect("flush");
         }
     }
+    q.settle(Duration::from_secs(10)).expect("settle");
     wait_for("synced", Duration::from_secs(20), || engine.status().state == "synced");
     let s = engine.status();
     let ship = s.shipping.clone().expect("async figures");
@@ -91,6 +131,7 @@ fn async_ships_writes_in_place_of_copies() {
     // epochs when landings made points due).
     let idle_points = (s.elapsed_secs / 0.1).ceil() as u64;
     assert!(s.consistent_points >= 2 && s.consistent_points <= ship.epochs + 2 + idle_points, "{s:?}");
+    check_issuer(&engine, who);
     drop(q);
     engine.request_stop();
     mirror.join().expect("mirror");
@@ -191,11 +232,20 @@ fn image_hash(bytes: &[u8]) -> u64 {
 /// just before (rule 2 of the shipping order).
 #[test]
 fn every_consistent_point_is_a_past_state_of_the_source() {
+    consistent_points_are_past_states(Issuer::Loop);
+}
+
+#[test]
+fn every_consistent_point_is_a_past_state_of_the_source_from_the_queue() {
+    consistent_points_are_past_states(Issuer::Queue);
+}
+
+fn consistent_points_are_past_states(who: Issuer) {
     const SIZE: u64 = MIB;
     let nblocks = SIZE / BLOCK as u64;
     let f = files(SIZE);
     // Larger than all the writes (12 MiB): the queue never falls behind, whatever the pace.
-    let engine = open_async(&f, 16 * MIB);
+    let engine = open_async_issued_by(&f, 16 * MIB, who);
     let seen = Arc::new(Mutex::new(Vec::<u64>::new()));
     let (s2, path) = (seen.clone(), f.target.clone());
     let mirror = spawn_loop(&engine, &f, move || TestHooks {
@@ -226,6 +276,7 @@ fn every_consistent_point_is_a_past_state_of_the_source() {
             q.execute(Op::Flush).expect("flush");
         }
     }
+    q.settle(Duration::from_secs(10)).expect("settle");
     wait_for("synced", Duration::from_secs(60), || engine.status().state == "synced");
     drop(q);
     engine.request_stop();
@@ -243,14 +294,25 @@ fn every_consistent_point_is_a_past_state_of_the_source() {
     assert_eq!(read_all(&f.source), read_all(&f.target));
     let s = engine.status();
     assert_eq!(s.bytes_copied, 0, "{s:?}");
+    check_issuer(&engine, who);
 }
 
 /// A buffer too small for the writes made while the mirror is paused falls behind (the
 /// background copy takes the regions), and shipping resumes once the copy has caught up.
 #[test]
 fn a_full_buffer_falls_behind_and_resumes() {
+    full_buffer_falls_behind_and_resumes(Issuer::Loop);
+}
+
+/// As above with the target attached: a paused mirror holds the queue's shipping too.
+#[test]
+fn a_full_buffer_falls_behind_and_resumes_from_the_queue() {
+    full_buffer_falls_behind_and_resumes(Issuer::Queue);
+}
+
+fn full_buffer_falls_behind_and_resumes(who: Issuer) {
     let f = files(8 * MIB);
-    let engine = open_async(&f, 64 << 10);
+    let engine = open_async_issued_by(&f, 64 << 10, who);
     let mirror = spawn_loop(&engine, &f, TestHooks::default);
     wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
     engine.apply_settings(&Settings { paused: true, ..async_settings(64 << 10) });
@@ -274,8 +336,10 @@ fn a_full_buffer_falls_behind_and_resumes() {
     // Shipping again: a new write is shipped, not copied.
     let copied = s.bytes_copied;
     write_block(&mut q, 5, 99);
+    q.settle(Duration::from_secs(10)).expect("settle");
     wait_for("synced", Duration::from_secs(20), || engine.status().state == "synced");
     assert_eq!(engine.status().bytes_copied, copied);
+    check_issuer(&engine, who);
     drop(q);
     engine.request_stop();
     mirror.join().expect("mirror");
@@ -290,12 +354,22 @@ fn a_full_buffer_falls_behind_and_resumes() {
 /// consistent point.
 #[test]
 fn shipping_waits_for_the_on_consistent_command() {
+    shipping_waits_for_the_command(Issuer::Loop);
+}
+
+/// As above with the target attached: the queue does not ship while the command runs either.
+#[test]
+fn shipping_waits_for_the_on_consistent_command_from_the_queue() {
+    shipping_waits_for_the_command(Issuer::Queue);
+}
+
+fn shipping_waits_for_the_command(who: Issuer) {
     let f = files(4 * MIB);
     let dir = tempfile::tempdir_in("/var/tmp").expect("dir");
     let snap = dir.path().join("snap");
     // While this file exists a run of the command holds on (at most 20 s).
     let hold = dir.path().join("hold");
-    let engine = open_async(&f, 16 * MIB);
+    let engine = open_async_issued_by(&f, 16 * MIB, who);
     let hook = ublk_mirror::engine::OnConsistentCommand {
         command: format!(
             "cp \"$UBLK_MIRROR_TARGET\" {s}.tmp && mv {s}.tmp {s} && \
@@ -322,6 +396,7 @@ fn shipping_waits_for_the_on_consistent_command() {
     std::fs::write(&hold, b"").expect("hold");
     let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
     let a = write_block(&mut q, 256, 0x41);
+    q.settle(Duration::from_secs(10)).expect("settle");
     wait_for("a run after A", Duration::from_secs(20), || snap.exists());
     assert!(engine.hook_running());
     let shipped = engine.status().shipping.expect("async").shipped_bytes;
@@ -342,4 +417,42 @@ fn shipping_waits_for_the_on_consistent_command() {
     engine.request_stop();
     mirror.join().expect("mirror");
     drop(q);
+}
+
+/// A target write the queue issued itself fails (the descriptor the front end was given
+/// refuses writes: the target opened read-only): the queue falls behind, the failure is handled
+/// as the loop's own would be (counted, `degraded` and `async-behind` events), the background
+/// copy takes the regions, and no application write fails.
+#[test]
+fn a_failed_target_write_from_the_queue_falls_behind_to_the_copy() {
+    use ublk_mirror::io::backing::{Backing, DirectMode};
+    let f = files(8 * MIB);
+    let engine = open_async(&f, 16 * MIB);
+    let ro = Backing::open(&f.target, "target", false, DirectMode::Auto).expect("the target, read-only");
+    engine.attach_target(&ublk_mirror::io::target::FileTarget::new(ro)).expect("attach");
+    let mirror = spawn_loop(&engine, &f, TestHooks::default);
+    wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
+    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    for i in 0..64u64 {
+        // (execute fails the test if the application's write fails.)
+        write_block(&mut q, i * 16, i);
+    }
+    q.execute(Op::Flush).expect("flush");
+    q.settle(Duration::from_secs(10)).expect("settle");
+    wait_for("the failed write to make the queue fall behind", Duration::from_secs(10), || {
+        engine.status().shipping.is_some_and(|s| s.fell_behind >= 1)
+    });
+    wait_for("synced", Duration::from_secs(30), || engine.status().state == "synced");
+    let s = engine.status();
+    let ship = s.shipping.clone().expect("async figures");
+    assert!(ship.issued_by_queues > 0, "{ship:?}");
+    assert!(s.bytes_copied > 0, "the background copy did not take the regions: {s:?}");
+    let ev: Vec<String> = engine.events().recent().iter().map(|e| e.to_string()).collect();
+    let has = |what: &str| ev.iter().any(|e| e.contains(what));
+    assert!(has("\"async-behind\"") && has("target-failed"), "{ev:?}");
+    assert!(ev.iter().any(|e| e.contains("\"degraded\"") && e.contains("shipped write")), "the failure was not handled by the loop: {ev:?}");
+    drop(q);
+    engine.request_stop();
+    mirror.join().expect("mirror");
+    assert_eq!(read_all(&f.source), read_all(&f.target));
 }

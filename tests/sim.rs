@@ -34,7 +34,9 @@
 //!
 //! A run is in background, write-blocking or **async** mode. In async mode nearly every write is
 //! planned for shipping through the real [`MirrorState::begin_shipped_write`],
-//! `ship_source_done`, `ship_next`, `ship_landed` and the pair flush; FLUSHes close epochs; the
+//! `ship_source_done`, `ship_next`, `ship_landed` and the pair flush, and most writes being
+//! issued ask `ship_early` to go to the target with their source write (the queue's early
+//! shipping; its halves land in any order); FLUSHes close epochs; the
 //! buffer is small enough to fill (the queue falls behind, and resumes at a consistent point).
 //! While shipping with no copy since it resumed, every step also checks that whatever the OS
 //! writes back next, the target's medium is a crash image of the shipped history (no write of
@@ -169,6 +171,8 @@ struct Write {
     active: Option<(u64, Option<bool>)>,
     /// An async write planned for shipping: its id.
     ship: Option<u64>,
+    /// Shipped early: issued to the target with its source write (`ship_early`).
+    early: bool,
 }
 
 /// A shipped write issued to the target, not yet landed.
@@ -233,9 +237,10 @@ struct Sim {
     pure: bool,
     ship_base: Vec<u64>,
     ship_issued: Vec<InShip>,
-    /// Async: crash images checked, and times shipping resumed.
+    /// Async: crash images checked, times shipping resumed, writes shipped early.
     ship_images: u64,
     ship_resumes: u64,
+    ship_early: u64,
     /// Async: the epoch of the writes issued since the last clean ship flush.
     ship_unflushed: Option<u64>,
     /// Crashes still allowed in the middle of the run, and inside opening the bitmap.
@@ -408,6 +413,7 @@ impl Sim {
             ship_base: vec![0; N as usize],
             ship_issued: Vec::new(),
             ship_images: 0,
+            ship_early: 0,
             ship_resumes: 0,
             ship_unflushed: None,
             crashes_left,
@@ -691,6 +697,41 @@ impl Sim {
         }
         wr.state = WState::Issued;
         self.pair_identical = false;
+        self.try_ship_early(w);
+    }
+
+    /// Async: a shipped write being issued may go to the target with its source write (the
+    /// queue's early shipping, when it can reach the target), if the real queue lets it.
+    fn try_ship_early(&mut self, w: usize) {
+        let Some(wr) = self.writes[w].as_ref() else { return };
+        let Some(id) = wr.ship else { return };
+        // Most writes that may go early do (a queue that can reach the target always tries);
+        // some stay with the loop, as when a queue cannot (an NBD target).
+        if self.ships.len() >= 4 || self.rng.gen_ratio(1, 8) {
+            return;
+        }
+        let (ext, vers) = (wr.ext, wr.vers.clone());
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        let hold = self.rng.gen_ratio(1, 4);
+        let Some(sh) = self.s.ship_early(id, handle, 4, hold) else { return };
+        assert_eq!((sh.id, sh.off), (id, ext.start * 100), "the early write is not the one issued");
+        if let Some(e) = self.ship_unflushed {
+            assert!(sh.epoch <= e, "shipping: early write {} of epoch {} issued before epoch {e} was flushed", sh.seq, sh.epoch);
+        }
+        self.ship_unflushed = Some(sh.epoch);
+        self.ship_data.insert(handle, (ext, vers.clone()));
+        // A consistent point whose prefix ends here holds what was acknowledged before it was
+        // issued (writes then in flight on the source may be missing: a crash image).
+        self.ship_acked.insert(sh.seq, self.acked.clone());
+        if self.pure {
+            self.ship_issued.push(InShip { seq: sh.seq, epoch: sh.epoch, ext, vers: vers.clone() });
+        }
+        self.ships.push(InShip { seq: sh.seq, epoch: sh.epoch, ext, vers });
+        if let Some(wr) = self.writes[w].as_mut() {
+            wr.early = true;
+        }
+        self.ship_early += 1;
     }
 
     fn start_bitmap_flush(&mut self, q: usize) {
@@ -727,7 +768,7 @@ impl Sim {
             ActivePlan::Ship { id } => (None, Some(id)),
             ActivePlan::SourceOnly => (None, None),
         };
-        self.writes.push(Some(Write { ext, vers, state: WState::Waiting, active, ship }));
+        self.writes.push(Some(Write { ext, vers, state: WState::Waiting, active, ship, early: false }));
         match intent {
             Intent::Ready => self.issue(w),
             Intent::Wait { seq } => {
@@ -847,6 +888,15 @@ impl Sim {
     }
 
     fn end(&mut self, wr: Write, source_ok: bool) {
+        if let (Some(id), true) = (wr.ship, wr.early) {
+            // Its target half lands on its own (ship_step); the write lands with both.
+            let out = self.s.ship_early_source_done(id, source_ok);
+            self.free(&out.freed);
+            if out.fell_behind.is_some() {
+                self.pure = false;
+            }
+            return;
+        }
         if let Some(id) = wr.ship {
             // Async: the source write completed; queue a copy of its data (or, failed, end it).
             // One in eight is a zeroing (a discard or write-zeroes): no buffered bytes.
@@ -1243,9 +1293,11 @@ struct RunStats {
     crashes: Vec<(Crash, &'static str)>,
     /// Switchovers: reverse, plain.
     switched: (u32, u32),
-    /// Async: crash images of the shipped history checked, times shipping resumed.
+    /// Async: crash images of the shipped history checked, times shipping resumed, writes
+    /// shipped early.
     ship_images: u64,
     ship_resumes: u64,
+    ship_early: u64,
 }
 
 fn run(seed: u64, steps: u64) -> RunStats {
@@ -1268,6 +1320,7 @@ fn run(seed: u64, steps: u64) -> RunStats {
         switched: sim.switched,
         ship_images: sim.ship_images,
         ship_resumes: sim.ship_resumes,
+        ship_early: sim.ship_early,
     }
 }
 
@@ -1286,7 +1339,7 @@ fn crashes_anywhere_are_recoverable() {
     let mut kinds = std::collections::BTreeMap::<String, u64>::new();
     let mut kill_then_power = 0u64;
     let (mut reversed, mut switched_over) = (0u64, 0u64);
-    let (mut ship_images, mut ship_resumes) = (0u64, 0u64);
+    let (mut ship_images, mut ship_resumes, mut ship_early) = (0u64, 0u64, 0u64);
     for i in 0..runs {
         let seed = base + i;
         match std::panic::catch_unwind(|| run(seed, 400)) {
@@ -1297,6 +1350,7 @@ fn crashes_anywhere_are_recoverable() {
                 switched_over += st.switched.1 as u64;
                 ship_images += st.ship_images;
                 ship_resumes += st.ship_resumes;
+                ship_early += st.ship_early;
                 for (k, at) in &st.crashes {
                     *kinds.entry(format!("{k:?} while {at}")).or_default() += 1;
                 }
@@ -1319,7 +1373,9 @@ fn crashes_anywhere_are_recoverable() {
     );
     println!("sim: crashes: {}; runs with a kill then a power loss: {kill_then_power}", kinds_text.join(", "));
     println!("sim: switchovers: {reversed} reverse, {switched_over} plain (a plain one is followed by a crash at once)");
-    println!("sim: async: shipping resumed {ship_resumes} times, {ship_images} target media checked as crash images of the shipped history");
+    println!(
+        "sim: async: shipping resumed {ship_resumes} times, {ship_images} target media checked as crash images of the shipped history, {ship_early} writes shipped early"
+    );
     assert!(points >= runs, "runs did nothing");
     assert!(consistent > 0, "no run reached a consistent point: the simulation is not exercising the mirror");
     // Every kind of crash, at every place, must have happened (with enough runs to expect it).
@@ -1329,6 +1385,9 @@ fn crashes_anywhere_are_recoverable() {
         }
         assert!(kill_then_power > 0, "no run had a daemon kill followed by a power loss");
         assert!(reversed > 0 && switched_over > 0, "no switchover of each kind: {reversed} reverse, {switched_over} plain");
-        assert!(ship_resumes > 0 && ship_images > runs, "async mode hardly exercised: {ship_resumes} resumes, {ship_images} images");
+        assert!(
+            ship_resumes > 0 && ship_images > runs && ship_early > runs / 100,
+            "async mode hardly exercised: {ship_resumes} resumes, {ship_images} images, {ship_early} early writes"
+        );
     }
 }

@@ -243,6 +243,9 @@ pub struct MirrorState<P: PersistentBits> {
     /// Async writes whose source write is in flight, by id: their byte ranges (a write that
     /// overlaps one of them could be applied in either order by the source).
     ship_src: HashMap<u64, (u64, u64)>,
+    /// Async writes shipped early (issued to the target with their source write, see
+    /// [`Self::ship_early`]) whose source write is in flight: their queue entry, by id.
+    ship_early: HashMap<u64, u64>,
     next_active: u64,
     /// Regions whose bit was set in the cache but is not yet known durable, with the sequence
     /// number of that set. A bit is durable exactly when it is set and not in this map.
@@ -328,6 +331,7 @@ impl<P: PersistentBits> MirrorState<P> {
             ship: None,
             ship_on: false,
             ship_src: HashMap::new(),
+            ship_early: HashMap::new(),
             next_active: 0,
             watched: PagedBits::new(nregions as usize),
             pending: HashMap::new(),
@@ -734,19 +738,66 @@ impl<P: PersistentBits> MirrorState<P> {
     /// (its regions eligible for clearing at the next pair flush) if it landed in full and was
     /// not abandoned; otherwise as an ordinary write, and a failure makes the queue fall behind.
     pub fn ship_landed(&mut self, seq: u64, ok: bool) -> ShipLanded {
-        let mut out = ShipLanded::default();
         let Some(l) = self.ship.as_mut().and_then(|q| q.landed(seq, ok)) else {
-            debug_assert!(false, "ship_landed of unknown entry {seq}");
-            return out;
+            // An early write waits for its source write (its result is kept).
+            debug_assert!(self.ship.as_ref().is_some_and(|q| q.awaits_source(seq)), "ship_landed of unknown entry {seq}");
+            return ShipLanded::default();
         };
+        self.ship_finish(l)
+    }
+
+    /// Ends a shipped write that landed: mirrored, or as an ordinary write; a target failure
+    /// makes the queue fall behind.
+    fn ship_finish(&mut self, l: crate::core::ship::Landed) -> ShipLanded {
+        let mut out = ShipLanded::default();
         out.freed.push(l.handle);
-        if !ok && self.ship.as_ref().is_some_and(|q| q.shipping()) {
+        if !l.target_ok && self.ship.as_ref().is_some_and(|q| q.shipping()) {
             let (freed, _) = self.ship_fall_behind(BehindReason::TargetFailed);
             out.freed.extend(freed);
             out.fell_behind = Some(BehindReason::TargetFailed);
         }
-        out.wake = self.end_active(l.id, true, l.mirrored, false);
+        out.wake = self.end_active(l.id, l.source_ok, l.mirrored, false);
         out
+    }
+
+    /// Async mode, early shipping: shipped write `id`, whose intent is durable and whose source
+    /// write is about to be issued, with its bytes buffered under `handle`, goes to the target
+    /// now, together with its source write, if the queue allows it ([`ShipQueue::push_early`];
+    /// `max_in_flight` and `hold` as for [`Self::ship_next`]) and the write is still clean and
+    /// untainted. The caller then issues both and reports each half:
+    /// [`Self::ship_early_source_done`] and [`Self::ship_landed`]. None: the write stays an
+    /// ordinary shipped write (queued when its source write completes).
+    pub fn ship_early(&mut self, id: u64, handle: u64, max_in_flight: usize, hold: bool) -> Option<Shipment> {
+        let &(off, end) = self.ship_src.get(&id)?;
+        let w = self.active.get(&id)?;
+        let (s, e) = (w.ext.start as usize, w.ext.end() as usize);
+        if w.tainted || self.to_copy.any_in(s, e) || self.copying.any_in(s, e) || self.poisoned.any_in(s, e) {
+            return None;
+        }
+        let q = self.ship.as_mut()?;
+        let epoch = q.open_epoch();
+        let seq = q.push_early(id, off, end - off, handle, max_in_flight, hold)?;
+        self.ship_early.insert(id, seq);
+        Some(Shipment { seq, id, off, len: end - off, epoch, handle })
+    }
+
+    /// Async mode: the source write of early write `id` (see [`Self::ship_early`]) completed
+    /// (`ok`: in full). It lands if its target write has completed too.
+    pub fn ship_early_source_done(&mut self, id: u64, ok: bool) -> ShipLanded {
+        let Some(seq) = self.ship_early.remove(&id) else {
+            debug_assert!(false, "ship_early_source_done of unknown write {id}");
+            return ShipLanded::default();
+        };
+        self.ship_src.remove(&id);
+        match self.ship.as_mut().and_then(|q| q.source_done(seq, ok)) {
+            Some(l) => self.ship_finish(l),
+            None => ShipLanded::default(),
+        }
+    }
+
+    /// Whether write `id` was shipped early (its source write still in flight).
+    pub fn is_shipped_early(&self, id: u64) -> bool {
+        self.ship_early.contains_key(&id)
     }
 
     /// Async mode: is a target flush due for the shipped writes (see [`ShipQueue::flush_due`])?
@@ -1170,6 +1221,9 @@ impl<P: PersistentBits> MirrorState<P> {
         }
         if self.ship_src.keys().any(|id| !self.active.contains_key(id)) {
             return Err("a shipped write's source half outlived the write".into());
+        }
+        if self.ship_early.keys().any(|id| !self.ship_src.contains_key(id)) {
+            return Err("an early shipped write is not in flight on the source".into());
         }
         if let Some(q) = &self.ship {
             q.check()?;

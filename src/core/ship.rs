@@ -94,6 +94,15 @@ struct InFlight {
     handle: u64,
     /// Issued before the queue fell behind: its result no longer counts as mirrored.
     abandoned: bool,
+    /// Issued with its source write ([`ShipQueue::push_early`]) and the source write has not
+    /// completed yet: the write lands once both halves completed.
+    source_pending: bool,
+    /// The source write completed in full (always true for a write queued after its source).
+    source_ok: bool,
+    /// An early write's target half completed first: its result, waiting for the source's.
+    target_done: Option<bool>,
+    /// Issued early, by the front end (not counted in the loop's in-flight limit).
+    early: bool,
 }
 
 /// What became of a shipped write whose target write completed.
@@ -103,6 +112,11 @@ pub struct Landed {
     pub handle: u64,
     /// The target holds the write: end it as mirrored. Otherwise end it as an ordinary write.
     pub mirrored: bool,
+    /// The target write took all of it (a failure is a target failure: the queue falls behind).
+    pub target_ok: bool,
+    /// The source write completed in full (false only for an early write whose source failed:
+    /// it ends as an ordinary write, its regions dirty, for the background copy).
+    pub source_ok: bool,
 }
 
 /// Counters for status.
@@ -175,6 +189,10 @@ impl ShipQueue {
     pub fn peak(&self) -> u64 {
         self.peak
     }
+    /// The epoch writes completing now join.
+    pub fn open_epoch(&self) -> u64 {
+        self.open_epoch
+    }
     pub fn behind(&self) -> Option<BehindReason> {
         self.behind
     }
@@ -229,12 +247,17 @@ impl ShipQueue {
     }
 
     /// The next write to issue to the target, if rules 1 to 3 allow one now and fewer than
-    /// `max_in_flight` are in flight. `hold`: issue nothing more (the caller wants a flush soon,
-    /// to make a consistent point within a long epoch).
+    /// `max_in_flight` of those this issued are in flight (early writes go on the front end's
+    /// ring, not the caller's, and do not count). `hold`: issue nothing more (the caller wants
+    /// a flush soon, to make a consistent point within a long epoch).
     pub fn next(&mut self, max_in_flight: usize, hold: bool) -> Option<Shipment> {
         // Holding stops adding to writes not yet flushed; with none, there is nothing to hold.
         let holding = hold && self.unflushed_epoch.is_some();
-        if holding || self.behind.is_some() || self.flushing.is_some() || self.inflight.len() >= max_in_flight {
+        if holding
+            || self.behind.is_some()
+            || self.flushing.is_some()
+            || self.inflight.iter().filter(|w| !w.early).count() >= max_in_flight
+        {
             return None;
         }
         let head = *self.queue.front()?;
@@ -255,22 +278,104 @@ impl ShipQueue {
             len: head.len,
             handle: head.handle,
             abandoned: false,
+            source_pending: false,
+            source_ok: true,
+            target_done: None,
+            early: false,
         });
         Some(head)
     }
 
+    /// Early shipping: a write whose bytes are buffered under `handle` *before* its source write
+    /// is issued (its intent durable), to be issued to the target together with it. Allowed
+    /// when the write could be the next to go anyway: shipping, nothing queued before it, no
+    /// target flush in flight, fewer than `max_in_flight` in flight, not `hold`ing an unflushed
+    /// epoch, the writes in flight from the open epoch (rule 1), none overlapping (rule 2), and
+    /// room in the buffer. It joins the open epoch at once, in flight; it lands when both its
+    /// target write ([`Self::landed`]) and its source write ([`Self::source_done`]) completed,
+    /// so a target flush that makes it durable and counts as a consistent point also finds its
+    /// source write complete. Returns its sequence number.
+    ///
+    /// Why the epoch may be taken at issue: a device FLUSH covers only the writes that completed
+    /// before it was issued; one in flight then may or may not be in the flushed image, so it
+    /// may belong to the epoch it is issued in. A write that began after an earlier one ended
+    /// is issued after it, in the same epoch or a later one.
+    pub fn push_early(&mut self, id: u64, off: u64, len: u64, handle: u64, max_in_flight: usize, hold: bool) -> Option<u64> {
+        let end = off + len;
+        let ok = self.behind.is_none()
+            && self.queue.is_empty()
+            && self.flushing.is_none()
+            && self.inflight.len() < max_in_flight
+            && !(hold && self.unflushed_epoch.is_some())
+            && self.unflushed_epoch.is_none_or(|e| e == self.open_epoch)
+            && !self.inflight.iter().any(|w| w.off < end && off < w.end)
+            && self.used.saturating_add(len) <= self.capacity;
+        if !ok {
+            return None;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.used += len;
+        self.peak = self.peak.max(self.used);
+        self.open_used = true;
+        self.unflushed_epoch = Some(self.open_epoch);
+        self.inflight.push(InFlight {
+            seq,
+            id,
+            off,
+            end,
+            len,
+            handle,
+            abandoned: false,
+            source_pending: true,
+            source_ok: false,
+            target_done: None,
+            early: true,
+        });
+        Some(seq)
+    }
+
+    /// Whether `seq` is an early write whose source write has not completed.
+    pub fn awaits_source(&self, seq: u64) -> bool {
+        self.inflight.iter().any(|w| w.seq == seq && w.source_pending)
+    }
+
+    /// The source write of early write `seq` completed (`ok`: in full). Returns its landing if
+    /// its target write had completed too.
+    pub fn source_done(&mut self, seq: u64, ok: bool) -> Option<Landed> {
+        let i = self.inflight.iter().position(|w| w.seq == seq && w.source_pending)?;
+        let w = &mut self.inflight[i];
+        w.source_pending = false;
+        w.source_ok = ok;
+        let t = w.target_done?;
+        Some(self.land(i, t))
+    }
+
     /// The target write of `seq` completed (`ok`: in full). A failure makes the queue fall
     /// behind; the caller then ends the writes [`Self::fall_behind`] hands back.
+    ///
+    /// An early write whose source write is still in flight does not land yet: its result waits
+    /// ([`Self::source_done`] lands it), and this returns None as for an unknown `seq`
+    /// ([`Self::awaits_source`] tells them apart).
     pub fn landed(&mut self, seq: u64, ok: bool) -> Option<Landed> {
         let i = self.inflight.iter().position(|w| w.seq == seq)?;
+        if self.inflight[i].source_pending {
+            self.inflight[i].target_done = Some(ok);
+            return None;
+        }
+        Some(self.land(i, ok))
+    }
+
+    /// The write in flight at `i` is over (`ok`: its target write took all of it).
+    fn land(&mut self, i: usize, ok: bool) -> Landed {
         let w = self.inflight.swap_remove(i);
         self.used -= held(w.len, w.handle);
-        let mirrored = ok && !w.abandoned;
+        let mirrored = ok && w.source_ok && !w.abandoned;
         if mirrored {
             self.counters.shipped_writes += 1;
             self.counters.shipped_bytes += w.len;
         }
-        Some(Landed { id: w.id, handle: w.handle, mirrored })
+        Landed { id: w.id, handle: w.handle, mirrored, target_ok: ok, source_ok: w.source_ok }
     }
 
     /// Is a target flush due? When something was written since the last one, nothing is in
@@ -525,5 +630,73 @@ mod tests {
         q.fall_behind(BehindReason::Stopped);
         assert_eq!(q.used(), 0);
         q.check().unwrap();
+    }
+    /// Early shipping goes only where the write could be the next issued anyway: nothing
+    /// queued before it, its epoch the one unflushed on the target, no overlap in flight, no
+    /// flush, no hold, room in the buffer.
+    #[test]
+    fn an_early_write_goes_only_where_the_order_allows() {
+        let mut q = shipping(2 * 4096);
+        let a = q.push_early(1, 0, 4096, 10, 8, false).expect("an empty queue lets it go");
+        assert_eq!(q.push_early(2, 0, 4096, 11, 8, false), None, "overlaps a write in flight");
+        assert_eq!(q.push_early(2, 4096, 4096, 11, 1, false), None, "the in-flight limit");
+        assert_eq!(q.push_early(2, 4096, 4096, 11, 8, true), None, "held for a point");
+        q.device_flush();
+        assert_eq!(q.push_early(2, 4096, 4096, 11, 8, false), None, "the next epoch waits for the flush");
+        q.push(3, 8192, 4096, 12).unwrap();
+        q.check().unwrap();
+        assert!(q.next(8, false).is_none(), "epoch 1 waits for epoch 0's flush");
+        assert_eq!(q.source_done(a, true), None, "its target write is in flight");
+        q.landed(a, true).expect("both halves done");
+        assert!(q.flush_due(false, false));
+        q.flush_started();
+        assert_eq!(q.push_early(2, 4096, 4096, 11, 8, false), None, "nothing during a flush");
+        q.flush_done(true);
+        assert_eq!(q.push_early(2, 4096, 4096, 11, 8, false), None, "a write queued before it goes first");
+        assert_eq!(q.next(8, false).unwrap().id, 3);
+        q.push_early(2, 4096, 4096, 11, 8, false).expect("its epoch is the one in flight");
+        assert_eq!(q.push_early(4, 16384, 4096, 13, 8, false), None, "no room in the buffer");
+        q.check().unwrap();
+        assert_eq!(q.used(), 2 * 4096);
+    }
+
+    /// An early write lands once both halves completed, in either order; a source failure
+    /// ends it unmirrored (the target may hold bytes the source did not take), a target
+    /// failure too, and says which.
+    #[test]
+    fn an_early_write_lands_with_both_halves() {
+        let mut q = shipping(1 << 20);
+        let a = q.push_early(1, 0, 4096, 10, 8, false).unwrap();
+        assert!(q.awaits_source(a));
+        assert_eq!(q.landed(a, true), None, "its source write is in flight");
+        assert!(!q.flush_due(true, true), "in flight until its source write completed");
+        let l = q.source_done(a, true).expect("both halves done");
+        assert!(l.mirrored && l.target_ok && l.source_ok);
+        assert_eq!(q.counters().shipped_writes, 1);
+
+        let b = q.push_early(2, 0, 4096, 11, 8, false).unwrap();
+        assert_eq!(q.source_done(b, false), None, "its target write is in flight");
+        let l = q.landed(b, true).expect("both halves done");
+        assert!(!l.mirrored && l.target_ok && !l.source_ok, "{l:?}");
+
+        let c = q.push_early(3, 0, 4096, 12, 8, false).unwrap();
+        assert_eq!(q.landed(c, false), None);
+        let l = q.source_done(c, true).unwrap();
+        assert!(!l.mirrored && !l.target_ok && l.source_ok, "{l:?}");
+        assert_eq!(q.counters().shipped_writes, 1);
+        assert_eq!(q.used(), 0);
+        q.check().unwrap();
+    }
+
+    /// The loop's in-flight limit counts only the writes it issued: early ones go on the front
+    /// end's ring.
+    #[test]
+    fn early_writes_do_not_count_in_the_loops_limit() {
+        let mut q = shipping(1 << 20);
+        q.push_early(1, 0, 4096, 10, usize::MAX, false).unwrap();
+        q.push(2, 8192, 4096, 11).unwrap();
+        assert_eq!(q.next(1, false).map(|s| s.id), Some(2));
+        q.push(3, 16384, 4096, 12).unwrap();
+        assert_eq!(q.next(1, false), None, "the loop's one write is in flight");
     }
 }

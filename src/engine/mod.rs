@@ -32,7 +32,7 @@ pub use config::{alignment_problem, CopyConfig, CopyMode, Settings, DEFAULT_ASYN
 pub use controls::Controls;
 pub use progress::Progress;
 pub use supervision::{Failure, MirrorNext};
-pub use write_path::{Shipped, WriteAdmission, WriteKind};
+pub use write_path::{DirectShip, Shipped, WriteAdmission, WriteKind};
 pub use on_consistent::OnConsistentCommand;
 pub use status::{ShipStatus, Status, StatusMode, StatusState, MODES, STATES};
 
@@ -78,6 +78,23 @@ pub struct LockedState {
     /// carries ([`crate::core::ship`]). A buffer leaves only when its write is no longer queued
     /// nor in flight to the target.
     pub ship_bufs: slab::Slab<AlignedBuf>,
+    /// Async mode: whether the device's queues may issue a shipped write to the target
+    /// themselves, and within which limits (see [`ShipGate`]); `None` while no live mirror loop
+    /// runs, or it is stopping.
+    pub ship_gate: Option<ShipGate>,
+    /// The failure of a target write a queue issued itself, for the mirror loop's target-failure
+    /// handling (see [`Engine::ship_direct_landed`]).
+    pub ship_direct_failure: Option<String>,
+}
+
+/// What the live mirror loop lets the device's queues do with shipped writes (see
+/// [`Engine::ship_early`]): its flush spacing, kept here by the loop so that a queue reads it
+/// under the lock it holds anyway.
+#[derive(Clone, Debug)]
+pub struct ShipGate {
+    /// The loop's flush spacing, as of its last flush: a write is held (not issued) once a
+    /// flush should make a point ([`crate::core::policy::ShipSpacing::hold`]).
+    pub spacing: crate::core::policy::ShipSpacing,
 }
 
 pub struct Engine {
@@ -100,6 +117,11 @@ pub struct Engine {
     lock_waits: AtomicU64,
     /// The bitmap file was marked lost (see [`Engine::check_bitmap_lost`]).
     bitmap_lost_marked: AtomicBool,
+    /// Shipped writes the device's queues issued to the target themselves (see
+    /// [`Engine::ship_early`]).
+    ship_direct_writes: AtomicU64,
+    /// `ship_direct_failure` holds a failure (read without the lock on every loop pass).
+    ship_direct_failed: AtomicBool,
     /// The mirror thread is asked to park (its target is being replaced), and whether it runs.
     mirror_restart: AtomicBool,
     mirror_running: AtomicBool,
@@ -324,6 +346,8 @@ impl Engine {
             loop_passes: AtomicU64::new(0),
             lock_waits: AtomicU64::new(0),
             bitmap_lost_marked: AtomicBool::new(false),
+            ship_direct_failed: AtomicBool::new(false),
+            ship_direct_writes: AtomicU64::new(0),
             mirror_restart: AtomicBool::new(false),
             mirror_running: AtomicBool::new(false),
             mirror_next: Mutex::new(None),
@@ -336,6 +360,8 @@ impl Engine {
                 progress: Progress::new(dirty),
                 write_barrier: false,
                 ship_bufs: slab::Slab::new(),
+                ship_gate: None,
+                ship_direct_failure: None,
             }),
             ship_pool: ship_pool::ShipPool::default(),
             wake,
@@ -495,6 +521,12 @@ impl Engine {
     /// takes them after [`Self::begin_request`] let it go.
     pub fn front_enter(&self) -> FdsHold {
         self.front_requests.fetch_add(1, Ordering::Relaxed);
+        self.front.enter()
+    }
+    /// The front end's descriptors for an operation that is not a request of the device (a
+    /// shipped write a queue issues to the target), held until [`Self::front_exit`]: a
+    /// switchover waits for it as for a request, but it does not count as the device's activity.
+    pub fn front_hold(&self) -> FdsHold {
         self.front.enter()
     }
     pub fn front_exit(&self, h: FdsHold) {

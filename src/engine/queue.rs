@@ -14,7 +14,7 @@
 
 use crate::io::backing::AlignedBuf;
 use crate::core::{ActivePlan, Extent, GroupCommit, Intent};
-use crate::engine::{Engine, Shipped, WriteAdmission, WriteKind};
+use crate::engine::{DirectShip, Engine, Shipped, WriteAdmission, WriteKind};
 use crate::io::uring::{self, push, Owner, Ring};
 use io_uring::{opcode, squeue, types};
 use slab::Slab;
@@ -168,6 +168,12 @@ struct Req {
     /// A write-zeroes the source refused, carried out as a write of zeroes (async mode ships
     /// it as a zeroing, not as a copy of up to 1 GiB of zeroes).
     zeroes_written: bool,
+    /// Async mode: the copy of a shipped write's bytes, taken when it was first issued and not
+    /// shipped early; it is queued when the source write completes.
+    ship_copy: Option<AlignedBuf>,
+    /// Async mode: shipped early (its target write issued with its source write, see
+    /// [`Engine::ship_early`]).
+    early: bool,
 }
 
 const SRC: u32 = 0;
@@ -190,6 +196,17 @@ struct NapTimer {
     next: Duration,
 }
 
+/// A shipped write this queue issued to the target itself, with its source write (async mode,
+/// see [`Engine::ship_early`]): it may outlive its request, which completes when the source
+/// write does.
+struct ShipOut {
+    ship: DirectShip,
+    /// Bytes the target took so far (a file may take a write in parts).
+    done: u64,
+    /// The descriptors the write goes to, held until it landed (a switchover waits for it).
+    held: crate::engine::front::FdsHold,
+}
+
 /// The requests of one queue and the write-intent protocol they follow.
 ///
 /// A failure to queue an operation (a broken ring, or a full one that cannot submit) fails the
@@ -206,6 +223,12 @@ pub struct QueueRequests {
     /// Writes waiting (a consistent flush, a switchover) before they begin.
     deferred: Vec<usize>,
     nap: NapTimer,
+    /// Shipped writes in flight to the target from this queue, by slot (in their user_data).
+    ships: Slab<ShipOut>,
+    /// Shipped writes the engine let go early, issued to the target before the queue returns
+    /// to its caller, so in the same submission as their source writes (see
+    /// [`QueueRequests::issue_ships`]).
+    to_ship: Vec<DirectShip>,
 }
 
 /// A copy of a finished write's `len` bytes, for the replication queue.
@@ -246,11 +269,15 @@ impl QueueRequests {
             has_target,
             deferred: Vec::new(),
             nap: NapTimer { fd, buf: Box::new([0; 8]), pending: false, next: NAP_MIN },
+            ships: Slab::new(),
+            to_ship: Vec::new(),
         })
     }
 
+    /// Requests in flight, and shipped writes still in flight to the target from this queue
+    /// (their buffers and descriptors are in use until they land).
     pub fn in_flight(&self) -> usize {
-        self.reqs.len()
+        self.reqs.len() + self.ships.len() + self.to_ship.len()
     }
 
     /// Queues a request with its own data; its completion comes from [`Self::completions`].
@@ -318,6 +345,8 @@ impl QueueRequests {
             held: None,
             unchanged: false,
             zeroes_written: false,
+            ship_copy: None,
+            early: false,
         };
         // Slots fit in 16 bits (checked above): they travel in completions' user_data.
         let slot = self.reqs.insert(r);
@@ -326,6 +355,45 @@ impl QueueRequests {
         } else {
             self.gate(sink, slot)
         }
+        self.issue_ships(sink);
+    }
+
+    /// Issues the shipped writes the engine handed back ([`Self::issue`]) to the target.
+    fn issue_ships(&mut self, sink: &mut impl Sink) {
+        for ship in std::mem::take(&mut self.to_ship) {
+            let held = self.engine.front_hold();
+            let slot = self.ships.insert(ShipOut { ship, done: 0, held });
+            self.issue_ship(sink, slot);
+        }
+    }
+
+    /// Issues (the rest of) the target write of the shipped write in `slot`; a failure to
+    /// queue it is a failed target write.
+    fn issue_ship(&mut self, sink: &mut impl Sink, slot: usize) {
+        let Some(j) = self.ships.get(slot) else { return };
+        let (fd, s) = (j.held.fds.target, &j.ship);
+        let r = if fd < 0 {
+            Err(io::Error::other("the target is not reachable from the device's queue"))
+        } else {
+            // SAFETY: done < len, so the pointer stays inside the buffered write.
+            let p = unsafe { s.buf.add(j.done as usize) };
+            let e = opcode::Write::new(types::Fd(fd), p, (s.len - j.done) as u32).offset(s.off + j.done).build();
+            // SAFETY: the buffer is the engine's (`ship_bufs`, under the handle) until this
+            // write's landing is reported (ship_direct_landed, after its completion) or
+            // abandon_in_flight leaks it; the descriptor is held (`held`) as long.
+            unsafe { sink.push(e, Owner::Ship, slot as u16) }
+        };
+        if let Err(e) = r {
+            let msg = format!("queuing the target write of a shipped write at byte {}: {e}", s.off);
+            self.ship_ended(slot, Some(msg));
+        }
+    }
+
+    /// The shipped write in `slot` is over (`error`: it failed): reported to the engine.
+    fn ship_ended(&mut self, slot: usize, error: Option<String>) {
+        let Some(j) = self.ships.try_remove(slot) else { return };
+        self.engine.front_exit(j.held);
+        self.engine.ship_direct_landed(j.ship.seq, error);
     }
 
     /// Asks the engine whether the write in `slot` may begin, and begins it if so.
@@ -459,6 +527,26 @@ impl QueueRequests {
             }
             Request::Write { off, len, fua } => {
                 let base = r.data.ptr(len);
+                if let (ActivePlan::Ship { id }, 0, false, false, None) = (r.plan, done, r.early, r.zeroes_written, &r.ship_copy) {
+                    // Async mode: the bytes are copied now (the data is in the request's buffer
+                    // from the start and does not change while it is in flight), and the
+                    // target write goes with the source write if the engine lets it; otherwise
+                    // the copy is queued when the source write completes. Ship slots fit in
+                    // 16 bits.
+                    if let Some(b) = copy_out(engine, &r.data, len) {
+                        if self.has_target && self.ships.len() + self.to_ship.len() < u16::MAX as usize {
+                            match engine.ship_early(id, b) {
+                                Ok(ship) => {
+                                    r.early = true;
+                                    self.to_ship.push(ship);
+                                }
+                                Err(b) => r.ship_copy = Some(b),
+                            }
+                        } else {
+                            r.ship_copy = Some(b);
+                        }
+                    }
+                }
                 if let (ActivePlan::Target { .. }, 0, false) = (r.plan, done, r.tgt_pending) {
                     // The same buffer to the target, at the same time as to the source. The
                     // target needs no FUA: its durability comes with the mirror's pair flush.
@@ -509,6 +597,15 @@ impl QueueRequests {
         }
         log::error!("{n} requests still in flight on a queue that stops: their buffers are leaked");
         std::mem::forget(std::mem::take(&mut self.reqs));
+        // Shipped writes: their buffers are the engine's (leaked there); their holds stay taken,
+        // as the requests' do, since the kernel may still use the descriptors. Those not issued
+        // yet end as failed target writes (the queue falls behind; their regions stay dirty).
+        let ships = std::mem::take(&mut self.ships);
+        self.engine.leak_ship_bufs(ships.iter().map(|(_, j)| j.ship.handle));
+        std::mem::forget(ships);
+        for s in std::mem::take(&mut self.to_ship) {
+            self.engine.ship_direct_landed(s.seq, Some("the queue stopped before its target write was issued".into()));
+        }
         self.deferred.clear();
         self.gc = GroupCommit::default();
         if self.nap.pending {
@@ -524,7 +621,12 @@ impl QueueRequests {
 
     /// Handles the completion of an operation this pushed (`owner`, `slot` as pushed).
     pub fn complete(&mut self, sink: &mut impl Sink, owner: Owner, slot: u16, res: i32) {
-        let slot = slot as usize;
+        self.complete_one(sink, owner, slot as usize, res);
+        // A write that completed may have handed back a shipped write to issue.
+        self.issue_ships(sink);
+    }
+
+    fn complete_one(&mut self, sink: &mut impl Sink, owner: Owner, slot: usize, res: i32) {
         match owner {
             Owner::Bitmap => {
                 if res < 0 {
@@ -591,6 +693,22 @@ impl QueueRequests {
                     self.finish(slot, result);
                 }
             }
+            Owner::Ship => {
+                let Some(j) = self.ships.get_mut(slot) else { return };
+                let left = j.ship.len - j.done;
+                match res {
+                    n if n > 0 && (n as u64) < left => {
+                        j.done += n as u64;
+                        self.issue_ship(sink, slot);
+                    }
+                    n if n > 0 => self.ship_ended(slot, None),
+                    n => {
+                        let why = if n < 0 { io::Error::from_raw_os_error(-n).to_string() } else { "wrote nothing".into() };
+                        let msg = format!("target write of a shipped write at byte {}: {why}", j.ship.off);
+                        self.ship_ended(slot, Some(msg));
+                    }
+                }
+            }
             Owner::Source | Owner::Wake => {}
         }
     }
@@ -634,13 +752,19 @@ impl QueueRequests {
                 // to the driver with the completion).
                 // A discard or write-zeroes that took effect leaves zeroes: shipped as a zeroing.
                 let data = match (&result, r.req, &r.data) {
+                    _ if r.early => Shipped::Nothing,
                     (Ok(_), Request::Write { .. }, _) if r.zeroes_written => Shipped::Zeroes,
+                    (Ok(_), Request::Write { .. }, _) if r.ship_copy.is_some() => r.ship_copy.map_or(Shipped::Nothing, Shipped::Bytes),
                     (Ok(_), Request::Write { len, .. }, d) => copy_out(&self.engine, d, len).map_or(Shipped::Nothing, Shipped::Bytes),
                     (Ok(_), Request::Discard { .. }, _) if !r.unchanged => Shipped::Zeroes,
                     (Ok(_), Request::WriteZeroes { .. }, _) => Shipped::Zeroes,
                     _ => Shipped::Nothing,
                 };
-                self.engine.ship_written(id, result.is_ok(), data);
+                if r.early {
+                    self.engine.ship_early_source_done(id, result.is_ok());
+                } else {
+                    self.engine.ship_written(id, result.is_ok(), data);
+                }
                 if let (Ok(_), Request::Write { fua: true, .. }) = (&result, r.req) {
                     self.engine.ship_device_flush();
                 }
@@ -716,6 +840,29 @@ impl EngineQueue {
             }
             self.ready.extend(self.reqs.completions());
         }
+    }
+
+    /// Handles completions until nothing of this queue is in flight, requests and the shipped
+    /// writes it issued to the target (async mode) alike, or `timeout` passes. A device's queue
+    /// thread always waits on its ring; a caller of this one that stops submitting calls this
+    /// so that its shipped writes land.
+    pub fn settle(&mut self, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.in_flight() > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{} requests or shipped writes still in flight after {timeout:?}", self.in_flight()),
+                ));
+            }
+            match self.wait(usize::MAX, left.min(Duration::from_millis(50))) {
+                Err(e) if e.kind() != io::ErrorKind::TimedOut => return Err(e),
+                Ok(done) => self.ready.extend(done),
+                Err(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// Runs one request to completion.

@@ -189,6 +189,9 @@ pub struct ShipStatus {
     pub in_flight_writes: usize,
     pub shipped_writes: u64,
     pub shipped_bytes: u64,
+    /// Shipped writes the device's queues issued to the target themselves (a file or block
+    /// device target), the others being issued by the mirror loop.
+    pub issued_by_queues: u64,
     /// Epochs (device flushes with shipped writes before them).
     pub epochs: u64,
     /// Times shipping fell behind and resumed, and why it is behind now.
@@ -255,6 +258,7 @@ impl Engine {
                 in_flight_writes: q.in_flight(),
                 shipped_writes: k.shipped_writes,
                 shipped_bytes: k.shipped_bytes,
+                issued_by_queues: self.ship_direct_writes.load(std::sync::atomic::Ordering::Relaxed),
                 epochs: k.epochs,
                 fell_behind: k.fell_behind,
                 resumed: k.resumed,

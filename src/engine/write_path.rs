@@ -33,6 +33,20 @@ pub enum WriteKind {
     Other,
 }
 
+/// A shipped write the front end issues to the target itself, with its source write (see
+/// [`Engine::ship_early`]), and whose target half it reports to [`Engine::ship_direct_landed`]
+/// by `seq`.
+#[derive(Debug)]
+pub struct DirectShip {
+    pub seq: u64,
+    pub off: u64,
+    pub len: u64,
+    /// The buffered bytes (`len` of them): the engine keeps them under `handle` until the
+    /// write's landing is reported, or [`Engine::leak_ship_bufs`] gives them up.
+    pub buf: *const u8,
+    pub handle: u64,
+}
+
 /// What a shipped write's completion hands to the replication queue
 /// ([`Engine::ship_written`]).
 pub enum Shipped {
@@ -153,6 +167,113 @@ impl Engine {
         // when the queue was empty.
         if out.wake || (out.queued && was_empty) || out.fell_behind.is_some() {
             self.wake();
+        }
+    }
+
+    /// Async mode, early shipping: shipped write `id` is about to be issued to the source (its
+    /// intent durable), and the caller, which can write the target itself, copied its bytes
+    /// into `buf`. If the write may go to the target now ([`MirrorState::ship_early`]: the live
+    /// loop lets queues ship ([`LockedState::ship_gate`]), not paused, no --on-consistent
+    /// command running, nothing queued before it, the queue's rules), the engine keeps `buf`
+    /// and hands back what to issue to the target, *together with* the source write; the
+    /// caller reports the source half to [`Self::ship_early_source_done`] and the target half
+    /// to [`Self::ship_direct_landed`]. Otherwise `buf` comes back, for [`Self::ship_written`]
+    /// when the source write completes.
+    ///
+    /// Issued together, both halves complete at about the same time and are handled in the same
+    /// pass of the caller's ring, as in write-blocking mode, and the mirror loop has no work per
+    /// write; the request still completes when its source write does.
+    ///
+    /// [`MirrorState::ship_early`]: crate::core::MirrorState::ship_early
+    /// [`LockedState::ship_gate`]: super::LockedState::ship_gate
+    pub fn ship_early(&self, id: u64, buf: AlignedBuf) -> Result<DirectShip, AlignedBuf> {
+        let mut g = self.lock();
+        let Some(gate) = g.ship_gate.clone() else { return Err(buf) };
+        // As the loop's own shipping: nothing goes while paused or while an --on-consistent
+        // command looks at the target.
+        if self.paused() || self.hook_running() {
+            return Err(buf);
+        }
+        // No count limit: the loop's (--max-copies) sizes the loop's ring, and an early write
+        // goes on the caller's; the buffer's capacity bounds them. A limit, once reached, would
+        // send writes to the loop's queue, and early shipping resumes only once that queue is
+        // empty, which a steady load may not let happen for long.
+        let hold = gate.spacing.hold(Instant::now());
+        let ptr = buf.as_ptr();
+        let handle = g.ship_bufs.insert(buf) as u64;
+        match g.state.ship_early(id, handle, usize::MAX, hold) {
+            Some(s) => {
+                self.ship_direct_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(DirectShip { seq: s.seq, off: s.off, len: s.len, buf: ptr, handle })
+            }
+            // The handle was just inserted: it is there to remove.
+            None => Err(g.ship_bufs.remove(handle as usize)),
+        }
+    }
+
+    /// Async mode: the source write of early write `id` ([`Self::ship_early`]) completed
+    /// (`source_ok`: in full); the request may complete once this returns. The write lands if
+    /// its target half has too (a source failure ends it as an ordinary write, its regions
+    /// dirty: the target may hold bytes the source did not take, which the copy repairs).
+    pub fn ship_early_source_done(&self, id: u64, source_ok: bool) {
+        let mut g = self.lock();
+        let out = g.state.ship_early_source_done(id, source_ok);
+        g.progress.unsynced_since.get_or_insert_with(Instant::now);
+        self.after_direct_landing(g, out, None);
+    }
+
+    /// Async mode: the target write of a shipped write the caller issued itself
+    /// ([`Self::ship_early`]) completed; `error` is `None` if the target took all of it. Once
+    /// its source half completed too ([`Self::ship_early_source_done`]), it ends as the loop's
+    /// landings do (a target failure makes the queue fall behind). Wakes
+    /// the loop when it has something to do: writes queued (they may have waited for this one),
+    /// none left in flight (a flush may be due), a write that ends a wait, or a failure (the
+    /// loop's target-failure handling: backoff, reset, failure count, events).
+    pub fn ship_direct_landed(&self, seq: u64, error: Option<String>) {
+        let mut g = self.lock();
+        let out = g.state.ship_landed(seq, error.is_none());
+        self.after_direct_landing(g, out, error);
+    }
+
+    /// What follows a landing reported by a queue: buffers freed, the loop woken if needed.
+    fn after_direct_landing(&self, mut g: std::sync::MutexGuard<'_, super::LockedState>, out: crate::core::ShipLanded, error: Option<String>) {
+        let mut bufs = Vec::new();
+        Self::take_ship_bufs(&mut g, out.freed.iter().copied(), &mut bufs);
+        let loop_needed = g.state.ship().is_some_and(|q| q.queued() > 0 || q.in_flight() == 0);
+        let failed = error.is_some();
+        if let Some(e) = error {
+            g.ship_direct_failure.get_or_insert(e);
+            self.ship_direct_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.announce_pair_change(&g);
+        drop(g);
+        self.recycle_ship_bufs(bufs);
+        if let Some(why) = out.fell_behind {
+            self.ship_fell_behind(why);
+        }
+        if out.wake || loop_needed || failed || out.fell_behind.is_some() {
+            self.wake();
+        }
+    }
+
+    /// The failure of a target write a queue issued itself, once (see
+    /// [`Self::ship_direct_landed`]); the mirror loop asks on every pass.
+    pub(crate) fn take_ship_direct_failure(&self) -> Option<String> {
+        if !self.ship_direct_failed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        self.lock().ship_direct_failure.take()
+    }
+
+    /// Buffers of shipped writes the caller issued and can no longer wait for (its ring is
+    /// gone): the kernel may still read them, so they are leaked, not freed. Their writes stay
+    /// in flight for the state (no consistent point, their regions stay dirty), as after a crash.
+    pub fn leak_ship_bufs(&self, handles: impl IntoIterator<Item = u64>) {
+        let mut g = self.lock();
+        for h in handles {
+            if let Some(b) = g.ship_bufs.try_remove(h as usize) {
+                std::mem::forget(b);
+            }
         }
     }
 

@@ -16,6 +16,8 @@ pub enum Owner {
     Front = 5,
     /// A timer of the front end's queue (deferred writes ask again when it fires).
     Nap = 6,
+    /// A shipped write a front end's queue issued to the target itself (async mode).
+    Ship = 7,
 }
 
 const SHIFT: u32 = 60;
@@ -35,6 +37,7 @@ impl Owner {
             4 => Owner::Wake,
             5 => Owner::Front,
             6 => Owner::Nap,
+            7 => Owner::Ship,
             _ => return None,
         })
     }

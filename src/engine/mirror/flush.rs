@@ -147,6 +147,7 @@ impl Mirror<'_> {
         }
         self.target_ok();
         self.ship_spacing.flushed(Instant::now(), self.flush_with_source);
+        self.update_ship_gate();
         self.ship_point(out.resumed);
         if out.consistent {
             if let Some(h) = self.hooks.at_consistent_point.as_mut() {

@@ -141,6 +141,9 @@ pub struct Mirror<'t> {
     /// on, so with no --max-lag and this false there is nothing to check. True at first: a
     /// loop before this one may have left it on.
     lag_maybe_forced: bool,
+    /// This loop opened the engine's ship gate ([`crate::engine::LockedState::ship_gate`]) and
+    /// has not closed it yet.
+    gate_open: bool,
     /// The last data segment of the source that SEEK_DATA/SEEK_HOLE found, `[start, end)`
     /// (see [`Mirror::source_data`]).
     data_seg: std::cell::Cell<Option<(u64, u64)>>,
@@ -227,6 +230,7 @@ impl<'t> Mirror<'t> {
             ship_spacing: policy::ShipSpacing::new(now),
             flush_with_source: true,
             ship_idle_wait: false,
+            gate_open: false,
             lag_maybe_forced: true,
             data_seg: std::cell::Cell::new(None),
         }
@@ -259,6 +263,12 @@ impl<'t> Mirror<'t> {
             // cleared at the next target flush and set again by the next write.
             let extent = if tick.is_some() { self.cfg.intent_extent / g.state.pbits().granularity().max(1) } else { 1 };
             g.state.set_intent_extent(extent);
+            // Async mode: a live loop lets the device's queues issue shipped writes themselves
+            // (Engine::ship_early), under its flush spacing.
+            if until == RunUntil::Stopped {
+                g.ship_gate = Some(self.ship_gate());
+                self.gate_open = true;
+            }
         }
         let mut next_tick = tick.map(|t| Instant::now() + t);
         let mut cqes = Vec::new();
@@ -283,6 +293,10 @@ impl<'t> Mirror<'t> {
                 }
             }
             let stopping = until == RunUntil::Stopped && self.engine.mirror_should_return();
+            if stopping {
+                // What the loop stops with is its own to flush: no queue ships any more.
+                self.close_ship_gate();
+            }
             if until == RunUntil::Stopped {
                 self.check_lag();
                 self.on_consistent.check(&self.engine, stopping);
@@ -579,6 +593,7 @@ impl Drop for Mirror<'_> {
     /// regions dirty, as a crash would.
     fn drop(&mut self) {
         self.draining = true;
+        self.close_ship_gate();
         // Landings an early return of the loop left unreported.
         self.report_landed();
         if self.on_consistent.kill_running() {

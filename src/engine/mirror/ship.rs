@@ -34,6 +34,11 @@ impl Mirror<'_> {
     /// mirror is paused or an --on-consistent command runs (it sees the target hold still; the
     /// queue fills meanwhile, and falls behind when full).
     pub(super) fn start_shipping(&mut self) -> Result<()> {
+        // A target write a queue issued itself failed: handled as the loop's own would be (the
+        // queue fell behind already).
+        if let Some(msg) = self.engine.take_ship_direct_failure() {
+            self.target_failed(&msg);
+        }
         if self.needs_reset
             || self.backoff.retry_at().is_some()
             || self.draining
@@ -151,6 +156,26 @@ impl Mirror<'_> {
         self.landed_bufs = bufs;
         if let Some(why) = fell {
             self.engine.ship_fell_behind(why);
+        }
+    }
+
+    /// The ship gate for the engine as of now (see [`crate::engine::ShipGate`]).
+    pub(super) fn ship_gate(&self) -> crate::engine::ShipGate {
+        crate::engine::ShipGate { spacing: self.ship_spacing.clone() }
+    }
+
+    /// A flush completed: the gate's spacing counts from it too.
+    pub(super) fn update_ship_gate(&self) {
+        if self.gate_open {
+            self.engine.lock().ship_gate = Some(self.ship_gate());
+        }
+    }
+
+    /// No queue issues shipped writes from now on (the loop stops); the loop ships what they
+    /// leave queued.
+    pub(super) fn close_ship_gate(&mut self) {
+        if std::mem::take(&mut self.gate_open) {
+            self.engine.lock().ship_gate = None;
         }
     }
 
