@@ -599,7 +599,10 @@ impl QueueRequests {
         std::mem::forget(std::mem::take(&mut self.reqs));
         // Shipped writes: their buffers are the engine's (leaked there); their holds stay taken,
         // as the requests' do, since the kernel may still use the descriptors. Those not issued
-        // yet end as failed target writes (the queue falls behind; their regions stay dirty).
+        // yet are reported as failed target writes; like the ones in flight, they stay in
+        // flight for the engine while their source write's completion is not reported (the
+        // requests are abandoned too): no consistent point, their regions dirty, as after a
+        // crash.
         let ships = std::mem::take(&mut self.ships);
         self.engine.leak_ship_bufs(ships.iter().map(|(_, j)| j.ship.handle));
         std::mem::forget(ships);
