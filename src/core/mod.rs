@@ -172,6 +172,9 @@ struct ActiveWrite {
     /// Something made the target's copy of this write untrustworthy: an overlapping write, a
     /// copy of its region started meanwhile, a failed target flush. It ends as an ordinary write.
     tainted: bool,
+    /// Shipped (async mode): its target write is ordered by the replication queue. Otherwise
+    /// a write-blocking write, whose target write runs beside its source write.
+    shipped: bool,
 }
 
 #[derive(Debug)]
@@ -567,7 +570,7 @@ impl<P: PersistentBits> MirrorState<P> {
         self.next_active += 1;
         // A target flush that starts from now on may be followed by this target write.
         self.written.fill(s, e, true);
-        self.active.insert(id, ActiveWrite { ext, off, end, tainted: false });
+        self.active.insert(id, ActiveWrite { ext, off, end, tainted: false, shipped: false });
         (intent, ActivePlan::Target { id })
     }
 
@@ -683,6 +686,16 @@ impl<P: PersistentBits> MirrorState<P> {
                 }
             }
         }
+        // A write-blocking write still in flight (the mode changed, or --max-lag or an
+        // --on-consistent command made writes blocking for a while): its target write runs
+        // beside its source write, outside the queue's order, so the two disks could apply it
+        // and this one in different orders. Both end as ordinary writes.
+        for w in self.active.values_mut() {
+            if !w.shipped && w.off < end && off < w.end {
+                taint(w, &mut self.tainted);
+                overlap = true;
+            }
+        }
         let intent = self.begin_write(ext);
         if !clean || !shipping || overlap {
             return (intent, ActivePlan::SourceOnly);
@@ -691,7 +704,7 @@ impl<P: PersistentBits> MirrorState<P> {
         self.next_active += 1;
         // A target flush that starts from now on may be followed by this write's target write.
         self.written.fill(s, e, true);
-        self.active.insert(id, ActiveWrite { ext, off, end, tainted: false });
+        self.active.insert(id, ActiveWrite { ext, off, end, tainted: false, shipped: true });
         self.ship_src.insert(id, (off, end));
         (intent, ActivePlan::Ship { id })
     }
@@ -1670,6 +1683,26 @@ mod tests {
         assert!(s.consistent_point_due());
         assert_eq!(s.target_flush_started(), FlushKind::Consistent);
         s.target_flush_done(true);
+        s.check_invariants().unwrap();
+    }
+
+    /// A shipped write that overlaps a write-blocking write still in flight (async mode set
+    /// while it ran): the two disks could apply them in different orders, so neither counts
+    /// as mirrored and the region is copied.
+    #[test]
+    fn a_shipped_write_over_a_write_blocking_one_in_flight_is_not_mirrored() {
+        let mut s = state(8);
+        s.set_shipping(Some(1 << 20));
+        assert_eq!(s.target_flush_started(), FlushKind::Consistent);
+        assert!(s.target_flush_done(true).resumed);
+        let (_, a) = s.begin_active_write(ext(2, 1), 2 * 4096, 4096);
+        let ActivePlan::Target { id: wb } = a else { panic!("not write-blocking: {a:?}") };
+        let (_, b) = s.begin_shipped_write(ext(2, 1), 2 * 4096, 4096);
+        assert_eq!(b, ActivePlan::SourceOnly, "overlaps a write-blocking write in flight");
+        durable(&mut s);
+        s.end_active_write(wb, true, true);
+        s.end_write(ext(2, 1));
+        assert!(s.needs_copy(2), "neither write counts as mirrored");
         s.check_invariants().unwrap();
     }
 

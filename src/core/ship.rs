@@ -145,6 +145,8 @@ pub struct ShipQueue {
     open_used: bool,
     queue: VecDeque<Shipment>,
     inflight: Vec<InFlight>,
+    /// Of `inflight`, those [`Self::next`] issued (not early).
+    loop_inflight: usize,
     /// The epoch of the writes issued since the last flush that made them all durable.
     unflushed_epoch: Option<u64>,
     /// A target flush is in flight; `Some(true)` if nothing was in flight when it started.
@@ -169,6 +171,7 @@ impl ShipQueue {
             open_used: false,
             queue: VecDeque::new(),
             inflight: Vec::new(),
+            loop_inflight: 0,
             unflushed_epoch: None,
             flushing: None,
             next_seq: 0,
@@ -256,7 +259,7 @@ impl ShipQueue {
         if holding
             || self.behind.is_some()
             || self.flushing.is_some()
-            || self.inflight.iter().filter(|w| !w.early).count() >= max_in_flight
+            || self.loop_inflight >= max_in_flight
         {
             return None;
         }
@@ -269,6 +272,7 @@ impl ShipQueue {
             return None;
         }
         self.queue.pop_front();
+        self.loop_inflight += 1;
         self.unflushed_epoch = Some(head.epoch);
         self.inflight.push(InFlight {
             seq: head.seq,
@@ -369,6 +373,9 @@ impl ShipQueue {
     /// The write in flight at `i` is over (`ok`: its target write took all of it).
     fn land(&mut self, i: usize, ok: bool) -> Landed {
         let w = self.inflight.swap_remove(i);
+        if !w.early {
+            self.loop_inflight -= 1;
+        }
         self.used -= held(w.len, w.handle);
         let mirrored = ok && w.source_ok && !w.abandoned;
         if mirrored {
@@ -467,6 +474,9 @@ impl ShipQueue {
         }
         if self.used > self.capacity.max(self.peak) {
             return Err("buffer over capacity".into());
+        }
+        if self.inflight.iter().filter(|w| !w.early).count() != self.loop_inflight {
+            return Err("the loop's in-flight count drifted".into());
         }
         if self.behind.is_some() && !self.queue.is_empty() {
             return Err("writes queued while behind".into());

@@ -180,6 +180,9 @@ pub fn queue_main(qid: u16, dev: &UblkDev, engine: Arc<Engine>) {
             }
         }
     };
+    if clean && reqs.in_flight() > 0 && reqs.requests_in_flight() == 0 {
+        drain_ships(&q, &bufs, &mut reqs);
+    }
     for tag in q.tags() {
         q.unregister_io_buf(tag);
     }
@@ -188,6 +191,38 @@ pub fn queue_main(qid: u16, dev: &UblkDev, engine: Arc<Engine>) {
         // broken ring) the driver's commands of idle tags, which point at them too.
         reqs.abandon_in_flight();
         std::mem::forget(bufs);
+    }
+}
+
+/// How long a queue that went down waits for its shipped writes still in flight.
+const SHIP_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The queue went down with no request left but shipped target writes still in flight (async
+/// mode's early writes outlive their requests): their completions are reaped from the ring,
+/// which libublk no longer waits on once its commands are done, for at most [`SHIP_DRAIN`], so
+/// that their landings are reported (the loop's last flush can then be a consistent point)
+/// rather than abandoned. Driver commands completing meanwhile carry no request and are left.
+fn drain_ships(q: &UblkQueue<'_>, bufs: &[IoBuf<u8>], reqs: &mut QueueRequests) {
+    let deadline = Instant::now() + SHIP_DRAIN;
+    let n = reqs.in_flight();
+    while reqs.in_flight() > 0 && Instant::now() < deadline {
+        let cqes: Vec<(u64, i32)> = libublk::with_task_io_ring_mut(|ring| {
+            let ts = io_uring::types::Timespec::new().nsec(100_000_000);
+            let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+            // A timeout (ETIME) or an interruption only ends this wait: the loop checks again.
+            let _ = ring.submitter().submit_with_args(1, &args);
+            ring.completion().map(|c| (c.user_data(), c.result())).collect()
+        });
+        for (user_data, res) in cqes {
+            if user_data & UblkUringData::Target as u64 != 0 {
+                on_cqe(q, bufs, reqs, user_data, res);
+            }
+        }
+    }
+    if reqs.in_flight() > 0 {
+        log::warn!("{} of {n} shipped writes still in flight {SHIP_DRAIN:?} after the queue went down", reqs.in_flight());
+    } else {
+        log::debug!("{n} shipped writes landed after the queue went down");
     }
 }
 

@@ -340,8 +340,11 @@ fn serve(opts: &AddOptions, recover: Option<u32>, report: &mut Report) -> Result
         let max_io = dev.dev_info.max_io_buf_bytes;
         let t = &mut dev.tgt;
         t.dev_size = tgt_engine.size();
-        // Room for two operations per tag (a write-blocking write goes to source and target)
-        // and the queue's bitmap flush and timer.
+        // Room for two operations per tag (a write-blocking write goes to source and target,
+        // an early-shipped one too) and the queue's bitmap flush and timer. An early-shipped
+        // target write may outlive its tag, so more may be in flight at moments: a full
+        // submission queue is submitted (QueueSink::push) and the kernel keeps completions that
+        // overflow the completion queue (IORING_FEAT_NODROP, every kernel with ublk).
         t.cq_depth = t.cq_depth.saturating_mul(2);
         t.sq_depth = t.sq_depth.saturating_mul(2);
         t.params = device::params(&tgt_engine, max_io);

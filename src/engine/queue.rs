@@ -172,8 +172,8 @@ struct Req {
     /// shipped early; it is queued when the source write completes.
     ship_copy: Option<AlignedBuf>,
     /// Async mode: shipped early (its target write issued with its source write, see
-    /// [`Engine::ship_early`]).
-    early: bool,
+    /// [`Engine::ship_early`]): its queue entry.
+    early: Option<u64>,
 }
 
 const SRC: u32 = 0;
@@ -280,6 +280,11 @@ impl QueueRequests {
         self.reqs.len() + self.ships.len() + self.to_ship.len()
     }
 
+    /// Requests in flight (the device's tags not yet completed).
+    pub fn requests_in_flight(&self) -> usize {
+        self.reqs.len()
+    }
+
     /// Queues a request with its own data; its completion comes from [`Self::completions`].
     pub fn submit(&mut self, sink: &mut impl Sink, tag: u64, op: Op) {
         let (req, data) = match op {
@@ -346,7 +351,7 @@ impl QueueRequests {
             unchanged: false,
             zeroes_written: false,
             ship_copy: None,
-            early: false,
+            early: None,
         };
         // Slots fit in 16 bits (checked above): they travel in completions' user_data.
         let slot = self.reqs.insert(r);
@@ -527,7 +532,7 @@ impl QueueRequests {
             }
             Request::Write { off, len, fua } => {
                 let base = r.data.ptr(len);
-                if let (ActivePlan::Ship { id }, 0, false, false, None) = (r.plan, done, r.early, r.zeroes_written, &r.ship_copy) {
+                if let (ActivePlan::Ship { id }, 0, false, false, None) = (r.plan, done, r.early.is_some(), r.zeroes_written, &r.ship_copy) {
                     // Async mode: the bytes are copied now (the data is in the request's buffer
                     // from the start and does not change while it is in flight), and the
                     // target write goes with the source write if the engine lets it; otherwise
@@ -537,7 +542,7 @@ impl QueueRequests {
                         if self.has_target && self.ships.len() + self.to_ship.len() < u16::MAX as usize {
                             match engine.ship_early(id, b) {
                                 Ok(ship) => {
-                                    r.early = true;
+                                    r.early = Some(ship.seq);
                                     self.to_ship.push(ship);
                                 }
                                 Err(b) => r.ship_copy = Some(b),
@@ -584,6 +589,14 @@ impl QueueRequests {
         // abandon_in_flight; its descriptors are held by `held` until then (crate::engine::front).
         if let Err(e) = unsafe { sink.push(e, Owner::Front, slot16) } {
             log::error!("queue ring: cannot queue a request: {e}");
+            // Its target write, if it was to go early, is not issued either (the application
+            // is told the write failed): it ends as a failed target write.
+            if let Some(seq) = self.reqs.get(slot).and_then(|r| r.early) {
+                if let Some(i) = self.to_ship.iter().position(|s| s.seq == seq) {
+                    let s = self.to_ship.swap_remove(i);
+                    self.engine.ship_direct_landed(s.seq, Some("its source write could not be queued".into()));
+                }
+            }
             self.finish(slot, Err(eio()));
         }
     }
@@ -755,7 +768,7 @@ impl QueueRequests {
                 // to the driver with the completion).
                 // A discard or write-zeroes that took effect leaves zeroes: shipped as a zeroing.
                 let data = match (&result, r.req, &r.data) {
-                    _ if r.early => Shipped::Nothing,
+                    _ if r.early.is_some() => Shipped::Nothing,
                     (Ok(_), Request::Write { .. }, _) if r.zeroes_written => Shipped::Zeroes,
                     (Ok(_), Request::Write { .. }, _) if r.ship_copy.is_some() => r.ship_copy.map_or(Shipped::Nothing, Shipped::Bytes),
                     (Ok(_), Request::Write { len, .. }, d) => copy_out(&self.engine, d, len).map_or(Shipped::Nothing, Shipped::Bytes),
@@ -763,7 +776,7 @@ impl QueueRequests {
                     (Ok(_), Request::WriteZeroes { .. }, _) => Shipped::Zeroes,
                     _ => Shipped::Nothing,
                 };
-                if r.early {
+                if r.early.is_some() {
                     self.engine.ship_early_source_done(id, result.is_ok());
                 } else {
                     self.engine.ship_written(id, result.is_ok(), data);
