@@ -8,7 +8,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use ublk_mirror::engine::mirror::{Mirror, RunUntil, TestHooks};
+use ublk_mirror::engine::mirror::TestHooks;
 use ublk_mirror::engine::queue::{EngineQueue, Op};
 use ublk_mirror::engine::{CopyConfig, CopyMode, Engine, Settings, SyncMode};
 use ublk_mirror::io::backing::AlignedBuf;
@@ -35,18 +35,28 @@ fn write_block(q: &mut EngineQueue, blk: u64, seed: u64) -> AlignedBuf {
     copy
 }
 
-/// A live loop on its own thread with `hooks`, until the engine is stopped.
+/// A live loop over `f`'s target on its own thread with `hooks`, until the engine is stopped.
 fn spawn_loop(engine: &Arc<Engine>, f: &Files, hooks: impl FnOnce() -> TestHooks + Send + 'static) -> std::thread::JoinHandle<()> {
-    let engine = engine.clone();
-    let target = f.target.clone();
-    std::thread::spawn(move || {
-        let mut t = ublk_mirror::io::target::open_file_target(&target, ublk_mirror::io::backing::DirectMode::Auto)
-            .expect("target");
-        let cfg = CopyConfig { max_copies: 8, buf_size: 256 << 10, ..Default::default() };
-        let mut m = Mirror::new(engine, &mut t, cfg).expect("mirror");
-        m.set_hooks(hooks());
-        m.run(RunUntil::Stopped, None).expect("run");
-    })
+    let t = ublk_mirror::io::target::open_file_target(&f.target, ublk_mirror::io::backing::DirectMode::Auto).expect("target");
+    let cfg = CopyConfig { max_copies: 8, buf_size: 256 << 10, ..Default::default() };
+    spawn_loop_with_hooks(engine, Box::new(t), cfg, hooks)
+}
+
+/// A live loop with no hooks, once shipping has started (at the loop's first consistent point),
+/// and a queue to write through.
+fn start_shipping(engine: &Arc<Engine>, f: &Files) -> (std::thread::JoinHandle<()>, EngineQueue) {
+    let mirror = spawn_loop(engine, f, TestHooks::default);
+    wait_for("shipping to start", Duration::from_secs(10), || mode(engine) == "async");
+    (mirror, EngineQueue::new(engine.clone(), 8).expect("queue"))
+}
+
+/// Writes `n` blocks 64 KiB apart (block i with seed i; a failed write fails the test), then
+/// flushes the device.
+fn write_spread(q: &mut EngineQueue, n: u64) {
+    for i in 0..n {
+        write_block(q, i * 16, i);
+    }
+    q.execute(Op::Flush).expect("flush");
 }
 
 fn mode(engine: &Engine) -> String {
@@ -105,10 +115,7 @@ fn async_ships_writes_in_place_of_copies_from_the_queue() {
 fn ships_writes_in_place_of_copies(who: Issuer) {
     let f = files(8 * MIB);
     let engine = open_async_issued_by(&f, 16 * MIB, who);
-    let mirror = spawn_loop(&engine, &f, TestHooks::default);
-    // Shipping starts at the first consistent point (the loop makes one at once).
-    wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
-    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    let (mirror, mut q) = start_shipping(&engine, &f);
     for i in 0..256u64 {
         write_block(&mut q, (i * 7919) % 2048, i);
         if i % 16 == 15 {
@@ -153,13 +160,8 @@ fn discards_and_write_zeroes_are_shipped_as_zeroings() {
     fill_random(&f.target, 0, (8 * MIB) as usize, 7);
     fill_random(&f.source, 0, (8 * MIB) as usize, 7);
     let engine = open_async(&f, MIB);
-    let mirror = spawn_loop(&engine, &f, TestHooks::default);
-    wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
-    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
-    for i in 0..64u64 {
-        write_block(&mut q, i * 16, i);
-    }
-    q.execute(Op::Flush).expect("flush");
+    let (mirror, mut q) = start_shipping(&engine, &f);
+    write_spread(&mut q, 64);
     // 4 MiB discarded (four times the buffer), then 1 MiB zeroed, then writes over both.
     q.execute(Op::Discard { off: 2 * MIB, len: 4 * MIB }).expect("discard");
     q.execute(Op::WriteZeroes { off: 0, len: MIB, unmap: false }).expect("write-zeroes");
@@ -194,9 +196,7 @@ fn a_write_zeroes_that_fell_back_is_shipped_as_a_zeroing() {
     fill_random(&f.source, 0, (4 * MIB) as usize, 11);
     fill_random(&f.target, 0, (4 * MIB) as usize, 11);
     let engine = open_async(&f, MIB);
-    let mirror = spawn_loop(&engine, &f, TestHooks::default);
-    wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
-    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
+    let (mirror, mut q) = start_shipping(&engine, &f);
     q.execute(Op::WriteZeroes { off: MIB, len: MIB, unmap: false }).expect("write-zeroes on tmpfs");
     q.execute(Op::Flush).expect("flush");
     wait_for("synced", Duration::from_secs(20), || engine.status().state == "synced");
@@ -313,10 +313,8 @@ fn a_full_buffer_falls_behind_and_resumes_from_the_queue() {
 fn full_buffer_falls_behind_and_resumes(who: Issuer) {
     let f = files(8 * MIB);
     let engine = open_async_issued_by(&f, 64 << 10, who);
-    let mirror = spawn_loop(&engine, &f, TestHooks::default);
-    wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
+    let (mirror, mut q) = start_shipping(&engine, &f);
     engine.apply_settings(&Settings { paused: true, ..async_settings(64 << 10) });
-    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
     for i in 0..32u64 {
         write_block(&mut q, i * 16, i);
     }
@@ -381,15 +379,8 @@ fn shipping_waits_for_the_command(who: Issuer) {
         timeout: Duration::from_secs(20),
         env: vec![("UBLK_MIRROR_TARGET".into(), f.target.display().to_string())],
     };
-    let e2 = engine.clone();
-    let target = f.target.clone();
-    let mirror = std::thread::spawn(move || {
-        let mut t = ublk_mirror::io::target::open_file_target(&target, ublk_mirror::io::backing::DirectMode::Auto)
-            .expect("target");
-        let cfg = CopyConfig { on_consistent: Some(hook), ..Default::default() };
-        let mut m = Mirror::new(e2, &mut t, cfg).expect("mirror");
-        m.run(RunUntil::Stopped, None).expect("run");
-    });
+    let t = ublk_mirror::io::target::open_file_target(&f.target, ublk_mirror::io::backing::DirectMode::Auto).expect("target");
+    let mirror = common::spawn_loop(&engine, Box::new(t), CopyConfig { on_consistent: Some(hook), ..Default::default() });
     wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
     wait_for("the first run to end", Duration::from_secs(20), || snap.exists() && !engine.hook_running());
     std::fs::remove_file(&snap).expect("rm");
@@ -430,14 +421,8 @@ fn a_failed_target_write_from_the_queue_falls_behind_to_the_copy() {
     let engine = open_async(&f, 16 * MIB);
     let ro = Backing::open(&f.target, "target", false, DirectMode::Auto).expect("the target, read-only");
     engine.attach_target(&ublk_mirror::io::target::FileTarget::new(ro)).expect("attach");
-    let mirror = spawn_loop(&engine, &f, TestHooks::default);
-    wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
-    let mut q = EngineQueue::new(engine.clone(), 8).expect("queue");
-    for i in 0..64u64 {
-        // (execute fails the test if the application's write fails.)
-        write_block(&mut q, i * 16, i);
-    }
-    q.execute(Op::Flush).expect("flush");
+    let (mirror, mut q) = start_shipping(&engine, &f);
+    write_spread(&mut q, 64);
     q.settle(Duration::from_secs(10)).expect("settle");
     wait_for("the failed write to make the queue fall behind", Duration::from_secs(10), || {
         engine.status().shipping.is_some_and(|s| s.fell_behind >= 1)

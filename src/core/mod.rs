@@ -1657,16 +1657,22 @@ mod tests {
         s.check_invariants().unwrap();
     }
 
+    /// A state of `n` regions in async mode, shipping: shipping starts at the first consistent
+    /// point.
+    fn shipping_state(n: u64) -> MirrorState<MemBits> {
+        let mut s = state(n);
+        s.set_shipping(Some(1 << 20));
+        assert_eq!(s.target_flush_started(), FlushKind::Consistent);
+        assert!(s.target_flush_done(true).resumed);
+        s
+    }
+
     /// A copy made while shipped writes are queued: the target is a crash image again only once
     /// those writes have landed. Until then no point is due, however much changed: a flush would
     /// be a checkpoint and leave the point due, and the loop would flush the pair on every pass.
     #[test]
     fn no_point_is_due_while_writes_shipped_before_a_copy_are_in_flight() {
-        let mut s = state(8);
-        s.set_shipping(Some(1 << 20));
-        // Shipping starts at the first consistent point.
-        assert_eq!(s.target_flush_started(), FlushKind::Consistent);
-        assert!(s.target_flush_done(true).resumed);
+        let mut s = shipping_state(8);
         let (_, plan) = s.begin_shipped_write(ext(1, 1), 4096, 4096);
         let ActivePlan::Ship { id } = plan else { panic!("not shipped: {plan:?}") };
         durable(&mut s);
@@ -1691,10 +1697,7 @@ mod tests {
     /// as mirrored and the region is copied.
     #[test]
     fn a_shipped_write_over_a_write_blocking_one_in_flight_is_not_mirrored() {
-        let mut s = state(8);
-        s.set_shipping(Some(1 << 20));
-        assert_eq!(s.target_flush_started(), FlushKind::Consistent);
-        assert!(s.target_flush_done(true).resumed);
+        let mut s = shipping_state(8);
         let (_, a) = s.begin_active_write(ext(2, 1), 2 * 4096, 4096);
         let ActivePlan::Target { id: wb } = a else { panic!("not write-blocking: {a:?}") };
         let (_, b) = s.begin_shipped_write(ext(2, 1), 2 * 4096, 4096);

@@ -199,16 +199,15 @@ impl Engine {
         // send writes to the loop's queue, and early shipping resumes only once that queue is
         // empty, which a steady load may not let happen for long.
         let hold = gate.spacing.hold(Instant::now());
+        // The handle the buffer gets if the write goes: the slab's next key (nothing else
+        // inserts under the lock held here).
+        let handle = g.ship_bufs.vacant_key() as u64;
+        let Some(s) = g.state.ship_early(id, handle, usize::MAX, hold) else { return Err(buf) };
         let ptr = buf.as_ptr();
-        let handle = g.ship_bufs.insert(buf) as u64;
-        match g.state.ship_early(id, handle, usize::MAX, hold) {
-            Some(s) => {
-                self.ship_direct_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Ok(DirectShip { seq: s.seq, off: s.off, len: s.len, buf: ptr, handle })
-            }
-            // The handle was just inserted: it is there to remove.
-            None => Err(g.ship_bufs.remove(handle as usize)),
-        }
+        let inserted = g.ship_bufs.insert(buf) as u64;
+        debug_assert_eq!(inserted, handle);
+        self.ship_direct_writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(DirectShip { seq: s.seq, off: s.off, len: s.len, buf: ptr, handle })
     }
 
     /// Async mode: the source write of early write `id` ([`Self::ship_early`]) completed

@@ -10,13 +10,24 @@ use ublk_mirror::engine::{PairOptions, SyncMode};
 /// Runs a live mirror loop over `target` on its own thread, until the engine is stopped.
 pub fn spawn_loop(
     engine: &std::sync::Arc<ublk_mirror::engine::Engine>,
+    target: ublk_mirror::io::target::BoxTarget,
+    cfg: ublk_mirror::engine::CopyConfig,
+) -> std::thread::JoinHandle<()> {
+    spawn_loop_with_hooks(engine, target, cfg, ublk_mirror::engine::mirror::TestHooks::default)
+}
+
+/// [`spawn_loop`] with the loop's test hooks from `hooks` (made on the loop's thread).
+pub fn spawn_loop_with_hooks(
+    engine: &std::sync::Arc<ublk_mirror::engine::Engine>,
     mut target: ublk_mirror::io::target::BoxTarget,
     cfg: ublk_mirror::engine::CopyConfig,
+    hooks: impl FnOnce() -> ublk_mirror::engine::mirror::TestHooks + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     use ublk_mirror::engine::mirror::{Mirror, RunUntil};
     let engine = engine.clone();
     std::thread::spawn(move || {
         let mut m = Mirror::new(engine, target.as_mut(), cfg).expect("mirror");
+        m.set_hooks(hooks());
         m.run(RunUntil::Stopped, None).expect("run");
     })
 }
