@@ -180,26 +180,26 @@ cpu_snap() {
 }
 # reqs DEV: reads and writes the device completed (ramp included, as in the CPU times).
 reqs() { awk '{ print $1 + $5 }' "/sys/block/$1/stat"; }
-# counters N: "LOCK_WAITS BITMAP_FLUSHES" of mirror N (its state lock found held; fdatasyncs of
-# its bitmap, each an intent some write waited for or a bit cleared); "0 0" for the plain loop.
+# counters N: "LOCK_WAITS BITMAP_FLUSHES EARLY WAKEUPS" of mirror N (its state lock found held;
+# fdatasyncs of its bitmap, each an intent some write waited for or a bit cleared; shipped writes
+# its queue issued itself; wake-ups written to its loop); "0 0 0 0" for the plain loop.
 counters() {
-    if [ "$1" = 0 ]; then echo "0 0 0"; return; fi
+    if [ "$1" = 0 ]; then echo "0 0 0 0"; return; fi
     status_num "$1" lock_waits > /dev/null
     q=$(jnum issued_by_queues < /tmp/st.json) # absent outside async mode
-    echo "$(jnum lock_waits < /tmp/st.json) $(jnum bitmap_flushes < /tmp/st.json) ${q:-0}"
+    echo "$(jnum lock_waits < /tmp/st.json) $(jnum bitmap_flushes < /tmp/st.json) ${q:-0} $(jnum loop_wakeups < /tmp/st.json)"
 }
-# cpu_line NAME JOB ROUND IOS BEFORE AFTER WAITS FLUSHES EARLY: the CPU line of one measurement
-# (WAITS, FLUSHES, EARLY: the mirror's lock waits, bitmap flushes and shipped writes its queue
-# issued to the target itself meanwhile, per 1000 requests).
+# cpu_line NAME JOB ROUND IOS BEFORE AFTER WAITS FLUSHES EARLY WAKEUPS: the CPU line of one
+# measurement (the mirror's counters meanwhile, per 1000 requests: see counters).
 cpu_line() {
-    printf '%s\n%s\n' "$5" "$6" | awk -v n="$1" -v j="$2" -v r="$3" -v ios="$4" -v waits="$7" -v bmf="$8" -v early="$9" '
+    printf '%s\n%s\n' "$5" "$6" | awk -v n="$1" -v j="$2" -v r="$3" -v ios="$4" -v waits="$7" -v bmf="$8" -v early="$9" -v wakes="${10}" '
         $1 == "sys" { snap++; if (snap == 1) { sb = $2; sa = $3 } else { busy = ($2 - sb) / ($3 - sa + 1e-9) }; next }
         snap == 1 { a[$1] = $2; next }
         { d[$1] = $2 - a[$1] }
         END { per = ios > 0 ? 1000 * 10 / ios : 0
               printf "CPU %s %s %d busy %.0f%% ms/1000req total %.1f", n, j, r, 100 * busy, d["total"] * per
               for (k in d) if (k != "total" && d[k] > 0) printf " %s=%.1f", k, d[k] * per
-              if (ios > 0) printf " lock-waits/1000req %.0f bitmap-flushes/1000req %.1f queue-shipped/1000req %.0f", 1000 * waits / ios, 1000 * bmf / ios, 1000 * early / ios
+              if (ios > 0) printf " lock-waits/1000req %.0f bitmap-flushes/1000req %.1f queue-shipped/1000req %.0f loop-wakeups/1000req %.0f", 1000 * waits / ios, 1000 * bmf / ios, 1000 * early / ios, 1000 * wakes / ios
               printf "\n" }'
 }
 
@@ -228,7 +228,7 @@ while [ "$r" -le "$ROUNDS" ]; do
                 b = (j == "randread") ? 14 : 55
                 split($(b + 10), p50, "="); split($(b + 16), p99, "="); split($(b + 18), p999, "=")
                 printf "LAT %s %s %d clat-us mean %.0f p50 %s p99 %s p99.9 %s\n", n, j, r, $(b + 2), p50[2], p99[2], p999[2] }'
-            cpu_line "${d%%:*}" "$job" "$r" $((q1 - q0)) "$c0" "$c1" $(echo "$k0 $k1" | awk '{ print $4 - $1, $5 - $2, $6 - $3 }')
+            cpu_line "${d%%:*}" "$job" "$r" $((q1 - q0)) "$c0" "$c1" $(echo "$k0 $k1" | awk '{ print $5 - $1, $6 - $2, $7 - $3, $8 - $4 }')
         done
     done
     r=$((r + 1))

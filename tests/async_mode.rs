@@ -441,3 +441,69 @@ fn a_failed_target_write_from_the_queue_falls_behind_to_the_copy() {
     mirror.join().expect("mirror");
     assert_eq!(read_all(&f.source), read_all(&f.target));
 }
+
+/// A sink that only records what was pushed (owner, slot): the test completes the operations
+/// itself, in the order it chooses, with the results it chooses. Nothing reaches the kernel.
+#[derive(Default)]
+struct Recorder(Vec<(ublk_mirror::io::uring::Owner, u16)>);
+
+impl ublk_mirror::engine::queue::Sink for Recorder {
+    unsafe fn push(&mut self, _: io_uring::squeue::Entry, owner: ublk_mirror::io::uring::Owner, slot: u16) -> std::io::Result<()> {
+        self.0.push((owner, slot));
+        Ok(())
+    }
+}
+
+impl Recorder {
+    fn take(&mut self, owner: ublk_mirror::io::uring::Owner) -> Option<u16> {
+        let i = self.0.iter().position(|&(o, _)| o == owner)?;
+        Some(self.0.remove(i).1)
+    }
+}
+
+/// The queue reports an early write's two halves to the engine together, when the second
+/// completes, whichever it is: until then the write is in flight for the engine (no point, no
+/// landing), though the application's write completes with its source half; a failed target
+/// half makes the queue fall behind in either order.
+#[test]
+fn an_early_write_is_reported_when_both_halves_completed_in_either_order() {
+    use ublk_mirror::engine::queue::QueueRequests;
+    use ublk_mirror::io::uring::Owner;
+    for (source_first, target_ok) in [(true, true), (true, false), (false, true), (false, false)] {
+        let case = format!("source first: {source_first}, target ok: {target_ok}");
+        let f = files(8 * MIB);
+        let engine = open_async_issued_by(&f, 16 * MIB, Issuer::Queue);
+        let mirror = spawn_loop(&engine, &f, TestHooks::default);
+        wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
+        let mut q = QueueRequests::new(engine.clone()).expect("queue");
+        let mut sink = Recorder::default();
+        q.submit(&mut sink, 7, Op::Write { off: 0, data: block_data(1), len: BLOCK as u32, fua: false });
+        // Its intent's bitmap flush, if it waits for one (completed as if done).
+        while let Some(s) = sink.take(Owner::Bitmap) {
+            q.complete(&mut sink, Owner::Bitmap, s, 0);
+        }
+        let src = sink.take(Owner::Front).expect("the source write");
+        let tgt = sink.take(Owner::Ship).unwrap_or_else(|| panic!("{case}: the write did not go early: {:?}", engine.status().shipping));
+        let tgt_res = if target_ok { BLOCK as i32 } else { -libc::EIO };
+        let halves = [(Owner::Front, src, BLOCK as i32), (Owner::Ship, tgt, tgt_res)];
+        let (first, second) = if source_first { (halves[0], halves[1]) } else { (halves[1], halves[0]) };
+        q.complete(&mut sink, first.0, first.1, first.2);
+        let done: Vec<_> = q.completions().map(|c| (c.tag, c.result.ok())).collect();
+        assert_eq!(done, if source_first { vec![(7, Some(BLOCK as u32))] } else { vec![] }, "{case}");
+        let s = engine.status();
+        let ship = s.shipping.clone().expect("async figures");
+        assert_eq!((s.active_writes, ship.in_flight_writes, ship.fell_behind), (1, 1, 0), "{case}: reported after one half: {s:?}");
+        q.complete(&mut sink, second.0, second.1, second.2);
+        if !source_first {
+            let done: Vec<_> = q.completions().map(|c| (c.tag, c.result.ok())).collect();
+            assert_eq!(done, vec![(7, Some(BLOCK as u32))], "{case}");
+        }
+        let s = engine.status();
+        let ship = s.shipping.clone().expect("async figures");
+        assert_eq!((s.active_writes, ship.in_flight_writes), (0, 0), "{case}: not reported after both halves: {s:?}");
+        assert_eq!(ship.fell_behind, u64::from(!target_ok), "{case}: {ship:?}");
+        assert_eq!(q.in_flight(), 0, "{case}");
+        engine.request_stop();
+        mirror.join().expect("mirror");
+    }
+}

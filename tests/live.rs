@@ -1273,3 +1273,34 @@ fn a_failing_mirror_loop_is_reported_restarted_and_gives_up() {
     assert!(r.is_err_and(|e| e.to_string().contains("injected fault")), "the last loop's error is reported at the stop");
     assert_eq!(engine.status().target_failures, 3, "it kept trying after giving up");
 }
+
+/// The mirror loop's wake-ups: each one after the loop took the last makes a pass, and those
+/// that come while one is pending are not written again (each write to the eventfd is a system
+/// call of a device's queue).
+#[test]
+fn each_wake_up_makes_a_pass_and_pending_ones_are_written_once() {
+    let f = files(8 * MIB);
+    let (engine, target, _) = Engine::open(&f.pair(Some(SyncMode::AssumeIdentical), None)).expect("open");
+    let engine = Arc::new(engine);
+    // No lazy clearing: its tick would make passes of its own.
+    let mirror = spawn_loop(&engine, target, CopyConfig { clear_delay: Duration::ZERO, ..Default::default() });
+    wait_for("synced", Duration::from_secs(10), || engine.status().state == "synced");
+    for i in 0..20 {
+        let p0 = engine.loop_passes();
+        engine.wake();
+        wait_for(&format!("a pass after wake-up {i}"), Duration::from_secs(10), || engine.loop_passes() > p0);
+    }
+    // A burst: the loop takes a wake-up only after a system call and a pass, so nearly all of
+    // these find one pending.
+    let w0 = engine.loop_wakeups();
+    for _ in 0..10_000 {
+        engine.wake();
+    }
+    let written = engine.loop_wakeups() - w0;
+    assert!(written < 1000, "{written} of 10000 wake-ups in a burst were written");
+    let p0 = engine.loop_passes();
+    engine.wake();
+    wait_for("a pass after the burst", Duration::from_secs(10), || engine.loop_passes() > p0);
+    engine.request_stop();
+    mirror.join().expect("mirror");
+}

@@ -60,7 +60,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::collections::HashMap;
 use ublk_mirror::core::ship::{BehindReason, ZEROES};
-use ublk_mirror::core::{ActivePlan, Extent, FlushKind, GroupCommit, Intent, MirrorState, PersistentBits};
+use ublk_mirror::core::{ActivePlan, Extent, FlushKind, GroupCommit, Intent, MirrorState, PersistentBits, ShipLanded};
 use ublk_mirror::core::lifecycle::{self, BitmapFiles, Fill, SyncMode};
 
 const N: u64 = 8;
@@ -171,8 +171,18 @@ struct Write {
     active: Option<(u64, Option<bool>)>,
     /// An async write planned for shipping: its id.
     ship: Option<u64>,
-    /// Shipped early: issued to the target with its source write (`ship_early`).
-    early: bool,
+    /// Shipped early: issued to the target with its source write (`ship_early`): its queue
+    /// entry.
+    early: Option<u64>,
+}
+
+/// The half of a paired early write that completed first (see `Sim::paired`).
+#[derive(Clone, Copy)]
+enum Half {
+    /// Its source write: the write's id, and whether it succeeded.
+    Source(u64, bool),
+    /// Its target write: whether it succeeded.
+    Target(bool),
 }
 
 /// A shipped write issued to the target, not yet landed.
@@ -229,6 +239,10 @@ struct Sim {
     zero_data: HashMap<u64, (Extent, Vec<u64>)>,
     /// Async: shipped writes in flight to the target.
     ships: Vec<InShip>,
+    /// Async, early writes whose halves the queue reports together, by whichever completes
+    /// second (as the device's queue does): by queue seq, the half that completed first and
+    /// is not reported yet (the source's write id and result, or the target's result).
+    paired: HashMap<u64, Option<Half>>,
     /// Async: what was acknowledged when each queued write was acknowledged, by queue seq.
     ship_acked: HashMap<u64, Vec<u64>>,
     /// Async: shipping since the last resume with no copy started since: the target's medium
@@ -408,6 +422,7 @@ impl Sim {
             next_handle: 0,
             zero_data: HashMap::new(),
             ships: Vec::new(),
+            paired: HashMap::new(),
             ship_acked: HashMap::new(),
             pure: false,
             ship_base: vec![0; N as usize],
@@ -649,6 +664,7 @@ impl Sim {
         self.copies.clear();
         self.evs.clear();
         self.ships.clear();
+        self.paired.clear();
         self.ship_data.clear();
         self.zero_data.clear();
         self.ship_acked.clear();
@@ -729,7 +745,12 @@ impl Sim {
         }
         self.ships.push(InShip { seq: sh.seq, epoch: sh.epoch, ext, vers });
         if let Some(wr) = self.writes[w].as_mut() {
-            wr.early = true;
+            wr.early = Some(sh.seq);
+        }
+        // Most early writes are reported as the device's queue does, both halves at once; some
+        // as each half completes (a queue that could not keep them together).
+        if self.rng.gen_ratio(3, 4) {
+            self.paired.insert(sh.seq, None);
         }
         self.ship_early += 1;
     }
@@ -768,7 +789,7 @@ impl Sim {
             ActivePlan::Ship { id } => (None, Some(id)),
             ActivePlan::SourceOnly => (None, None),
         };
-        self.writes.push(Some(Write { ext, vers, state: WState::Waiting, active, ship, early: false }));
+        self.writes.push(Some(Write { ext, vers, state: WState::Waiting, active, ship, early: None }));
         match intent {
             Intent::Ready => self.issue(w),
             Intent::Wait { seq } => {
@@ -812,11 +833,32 @@ impl Sim {
                 self.tgt.cache[r as usize] = *v;
             }
         }
-        let out = self.s.ship_landed(sh.seq, ok);
+        let out = match self.paired.get_mut(&sh.seq) {
+            // Its source write is in flight: the landing waits for it (end).
+            Some(half @ None) => {
+                *half = Some(Half::Target(ok));
+                return;
+            }
+            Some(Some(Half::Source(id, source_ok))) => {
+                let (id, source_ok) = (*id, *source_ok);
+                self.paired.remove(&sh.seq);
+                self.report_both(id, source_ok, sh.seq, ok)
+            }
+            _ => self.s.ship_landed(sh.seq, ok),
+        };
         self.free(&out.freed);
         if out.fell_behind.is_some() {
             self.pure = false;
         }
+    }
+
+    /// Both halves of an early write, reported at once (Engine::ship_early_done).
+    fn report_both(&mut self, id: u64, source_ok: bool, seq: u64, target_ok: bool) -> ShipLanded {
+        let mut out = self.s.ship_early_source_done(id, source_ok);
+        let landed = self.s.ship_landed(seq, target_ok);
+        out.freed.extend(landed.freed);
+        out.fell_behind = out.fell_behind.or(landed.fell_behind);
+        out
     }
 
     /// Async, shipping with no copy since it resumed: whatever the OS writes back next, the
@@ -888,9 +930,22 @@ impl Sim {
     }
 
     fn end(&mut self, wr: Write, source_ok: bool) {
-        if let (Some(id), true) = (wr.ship, wr.early) {
-            // Its target half lands on its own (ship_step); the write lands with both.
-            let out = self.s.ship_early_source_done(id, source_ok);
+        if let (Some(id), Some(seq)) = (wr.ship, wr.early) {
+            // Its target half lands on its own (ship_step); the write lands with both. A paired
+            // write's source half is reported with its target half: now if that completed, else
+            // when it does (the application's write completes either way).
+            let out = match self.paired.get_mut(&seq) {
+                Some(half @ None) => {
+                    *half = Some(Half::Source(id, source_ok));
+                    return;
+                }
+                Some(Some(Half::Target(target_ok))) => {
+                    let target_ok = *target_ok;
+                    self.paired.remove(&seq);
+                    self.report_both(id, source_ok, seq, target_ok)
+                }
+                _ => self.s.ship_early_source_done(id, source_ok),
+            };
             self.free(&out.freed);
             if out.fell_behind.is_some() {
                 self.pure = false;

@@ -115,6 +115,11 @@ pub struct Engine {
     loop_passes: AtomicU64,
     /// Times [`Engine::lock`] found the lock held (see [`Engine::lock_waits`]).
     lock_waits: AtomicU64,
+    /// A wake-up of the mirror loop is on its way: written to the eventfd and not yet taken by
+    /// the loop (see [`Engine::wake`]).
+    wake_pending: AtomicBool,
+    /// Wake-ups written to the eventfd (see [`Engine::loop_wakeups`]).
+    wakeups: AtomicU64,
     /// The bitmap file was marked lost (see [`Engine::check_bitmap_lost`]).
     bitmap_lost_marked: AtomicBool,
     /// Shipped writes the device's queues issued to the target themselves (see
@@ -345,6 +350,8 @@ impl Engine {
             front_requests: AtomicU64::new(0),
             loop_passes: AtomicU64::new(0),
             lock_waits: AtomicU64::new(0),
+            wake_pending: AtomicBool::new(false),
+            wakeups: AtomicU64::new(0),
             bitmap_lost_marked: AtomicBool::new(false),
             ship_direct_failed: AtomicBool::new(false),
             ship_direct_writes: AtomicU64::new(0),
@@ -628,11 +635,40 @@ impl Engine {
         self.loop_passes.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Wakes the mirror loop (new dirty regions, or a stop request).
+    /// Wakes the mirror loop (new dirty regions, or a stop request). Callers change what the
+    /// loop is to see first: the wake-up makes the loop begin a pass after it.
+    ///
+    /// One wake-up is written while none is pending: a queue calls this for most writes under
+    /// load, and each write to the eventfd is a system call. Skipping is safe by the order of
+    /// the flag: the loop clears it ([`Self::wake_taken`]) when its read of the eventfd
+    /// completes and before the pass that follows, so a caller that finds it still set changed
+    /// the state before that pass began (SeqCst: one order of the swap and the clear).
     pub fn wake(&self) {
+        if self.wake_pending.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.wake_now();
+    }
+
+    /// Writes a wake-up whether or not one is pending: for the loop's own use (its read of the
+    /// eventfd must complete before it goes) and a stop request.
+    pub(crate) fn wake_now(&self) {
+        self.wakeups.fetch_add(1, Ordering::Relaxed);
         // The counter cannot overflow in practice (it is reset by every read); a failed write
         // only means a wake-up is already pending.
         let _ = self.wake.write(1);
+    }
+
+    /// The mirror loop took a wake-up (its read of the eventfd completed) or is about to wait
+    /// for the first time; its next pass follows. See [`Self::wake`].
+    pub(crate) fn wake_taken(&self) {
+        self.wake_pending.store(false, Ordering::SeqCst);
+    }
+
+    /// How many wake-ups were written to the mirror loop's eventfd (each a system call of the
+    /// thread that wrote it, and a pass of the loop): the benchmarks print it per write.
+    pub fn loop_wakeups(&self) -> u64 {
+        self.wakeups.load(Ordering::Relaxed)
     }
     pub fn wake_fd(&self) -> std::os::unix::io::RawFd {
         use std::os::fd::{AsFd, AsRawFd};
@@ -640,7 +676,8 @@ impl Engine {
     }
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        self.wake();
+        // Written whatever the flag says: a stop is never left to a wake-up thought pending.
+        self.wake_now();
         self.announce_parking();
     }
     pub fn set_source_flush_failed(&self) {

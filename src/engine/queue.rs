@@ -172,8 +172,9 @@ struct Req {
     /// shipped early; it is queued when the source write completes.
     ship_copy: Option<AlignedBuf>,
     /// Async mode: shipped early (its target write issued with its source write, see
-    /// [`Engine::ship_early`]): its queue entry.
+    /// [`Engine::ship_early`]): its queue entry, and its slot in `ships` once issued.
     early: Option<u64>,
+    ship_slot: Option<usize>,
 }
 
 const SRC: u32 = 0;
@@ -199,12 +200,26 @@ struct NapTimer {
 /// A shipped write this queue issued to the target itself, with its source write (async mode,
 /// see [`Engine::ship_early`]): it may outlive its request, which completes when the source
 /// write does.
+///
+/// Its two halves are reported to the engine together, by whichever completes second
+/// ([`Engine::ship_early_done`]): one hold of the state's lock per write instead of two. Until
+/// then the engine counts the half that completed first as in flight, which only delays what
+/// waits for the write (a consistent point, its bit's clearing): the application's completion
+/// does not wait for the report (its write's epoch was fixed at issue).
 struct ShipOut {
     ship: DirectShip,
     /// Bytes the target took so far (a file may take a write in parts).
     done: u64,
-    /// The descriptors the write goes to, held until it landed (a switchover waits for it).
-    held: crate::engine::front::FdsHold,
+    /// The descriptors the write goes to, held until its target write completed (a
+    /// switchover waits for it).
+    held: Option<crate::engine::front::FdsHold>,
+    /// The request's slot in `reqs` while its source write is in flight, so that its
+    /// completion can find this entry.
+    req: usize,
+    /// The source half completed first: the write's id and whether it succeeded.
+    source: Option<(u64, bool)>,
+    /// The target half completed first: `None` if the target took all of it, else why not.
+    landed: Option<Option<String>>,
 }
 
 /// The requests of one queue and the write-intent protocol they follow.
@@ -228,7 +243,7 @@ pub struct QueueRequests {
     /// Shipped writes the engine let go early, issued to the target before the queue returns
     /// to its caller, so in the same submission as their source writes (see
     /// [`QueueRequests::issue_ships`]).
-    to_ship: Vec<DirectShip>,
+    to_ship: Vec<(DirectShip, usize)>,
 }
 
 /// A copy of a finished write's `len` bytes, for the replication queue.
@@ -352,6 +367,7 @@ impl QueueRequests {
             zeroes_written: false,
             ship_copy: None,
             early: None,
+            ship_slot: None,
         };
         // Slots fit in 16 bits (checked above): they travel in completions' user_data.
         let slot = self.reqs.insert(r);
@@ -365,9 +381,12 @@ impl QueueRequests {
 
     /// Issues the shipped writes the engine handed back ([`Self::issue`]) to the target.
     fn issue_ships(&mut self, sink: &mut impl Sink) {
-        for ship in std::mem::take(&mut self.to_ship) {
-            let held = self.engine.front_hold();
-            let slot = self.ships.insert(ShipOut { ship, done: 0, held });
+        for (ship, req) in std::mem::take(&mut self.to_ship) {
+            let held = Some(self.engine.front_hold());
+            let slot = self.ships.insert(ShipOut { ship, done: 0, held, req, source: None, landed: None });
+            if let Some(r) = self.reqs.get_mut(req) {
+                r.ship_slot = Some(slot);
+            }
             self.issue_ship(sink, slot);
         }
     }
@@ -376,7 +395,8 @@ impl QueueRequests {
     /// queue it is a failed target write.
     fn issue_ship(&mut self, sink: &mut impl Sink, slot: usize) {
         let Some(j) = self.ships.get(slot) else { return };
-        let (fd, s) = (j.held.fds.target, &j.ship);
+        let fd = j.held.as_ref().map_or(-1, |h| h.fds.target);
+        let s = &j.ship;
         let r = if fd < 0 {
             Err(io::Error::other("the target is not reachable from the device's queue"))
         } else {
@@ -394,11 +414,37 @@ impl QueueRequests {
         }
     }
 
-    /// The shipped write in `slot` is over (`error`: it failed): reported to the engine.
+    /// The target write of the shipped write in `slot` is over (`error`: it failed): reported
+    /// to the engine with its source half if that completed, else kept for it.
     fn ship_ended(&mut self, slot: usize, error: Option<String>) {
-        let Some(j) = self.ships.try_remove(slot) else { return };
-        self.engine.front_exit(j.held);
-        self.engine.ship_direct_landed(j.ship.seq, error);
+        let Some(j) = self.ships.get_mut(slot) else { return };
+        if let Some(h) = j.held.take() {
+            self.engine.front_exit(h);
+        }
+        match j.source {
+            Some((id, ok)) => {
+                let j = self.ships.remove(slot);
+                self.engine.ship_early_done(id, j.ship.seq, ok, error);
+            }
+            None => j.landed = Some(error),
+        }
+    }
+
+    /// The source write of early write `id` (request slot `req`) completed (`ok`): reported to
+    /// the engine with its target half if that completed, else kept for it.
+    fn early_source_done(&mut self, id: u64, seq: u64, ship_slot: Option<usize>, req: usize, ok: bool) {
+        let found = ship_slot.filter(|&s| self.ships.get(s).is_some_and(|j| j.req == req && j.ship.seq == seq));
+        let Some((s, j)) = found.and_then(|s| Some((s, self.ships.get_mut(s)?))) else {
+            // Its target write never went out (it could not be queued, and was reported so).
+            return self.engine.ship_early_source_done(id, ok);
+        };
+        match j.landed.take() {
+            Some(error) => {
+                self.ships.remove(s);
+                self.engine.ship_early_done(id, seq, ok, error);
+            }
+            None => j.source = Some((id, ok)),
+        }
     }
 
     /// Asks the engine whether the write in `slot` may begin, and begins it if so.
@@ -543,7 +589,7 @@ impl QueueRequests {
                             match engine.ship_early(id, b) {
                                 Ok(ship) => {
                                     r.early = Some(ship.seq);
-                                    self.to_ship.push(ship);
+                                    self.to_ship.push((ship, slot));
                                 }
                                 Err(b) => r.ship_copy = Some(b),
                             }
@@ -592,8 +638,8 @@ impl QueueRequests {
             // Its target write, if it was to go early, is not issued either (the application
             // is told the write failed): it ends as a failed target write.
             if let Some(seq) = self.reqs.get(slot).and_then(|r| r.early) {
-                if let Some(i) = self.to_ship.iter().position(|s| s.seq == seq) {
-                    let s = self.to_ship.swap_remove(i);
+                if let Some(i) = self.to_ship.iter().position(|(s, _)| s.seq == seq) {
+                    let (s, _) = self.to_ship.swap_remove(i);
                     self.engine.ship_direct_landed(s.seq, Some("its source write could not be queued".into()));
                 }
             }
@@ -619,7 +665,7 @@ impl QueueRequests {
         let ships = std::mem::take(&mut self.ships);
         self.engine.leak_ship_bufs(ships.iter().map(|(_, j)| j.ship.handle));
         std::mem::forget(ships);
-        for s in std::mem::take(&mut self.to_ship) {
+        for (s, _) in std::mem::take(&mut self.to_ship) {
             self.engine.ship_direct_landed(s.seq, Some("the queue stopped before its target write was issued".into()));
         }
         self.deferred.clear();
@@ -776,8 +822,8 @@ impl QueueRequests {
                     (Ok(_), Request::WriteZeroes { .. }, _) => Shipped::Zeroes,
                     _ => Shipped::Nothing,
                 };
-                if r.early.is_some() {
-                    self.engine.ship_early_source_done(id, result.is_ok());
+                if let Some(seq) = r.early {
+                    self.early_source_done(id, seq, r.ship_slot, slot, result.is_ok());
                 } else {
                     self.engine.ship_written(id, result.is_ok(), data);
                 }

@@ -171,6 +171,8 @@ pub struct Status {
     pub loop_passes: u64,
     /// Times a thread waited for the engine's lock (see [`Engine::lock_waits`]).
     pub lock_waits: u64,
+    /// Wake-ups written to the mirror loop (see [`Engine::loop_wakeups`]).
+    pub loop_wakeups: u64,
     /// Async mode (absent otherwise): the replication buffer and what went through it.
     pub shipping: Option<ShipStatus>,
 }
@@ -282,6 +284,7 @@ impl Engine {
             degraded_secs: g.progress.degraded_since.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64()),
             loop_passes: self.loop_passes(),
             lock_waits: self.lock_waits(),
+            loop_wakeups: self.loop_wakeups(),
             shipping,
             state,
             device_size: self.size,

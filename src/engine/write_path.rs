@@ -176,8 +176,9 @@ impl Engine {
     /// loop lets queues ship ([`LockedState::ship_gate`]), not paused, no --on-consistent
     /// command running, nothing queued before it, the queue's rules), the engine keeps `buf`
     /// and hands back what to issue to the target, *together with* the source write; the
-    /// caller reports the source half to [`Self::ship_early_source_done`] and the target half
-    /// to [`Self::ship_direct_landed`]. Otherwise `buf` comes back, for [`Self::ship_written`]
+    /// caller reports both halves once both completed to [`Self::ship_early_done`] (or each on
+    /// its own: the source half to [`Self::ship_early_source_done`], the target half to
+    /// [`Self::ship_direct_landed`]). Otherwise `buf` comes back, for [`Self::ship_written`]
     /// when the source write completes.
     ///
     /// Issued together, both halves complete at about the same time and are handled in the same
@@ -231,6 +232,21 @@ impl Engine {
     pub fn ship_direct_landed(&self, seq: u64, error: Option<String>) {
         let mut g = self.lock();
         let out = g.state.ship_landed(seq, error.is_none());
+        self.after_direct_landing(g, out, error);
+    }
+
+    /// Async mode: both halves of early write `id` (queue entry `seq`, see [`Self::ship_early`])
+    /// completed: its source write (`source_ok`) and its target write (`error`: `None` if the
+    /// target took all of it). One hold of the lock for what [`Self::ship_early_source_done`]
+    /// and [`Self::ship_direct_landed`] do in turn.
+    pub fn ship_early_done(&self, id: u64, seq: u64, source_ok: bool, error: Option<String>) {
+        let mut g = self.lock();
+        let mut out = g.state.ship_early_source_done(id, source_ok);
+        let landed = g.state.ship_landed(seq, error.is_none());
+        out.freed.extend(landed.freed);
+        out.fell_behind = out.fell_behind.or(landed.fell_behind);
+        out.wake |= landed.wake;
+        g.progress.unsynced_since.get_or_insert_with(Instant::now);
         self.after_direct_landing(g, out, error);
     }
 

@@ -273,6 +273,9 @@ impl<'t> Mirror<'t> {
         let mut next_tick = tick.map(|t| Instant::now() + t);
         let mut cqes = Vec::new();
         let mut interrupted = false;
+        // A wake-up flagged pending before this run (by a run that ended without taking it)
+        // must not keep the wakers of this one quiet: the first pass follows.
+        self.engine.wake_taken();
         loop {
             // One increment a pass: see Engine::loop_passes.
             self.engine.count_loop_pass();
@@ -570,6 +573,8 @@ impl<'t> Mirror<'t> {
             }
             Some(Owner::Wake) => {
                 self.wake_posted = false;
+                // Before the next pass, which sees whatever the wakers changed (Engine::wake).
+                self.engine.wake_taken();
                 Ok(())
             }
             _ => {
@@ -600,7 +605,7 @@ impl Drop for Mirror<'_> {
             self.engine.set_hook_running(false);
         }
         if self.wake_posted {
-            self.engine.wake();
+            self.engine.wake_now();
         }
         let t0 = Instant::now();
         let mut cqes = Vec::new();
