@@ -464,7 +464,9 @@ impl Recorder {
 /// The queue reports an early write's two halves to the engine together, when the second
 /// completes, whichever it is: until then the write is in flight for the engine (no point, no
 /// landing), though the application's write completes with its source half; a failed target
-/// half makes the queue fall behind in either order.
+/// half makes the queue fall behind in either order. And no target write goes before its
+/// intent is durable, whether the engine lets it go early when it begins (its intent durable
+/// already) or once its intent's bitmap flush completed.
 #[test]
 fn an_early_write_is_reported_when_both_halves_completed_in_either_order() {
     use ublk_mirror::engine::queue::QueueRequests;
@@ -477,11 +479,24 @@ fn an_early_write_is_reported_when_both_halves_completed_in_either_order() {
         wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
         let mut q = QueueRequests::new(engine.clone()).expect("queue");
         let mut sink = Recorder::default();
-        q.submit(&mut sink, 7, Op::Write { off: 0, data: block_data(1), len: BLOCK as u32, fua: false });
-        // Its intent's bitmap flush, if it waits for one (completed as if done).
-        while let Some(s) = sink.take(Owner::Bitmap) {
-            q.complete(&mut sink, Owner::Bitmap, s, 0);
+        // Two writes in extents of the bitmap (4 MiB) whose bits are clean: each waits for its
+        // intent. The first goes early when it is issued, the second (the queue has seen
+        // shipping) is copied before it begins.
+        for (tag, off) in [(1, 0), (2, 6 * MIB)] {
+            q.submit(&mut sink, tag, Op::Write { off, data: block_data(tag), len: BLOCK as u32, fua: false });
+            let bm = sink.take(Owner::Bitmap).unwrap_or_else(|| panic!("{case}: write {tag} did not wait for its intent"));
+            assert!(sink.take(Owner::Ship).is_none(), "{case}: write {tag} went to the target before its intent was durable");
+            q.complete(&mut sink, Owner::Bitmap, bm, 0);
+            let src = sink.take(Owner::Front).expect("the source write");
+            let tgt = sink.take(Owner::Ship).unwrap_or_else(|| panic!("{case}: write {tag} did not go early"));
+            q.complete(&mut sink, Owner::Front, src, BLOCK as i32);
+            q.complete(&mut sink, Owner::Ship, tgt, BLOCK as i32);
+            assert_eq!(q.completions().count(), 1);
         }
+        // The write under test: in the first's extent, whose bits are durable: it begins and
+        // goes early in one question to the engine.
+        q.submit(&mut sink, 7, Op::Write { off: 16 * BLOCK as u64, data: block_data(7), len: BLOCK as u32, fua: false });
+        assert!(sink.take(Owner::Bitmap).is_none(), "{case}: the intent was not durable already");
         let src = sink.take(Owner::Front).expect("the source write");
         let tgt = sink.take(Owner::Ship).unwrap_or_else(|| panic!("{case}: the write did not go early: {:?}", engine.status().shipping));
         let tgt_res = if target_ok { BLOCK as i32 } else { -libc::EIO };

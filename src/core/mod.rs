@@ -239,13 +239,20 @@ pub struct MirrorState<P: PersistentBits> {
     active: HashMap<u64, ActiveWrite>,
     /// How many of `active` are tainted.
     tainted: usize,
+    /// How many of `active` cover each region (see [`SourceHalves`] for why a write looks at
+    /// this before it iterates `active`).
+    active_regions: HashMap<u64, u32>,
+    /// How many of `active` are write-blocking writes (not shipped): a shipped write looks for
+    /// overlaps among them only if there are any (async mode begins one per write, and
+    /// `active` holds every shipped write until it lands).
+    blocking: usize,
     /// Async mode: the replication queue (created when the mode is first asked for).
     ship: Option<ShipQueue>,
     /// Async mode is on: the queue may resume after falling behind.
     ship_on: bool,
     /// Async writes whose source write is in flight, by id: their byte ranges (a write that
     /// overlaps one of them could be applied in either order by the source).
-    ship_src: HashMap<u64, (u64, u64)>,
+    ship_src: SourceHalves,
     /// Async writes shipped early (issued to the target with their source write, see
     /// [`Self::ship_early`]) whose source write is in flight: their queue entry, by id.
     ship_early: HashMap<u64, u64>,
@@ -285,6 +292,81 @@ pub struct ShipPush {
     pub fell_behind: Option<BehindReason>,
     /// The mirror had nothing to do and should be woken.
     pub wake: bool,
+}
+
+/// Counts (`add`) or uncounts the regions of `ext` in `counts`, which holds only regions whose
+/// count is not zero.
+fn count_regions(counts: &mut HashMap<u64, u32>, ext: Extent, add: bool) {
+    use std::collections::hash_map::Entry;
+    for r in ext.regions() {
+        match (counts.entry(r), add) {
+            (e, true) => *e.or_default() += 1,
+            (Entry::Occupied(mut e), false) => {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+            // Never counted: nothing to take back (the callers uncount what they counted).
+            (Entry::Vacant(_), false) => {}
+        }
+    }
+}
+
+/// Async writes whose source write is in flight (see `MirrorState::ship_src`), by id, with the
+/// regions they cover counted: a write looks for byte overlaps only among those that share a
+/// region with it. Iterating a map costs its capacity, not its length, and a queue depth of
+/// writes begun and ended all the time keeps that at a few hundred entries for some 30 writes in
+/// flight (measured): iterating on every write would be the costliest part of its beginning.
+#[derive(Default)]
+struct SourceHalves {
+    /// By id: the byte range and the regions.
+    by_id: HashMap<u64, (u64, u64, Extent)>,
+    /// By region: how many of them cover it.
+    regions: HashMap<u64, u32>,
+}
+
+impl SourceHalves {
+    fn insert(&mut self, id: u64, off: u64, end: u64, ext: Extent) {
+        if let Some((_, _, old)) = self.by_id.insert(id, (off, end, ext)) {
+            self.uncount(old);
+        }
+        count_regions(&mut self.regions, ext, true);
+    }
+
+    fn uncount(&mut self, ext: Extent) {
+        count_regions(&mut self.regions, ext, false);
+    }
+
+    fn remove(&mut self, id: u64) -> Option<(u64, u64)> {
+        let (off, end, ext) = self.by_id.remove(&id)?;
+        self.uncount(ext);
+        Some((off, end))
+    }
+
+    fn get(&self, id: u64) -> Option<(u64, u64)> {
+        self.by_id.get(&id).map(|&(o, e, _)| (o, e))
+    }
+
+    /// The ids of those whose bytes overlap `[off, end)` (in regions `ext`).
+    fn overlapping(&self, ext: Extent, off: u64, end: u64) -> Vec<u64> {
+        if !ext.regions().any(|r| self.regions.contains_key(&r)) {
+            return Vec::new();
+        }
+        self.by_id.iter().filter(|(_, &(o, oe, _))| o < end && off < oe).map(|(&id, _)| id).collect()
+    }
+
+    /// The region counts match the writes.
+    fn check(&self) -> Result<(), String> {
+        let mut want = HashMap::new();
+        for &(_, _, ext) in self.by_id.values() {
+            count_regions(&mut want, ext, true);
+        }
+        if want != self.regions {
+            return Err("the regions of shipped writes in flight on the source drifted".into());
+        }
+        Ok(())
+    }
 }
 
 /// What [`MirrorState::ship_landed`] did.
@@ -330,10 +412,12 @@ impl<P: PersistentBits> MirrorState<P> {
             eligible_old: PagedBits::new(nregions as usize),
             inflight: HashMap::new(),
             active: HashMap::new(),
+            blocking: 0,
+            active_regions: HashMap::new(),
             tainted: 0,
             ship: None,
             ship_on: false,
-            ship_src: HashMap::new(),
+            ship_src: SourceHalves::default(),
             ship_early: HashMap::new(),
             next_active: 0,
             watched: PagedBits::new(nregions as usize),
@@ -554,7 +638,8 @@ impl<P: PersistentBits> MirrorState<P> {
         let consistent_flush = matches!(self.flush, Some(TargetFlush { kind: FlushKind::Consistent, .. }));
         let end = off + len;
         let mut overlap = false;
-        for w in self.active.values_mut() {
+        let near = ext.regions().any(|r| self.active_regions.contains_key(&r));
+        for w in self.active.values_mut().filter(|_| near) {
             if w.off < end && off < w.end {
                 // Both end as ordinary writes: their order on the source and on the target may
                 // differ.
@@ -571,6 +656,8 @@ impl<P: PersistentBits> MirrorState<P> {
         // A target flush that starts from now on may be followed by this target write.
         self.written.fill(s, e, true);
         self.active.insert(id, ActiveWrite { ext, off, end, tainted: false, shipped: false });
+        count_regions(&mut self.active_regions, ext, true);
+        self.blocking += 1;
         (intent, ActivePlan::Target { id })
     }
 
@@ -594,10 +681,14 @@ impl<P: PersistentBits> MirrorState<P> {
             debug_assert!(false, "end_active_write of unknown write {id}");
             return false;
         };
+        count_regions(&mut self.active_regions, w.ext, false);
         if w.tainted {
             self.tainted -= 1;
         }
-        self.ship_src.remove(&id);
+        if !w.shipped {
+            self.blocking -= 1;
+        }
+        self.ship_src.remove(id);
         let ext = w.ext;
         let mirrored = source_ok
             && target_ok
@@ -678,22 +769,22 @@ impl<P: PersistentBits> MirrorState<P> {
         let shipping = self.ship.as_ref().is_some_and(|q| q.shipping());
         let end = off + len;
         let mut overlap = false;
-        for (id, &(o, oe)) in &self.ship_src {
-            if o < end && off < oe {
-                overlap = true;
-                if let Some(w) = self.active.get_mut(id) {
-                    taint(w, &mut self.tainted);
-                }
+        for id in self.ship_src.overlapping(ext, off, end) {
+            overlap = true;
+            if let Some(w) = self.active.get_mut(&id) {
+                taint(w, &mut self.tainted);
             }
         }
         // A write-blocking write still in flight (the mode changed, or --max-lag or an
         // --on-consistent command made writes blocking for a while): its target write runs
         // beside its source write, outside the queue's order, so the two disks could apply it
         // and this one in different orders. Both end as ordinary writes.
-        for w in self.active.values_mut() {
-            if !w.shipped && w.off < end && off < w.end {
-                taint(w, &mut self.tainted);
-                overlap = true;
+        if self.blocking > 0 && ext.regions().any(|r| self.active_regions.contains_key(&r)) {
+            for w in self.active.values_mut() {
+                if !w.shipped && w.off < end && off < w.end {
+                    taint(w, &mut self.tainted);
+                    overlap = true;
+                }
             }
         }
         let intent = self.begin_write(ext);
@@ -705,7 +796,8 @@ impl<P: PersistentBits> MirrorState<P> {
         // A target flush that starts from now on may be followed by this write's target write.
         self.written.fill(s, e, true);
         self.active.insert(id, ActiveWrite { ext, off, end, tainted: false, shipped: true });
-        self.ship_src.insert(id, (off, end));
+        count_regions(&mut self.active_regions, ext, true);
+        self.ship_src.insert(id, off, end, ext);
         (intent, ActivePlan::Ship { id })
     }
 
@@ -715,11 +807,10 @@ impl<P: PersistentBits> MirrorState<P> {
     /// [`ShipPush`] for what the caller does next.
     pub fn ship_source_done(&mut self, id: u64, ok: bool, handle: u64) -> ShipPush {
         let mut out = ShipPush::default();
-        let Some(&(off, end)) = self.ship_src.get(&id) else {
+        let Some((off, end)) = self.ship_src.remove(id) else {
             debug_assert!(false, "ship_source_done of unknown write {id}");
             return out;
         };
-        self.ship_src.remove(&id);
         let tainted = self.active.get(&id).is_none_or(|w| w.tainted);
         let pushed = match self.ship.as_mut() {
             Some(q) if ok && !tainted => q.push(id, off, end - off, handle),
@@ -781,7 +872,7 @@ impl<P: PersistentBits> MirrorState<P> {
     /// [`Self::ship_early_source_done`] and [`Self::ship_landed`]. None: the write stays an
     /// ordinary shipped write (queued when its source write completes).
     pub fn ship_early(&mut self, id: u64, handle: u64, max_in_flight: usize, hold: bool) -> Option<Shipment> {
-        let &(off, end) = self.ship_src.get(&id)?;
+        let (off, end) = self.ship_src.get(id)?;
         let w = self.active.get(&id)?;
         let (s, e) = (w.ext.start as usize, w.ext.end() as usize);
         if w.tainted || self.to_copy.any_in(s, e) || self.copying.any_in(s, e) || self.poisoned.any_in(s, e) {
@@ -801,7 +892,7 @@ impl<P: PersistentBits> MirrorState<P> {
             debug_assert!(false, "ship_early_source_done of unknown write {id}");
             return ShipLanded::default();
         };
-        self.ship_src.remove(&id);
+        self.ship_src.remove(id);
         match self.ship.as_mut().and_then(|q| q.source_done(seq, ok)) {
             Some(l) => self.ship_finish(l),
             None => ShipLanded::default(),
@@ -859,7 +950,7 @@ impl<P: PersistentBits> MirrorState<P> {
             || self.copying.get(i)
             || self.poisoned.get(i)
             || self.inflight.contains_key(&r)
-            || self.active.values().any(|w| w.ext.regions().contains(&r));
+            || self.active_regions.contains_key(&r);
         self.watched.set(i, !busy);
         !busy
     }
@@ -1232,10 +1323,21 @@ impl<P: PersistentBits> MirrorState<P> {
         if self.active.values().filter(|w| w.tainted).count() != self.tainted {
             return Err("tainted count drifted".into());
         }
-        if self.ship_src.keys().any(|id| !self.active.contains_key(id)) {
+        if self.active.values().filter(|w| !w.shipped).count() != self.blocking {
+            return Err("write-blocking count drifted".into());
+        }
+        let mut want = HashMap::new();
+        for w in self.active.values() {
+            count_regions(&mut want, w.ext, true);
+        }
+        if want != self.active_regions {
+            return Err("the regions of active writes drifted".into());
+        }
+        if self.ship_src.by_id.keys().any(|id| !self.active.contains_key(id)) {
             return Err("a shipped write's source half outlived the write".into());
         }
-        if self.ship_early.keys().any(|id| !self.ship_src.contains_key(id)) {
+        self.ship_src.check()?;
+        if self.ship_early.keys().any(|id| !self.ship_src.by_id.contains_key(id)) {
             return Err("an early shipped write is not in flight on the source".into());
         }
         if let Some(q) = &self.ship {

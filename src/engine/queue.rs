@@ -175,6 +175,8 @@ struct Req {
     /// [`Engine::ship_early`]): its queue entry, and its slot in `ships` once issued.
     early: Option<u64>,
     ship_slot: Option<usize>,
+    /// Async mode: the engine was asked whether the write may go early (once a write).
+    early_asked: bool,
 }
 
 const SRC: u32 = 0;
@@ -244,6 +246,10 @@ pub struct QueueRequests {
     /// to its caller, so in the same submission as their source writes (see
     /// [`QueueRequests::issue_ships`]).
     to_ship: Vec<(DirectShip, usize)>,
+    /// The last write that began here was planned for shipping (async mode, shipping): the
+    /// next is copied before it asks to begin, so that the question whether it may go early
+    /// can be asked with the same hold of the lock (see [`Self::gate`]).
+    shipping_seen: bool,
 }
 
 /// A copy of a finished write's `len` bytes, for the replication queue.
@@ -286,6 +292,7 @@ impl QueueRequests {
             nap: NapTimer { fd, buf: Box::new([0; 8]), pending: false, next: NAP_MIN },
             ships: Slab::new(),
             to_ship: Vec::new(),
+            shipping_seen: false,
         })
     }
 
@@ -368,6 +375,7 @@ impl QueueRequests {
             ship_copy: None,
             early: None,
             ship_slot: None,
+            early_asked: false,
         };
         // Slots fit in 16 bits (checked above): they travel in completions' user_data.
         let slot = self.reqs.insert(r);
@@ -457,7 +465,39 @@ impl QueueRequests {
             Request::Write { .. } => WriteKind::Write,
             _ => WriteKind::Other,
         };
-        match self.engine.begin_request(ext, off, len, kind, may_wait) {
+        // Async mode, a queue that can reach the target: a write that is likely to be shipped
+        // is copied first (or its copy reused, after a wait), and the engine may let it go
+        // early in the same hold of its lock as its beginning.
+        let copy = match (kind, r.req) {
+            (WriteKind::MirrorableWrite, Request::Write { len, .. }) if self.shipping_seen && !r.early_asked && self.ships.len() + self.to_ship.len() < u16::MAX as usize => {
+                r.ship_copy.take().or_else(|| copy_out(&self.engine, &r.data, len))
+            }
+            _ => None,
+        };
+        let (admission, early) = self.engine.begin_request_with_copy(ext, off, len, kind, may_wait, copy);
+        let asked = early.is_some();
+        match early {
+            Some(Ok(ship)) => {
+                r.early = Some(ship.seq);
+                r.early_asked = true;
+                self.to_ship.push((ship, slot));
+            }
+            Some(Err(b)) => r.ship_copy = Some(b),
+            None => {}
+        }
+        if let WriteAdmission::Go(intent, plan) = admission {
+            self.shipping_seen = matches!(plan, ActivePlan::Ship { .. });
+            // Asked, and refused, with its intent durable: not asked again at issue (the engine
+            // has seen the same state).
+            r.early_asked |= asked && intent == Intent::Ready && self.shipping_seen;
+            if !self.shipping_seen {
+                // Not shipped: the copy is not needed.
+                if let Some(b) = r.ship_copy.take() {
+                    self.engine.recycle_ship_bufs([b]);
+                }
+            }
+        }
+        match admission {
             WriteAdmission::Go(intent, plan) => {
                 r.plan = plan;
                 r.begun = true;
@@ -578,13 +618,14 @@ impl QueueRequests {
             }
             Request::Write { off, len, fua } => {
                 let base = r.data.ptr(len);
-                if let (ActivePlan::Ship { id }, 0, false, false, None) = (r.plan, done, r.early.is_some(), r.zeroes_written, &r.ship_copy) {
-                    // Async mode: the bytes are copied now (the data is in the request's buffer
-                    // from the start and does not change while it is in flight), and the
-                    // target write goes with the source write if the engine lets it; otherwise
-                    // the copy is queued when the source write completes. Ship slots fit in
-                    // 16 bits.
-                    if let Some(b) = copy_out(engine, &r.data, len) {
+                if let (ActivePlan::Ship { id }, 0, false, false) = (r.plan, done, r.early_asked, r.zeroes_written) {
+                    // Async mode: the bytes are copied now unless they were before it began
+                    // (the data is in the request's buffer from the start and does not change
+                    // while it is in flight), and the target write goes with the source write
+                    // if the engine lets it; otherwise the copy is queued when the source write
+                    // completes. Ship slots fit in 16 bits.
+                    r.early_asked = true;
+                    if let Some(b) = r.ship_copy.take().or_else(|| copy_out(engine, &r.data, len)) {
                         if self.has_target && self.ships.len() + self.to_ship.len() < u16::MAX as usize {
                             match engine.ship_early(id, b) {
                                 Ok(ship) => {

@@ -95,10 +95,37 @@ impl Engine {
     }
 
     /// The front end's entry point for a write, discard or write-zeroes of `[off, off+len)`:
-    /// what to do now. `mirror_ok`: the request may be mirrored synchronously (a write, with
-    /// the target reachable from the queue). `may_wait`: the caller can retry later.
+    /// what to do now. `write`: what kind of request it is (may it be mirrored or shipped).
+    /// `may_wait`: the caller can retry later.
     pub fn begin_request(&self, ext: Extent, off: u64, len: u64, write: WriteKind, may_wait: bool) -> WriteAdmission {
+        self.begin_request_with_copy(ext, off, len, write, may_wait, None).0
+    }
+
+    /// [`Self::begin_request`] for a write whose bytes the caller copied beforehand (`copy`,
+    /// for a caller that can write the target itself and expects the write to be shipped): if
+    /// the write is shipped with its intent already durable, [`Self::ship_early`]'s question
+    /// is asked in the same hold of the lock, and its answer comes back (`Ok`: issue the
+    /// target write with the source write; `Err`: the copy, kept for later). The copy also
+    /// comes back (`Err`) when the write is not shipped or must wait for its intent first.
+    pub fn begin_request_with_copy(
+        &self,
+        ext: Extent,
+        off: u64,
+        len: u64,
+        write: WriteKind,
+        may_wait: bool,
+        copy: Option<AlignedBuf>,
+    ) -> (WriteAdmission, Option<Result<DirectShip, AlignedBuf>>) {
         let mut g = self.lock();
+        let a = self.begin_locked(&mut g, ext, off, len, write, may_wait);
+        let early = match (a, copy) {
+            (WriteAdmission::Go(Intent::Ready, ActivePlan::Ship { id }), Some(b)) => Some(self.ship_early_locked(&mut g, id, b)),
+            (_, copy) => copy.map(Err),
+        };
+        (a, early)
+    }
+
+    fn begin_locked(&self, g: &mut super::LockedState, ext: Extent, off: u64, len: u64, write: WriteKind, may_wait: bool) -> WriteAdmission {
         // Checked under the lock: a switchover sets serving_target before it lifts the barrier
         // under this lock, so a write that finds the barrier gone also finds the switch (checked
         // before taking the lock, it could go to the old source after the switch).
@@ -188,7 +215,10 @@ impl Engine {
     /// [`MirrorState::ship_early`]: crate::core::MirrorState::ship_early
     /// [`LockedState::ship_gate`]: super::LockedState::ship_gate
     pub fn ship_early(&self, id: u64, buf: AlignedBuf) -> Result<DirectShip, AlignedBuf> {
-        let mut g = self.lock();
+        self.ship_early_locked(&mut self.lock(), id, buf)
+    }
+
+    fn ship_early_locked(&self, g: &mut super::LockedState, id: u64, buf: AlignedBuf) -> Result<DirectShip, AlignedBuf> {
         let Some(gate) = g.ship_gate.clone() else { return Err(buf) };
         // As the loop's own shipping: nothing goes while paused or while an --on-consistent
         // command looks at the target.
