@@ -522,3 +522,46 @@ fn an_early_write_is_reported_when_both_halves_completed_in_either_order() {
         mirror.join().expect("mirror");
     }
 }
+
+/// A write that rewrites the block of an early write whose source half completed while its
+/// target half is still in flight (an application appending to a log rewrites its last block
+/// as soon as the previous write completes) is shipped as usual: the queue reports the source
+/// half before the rewrite begins, so the rewrite does not find it in flight on the source (an
+/// overlap would end both as ordinary writes, their regions copied).
+#[test]
+fn a_rewrite_after_the_source_half_completed_is_shipped() {
+    use ublk_mirror::engine::queue::QueueRequests;
+    use ublk_mirror::io::uring::Owner;
+    let f = files(8 * MIB);
+    let engine = open_async_issued_by(&f, 16 * MIB, Issuer::Queue);
+    let mirror = spawn_loop(&engine, &f, TestHooks::default);
+    wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
+    let mut q = QueueRequests::new(engine.clone()).expect("queue");
+    let mut sink = Recorder::default();
+    let off = 16 * BLOCK as u64;
+    q.submit(&mut sink, 1, Op::Write { off, data: block_data(1), len: BLOCK as u32, fua: false });
+    if let Some(bm) = sink.take(Owner::Bitmap) {
+        q.complete(&mut sink, Owner::Bitmap, bm, 0);
+    }
+    let src = sink.take(Owner::Front).expect("the source write");
+    let tgt = sink.take(Owner::Ship).unwrap_or_else(|| panic!("the write did not go early: {:?}", engine.status().shipping));
+    q.complete(&mut sink, Owner::Front, src, BLOCK as i32);
+    assert_eq!(q.completions().count(), 1, "the write completes with its source half");
+    // The rewrite, while the first write's target half is in flight.
+    q.submit(&mut sink, 2, Op::Write { off, data: block_data(2), len: BLOCK as u32, fua: false });
+    let s = engine.status();
+    assert_eq!(s.active_writes, 2, "the rewrite was not planned for shipping (or the first write ended): {s:?}");
+    let src2 = sink.take(Owner::Front).expect("the rewrite's source write");
+    q.complete(&mut sink, Owner::Front, src2, BLOCK as i32);
+    q.complete(&mut sink, Owner::Ship, tgt, BLOCK as i32);
+    assert_eq!(q.completions().count(), 1);
+    assert_eq!(q.in_flight(), 0);
+    // The loop ships the rewrite (it overlapped the first write's target half in flight, so it
+    // did not go early), and nothing is copied.
+    wait_for("synced", Duration::from_secs(30), || engine.status().state == "synced");
+    let s = engine.status();
+    assert_eq!(s.bytes_copied, 0, "the writes were copied, not shipped: {s:?}");
+    assert_eq!(s.shipping.as_ref().map(|x| x.shipped_writes), Some(2), "{s:?}");
+    engine.request_stop();
+    mirror.join().expect("mirror");
+}

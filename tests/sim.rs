@@ -239,9 +239,11 @@ struct Sim {
     zero_data: HashMap<u64, (Extent, Vec<u64>)>,
     /// Async: shipped writes in flight to the target.
     ships: Vec<InShip>,
-    /// Async, early writes whose halves the queue reports together, by whichever completes
-    /// second (as the device's queue does): by queue seq, the half that completed first and
-    /// is not reported yet (the source's write id and result, or the target's result).
+    /// Async, early writes whose halves the queue keeps to report together, as the device's
+    /// queue does (a target half waits for its source half; a source half that completes
+    /// first waits for its target half or, at some beginnings of writes, is reported then): by
+    /// queue seq, the half that completed first and is not reported yet (the source's write id
+    /// and result, or the target's result).
     paired: HashMap<u64, Option<Half>>,
     /// Async: what was acknowledged when each queued write was acknowledged, by queue seq.
     ship_acked: HashMap<u64, Vec<u64>>,
@@ -765,6 +767,28 @@ impl Sim {
     fn new_write(&mut self) {
         if self.switching.is_some() {
             return; // held by the switchover
+        }
+        // The device's queue reports the source halves it kept with the next write's beginning
+        // (before its overlap checks); here, at some beginnings.
+        if self.rng.gen() {
+            let mut due: Vec<(u64, u64, bool)> = self
+                .paired
+                .iter()
+                .filter_map(|(&seq, h)| match h {
+                    Some(Half::Source(id, ok)) => Some((seq, *id, *ok)),
+                    _ => None,
+                })
+                .collect();
+            // In queue order: the map's iteration order would make a run depend on more than its seed.
+            due.sort_unstable();
+            for (seq, id, ok) in due {
+                self.paired.remove(&seq);
+                let out = self.s.ship_early_source_done(id, ok);
+                self.free(&out.freed);
+                if out.fell_behind.is_some() {
+                    self.pure = false;
+                }
+            }
         }
         self.budget -= 1;
         let start = self.rng.gen_range(0..N);

@@ -378,6 +378,15 @@ pub struct ShipLanded {
     pub wake: bool,
 }
 
+impl ShipLanded {
+    /// Adds what `other` did to this.
+    pub fn absorb(&mut self, other: ShipLanded) {
+        self.freed.extend(other.freed);
+        self.fell_behind = self.fell_behind.or(other.fell_behind);
+        self.wake |= other.wake;
+    }
+}
+
 impl<P: PersistentBits> MirrorState<P> {
     /// Builds the state from the persistent bits as found on the medium.
     ///
@@ -638,13 +647,14 @@ impl<P: PersistentBits> MirrorState<P> {
         let consistent_flush = matches!(self.flush, Some(TargetFlush { kind: FlushKind::Consistent, .. }));
         let end = off + len;
         let mut overlap = false;
-        let near = ext.regions().any(|r| self.active_regions.contains_key(&r));
-        for w in self.active.values_mut().filter(|_| near) {
-            if w.off < end && off < w.end {
-                // Both end as ordinary writes: their order on the source and on the target may
-                // differ.
-                taint(w, &mut self.tainted);
-                overlap = true;
+        if ext.regions().any(|r| self.active_regions.contains_key(&r)) {
+            for w in self.active.values_mut() {
+                if w.off < end && off < w.end {
+                    // Both end as ordinary writes: their order on the source and on the target
+                    // may differ.
+                    taint(w, &mut self.tainted);
+                    overlap = true;
+                }
             }
         }
         let intent = self.begin_write(ext);

@@ -83,7 +83,7 @@ pub struct LockedState {
     /// runs, or it is stopping.
     pub ship_gate: Option<ShipGate>,
     /// The failure of a target write a queue issued itself, for the mirror loop's target-failure
-    /// handling (see [`Engine::ship_direct_landed`]).
+    /// handling (see [`Engine::ship_direct_landed`] and [`Engine::ship_early_done`]).
     pub ship_direct_failure: Option<String>,
 }
 

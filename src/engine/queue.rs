@@ -168,8 +168,9 @@ struct Req {
     /// A write-zeroes the source refused, carried out as a write of zeroes (async mode ships
     /// it as a zeroing, not as a copy of up to 1 GiB of zeroes).
     zeroes_written: bool,
-    /// Async mode: the copy of a shipped write's bytes, taken when it was first issued and not
-    /// shipped early; it is queued when the source write completes.
+    /// Async mode: the copy of a shipped write's bytes, taken before it began (and kept while it
+    /// waits to begin) or when it was first issued, and not shipped early; it is queued when the
+    /// source write completes.
     ship_copy: Option<AlignedBuf>,
     /// Async mode: shipped early (its target write issued with its source write, see
     /// [`Engine::ship_early`]): its queue entry, and its slot in `ships` once issued.
@@ -203,11 +204,14 @@ struct NapTimer {
 /// see [`Engine::ship_early`]): it may outlive its request, which completes when the source
 /// write does.
 ///
-/// Its two halves are reported to the engine together, by whichever completes second
-/// ([`Engine::ship_early_done`]): one hold of the state's lock per write instead of two. Until
-/// then the engine counts the half that completed first as in flight, which only delays what
-/// waits for the write (a consistent point, its bit's clearing): the application's completion
-/// does not wait for the report (its write's epoch was fixed at issue).
+/// Its two halves are reported to the engine together when they can be: the target half
+/// waits for the source half (the application's write has not completed yet), and both go in
+/// one hold of the state's lock ([`Engine::ship_early_done`]). A source half that completes
+/// first is reported with the next thing the queue asks the engine: the next write's beginning
+/// ([`Engine::begin_request_with_copy`], before its overlap checks, so that a write that
+/// follows this one on the queue does not see it in flight on the source) or its own target
+/// half, whichever comes first. The application's completion does not wait for the report
+/// (its write's epoch was fixed at issue).
 struct ShipOut {
     ship: DirectShip,
     /// Bytes the target took so far (a file may take a write in parts).
@@ -220,6 +224,8 @@ struct ShipOut {
     req: usize,
     /// The source half completed first: the write's id and whether it succeeded.
     source: Option<(u64, bool)>,
+    /// ... and was reported on its own (see `QueueRequests::unreported`).
+    source_reported: bool,
     /// The target half completed first: `None` if the target took all of it, else why not.
     landed: Option<Option<String>>,
 }
@@ -250,6 +256,11 @@ pub struct QueueRequests {
     /// next is copied before it asks to begin, so that the question whether it may go early
     /// can be asked with the same hold of the lock (see [`Self::gate`]).
     shipping_seen: bool,
+    /// Slots in `ships` whose source half completed and is not reported yet: reported with the
+    /// next write's beginning (see [`ShipOut`]).
+    unreported: Vec<usize>,
+    /// Their reports, taken from `unreported` when a write begins (kept to reuse its memory).
+    reports: Vec<(u64, bool)>,
 }
 
 /// A copy of a finished write's `len` bytes, for the replication queue.
@@ -293,6 +304,8 @@ impl QueueRequests {
             ships: Slab::new(),
             to_ship: Vec::new(),
             shipping_seen: false,
+            unreported: Vec::new(),
+            reports: Vec::new(),
         })
     }
 
@@ -391,7 +404,7 @@ impl QueueRequests {
     fn issue_ships(&mut self, sink: &mut impl Sink) {
         for (ship, req) in std::mem::take(&mut self.to_ship) {
             let held = Some(self.engine.front_hold());
-            let slot = self.ships.insert(ShipOut { ship, done: 0, held, req, source: None, landed: None });
+            let slot = self.ships.insert(ShipOut { ship, done: 0, held, req, source: None, source_reported: false, landed: None });
             if let Some(r) = self.reqs.get_mut(req) {
                 r.ship_slot = Some(slot);
             }
@@ -412,8 +425,9 @@ impl QueueRequests {
             let p = unsafe { s.buf.add(j.done as usize) };
             let e = opcode::Write::new(types::Fd(fd), p, (s.len - j.done) as u32).offset(s.off + j.done).build();
             // SAFETY: the buffer is the engine's (`ship_bufs`, under the handle) until this
-            // write's landing is reported (ship_direct_landed, after its completion) or
-            // abandon_in_flight leaks it; the descriptor is held (`held`) as long.
+            // write's landing is reported (ship_early_done or ship_direct_landed, after its
+            // completion) or abandon_in_flight leaks it; the descriptor is held (`held`) until
+            // its completion.
             unsafe { sink.push(e, Owner::Ship, slot as u16) }
         };
         if let Err(e) = r {
@@ -430,8 +444,13 @@ impl QueueRequests {
             self.engine.front_exit(h);
         }
         match j.source {
+            Some(_) if j.source_reported => {
+                let j = self.ships.remove(slot);
+                self.engine.ship_direct_landed(j.ship.seq, error);
+            }
             Some((id, ok)) => {
                 let j = self.ships.remove(slot);
+                self.unreported.retain(|&s| s != slot);
                 self.engine.ship_early_done(id, j.ship.seq, ok, error);
             }
             None => j.landed = Some(error),
@@ -451,12 +470,26 @@ impl QueueRequests {
                 self.ships.remove(s);
                 self.engine.ship_early_done(id, seq, ok, error);
             }
-            None => j.source = Some((id, ok)),
+            None => {
+                j.source = Some((id, ok));
+                self.unreported.push(s);
+            }
         }
     }
 
     /// Asks the engine whether the write in `slot` may begin, and begins it if so.
     fn gate(&mut self, sink: &mut impl Sink, slot: usize) {
+        // Source halves of early writes that completed before their target halves: reported
+        // with this beginning, before its overlap checks (see ShipOut).
+        self.reports.clear();
+        for s in self.unreported.drain(..) {
+            if let Some(j) = self.ships.get_mut(s) {
+                if let (Some(half), false) = (j.source, j.source_reported) {
+                    j.source_reported = true;
+                    self.reports.push(half);
+                }
+            }
+        }
         let Some(r) = self.reqs.get_mut(slot) else { return };
         let (Some(ext), Some((off, len))) = (r.ext, r.req.range()) else { return };
         let may_wait = r.deferred_since.is_none_or(|t| t.elapsed() < MAX_DEFER);
@@ -474,7 +507,7 @@ impl QueueRequests {
             }
             _ => None,
         };
-        let (admission, early) = self.engine.begin_request_with_copy(ext, off, len, kind, may_wait, copy);
+        let (admission, early) = self.engine.begin_request_with_copy(ext, off, len, kind, may_wait, copy, &self.reports);
         let asked = early.is_some();
         match early {
             Some(Ok(ship)) => {
@@ -516,7 +549,11 @@ impl QueueRequests {
                 self.arm_nap(sink)
             }
             WriteAdmission::Target => {
-                // Switched over: the write goes to the target alone, outside the protocol.
+                // Switched over: the write goes to the target alone, outside the protocol (a
+                // copy taken for shipping is not needed).
+                if let Some(b) = r.ship_copy.take() {
+                    self.engine.recycle_ship_bufs([b]);
+                }
                 r.file = TGT;
                 r.ext = None;
                 self.issue(sink, slot)
@@ -702,8 +739,19 @@ impl QueueRequests {
         // yet are reported as failed target writes; like the ones in flight, they stay in
         // flight for the engine while their source write's completion is not reported (the
         // requests are abandoned too): no consistent point, their regions dirty, as after a
-        // crash.
-        let ships = std::mem::take(&mut self.ships);
+        // crash. A half the queue kept for its pair is reported first: the engine then knows
+        // what completed (a target error starts its failure handling); no write finishes by it,
+        // since its other half is still unknown, so no buffer is freed here.
+        let mut ships = std::mem::take(&mut self.ships);
+        for (_, j) in ships.iter_mut() {
+            if let (Some((id, ok)), false) = (j.source, j.source_reported) {
+                self.engine.ship_early_source_done(id, ok);
+            }
+            if let Some(error) = j.landed.take() {
+                self.engine.ship_direct_landed(j.ship.seq, error);
+            }
+        }
+        self.unreported.clear();
         self.engine.leak_ship_bufs(ships.iter().map(|(_, j)| j.ship.handle));
         std::mem::forget(ships);
         for (s, _) in std::mem::take(&mut self.to_ship) {

@@ -34,8 +34,8 @@ pub enum WriteKind {
 }
 
 /// A shipped write the front end issues to the target itself, with its source write (see
-/// [`Engine::ship_early`]), and whose target half it reports to [`Engine::ship_direct_landed`]
-/// by `seq`.
+/// [`Engine::ship_early`]), and whose target half it reports by `seq` (with its source half to
+/// [`Engine::ship_early_done`], or alone to [`Engine::ship_direct_landed`]).
 #[derive(Debug)]
 pub struct DirectShip {
     pub seq: u64,
@@ -98,7 +98,7 @@ impl Engine {
     /// what to do now. `write`: what kind of request it is (may it be mirrored or shipped).
     /// `may_wait`: the caller can retry later.
     pub fn begin_request(&self, ext: Extent, off: u64, len: u64, write: WriteKind, may_wait: bool) -> WriteAdmission {
-        self.begin_request_with_copy(ext, off, len, write, may_wait, None).0
+        self.begin_request_with_copy(ext, off, len, write, may_wait, None, &[]).0
     }
 
     /// [`Self::begin_request`] for a write whose bytes the caller copied beforehand (`copy`,
@@ -107,6 +107,11 @@ impl Engine {
     /// is asked in the same hold of the lock, and its answer comes back (`Ok`: issue the
     /// target write with the source write; `Err`: the copy, kept for later). The copy also
     /// comes back (`Err`) when the write is not shipped or must wait for its intent first.
+    ///
+    /// `sources_done`: early writes (id, whether the source took all of it) whose source
+    /// halves completed since the caller last reported ([`Self::ship_early_source_done`] for
+    /// each), reported first, before the new write's overlap checks.
+    #[allow(clippy::too_many_arguments)]
     pub fn begin_request_with_copy(
         &self,
         ext: Extent,
@@ -115,13 +120,24 @@ impl Engine {
         write: WriteKind,
         may_wait: bool,
         copy: Option<AlignedBuf>,
+        sources_done: &[(u64, bool)],
     ) -> (WriteAdmission, Option<Result<DirectShip, AlignedBuf>>) {
         let mut g = self.lock();
+        let mut done = crate::core::ShipLanded::default();
+        for &(id, ok) in sources_done {
+            done.absorb(g.state.ship_early_source_done(id, ok));
+        }
         let a = self.begin_locked(&mut g, ext, off, len, write, may_wait);
         let early = match (a, copy) {
             (WriteAdmission::Go(Intent::Ready, ActivePlan::Ship { id }), Some(b)) => Some(self.ship_early_locked(&mut g, id, b)),
             (_, copy) => copy.map(Err),
         };
+        if sources_done.is_empty() {
+            drop(g);
+        } else {
+            g.progress.unsynced_since.get_or_insert_with(Instant::now);
+            self.after_direct_landing(g, done, None);
+        }
         (a, early)
     }
 
@@ -272,10 +288,7 @@ impl Engine {
     pub fn ship_early_done(&self, id: u64, seq: u64, source_ok: bool, error: Option<String>) {
         let mut g = self.lock();
         let mut out = g.state.ship_early_source_done(id, source_ok);
-        let landed = g.state.ship_landed(seq, error.is_none());
-        out.freed.extend(landed.freed);
-        out.fell_behind = out.fell_behind.or(landed.fell_behind);
-        out.wake |= landed.wake;
+        out.absorb(g.state.ship_landed(seq, error.is_none()));
         g.progress.unsynced_since.get_or_insert_with(Instant::now);
         self.after_direct_landing(g, out, error);
     }
