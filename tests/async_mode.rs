@@ -45,9 +45,24 @@ fn spawn_loop(engine: &Arc<Engine>, f: &Files, hooks: impl FnOnce() -> TestHooks
 /// A live loop with no hooks, once shipping has started (at the loop's first consistent point),
 /// and a queue to write through.
 fn start_shipping(engine: &Arc<Engine>, f: &Files) -> (std::thread::JoinHandle<()>, EngineQueue) {
+    let mirror = spawn_shipping_loop(engine, f);
+    (mirror, EngineQueue::new(engine.clone(), 8).expect("queue"))
+}
+
+/// A live loop with no hooks, once shipping has started.
+fn spawn_shipping_loop(engine: &Arc<Engine>, f: &Files) -> std::thread::JoinHandle<()> {
     let mirror = spawn_loop(engine, f, TestHooks::default);
     wait_for("shipping to start", Duration::from_secs(10), || mode(engine) == "async");
-    (mirror, EngineQueue::new(engine.clone(), 8).expect("queue"))
+    mirror
+}
+
+/// An async engine over `f` whose queue can reach the target, its live loop once shipping has
+/// started, and a queue whose operations only a [`Recorder`] sees.
+fn start_recorded(f: &Files) -> (Arc<Engine>, std::thread::JoinHandle<()>, ublk_mirror::engine::queue::QueueRequests, Recorder) {
+    let engine = open_async_issued_by(f, 16 * MIB, Issuer::Queue);
+    let mirror = spawn_shipping_loop(&engine, f);
+    let q = ublk_mirror::engine::queue::QueueRequests::new(engine.clone()).expect("queue");
+    (engine, mirror, q, Recorder::default())
 }
 
 /// Writes `n` blocks 64 KiB apart (block i with seed i; a failed write fails the test), then
@@ -469,16 +484,11 @@ impl Recorder {
 /// already) or once its intent's bitmap flush completed.
 #[test]
 fn an_early_write_is_reported_when_both_halves_completed_in_either_order() {
-    use ublk_mirror::engine::queue::QueueRequests;
     use ublk_mirror::io::uring::Owner;
     for (source_first, target_ok) in [(true, true), (true, false), (false, true), (false, false)] {
         let case = format!("source first: {source_first}, target ok: {target_ok}");
         let f = files(8 * MIB);
-        let engine = open_async_issued_by(&f, 16 * MIB, Issuer::Queue);
-        let mirror = spawn_loop(&engine, &f, TestHooks::default);
-        wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
-        let mut q = QueueRequests::new(engine.clone()).expect("queue");
-        let mut sink = Recorder::default();
+        let (engine, mirror, mut q, mut sink) = start_recorded(&f);
         // Two writes in extents of the bitmap (4 MiB) whose bits are clean: each waits for its
         // intent. The first goes early when it is issued, the second (the queue has seen
         // shipping) is copied before it begins.
@@ -530,14 +540,9 @@ fn an_early_write_is_reported_when_both_halves_completed_in_either_order() {
 /// overlap would end both as ordinary writes, their regions copied).
 #[test]
 fn a_rewrite_after_the_source_half_completed_is_shipped() {
-    use ublk_mirror::engine::queue::QueueRequests;
     use ublk_mirror::io::uring::Owner;
     let f = files(8 * MIB);
-    let engine = open_async_issued_by(&f, 16 * MIB, Issuer::Queue);
-    let mirror = spawn_loop(&engine, &f, TestHooks::default);
-    wait_for("shipping to start", Duration::from_secs(10), || mode(&engine) == "async");
-    let mut q = QueueRequests::new(engine.clone()).expect("queue");
-    let mut sink = Recorder::default();
+    let (engine, mirror, mut q, mut sink) = start_recorded(&f);
     let off = 16 * BLOCK as u64;
     q.submit(&mut sink, 1, Op::Write { off, data: block_data(1), len: BLOCK as u32, fua: false });
     if let Some(bm) = sink.take(Owner::Bitmap) {
