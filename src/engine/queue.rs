@@ -462,7 +462,12 @@ impl QueueRequests {
     fn early_source_done(&mut self, id: u64, seq: u64, ship_slot: Option<usize>, req: usize, ok: bool) {
         let found = ship_slot.filter(|&s| self.ships.get(s).is_some_and(|j| j.req == req && j.ship.seq == seq));
         let Some((s, j)) = found.and_then(|s| Some((s, self.ships.get_mut(s)?))) else {
-            // Its target write never went out (it could not be queued, and was reported so).
+            // Its target write never went out (it could not be queued, and was reported so): no
+            // job of this write is kept, or its halves would be reported twice.
+            debug_assert!(
+                !self.ships.iter().any(|(_, j)| j.req == req && j.ship.seq == seq),
+                "early write {seq}'s target job is kept but not in its slot"
+            );
             return self.engine.ship_early_source_done(id, ok);
         };
         match j.landed.take() {
@@ -902,18 +907,19 @@ impl QueueRequests {
                 // it from the completion on. The bytes are copied (the request's buffer goes back
                 // to the driver with the completion).
                 // A discard or write-zeroes that took effect leaves zeroes: shipped as a zeroing.
-                let data = match (&result, r.req, &r.data) {
-                    _ if r.early.is_some() => Shipped::Nothing,
-                    (Ok(_), Request::Write { .. }, _) if r.zeroes_written => Shipped::Zeroes,
-                    (Ok(_), Request::Write { .. }, _) if r.ship_copy.is_some() => r.ship_copy.map_or(Shipped::Nothing, Shipped::Bytes),
-                    (Ok(_), Request::Write { len, .. }, d) => copy_out(&self.engine, d, len).map_or(Shipped::Nothing, Shipped::Bytes),
-                    (Ok(_), Request::Discard { .. }, _) if !r.unchanged => Shipped::Zeroes,
-                    (Ok(_), Request::WriteZeroes { .. }, _) => Shipped::Zeroes,
-                    _ => Shipped::Nothing,
-                };
+                // An early write's bytes went to the target when it was issued: only its source
+                // half is left to report.
                 if let Some(seq) = r.early {
                     self.early_source_done(id, seq, r.ship_slot, slot, result.is_ok());
                 } else {
+                    let data = match (&result, r.req, &r.data) {
+                        (Ok(_), Request::Write { .. }, _) if r.zeroes_written => Shipped::Zeroes,
+                        (Ok(_), Request::Write { .. }, _) if r.ship_copy.is_some() => r.ship_copy.map_or(Shipped::Nothing, Shipped::Bytes),
+                        (Ok(_), Request::Write { len, .. }, d) => copy_out(&self.engine, d, len).map_or(Shipped::Nothing, Shipped::Bytes),
+                        (Ok(_), Request::Discard { .. }, _) if !r.unchanged => Shipped::Zeroes,
+                        (Ok(_), Request::WriteZeroes { .. }, _) => Shipped::Zeroes,
+                        _ => Shipped::Nothing,
+                    };
                     self.engine.ship_written(id, result.is_ok(), data);
                 }
                 if let (Ok(_), Request::Write { fua: true, .. }) = (&result, r.req) {
