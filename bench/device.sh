@@ -8,10 +8,10 @@
 # BENCH_PROFILE=io: the I/O-bound profile instead (bench/guest-device-io.sh): every device on a
 # null_blk device with latency (source, target and the bitmap's ext4 each on its own; the plain
 # ublk loop on one of the same kind), the ublk-mirror modes of BENCH_MODES against the plain
-# loop, and a sustained-load test with an application flush every 100 ms. About 13 minutes:
+# loop, and a sustained-load test with an application flush every 100 ms. About 16 minutes with 5 rounds:
 #   BENCH_PROFILE=io bench/device.sh   (env: BENCH_SIZE=256M BENCH_RUNTIME=8 BENCH_ROUNDS=5
 #       BENCH_LAT_US=5000 (per request and per flush)
-#       BENCH_MODES=background,write-blocking (comma-separated; each must be a value of
+#       BENCH_MODES=background,write-blocking,async (comma-separated; each must be a value of
 #       `ublk-mirror add --mode`, or the run fails) BENCH_SUSTAIN_SECS=60 BENCH_FLUSH_MS=100
 #       BENCH_SUSTAIN_ROUNDS=1 BENCH_MIRROR_ARGS (commas for spaces))
 set -euo pipefail
@@ -34,7 +34,7 @@ case ${BENCH_PROFILE:-cpu} in
         # them in the --mode block of `add --help`, as "- NAME: ..." lines (or, in the short
         # form, "[possible values: A, B]"). A mode named but missing fails the run here, before
         # the boot; the guest checks the same again with the binary it runs.
-        modes=${BENCH_MODES:-background,write-blocking}
+        modes=${BENCH_MODES:-background,write-blocking,async}
         offered=$(target/release/ublk-mirror add --help | sed -n '/--mode <MODE>/,/^ *--[a-z]/p' |
             sed -n -e 's/^ *- \([a-z0-9-]*\):.*/\1/p' -e 's/.*\[possible values: \([^]]*\)\].*/\1/p' | tr ',\n' '  ')
         [ -n "${offered// /}" ] || { echo "FAIL: found no values of --mode in 'ublk-mirror add --help'" >&2; exit 1; }
@@ -49,7 +49,12 @@ case ${BENCH_PROFILE:-cpu} in
         trap 'rm -f "$log"; rm -rf "$tmp"' EXIT
         cc -O2 -static -Wall -o "$tmp/flush-every" bench/flush-every.c
         echo "== profile io: size ${BENCH_SIZE:-256M}, ${BENCH_ROUNDS:-5} rounds of ${BENCH_RUNTIME:-8} s, ${BENCH_LAT_US:-5000} us per request, modes $modes, sustained ${BENCH_SUSTAIN_SECS:-60} s x ${BENCH_SUSTAIN_ROUNDS:-1} with a flush every ${BENCH_FLUSH_MS:-100} ms; load $(cut -d' ' -f1-3 /proc/loadavg)"
-        vm/run.sh -t 2400 -r 3 -m 4G -b target/release/ublk-mirror -b "$CACHE/rublk-$RUBLK_VERSION/bin/rublk" -b "$tmp/flush-every" \
+        # The guest's time limit follows the work asked for: a round takes about 140 s with four
+        # devices (35 s each), a sustained round a minute and a half per device beyond its load.
+        ndev=$(( $(tr ',' '\n' <<<"$modes" | grep -c .) + 1 ))
+        limit=$(( 600 + ${BENCH_ROUNDS:-5} * ndev * (12 * ${BENCH_RUNTIME:-8} / 2) + ${BENCH_SUSTAIN_ROUNDS:-1} * ndev * (${BENCH_SUSTAIN_SECS:-60} + 90) ))
+        [ "$limit" -ge 2400 ] || limit=2400
+        vm/run.sh -t "$limit" -r 3 -m 4G -b target/release/ublk-mirror -b "$CACHE/rublk-$RUBLK_VERSION/bin/rublk" -b "$tmp/flush-every" \
             -a "BENCH_SIZE=${BENCH_SIZE:-256M} BENCH_RUNTIME=${BENCH_RUNTIME:-8} BENCH_ROUNDS=${BENCH_ROUNDS:-5} BENCH_LAT_US=${BENCH_LAT_US:-5000} BENCH_MODES=$modes BENCH_SUSTAIN_SECS=${BENCH_SUSTAIN_SECS:-60} BENCH_FLUSH_MS=${BENCH_FLUSH_MS:-100} BENCH_SUSTAIN_ROUNDS=${BENCH_SUSTAIN_ROUNDS:-1} BENCH_MIRROR_ARGS=${BENCH_MIRROR_ARGS:-} softlockup_panic=1" \
             bench/guest-device-io.sh | tee "$log" | grep -a '^RESULT\|^CPU\|^DEVCHECK\|FAIL\|PASS\|MODE-MISSING\|sustained:\|status answers\|null_blk:\|devices:'
         grep -a '^RESULT' "$log" | python3 bench/device-table.py

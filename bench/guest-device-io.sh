@@ -27,13 +27,13 @@
 #       <flushes the device served> <s to synced after fio>       ("-" where it does not apply)
 #   DEVCHECK ... : what one null_blk device does alone (latency of reads, writes, flushes)
 # Env (kernel command line, so no spaces): BENCH_SIZE (256M), BENCH_RUNTIME (8), BENCH_ROUNDS (5),
-# BENCH_LAT_US (5000), BENCH_MODES (background,write-blocking),
+# BENCH_LAT_US (5000), BENCH_MODES (background,write-blocking,async),
 # BENCH_SUSTAIN_SECS (60), BENCH_FLUSH_MS (100), BENCH_SUSTAIN_ROUNDS (1), BENCH_MIRROR_ARGS
 # (extra `add` options, commas for spaces).
 # shellcheck source=/dev/null
 . /vm/lib.sh
 RT=${BENCH_RUNTIME:-8} ROUNDS=${BENCH_ROUNDS:-5} LAT_US=${BENCH_LAT_US:-5000}
-MODES=$(echo "${BENCH_MODES:-background,write-blocking}" | tr ',' ' ')
+MODES=$(echo "${BENCH_MODES:-background,write-blocking,async}" | tr ',' ' ')
 SUSTAIN=${BENCH_SUSTAIN_SECS:-60} FLUSH_MS=${BENCH_FLUSH_MS:-100} SUSTAIN_ROUNDS=${BENCH_SUSTAIN_ROUNDS:-1}
 MIRROR_ARGS=$(echo "${BENCH_MIRROR_ARGS:-}" | tr ',' ' ')
 case ${BENCH_SIZE:-256M} in
