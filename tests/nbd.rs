@@ -20,6 +20,7 @@ use ublk_mirror::io::nbd::{tls::TlsFiles, NbdTarget};
 use ublk_mirror::engine::queue::{EngineQueue, Op};
 use ublk_mirror::offline::{self, VerifyOptions};
 use ublk_mirror::io::target::{Target, TargetOp};
+use ublk_mirror::io::uring;
 
 // ---------------------------------------------------------------------------------------------
 // Real servers
@@ -450,7 +451,7 @@ fn a_new_ring_gets_a_new_connection() {
     let data = vec![9u8; 64 << 10];
     let r = d.run(&[write(0, &data), TargetOp::Flush], LIMIT);
     assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
-    d.ring = ublk_mirror::io::uring::new_ring(64).expect("ring");
+    d.ring = uring::new_ring(64).expect("ring");
     assert!(d.t.ring_changed(), "the receive posted on the old ring is lost: the target must reconnect");
     d.t.reset().expect("reconnect");
     let mut back = vec![0u8; 64 << 10];
@@ -592,9 +593,18 @@ fn fake_server(fault: Fault, at: usize) -> String {
 }
 
 fn serve(mut s: TcpStream, fault: Fault, at: usize) -> io::Result<()> {
+    if greet(&mut s, fault)? {
+        serve_requests(s, fault, at)?;
+    }
+    Ok(())
+}
+
+/// The fixed-newstyle handshake of an export of `FAKE_SIZE` bytes (64 KiB largest request),
+/// or the handshake faults. Returns whether the transmission phase follows.
+fn greet(s: &mut TcpStream, fault: Fault) -> io::Result<bool> {
     if fault == Fault::BadGreeting {
         s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n")?;
-        return Ok(());
+        return Ok(false);
     }
     s.write_all(&0x4e42_444d_4147_4943u64.to_be_bytes())?;
     s.write_all(&0x4948_4156_454f_5054u64.to_be_bytes())?;
@@ -614,21 +624,26 @@ fn serve(mut s: TcpStream, fault: Fault, at: usize) -> io::Result<()> {
         s.write_all(p)
     };
     if fault == Fault::OversizedOptionReply {
-        opt_reply(&mut s, 3, &[], 1 << 30)?;
-        return Ok(());
+        opt_reply(s, 3, &[], 1 << 30)?;
+        return Ok(false);
     }
     let size = if fault == Fault::AbsurdSize { u64::MAX - 511 } else { FAKE_SIZE };
     let mut info = vec![0u8, 0];
     info.extend_from_slice(&size.to_be_bytes());
     info.extend_from_slice(&(1u16 | 4 | 64).to_be_bytes()); // HAS_FLAGS, SEND_FLUSH, WRITE_ZEROES
-    opt_reply(&mut s, 3, &info, info.len() as u32)?;
+    opt_reply(s, 3, &info, info.len() as u32)?;
     let mut bs = vec![0u8, 3];
     for v in [512u32, 4096, 64 << 10] {
         bs.extend_from_slice(&v.to_be_bytes());
     }
-    opt_reply(&mut s, 3, &bs, bs.len() as u32)?;
-    opt_reply(&mut s, 1, &[], 0)?;
+    opt_reply(s, 3, &bs, bs.len() as u32)?;
+    opt_reply(s, 1, &[], 0)?;
+    Ok(true)
+}
 
+/// The transmission phase: requests served from memory, misbehaving as `fault` says at the
+/// request numbered `at`.
+fn serve_requests(mut s: TcpStream, fault: Fault, at: usize) -> io::Result<()> {
     let mut mem = vec![0u8; FAKE_SIZE as usize];
     let mut n = 0usize;
     loop {
@@ -823,6 +838,183 @@ fn silent_server_times_out() {
     // The 2 s request timeout (and the 1 s tick that checks it), with room for a loaded
     // machine; the default request timeout would take far longer.
     assert!(t0.elapsed() < Duration::from_secs(12), "took {:?}", t0.elapsed());
+}
+
+/// What a server that stopped reading found in its connection once it read again.
+#[derive(Debug, Default)]
+struct Drained {
+    requests: usize,
+    /// NBD_CMD_DISC seen among them.
+    disc: bool,
+    /// A complete header with the wrong magic: bytes of two writes interleaved.
+    bad_magic: bool,
+    /// A write's payload holds bytes the client did not write (another write's, interleaved).
+    foreign: bool,
+}
+
+/// A fake server for three connections in turn: the first and the third stop reading after the
+/// handshake, until the test sends on the returned `release`, then read what reached them and
+/// report it (`Drained`); the second serves honestly. `stalled` gets an event for each stalled
+/// connection once its receive queue holds `STALL_BYTES` (the client's sends are then blocked
+/// in the kernel, its socket's buffer full behind a peer that does not read: a receive buffer
+/// grows only as its reader reads, and this one starts at 128 KiB, tcp_rmem's default).
+struct StallingServer {
+    uri: String,
+    stalled: std::sync::mpsc::Receiver<usize>,
+    release: std::sync::mpsc::Sender<()>,
+    drained: std::sync::mpsc::Receiver<Drained>,
+}
+
+const STALL_BYTES: usize = 64 << 10;
+
+fn stalling_server() -> StallingServer {
+    use std::sync::mpsc::channel;
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let (stalled_tx, stalled) = channel();
+    let (release, release_rx) = channel::<()>();
+    let (drained_tx, drained) = channel();
+    let release_rx = Arc::new(std::sync::Mutex::new(release_rx));
+    std::thread::spawn(move || {
+        for i in 0..3 {
+            let Ok((s, _)) = l.accept() else { return };
+            let (stalled_tx, release_rx, drained_tx) = (stalled_tx.clone(), release_rx.clone(), drained_tx.clone());
+            // Each connection on a thread of its own: the client reconnects while the first one
+            // is still stalled.
+            std::thread::spawn(move || stall_or_serve(s, i, stalled_tx, &release_rx, drained_tx));
+        }
+    });
+    StallingServer { uri: format!("nbd://127.0.0.1:{port}/fake"), stalled, release, drained }
+}
+
+fn stall_or_serve(
+    mut s: TcpStream,
+    i: usize,
+    stalled_tx: std::sync::mpsc::Sender<usize>,
+    release_rx: &std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    drained_tx: std::sync::mpsc::Sender<Drained>,
+) {
+    use std::os::fd::AsRawFd;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    if !matches!(greet(&mut s, Fault::None), Ok(true)) {
+        return;
+    }
+    if i == 1 {
+        let _ = serve_requests(s, Fault::None, 0);
+        return;
+    }
+    // Stopped: wait (bounded) for the client's bytes to pile up unread.
+    let t0 = Instant::now();
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int, through a pointer to a live local int, on a
+        // descriptor this thread owns.
+        let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut queued) };
+        if rc == 0 && queued as usize >= STALL_BYTES {
+            let _ = stalled_tx.send(i);
+            break;
+        }
+        if rc != 0 || t0.elapsed() > Duration::from_secs(20) {
+            return; // the test times out waiting for the event and says so
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if !release_rx.lock().is_ok_and(|r| r.recv_timeout(Duration::from_secs(60)).is_ok()) {
+        return;
+    }
+    let mut d = Drained::default();
+    let mut h = [0u8; 28];
+    // To the client's end of the stream (or a half-sent request at its end).
+    while s.read_exact(&mut h).is_ok() {
+        d.requests += 1;
+        if u32::from_be_bytes([h[0], h[1], h[2], h[3]]) != 0x2560_9513 {
+            d.bad_magic = true;
+            break;
+        }
+        let cmd = u16::from_be_bytes([h[6], h[7]]);
+        d.disc |= cmd == 2;
+        if cmd == 1 {
+            // The payload, to its end or to the stream's: the client writes only 7s.
+            let mut payload = Vec::new();
+            let n = (&mut s).take(u32::from_be_bytes([h[24], h[25], h[26], h[27]]) as u64).read_to_end(&mut payload);
+            d.foreign |= payload.iter().any(|&b| b != 7);
+            if n.is_err() || payload.len() as u32 != u32::from_be_bytes([h[24], h[25], h[26], h[27]]) {
+                break;
+            }
+        }
+    }
+    let _ = drained_tx.send(d);
+}
+
+/// Submits 32 MiB of writes (far beyond what the socket buffers of both ends hold) and drives
+/// the ring until the server reports its receive queue full: a send of the target's is then in
+/// flight in the kernel, reading buffers of the target (request headers) and of the caller.
+fn fill_until_stalled(d: &mut Driver, srv: &StallingServer, conn: usize) {
+    // The kernel may still read this after the ring is gone: it is never freed.
+    let data: &'static [u8] = Box::leak(vec![7u8; 4 << 20].into_boxed_slice());
+    for i in 0..8 {
+        // SAFETY: `data` is never freed (leaked above); the target is the ring's only user.
+        if let Err(e) = unsafe { d.t.submit(&mut d.ring, write(0, data), i) } {
+            panic!("submitting write {i}: {e}");
+        }
+    }
+    let t0 = Instant::now();
+    let mut cqes = Vec::new();
+    let mut done = Vec::new();
+    loop {
+        match srv.stalled.try_recv() {
+            Ok(c) => {
+                assert_eq!(c, conn, "the wrong connection stalled");
+                break;
+            }
+            Err(_) => assert!(t0.elapsed() < Duration::from_secs(20), "the server's receive queue never filled"),
+        }
+        let ts = io_uring::types::Timespec::new().nsec(10_000_000);
+        let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+        let _ = d.ring.submitter().submit_with_args(1, &args);
+        cqes.clear();
+        uring::reap(&mut d.ring, &mut cqes);
+        for &(ud, res) in &cqes {
+            d.t.complete(&mut d.ring, uring::decode(ud).1, res, &mut done);
+        }
+        assert!(done.is_empty(), "a write completed although the server reads nothing: {done:?}");
+    }
+}
+
+/// Sends in flight in the kernel when the ring goes: the mirror loop restarting on a new ring
+/// (`ring_changed`) drops the connection, leaving what the kernel may still read, and the
+/// reset connects anew and works; a target dropped with a send in flight (the ring gone first,
+/// as when the loop ends) returns at once and sends no goodbye into the middle of a request.
+#[test]
+fn sends_in_flight_when_the_ring_goes() {
+    let srv = stalling_server();
+    let mut d = Driver::new(NbdTarget::open(&srv.uri, &TlsFiles::default()).expect("open"));
+    fill_until_stalled(&mut d, &srv, 0);
+    d.ring = uring::new_ring(64).expect("ring");
+    assert!(d.t.ring_changed(), "sends were in flight on the old ring: the target must reconnect");
+    d.t.reset().expect("reconnect to the second connection");
+    srv.release.send(()).expect("server thread");
+    let first = srv.drained.recv_timeout(LIMIT).expect("the first connection's report");
+    assert!(first.requests > 0 && !first.bad_magic && !first.foreign && !first.disc, "first connection: {first:?}");
+    let data = vec![5u8; 64 << 10];
+    let mut back = vec![0u8; 64 << 10];
+    let r = d.run(&[write(4096, &data), TargetOp::Flush], LIMIT);
+    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
+    let r = d.run(&[read(4096, &mut back)], LIMIT);
+    assert!(r[0].is_ok() && back == data, "{r:?}");
+
+    let mut d = Driver::new(NbdTarget::open(&srv.uri, &TlsFiles::default()).expect("open the third connection"));
+    fill_until_stalled(&mut d, &srv, 2);
+    let Driver { ring, t } = d;
+    drop(ring);
+    let t0 = Instant::now();
+    drop(t);
+    let took = t0.elapsed();
+    srv.release.send(()).expect("server thread");
+    let third = srv.drained.recv_timeout(LIMIT).expect("the third connection's report");
+    assert!(third.requests > 0 && !third.bad_magic && !third.foreign && !third.disc, "dropped with a send in flight: {third:?}");
+    // Nothing to wait for: a goodbye into the full socket would block for its 1 s timeout.
+    assert!(took < Duration::from_millis(500), "dropping the target took {took:?}");
 }
 
 /// A hostile server under a running sync: the sync fails with the problem named, no panic, no
