@@ -855,9 +855,10 @@ struct Drained {
 /// A fake server for three connections in turn: the first and the third stop reading after the
 /// handshake, until the test sends on the returned `release`, then read what reached them and
 /// report it (`Drained`); the second serves honestly. `stalled` gets an event for each stalled
-/// connection once its receive queue holds `STALL_BYTES` (the client's sends are then blocked
-/// in the kernel, its socket's buffer full behind a peer that does not read: a receive buffer
-/// grows only as its reader reads, and this one starts at 128 KiB, tcp_rmem's default).
+/// connection once its receive queue holds `STALL_BYTES`: the client's requests are flowing and
+/// nothing reads them. Of the 32 MiB `fill_until_stalled` writes, no more than the two sockets'
+/// buffers can leave the client (a few MiB: a receive buffer grows only as its reader reads), so
+/// its sends stay in flight in the kernel from then on.
 struct StallingServer {
     uri: String,
     stalled: std::sync::mpsc::Receiver<usize>,
@@ -865,7 +866,7 @@ struct StallingServer {
     drained: std::sync::mpsc::Receiver<Drained>,
 }
 
-const STALL_BYTES: usize = 64 << 10;
+const STALL_BYTES: usize = 32 << 10;
 
 fn stalling_server() -> StallingServer {
     use std::sync::mpsc::channel;
@@ -947,8 +948,8 @@ fn stall_or_serve(
 }
 
 /// Submits 32 MiB of writes (far beyond what the socket buffers of both ends hold) and drives
-/// the ring until the server reports its receive queue full: a send of the target's is then in
-/// flight in the kernel, reading buffers of the target (request headers) and of the caller.
+/// the ring until the server reports requests piling up unread: a send of the target's is then
+/// in flight in the kernel, reading buffers of the target (request headers) and of the caller.
 fn fill_until_stalled(d: &mut Driver, srv: &StallingServer, conn: usize) {
     // The kernel may still read this after the ring is gone: it is never freed.
     let data: &'static [u8] = Box::leak(vec![7u8; 4 << 20].into_boxed_slice());

@@ -731,7 +731,6 @@ impl Bitmap {
     /// bitmap is left as it is: its state already refuses every use of its pair, and says
     /// where the data is, which "lost" would not.
     pub fn mark_lost(&self) -> Result<()> {
-        use std::os::unix::fs::FileExt;
         if self.header.state == BitmapState::SwitchedOver {
             return Ok(());
         }
@@ -1261,6 +1260,35 @@ mod tests {
         bm.pbits().mark_lost().expect("mark");
         assert_eq!(Bitmap::read_header(&path2).expect("header").state, BitmapState::SwitchedOver);
         assert!(Bitmap::open_unchecked(&path2).is_err(), "a bitmap whose bits were cut off was mapped");
+    }
+
+    /// mark_lost when the header cannot be written (a failing disk, a full file system): the
+    /// file is cut to nothing instead, which every open refuses; when that fails too, the
+    /// header write's error is returned. The file is swapped for one that refuses writes: a
+    /// memfd sealed against writes (it may still shrink), then a descriptor opened read-only.
+    #[test]
+    fn mark_lost_cuts_the_file_when_the_header_cannot_be_written() {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bm");
+        let pair = test_pair();
+        let expect = Expect { pair: &pair, device_size: 1 << 30, granularity: None };
+        let mut files = BitmapFiles::new(&path, pair.clone(), 1 << 30, 65536, expect);
+        let mut bm = open_bitmap(&mut files, SyncMode::AssumeIdentical).expect("create").state;
+
+        let sealed = File::from(memfd_create(c"bitmap", MemFdCreateFlag::MFD_ALLOW_SEALING).expect("memfd"));
+        sealed.write_all_at(&[1u8; 8192], 0).expect("fill the memfd");
+        fcntl(sealed.as_raw_fd(), FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE)).expect("seal");
+        assert!(sealed.write_all_at(&[0u8; 16], 0).is_err(), "the sealed memfd took a write");
+        let sealed = Arc::new(sealed);
+        bm.pbits_mut().file = sealed.clone();
+        bm.pbits().mark_lost().expect("the header write failed, the cut did not: marked");
+        assert_eq!(sealed.metadata().expect("stat").len(), 0, "the file was not cut");
+
+        bm.pbits_mut().file = Arc::new(File::open(&path).expect("open read-only"));
+        let e = bm.pbits().mark_lost().expect_err("neither the header nor the cut could be written");
+        assert!(e.to_string().contains("marking bitmap") && e.to_string().contains("lost"), "{e}");
     }
 
     /// The word-at-a-time range operations agree with the bit-by-bit ones, at every alignment.
