@@ -905,13 +905,13 @@ impl QueueRequests {
             (true, Some(_), ActivePlan::Ship { id }) => {
                 // Queued for the target before the write completes: the application may count on
                 // it from the completion on. The bytes are copied (the request's buffer goes back
-                // to the driver with the completion).
-                // A discard or write-zeroes that took effect leaves zeroes: shipped as a zeroing.
-                // An early write's bytes went to the target when it was issued: only its source
-                // half is left to report.
+                // to the driver with the completion). An early write's bytes went to the target
+                // when it was issued: only its source half is left to report.
                 if let Some(seq) = r.early {
                     self.early_source_done(id, seq, r.ship_slot, slot, result.is_ok());
                 } else {
+                    // A discard or write-zeroes that took effect leaves zeroes: shipped as a
+                    // zeroing.
                     let data = match (&result, r.req, &r.data) {
                         (Ok(_), Request::Write { .. }, _) if r.zeroes_written => Shipped::Zeroes,
                         (Ok(_), Request::Write { .. }, _) if r.ship_copy.is_some() => r.ship_copy.map_or(Shipped::Nothing, Shipped::Bytes),

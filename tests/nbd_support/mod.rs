@@ -267,30 +267,13 @@ impl Driver {
             }
         }
         let t0 = Instant::now();
-        let mut cqes = Vec::new();
         let mut done = Vec::new();
         while out.iter().any(|o| o.is_none()) {
             if t0.elapsed() > limit {
                 eprintln!("operations still pending after {limit:?}: the target hangs");
                 std::process::abort();
             }
-            let ts = io_uring::types::Timespec::new().nsec(50_000_000);
-            let args = io_uring::types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
-                Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
-                Err(e) => {
-                    eprintln!("ring: {e}");
-                    std::process::abort();
-                }
-            }
-            cqes.clear();
-            uring::reap(&mut self.ring, &mut cqes);
-            for &(ud, res) in &cqes {
-                let (owner, sub) = uring::decode(ud);
-                assert_eq!(owner, Some(Owner::Target), "only the target uses this ring");
-                self.t.complete(&mut self.ring, sub, res, &mut done);
-            }
+            self.poll(Duration::from_millis(50), &mut done);
             for (tok, r) in done.drain(..) {
                 let slot = &mut out[tok as usize];
                 assert!(slot.is_none(), "token {tok} completed twice");
@@ -298,6 +281,29 @@ impl Driver {
             }
         }
         out.into_iter().map(|o| o.expect("all done")).collect()
+    }
+
+    /// One pass of the ring: submits what is queued, waits up to `wait` for a completion, and
+    /// hands every completion to the target; the operations that completed go to `done`
+    /// (token, result).
+    pub fn poll(&mut self, wait: Duration, done: &mut Vec<(u64, io::Result<u32>)>) {
+        let ts = io_uring::types::Timespec::from(wait);
+        let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
+            Err(e) => {
+                eprintln!("ring: {e}");
+                std::process::abort();
+            }
+        }
+        let mut cqes = Vec::new();
+        uring::reap(&mut self.ring, &mut cqes);
+        for (ud, res) in cqes {
+            let (owner, sub) = uring::decode(ud);
+            assert_eq!(owner, Some(Owner::Target), "only the target uses this ring");
+            self.t.complete(&mut self.ring, sub, res, done);
+        }
     }
 }
 
