@@ -17,7 +17,9 @@
 //! and a subset of `e`'s: the state of a disk that lost power after flush `e - 1` (a crash
 //! image). A target flush issued with nothing in flight makes a prefix of the queue durable: a
 //! consistent point (the target then equals the source as of the moment the last shipped write
-//! completed, writes then in flight on the source excluded, which a crash allows).
+//! completed, writes then in flight on the source excluded, which a crash allows, and writes of
+//! the same epoch issued early past queued ones included, which a disk that kept a later
+//! write of an epoch and lost earlier ones, not overlapping it, would hold too).
 //!
 //! **Behind.** When the buffer is full, a target write or flush fails, or shipping is switched
 //! off, the queue falls behind: every queued write is handed back to be ended as an ordinary
@@ -39,6 +41,12 @@ use std::collections::VecDeque;
 /// The handle of a shipped zeroing (a discard or write-zeroes): no bytes are buffered; the
 /// loop zeroes the range on the target.
 pub const ZEROES: u64 = u64::MAX;
+
+/// The most queued writes an early write may pass (each is checked for its epoch and an
+/// overlap, under the engine's lock, as the write begins). Queued writes are those the loop has
+/// not issued yet: a few dozen after a pause for a consistent point, more only when the target
+/// is slower than the load, when shipping from the queue's thread gains nothing anyway.
+pub const EARLY_PAST_QUEUED: usize = 128;
 
 /// The buffer bytes a queued entry holds.
 fn held(len: u64, handle: u64) -> u64 {
@@ -292,10 +300,14 @@ impl ShipQueue {
 
     /// Early shipping: a write whose bytes are buffered under `handle` *before* its source write
     /// is issued (its intent durable), to be issued to the target together with it. Allowed
-    /// when the write could be the next to go anyway: shipping, nothing queued before it, no
-    /// target flush in flight, fewer than `max_in_flight` in flight, not `hold`ing an unflushed
-    /// epoch, the writes in flight from the open epoch (rule 1), none overlapping (rule 2), and
-    /// room in the buffer. It joins the open epoch at once, in flight; it lands when both its
+    /// when the order allows it to go now: shipping, no target flush in flight, fewer than
+    /// `max_in_flight` in flight, not `hold`ing an unflushed epoch, the writes in flight and
+    /// those still queued all from the open epoch (rule 1), none of either overlapping it (rule
+    /// 2), and room in the buffer. Queued writes of the open epoch do not hold it back: they
+    /// completed on the source before it began, but without a device flush between them a disk
+    /// may keep the later write and lose the earlier ones, so a target holding it without them
+    /// is still a crash image (see [`Self::prefix_end`] for what a consistent point holds).
+    /// At most [`EARLY_PAST_QUEUED`] queued writes are looked at; behind more, it waits. It joins the open epoch at once, in flight; it lands when both its
     /// target write ([`Self::landed`]) and its source write ([`Self::source_done`]) completed,
     /// so a target flush that makes it durable and counts as a consistent point also finds its
     /// source write complete. Returns its sequence number.
@@ -307,7 +319,8 @@ impl ShipQueue {
     pub fn push_early(&mut self, id: u64, off: u64, len: u64, handle: u64, max_in_flight: usize, hold: bool) -> Option<u64> {
         let end = off + len;
         let ok = self.behind.is_none()
-            && self.queue.is_empty()
+            && self.queue.len() <= EARLY_PAST_QUEUED
+            && self.queue.iter().all(|s| s.epoch == self.open_epoch && !(s.off < end && off < s.off + s.len))
             && self.flushing.is_none()
             && self.inflight.len() < max_in_flight
             && !(hold && self.unflushed_epoch.is_some())
@@ -423,8 +436,11 @@ impl ShipQueue {
         self.copy_barrier = self.next_seq;
     }
 
-    /// The queue's writes before this sequence number have all been issued (landed, if
-    /// nothing is in flight); it and those after are still queued.
+    /// The first write still queued (the next sequence number if none is): every write before
+    /// it has been issued (landed, if nothing is in flight). Some after it may have been issued
+    /// too, early ([`Self::push_early`]: of the same epoch as every queued write, overlapping
+    /// none), so a consistent point holds every write before this one and possibly later ones
+    /// of its epoch: a subset a disk could have kept.
     pub fn prefix_end(&self) -> u64 {
         self.queue.front().map(|s| s.seq).unwrap_or(self.next_seq)
     }
@@ -488,6 +504,13 @@ impl ShipQueue {
         if let (Some(e), Some(h)) = (self.unflushed_epoch, self.queue.front()) {
             if h.epoch < e {
                 return Err(format!("a write of epoch {} queued behind epoch {e} in flight", h.epoch));
+            }
+        }
+        // Rule 2 across the queue: a write in flight that passed a queued one (issued early)
+        // must not overlap it, or the older bytes would land after the newer ones.
+        for w in &self.inflight {
+            if let Some(s) = self.queue.iter().find(|s| s.seq < w.seq && s.off < w.end && w.off < s.off + s.len) {
+                return Err(format!("write {} in flight overlaps the older write {} still queued", w.seq, s.seq));
             }
         }
         Ok(())
@@ -641,9 +664,8 @@ mod tests {
         assert_eq!(q.used(), 0);
         q.check().unwrap();
     }
-    /// Early shipping goes only where the write could be the next issued anyway: nothing
-    /// queued before it, its epoch the one unflushed on the target, no overlap in flight, no
-    /// flush, no hold, room in the buffer.
+    /// Early shipping goes only where the order allows it: its epoch the one unflushed on the
+    /// target, no overlap in flight or queued, no flush, no hold, room in the buffer.
     #[test]
     fn an_early_write_goes_only_where_the_order_allows() {
         let mut q = shipping(2 * 4096);
@@ -662,12 +684,45 @@ mod tests {
         q.flush_started();
         assert_eq!(q.push_early(2, 4096, 4096, 11, 8, false), None, "nothing during a flush");
         q.flush_done(true);
-        assert_eq!(q.push_early(2, 4096, 4096, 11, 8, false), None, "a write queued before it goes first");
-        assert_eq!(q.next(8, false).unwrap().id, 3);
-        q.push_early(2, 4096, 4096, 11, 8, false).expect("its epoch is the one in flight");
+        assert_eq!(q.push_early(2, 8192, 4096, 11, 8, false), None, "overlaps a write queued before it");
+        q.push_early(2, 4096, 4096, 11, 8, false).expect("queued writes of its epoch that it does not overlap do not hold it");
+        assert_eq!(q.next(8, false).unwrap().id, 3, "the queued write goes next, beside it");
+        q.check().unwrap();
         assert_eq!(q.push_early(4, 16384, 4096, 13, 8, false), None, "no room in the buffer");
         q.check().unwrap();
         assert_eq!(q.used(), 2 * 4096);
+    }
+
+    /// Queued writes hold an early write back when one is of an earlier epoch (rule 1) or
+    /// overlaps it (rule 2), or when there are more than EARLY_PAST_QUEUED of them; otherwise it
+    /// goes past them, and a consistent point's prefix still ends at the first queued one.
+    #[test]
+    fn an_early_write_passes_queued_writes_of_its_epoch_only() {
+        let mut q = shipping(1 << 30);
+        let first = q.push(1, 0, 4096, 10).unwrap();
+        q.device_flush();
+        assert_eq!(q.push_early(2, 8192, 4096, 11, 8, false), None, "a write of the earlier epoch is queued");
+        let head = q.next(8, false).unwrap();
+        assert_eq!(head.seq, first);
+        q.landed(first, true).unwrap();
+        assert!(q.flush_due(false, true), "epoch 0 landed: its flush");
+        q.flush_started();
+        q.flush_done(true);
+        let queued = q.push(3, 0, 4096, 12).unwrap();
+        assert_eq!(q.push_early(4, 2048, 4096, 13, 8, false), None, "overlaps a queued write");
+        let early = q.push_early(4, 4096, 4096, 13, 8, false).expect("passes the queued write of its epoch");
+        assert!(early > queued);
+        assert_eq!(q.prefix_end(), queued, "the prefix ends at the write still queued");
+        assert!(!q.prefix_consistent(), "a write is in flight");
+        q.check().unwrap();
+        assert_eq!(q.source_done(early, true), None);
+        q.landed(early, true).expect("both halves done");
+        assert!(q.prefix_consistent(), "nothing in flight: a flush now is a point with the early write and without the queued one");
+        for i in 0..EARLY_PAST_QUEUED as u64 {
+            q.push(10 + i, (1 << 20) + i * 4096, 4096, 100 + i).unwrap();
+        }
+        assert_eq!(q.push_early(5, 8192, 4096, 14, 8, false), None, "more queued than it may pass");
+        q.check().unwrap();
     }
 
     /// An early write lands once both halves completed, in either order; a source failure
