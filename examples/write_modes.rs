@@ -192,12 +192,13 @@ fn phase(s: &mut Setup, rng: &mut rand::rngs::StdRng, size: u64, secs: u64) -> u
 }
 
 /// What the phase cost the engine: loop passes, bitmap flushes, consistent points, checkpoints,
-/// bytes copied, times shipping fell behind (differences are printed per phase).
-fn counters(s: &Setup) -> [u64; 6] {
-    let Setup::Mirrored { engine, .. } = s else { return [0; 6] };
+/// bytes copied, times shipping fell behind, writes shipped and how many of them the queue
+/// issued itself (early; differences are printed per phase).
+fn counters(s: &Setup) -> [u64; 8] {
+    let Setup::Mirrored { engine, .. } = s else { return [0; 8] };
     let st = engine.status();
-    let behind = st.shipping.as_ref().map_or(0, |x| x.fell_behind);
-    [st.loop_passes, st.bitmap_flushes, st.consistent_points, st.checkpoints, st.bytes_copied, behind]
+    let (behind, shipped, by_queues) = st.shipping.as_ref().map_or((0, 0, 0), |x| (x.fell_behind, x.shipped_writes, x.issued_by_queues));
+    [st.loop_passes, st.bitmap_flushes, st.consistent_points, st.checkpoints, st.bytes_copied, behind, shipped, by_queues]
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -224,7 +225,7 @@ fn main() {
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     println!("{dir}: {} MiB per file, 4 KiB random writes QD{QD}, {secs} s per phase, {rounds} rounds", size >> 20);
-    println!("per phase: loop passes, bitmap flushes, consistent points, checkpoints, bytes copied, fell behind");
+    println!("per phase: loop passes, bitmap flushes, consistent points, checkpoints, bytes copied, fell behind, writes shipped, of them issued by the queue");
     // One unmeasured phase per mode first: the first seconds of each are slower (the pool of
     // buffers, the page cache's lists, the CPU's clock), which would fall to the first round.
     for (s, m) in setups.iter_mut().zip(&modes) {
