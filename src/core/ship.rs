@@ -307,10 +307,12 @@ impl ShipQueue {
     /// completed on the source before it began, but without a device flush between them a disk
     /// may keep the later write and lose the earlier ones, so a target holding it without them
     /// is still a crash image (see [`Self::prefix_end`] for what a consistent point holds).
-    /// At most [`EARLY_PAST_QUEUED`] queued writes are looked at; behind more, it waits. It joins the open epoch at once, in flight; it lands when both its
-    /// target write ([`Self::landed`]) and its source write ([`Self::source_done`]) completed,
-    /// so a target flush that makes it durable and counts as a consistent point also finds its
-    /// source write complete. Returns its sequence number.
+    /// At most [`EARLY_PAST_QUEUED`] queued writes are looked at; behind more, it waits.
+    ///
+    /// It joins the open epoch at once, in flight; it lands when both its target write
+    /// ([`Self::landed`]) and its source write ([`Self::source_done`]) completed, so a target
+    /// flush that makes it durable and counts as a consistent point also finds its source write
+    /// complete. Returns its sequence number.
     ///
     /// Why the epoch may be taken at issue: a device FLUSH covers only the writes that completed
     /// before it was issued; one in flight then may or may not be in the flushed image, so it
