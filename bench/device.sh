@@ -56,12 +56,12 @@ case ${BENCH_PROFILE:-cpu} in
         [ "$limit" -ge 2400 ] || limit=2400
         vm/run.sh -t "$limit" -r 3 -m 4G -b target/release/ublk-mirror -b "$CACHE/rublk-$RUBLK_VERSION/bin/rublk" -b "$tmp/flush-every" \
             -a "BENCH_SIZE=${BENCH_SIZE:-256M} BENCH_RUNTIME=${BENCH_RUNTIME:-8} BENCH_ROUNDS=${BENCH_ROUNDS:-5} BENCH_LAT_US=${BENCH_LAT_US:-5000} BENCH_MODES=$modes BENCH_SUSTAIN_SECS=${BENCH_SUSTAIN_SECS:-60} BENCH_FLUSH_MS=${BENCH_FLUSH_MS:-100} BENCH_SUSTAIN_ROUNDS=${BENCH_SUSTAIN_ROUNDS:-1} BENCH_MIRROR_ARGS=${BENCH_MIRROR_ARGS:-} softlockup_panic=1" \
-            bench/guest-device-io.sh | tee "$log" | grep -a '^RESULT\|^CPU\|^DEVCHECK\|FAIL\|PASS\|MODE-MISSING\|sustained:\|status answers\|null_blk:\|devices:'
+            bench/guest-device-io.sh | tee "$log" | grep -a --line-buffered '^RESULT\|^CPU\|^DEVCHECK\|FAIL\|PASS\|MODE-MISSING\|sustained:\|status answers\|null_blk:\|devices:'
         grep -a '^RESULT' "$log" | python3 bench/device-table.py
         exit 0 ;;
     *) echo "BENCH_PROFILE must be cpu (default) or io, got '$BENCH_PROFILE'" >&2; exit 2 ;;
 esac
 vm/run.sh -t 2400 -r 3 -m 5G -b target/release/ublk-mirror -b "$CACHE/rublk-$RUBLK_VERSION/bin/rublk" \
     -a "BENCH_SIZE=${BENCH_SIZE:-256M} BENCH_RUNTIME=${BENCH_RUNTIME:-6} BENCH_ROUNDS=${BENCH_ROUNDS:-3} BENCH_MIRROR_ARGS=${BENCH_MIRROR_ARGS:-}" \
-    bench/guest-device.sh | tee "$log" | grep -a '^RESULT\|FAIL\|PASS'
+    bench/guest-device.sh | tee "$log" | grep -a --line-buffered '^RESULT\|FAIL\|PASS'
 grep -a '^RESULT' "$log" | python3 bench/device-table.py
