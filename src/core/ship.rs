@@ -48,6 +48,11 @@ pub const ZEROES: u64 = u64::MAX;
 /// is slower than the load, when shipping from the queue's thread gains nothing anyway.
 pub const EARLY_PAST_QUEUED: usize = 128;
 
+/// Whether the byte ranges `[off, end)` and `[other_off, other_end)` share a byte.
+fn overlaps(off: u64, end: u64, other_off: u64, other_end: u64) -> bool {
+    off < other_end && other_off < end
+}
+
 /// The buffer bytes a queued entry holds.
 fn held(len: u64, handle: u64) -> u64 {
     if handle == ZEROES {
@@ -276,7 +281,7 @@ impl ShipQueue {
             return None;
         }
         let end = head.off + head.len;
-        if self.inflight.iter().any(|w| w.off < end && head.off < w.end) {
+        if self.inflight.iter().any(|w| overlaps(head.off, end, w.off, w.end)) {
             return None;
         }
         self.queue.pop_front();
@@ -320,15 +325,16 @@ impl ShipQueue {
     /// is issued after it, in the same epoch or a later one.
     pub fn push_early(&mut self, id: u64, off: u64, len: u64, handle: u64, max_in_flight: usize, hold: bool) -> Option<u64> {
         let end = off + len;
+        // The constant-time conditions first: the two scans run only for a write that passes them.
         let ok = self.behind.is_none()
             && self.queue.len() <= EARLY_PAST_QUEUED
-            && self.queue.iter().all(|s| s.epoch == self.open_epoch && !(s.off < end && off < s.off + s.len))
             && self.flushing.is_none()
             && self.inflight.len() < max_in_flight
             && !(hold && self.unflushed_epoch.is_some())
             && self.unflushed_epoch.is_none_or(|e| e == self.open_epoch)
-            && !self.inflight.iter().any(|w| w.off < end && off < w.end)
-            && self.used.saturating_add(len) <= self.capacity;
+            && self.used.saturating_add(len) <= self.capacity
+            && !self.inflight.iter().any(|w| overlaps(off, end, w.off, w.end))
+            && self.queue.iter().all(|s| s.epoch == self.open_epoch && !overlaps(off, end, s.off, s.off + s.len));
         if !ok {
             return None;
         }
@@ -511,7 +517,7 @@ impl ShipQueue {
         // Rule 2 across the queue: a write in flight that passed a queued one (issued early)
         // must not overlap it, or the older bytes would land after the newer ones.
         for w in &self.inflight {
-            if let Some(s) = self.queue.iter().find(|s| s.seq < w.seq && s.off < w.end && w.off < s.off + s.len) {
+            if let Some(s) = self.queue.iter().find(|s| s.seq < w.seq && overlaps(w.off, w.end, s.off, s.off + s.len)) {
                 return Err(format!("write {} in flight overlaps the older write {} still queued", w.seq, s.seq));
             }
         }
