@@ -285,7 +285,6 @@ fn consistent_points_are_past_states(who: Issuer) {
     // start), and the source after k writes, by image fingerprint.
     let zero = vec![0u8; BLOCK];
     let mut versions: Vec<Vec<(usize, u64)>> = (0..nblocks).map(|b| vec![(0, block_hash(b as u64, &zero))]).collect();
-    let mut blocks = vec![vec![0u8; BLOCK]; nblocks];
     let mut h = image_hash(&vec![0u8; SIZE as usize]);
     let mut states = std::collections::HashMap::new();
     states.insert(h, 0usize);
@@ -296,9 +295,11 @@ fn consistent_points_are_past_states(who: Issuer) {
         // Often the block just written again, else anywhere.
         let blk = if x % 4 == 0 { (x >> 20) % 4 } else { (x >> 20) % nblocks as u64 };
         let data = write_block(&mut q, blk, x);
-        h ^= block_hash(blk, &blocks[blk as usize]) ^ block_hash(blk, &data);
-        blocks[blk as usize].copy_from_slice(&data);
-        versions[blk as usize].push((k, block_hash(blk, &data)));
+        let fp = block_hash(blk, &data);
+        // Every block's list starts with its zeroed version: the last is its current content.
+        let before = versions[blk as usize].last().expect("a block's first version").1;
+        h ^= before ^ fp;
+        versions[blk as usize].push((k, fp));
         states.insert(h, k);
         // Writes 1..=7 are epoch 1, 8..=14 epoch 2, ...: a FLUSH after every seventh.
         if k % EPOCH == 0 {
